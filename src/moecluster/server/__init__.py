@@ -1,0 +1,1 @@
+"""moecluster.server."""
