@@ -1,0 +1,177 @@
+"""step -> stream -> generate over a loaded model, on one process or in lockstep on every rank.
+
+On several ranks every rank runs the same forward; rank 0 alone samples and decides when to stop,
+then broadcasts [token, done] so all ranks feed the same token next (same seed -> same output on any
+rank count). Shape legend: B batch rows, T tokens, V vocab.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import torch
+
+from moecluster.engine.sampling import Sampler, SamplingParams
+from moecluster.engine.tokenizer import IncrementalDecoder
+from moecluster.errors import MoeClusterError
+from moecluster.loading import LoadedModel, peak_rss_bytes
+from moecluster.tracing import TRACER, now
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    ttft_s: float = 0.0
+    prefill_tok_s: float = 0.0
+    decode_tok_s: float = 0.0
+    decode_time_s: float = 0.0
+    bytes_per_token: float = 0.0  # weight bytes this process read per decode token
+    bandwidth_gbs: float = 0.0  # bytes_per_token * decode tok/s
+    peak_rss_bytes: int = 0
+    finish_reason: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Delta:
+    text: str
+    token: int | None = None
+    stats: GenerationStats | None = None  # set on the last delta
+
+
+class Engine:
+    """Owns the model, its KV cache and the lockstep protocol between ranks."""
+
+    def __init__(self, loaded: LoadedModel, comm=None, num_slots: int = 1, max_seq_len: int | None = None):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.comm = comm
+        self.rank = comm.rank if comm is not None else 0
+        self.world_size = comm.world_size if comm is not None else 1
+        self.model.setup_cache(num_slots, max_seq_len)
+        self.max_seq_len = self.model.cache_len
+        self.dense_bytes = dense_bytes_per_token(self.model)
+
+    @torch.inference_mode()
+    def step(self, tokens_BT: torch.Tensor, pos_B: torch.Tensor, slots_B: torch.Tensor) -> torch.Tensor:
+        """One forward over a batch; returns fp32 logits of each row's last token, logits_BV."""
+        return self.model(tokens_BT, pos_B, slots_B, last_only=True)[:, -1]
+
+    def expert_bytes_last_step(self) -> int:
+        return sum(layer.moe.last_num_evaluated * layer.moe.experts.expert_bytes() for layer in self.model.layers)
+
+    def decide(self, token: int, done: bool) -> tuple[int, bool]:
+        """Rank 0's decision, broadcast to every rank."""
+        if self.world_size == 1:
+            return token, done
+        msg = torch.tensor([token, int(done)], dtype=torch.int64)
+        self.comm.broadcast(msg, src=0)
+        return int(msg[0]), bool(msg[1])
+
+    def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise MoeClusterError("the prompt is empty; give at least one token")
+        if len(prompt_ids) >= self.max_seq_len:
+            raise MoeClusterError(f"prompt has {len(prompt_ids)} tokens but the context holds {self.max_seq_len}; "
+                                  "shorten the prompt")
+        bad = [t for t in prompt_ids if not 0 <= t < self.loaded.args.vocab_size]
+        if bad:
+            raise MoeClusterError(f"prompt token ids {bad[:3]} are outside the vocabulary of {self.loaded.args.vocab_size}")
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams, slot: int = 0) -> Iterator[Delta]:
+        """Prefill then decode one sequence, yielding text deltas; the last delta carries stats."""
+        params.validate()
+        self.check_prompt(prompt_ids, params)
+        max_new = min(params.max_tokens, self.max_seq_len - len(prompt_ids))
+        sampler = Sampler(params) if self.rank == 0 else None
+        detok = IncrementalDecoder(self.tokenizer)
+        stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        slots_B = torch.tensor([slot])
+        t_start = now()
+        TRACER.begin_step("prefill", len(prompt_ids))
+        logits_1V = self.step(torch.tensor([prompt_ids]), torch.tensor([0]), slots_B)
+        pos, decode_start, bytes_read, text = len(prompt_ids), 0.0, 0, ""
+        while True:
+            t0 = now()
+            token, done, reason = -1, False, ""
+            if self.rank == 0:
+                token = sampler(logits_1V[0])
+                reason = self._finish_reason(token, detok, stats.generated_tokens + 1, max_new, params)
+                done = bool(reason)
+            token, done = self.decide(token, done)
+            TRACER.add(-1, "sample_bcast", now() - t0)
+            TRACER.end_step()
+            if stats.generated_tokens == 0:
+                stats.ttft_s = now() - t_start
+                decode_start = now()
+            stats.generated_tokens += 1
+            delta = self._emit(detok, token, params, text) if self.rank == 0 else ""
+            text += delta
+            if done:
+                stats.finish_reason = reason or "stop"
+                break
+            yield Delta(delta, token)
+            TRACER.begin_step("decode", 1)
+            logits_1V = self.step(torch.tensor([[token]]), torch.tensor([pos]), slots_B)
+            bytes_read += self.dense_bytes + self.expert_bytes_last_step()
+            pos += 1
+        self._finish_stats(stats, decode_start, bytes_read)
+        yield Delta(delta, token, stats)
+
+    def _finish_reason(self, token: int, detok: IncrementalDecoder, count: int, max_new: int,
+                       params: SamplingParams) -> str:
+        if token in self.tokenizer.eos_ids and not params.ignore_eos:
+            return "stop"
+        if params.stop and any(s in self.tokenizer.decode(detok.ids + [token]) for s in params.stop):
+            return "stop"
+        return "length" if count >= max_new else ""
+
+    def _emit(self, detok: IncrementalDecoder, token: int, params: SamplingParams, text: str) -> str:
+        """Text delta for a new token; EOS adds nothing and output is cut before any stop string."""
+        if token in self.tokenizer.eos_ids and not params.ignore_eos:
+            return ""
+        delta = detok.push(token)
+        full = text + delta
+        for s in params.stop:
+            cut = full.find(s)
+            if cut >= 0:
+                return full[len(text):cut] if cut >= len(text) else ""
+        return delta
+
+    def _finish_stats(self, stats: GenerationStats, decode_start: float, bytes_read: int) -> None:
+        stats.decode_time_s = now() - decode_start
+        steps = stats.generated_tokens - 1  # decode forwards run after the first token
+        stats.prefill_tok_s = stats.prompt_tokens / stats.ttft_s if stats.ttft_s else 0.0
+        stats.decode_tok_s = steps / stats.decode_time_s if steps > 0 and stats.decode_time_s > 0 else 0.0
+        stats.bytes_per_token = bytes_read / steps if steps > 0 else 0.0
+        stats.bandwidth_gbs = stats.bytes_per_token * stats.decode_tok_s / 1e9
+        stats.peak_rss_bytes = peak_rss_bytes()
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> tuple[str, list[int], GenerationStats]:
+        """Run stream to the end; returns (text, generated token ids, stats)."""
+        text, tokens, stats = [], [], None
+        for delta in self.stream(prompt_ids, params):
+            text.append(delta.text)
+            if delta.token is not None:
+                tokens.append(delta.token)
+            stats = delta.stats or stats
+        return "".join(text), tokens, stats
+
+
+def dense_bytes_per_token(model) -> int:
+    """Bytes of non-expert weights one decode token reads: all of them but the embedding, plus one row."""
+    total = 0
+    for name, p in model.named_parameters():
+        if ".experts." in name:
+            continue
+        if name == "embed.weight":
+            total += p.shape[1] * p.element_size()
+        else:
+            total += p.numel() * p.element_size()
+    return total

@@ -1,0 +1,196 @@
+"""HF checkpoint directory -> model: config, tokenizer, lazy strict safetensors loading, only owned experts.
+
+Tensors are read one at a time from memory-mapped safetensors shards straight into their final
+(prestacked, converted) storage, so the process never holds two copies of the weights. Expert
+tensors are read by row slices: a rank that holds 4 of 16 experts touches only those rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from moecluster.engine.tokenizer import Tokenizer
+from moecluster.errors import MoeClusterError
+from moecluster.models import dbrx, mixtral
+from moecluster.models.layers import GroupedExperts, ModelArgs, MoETransformer, check_dims
+
+ARCHITECTURES = {dbrx.MODEL_TYPE: dbrx, mixtral.MODEL_TYPE: mixtral}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+# layer -> global expert ids this process holds (None: all)
+ExpertFilter = Callable[[int], list[int]]
+
+
+@dataclass
+class LoadedModel:
+    model: MoETransformer
+    args: ModelArgs
+    tokenizer: Tokenizer
+    config: dict
+    dtype: torch.dtype
+    model_dir: Path
+
+
+def read_config(model_dir: str | Path) -> tuple[dict, ModelArgs]:
+    """Parse config.json and build ModelArgs for its model_type."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise MoeClusterError(f"model directory {str(model_dir)!r} does not exist; pass --model DIR with a HF checkpoint")
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise MoeClusterError(f"{path} not found; a HF checkpoint directory needs config.json")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise MoeClusterError(f"{path} is not valid JSON: {e}") from None
+    model_type = cfg.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise MoeClusterError(f"unsupported model_type {model_type!r} in {path}; "
+                              f"supported: {', '.join(sorted(ARCHITECTURES))}")
+    return cfg, ARCHITECTURES[model_type].from_hf_config(cfg)
+
+
+def default_dtype(cfg: dict) -> str:
+    """fp32 for fp32 checkpoints, else bf16."""
+    name = str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16")
+    return "fp32" if name in ("float32", "fp32") else "bf16"
+
+
+class CheckpointReader:
+    """Name -> shard index over single-file or sharded safetensors, with lazy row-sliced reads."""
+
+    def __init__(self, model_dir: Path, dtype: torch.dtype):
+        self.dtype = dtype
+        self.files: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self._open: dict[Path, object] = {}
+        index = model_dir / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            shards = sorted(set(weight_map.values()))
+        elif (model_dir / "model.safetensors").is_file():
+            shards = ["model.safetensors"]
+        else:
+            raise MoeClusterError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
+        for shard in shards:
+            path = model_dir / shard
+            if not path.is_file():
+                raise MoeClusterError(f"weight shard {shard} listed in the index is missing from {model_dir}; "
+                                      "re-download the checkpoint")
+            handle = self._handle(path)
+            for name in handle.keys():
+                self.files[name] = path
+                self.shapes[name] = tuple(handle.get_slice(name).get_shape())
+
+    def _handle(self, path: Path):
+        if path not in self._open:
+            try:
+                self._open[path] = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise MoeClusterError(f"weight shard {path.name} is unreadable or truncated ({e}); "
+                                      "re-download it") from None
+        return self._open[path]
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._handle(self.files[name]).get_tensor(name).to(self.dtype)
+
+    def read_rows(self, name: str, start: int, end: int) -> torch.Tensor:
+        return self._handle(self.files[name]).get_slice(name)[start:end].to(self.dtype)
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+def _check_names(reader: CheckpointReader, arch, args: ModelArgs) -> None:
+    """Strict: every expected tensor present with its shape, nothing unexpected."""
+    expected: dict[str, tuple[int, ...]] = {}
+    for names, _ in arch.dense_tensors(args).values():
+        for name in names:
+            expected[name] = ()
+    for layer in range(args.n_layers):
+        expected |= arch.expert_tensors(args, layer)
+    missing = sorted(set(expected) - set(reader.shapes))
+    if missing:
+        raise MoeClusterError(f"checkpoint is missing {len(missing)} tensors (first: {missing[0]}); "
+                              "a shard may be missing or the config may not match the weights")
+    unexpected = sorted(set(reader.shapes) - set(expected))
+    if unexpected:
+        raise MoeClusterError(f"checkpoint has {len(unexpected)} unexpected tensors (first: {unexpected[0]}); "
+                              "config.json does not describe these weights")
+    for name, shape in expected.items():
+        if shape:
+            check_dims(name, reader.shapes[name], shape)
+
+
+def load_model(model_dir: str | Path, dtype: str | None = None, expert_filter: ExpertFilter | None = None,
+               num_threads: int | None = None) -> LoadedModel:
+    """Load a HF checkpoint. `expert_filter(layer)` gives the experts to hold (default: all)."""
+    model_dir = Path(model_dir)
+    cfg, args = read_config(model_dir)
+    dtype_name = dtype or default_dtype(cfg)
+    if dtype_name not in DTYPES:
+        raise MoeClusterError(f"dtype {dtype_name!r} not supported; use one of {', '.join(DTYPES)}")
+    torch_dtype = DTYPES[dtype_name]
+    tokenizer = Tokenizer.from_dir(model_dir, args)
+    arch = ARCHITECTURES[args.arch]
+    reader = CheckpointReader(model_dir, torch_dtype)
+    try:
+        _check_names(reader, arch, args)
+        with torch.device("meta"):
+            model = MoETransformer(args)
+        _load_dense(model, reader, arch, args)
+        for layer in range(args.n_layers):
+            experts = list(range(args.num_experts)) if expert_filter is None else sorted(expert_filter(layer))
+            model.layers[layer].moe.experts = _load_experts(reader, arch, args, layer, experts, torch_dtype)
+    finally:
+        reader.close()
+    model.eval().requires_grad_(False)
+    return LoadedModel(model, args, tokenizer, cfg, torch_dtype, model_dir)
+
+
+def _load_dense(model: MoETransformer, reader: CheckpointReader, arch, args: ModelArgs) -> None:
+    state = {}
+    for ours, (names, shape) in arch.dense_tensors(args).items():
+        parts = [reader.read(n) for n in names]
+        t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        check_dims(names[0] if len(names) == 1 else "+".join(names), tuple(t.shape), shape)
+        state[ours] = t.contiguous()
+    result = model.load_state_dict(state, strict=False, assign=True)
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta and ".experts." not in n]
+    if still_meta:
+        raise MoeClusterError(f"internal: parameters not loaded: {still_meta[:3]} ({result})")
+
+
+def _load_experts(reader: CheckpointReader, arch, args: ModelArgs, layer: int, experts: list[int],
+                  dtype: torch.dtype) -> GroupedExperts:
+    """Prestack the held experts of one layer into contiguous w13_eGD / w2_eDF, one expert at a time."""
+    bad = [e for e in experts if not 0 <= e < args.num_experts]
+    if bad:
+        raise MoeClusterError(f"placement names experts {bad} in layer {layer}, but the model has {args.num_experts}")
+    module = GroupedExperts(args, experts, dtype=dtype)
+    for i, expert in enumerate(experts):
+        w13_GD, w2_DF = arch.read_expert(reader.read_rows, args, layer, expert)
+        module.w13_eGD[i].copy_(w13_GD)
+        module.w2_eDF[i].copy_(w2_DF)
+    return module
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process."""
+    import psutil
+
+    return psutil.Process(os.getpid()).memory_info().rss
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux ru_maxrss is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,78 @@
+"""Per-step, per-layer, per-rank timing: attention, router, experts (with evaluation counts), all-reduce,
+head, sampling/broadcast. One process-wide tracer; `add` is a no-op unless enabled.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+PHASES = ("attention", "router", "experts", "all_reduce", "head", "sample_bcast")
+now = time.perf_counter
+
+
+class Tracer:
+    def __init__(self) -> None:
+        self.enabled = False
+        self.steps: list[dict] = []
+        self._cur: dict | None = None
+
+    def reset(self, enabled: bool = True) -> None:
+        self.enabled, self.steps, self._cur = enabled, [], None
+
+    def begin_step(self, kind: str, num_tokens: int) -> None:
+        if self.enabled:
+            self._cur = {"kind": kind, "tokens": num_tokens, "t0": now(), "layers": defaultdict(dict), "evals": {}}
+
+    def add(self, layer: int, phase: str, seconds: float) -> None:
+        if self._cur is not None:
+            slot = self._cur["layers"][layer]
+            slot[phase] = slot.get(phase, 0.0) + seconds
+
+    def count_evals(self, layer: int, num: int) -> None:
+        if self._cur is not None:
+            self._cur["evals"][layer] = num
+
+    def end_step(self) -> None:
+        if self._cur is not None:
+            cur = self._cur
+            cur["total"] = now() - cur.pop("t0")
+            cur["layers"] = {int(k): v for k, v in cur["layers"].items()}
+            self.steps.append(cur)
+            self._cur = None
+
+    def summary(self, kind: str = "decode") -> dict:
+        """Mean per step of each phase (seconds), mean per layer, share of step time, mean expert evaluations."""
+        steps = [s for s in self.steps if s["kind"] == kind]
+        if not steps:
+            return {"steps": 0}
+        totals = {p: 0.0 for p in PHASES}
+        for s in steps:
+            for per_layer in s["layers"].values():
+                for phase, sec in per_layer.items():
+                    totals[phase] = totals.get(phase, 0.0) + sec
+        n = len(steps)
+        n_layers = max(1, len({layer for s in steps for layer in s["layers"] if layer >= 0}))
+        step_time = sum(s["total"] for s in steps) / n
+        mean = {p: t / n for p, t in totals.items()}
+        mean["other"] = max(0.0, step_time - sum(mean.values()))
+        evals = sum(sum(s["evals"].values()) for s in steps) / n
+        return {"steps": n, "step_time": step_time, "per_step": mean, "num_layers": n_layers,
+                "per_layer": {p: v / n_layers for p, v in mean.items() if p not in ("head", "sample_bcast", "other")},
+                "share": {p: (v / step_time if step_time else 0.0) for p, v in mean.items()},
+                "expert_evals_per_step": evals}
+
+
+TRACER = Tracer()
+
+
+def format_breakdown(rows: list[tuple[str, dict]]) -> str:
+    """A table like the seed paper's breakdown: one row per rank, mean ms per step and share of step time."""
+    head = f"{'rank':>6} {'step ms':>8} " + " ".join(f"{p:>14}" for p in PHASES + ("other",)) + f" {'evals/step':>10}"
+    lines = [head]
+    for name, s in rows:
+        if not s.get("steps"):
+            continue
+        cells = " ".join(f"{s['per_step'][p] * 1e3:7.2f} {s['share'][p] * 100:4.0f}%" + " " for p in PHASES + ("other",))
+        lines.append(f"{name:>6} {s['step_time'] * 1e3:8.2f} {cells} {s['expert_evals_per_step']:10.1f}")
+    return "\n".join(lines)
