@@ -15,6 +15,7 @@ from moecluster.errors import MoeClusterError
 
 # Modules that add subcommands (one line each).
 COMMAND_MODULES = [
+    "moecluster.engine.commands",
 ]
 
 
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.debug = debug
+    args.argv = argv + (["--debug"] if debug else [])  # for commands that relaunch themselves on N ranks
     try:
         return int(args.func(args) or 0)
     except MoeClusterError as e:

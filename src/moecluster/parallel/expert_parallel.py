@@ -1,0 +1,85 @@
+"""Expert parallelism as a transformation of a loaded single-device model.
+
+`apply_expert_parallel(model, comm, placement)` swaps each layer's MoEBlock for an
+ExpertParallelMoE that keeps the replicated router, holds only this rank's experts, computes only the
+(token, expert) pairs the placement assigns to this rank, and combines the ranks' partial outputs
+with ONE all_reduce_sum per layer — an explicit call in forward, not a hook.
+
+Shape legend: N tokens (flattened batch), D model dim, K top-k, E experts, e local experts.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moecluster.errors import MoeClusterError
+from moecluster.models.layers import GroupedExperts, MoEBlock, MoETransformer
+from moecluster.parallel.placement import Placement
+from moecluster.tracing import TRACER, now
+
+
+class ExpertParallelMoE(nn.Module):
+    def __init__(self, router: nn.Module, experts: GroupedExperts, comm, placement: Placement, layer_id: int):
+        super().__init__()
+        self.router = router
+        self.experts = experts
+        self.comm = comm
+        self.placement = placement
+        self.layer_id = layer_id
+        self.rank = comm.rank
+        self.last_num_evaluated = 0
+
+    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
+        t0 = now()
+        ids_NK, weights_NK = self.router(x_ND)
+        owner_NK = self.placement.assign(self.layer_id, ids_NK.tolist())
+        mine_NK = torch.tensor(owner_NK) == self.rank
+        t1 = now()
+        partial_ND, self.last_num_evaluated = self.experts(x_ND, ids_NK, weights_NK, mine_NK)
+        t2 = now()
+        out_ND = self.comm.all_reduce_sum(partial_ND)  # the one exchange of this layer
+        t3 = now()
+        TRACER.add(self.layer_id, "router", t1 - t0)
+        TRACER.add(self.layer_id, "experts", t2 - t1)
+        TRACER.add(self.layer_id, "all_reduce", t3 - t2)
+        TRACER.count_evals(self.layer_id, self.last_num_evaluated)
+        return out_ND
+
+
+def _subset(experts: GroupedExperts, keep: list[int], args) -> GroupedExperts:
+    """A GroupedExperts holding only `keep` (global ids), copied out of a fuller one."""
+    rows = [experts.expert_ids.index(e) for e in keep]
+    out = GroupedExperts(args, keep, dtype=experts.w13_eGD.dtype)
+    if rows:
+        out.w13_eGD.copy_(experts.w13_eGD[rows])
+        out.w2_eDF.copy_(experts.w2_eDF[rows])
+    return out
+
+
+def apply_expert_parallel(model: MoETransformer, comm, placement: Placement) -> MoETransformer:
+    """Make `model` compute only this rank's share of every MoE layer and all-reduce the result.
+
+    The model may hold exactly this rank's experts (the normal path: loaded with an expert filter) or
+    more (e.g. all, in tests); extra experts are dropped."""
+    args = model.args
+    if (placement.num_experts, placement.num_layers, placement.world_size) != (
+            args.num_experts, args.n_layers, comm.world_size):
+        raise MoeClusterError(
+            f"placement is for {placement.num_experts} experts x {placement.num_layers} layers on "
+            f"{placement.world_size} ranks, but the model has {args.num_experts} x {args.n_layers} "
+            f"and the job has {comm.world_size} ranks; make a placement for this model and rank count")
+    for layer in model.layers:
+        moe = layer.moe
+        if not isinstance(moe, MoEBlock):
+            raise MoeClusterError("apply_expert_parallel was already applied to this model")
+        want = placement.experts_of(comm.rank, layer.layer_id)
+        held = moe.experts.expert_ids
+        if held != want:
+            missing = sorted(set(want) - set(held))
+            if missing:
+                raise MoeClusterError(f"rank {comm.rank} must hold experts {missing} of layer {layer.layer_id} "
+                                      "but did not load them; load with the placement's expert filter")
+            moe.experts = _subset(moe.experts, want, args)
+        layer.moe = ExpertParallelMoE(moe.router, moe.experts, comm, placement, layer.layer_id)
+    return model
