@@ -82,10 +82,14 @@ def run_generate(args) -> int:
 
         comm = init_comm(args.backend, timeout_s=args.timeout)
     try:
-        return _generate_on_rank(args, params, comm)
-    finally:
+        code = _generate_on_rank(args, params, comm)
+    except BaseException:
         if comm is not None:
-            comm.close()
+            comm.mark_failed()  # do not wait for peers at exit: they are stopped, not left hanging
+        raise
+    if comm is not None:
+        comm.close()
+    return code
 
 
 def _generate_on_rank(args, params: SamplingParams, comm) -> int:
@@ -120,6 +124,8 @@ def _generate_on_rank(args, params: SamplingParams, comm) -> int:
 
 
 def _print_stats(stats, reports: list[dict], world_size: int) -> None:
+    from moecluster.runtime import format_rank_table
+
     err = sys.stderr
     print(f"prompt tokens: {stats.prompt_tokens}  generated: {stats.generated_tokens} ({stats.finish_reason})", file=err)
     print(f"time to first token: {stats.ttft_s * 1e3:.1f} ms  prefill: {stats.prefill_tok_s:.1f} tok/s  "

@@ -1,0 +1,156 @@
+"""Decode benchmark: batch-1 tok/s of a DBRX-shaped bf16 model against this machine's streaming bandwidth.
+
+Builds (once, cached) a random-weight DBRX checkpoint reading >= 1 GB of weights per decode token,
+measures the machine's streaming read bandwidth in the same run, then decodes with moecluster and
+with transformers `generate` on the same weights. Prints a table, writes JSON and markdown.
+
+    .venv/bin/python benchmarks/decode.py [--tokens 48] [--repeats 3] [--skip-hf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from moecluster.builtin import PRESETS, build_dbrx_checkpoint
+from moecluster.engine.generate import Engine
+from moecluster.engine.sampling import SamplingParams
+from moecluster.loading import load_model
+
+RESULTS = Path(__file__).parent / "results"
+PROMPT = "Decoding one token reads the weights of the selected experts once"
+
+
+def bench_model_dir() -> Path:
+    root = Path(os.environ.get("MOECLUSTER_CACHE", Path.home() / ".cache" / "moecluster"))
+    path = root / "bench-dbrx"
+    if not (path / "config.json").is_file():
+        print(f"building the benchmark checkpoint in {path} (once) ...", flush=True)
+        build_dbrx_checkpoint(path, "bench", dtype=torch.bfloat16)
+    return path
+
+
+def streaming_bandwidth(gib: float = 1.0, repeats: int = 7) -> dict:
+    """Best-of and median GB/s of reading a buffer much larger than cache: fp32 sum and bf16 mat-vec."""
+    n = int(gib * 2**30)
+    buf = torch.empty(n // 4, dtype=torch.float32).normal_()
+    mat = buf.view(torch.bfloat16).view(-1, 4096)
+    vec = torch.ones(4096, dtype=torch.bfloat16)
+    out = {}
+    for name, fn in (("fp32 sum", lambda: buf.sum()), ("bf16 mv", lambda: torch.mv(mat, vec))):
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        out[name] = {"best_gbs": n / min(times) / 1e9, "median_gbs": n / statistics.median(times) / 1e9}
+    del buf, mat
+    return out
+
+
+def decode_times(engine: Engine, prompt_ids: list[int], tokens: int) -> list[float]:
+    """Seconds between consecutive decode tokens (excludes prefill and the first token)."""
+    stamps = []
+    for _ in engine.stream(prompt_ids, SamplingParams(max_tokens=tokens, ignore_eos=True)):
+        stamps.append(time.perf_counter())
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def run_ours(model_dir: Path, tokens: int, repeats: int) -> dict:
+    engine = Engine(load_model(model_dir, "bf16"), max_seq_len=512)
+    prompt = engine.tokenizer.encode(PROMPT)
+    decode_times(engine, prompt, 4)  # warm-up
+    runs = []
+    for _ in range(repeats):
+        dts = decode_times(engine, prompt, tokens)
+        runs.append(statistics.median(dts))
+    engine.generate(prompt, SamplingParams(max_tokens=3, ignore_eos=True))
+    bytes_per_token = engine.dense_bytes + engine.expert_bytes_last_step()
+    result = {"median_s_per_token": statistics.median(runs), "runs_median_s": runs, "bytes_per_token": bytes_per_token}
+    del engine
+    gc.collect()
+    return result
+
+
+def run_hf(model_dir: Path, tokens: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    from moecluster.engine.tokenizer import Tokenizer
+    from moecluster.loading import read_config
+
+    tok = Tokenizer.from_dir(model_dir, read_config(model_dir)[1])
+    ids = torch.tensor([tok.encode(PROMPT)])
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
+        times = []
+        for n in (2, tokens + 2):
+            t0 = time.perf_counter()
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+            times.append(time.perf_counter() - t0)
+    return {"s_per_token": (times[1] - times[0]) / tokens}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model_dir = bench_model_dir()
+    bw = streaming_bandwidth()
+    ours = run_ours(model_dir, args.tokens, args.repeats)
+    bw_after = streaming_bandwidth()
+    ref_gbs = max(max(v["median_gbs"] for v in bw.values()), max(v["median_gbs"] for v in bw_after.values()))
+    tps = 1 / ours["median_s_per_token"]
+    achieved = ours["bytes_per_token"] * tps / 1e9
+    hf = None if args.skip_hf else run_hf(model_dir, min(args.tokens, 24))
+    result = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                    "threads": args.threads},
+        "command": "python " + " ".join(sys.argv),
+        "model": {"preset": "bench", **PRESETS["bench"], "dtype": "bf16"},
+        "bandwidth_before": bw, "bandwidth_after": bw_after, "reference_gbs": ref_gbs,
+        "ours": {**ours, "tok_s": tps, "achieved_gbs": achieved, "ratio_to_bandwidth": achieved / ref_gbs},
+        "transformers": None if hf is None else {**hf, "tok_s": 1 / hf["s_per_token"]},
+    }
+    report(result)
+    return 0
+
+
+def report(r: dict) -> None:
+    o = r["ours"]
+    lines = [
+        f"model: DBRX-shaped bf16 {r['model']}",
+        f"streaming read bandwidth (median, best method, before/after): {r['reference_gbs']:.1f} GB/s",
+        f"weights read per decode token: {o['bytes_per_token'] / 1e9:.3f} GB",
+        f"moecluster decode (batch 1): {o['tok_s']:.2f} tok/s  -> {o['achieved_gbs']:.1f} GB/s "
+        f"= {o['ratio_to_bandwidth'] * 100:.0f}% of measured bandwidth (target >= 85%)",
+    ]
+    if r["transformers"]:
+        t = r["transformers"]
+        lines.append(f"transformers generate (same weights): {t['tok_s']:.2f} tok/s "
+                     f"(moecluster is {o['tok_s'] / t['tok_s']:.1f}x)")
+    text = "\n".join(lines)
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "decode.json").write_text(json.dumps(r, indent=2))
+    md = (f"# Decode benchmark\n\nMachine: {r['machine']}\n\nCommand: `{r['command']}`\n\n```\n{text}\n```\n\n"
+          f"Bandwidth detail: before {json.dumps(r['bandwidth_before'])}, after {json.dumps(r['bandwidth_after'])}\n")
+    (RESULTS / "decode.md").write_text(md)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Expert parallelism with real processes: distributed output equals the single-process output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from ep_worker import PROMPT
+from safetensors.torch import load_file
+
+from moecluster.engine.generate import Engine
+from moecluster.engine.sampling import SamplingParams
+from moecluster.loading import load_model
+from moecluster.parallel.launch import launch_local
+
+WORKER = str(Path(__file__).parent / "ep_worker.py")
+_single_cache: dict = {}
+
+
+def single_rank(model_dir: Path) -> tuple[torch.Tensor, list[int]]:
+    if model_dir not in _single_cache:
+        engine = Engine(load_model(model_dir, "fp32"))
+        with torch.inference_mode():
+            logits = engine.model(torch.tensor([PROMPT]), torch.tensor([0]))[0]
+        _, tokens, _ = engine.generate(PROMPT, SamplingParams(max_tokens=32, ignore_eos=True))
+        _single_cache[model_dir] = (logits, tokens)
+    return _single_cache[model_dir]
+
+
+def replicated_placement(path: Path, num_experts: int, num_layers: int, world_size: int) -> str:
+    """Every expert on two ranks; in the last layer rank world_size-1 holds nothing at all."""
+    layers = []
+    for layer in range(num_layers):
+        if layer == num_layers - 1:
+            layers.append([[e % (world_size - 1)] for e in range(num_experts)])
+        else:
+            layers.append([[e % world_size, (e + 1) % world_size] for e in range(num_experts)])
+    path.write_text(json.dumps({"format": "moecluster-placement/1", "num_experts": num_experts,
+                                "num_layers": num_layers, "world_size": world_size, "layers": layers}))
+    return str(path)
+
+
+def run_distributed(model_dir: Path, placement: str, backend: str, world_size: int, out: Path):
+    code = launch_local([sys.executable, WORKER, str(model_dir), placement, backend, str(out)], world_size, backend,
+                        timeout_s=60)
+    assert code == 0
+    data = load_file(str(out))
+    return data["logits"], data["tokens"].tolist()
+
+
+CASES = [(b, n, a, p) for b in ("mpi", "torch") for n in (2, 4) for a in ("dbrx", "mixtral")
+         for p in ("contiguous", "round-robin", "replicated") if b == "mpi" or (a == "dbrx" and p != "round-robin")]
+
+
+@pytest.mark.parametrize("backend, world_size, arch, placement", CASES)
+def test_distributed_equals_single(backend, world_size, arch, placement, tiny_dbrx, tiny_mixtral, tmp_path):
+    model_dir = {"dbrx": tiny_dbrx, "mixtral": tiny_mixtral}[arch]
+    if placement == "replicated":
+        placement = replicated_placement(tmp_path / "p.json", 8, 3, world_size)
+    logits, tokens = run_distributed(model_dir, placement, backend, world_size, tmp_path / "out.safetensors")
+    ref_logits, ref_tokens = single_rank(model_dir)
+    assert torch.allclose(logits, ref_logits, atol=1e-5, rtol=0), (logits - ref_logits).abs().max()
+    assert tokens == ref_tokens
+
+
+def test_cli_generate_two_ranks_matches_one(tiny_mixtral, tmp_path):
+    outs = []
+    for nodes in (1, 2):
+        report = tmp_path / f"r{nodes}.json"
+        res = subprocess.run([sys.executable, "-m", "moecluster.cli", "generate", "--model", str(tiny_mixtral),
+                              "--prompt", "Hello world", "--max-tokens", "16", "--ignore-eos", "--dtype", "fp32",
+                              "--nodes", str(nodes), "--placement", "round-robin", "--report", str(report),
+                              "--trace", str(tmp_path / f"t{nodes}.json")],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        outs.append(json.loads(report.read_text()))
+    assert outs[0]["tokens"] == outs[1]["tokens"] and outs[0]["text"] == outs[1]["text"]
+    ranks = outs[1]["ranks"]
+    assert [r["experts_layer0"] for r in ranks] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert ranks[0]["trace"]["per_step"]["all_reduce"] > 0
+    trace = json.loads((tmp_path / "t2.json").read_text())
+    assert trace["world_size"] == 2 and len(trace["ranks"]) == 2
+    assert all("all_reduce" in step["layers"]["0"] for step in trace["ranks"][1]["steps"])
+
+
+def _rank_process(parent: psutil.Process, rank: int) -> psutil.Process | None:
+    for child in parent.children(recursive=True):
+        try:
+            env = child.environ()
+        except psutil.Error:
+            continue
+        if "--rank-worker" in " ".join(child.cmdline()) and env.get("PMI_RANK", env.get("RANK")) == str(rank):
+            return child
+    return None
+
+
+@pytest.mark.parametrize("backend", ["mpi", "torch"])
+def test_killed_rank_stops_the_others(tiny_dbrx, backend):
+    proc = subprocess.Popen([sys.executable, "-m", "moecluster.cli", "generate", "--model", str(tiny_dbrx),
+                             "--prompt", "Hello", "--max-tokens", "100000", "--ignore-eos", "--nodes", "2",
+                             "--backend", backend, "--timeout", "20"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        proc.stdout.read(1)  # rank 0 has produced text: generation is under way
+        victim = _rank_process(psutil.Process(proc.pid), 1)
+        assert victim is not None
+        everyone = psutil.Process(proc.pid).children(recursive=True)
+        t0 = time.monotonic()
+        victim.kill()
+        _, err = proc.communicate(timeout=40)
+        elapsed = time.monotonic() - t0
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert elapsed < 30, elapsed
+    assert "rank 1" in err, err
+    time.sleep(0.5)
+    assert not [p for p in everyone if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
