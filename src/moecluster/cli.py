@@ -15,7 +15,9 @@ from moecluster.errors import MoeClusterError
 
 # Modules that add subcommands (one line each).
 COMMAND_MODULES = [
+    "moecluster.perfmodel.commands",
     "moecluster.engine.commands",
+    "moecluster.parallel.place_commands",
 ]
 
 

@@ -17,7 +17,8 @@ from moecluster.tracing import TRACER
 
 
 def open_engine(model_dir: str | Path, dtype: str | None = None, comm=None, placement_spec: str = "contiguous",
-                num_slots: int = 1, max_seq_len: int | None = None) -> tuple[Engine, Placement | None]:
+                num_slots: int = 1, max_seq_len: int | None = None,
+                exchange: str = "exact") -> tuple[Engine, Placement | None]:
     """Load the model (only this rank's experts), apply expert parallelism when world_size > 1."""
     if comm is None or comm.world_size == 1:
         return Engine(load_model(model_dir, dtype), comm, num_slots, max_seq_len), None
@@ -26,7 +27,7 @@ def open_engine(model_dir: str | Path, dtype: str | None = None, comm=None, plac
     _, args = read_config(model_dir)
     placement = make_placement(placement_spec, args.num_experts, args.n_layers, comm.world_size)
     loaded = load_model(model_dir, dtype, expert_filter=lambda layer: placement.experts_of(comm.rank, layer))
-    apply_expert_parallel(loaded.model, comm, placement)
+    apply_expert_parallel(loaded.model, comm, placement, exchange)
     return Engine(loaded, comm, num_slots, max_seq_len), placement
 
 

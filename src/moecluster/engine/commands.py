@@ -22,6 +22,9 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["mpi", "torch"], default="mpi", help="collective backend")
     p.add_argument("--placement", default="contiguous",
                    help="contiguous | round-robin | groups | FILE.json (see `moecluster place`)")
+    p.add_argument("--exchange", choices=["exact", "sum"], default="exact",
+                   help="exact: all-reduce per-expert outputs (output bit-identical to 1 rank); "
+                        "sum: all-reduce fp32 partial sums (smallest message)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds any rank may wait for another")
     p.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)
 
@@ -95,7 +98,7 @@ def run_generate(args) -> int:
 def _generate_on_rank(args, params: SamplingParams, comm) -> int:
     from moecluster.runtime import format_rank_table, gather_reports, open_engine, rank_report
 
-    engine, placement = open_engine(args.model, args.dtype, comm, args.placement)
+    engine, placement = open_engine(args.model, args.dtype, comm, args.placement, exchange=args.exchange)
     rank0 = engine.rank == 0
     text = args.prompt
     if args.chat:

@@ -198,48 +198,41 @@ class GroupedExperts(nn.Module):
         """Bytes of one expert's weights (gate, up and down)."""
         return (self.w13_eGD[0].numel() + self.w2_eDF[0].numel()) * self.w13_eGD.element_size() if len(self.expert_ids) else 0
 
-    def forward(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, weights_NK: torch.Tensor,
+    def forward(self, x_ND: torch.Tensor, ids_NK: torch.Tensor,
                 mine_NK: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-        """Sum over each token's selected experts (only pairs in `mine_NK` if given) of weight * expert(x).
+        """Each selected expert's output per (token, k) pair, y_NKD; pairs not in `mine_NK` stay zero.
 
-        Returns out_ND and the number of distinct experts evaluated. Raises if a needed expert is not held.
+        Returns y_NKD and the number of distinct experts evaluated. Raises if a needed expert is not held.
+        Keeping pairs apart (not yet weighted and summed) lets every rank combine them in the same order,
+        so the result is bit-identical for any number of ranks and any placement.
         """
-        out_ND = torch.zeros_like(x_ND)
-        if x_ND.shape[0] == 1:  # decode, one token: mat-vecs over its selected experts, no grouping
-            return self._forward_single(x_ND, ids_NK, weights_NK, mine_NK, out_ND)
+        N, K = ids_NK.shape
+        y_NKD = x_ND.new_zeros(N, K, x_ND.shape[1])
+        if N == 1:  # decode, one token: mat-vecs over its selected experts, no grouping
+            return self._forward_single(x_ND[0], ids_NK[0].tolist(), mine_NK, y_NKD[0])
         flat_ids = ids_NK.reshape(-1)
         pair_order = torch.argsort(flat_ids, stable=True)
         if mine_NK is not None:
             pair_order = pair_order[mine_NK.reshape(-1)[pair_order]]
-        sorted_ids = flat_ids[pair_order]
-        experts, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
-        top_k = ids_NK.shape[1]
+        experts, counts = torch.unique_consecutive(flat_ids[pair_order], return_counts=True)
+        y_PD = y_NKD.view(N * K, -1)
         start = 0
         for expert, count in zip(experts.tolist(), counts.tolist()):
             pairs = pair_order[start:start + count]
             start += count
-            tokens = pairs // top_k
-            y_nD = self._expert(self._local(expert), x_ND[tokens])
-            y_nD = (y_nD * weights_NK.reshape(-1)[pairs, None]).to(out_ND.dtype)
-            out_ND.index_add_(0, tokens, y_nD)
-        return out_ND, len(experts)
+            y_PD[pairs] = self._expert(self._local(expert), x_ND[pairs // K])
+        return y_NKD, len(experts)
 
-    def _forward_single(self, x_1D, ids_1K, weights_1K, mine_1K, out_1D) -> tuple[torch.Tensor, int]:
-        ids = ids_1K[0].tolist()
-        weights = weights_1K[0]
+    def _forward_single(self, x_D, ids: list[int], mine_1K, y_KD) -> tuple[torch.Tensor, int]:
         mine = [True] * len(ids) if mine_1K is None else mine_1K[0].tolist()
-        x_D = x_1D[0]
         evaluated = 0
         for k, expert in enumerate(ids):
-            if not mine[k]:
-                continue
-            i = self._local(expert)
-            gate_up_G = torch.mv(self.w13_eGD[i], x_D)
-            gate_F, up_F = gate_up_G.chunk(2)
-            y_D = torch.mv(self.w2_eDF[i], F.silu(gate_F) * up_F)
-            out_1D[0] += (y_D * weights[k]).to(out_1D.dtype)
-            evaluated += 1
-        return out_1D, evaluated
+            if mine[k]:
+                i = self._local(expert)
+                gate_F, up_F = torch.mv(self.w13_eGD[i], x_D).chunk(2)
+                torch.mv(self.w2_eDF[i], F.silu(gate_F) * up_F, out=y_KD[k])
+                evaluated += 1
+        return y_KD[None], evaluated
 
     def _local(self, expert: int) -> int:
         i = self._local_of.get(expert)
@@ -250,6 +243,11 @@ class GroupedExperts(nn.Module):
     def _expert(self, i: int, x_nD: torch.Tensor) -> torch.Tensor:
         gate_nF, up_nF = F.linear(x_nD, self.w13_eGD[i]).chunk(2, dim=-1)
         return F.linear(F.silu(gate_nF) * up_nF, self.w2_eDF[i])
+
+
+def combine(y_NKD: torch.Tensor, weights_NK: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """out_ND = sum_k weights_NK * y_NKD, accumulated in fp32 in a fixed order, cast to the model dtype."""
+    return (y_NKD.float() * weights_NK[..., None]).sum(dim=1).to(dtype)
 
 
 class MoEBlock(nn.Module):
@@ -266,7 +264,8 @@ class MoEBlock(nn.Module):
         t0 = now()
         ids_NK, weights_NK = self.router(x_ND)
         t1 = now()
-        out_ND, self.last_num_evaluated = self.experts(x_ND, ids_NK, weights_NK)
+        y_NKD, self.last_num_evaluated = self.experts(x_ND, ids_NK)
+        out_ND = combine(y_NKD, weights_NK, x_ND.dtype)
         TRACER.add(self.layer_id, "router", t1 - t0)
         TRACER.add(self.layer_id, "experts", now() - t1)
         TRACER.count_evals(self.layer_id, self.last_num_evaluated)

@@ -14,14 +14,16 @@ import torch
 from torch import nn
 
 from moecluster.errors import MoeClusterError
-from moecluster.models.layers import GroupedExperts, MoEBlock, MoETransformer
+from moecluster.models.layers import GroupedExperts, MoEBlock, MoETransformer, combine
 from moecluster.parallel.placement import Placement
 from moecluster.tracing import TRACER, now
 
 
 class ExpertParallelMoE(nn.Module):
-    def __init__(self, router: nn.Module, experts: GroupedExperts, comm, placement: Placement, layer_id: int):
+    def __init__(self, router: nn.Module, experts: GroupedExperts, comm, placement: Placement, layer_id: int,
+                 exchange: str = "exact"):
         super().__init__()
+        self.exchange = exchange
         self.router = router
         self.experts = experts
         self.comm = comm
@@ -36,10 +38,17 @@ class ExpertParallelMoE(nn.Module):
         owner_NK = self.placement.assign(self.layer_id, ids_NK.tolist())
         mine_NK = torch.tensor(owner_NK) == self.rank
         t1 = now()
-        partial_ND, self.last_num_evaluated = self.experts(x_ND, ids_NK, weights_NK, mine_NK)
-        t2 = now()
-        out_ND = self.comm.all_reduce_sum(partial_ND)  # the one exchange of this layer
-        t3 = now()
+        y_NKD, self.last_num_evaluated = self.experts(x_ND, ids_NK, mine_NK)
+        if self.exchange == "exact":
+            t2 = now()
+            y_NKD = self.comm.all_reduce_sum(y_NKD)  # the one exchange: one non-zero holder per pair, exact
+            t3 = now()
+            out_ND = combine(y_NKD, weights_NK, x_ND.dtype)
+        else:
+            partial_ND = (y_NKD.float() * weights_NK[..., None]).sum(dim=1)
+            t2 = now()
+            out_ND = self.comm.all_reduce_sum(partial_ND).to(x_ND.dtype)  # the one exchange, fp32 partial sums
+            t3 = now()
         TRACER.add(self.layer_id, "router", t1 - t0)
         TRACER.add(self.layer_id, "experts", t2 - t1)
         TRACER.add(self.layer_id, "all_reduce", t3 - t2)
@@ -57,12 +66,21 @@ def _subset(experts: GroupedExperts, keep: list[int], args) -> GroupedExperts:
     return out
 
 
-def apply_expert_parallel(model: MoETransformer, comm, placement: Placement) -> MoETransformer:
+EXCHANGES = ("exact", "sum")
+
+
+def apply_expert_parallel(model: MoETransformer, comm, placement: Placement, exchange: str = "exact") -> MoETransformer:
     """Make `model` compute only this rank's share of every MoE layer and all-reduce the result.
+
+    exchange "exact" all-reduces the per-pair expert outputs y_NKD (K x the bytes; each pair has one
+    non-zero contributor, so the sum is exact and output is bit-identical to one process); "sum"
+    all-reduces fp32 partial sums out_ND (the smallest message; rounding may differ from one process).
 
     The model may hold exactly this rank's experts (the normal path: loaded with an expert filter) or
     more (e.g. all, in tests); extra experts are dropped."""
     args = model.args
+    if exchange not in EXCHANGES:
+        raise MoeClusterError(f"exchange {exchange!r} unknown; use one of {', '.join(EXCHANGES)}")
     if (placement.num_experts, placement.num_layers, placement.world_size) != (
             args.num_experts, args.n_layers, comm.world_size):
         raise MoeClusterError(
@@ -81,5 +99,5 @@ def apply_expert_parallel(model: MoETransformer, comm, placement: Placement) -> 
                 raise MoeClusterError(f"rank {comm.rank} must hold experts {missing} of layer {layer.layer_id} "
                                       "but did not load them; load with the placement's expert filter")
             moe.experts = _subset(moe.experts, want, args)
-        layer.moe = ExpertParallelMoE(moe.router, moe.experts, comm, placement, layer.layer_id)
+        layer.moe = ExpertParallelMoE(moe.router, moe.experts, comm, placement, layer.layer_id, exchange)
     return model
