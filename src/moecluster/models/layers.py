@@ -69,6 +69,13 @@ class ModelArgs:
         return (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
 
 
+def linear(x: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
+    """x @ w.T; a single row goes through mv, which streams bf16 weights faster than mm on CPU."""
+    if x.numel() == x.shape[-1]:
+        return torch.mv(w_OI, x.reshape(-1)).view(*x.shape[:-1], w_OI.shape[0])
+    return F.linear(x, w_OI)
+
+
 def make_norm(args: ModelArgs) -> nn.Module:
     if args.norm == "layernorm":
         return nn.LayerNorm(args.dim, eps=args.norm_eps, bias=False)
@@ -140,7 +147,7 @@ class Attention(nn.Module):
                 mask_B1TS: torch.Tensor, slots_B: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
         a = self.args
         B, T, _ = x_BTD.shape
-        qkv = self.wqkv(x_BTD)
+        qkv = linear(x_BTD, self.wqkv.weight)
         if a.clip_qkv is not None:
             qkv = qkv.clamp(min=-a.clip_qkv, max=a.clip_qkv)
         q, k, v = qkv.split([a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim], dim=-1)
@@ -152,7 +159,7 @@ class Attention(nn.Module):
             raise MoeClusterError("internal: call model.setup_cache() before forward")
         k, v = self.cache.update(slots_B, pos_B, k, v, span=mask_B1TS.shape[-1])
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1TS, enable_gqa=a.n_heads != a.n_kv_heads)
-        return self.wo(out.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim))
+        return linear(out.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim), self.wo.weight)
 
 
 class Router(nn.Module):
@@ -164,7 +171,7 @@ class Router(nn.Module):
         self.gate = nn.Linear(args.dim, args.num_experts, bias=False)
 
     def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits_NE = self.gate(x_ND)
+        logits_NE = linear(x_ND, self.gate.weight)
         if self.args.router_softmax_fp32:
             logits_NE = logits_NE.float()
         probs_NE = torch.softmax(logits_NE, dim=-1)
@@ -259,10 +266,13 @@ class MoEBlock(nn.Module):
         self.router = Router(args)
         self.experts = GroupedExperts(args, list(range(args.num_experts)), device="meta")
         self.last_num_evaluated = 0
+        self.recorder = None  # routing statistics (moecluster profile-routing): .record(layer, ids_TK)
 
     def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
         t0 = now()
         ids_NK, weights_NK = self.router(x_ND)
+        if self.recorder is not None:
+            self.recorder.record(self.layer_id, ids_NK.tolist())
         t1 = now()
         y_NKD, self.last_num_evaluated = self.experts(x_ND, ids_NK)
         out_ND = combine(y_NKD, weights_NK, x_ND.dtype)
@@ -333,7 +343,7 @@ class MoETransformer(nn.Module):
         t0 = now()
         if last_only:
             x_BTD = x_BTD[:, -1:]
-        logits = self.lm_head(self.norm(x_BTD)).float()
+        logits = linear(self.norm(x_BTD), self.lm_head.weight).float()
         TRACER.add(-1, "head", now() - t0)
         return logits
 
