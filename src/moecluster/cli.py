@@ -17,7 +17,9 @@ from moecluster.errors import MoeClusterError
 COMMAND_MODULES = [
     "moecluster.perfmodel.commands",
     "moecluster.engine.commands",
+    "moecluster.engine.profile_routing",
     "moecluster.parallel.place_commands",
+    "moecluster.server.commands",
 ]
 
 
