@@ -45,6 +45,7 @@ def register(sub) -> None:
     p.add_argument("--trace", default=None, help="write the per-step, per-layer, per-rank trace to this JSON file")
     p.add_argument("--report", default=None, help=argparse.SUPPRESS)  # JSON result, used by demo and tests
     p.add_argument("--quiet", action="store_true", help="do not stream text (stats only)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores on 1 rank, 1 per rank)")
     add_cluster_args(p)
     p.set_defaults(func=run_generate)
 
@@ -79,6 +80,13 @@ def run_generate(args) -> int:
         raise MoeClusterError(f"model directory {args.model!r} does not exist; pass --model DIR with a HF checkpoint")
     if args.nodes > 1 and not args.rank_worker:
         return relaunch(args, args.argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise MoeClusterError(f"--threads must be at least 1, got {args.threads}")
+        os.environ["MOECLUSTER_THREADS"] = str(args.threads)  # init_comm applies it on ranks
+        import torch
+
+        torch.set_num_threads(args.threads)
     comm = None
     if args.rank_worker:
         from moecluster.parallel.comm import init_comm

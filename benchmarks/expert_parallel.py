@@ -1,0 +1,132 @@
+"""Expert-parallel benchmark: all-reduce latency vs size (MPI, gloo) and 1 rank (1 core) vs 2 ranks (1 core each).
+
+Decode runs the decode benchmark model (benchmarks/decode.py) through `moecluster generate`; the
+byte-ideal speedup is (weight bytes one rank reads per token) / (bytes the busiest of 2 ranks reads).
+Targets: 2-rank speedup >= 90% of byte-ideal after subtracting the measured exchange time; per-layer
+exchange <= 1.5x the bare MPI all-reduce of the same size.
+
+    .venv/bin/python benchmarks/expert_parallel.py [--tokens 32] [--repeats 3] [--backend mpi]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from decode import PROMPT, bench_model_dir  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def run_generate(model: Path, nodes: int, backend: str, tokens: int, exchange: str) -> dict:
+    """One `moecluster generate` run; returns rank 0's report."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as report:
+        cmd = [sys.executable, "-m", "moecluster.cli", "generate", "--model", str(model), "--prompt", PROMPT,
+               "--max-tokens", str(tokens), "--ignore-eos", "--quiet", "--nodes", str(nodes), "--backend", backend,
+               "--exchange", exchange, "--report", report.name]
+        if nodes == 1:  # one rank on one core, one thread: the same compute as each of the 2 ranks
+            cmd = ["taskset", "-c", "0", *cmd, "--threads", "1"]
+        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=1800)
+        return json.loads(Path(report.name).read_text())
+
+
+def allreduce_table(iters: int) -> dict:
+    """Run benchmarks/allreduce.py (2 pinned ranks) and return {variant: {size: median_us}}."""
+    subprocess.run([sys.executable, str(Path(__file__).parent / "allreduce.py"), "--iters", str(iters),
+                    "--gloo-iters", str(max(200, iters // 5))], check=True, timeout=1800)
+    rows = json.loads((RESULTS / "allreduce.json").read_text())["rows"]
+    table: dict = {}
+    for r in rows:
+        table.setdefault(r["variant"], {})[r["size_bytes"]] = r["median_us"]
+    return table
+
+
+def interpolate(points: dict, size: int) -> float:
+    xs = sorted(points)
+    if size <= xs[0]:
+        return points[xs[0]]
+    for a, b in zip(xs, xs[1:]):
+        if size <= b:
+            return points[a] + (points[b] - points[a]) * (size - a) / (b - a)
+    return points[xs[-1]] * size / xs[-1]
+
+
+def summarize(one: list[dict], two: list[dict], bare: dict, dims: dict) -> dict:
+    t1 = statistics.median(1 / r["stats"]["decode_tok_s"] for r in one)
+    t2 = statistics.median(1 / r["stats"]["decode_tok_s"] for r in two)
+    bytes1 = one[0]["ranks"][0]["bytes_per_token"]
+    bytes2 = max(rank["bytes_per_token"] for rank in two[0]["ranks"])
+    ideal = bytes1 / bytes2
+    # pure exchange = the rank that waited least (the other's extra is waiting for the slowest rank)
+    exch = statistics.median(min(rank["trace"]["per_step"]["all_reduce"] for rank in r["ranks"]) for r in two)
+    wait = statistics.median(max(rank["trace"]["per_step"]["all_reduce"] for rank in r["ranks"]) for r in two) - exch
+    per_layer_us = exch / dims["n_layers"] * 1e6
+    msg_bytes = dims["top_k"] * dims["dim"] * 2  # exact exchange: y_NKD for one token, bf16
+    bare_us = interpolate(bare["mpi_bare_bf16"], msg_bytes)
+    speedup = t1 / t2
+    speedup_excl = t1 / (t2 - exch)
+    return {
+        "t1_ms": t1 * 1e3, "t2_ms": t2 * 1e3, "tok_s_1": 1 / t1, "tok_s_2": 1 / t2,
+        "bytes_per_token_1": bytes1, "bytes_per_token_2_max_rank": bytes2, "byte_ideal_speedup": ideal,
+        "speedup": speedup, "speedup_excl_exchange": speedup_excl, "ratio_to_ideal": speedup_excl / ideal,
+        "exchange_ms_per_token": exch * 1e3, "wait_ms_per_token": wait * 1e3, "per_layer_exchange_us": per_layer_us,
+        "message_bytes": msg_bytes, "bare_mpi_allreduce_us": bare_us, "exchange_vs_bare": per_layer_us / bare_us,
+        "trace_2_ranks": [rank["trace"] for rank in two[0]["ranks"]], "trace_1_rank": one[0]["ranks"][0]["trace"],
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--backend", default="mpi", choices=["mpi", "torch"])
+    ap.add_argument("--exchange", default="exact", choices=["exact", "sum"])
+    ap.add_argument("--allreduce-iters", type=int, default=3000)
+    args = ap.parse_args()
+    from moecluster.builtin import PRESETS
+    from moecluster.tracing import format_breakdown
+
+    dims = PRESETS["bench"]
+    model = bench_model_dir()
+    bare = allreduce_table(args.allreduce_iters)
+    one, two = [], []
+    for _ in range(args.repeats):  # interleaved so that drift hits both alike
+        one.append(run_generate(model, 1, args.backend, args.tokens, args.exchange))
+        two.append(run_generate(model, 2, args.backend, args.tokens, args.exchange))
+    s = summarize(one, two, bare, dims)
+    lines = [
+        f"model: bench DBRX-shaped bf16 {dims}; backend {args.backend}; exchange {args.exchange}",
+        f"1 rank (1 core): {s['tok_s_1']:.2f} tok/s, reads {s['bytes_per_token_1'] / 1e9:.3f} GB/token",
+        f"2 ranks (1 core each): {s['tok_s_2']:.2f} tok/s, busiest rank reads {s['bytes_per_token_2_max_rank'] / 1e9:.3f} GB/token",
+        f"speedup {s['speedup']:.2f}x; byte-ideal {s['byte_ideal_speedup']:.2f}x; excluding exchange "
+        f"({s['exchange_ms_per_token']:.2f} ms/token) {s['speedup_excl_exchange']:.2f}x = "
+        f"{s['ratio_to_ideal'] * 100:.0f}% of ideal (target >= 90%)",
+        f"waiting on the slowest rank: {s['wait_ms_per_token']:.2f} ms/token",
+        f"per-layer exchange {s['per_layer_exchange_us']:.1f} us for {s['message_bytes']} B vs bare MPI all-reduce "
+        f"{s['bare_mpi_allreduce_us']:.1f} us = {s['exchange_vs_bare']:.2f}x (target <= 1.5x)",
+        "", "time per decode step, 2 ranks:",
+        format_breakdown([(str(i), t) for i, t in enumerate(s["trace_2_ranks"])]),
+        "time per decode step, 1 rank:", format_breakdown([("0", s["trace_1_rank"])]),
+    ]
+    text = "\n".join(lines)
+    print(text)
+    command = "python " + " ".join(sys.argv)
+    machine = {"cpus": os.cpu_count(), "platform": platform.platform()}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "expert_parallel.json").write_text(json.dumps({"machine": machine, "command": command, **s}, indent=2))
+    (RESULTS / "expert_parallel.md").write_text(
+        f"# Expert-parallel benchmark\n\nMachine: {machine}\n\nCommand: `{command}`\n\n```\n{text}\n```\n\n"
+        f"All-reduce latency against size: see allreduce.md (same run).\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
