@@ -201,3 +201,29 @@ def test_chat_template_renders(tiny_dbrx):
 def test_invalid_sampling_values(bad, message):
     with pytest.raises(MoeClusterError, match=message):
         SamplingParams(**bad).validate()
+
+
+@pytest.mark.parametrize("where", ["rope_parameters", "top", "attn_config"])
+def test_rope_theta_read_from_each_place(where):
+    from moecluster.builtin import dbrx_config
+    from moecluster.models import dbrx
+
+    cfg = dbrx_config(64, 2, 4, 2, 32, 4, 2, 100, rope_theta=1234.0)
+    cfg["attn_config"].pop("rope_theta")
+    cfg.pop("rope_parameters")
+    if where == "rope_parameters":
+        cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 777.0}
+    elif where == "top":
+        cfg["rope_theta"] = 777.0
+    else:
+        cfg["attn_config"]["rope_theta"] = 777.0
+    assert dbrx.from_hf_config(cfg).rope_theta == 777.0
+
+
+def test_unsupported_rope_scaling_is_refused():
+    from moecluster.models import mixtral
+
+    with pytest.raises(MoeClusterError, match="rope_type"):
+        mixtral.from_hf_config({"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+                                "vocab_size": 10, "intermediate_size": 8, "num_local_experts": 2,
+                                "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})

@@ -122,3 +122,25 @@ def test_killed_rank_stops_the_others(tiny_dbrx, backend):
     assert "rank 1" in err, err
     time.sleep(0.5)
     assert not [p for p in everyone if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_each_rank_holds_only_its_experts_in_memory(tmp_path):
+    """Peak RSS of each of 2 ranks reflects half the experts (each reads only its rows of the shards)."""
+    from moecluster.builtin import build_dbrx_checkpoint
+
+    model = build_dbrx_checkpoint(tmp_path / "m", "rss", dtype=torch.float32)  # 384 MB of experts in fp32
+    reports = {}
+    for nodes in (1, 2):
+        out = tmp_path / f"r{nodes}.json"
+        res = subprocess.run([sys.executable, "-m", "moecluster.cli", "generate", "--model", str(model), "--prompt",
+                              "Hello", "--max-tokens", "2", "--nodes", str(nodes), "--report", str(out)],
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+        reports[nodes] = json.loads(out.read_text())["ranks"]
+    one = reports[1][0]
+    expert_bytes = one["expert_bytes"]
+    assert expert_bytes > 350e6
+    for rank in reports[2]:
+        assert abs(rank["expert_bytes"] - expert_bytes / 2) < 1e6
+        # half the experts fewer resident (allow 25% of that for allocator and page-cache noise)
+        assert rank["peak_rss_bytes"] < one["peak_rss_bytes"] - 0.75 * expert_bytes / 2, (rank, one)

@@ -29,6 +29,8 @@ The quick brown fox jumps over the lazy dog. Hello world! How are you today? Num
 # name -> dims of the built-in DBRX-architecture models
 PRESETS = {
     "demo": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=512, num_experts=16, top_k=4, vocab=512),
+    # memory test: 384 MB of experts, little else
+    "rss": dict(dim=512, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=2048, num_experts=16, top_k=2, vocab=512),
     # decode benchmark: >= 1 GB of weights read per token in bf16 (see benchmarks/decode.py)
     "bench": dict(dim=2048, n_layers=6, n_heads=16, n_kv_heads=4, ffn_dim=4096, num_experts=16, top_k=4,
                   vocab=32000),
