@@ -1,0 +1,202 @@
+"""All-reduce latency vs message size, 2 local ranks pinned to one core each.
+
+Variants: bare mpi4py Allreduce (fp32), our MPIComm.all_reduce_sum (fp32; bf16 by user MPI.Op;
+bf16 via fp32), bare torch.distributed gloo all_reduce (fp32), our TorchComm.all_reduce_sum (fp32,
+bf16). Prints a table; writes benchmarks/results/allreduce.json and allreduce.md.
+
+    python benchmarks/allreduce.py [--iters 5000] [--gloo-iters 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from moecluster.parallel.commbench import DEFAULT_SIZES_BYTES, Variant, measure_interleaved
+
+RESULTS = Path(__file__).parent / "results"
+MPI_COLUMNS = [  # (variant, header)
+    ("mpi_bare_fp32", "bare fp32"), ("mpi_ours_fp32", "MPIComm fp32"),
+    ("mpi_bare_bf16", "bare bf16"), ("mpi_ours_bf16_auto", "MPIComm bf16 auto"),
+    ("mpi_ours_bf16_native", "bf16 native"), ("mpi_ours_bf16_op", "bf16 Op"),
+    ("mpi_ours_bf16_fp32", "bf16 via fp32"),
+]
+MPI_RATIOS = [  # (header, numerator, denominator) of medians
+    ("fp32 ours/bare", "mpi_ours_fp32", "mpi_bare_fp32"),
+    ("bf16 ours/bare", "mpi_ours_bf16_auto", "mpi_bare_bf16"),
+    ("bf16 ours/bare fp32 same bytes", "mpi_ours_bf16_auto", "mpi_bare_fp32"),
+]
+TORCH_COLUMNS = [("gloo_bare_fp32", "gloo bare fp32"), ("torch_ours_fp32", "TorchComm fp32"),
+                 ("torch_ours_bf16", "TorchComm bf16")]
+TORCH_RATIOS = [("fp32 ours/bare", "torch_ours_fp32", "gloo_bare_fp32")]
+
+
+class BareMPIAllreduce:
+    """mpi4py's blocking Allreduce on a cached numpy view: the baseline the engine is held to."""
+
+    def __init__(self, mpi_comm, mpi_type=None) -> None:
+        self._comm, self._type, self._bufs = mpi_comm, mpi_type, {}
+
+    def __call__(self, x_N: torch.Tensor) -> None:
+        from mpi4py import MPI
+
+        buf = self._bufs.get(x_N.data_ptr())
+        if buf is None:  # bf16: MPI's native type (MPICH MPIX_BFLOAT16) on the raw bytes
+            buf = x_N.numpy() if self._type is None else \
+                [MPI.buffer.fromaddress(x_N.data_ptr(), x_N.nbytes), self._type]
+            self._bufs[x_N.data_ptr()] = buf
+        self._comm.Allreduce(MPI.IN_PLACE, buf, MPI.SUM)
+
+
+def mpi_variants(comm, size: int) -> list[Variant]:
+    """Bare mpi4py and MPIComm, fp32 and every bf16 mode, on `size`-byte messages."""
+    from mpi4py import MPI
+
+    from moecluster.parallel.comm import native_bf16_type
+
+    def x(dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros(size // torch.empty(0, dtype=dtype).element_size(), dtype=dtype)
+
+    def mode(m: str):
+        return lambda: setattr(comm, "bf16_mode", m)
+
+    native = native_bf16_type(MPI)
+    out = [Variant("mpi_bare_fp32", x(torch.float32), BareMPIAllreduce(MPI.COMM_WORLD)),
+           Variant("mpi_ours_fp32", x(torch.float32), comm.all_reduce_sum)]
+    if native is not None:
+        out += [Variant("mpi_bare_bf16", x(torch.bfloat16),
+                        BareMPIAllreduce(MPI.COMM_WORLD, native)),
+                Variant("mpi_ours_bf16_native", x(torch.bfloat16), comm.all_reduce_sum,
+                        mode("native"))]
+    return out + [Variant(f"mpi_ours_bf16_{m}", x(torch.bfloat16), comm.all_reduce_sum, mode(m))
+                  for m in ("auto", "op", "fp32")]
+
+
+def torch_variants(comm, size: int) -> list[Variant]:
+    """Bare gloo all_reduce and TorchComm (fp32, bf16) on `size`-byte messages."""
+    import torch.distributed as dist
+
+    return [Variant("gloo_bare_fp32", torch.zeros(size // 4), dist.all_reduce),
+            Variant("torch_ours_fp32", torch.zeros(size // 4), comm.all_reduce_sum),
+            Variant("torch_ours_bf16", torch.zeros(size // 2, dtype=torch.bfloat16),
+                    comm.all_reduce_sum)]
+
+
+def worker(backend: str, out: str, sizes: list[int], iters: int) -> None:
+    """One rank: per size, all variants round-robin (see measure_interleaved)."""
+    from moecluster.parallel.comm import init_comm
+
+    comm = init_comm(backend, timeout_s=60)
+    make = mpi_variants if backend == "mpi" else torch_variants
+    rows = []
+    for size in sizes:
+        rows += measure_interleaved(comm, make(comm, size), iters)
+    if comm.rank == 0:
+        Path(out).write_text(json.dumps(rows))
+    comm.close()
+
+
+def machine() -> dict:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
+                if ln.startswith("model name")), platform.processor())
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    import mpi4py
+    from mpi4py import MPI
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": round(mem_gib, 1),
+            "kernel": platform.release(), "python": platform.python_version(),
+            "torch": torch.__version__, "mpi4py": mpi4py.__version__,
+            "mpi": " ".join(MPI.Get_library_version().splitlines()[0].split()),
+            "load_avg_1min": round(os.getloadavg()[0], 2)}
+
+
+def table(rows: list[dict], columns: list, ratios: list) -> str:
+    """Markdown table: per size, median / p99 (us) of each variant, then ratios of medians."""
+    by = {(r["variant"], r["size_bytes"]): r for r in rows}
+    columns = [(v, h) for v, h in columns if any(k[0] == v for k in by)]
+    lines = ["| size | " + " | ".join([h for _, h in columns] + [h for h, _, _ in ratios]) + " |",
+             "|" + "---|" * (1 + len(columns) + len(ratios))]
+    for s in sorted({r["size_bytes"] for r in rows}):
+        cells = [f"{by[(v, s)]['median_us']:.1f} / {by[(v, s)]['p99_us']:.0f}"
+                 if (v, s) in by else "-" for v, _ in columns]
+        for _, num, den in ratios:
+            a, b = by.get((num, s)), by.get((den, s))
+            cells.append(f"{a['median_us'] / b['median_us']:.2f}" if a and b else "-")
+        lines.append(f"| {s // 1024} KiB | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--worker", choices=["mpi", "torch"], help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--iters", type=int, default=5000, help="iterations per MPI measurement")
+    ap.add_argument("--gloo-iters", type=int, default=1000, help="iterations per gloo measurement")
+    ap.add_argument("--sizes-kib", type=int, nargs="*", default=[s // 1024 for s in
+                                                                  DEFAULT_SIZES_BYTES])
+    args = ap.parse_args()
+    sizes = [k * 1024 for k in args.sizes_kib]
+    if args.worker:
+        worker(args.worker, args.out, sizes, args.iters)
+        return 0
+    from moecluster.parallel.launch import launch_local
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for backend, iters in (("mpi", args.iters), ("torch", args.gloo_iters)):
+            out = f"{tmp}/{backend}.json"
+            cmd = [sys.executable, __file__, "--worker", backend, "--out", out, "--iters",
+                   str(iters), "--sizes-kib", *map(str, args.sizes_kib)]
+            if launch_local(cmd, 2, backend, pin=True, timeout_s=120) != 0:
+                print(f"the {backend} benchmark failed", file=sys.stderr)
+                return 1
+            rows += json.loads(Path(out).read_text())
+    command = "python benchmarks/allreduce.py " + " ".join(sys.argv[1:])
+    md_table = "MPI (mpi4py + MPICH):\n\n" + table(rows, MPI_COLUMNS, MPI_RATIOS) + \
+        "\n\ntorch.distributed (gloo):\n\n" + table(rows, TORCH_COLUMNS, TORCH_RATIOS)
+    print(md_table)
+    info = {"machine": machine(), "command": command.strip(),
+            "iters": f"MPI {args.iters}, gloo {args.gloo_iters} (rounded up to blocks of 50)",
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "ranks": 2, "pinned": True,
+            "rows": rows}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "allreduce.json").write_text(json.dumps(info, indent=1) + "\n")
+    (RESULTS / "allreduce.md").write_text(markdown(info, md_table))
+    return 0
+
+
+def markdown(info: dict, md_table: str) -> str:
+    m = info["machine"]
+    return f"""# All-reduce latency, 2 local ranks
+
+Machine: {m['cpu']}, {m['cores']} cores, {m['mem_gib']} GiB, Linux {m['kernel']}; Python
+{m['python']}, torch {m['torch']}, mpi4py {m['mpi4py']}, {m['mpi']}. {info['date']}.
+
+Command: `{info['command']}` (2 ranks, each pinned to one core, one torch thread).
+
+Cells: median / p99 latency in microseconds of one in-place sum of `size` bytes
+(mean over ranks of the per-rank median; worst rank's p99). Per size, the variants of a table
+alternate in blocks of 50 timed calls (after 5 untimed ones), so drift and load from other
+processes hit them alike. Load average at the end of the run: {m['load_avg_1min']} (the 2 cores
+are shared with other jobs: p99 columns are noisy, medians are stable to ~0.5 us). Bare MPI is
+mpi4py's blocking `Allreduce` (fp32 on a numpy array; bf16 with MPICH's MPIX_BFLOAT16 type);
+MPIComm is `all_reduce_sum` (Iallreduce polled with Test(); timeout and control plane armed).
+bf16 modes: native (MPIX_BFLOAT16), Op (user MPI.Op calling torch), via fp32 (convert, sum
+fp32, convert back); auto = native up to 12 KiB, Op above (the default).
+Iterations per cell: {info['iters']}. The engine's decode exchange is one [1, D] partial per MoE
+layer: D = 2048..6144 is 8..24 KiB in fp32, 4..12 KiB in bf16.
+
+{md_table}
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""Start N local ranks (MPI via mpiexec, or torch.distributed env), watch them, leave nothing behind.
+
+Multi-host jobs use the standard launchers instead (see README): `mpiexec -hosts a,b -n 2 CMD` or
+`torchrun --nnodes 2 --nproc-per-node 1 --node-rank R --master-addr A --master-port P -m ...`;
+the ranks join them through `comm.init_comm`.
+
+If a rank exits non-zero or is killed, the others get `timeout_s` to stop on their own (their
+collectives time out and name the missing rank), then their whole process groups are killed.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from moecluster.errors import MoeClusterError
+
+POLL_S = 0.02
+SCAN_S = 0.5  # between scans of the process tree (each costs ~1.5 ms of CPU the ranks may need)
+TERM_GRACE_S = 2.0  # after SIGTERM, before SIGKILL
+
+
+class _Terminated(Exception):
+    """The launcher itself received SIGTERM."""
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1 (for MASTER_PORT)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def find_mpiexec() -> str:
+    """The mpiexec next to this Python (pip's mpich wheel installs it there), else on PATH."""
+    here = Path(sys.executable).parent / "mpiexec"
+    if here.exists():
+        return str(here)
+    for d in os.environ.get("PATH", "").split(os.pathsep):
+        if d and os.access(Path(d) / "mpiexec", os.X_OK):
+            return str(Path(d) / "mpiexec")
+    raise MoeClusterError("backend 'mpi' needs mpiexec: pip install 'moecluster[mpi]' (mpich), "
+                          "or use --backend torch")
+
+
+def describe_exit(code: int) -> str:
+    """'exited with code 3' / 'was killed by signal 9 (SIGKILL)' from a Popen returncode."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "unknown"
+        return f"was killed by signal {-code} ({name})"
+    return f"exited with code {code}"
+
+
+def _kill_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _kill_procs(procs: list[psutil.Process], sig: int) -> None:
+    for p in procs:
+        try:
+            if p.is_running():
+                p.send_signal(sig)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+
+
+class _Job:
+    """Processes of one launch: top-level Popens (each leads its own process group)."""
+
+    def __init__(self, popens: list[subprocess.Popen]) -> None:
+        self.popens = popens
+        self.seen: dict[int, psutil.Process] = {}  # every descendant ever seen, by pid
+        self._next_scan = 0.0
+
+    def remember_descendants(self, every_s: float = 0.0) -> None:
+        """Record the tree (at most once per every_s), so orphans can still be found and killed."""
+        now = time.monotonic()
+        if every_s and now < self._next_scan:
+            return
+        self._next_scan = now + every_s
+        for p in self.popens:
+            try:
+                for child in psutil.Process(p.pid).children(recursive=True):
+                    self.seen.setdefault(child.pid, child)
+            except psutil.NoSuchProcess:
+                pass
+
+    def stop(self) -> None:
+        """SIGTERM every group and known descendant, wait a little, then SIGKILL what is left."""
+        self.remember_descendants()
+        alive = [p for p in self.popens if p.poll() is None]
+        for p in self.popens:
+            _kill_group(p.pid, signal.SIGTERM)
+        _kill_procs(list(self.seen.values()), signal.SIGTERM)
+        deadline = time.monotonic() + (TERM_GRACE_S if alive or self.seen else 0)
+        while time.monotonic() < deadline and (
+                any(p.poll() is None for p in self.popens) or
+                any(_running(q) for q in self.seen.values())):
+            time.sleep(POLL_S)
+        for p in self.popens:
+            _kill_group(p.pid, signal.SIGKILL)
+        _kill_procs(list(self.seen.values()), signal.SIGKILL)
+        for p in self.popens:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _rank_env(base: dict, rank: int, world_size: int, port: int) -> dict:
+    env = dict(base)
+    env.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+               LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return env
+
+
+def _watch_torch(job: _Job, timeout_s: float) -> tuple[int, str]:
+    """Wait for N rank processes; return (exit code, one line naming the first failed rank)."""
+    first: tuple[int, int] | None = None
+    deadline = None
+    while True:
+        codes = [p.poll() for p in job.popens]
+        if first is None:
+            bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+            if bad:
+                first, deadline = bad[0], time.monotonic() + timeout_s
+        if all(c is not None for c in codes):
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            left = [r for r, c in enumerate(codes) if c is None]
+            job.stop()
+            was = "was" if len(left) == 1 else "were"
+            return _code(first[1]), (f"rank {first[0]} {describe_exit(first[1])}; {_plural(left)} "
+                                     f"{was} still running {timeout_s:.1f} s later and {was} killed")
+        job.remember_descendants(SCAN_S)
+        time.sleep(POLL_S)
+    if first is None:
+        return 0, ""
+    return _code(first[1]), f"rank {first[0]} {describe_exit(first[1])}"
+
+
+def _code(returncode: int) -> int:
+    """A process exit code for a Popen returncode (-N for signal N -> 128 + N, as shells do)."""
+    return returncode if returncode > 0 else 128 - returncode
+
+
+def _plural(ranks: list[int]) -> str:
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
+
+
+class RankLinks:
+    """A UNIX socket each MPI rank connects to from init_comm (MOECLUSTER_LAUNCH_SOCKET), sending
+    its rank once. The kernel closes a connection when its process ends, however it ends, so the
+    first rank to stop is known exactly, even when mpiexec kills the others a millisecond later.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.path = os.path.join(directory, "ranks.sock")
+        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._server.bind(self.path)
+        self._server.listen(1024)
+        self._conns: dict[socket.socket, bytes] = {}
+        self.stopped: list[int] = []  # ranks in the order their processes ended
+
+    def wait(self, timeout_s: float) -> None:
+        """Accept, read rank numbers, record closed links; returns after at most timeout_s."""
+        readable, _, _ = select.select([self._server, *self._conns], [], [], timeout_s)
+        for s in readable:
+            if s is self._server:
+                self._conns[s.accept()[0]] = b""
+                continue
+            try:
+                data = s.recv(64)
+            except OSError:
+                data = b""
+            if data:
+                self._conns[s] += data
+                continue
+            text = self._conns.pop(s).decode(errors="replace").strip()
+            s.close()
+            if text.isdigit():
+                self.stopped.append(int(text))
+
+    def close(self) -> None:
+        for s in [*self._conns, self._server]:
+            s.close()
+
+
+def _watch_mpi(job: _Job, links: RankLinks, timeout_s: float) -> tuple[int, str]:
+    """Wait for mpiexec; name the first rank that stopped if the job failed."""
+    proc, deadline = job.popens[0], None
+    while proc.poll() is None:
+        job.remember_descendants(SCAN_S)
+        if deadline is None and links.stopped:
+            deadline = time.monotonic() + timeout_s
+        if deadline is not None and time.monotonic() > deadline:
+            job.stop()
+            return 1, (f"rank {links.stopped[0]} stopped first; mpiexec did not end the job "
+                       f"within {timeout_s:.1f} s, so every rank was killed")
+        links.wait(POLL_S)
+    code = proc.returncode
+    if code == 0:
+        return 0, ""
+    links.wait(0)  # links closed just before mpiexec ended
+    who = f"; rank {links.stopped[0]} stopped first" if links.stopped else \
+        " (see the ranks' errors above)"
+    return _code(code), f"mpiexec {describe_exit(code)}{who}"
+
+
+def launch_local(cmd: list[str], world_size: int, backend: str, *, pin: bool = True,
+                 timeout_s: float = 30.0, env: dict | None = None) -> int:
+    """Run `cmd` as world_size local ranks of one job; 0 if every rank succeeded.
+
+    backend "mpi": `mpiexec -n N cmd`; "torch": N processes with RANK/WORLD_SIZE/LOCAL_RANK/
+    MASTER_ADDR/MASTER_PORT; "single": cmd once. MOECLUSTER_PIN=1 when pin and N <= cores.
+    stdout/stderr are inherited; on failure one line on stderr names the rank and how it ended.
+    """
+    if world_size < 1:
+        raise MoeClusterError(f"the number of ranks must be >= 1, got {world_size}")
+    if backend not in ("mpi", "torch", "single"):
+        raise MoeClusterError(f"unknown backend {backend!r}: use 'mpi', 'torch' or 'single'")
+    if backend == "single" and world_size != 1:
+        raise MoeClusterError("backend 'single' runs one rank: use 'mpi' or 'torch' for more")
+    base = dict(os.environ, **(env or {}))
+    if pin and world_size <= len(os.sched_getaffinity(0)):
+        base["MOECLUSTER_PIN"] = "1"
+    popen = dict(stdin=subprocess.DEVNULL, start_new_session=True)  # own group: killable whole
+    previous = _install_sigterm()
+    job, links, tmp = _Job([]), None, ""
+    try:
+        if backend == "mpi":
+            tmp = tempfile.mkdtemp(prefix="moecluster-")
+            links = RankLinks(tmp)
+            full = [find_mpiexec(), "-n", str(world_size), *cmd]
+            job.popens = [subprocess.Popen(full, env=dict(base, MOECLUSTER_LAUNCH_SOCKET=links.path),
+                                           **popen)]
+            code, line = _watch_mpi(job, links, timeout_s)
+        else:
+            port = free_port()
+            job.popens = [subprocess.Popen(cmd, env=_rank_env(base, r, world_size, port), **popen)
+                          for r in range(world_size)]
+            code, line = _watch_torch(job, timeout_s)
+    except _Terminated:
+        code, line = 128 + signal.SIGTERM, "launcher received SIGTERM; stopped every rank"
+    finally:
+        job.stop()  # also on KeyboardInterrupt: nothing is left behind
+        _restore_sigterm(previous)
+        if links is not None:
+            links.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+    if line:
+        print(f"moecluster: {line}", file=sys.stderr, flush=True)
+    return code
+
+
+def _install_sigterm():
+    def handler(signum, frame):
+        raise _Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        return None
+
+
+def _restore_sigterm(previous) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)

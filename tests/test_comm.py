@@ -1,0 +1,146 @@
+"""Comm backends and the local launcher with real processes (tests/comm_worker.py is one rank).
+
+4 ranks on this 2-core machine are slow: the 4-rank jobs only run the quick collectives check.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from moecluster.errors import MoeClusterError
+from moecluster.parallel.comm import SingleComm, init_comm
+from moecluster.parallel.launch import launch_local
+
+WORKER = str(Path(__file__).with_name("comm_worker.py"))
+BACKENDS = ["mpi", "torch"]
+
+
+def tagged_processes(tag: str) -> list[psutil.Process]:
+    """Live processes whose environment carries this test's tag (launcher children and below)."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("MOECLUSTER_TEST_TAG") == tag and \
+                    p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def assert_nothing_left(tag: str) -> None:
+    deadline = time.monotonic() + 3
+    while tagged_processes(tag) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = tagged_processes(tag)
+    assert not left, f"processes left behind: {[(p.pid, p.cmdline()) for p in left]}"
+
+
+def run(backend: str, world_size: int, scenario: str, *, comm_timeout: float = 30.0,
+        launch_timeout: float = 30.0) -> tuple[int, float, str]:
+    """launch_local the worker; returns (exit code, seconds, tag)."""
+    tag = uuid.uuid4().hex
+    cmd = [sys.executable, WORKER, "--backend", backend, "--scenario", scenario,
+           "--timeout", str(comm_timeout), "--tag", tag]
+    t0 = time.monotonic()
+    code = launch_local(cmd, world_size, backend, timeout_s=launch_timeout,
+                        env={"MOECLUSTER_TEST_TAG": tag})
+    return code, time.monotonic() - t0, tag
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_collectives(backend: str, world_size: int, capfd) -> None:
+    code, _, tag = run(backend, world_size, "collectives", comm_timeout=20)
+    out, err = capfd.readouterr()
+    assert code == 0, err
+    for r in range(world_size):
+        assert f"rank {r} ok" in out, (out, err)
+    assert_nothing_left(tag)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rank_dies(backend: str, capfd) -> None:
+    code, seconds, tag = run(backend, 2, "die", comm_timeout=5, launch_timeout=5)
+    _, err = capfd.readouterr()
+    assert code != 0
+    assert seconds < 30
+    if backend == "mpi":  # mpiexec stops the job at once; the launcher names the rank
+        assert "rank 1 stopped first" in err, err
+    else:  # gloo reports the closed connection; the heartbeats name the rank
+        assert "rank 0: rank 1 did not join all_reduce" in err, err
+        assert "moecluster: rank 1 exited with code 3" in err, err
+    assert_nothing_left(tag)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rank_stalls(backend: str, capfd) -> None:
+    code, seconds, tag = run(backend, 2, "stall", comm_timeout=3, launch_timeout=3)
+    _, err = capfd.readouterr()
+    assert code != 0
+    assert seconds < 25
+    assert "rank 0: rank 1 did not join all_reduce (collective #3) within 3.0 s" in err, err
+    assert_nothing_left(tag)
+
+
+def test_launcher_kills_stragglers(capfd) -> None:
+    code, seconds, tag = run("torch", 2, "straggle", launch_timeout=2)
+    _, err = capfd.readouterr()
+    assert code != 0
+    assert seconds < 15
+    assert "rank 1 exited with code 5; rank 0 was still running 2.0 s later and was killed" in err, err
+    assert_nothing_left(tag)  # rank 0 and its grandchild (same process group)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_launcher_sigterm_leaves_nothing(backend: str) -> None:
+    tag = uuid.uuid4().hex
+    script = ("import sys; from moecluster.parallel.launch import launch_local; "
+              f"sys.exit(launch_local([sys.executable, {WORKER!r}, '--scenario', 'straggle', "
+              f"'--tag', {tag!r}], 2, {backend!r}, timeout_s=60, "
+              f"env={{'MOECLUSTER_TEST_TAG': {tag!r}}}))")
+    launcher = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # wait until the ranks (and the grandchild) run
+        if sum("comm_worker.py" in " ".join(p.cmdline()) for p in tagged_processes(tag)) >= 2:
+            break
+        time.sleep(0.1)
+    launcher.send_signal(signal.SIGTERM)
+    _, err = launcher.communicate(timeout=15)
+    assert launcher.returncode == 128 + signal.SIGTERM, err
+    assert "launcher received SIGTERM" in err
+    assert_nothing_left(tag)
+
+
+def test_single_comm_is_identity() -> None:
+    comm = init_comm("single")
+    assert isinstance(comm, SingleComm) and comm.world_size == 1 and comm.rank == 0
+    x_TD = torch.randn(2, 8)
+    assert comm.all_reduce_sum(x_TD) is x_TD
+    assert comm.broadcast_bytes(b"abc") == b"abc"
+    assert comm.gather_floats([1.0, 2.0]) == [[1.0, 2.0]]
+    comm.barrier()
+    comm.close()
+
+
+def test_unknown_backend_says_what_to_use() -> None:
+    with pytest.raises(MoeClusterError, match="use 'mpi', 'torch' or 'single'"):
+        init_comm("nccl2")
+    with pytest.raises(MoeClusterError, match="'single' runs one rank"):
+        launch_local(["true"], 2, "single")
+
+
+def test_torch_without_world_size_is_single(monkeypatch) -> None:
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert isinstance(init_comm("torch"), SingleComm)
+    assert os.environ.get("MOECLUSTER_PIN") is None
