@@ -60,7 +60,7 @@ def mpi_variants(comm, size: int) -> list[Variant]:
     """Bare mpi4py and MPIComm, fp32 and every bf16 mode, on `size`-byte messages."""
     from mpi4py import MPI
 
-    from moecluster.parallel.comm import native_bf16_type
+    from moecluster.parallel.comm_mpi import native_bf16_type
 
     def x(dtype: torch.dtype) -> torch.Tensor:
         return torch.zeros(size // torch.empty(0, dtype=dtype).element_size(), dtype=dtype)

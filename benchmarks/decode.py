@@ -54,7 +54,6 @@ def streaming_bandwidth(gib: float = 1.0, repeats: int = 7) -> dict:
             fn()
             times.append(time.perf_counter() - t0)
         out[name] = {"best_gbs": n / min(times) / 1e9, "median_gbs": n / statistics.median(times) / 1e9}
-    del buf, mat
     return out
 
 

@@ -104,7 +104,7 @@ def run_generate(args) -> int:
 
 
 def _generate_on_rank(args, params: SamplingParams, comm) -> int:
-    from moecluster.runtime import format_rank_table, gather_reports, open_engine, rank_report
+    from moecluster.runtime import gather_reports, open_engine, rank_report
 
     engine, placement = open_engine(args.model, args.dtype, comm, args.placement, exchange=args.exchange)
     rank0 = engine.rank == 0
@@ -144,7 +144,7 @@ def _print_stats(stats, reports: list[dict], world_size: int) -> None:
     read = max(r["bytes_per_token"] for r in reports)
     print(f"weights read per decode token: {read / 1e6:.1f} MB (slowest rank) -> "
           f"{read * stats.decode_tok_s / 1e9:.2f} GB/s", file=err)
-    print(f"peak RSS: " + ", ".join(f"rank {r['rank']} {r['peak_rss_bytes'] / 1e9:.2f} GB" for r in reports), file=err)
+    print("peak RSS: " + ", ".join(f"rank {r['rank']} {r['peak_rss_bytes'] / 1e9:.2f} GB" for r in reports), file=err)
     if world_size > 1:
         print(format_rank_table(reports), file=err)
     print("time per decode step (mean ms, share):", file=err)

@@ -7,7 +7,6 @@ rank count). Shape legend: B batch rows, T tokens, V vocab.
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from typing import Iterator
 

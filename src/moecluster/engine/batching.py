@@ -1,0 +1,405 @@
+"""Continuous batching over Engine.step, in lockstep on every rank.
+
+Rank 0's Scheduler decides everything: which waiting request joins (its prompt is prefilled in its
+own cache slot), which rows decode, what each row samples and when it stops. Before every forward it
+broadcasts ONE typed JSON message (never pickle), and every rank runs the same forward on it:
+
+    {"op": "step", "admit": [{"slot": 3, "prompt_ids": [..]}], "tokens": [..], "slots": [..], "pos": [..]}
+    {"op": "ping"}      # idle heartbeat, followed by a barrier (a dead or stalled rank is noticed)
+    {"op": "shutdown"}
+
+A decode step is one forward over all active rows, so each expert's weights are read once per step
+for the whole batch. Requests join and leave between steps. Shape legend: B batch rows, T tokens,
+V vocab.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import traceback
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from moecluster.engine.generate import Engine
+from moecluster.engine.sampling import Sampler, SamplingParams
+from moecluster.engine.tokenizer import IncrementalDecoder, Tokenizer
+from moecluster.errors import MoeClusterError
+from moecluster.tracing import TRACER, now
+
+HEARTBEAT_S = 1.0  # idle ranks hear from rank 0 at least this often (well inside any comm timeout)
+STALL_S = 300.0  # no step finished for this long: report the scheduler as stalled (bounds every wait)
+
+
+class QueueFull(MoeClusterError):
+    """Every slot is busy and the waiting queue is full: retry later."""
+
+
+class Unavailable(MoeClusterError):
+    """The scheduler has failed (e.g. a rank died) or is shutting down."""
+
+
+@dataclass
+class Event:
+    """What the scheduler tells a request: a token and its text delta; the last one has finish_reason."""
+
+    text: str = ""
+    token: int | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" on the last event
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None  # with finish_reason "error": what went wrong (answered as HTTP 503)
+
+
+@dataclass
+class Request:
+    """One sequence to generate. `emit` is called from the scheduler thread: it must be quick and thread-safe."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Callable[[Event], None]
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    cancelled: bool = False
+    submitted_at: float = field(default_factory=now)
+
+
+class StepObserver:
+    """Receives per-step and per-token measurements from the scheduler thread (metrics, benchmarks)."""
+
+    def on_step(self, kind: str, num_rows: int, seconds: float, bytes_read: int, trace: dict | None) -> None:
+        pass
+
+    def on_token(self, first: bool, seconds: float) -> None:
+        """first: time to first token since submission; else the gap since the previous token."""
+
+    def on_finish(self, prompt_tokens: int, completion_tokens: int, finish_reason: str) -> None:
+        pass
+
+
+class TextTracker:
+    """Token ids -> text deltas, cut at the first stop string; text that may begin a stop string is
+    held back until it is clear that it does not."""
+
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams):
+        self.detok = IncrementalDecoder(tokenizer)
+        self.stop = list(params.stop)
+        self.eos_ids = set() if params.ignore_eos else set(tokenizer.eos_ids)
+        self.text, self.sent = "", 0
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """Add a token; returns (text to send now, stopped by EOS or a stop string)."""
+        if token in self.eos_ids:
+            return self.flush(), True
+        self.text += self.detok.push(token)
+        cuts = [i for i in (self.text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
+        if cuts:
+            end = max(min(cuts), self.sent)
+            delta, self.sent = self.text[self.sent:end], len(self.text)
+            return delta, True
+        hold = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        end = max(len(self.text) - hold, self.sent)
+        delta, self.sent = self.text[self.sent:end], end
+        return delta, False
+
+    def flush(self) -> str:
+        delta, self.sent = self.text[self.sent:], len(self.text)
+        return delta
+
+
+@dataclass
+class _Sequence:
+    request: Request
+    slot: int
+    max_new: int
+    tracker: TextTracker
+    sampler: Sampler
+    pos: int = 0  # cache position of next_token
+    next_token: int = -1
+    generated: int = 0
+    last_token_at: float = 0.0
+
+
+@dataclass
+class StepOutput:
+    prefill_logits: list[torch.Tensor]  # one logits_V per admitted request
+    decode_logits_BV: torch.Tensor | None
+    prefill_seconds: list[float] = field(default_factory=list)
+    prefill_traces: list[dict | None] = field(default_factory=list)
+    decode_seconds: float = 0.0
+    decode_trace: dict | None = None
+    decode_bytes: int = 0  # weight bytes this rank read in the decode forward
+
+
+def execute_step(engine: Engine, msg: dict) -> StepOutput:
+    """Run one step message on this rank: each admitted prompt's prefill, then one decode forward."""
+    out = StepOutput([], None)
+    for adm in msg["admit"]:
+        ids = adm["prompt_ids"]
+        t0 = now()
+        TRACER.begin_step("prefill", len(ids))
+        out.prefill_logits.append(engine.step(torch.tensor([ids]), torch.tensor([0]), torch.tensor([adm["slot"]]))[0])
+        out.prefill_seconds.append(now() - t0)
+        out.prefill_traces.append(_take_trace())
+    if msg["slots"]:
+        t0 = now()
+        TRACER.begin_step("decode", len(msg["slots"]))
+        out.decode_logits_BV = engine.step(torch.tensor(msg["tokens"])[:, None], torch.tensor(msg["pos"]),
+                                           torch.tensor(msg["slots"]))
+        out.decode_seconds = now() - t0
+        out.decode_bytes = engine.dense_bytes + engine.expert_bytes_last_step()
+        out.decode_trace = _take_trace()
+    return out
+
+
+def _take_trace() -> dict | None:
+    """End the tracer's step and hand it over; the tracer keeps no history (a server runs for days)."""
+    TRACER.end_step()
+    if not TRACER.steps:
+        return None
+    record = TRACER.steps.pop()
+    TRACER.steps.clear()
+    return record
+
+
+def worker_loop(engine: Engine, comm) -> None:
+    """Ranks other than 0: receive rank 0's message, run the same forward, until shutdown."""
+    while True:
+        msg = json.loads(comm.broadcast_bytes(None, src=0).decode())
+        op = msg.get("op")
+        if op == "shutdown":
+            return
+        if op == "ping":
+            comm.barrier()
+        elif op == "step":
+            execute_step(engine, msg)
+        else:
+            raise MoeClusterError(f"rank {comm.rank}: unknown message {op!r} from rank 0 (version mismatch?)")
+
+
+class Scheduler:
+    """Rank 0: admits, batches, samples and finishes requests; runs in its own thread (`start`)."""
+
+    def __init__(self, engine: Engine, max_batch: int = 8, max_queue: int = 64,
+                 observer: StepObserver | None = None, on_failure: Callable[[str], None] | None = None):
+        if not 1 <= max_batch <= engine.model.num_slots:
+            raise MoeClusterError(f"max batch {max_batch} must be between 1 and the engine's "
+                                  f"{engine.model.num_slots} cache slots")
+        if max_queue < 0:
+            raise MoeClusterError(f"the queue length must be >= 0, got {max_queue}")
+        self.engine, self.comm = engine, engine.comm
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.observer = observer or StepObserver()
+        self.on_failure = on_failure
+        self.failed_reason: str | None = None
+        self.last_progress = now()
+        self._cond = threading.Condition()
+        self._inbox: list[Request] = []
+        self._waiting: deque[Request] = deque()
+        self._active: dict[int, _Sequence] = {}
+        self._free = list(range(max_batch - 1, -1, -1))
+        self._num_in_system = 0  # submitted and not finished (under _cond)
+        self._stopping = False
+        self._last_collective = now()
+        self._thread: threading.Thread | None = None
+
+    # ---- called from other threads ----
+    def submit(self, request: Request) -> None:
+        """Queue a request; raises QueueFull past max_batch + max_queue, Unavailable after a failure."""
+        with self._cond:
+            if self.failed_reason is not None:
+                raise Unavailable(self.failed_reason)
+            if self._stopping:
+                raise Unavailable("the server is shutting down")
+            if self._num_in_system >= self.max_batch + self.max_queue:
+                raise QueueFull(f"{self.max_batch} sequences are running and {self.max_queue} are waiting; "
+                                "retry later")
+            self._num_in_system += 1
+            self._inbox.append(request)
+            self._cond.notify()
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request (e.g. its client went away); its slot is freed before the next step."""
+        request.cancelled = True
+        with self._cond:
+            self._cond.notify()
+
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) sequences."""
+        with self._cond:
+            running = len(self._active)
+            return running, self._num_in_system - running
+
+    def health(self) -> tuple[bool, str]:
+        """(healthy, reason): a failed collective, a dead scheduler thread or no progress for STALL_S."""
+        if self.failed_reason is not None:
+            return False, self.failed_reason
+        if self._thread is not None and not self._thread.is_alive() and not self._stopping:
+            return False, "the scheduler thread stopped"
+        idle_for = now() - self.last_progress
+        if idle_for > STALL_S:
+            return False, f"no step finished for {idle_for:.0f} s: a rank or the scheduler is stalled"
+        return True, "ok"
+
+    def start(self) -> threading.Thread:
+        self._thread = threading.Thread(target=self.run, name="moecluster-scheduler", daemon=True)
+        self._thread.start()
+        return self._thread
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Finish: fail what is left, tell the other ranks to shut down, join the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    # ---- the scheduler thread ----
+    def run(self) -> None:
+        try:
+            while self._next_batch():
+                msg = self._plan()
+                if msg is None:
+                    self._heartbeat()
+                    continue
+                self._broadcast(msg)
+                out = execute_step(self.engine, msg)
+                self._finish_step(msg, out)
+            self._fail_all("the server is shutting down")
+            self._broadcast({"op": "shutdown"})
+        except BaseException as e:  # noqa: BLE001 - any failure must reach every waiting client
+            self._fail(e)
+
+    def _next_batch(self) -> bool:
+        """Move new requests in (waiting briefly when idle); False when stopping."""
+        with self._cond:
+            if not (self._inbox or self._waiting or self._active or self._stopping):
+                self._cond.wait(max(0.0, HEARTBEAT_S - (now() - self._last_collective)))
+            self._waiting.extend(self._inbox)
+            self._inbox.clear()
+            return not self._stopping
+
+    def _plan(self) -> dict | None:
+        """Drop cancelled sequences, admit at most one waiting request, list the decode rows."""
+        for seq in [s for s in self._active.values() if s.request.cancelled]:
+            self._release(seq, "cancelled")
+        for req in [r for r in self._waiting if r.cancelled]:
+            self._waiting.remove(req)
+            self._done_waiting(req, Event(finish_reason="cancelled"))
+        rows = sorted(self._active.values(), key=lambda s: s.slot)
+        admit = []
+        if self._waiting and self._free:
+            req = self._waiting.popleft()
+            seq = self._new_sequence(req, self._free.pop())
+            with self._cond:
+                self._active[seq.slot] = seq
+            admit = [{"slot": seq.slot, "prompt_ids": req.prompt_ids}]
+        if not admit and not rows:
+            return None
+        return {"op": "step", "admit": admit, "tokens": [s.next_token for s in rows],
+                "slots": [s.slot for s in rows], "pos": [s.pos for s in rows]}
+
+    def _new_sequence(self, req: Request, slot: int) -> _Sequence:
+        max_new = min(req.params.max_tokens, self.engine.max_seq_len - len(req.prompt_ids))
+        return _Sequence(req, slot, max_new, TextTracker(self.engine.tokenizer, req.params), Sampler(req.params),
+                         pos=len(req.prompt_ids))
+
+    def _finish_step(self, msg: dict, out: StepOutput) -> None:
+        """Sample every row, emit its text, finish the sequences that stopped."""
+        for adm, logits_V, sec, trace in zip(msg["admit"], out.prefill_logits, out.prefill_seconds,
+                                             out.prefill_traces):
+            self.observer.on_step("prefill", 1, sec, 0, trace)
+            self._advance(self._active[adm["slot"]], logits_V)
+        if out.decode_logits_BV is not None:
+            for slot, logits_V in zip(msg["slots"], out.decode_logits_BV):
+                seq = self._active[slot]
+                seq.pos += 1
+                self._advance(seq, logits_V)
+            self.observer.on_step("decode", len(msg["slots"]), out.decode_seconds, out.decode_bytes,
+                                  out.decode_trace)
+        self.last_progress = self._last_collective = now()
+
+    def _advance(self, seq: _Sequence, logits_V: torch.Tensor) -> None:
+        token = seq.sampler(logits_V)
+        seq.generated += 1
+        t = now()
+        first = seq.generated == 1
+        self.observer.on_token(first, t - (seq.request.submitted_at if first else seq.last_token_at))
+        seq.last_token_at, seq.next_token = t, token
+        text, stopped = seq.tracker.push(token)
+        reason = "stop" if stopped else "length" if seq.generated >= seq.max_new else None
+        if reason == "length":
+            text += seq.tracker.flush()
+        if reason is None:
+            self._emit(seq.request, Event(text, token, completion_tokens=seq.generated,
+                                          prompt_tokens=len(seq.request.prompt_ids)))
+        else:
+            self._release(seq, reason, Event(text, token))
+
+    def _release(self, seq: _Sequence, reason: str, last: Event | None = None) -> None:
+        """Finish a sequence: free its slot, send its last event."""
+        with self._cond:
+            del self._active[seq.slot]
+            self._num_in_system -= 1
+        self._free.append(seq.slot)
+        event = last or Event()
+        event.finish_reason = reason
+        event.prompt_tokens, event.completion_tokens = len(seq.request.prompt_ids), seq.generated
+        self.observer.on_finish(event.prompt_tokens, event.completion_tokens, reason)
+        self._emit(seq.request, event)
+
+    def _done_waiting(self, req: Request, event: Event) -> None:
+        with self._cond:
+            self._num_in_system -= 1
+        event.prompt_tokens = len(req.prompt_ids)
+        self._emit(req, event)
+
+    def _emit(self, req: Request, event: Event) -> None:
+        try:
+            req.emit(event)
+        except Exception as e:  # noqa: BLE001 - a broken client callback must not stop the batch
+            print(f"moecluster: dropping an event for request {req.request_id}: {e!r}", file=sys.stderr)
+
+    def _broadcast(self, msg: dict) -> None:
+        if self.comm is not None and self.comm.world_size > 1:
+            self.comm.broadcast_bytes(json.dumps(msg, separators=(",", ":")).encode(), src=0)
+        self._last_collective = now()
+
+    def _heartbeat(self) -> None:
+        """Idle: keep the other ranks' waits short and notice a dead or stalled rank."""
+        if now() - self._last_collective >= HEARTBEAT_S:
+            if self.comm is not None and self.comm.world_size > 1:
+                self._broadcast({"op": "ping"})
+                self.comm.barrier()
+            self._last_collective = now()
+        self.last_progress = now()
+
+    def _fail_all(self, reason: str) -> None:
+        with self._cond:
+            pending = self._inbox + list(self._waiting)
+            self._inbox.clear()
+            self._waiting.clear()
+        for req in pending:
+            self._done_waiting(req, Event(finish_reason="error", error=reason))
+        for seq in list(self._active.values()):
+            self._release(seq, "error", Event(error=reason))
+
+    def _fail(self, exc: BaseException) -> None:
+        """A collective failed (a rank died or stalled) or a bug: fail every request, refuse new ones."""
+        if isinstance(exc, MoeClusterError):
+            reason = str(exc)
+        else:
+            traceback.print_exc()
+            reason = f"internal error in the scheduler: {exc!r}"
+        if self.comm is not None:
+            self.comm.mark_failed()  # never wait for the other ranks at exit
+        with self._cond:
+            self.failed_reason = reason
+        print(f"moecluster: serving stopped: {reason}", file=sys.stderr, flush=True)
+        self._fail_all(reason)
+        if self.on_failure is not None:
+            self.on_failure(reason)
