@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 
 from moecluster.errors import MoeClusterError
+from moecluster.perfmodel import shapes
 from moecluster.parallel.placement import Placement
 from moecluster.parallel.placement_metrics import (bytes_per_rank, fits_memory, placement_metrics,
                                                    summarize, trace_from_stats)
@@ -36,35 +37,12 @@ class ModelSizes:
 
     @classmethod
     def from_hf_config(cls, cfg: dict, bytes_per_param: float | None = None) -> "ModelSizes":
-        """DBRX (d_model, ffn_config ...), Mixtral (num_local_experts ...), Qwen-MoE/OLMoE keys."""
+        """Sizes from a HF config (every model_type moecluster.perfmodel.shapes reads)."""
         nbytes = bytes_per_param or DTYPE_BYTES.get(str(cfg.get("torch_dtype") or
                                                         cfg.get("dtype") or "bfloat16"), 2)
-        try:
-            if "ffn_config" in cfg:  # DBRX
-                ffn, attn = cfg["ffn_config"], cfg.get("attn_config") or {}
-                d, layers, heads = cfg["d_model"], cfg["n_layers"], cfg["n_heads"]
-                e, k, f = ffn["moe_num_experts"], ffn["moe_top_k"], ffn["ffn_hidden_size"]
-                kv_heads, head_dim, arch = attn.get("kv_n_heads", heads), d // heads, "dbrx"
-                shared_f = 0
-            else:  # Mixtral, Qwen2/3-MoE, OLMoE
-                d, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
-                heads = cfg["num_attention_heads"]
-                kv_heads = cfg.get("num_key_value_heads") or heads
-                head_dim = cfg.get("head_dim") or d // heads
-                e = cfg.get("num_local_experts") or cfg["num_experts"]
-                k = cfg["num_experts_per_tok"]
-                f = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
-                shared_f = cfg.get("shared_expert_intermediate_size") or 0
-                arch = str(cfg.get("model_type", "mixtral"))
-            vocab = cfg["vocab_size"]
-        except (KeyError, TypeError) as err:
-            raise MoeClusterError(f"model config lacks {err}: `moecluster place` reads DBRX, "
-                                  f"Mixtral, Qwen-MoE and OLMoE config.json files") from None
-        attn_params = d * heads * head_dim * 2 + d * kv_heads * head_dim * 2  # q, o, k, v
-        per_layer = attn_params + d * e + 2 * d + 3 * d * shared_f  # + router, norms, shared
-        embed = vocab * d * (1 if cfg.get("tie_word_embeddings") else 2)
-        return cls(arch, int(layers), int(e), int(k), 3.0 * d * f * nbytes,
-                   float((per_layer * layers + embed + d) * nbytes))
+        shape = shapes.from_hf_config(cfg)  # the one parser of config shapes (pure Python)
+        return cls(shape.model_type, shape.num_layers, shape.num_experts, shape.top_k,
+                   float(shape.expert_params * nbytes), float(shape.replicated_params * nbytes))
 
 
 def read_model_sizes(model: str, bytes_per_param: float | None = None) -> ModelSizes:
