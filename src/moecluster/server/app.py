@@ -1,0 +1,311 @@
+"""The OpenAI-compatible HTTP app on rank 0, over the continuous-batching Scheduler.
+
+The scheduler runs in its own thread; a handler submits a Request and reads that request's events
+from an asyncio queue the scheduler fills through loop.call_soon_threadsafe. Every wait is bounded:
+a handler polls the scheduler's health while it waits, so a dead or stalled rank ends it with 503.
+A client that goes away has its sequence cancelled (its cache slot is freed before the next step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from typing import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request as HttpRequest
+
+from moecluster.engine.batching import Event, QueueFull, Request, Scheduler, Unavailable
+from moecluster.engine.sampling import SamplingParams
+from moecluster.errors import MoeClusterError
+from moecluster.server import protocol as P
+from moecluster.server.metrics import CONTENT_TYPE, Metrics
+
+POLL_S = 0.5  # how often a waiting handler checks the scheduler's health and its client
+MAX_BODY_BYTES = 8 << 20
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
+
+
+class _CountRequests:
+    """ASGI middleware: count every response by endpoint and status (streams included)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def send_status(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            path = scope.get("path", "")
+            endpoint = next((e for e in ENDPOINTS if path == e or path.startswith(e + "/")), "other")
+            self.metrics.observe_request(endpoint, status[0])
+
+
+class _Generation:
+    """One request's link to the scheduler: submit, read events (bounded waits), cancel."""
+
+    def __init__(self, scheduler: Scheduler, prompt_ids: list[int], params: SamplingParams):
+        self.scheduler = scheduler
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.request = Request(prompt_ids, params, self._emit)
+        self.finished = False
+
+    def _emit(self, event: Event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: the server is stopping
+            pass
+
+    def submit(self) -> None:
+        try:
+            self.scheduler.submit(self.request)
+        except QueueFull as e:
+            raise P.ApiError(429, f"the server is busy: {e}", type="rate_limit_error", code="rate_limit_exceeded",
+                             headers={"Retry-After": "1"}) from None
+        except Unavailable as e:
+            raise _unavailable(str(e)) from None
+
+    def cancel(self) -> None:
+        if not self.finished:
+            self.scheduler.cancel(self.request)
+
+    async def events(self, http: HttpRequest | None = None) -> AsyncIterator[Event]:
+        """Events until the last one; an error event if the scheduler fails or stalls meanwhile."""
+        while not self.finished:
+            try:
+                event = await asyncio.wait_for(self.queue.get(), POLL_S)
+            except asyncio.TimeoutError:
+                ok, reason = self.scheduler.health()
+                if not ok:
+                    self.cancel()
+                    self.finished = True
+                    yield Event(finish_reason="error", error=reason)
+                elif http is not None and await http.is_disconnected():
+                    self.cancel()
+                    self.finished = True
+                continue
+            self.finished = event.finish_reason is not None
+            yield event
+
+
+def _unavailable(reason: str) -> P.ApiError:
+    return P.ApiError(503, f"the cluster cannot serve requests: {reason}", type="service_unavailable_error",
+                      code="cluster_unavailable")
+
+
+def _sse(body: dict) -> str:
+    return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+
+
+class Server:
+    """Request handling shared by the endpoints (validation, prompt encoding, response shapes)."""
+
+    def __init__(self, scheduler: Scheduler, model_name: str, api_key: str | None, metrics: Metrics):
+        self.scheduler, self.engine = scheduler, scheduler.engine
+        self.model_name, self.api_key, self.metrics = model_name, api_key, metrics
+        self.created = int(time.time())
+
+    def check_auth(self, http: HttpRequest) -> None:
+        if self.api_key is None:
+            return
+        given = http.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            raise P.ApiError(401, "invalid or missing API key: send the header 'Authorization: Bearer KEY'",
+                             code="invalid_api_key")
+
+    async def read(self, http: HttpRequest, model: type) -> object:
+        self.check_auth(http)
+        raw = await http.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise P.ApiError(413, f"the request body exceeds {MAX_BODY_BYTES >> 20} MiB")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise P.ApiError(400, f"could not parse the JSON body: {e}") from None
+        req = P.parse(model, body)
+        if req.model != self.model_name:
+            raise P.ApiError(404, f"the model {req.model!r} does not exist; this server serves "
+                                  f"{self.model_name!r} (see GET /v1/models)", param="model", code="model_not_found")
+        return req
+
+    def prompt_ids(self, prompt) -> list[int]:
+        """A completion prompt: text or token ids; one prompt per request."""
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            if len(prompt) != 1:
+                raise P.ApiError(400, f"got {len(prompt)} prompts; send one prompt per request", param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return self.engine.tokenizer.encode(prompt)
+        vocab = self.engine.loaded.args.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise P.ApiError(400, f"prompt token ids {bad[:3]} are outside the vocabulary of {vocab}", param="prompt")
+        return list(prompt)
+
+    def chat_ids(self, req: P.ChatRequest) -> list[int]:
+        messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(req.messages)]
+        try:
+            text = self.engine.tokenizer.apply_chat_template(messages)
+        except MoeClusterError as e:
+            raise P.ApiError(400, str(e), param="messages") from None
+        return self.engine.tokenizer.encode(text)
+
+    def params(self, req, max_tokens: int | None, prompt_len: int, default: int | None) -> SamplingParams:
+        """SamplingParams; 400 if the prompt plus max_tokens does not fit in the context."""
+        ctx = self.engine.max_seq_len
+        if prompt_len == 0:
+            raise P.ApiError(400, "the prompt is empty; give at least one token", param="prompt")
+        if prompt_len >= ctx or (max_tokens is not None and prompt_len + max_tokens > ctx):
+            raise P.ApiError(400, f"this model's maximum context length is {ctx} tokens, but the prompt has "
+                                  f"{prompt_len} tokens and max_tokens is {max_tokens}; shorten the prompt or "
+                                  "lower max_tokens", param="max_tokens", code="context_length_exceeded")
+        if max_tokens is None:
+            max_tokens = min(default or ctx, ctx - prompt_len)
+        params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k,
+                                top_p=req.top_p, seed=req.seed, stop=req.stop_list(), ignore_eos=req.ignore_eos)
+        try:
+            return params.validate()
+        except MoeClusterError as e:
+            raise P.ApiError(400, str(e)) from None
+
+    async def run(self, http: HttpRequest, req, prompt_ids: list[int], params: SamplingParams, chat: bool):
+        gen = _Generation(self.scheduler, prompt_ids, params)
+        gen.submit()
+        rid = P.new_id("chatcmpl" if chat else "cmpl")
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            stream = self._stream(gen, rid, chat, include_usage)
+            return StreamingResponse(stream, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        parts, last = [], None
+        try:
+            async for event in gen.events(http):
+                parts.append(event.text)
+                last = event
+        finally:
+            gen.cancel()
+        if last is None or last.finish_reason in ("cancelled", None):
+            return Response(status_code=499)  # the client went away; nobody reads this
+        if last.finish_reason == "error":
+            raise _unavailable(last.error or "unknown error")
+        use = P.usage(last.prompt_tokens, last.completion_tokens)
+        text = "".join(parts)
+        body = (P.chat_body(rid, self.model_name, text, last.finish_reason, use) if chat else
+                P.completion_body(rid, self.model_name, text, last.finish_reason, use))
+        return JSONResponse(body)
+
+    async def _stream(self, gen: _Generation, rid: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+        created, name = int(time.time()), self.model_name
+        try:
+            if chat:
+                yield _sse(P.chat_chunk(rid, name, {"role": "assistant", "content": ""}, None, None, created))
+            async for ev in gen.events():
+                if ev.finish_reason == "error":
+                    yield _sse(_unavailable(ev.error or "unknown error").body())
+                    return
+                if ev.finish_reason == "cancelled":
+                    return
+                use = P.usage(ev.prompt_tokens, ev.completion_tokens) if ev.finish_reason and not include_usage \
+                    else None
+                if ev.text or ev.finish_reason:
+                    if chat:
+                        delta = {"content": ev.text} if ev.text else {}
+                        yield _sse(P.chat_chunk(rid, name, delta, ev.finish_reason, use, created))
+                    else:
+                        yield _sse(P.completion_body(rid, name, ev.text, ev.finish_reason, use, created, chunk=True))
+                if ev.finish_reason and include_usage:
+                    use = P.usage(ev.prompt_tokens, ev.completion_tokens)
+                    yield _sse(P.chat_chunk(rid, name, {}, None, use, created, with_choice=False) if chat else
+                               {**P.completion_body(rid, name, "", None, use, created), "choices": []})
+            yield "data: [DONE]\n\n"
+        finally:
+            gen.cancel()  # no-op when finished; else the client went away
+
+
+def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None,
+               metrics: Metrics | None = None) -> FastAPI:
+    """The FastAPI app: /v1/models, /v1/completions, /v1/chat/completions, /health, /metrics."""
+    metrics = metrics or Metrics(scheduler.engine.model)
+    srv = Server(scheduler, model_name, api_key, metrics)
+    app = FastAPI(title="moecluster", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_CountRequests, metrics=metrics)
+    _add_error_handlers(app)
+
+    @app.get("/v1/models")
+    async def list_models(http: HttpRequest):
+        srv.check_auth(http)
+        return {"object": "list", "data": [P.model_card(model_name, srv.created, srv.engine.max_seq_len)]}
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str, http: HttpRequest):
+        srv.check_auth(http)
+        if model != model_name:
+            raise P.ApiError(404, f"the model {model!r} does not exist; this server serves {model_name!r}",
+                             param="model", code="model_not_found")
+        return P.model_card(model_name, srv.created, srv.engine.max_seq_len)
+
+    @app.post("/v1/completions")
+    async def completions(http: HttpRequest):
+        req = await srv.read(http, P.CompletionRequest)
+        ids = srv.prompt_ids(req.prompt)
+        params = srv.params(req, req.max_tokens, len(ids), COMPLETION_DEFAULT_MAX_TOKENS)
+        return await srv.run(http, req, ids, params, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(http: HttpRequest):
+        req = await srv.read(http, P.ChatRequest)
+        ids = srv.chat_ids(req)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        params = srv.params(req, max_tokens, len(ids), None)
+        return await srv.run(http, req, ids, params, chat=True)
+
+    @app.get("/health")
+    async def health():
+        ok, reason = scheduler.health()
+        running, waiting = scheduler.load()
+        body = {"status": "ok" if ok else "unavailable", "reason": reason, "model": model_name,
+                "world_size": scheduler.engine.world_size, "running": running, "waiting": waiting}
+        if not ok:
+            body.update(_unavailable(reason).body())
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        ok, _ = scheduler.health()
+        return Response(metrics.render(*scheduler.load(), ok), media_type=CONTENT_TYPE)
+
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error, including routing errors and bugs, answers with an OpenAI error body."""
+
+    @app.exception_handler(P.ApiError)
+    async def api_error(_, exc: P.ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(http: HttpRequest, exc: StarletteHTTPException):
+        message = f"{http.method} {http.url.path}: {exc.detail}"
+        if exc.status_code == 404:
+            message = f"no such endpoint {http.url.path}; see /v1/models, /v1/completions, /v1/chat/completions"
+        return JSONResponse(P.error_body(message), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_, exc: Exception):
+        return JSONResponse(P.error_body(f"internal error: {exc!r}", type="server_error"), status_code=500)

@@ -1,0 +1,153 @@
+"""`moecluster serve`: an OpenAI-compatible server; rank 0 serves HTTP, every rank steps in lockstep."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import threading
+from pathlib import Path
+
+from moecluster.engine.commands import add_cluster_args
+from moecluster.errors import MoeClusterError
+
+FAILED_LINGER_S = 30.0  # after a rank fails, keep answering 503 (and /health) this long, then exit
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching, expert parallel)")
+    p.add_argument("--model", required=True, help="HF checkpoint directory")
+    p.add_argument("--model-name", default=None, help="model id clients send (default: the directory name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("MOECLUSTER_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $MOECLUSTER_API_KEY, else no key)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together in one step")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 429")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 unless the checkpoint is fp32")
+    p.add_argument("--max-seq-len", type=int, default=None, help="context per sequence (default: the model's)")
+    add_cluster_args(p)
+    p.set_defaults(func=run_serve, timeout=20.0)  # a dead rank fails requests within 30 s
+
+
+def check_args(args) -> None:
+    problems = []
+    if args.nodes < 1:
+        problems.append(f"--nodes must be at least 1, got {args.nodes}")
+    if not 0 < args.port < 65536:
+        problems.append(f"--port must be in 1..65535, got {args.port}")
+    if args.max_batch < 1:
+        problems.append(f"--max-batch must be at least 1, got {args.max_batch}")
+    if args.max_queue < 0:
+        problems.append(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.max_seq_len is not None and args.max_seq_len < 2:
+        problems.append(f"--max-seq-len must be at least 2, got {args.max_seq_len}")
+    if args.timeout <= 0:
+        problems.append(f"--timeout must be positive, got {args.timeout}")
+    if args.api_key is not None and not args.api_key.strip():
+        problems.append("--api-key is empty")
+    if problems:
+        raise MoeClusterError("; ".join(problems))
+    if not Path(args.model).is_dir():
+        raise MoeClusterError(f"model directory {args.model!r} does not exist; pass --model DIR with a HF checkpoint")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads so that a busy port fails at once."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise MoeClusterError(f"--host {host!r} is not an address of this machine ({e})") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise MoeClusterError(f"cannot listen on {host}:{port} ({e.strerror}); is another server running? "
+                              "pass --port with a free port") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_serve(args) -> int:
+    check_args(args)
+    if args.nodes > 1 and not args.rank_worker:
+        bind(args.host, args.port).close()  # fail now, not after every rank has loaded the model
+        from moecluster.parallel.launch import launch_local
+
+        cmd = [sys.executable, "-m", "moecluster.cli", *args.argv, "--rank-worker"]
+        # The launcher kills ranks still running this long after one died: rank 0 answers 503 until then.
+        return launch_local(cmd, args.nodes, args.backend, timeout_s=args.timeout + FAILED_LINGER_S + 10)
+    comm = None
+    if args.rank_worker:
+        from moecluster.parallel.comm import init_comm
+
+        comm = init_comm(args.backend, timeout_s=args.timeout)
+    try:
+        code = _serve_on_rank(args, comm)
+    except BaseException:
+        if comm is not None:
+            comm.mark_failed()  # do not wait for peers at exit: they are stopped, not left hanging
+        raise
+    if comm is not None:
+        comm.close()
+    return code
+
+
+def _serve_on_rank(args, comm) -> int:
+    from moecluster.engine.batching import worker_loop
+    from moecluster.runtime import open_engine
+
+    rank = comm.rank if comm is not None else 0
+    sock = bind(args.host, args.port) if rank == 0 else None
+    if rank == 0:
+        import uvicorn  # noqa: F401 - import before loading so that a missing extra fails fast
+
+        from moecluster.server.app import create_app  # noqa: F401
+    engine, placement = open_engine(args.model, args.dtype, comm, args.placement, num_slots=args.max_batch,
+                                    max_seq_len=args.max_seq_len, exchange=args.exchange)
+    if rank != 0:
+        worker_loop(engine, comm)
+        return 0
+    return _serve_http(args, engine, placement, sock)
+
+
+def _serve_http(args, engine, placement, sock: socket.socket) -> int:
+    import uvicorn
+
+    from moecluster.engine.batching import Scheduler
+    from moecluster.server.app import create_app
+    from moecluster.server.metrics import Metrics
+    from moecluster.tracing import TRACER
+
+    TRACER.reset(enabled=True)  # per-layer exchange times for /metrics (the scheduler keeps no history)
+    metrics = Metrics(engine.model, placement, engine.world_size)
+    scheduler = Scheduler(engine, args.max_batch, args.max_queue, observer=metrics)
+    name = args.model_name or Path(args.model).resolve().name
+    app = create_app(scheduler, name, args.api_key, metrics)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
+                            lifespan="off")
+    server = uvicorn.Server(config)
+
+    def exit_later(reason: str) -> None:
+        timer = threading.Timer(FAILED_LINGER_S, lambda: setattr(server, "should_exit", True))
+        timer.daemon = True
+        timer.start()
+
+    scheduler.on_failure = exit_later
+    scheduler.start()
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"moecluster: serving {name!r} on http://{host}:{args.port}/v1 ({engine.world_size} rank"
+          f"{'s' if engine.world_size > 1 else ''}, batch {args.max_batch}, context {engine.max_seq_len})",
+          file=sys.stderr, flush=True)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        scheduler.stop()
+    if scheduler.failed_reason is not None:
+        raise MoeClusterError(f"serving stopped: {scheduler.failed_reason}")
+    return 0

@@ -1,0 +1,226 @@
+"""OpenAI-compatible request models, response builders and error bodies.
+
+Requests are validated strictly (no silent coercion of "5" to 5, unknown fields rejected) so that a
+client mistake gets a 400 naming the parameter, never a 500. Parameters that OpenAI defines but this
+server does not implement are accepted only at their neutral values.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+class ApiError(Exception):
+    """An error answered as {"error": {"message", "type", "param", "code"}} with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class _Sampling(_Strict):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)  # extension (as in vLLM); 0 = off
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    ignore_eos: bool = False  # extension: keep generating past the end-of-sequence token
+    # Fields some clients always send: accepted and ignored.
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+
+    def unsupported(self) -> list[tuple[str, str]]:
+        """(param, why) for parameters set to values this server does not implement."""
+        out = []
+        if self.n != 1:
+            out.append(("n", "n must be 1 (send one request per completion)"))
+        if self.presence_penalty or self.frequency_penalty:
+            param = "presence_penalty" if self.presence_penalty else "frequency_penalty"
+            out.append((param, "presence_penalty and frequency_penalty are not supported (leave them at 0)"))
+        if self.logit_bias:
+            out.append(("logit_bias", "logit_bias is not supported"))
+        return out
+
+    def stop_list(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if any(not s for s in stops):
+            raise ApiError(400, "stop strings must be non-empty", param="stop")
+        return stops
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def unsupported(self) -> list[tuple[str, str]]:
+        out = super().unsupported()
+        if self.logprobs is not None:
+            out.append(("logprobs", "logprobs are not supported"))
+        if self.echo:
+            out.append(("echo", "echo is not supported"))
+        if self.best_of not in (None, 1):
+            out.append(("best_of", "best_of must be 1"))
+        if self.suffix:
+            out.append(("suffix", "suffix is not supported"))
+        return out
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")  # e.g. "name"; tool fields are refused below
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self, index: int) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for j, part in enumerate(self.content):
+            try:
+                parts.append(TextPart.model_validate(part).text)
+            except ValidationError:
+                raise ApiError(400, f"messages[{index}].content[{j}]: only text parts are supported "
+                                    f"(got type {part.get('type')!r})", param=f"messages[{index}].content") from None
+        return "".join(parts)
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+
+    def unsupported(self) -> list[tuple[str, str]]:
+        out = super().unsupported()
+        if self.logprobs or self.top_logprobs is not None:
+            out.append(("logprobs", "logprobs are not supported"))
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                out.append((name, "tool and function calling are not supported"))
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none", "auto"):
+                out.append((name, "tool and function calling are not supported"))
+        if self.response_format and self.response_format.get("type") != "text":
+            out.append(("response_format", "only response_format {\"type\": \"text\"} is supported"))
+        if self.modalities and self.modalities != ["text"]:
+            out.append(("modalities", "only text output is supported"))
+        for i, m in enumerate(self.messages):
+            extra = set(m.model_extra or {}) - {"name"}
+            if extra:
+                out.append((f"messages[{i}]", f"message fields {sorted(extra)} are not supported"))
+        return out
+
+
+def parse(model: type[_Strict], body: Any) -> Any:
+    """Validate a decoded JSON body; a 400 naming the first bad parameter otherwise."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    body = {k: v for k, v in body.items() if v is not None}  # JSON null means "the default", as in OpenAI's API
+    try:
+        req = model.model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        if err["type"] == "extra_forbidden":
+            raise ApiError(400, f"unrecognized request argument supplied: {param}", param=param) from None
+        if err["type"] == "missing":
+            raise ApiError(400, f"missing required parameter: {param}", param=param) from None
+        raise ApiError(400, f"invalid value for {param}: {err['msg']} (got {err.get('input')!r:.80})",
+                       param=param) from None
+    for param, why in req.unsupported():
+        raise ApiError(400, why, param=param, code="unsupported_parameter")
+    return req
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(rid: str, model: str, text: str, finish: str | None, use: dict | None,
+                    created: int | None = None, chunk: bool = False) -> dict:
+    """A /v1/completions response, or one stream chunk of it."""
+    body = {"id": rid, "object": "text_completion", "created": created or int(time.time()), "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+    if use is not None or not chunk:
+        body["usage"] = use
+    return body
+
+
+def chat_body(rid: str, model: str, text: str, finish: str | None, use: dict | None,
+              created: int | None = None) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": created or int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": finish}],
+            "usage": use}
+
+
+def chat_chunk(rid: str, model: str, delta: dict, finish: str | None, use: dict | None, created: int,
+               with_choice: bool = True) -> dict:
+    body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+            if with_choice else []}
+    if use is not None:
+        body["usage"] = use
+    return body
+
+
+def model_card(name: str, created: int, max_model_len: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "moecluster",
+            "max_model_len": max_model_len}
