@@ -69,10 +69,16 @@ class ModelArgs:
         return (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
 
 
+SMALL_ROWS = 16  # up to this many rows, w @ x.T streams weights faster than F.linear on CPU (bf16)
+
+
 def linear(x: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
-    """x @ w.T; a single row goes through mv, which streams bf16 weights faster than mm on CPU."""
-    if x.numel() == x.shape[-1]:
+    """x @ w.T, choosing the kernel that streams the weights fastest for the number of rows."""
+    rows = x.numel() // x.shape[-1]
+    if rows == 1:
         return torch.mv(w_OI, x.reshape(-1)).view(*x.shape[:-1], w_OI.shape[0])
+    if rows <= SMALL_ROWS:
+        return torch.mm(w_OI, x.reshape(rows, -1).t()).t().reshape(*x.shape[:-1], w_OI.shape[0])
     return F.linear(x, w_OI)
 
 
@@ -248,8 +254,8 @@ class GroupedExperts(nn.Module):
         return i
 
     def _expert(self, i: int, x_nD: torch.Tensor) -> torch.Tensor:
-        gate_nF, up_nF = F.linear(x_nD, self.w13_eGD[i]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate_nF) * up_nF, self.w2_eDF[i])
+        gate_nF, up_nF = linear(x_nD, self.w13_eGD[i]).chunk(2, dim=-1)
+        return linear(F.silu(gate_nF) * up_nF, self.w2_eDF[i])
 
 
 def combine(y_NKD: torch.Tensor, weights_NK: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
