@@ -31,11 +31,15 @@ class ExpertParallelMoE(nn.Module):
         self.layer_id = layer_id
         self.rank = comm.rank
         self.last_num_evaluated = 0
+        self.recorder = None  # routing statistics / metrics: .record(layer, ids_NK as lists)
 
     def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
         t0 = now()
         ids_NK, weights_NK = self.router(x_ND)
-        owner_NK = self.placement.assign(self.layer_id, ids_NK.tolist())
+        ids = ids_NK.tolist()
+        if self.recorder is not None:
+            self.recorder.record(self.layer_id, ids)
+        owner_NK = self.placement.assign(self.layer_id, ids)
         mine_NK = torch.tensor(owner_NK) == self.rank
         t1 = now()
         y_NKD, self.last_num_evaluated = self.experts(x_ND, ids_NK, mine_NK)

@@ -3,8 +3,8 @@ latency, step times, per-layer exchange (all-reduce) time from the tracer, exper
 
 Legend: L layers, E experts, R ranks, N tokens, K top-k.
 
-Expert load is counted by a read-only forward hook on each layer's router (rank 0 runs the same
-router as every rank, so it sees every token's choice); no collective runs in the hook. Counts decay
+Expert load is counted through each MoE block's routing recorder (rank 0 runs the same router as
+every rank, so it sees every token's choice). Counts decay
 by DECAY per router call, so the imbalance describes roughly the last 1 / (1 - DECAY) steps.
 """
 
@@ -58,15 +58,13 @@ class Metrics(StepObserver):
         num_layers, num_experts = len(model.layers), model.args.num_experts
         self._counts_LE = torch.zeros(num_layers, num_experts, dtype=torch.float64)
         for layer in model.layers:
-            layer.moe.router.register_forward_hook(self._router_hook(layer.layer_id))
+            layer.moe.recorder = self  # the MoE block calls record() with each step's routing
 
-    def _router_hook(self, layer_id: int):
-        def hook(module, inputs, output) -> None:
-            ids_NK = output[0]
-            counts_E = torch.bincount(ids_NK.reshape(-1), minlength=self._counts_LE.shape[1]).double()
-            with self._lock:
-                self._counts_LE[layer_id].mul_(DECAY).add_(counts_E)
-        return hook
+    def record(self, layer_id: int, ids_NK: list[list[int]]) -> None:
+        """Routing of one step in one layer (called by the MoE block on the scheduler thread)."""
+        counts_E = torch.bincount(torch.tensor(ids_NK).reshape(-1), minlength=self._counts_LE.shape[1]).double()
+        with self._lock:
+            self._counts_LE[layer_id].mul_(DECAY).add_(counts_E)
 
     # ---- StepObserver (scheduler thread) ----
     def on_step(self, kind: str, num_rows: int, seconds: float, bytes_read: int, trace: dict | None) -> None:
