@@ -206,7 +206,9 @@ def test_decode_step_by_hand():
     # 100-byte message, 2 ranks: recursive doubling, 1 step of 1 ms + 100 B / 1 MB/s, per layer
     assert p2.algorithm == "recursive_doubling"
     assert p2.step.exchange == pytest.approx(2 * 1.1e-3)
-    assert p2.tokens_per_s == pytest.approx(1 / (0.2534 + 2.2e-3))
+    # + rank 0's token broadcast: 16 bytes (token, done), 1 step of 1 ms + 16 B / 1 MB/s
+    assert p2.step.sampling == pytest.approx(3 * 1000 * 4 / 1e6 + 1.016e-3)
+    assert p2.tokens_per_s == pytest.approx(1 / (0.2534 + 2.2e-3 + 1.016e-3))
     assert p2.price_usd == 2 * 1000 + 2 * 100
     tcp = predict(shape, toy_node(tcp_extra_latency_s=1e-3, exchange_overhead_s=5e-4), toy_net(), 2, wl)
     assert tcp.step.exchange == pytest.approx(2 * (2.1e-3 + 5e-4))

@@ -34,6 +34,11 @@ PRESETS = {
     # decode benchmark: >= 1 GB of weights read per token in bf16 (see benchmarks/decode.py)
     "bench": dict(dim=2048, n_layers=6, n_heads=16, n_kv_heads=4, ffn_dim=4096, num_experts=16, top_k=4,
                   vocab=32000),
+    # performance-model validation (benchmarks/perfmodel_validation.py): two shapes, ~1 GB each
+    "val-1k": dict(dim=1024, n_layers=8, n_heads=8, n_kv_heads=2, ffn_dim=1024, num_experts=16, top_k=4,
+                   vocab=32000),
+    "val-2k": dict(dim=2048, n_layers=4, n_heads=16, n_kv_heads=4, ffn_dim=2048, num_experts=8, top_k=2,
+                   vocab=32000),
 }
 
 

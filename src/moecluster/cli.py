@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "moecluster.engine.profile_routing",
     "moecluster.parallel.place_commands",
     "moecluster.server.commands",
+    "moecluster.perfmodel.calibrate",
 ]
 
 

@@ -28,6 +28,11 @@ def _rd_steps(num_ranks: int) -> int:
     return int(math.log2(p2)) + (0 if p2 == num_ranks else 2)
 
 
+def recursive_doubling_steps(num_ranks: int) -> int:
+    """Latency steps of a recursive-doubling all-reduce over N ranks (0 for one rank)."""
+    return _rd_steps(num_ranks) if num_ranks > 1 else 0
+
+
 def algorithm_times(
     num_ranks: int, message_bytes: float, latency_s: float, bandwidth: float, mesh: bool = False
 ) -> dict[str, float]:

@@ -13,10 +13,12 @@ Every compute term is a roofline: max(bytes read / (mem_bw x mem_efficiency),
 FLOPs / (peak x compute_efficiency)). Attention reads its weights and the KV cache (B x C
 tokens); the slowest rank reads the distinct experts it owns that the batch selects and computes
 its (token, expert) pairs (`routing.uniform_rank_load`, or a placement's load). The exchange is
-one all-reduce of B x D activations per MoE layer (`network.allreduce_time`), with per-step
-latency = network latency + the node's extra TCP-stack latency (TCP transports only), plus the
-node's fixed per-exchange overhead (device sync). Terms a calibrated `Profile` measured replace
-the analytic ones.
+one all-reduce of B x D activations per MoE layer (`network.allreduce_time`; a profile may give
+the engine's real bytes per token), with per-step latency = network latency + the node's extra
+TCP-stack latency (TCP transports only), plus the node's fixed per-exchange overhead (device
+sync). Sampling includes rank 0's broadcast of the B sampled tokens (timed as an all-reduce of
+8 x (B + 1) bytes) when N > 1: the other ranks start the next step that much later. Terms a
+calibrated `Profile` measured replace the analytic ones.
 
 Prefill of P prompt tokens is the same sum with T = P (attention FLOPs ~ P^2/2), usually
 compute-bound; TTFT = prefill (head on the last position only) + sampling.
@@ -210,6 +212,17 @@ def exchange_time(
     if num_nodes <= 1:
         return 0.0, "none"
     message = shape.exchange_bytes(tokens)
+    if profile is not None and profile.exchange_bytes_per_token is not None:
+        message = profile.exchange_bytes_per_token * tokens
+    return message_time(node, network, num_nodes, message, profile)
+
+
+def message_time(
+    node: NodeSpec, network: NetworkSpec, num_nodes: int, message: float, profile: Profile | None = None,
+) -> tuple[float, str]:
+    """(seconds, algorithm) for one all-reduce of `message` bytes: measured, else modelled."""
+    if num_nodes <= 1:
+        return 0.0, "none"
     measured = profile.allreduce_time(network.name, num_nodes, message) if profile else None
     if measured is not None:
         return measured, "measured"
@@ -281,6 +294,8 @@ def _decode_step(
     exch, algo = exchange_time(shape, node, network, num_nodes, b, profile)
     head = measured("head", b)
     sampling = measured("sampling", b)
+    sampling = _sampling(shape, node, b) if sampling is None else sampling
+    sampling += message_time(node, network, num_nodes, 8 * (b + 1), profile)[0]  # token broadcast
     step = Breakdown(
         attention=shape.num_layers * attn,
         router=shape.num_moe_layers * router,
@@ -288,7 +303,7 @@ def _decode_step(
         experts=shape.num_moe_layers * experts,
         exchange=shape.num_moe_layers * exch,
         head=_head(shape, node, b) if head is None else head,
-        sampling=_sampling(shape, node, b) if sampling is None else sampling,
+        sampling=sampling,
     )
     return step, algo
 
@@ -367,6 +382,8 @@ def predict(
     workload = workload or Workload()
     if profile is not None and profile.memory_efficiency is not None:
         node = replace(node, mem_efficiency=profile.memory_efficiency)
+    if profile is not None and profile.memory_bandwidth is not None:
+        node = replace(node, mem_bandwidth=profile.memory_bandwidth)
     load = rank_load(shape, num_nodes, workload.batch, expert_load_per_layer, expert_distinct_per_layer)
     step, algo = _decode_step(shape, node, network, num_nodes, workload, load, profile)
     mem = memory_per_node(shape, node, num_nodes, workload)

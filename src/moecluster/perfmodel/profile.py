@@ -20,8 +20,13 @@ does not give falls back to the analytic model of the node and network presets::
         "sampling": 0.0001                                     # x = batch
       },
       "memory_efficiency": 0.66,       # achieved / peak weight-streaming bandwidth (for terms not timed)
+      "memory_bandwidth_gbs": 15.2,    # measured streaming bandwidth per node (replaces the preset's)
+      "exchange_bytes_per_token": 8192,  # all-reduce bytes per decode token (default: the model's D x 2)
       "allreduce": {                   # end-to-end seconds per exchange (incl. device sync), per world size
         "2": [[12288, 3.1e-05], [49152, 4.0e-05], [1048576, 0.00042]]
+      },
+      "allreduce_latency_steps": {     # network latencies in series per all-reduce (the MPI's algorithm)
+        "2": [[16, 1], [4096, 2], [16384, 1]]                  # a step table: from this size on
       }
     }
 
@@ -29,7 +34,11 @@ Tables are interpolated piecewise-linearly; below the first x the first value ho
 last x the last segment's slope extends (see `network.interpolate`). Per-step expert time on
 the slowest rank is distinct_experts x expert_eval(evaluations / distinct_experts). Profile
 times apply to decode steps; prefill (TTFT) always uses the roofline of the node preset (with
-`memory_efficiency` if given).
+`memory_efficiency` and `memory_bandwidth_gbs` if given).
+
+`with_added_latency(s)` asks "what if the measured network had s more one-way latency": each
+measured all-reduce then costs s x its latency steps more (the steps table, else recursive
+doubling's log2 N: the latency-optimal algorithm MPI libraries pick for small messages).
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from moecluster.errors import MoeClusterError
-from moecluster.perfmodel.network import interpolate
+from moecluster.perfmodel.network import interpolate, recursive_doubling_steps
 
 FORMAT = "moecluster-profile"
 VERSION = 1
@@ -53,6 +62,7 @@ TIME_KEYS = (
     "sampling",
 )
 Table = tuple[tuple[float, float], ...]
+META_KEYS = ("model", "node", "dtype", "context", "notes", "measured")  # kept for people, not used
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,10 @@ class Profile:
     memory_efficiency: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     path: str = ""
+    memory_bandwidth: float | None = None  # bytes/s
+    exchange_bytes_per_token: float | None = None
+    latency_steps: dict[int, Table] = field(default_factory=dict)
+    added_latency_s: float = 0.0  # what-if extra one-way latency (see with_added_latency)
 
     def time(self, key: str, x: float) -> float | None:
         """Measured seconds for term `key` at x (batch or tokens), or None if not measured."""
@@ -75,7 +89,22 @@ class Profile:
         """Measured all-reduce seconds on `network` with N ranks, or None if not measured."""
         if network != self.network or num_ranks not in self.allreduce:
             return None
-        return interpolate(self.allreduce[num_ranks], message_bytes)
+        seconds = interpolate(self.allreduce[num_ranks], message_bytes)
+        return seconds + self.added_latency_s * self.steps(num_ranks, message_bytes)
+
+    def steps(self, num_ranks: int, message_bytes: float) -> float:
+        """Latencies in series in one all-reduce of M bytes over N ranks (step table lookup)."""
+        table = self.latency_steps.get(num_ranks)
+        if not table:
+            return float(recursive_doubling_steps(num_ranks))
+        below = [steps for size, steps in table if size <= message_bytes]
+        return below[-1] if below else table[0][1]
+
+    def with_added_latency(self, seconds: float) -> "Profile":
+        """This profile as if its network had `seconds` more one-way latency per message."""
+        if seconds < 0:
+            raise MoeClusterError(f"added latency must be >= 0 s, got {seconds}")
+        return replace(self, added_latency_s=float(seconds))
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (what calibrate writes)."""
@@ -85,7 +114,14 @@ class Profile:
         out["times_s"] = {k: [list(p) for p in v] for k, v in self.times.items()}
         if self.memory_efficiency is not None:
             out["memory_efficiency"] = self.memory_efficiency
+        if self.memory_bandwidth is not None:
+            out["memory_bandwidth_gbs"] = self.memory_bandwidth / 1e9
+        if self.exchange_bytes_per_token is not None:
+            out["exchange_bytes_per_token"] = self.exchange_bytes_per_token
         out["allreduce"] = {str(n): [list(p) for p in t] for n, t in sorted(self.allreduce.items())}
+        if self.latency_steps:
+            out["allreduce_latency_steps"] = {str(n): [list(p) for p in t]
+                                              for n, t in sorted(self.latency_steps.items())}
         return out
 
 
@@ -126,23 +162,42 @@ def profile_from_dict(data: Any, where: str = "profile") -> Profile:
     if unknown:
         raise MoeClusterError(f"{where}: unknown times_s keys {sorted(unknown)}; known: {', '.join(TIME_KEYS)}")
     times = {k: _table(v, f"{where}: times_s.{k}") for k, v in times_raw.items()}
-    ar_raw = data.get("allreduce", {})
-    if not isinstance(ar_raw, dict):
-        raise MoeClusterError(f"{where}: 'allreduce' must map world size -> [[bytes, seconds], ...]")
-    allreduce: dict[int, Table] = {}
-    for key, value in ar_raw.items():
-        if not str(key).isdigit() or int(key) < 2:
-            raise MoeClusterError(f"{where}: allreduce key {key!r} must be a world size >= 2")
-        allreduce[int(key)] = _table(value, f"{where}: allreduce.{key}")
+    allreduce = _world_tables(data, "allreduce", "[[bytes, seconds], ...]", where)
+    steps = _world_tables(data, "allreduce_latency_steps", "[[bytes, steps], ...]", where)
     network = data.get("network")
     if allreduce and not isinstance(network, str):
         raise MoeClusterError(f"{where}: 'network' (the --network name it was measured on) is required with 'allreduce'")
     eff = data.get("memory_efficiency")
     if eff is not None and (not isinstance(eff, (int, float)) or not 0 < eff <= 1):
         raise MoeClusterError(f"{where}: memory_efficiency must be in (0, 1]")
-    meta = {k: v for k, v in data.items() if k in ("model", "node", "dtype", "context", "notes")}
+    bandwidth = _positive(data, "memory_bandwidth_gbs", where)
+    meta = {k: v for k, v in data.items() if k in META_KEYS}
     return Profile(times=times, allreduce=allreduce, network=network, memory_efficiency=eff,
-                   meta=meta, path=where)
+                   meta=meta, path=where, memory_bandwidth=None if bandwidth is None else bandwidth * 1e9,
+                   exchange_bytes_per_token=_positive(data, "exchange_bytes_per_token", where),
+                   latency_steps=steps)
+
+
+def _world_tables(data: dict[str, Any], key: str, form: str, where: str) -> dict[int, Table]:
+    """{"2": table, "4": table} -> {2: table, 4: table}, checked."""
+    raw = data.get(key, {})
+    if not isinstance(raw, dict):
+        raise MoeClusterError(f"{where}: '{key}' must map world size -> {form}")
+    out: dict[int, Table] = {}
+    for n, value in raw.items():
+        if not str(n).isdigit() or int(n) < 2:
+            raise MoeClusterError(f"{where}: {key} key {n!r} must be a world size >= 2")
+        out[int(n)] = _table(value, f"{where}: {key}.{n}")
+    return out
+
+
+def _positive(data: dict[str, Any], key: str, where: str) -> float | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise MoeClusterError(f"{where}: {key} must be a number > 0")
+    return float(value)
 
 
 def load_profile(path: str | Path) -> Profile:
