@@ -87,16 +87,22 @@ def run_generate(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    return run_on_rank(args, lambda comm: _generate_on_rank(args, params, comm))
+
+
+def run_on_rank(args, body) -> int:
+    """Run body(comm) on this rank: comm is None in a single process, else joined from the launcher's env.
+    On any error the rank leaves without waiting for its peers (they are stopped, not left hanging)."""
     comm = None
     if args.rank_worker:
         from moecluster.parallel.comm import init_comm
 
         comm = init_comm(args.backend, timeout_s=args.timeout)
     try:
-        code = _generate_on_rank(args, params, comm)
+        code = body(comm)
     except BaseException:
         if comm is not None:
-            comm.mark_failed()  # do not wait for peers at exit: they are stopped, not left hanging
+            comm.mark_failed()
         raise
     if comm is not None:
         comm.close()

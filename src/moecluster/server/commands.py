@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import sys
@@ -82,20 +81,9 @@ def run_serve(args) -> int:
         cmd = [sys.executable, "-m", "moecluster.cli", *args.argv, "--rank-worker"]
         # The launcher kills ranks still running this long after one died: rank 0 answers 503 until then.
         return launch_local(cmd, args.nodes, args.backend, timeout_s=args.timeout + FAILED_LINGER_S + 10)
-    comm = None
-    if args.rank_worker:
-        from moecluster.parallel.comm import init_comm
+    from moecluster.engine.commands import run_on_rank
 
-        comm = init_comm(args.backend, timeout_s=args.timeout)
-    try:
-        code = _serve_on_rank(args, comm)
-    except BaseException:
-        if comm is not None:
-            comm.mark_failed()  # do not wait for peers at exit: they are stopped, not left hanging
-        raise
-    if comm is not None:
-        comm.close()
-    return code
+    return run_on_rank(args, lambda comm: _serve_on_rank(args, comm))
 
 
 def _serve_on_rank(args, comm) -> int:
