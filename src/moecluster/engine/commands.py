@@ -201,4 +201,6 @@ def run_demo(args) -> int:
     print(f"\n{args.nodes} ranks: {many['stats']['decode_tok_s']:.1f} tok/s   1 rank: {one['stats']['decode_tok_s']:.1f} tok/s",
           file=sys.stderr)
     print(f"outputs identical: {'yes' if same else 'NO'} ({len(one['tokens'])} tokens)", file=sys.stderr)
+    print("note: local ranks share this machine's memory bandwidth, so on one machine they cannot beat one "
+          "process; across machines each node adds bandwidth and memory (see `moecluster plan`)", file=sys.stderr)
     return 0 if same else 1
