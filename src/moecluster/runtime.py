@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 from moecluster.engine.generate import Engine
-from moecluster.errors import MoeClusterError
 from moecluster.loading import load_model, peak_rss_bytes, read_config
 from moecluster.parallel.placement import Placement, make_placement
 from moecluster.tracing import TRACER
@@ -68,7 +67,3 @@ def format_rank_table(reports: list[dict]) -> str:
                      f"{r['peak_rss_bytes'] / 1e9:>11.3f} {r['bytes_per_token'] / 1e6:>13.1f}")
     return "\n".join(lines)
 
-
-def check_nodes(nodes: int) -> None:
-    if nodes < 1:
-        raise MoeClusterError(f"--nodes must be at least 1, got {nodes}")

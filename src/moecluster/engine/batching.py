@@ -26,9 +26,8 @@ from typing import Callable
 
 import torch
 
-from moecluster.engine.generate import Engine
+from moecluster.engine.generate import Engine, TextTracker
 from moecluster.engine.sampling import Sampler, SamplingParams
-from moecluster.engine.tokenizer import IncrementalDecoder, Tokenizer
 from moecluster.errors import MoeClusterError
 from moecluster.tracing import TRACER, now
 
@@ -79,36 +78,6 @@ class StepObserver:
 
     def on_finish(self, prompt_tokens: int, completion_tokens: int, finish_reason: str) -> None:
         pass
-
-
-class TextTracker:
-    """Token ids -> text deltas, cut at the first stop string; text that may begin a stop string is
-    held back until it is clear that it does not."""
-
-    def __init__(self, tokenizer: Tokenizer, params: SamplingParams):
-        self.detok = IncrementalDecoder(tokenizer)
-        self.stop = list(params.stop)
-        self.eos_ids = set() if params.ignore_eos else set(tokenizer.eos_ids)
-        self.text, self.sent = "", 0
-
-    def push(self, token: int) -> tuple[str, bool]:
-        """Add a token; returns (text to send now, stopped by EOS or a stop string)."""
-        if token in self.eos_ids:
-            return self.flush(), True
-        self.text += self.detok.push(token)
-        cuts = [i for i in (self.text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
-        if cuts:
-            end = max(min(cuts), self.sent)
-            delta, self.sent = self.text[self.sent:end], len(self.text)
-            return delta, True
-        hold = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
-        end = max(len(self.text) - hold, self.sent)
-        delta, self.sent = self.text[self.sent:end], end
-        return delta, False
-
-    def flush(self) -> str:
-        delta, self.sent = self.text[self.sent:], len(self.text)
-        return delta
 
 
 @dataclass

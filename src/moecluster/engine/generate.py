@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 
 from moecluster.engine.sampling import Sampler, SamplingParams
-from moecluster.engine.tokenizer import IncrementalDecoder
+from moecluster.engine.tokenizer import IncrementalDecoder, Tokenizer
 from moecluster.errors import MoeClusterError
 from moecluster.loading import LoadedModel, peak_rss_bytes
 from moecluster.tracing import TRACER, now
@@ -41,6 +41,36 @@ class Delta:
     text: str
     token: int | None = None
     stats: GenerationStats | None = None  # set on the last delta
+
+
+class TextTracker:
+    """Token ids -> text deltas, cut at the first stop string; text that may begin a stop string is
+    held back until it is clear that it does not."""
+
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams):
+        self.detok = IncrementalDecoder(tokenizer)
+        self.stop = list(params.stop)
+        self.eos_ids = set() if params.ignore_eos else set(tokenizer.eos_ids)
+        self.text, self.sent = "", 0
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """Add a token; returns (text to send now, stopped by EOS or a stop string)."""
+        if token in self.eos_ids:
+            return self.flush(), True
+        self.text += self.detok.push(token)
+        cuts = [i for i in (self.text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
+        if cuts:
+            end = max(min(cuts), self.sent)
+            delta, self.sent = self.text[self.sent:end], len(self.text)
+            return delta, True
+        hold = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        end = max(len(self.text) - hold, self.sent)
+        delta, self.sent = self.text[self.sent:end], end
+        return delta, False
+
+    def flush(self) -> str:
+        delta, self.sent = self.text[self.sent:], len(self.text)
+        return delta
 
 
 class Engine:
@@ -89,19 +119,21 @@ class Engine:
         self.check_prompt(prompt_ids, params)
         max_new = min(params.max_tokens, self.max_seq_len - len(prompt_ids))
         sampler = Sampler(params) if self.rank == 0 else None
-        detok = IncrementalDecoder(self.tokenizer)
+        tracker = TextTracker(self.tokenizer, params) if self.rank == 0 else None
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
         slots_B = torch.tensor([slot])
         t_start = now()
         TRACER.begin_step("prefill", len(prompt_ids))
         logits_1V = self.step(torch.tensor([prompt_ids]), torch.tensor([0]), slots_B)
-        pos, decode_start, bytes_read, text = len(prompt_ids), 0.0, 0, ""
+        pos, decode_start, bytes_read = len(prompt_ids), 0.0, 0
         while True:
             t0 = now()
-            token, done, reason = -1, False, ""
+            token, done, reason, delta = -1, False, "", ""
             if self.rank == 0:
                 token = sampler(logits_1V[0])
-                reason = self._finish_reason(token, detok, stats.generated_tokens + 1, max_new, params)
+                delta, stopped = tracker.push(token)
+                reason = "stop" if stopped else "length" if stats.generated_tokens + 1 >= max_new else ""
+                delta += tracker.flush() if reason == "length" else ""
                 done = bool(reason)
             token, done = self.decide(token, done)
             TRACER.add(-1, "sample_bcast", now() - t0)
@@ -110,8 +142,6 @@ class Engine:
                 stats.ttft_s = now() - t_start
                 decode_start = now()
             stats.generated_tokens += 1
-            delta = self._emit(detok, token, params, text) if self.rank == 0 else ""
-            text += delta
             if done:
                 stats.finish_reason = reason or "stop"
                 break
@@ -122,26 +152,6 @@ class Engine:
             pos += 1
         self._finish_stats(stats, decode_start, bytes_read)
         yield Delta(delta, token, stats)
-
-    def _finish_reason(self, token: int, detok: IncrementalDecoder, count: int, max_new: int,
-                       params: SamplingParams) -> str:
-        if token in self.tokenizer.eos_ids and not params.ignore_eos:
-            return "stop"
-        if params.stop and any(s in self.tokenizer.decode(detok.ids + [token]) for s in params.stop):
-            return "stop"
-        return "length" if count >= max_new else ""
-
-    def _emit(self, detok: IncrementalDecoder, token: int, params: SamplingParams, text: str) -> str:
-        """Text delta for a new token; EOS adds nothing and output is cut before any stop string."""
-        if token in self.tokenizer.eos_ids and not params.ignore_eos:
-            return ""
-        delta = detok.push(token)
-        full = text + delta
-        for s in params.stop:
-            cut = full.find(s)
-            if cut >= 0:
-                return full[len(text):cut] if cut >= len(text) else ""
-        return delta
 
     def _finish_stats(self, stats: GenerationStats, decode_start: float, bytes_read: int) -> None:
         stats.decode_time_s = now() - decode_start
