@@ -9,6 +9,7 @@ e experts held locally, K top-k, H query heads, Hk kv heads, Hd head dim, S cach
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -125,18 +126,28 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
 
-    def update(self, slots_B: torch.Tensor, pos_B: torch.Tensor, k_BHkTHd: torch.Tensor,
-               v_BHkTHd: torch.Tensor, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, rows: "CacheRows", k_BHkTHd: torch.Tensor, v_BHkTHd: torch.Tensor,
+               span: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write new keys/values at each row's positions; return the first `span` cached positions."""
         num_tokens = k_BHkTHd.shape[2]
-        for b, (slot, pos) in enumerate(zip(slots_B.tolist(), pos_B.tolist())):
+        for b, (slot, pos) in enumerate(zip(rows.slots, rows.pos)):
             self.k[slot, :, pos:pos + num_tokens] = k_BHkTHd[b]
             self.v[slot, :, pos:pos + num_tokens] = v_BHkTHd[b]
-        first = int(slots_B[0])
-        if bool((slots_B == torch.arange(first, first + len(slots_B))).all()):
-            rows = slice(first, first + len(slots_B))  # contiguous slots: a view, no copy
-            return self.k[rows, :, :span], self.v[rows, :, :span]
-        return self.k[slots_B, :, :span], self.v[slots_B, :, :span]
+        return self.k[rows.index, :, :span], self.v[rows.index, :, :span]
+
+
+class CacheRows(NamedTuple):
+    """Which cache slot and start position each batch row uses, computed once per forward."""
+
+    slots: list[int]
+    pos: list[int]
+    index: slice | torch.Tensor  # a slice (a view, no copy) when the slots are consecutive
+
+    @classmethod
+    def of(cls, slots_B: torch.Tensor, pos_B: torch.Tensor) -> "CacheRows":
+        slots = slots_B.tolist()
+        consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
+        return cls(slots, pos_B.tolist(), slice(slots[0], slots[0] + len(slots)) if consecutive else slots_B)
 
 
 class Attention(nn.Module):
@@ -150,7 +161,7 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
 
     def forward(self, x_BTD: torch.Tensor, cos_BTHd: torch.Tensor, sin_BTHd: torch.Tensor,
-                mask_B1TS: torch.Tensor, slots_B: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
+                mask_B1TS: torch.Tensor, rows: CacheRows) -> torch.Tensor:
         a = self.args
         B, T, _ = x_BTD.shape
         qkv = linear(x_BTD, self.wqkv.weight)
@@ -163,7 +174,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos_BTHd, sin_BTHd), apply_rope(k, cos_BTHd, sin_BTHd)
         if self.cache is None:
             raise MoeClusterError("internal: call model.setup_cache() before forward")
-        k, v = self.cache.update(slots_B, pos_B, k, v, span=mask_B1TS.shape[-1])
+        k, v = self.cache.update(rows, k, v, span=mask_B1TS.shape[-1])
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1TS, enable_gqa=a.n_heads != a.n_kv_heads)
         return linear(out.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim), self.wo.weight)
 
@@ -297,9 +308,9 @@ class DecoderLayer(nn.Module):
         self.moe_norm = make_norm(args)
         self.moe: nn.Module = MoEBlock(args, layer_id)
 
-    def forward(self, x_BTD, cos, sin, mask, slots_B, pos_B) -> torch.Tensor:
+    def forward(self, x_BTD, cos, sin, mask, rows: CacheRows) -> torch.Tensor:
         t0 = now()
-        h_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, mask, slots_B, pos_B)
+        h_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, mask, rows)
         TRACER.add(self.layer_id, "attention", now() - t0)
         B, T, D = h_BTD.shape
         return h_BTD + self.moe(self.moe_norm(h_BTD).reshape(B * T, D)).view(B, T, D)
@@ -344,8 +355,9 @@ class MoETransformer(nn.Module):
         cos, sin = self.rope_cos[positions_BT], self.rope_sin[positions_BT]
         mask_B1TS = torch.arange(span)[None, None, None, :] <= positions_BT[:, None, :, None]
         x_BTD = self.embed(tokens_BT)
+        rows = CacheRows.of(slots_B, pos_B)
         for layer in self.layers:
-            x_BTD = layer(x_BTD, cos, sin, mask_B1TS, slots_B, pos_B)
+            x_BTD = layer(x_BTD, cos, sin, mask_B1TS, rows)
         t0 = now()
         if last_only:
             x_BTD = x_BTD[:, -1:]
