@@ -159,13 +159,25 @@ def _load_dense(model: MoETransformer, reader: CheckpointReader, arch, args: Mod
     state = {}
     for ours, (names, shape) in arch.dense_tensors(args).items():
         parts = [reader.read(n) for n in names]
-        t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        t = _private_copy(parts[0]) if len(parts) == 1 else torch.cat(parts, dim=0)
         check_dims(names[0] if len(names) == 1 else "+".join(names), tuple(t.shape), shape)
-        state[ours] = t.contiguous()
+        state[ours] = t
     result = model.load_state_dict(state, strict=False, assign=True)
     still_meta = [n for n, p in model.named_parameters() if p.is_meta and ".experts." not in n]
     if still_meta:
         raise MoeClusterError(f"internal: parameters not loaded: {still_meta[:3]} ({result})")
+
+
+def _private_copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy in this process's own memory.
+
+    safetensors hands out tensors backed by a private file mapping of the shard; decode streams such
+    pages about a third slower than anonymous memory here (benchmarks/decode.py), and a token's first
+    embedding lookup would page-fault. One tensor at a time, so only one extra tensor is ever in flight.
+    """
+    out = torch.empty(t.shape, dtype=t.dtype)
+    out.copy_(t)
+    return out
 
 
 def _load_experts(reader: CheckpointReader, arch, args: ModelArgs, layer: int, experts: list[int],

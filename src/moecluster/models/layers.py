@@ -130,6 +130,10 @@ class KVCache(nn.Module):
                span: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write new keys/values at each row's positions; return the first `span` cached positions."""
         num_tokens = k_BHkTHd.shape[2]
+        if num_tokens == 1 and len(rows.slots) > 1:  # batched decode: one scatter per tensor
+            self.k[rows.slots_t, :, rows.pos_t] = k_BHkTHd[:, :, 0]
+            self.v[rows.slots_t, :, rows.pos_t] = v_BHkTHd[:, :, 0]
+            return self.k[rows.index, :, :span], self.v[rows.index, :, :span]
         for b, (slot, pos) in enumerate(zip(rows.slots, rows.pos)):
             self.k[slot, :, pos:pos + num_tokens] = k_BHkTHd[b]
             self.v[slot, :, pos:pos + num_tokens] = v_BHkTHd[b]
@@ -142,12 +146,15 @@ class CacheRows(NamedTuple):
     slots: list[int]
     pos: list[int]
     index: slice | torch.Tensor  # a slice (a view, no copy) when the slots are consecutive
+    slots_t: torch.Tensor
+    pos_t: torch.Tensor
 
     @classmethod
     def of(cls, slots_B: torch.Tensor, pos_B: torch.Tensor) -> "CacheRows":
         slots = slots_B.tolist()
         consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
-        return cls(slots, pos_B.tolist(), slice(slots[0], slots[0] + len(slots)) if consecutive else slots_B)
+        return cls(slots, pos_B.tolist(), slice(slots[0], slots[0] + len(slots)) if consecutive else slots_B,
+                   slots_B.long(), pos_B.long())
 
 
 class Attention(nn.Module):
@@ -265,8 +272,11 @@ class GroupedExperts(nn.Module):
         return i
 
     def _expert(self, i: int, x_nD: torch.Tensor) -> torch.Tensor:
-        gate_nF, up_nF = linear(x_nD, self.w13_eGD[i]).chunk(2, dim=-1)
-        return linear(F.silu(gate_nF) * up_nF, self.w2_eDF[i])
+        if x_nD.shape[0] <= SMALL_ROWS:  # few rows: stay in column form, w @ x.T, no transposed copies
+            gate_Fn, up_Fn = torch.mm(self.w13_eGD[i], x_nD.t()).chunk(2)
+            return torch.mm(self.w2_eDF[i], F.silu(gate_Fn).mul_(up_Fn)).t()
+        gate_nF, up_nF = F.linear(x_nD, self.w13_eGD[i]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate_nF) * up_nF, self.w2_eDF[i])
 
 
 def combine(y_NKD: torch.Tensor, weights_NK: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
