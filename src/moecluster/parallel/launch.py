@@ -231,12 +231,17 @@ def _watch_mpi(job: _Job, links: RankLinks, timeout_s: float) -> tuple[int, str]
 
 
 def launch_local(cmd: list[str], world_size: int, backend: str, *, pin: bool = True,
-                 timeout_s: float = 30.0, env: dict | None = None) -> int:
+                 timeout_s: float = 30.0, env: dict | None = None,
+                 keep_survivors: bool = False) -> int:
     """Run `cmd` as world_size local ranks of one job; 0 if every rank succeeded.
 
     backend "mpi": `mpiexec -n N cmd`; "torch": N processes with RANK/WORLD_SIZE/LOCAL_RANK/
     MASTER_ADDR/MASTER_PORT; "single": cmd once. MOECLUSTER_PIN=1 when pin and N <= cores.
     stdout/stderr are inherited; on failure one line on stderr names the rank and how it ended.
+
+    keep_survivors (mpi; torch ranks always stay): when a rank dies, leave the others running
+    (`moecluster serve`: rank 0 answers 503 until it gives up), as described at _wrap_rank.
+    Either way every rank is killed timeout_s after the first one stopped, and on SIGTERM/Ctrl-C.
     """
     if world_size < 1:
         raise MoeClusterError(f"the number of ranks must be >= 1, got {world_size}")
@@ -255,6 +260,9 @@ def launch_local(cmd: list[str], world_size: int, backend: str, *, pin: bool = T
             tmp = tempfile.mkdtemp(prefix="moecluster-")
             links = RankLinks(tmp)
             full = [find_mpiexec(), "-n", str(world_size), *cmd]
+            if keep_survivors:  # see _wrap_rank
+                full = [full[0], "-disable-auto-cleanup", "-n", str(world_size), sys.executable,
+                        "-m", "moecluster.parallel.launch", WRAP_RANK, *cmd]
             job.popens = [subprocess.Popen(full, env=dict(base, MOECLUSTER_LAUNCH_SOCKET=links.path),
                                            **popen)]
             code, line = _watch_mpi(job, links, timeout_s)
@@ -276,6 +284,34 @@ def launch_local(cmd: list[str], world_size: int, backend: str, *, pin: bool = T
     return code
 
 
+WRAP_RANK = "--wrap-rank"
+
+
+def _wrap_rank(cmd: list[str]) -> int:
+    """Run one MPI rank as a child and exit with its status as a plain exit code (128 + N for
+    signal N), so that a killed rank does not take the whole job down.
+
+    With `mpiexec -disable-auto-cleanup`, hydra's proxy still SIGKILLs every rank as soon as it
+    reaps one that a signal ended (hydra/proxy/pmip.c: WIFSIGNALED -> PMIP_bcast_signal(SIGKILL)),
+    at the next event it sees (any output of any rank). Its child is this wrapper instead, which
+    exits normally. Only the rank's PMI socket (PMI_FD) is passed on, and the wrapper closes its
+    copy, so hydra notices the rank's end when it happens (and sends SIGUSR1 to the survivors'
+    process groups: MPICH's handler only asks hydra which ranks died; the wrapper ignores it).
+    """
+    signal.signal(signal.SIGUSR1, lambda signum, frame: None)  # not SIG_IGN: that is inherited
+    pmi_fd = os.environ.get("PMI_FD", "")
+    keep = (int(pmi_fd),) if pmi_fd.isdigit() else ()
+    child = subprocess.Popen(cmd, pass_fds=keep)
+    for fd in keep:
+        os.close(fd)
+    while True:
+        try:
+            code = child.wait()
+            return code if code >= 0 else 128 - code
+        except KeyboardInterrupt:  # Ctrl-C reaches the rank too: wait for it to end
+            continue
+
+
 def _install_sigterm():
     def handler(signum, frame):
         raise _Terminated()
@@ -289,3 +325,7 @@ def _install_sigterm():
 def _restore_sigterm(previous) -> None:
     if previous is not None:
         signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == [WRAP_RANK]:
+    sys.exit(_wrap_rank(sys.argv[2:]))

@@ -79,8 +79,10 @@ def run_serve(args) -> int:
         from moecluster.parallel.launch import launch_local
 
         cmd = [sys.executable, "-m", "moecluster.cli", *args.argv, "--rank-worker"]
-        # The launcher kills ranks still running this long after one died: rank 0 answers 503 until then.
-        return launch_local(cmd, args.nodes, args.backend, timeout_s=args.timeout + FAILED_LINGER_S + 10)
+        # A dead rank must not end the job (MPI: keep_survivors): rank 0 answers 503 until it exits,
+        # FAILED_LINGER_S after noticing; the launcher kills ranks still running this long after one died.
+        return launch_local(cmd, args.nodes, args.backend, timeout_s=args.timeout + FAILED_LINGER_S + 10,
+                            keep_survivors=True)
     from moecluster.engine.commands import run_on_rank
 
     return run_on_rank(args, lambda comm: _serve_on_rank(args, comm))
