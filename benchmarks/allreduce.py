@@ -104,6 +104,54 @@ def worker(backend: str, out: str, sizes: list[int], iters: int) -> None:
     comm.close()
 
 
+def cold_worker(out: str, size: int, iters: int, stream_mb: int) -> None:
+    """The exchange as decode meets it: before every all-reduce each rank streams `stream_mb` of
+    bf16 weights through torch.mv (what a rank reads for its experts of one layer), which evicts the
+    caches the all-reduce's code and data live in. Variants alternate per iteration; per iteration
+    the rank that arrived last (the smaller time) counts, as in benchmarks/expert_parallel.py.
+    Ours is the decode exchange itself: exchange_buffer + all_reduce_disjoint (exact y_NKD)."""
+    import statistics
+
+    from mpi4py import MPI
+
+    from moecluster.parallel.comm import init_comm
+    from moecluster.parallel.comm_mpi import native_bf16_type
+
+    torch.set_num_threads(1)
+    comm = init_comm("mpi", timeout_s=60)
+    native = native_bf16_type(MPI)
+    x = torch.zeros(size // 2, dtype=torch.bfloat16)
+    x32 = torch.zeros(size // 4, dtype=torch.float32)
+    y = comm.exchange_buffer((1, size // 2 // 2048, 2048), torch.bfloat16)  # decode's y_NKD (K = 4 at 16 KiB)
+    variants = {"mpi_bare_bf16_cold": lambda _: bare_bf16(x), "mpi_bare_fp32_cold": lambda _: bare_fp32(x32),
+                "mpi_ours_bf16_cold": lambda _: comm.all_reduce_disjoint(y)}
+    bare_bf16, bare_fp32 = BareMPIAllreduce(MPI.COMM_WORLD, native), BareMPIAllreduce(MPI.COMM_WORLD)
+    rows_per_mat = 8192  # 32 MiB, one expert's gate+up matrix in the bench model
+    mats = torch.empty(2**29, dtype=torch.bfloat16).normal_().view(-1, rows_per_mat, 2048)  # 1 GiB
+    per_iter = max(1, stream_mb * 2**20 // (rows_per_mat * 2048 * 2))
+    vec = torch.ones(2048, dtype=torch.bfloat16)
+    times = {name: [] for name in variants}
+    k = 0
+    for it in range(iters + 2):
+        for name, fn in variants.items():
+            for _ in range(per_iter):
+                torch.mv(mats[k % mats.shape[0]], vec)
+                k += 1
+            t0 = time.perf_counter()
+            fn(x)
+            if it >= 2:
+                times[name].append(time.perf_counter() - t0)
+    gathered = MPI.COMM_WORLD.gather(times, root=0)
+    if comm.rank == 0:
+        rows = []
+        for name in variants:
+            last = [min(ts) for ts in zip(*(g[name] for g in gathered))]
+            rows.append({"variant": name, "size_bytes": size, "median_us": statistics.median(last) * 1e6,
+                         "stream_mb": per_iter * 32, "iters": iters})
+        Path(out).write_text(json.dumps(rows))
+    comm.close()
+
+
 def machine() -> dict:
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
                 if ln.startswith("model name")), platform.processor())
@@ -136,19 +184,38 @@ def table(rows: list[dict], columns: list, ratios: list) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--worker", choices=["mpi", "torch"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["mpi", "torch", "cold"], help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--iters", type=int, default=5000, help="iterations per MPI measurement")
     ap.add_argument("--gloo-iters", type=int, default=1000, help="iterations per gloo measurement")
     ap.add_argument("--sizes-kib", type=int, nargs="*", default=[s // 1024 for s in
                                                                   DEFAULT_SIZES_BYTES])
+    ap.add_argument("--cold", action="store_true",
+                    help="only the cold-cache measurement (all-reduce right after streaming weights)")
+    ap.add_argument("--cold-kib", type=int, default=16, help="message size of the cold measurement")
+    ap.add_argument("--cold-iters", type=int, default=200)
+    ap.add_argument("--cold-stream-mb", type=int, default=96)
     args = ap.parse_args()
     sizes = [k * 1024 for k in args.sizes_kib]
+    if args.worker == "cold":
+        cold_worker(args.out, args.cold_kib * 1024, args.cold_iters, args.cold_stream_mb)
+        return 0
     if args.worker:
         worker(args.worker, args.out, sizes, args.iters)
         return 0
     from moecluster.parallel.launch import launch_local
 
+    cold_cmd = ["--cold-kib", str(args.cold_kib), "--cold-iters", str(args.cold_iters),
+                "--cold-stream-mb", str(args.cold_stream_mb)]
+    if args.cold:
+        cold = run_cold(cold_cmd)
+        if cold is None:
+            return 1
+        path = RESULTS / "allreduce.json"
+        info = {**(json.loads(path.read_text()) if path.is_file() else {"rows": []}), "cold_rows": cold}
+        path.write_text(json.dumps(info, indent=1) + "\n")
+        print(cold_table(cold))
+        return 0
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for backend, iters in (("mpi", args.iters), ("torch", args.gloo_iters)):
@@ -159,18 +226,44 @@ def main() -> int:
                 print(f"the {backend} benchmark failed", file=sys.stderr)
                 return 1
             rows += json.loads(Path(out).read_text())
+    cold = run_cold(cold_cmd)
+    if cold is None:
+        return 1
     command = "python benchmarks/allreduce.py " + " ".join(sys.argv[1:])
     md_table = "MPI (mpi4py + MPICH):\n\n" + table(rows, MPI_COLUMNS, MPI_RATIOS) + \
-        "\n\ntorch.distributed (gloo):\n\n" + table(rows, TORCH_COLUMNS, TORCH_RATIOS)
+        "\n\ntorch.distributed (gloo):\n\n" + table(rows, TORCH_COLUMNS, TORCH_RATIOS) + \
+        "\n\n" + cold_table(cold)
     print(md_table)
     info = {"machine": machine(), "command": command.strip(),
             "iters": f"MPI {args.iters}, gloo {args.gloo_iters} (rounded up to blocks of 50)",
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "ranks": 2, "pinned": True,
-            "rows": rows}
+            "rows": rows, "cold_rows": cold}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "allreduce.json").write_text(json.dumps(info, indent=1) + "\n")
     (RESULTS / "allreduce.md").write_text(markdown(info, md_table))
     return 0
+
+
+def run_cold(extra: list[str]) -> list[dict] | None:
+    from moecluster.parallel.launch import launch_local
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = f"{tmp}/cold.json"
+        cmd = [sys.executable, __file__, "--worker", "cold", "--out", out, *extra]
+        if launch_local(cmd, 2, "mpi", pin=True, timeout_s=600) != 0:
+            print("the cold-cache benchmark failed", file=sys.stderr)
+            return None
+        return json.loads(Path(out).read_text())
+
+
+def cold_table(cold: list[dict]) -> str:
+    by = {r["variant"]: r for r in cold}
+    bare, bare32, ours = by["mpi_bare_bf16_cold"], by["mpi_bare_fp32_cold"], by["mpi_ours_bf16_cold"]
+    return (f"After streaming {bare['stream_mb']} MiB of weights per rank before each call (caches cold, as for "
+            f"a decode layer's exchange), {bare['size_bytes'] // 1024} KiB, last-arriving rank, median of "
+            f"{bare['iters']}:\n\n| bare MPI bf16 cold | bare MPI fp32 cold | MPIComm exchange cold | ours/bare bf16 |"
+            f"\n|---|---|---|---|\n| {bare['median_us']:.1f} us | {bare32['median_us']:.1f} us | "
+            f"{ours['median_us']:.1f} us | {ours['median_us'] / bare['median_us']:.2f} |")
 
 
 def markdown(info: dict, md_table: str) -> str:

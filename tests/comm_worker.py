@@ -35,6 +35,7 @@ def check_collectives(comm: Comm) -> None:
         if mode:
             comm.bf16_mode = mode
         check_bf16(comm, base_WTD)
+    check_disjoint(comm)
     for dtype in (torch.float64, torch.int64):
         v_N = torch.full((5,), r + 1, dtype=dtype)
         comm.all_reduce_sum(v_N)
@@ -55,6 +56,30 @@ def check_collectives(comm: Comm) -> None:
         assert gathered is None
     comm.barrier()
     print(f"rank {r} ok", flush=True)
+
+
+def check_disjoint(comm: Comm) -> None:
+    """all_reduce_disjoint: each element written by one rank (pair owner), others zero -> bit-exact
+    values on every rank, -0.0 and NaN bits included; the reused exchange buffer (a persistent request
+    under MPI) many times over with new contents, and shapes that are not kept."""
+    r, w = comm.rank, comm.world_size
+    gen = torch.Generator().manual_seed(1)
+    for shape, dtype in [((1, 4, 2048), torch.bfloat16), ((3, 2, 64), torch.float32),
+                         ((1, 4, 2048), torch.bfloat16), ((600, 4, 64), torch.bfloat16)]:
+        for step in range(5):
+            values = torch.randn(shape, generator=gen).to(dtype)
+            values.view(-1)[:3] = torch.tensor([-0.0, float("nan"), float("inf")]).to(dtype)
+            owner = torch.randint(0, w, shape, generator=gen)
+            y = comm.exchange_buffer(shape, dtype)
+            assert y.shape == shape and y.dtype == dtype and not y.any(), "exchange buffer must come zeroed"
+            y[owner == r] = values[owner == r]
+            assert comm.all_reduce_disjoint(y) is y
+            assert torch.equal(y.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                               values.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)), (shape, step)
+    loose = torch.zeros(7, dtype=torch.bfloat16)
+    loose[r] = r + 1  # not from exchange_buffer: the one-off path
+    comm.all_reduce_disjoint(loose)
+    assert loose.tolist() == [float(q + 1) for q in range(w)] + [0.0] * (7 - w), loose
 
 
 def check_bf16(comm: Comm, base_WTD: torch.Tensor) -> None:

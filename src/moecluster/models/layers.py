@@ -229,16 +229,17 @@ class GroupedExperts(nn.Module):
         """Bytes of one expert's weights (gate, up and down)."""
         return (self.w13_eGD[0].numel() + self.w2_eDF[0].numel()) * self.w13_eGD.element_size() if len(self.expert_ids) else 0
 
-    def forward(self, x_ND: torch.Tensor, ids_NK: torch.Tensor,
-                mine_NK: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    def forward(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, mine_NK: torch.Tensor | None = None,
+                out_NKD: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         """Each selected expert's output per (token, k) pair, y_NKD; pairs not in `mine_NK` stay zero.
 
         Returns y_NKD and the number of distinct experts evaluated. Raises if a needed expert is not held.
         Keeping pairs apart (not yet weighted and summed) lets every rank combine them in the same order,
-        so the result is bit-identical for any number of ranks and any placement.
+        so the result is bit-identical for any number of ranks and any placement. `out_NKD` (zeros) is
+        written instead of a new tensor when given.
         """
         N, K = ids_NK.shape
-        y_NKD = x_ND.new_zeros(N, K, x_ND.shape[1])
+        y_NKD = x_ND.new_zeros(N, K, x_ND.shape[1]) if out_NKD is None else out_NKD
         if N == 1:  # decode, one token: mat-vecs over its selected experts, no grouping
             return self._forward_single(x_ND[0], ids_NK[0].tolist(), mine_NK, y_NKD[0])
         flat_ids = ids_NK.reshape(-1)

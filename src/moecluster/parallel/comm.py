@@ -56,6 +56,18 @@ class Comm:
         """Copy x from rank src to every rank, in place (any dtype); returns x."""
         raise NotImplementedError
 
+    def exchange_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A zeroed tensor to fill and pass to all_reduce_disjoint. Backends may hand out the same
+        storage again for the same shape (after its previous contents were consumed) to keep the
+        exchange's setup off the per-layer path."""
+        return torch.zeros(shape, dtype=dtype)
+
+    def all_reduce_disjoint(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum x over ranks in place, when every element is non-zero on at most one rank (each
+        (token, expert) pair has one holder). Backends move the raw bits (integer OR or sum, which
+        cannot carry when no bits overlap), so the result is bit-exact: -0.0 and NaN payloads too."""
+        return self.all_reduce_sum(x)
+
     def barrier(self) -> None:
         """Wait until every rank has called barrier (with the timeout)."""
         raise NotImplementedError

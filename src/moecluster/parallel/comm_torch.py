@@ -61,6 +61,17 @@ class TorchComm(Comm):
             self._wait(self._dist.all_reduce(x, async_op=True), "all_reduce")
         return x
 
+    def all_reduce_disjoint(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer sum of the raw bits (int32 words, or bytes): with one non-zero contributor per
+        element no bits overlap, so this is exact, -0.0 and NaN payloads included (gloo has no int16;
+        NCCL has no bitwise OR, but integer sums everywhere)."""
+        self._check_device(x, "all_reduce_disjoint", REDUCE_DTYPES)
+        if x.numel():
+            flat = x.view(-1)
+            bits = flat.view(torch.int32) if x.nbytes % 4 == 0 else flat.view(torch.uint8)
+            self._wait(self._dist.all_reduce(bits, async_op=True), "all_reduce")
+        return x
+
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         self._check_device(x, "broadcast")
         if x.numel():

@@ -42,13 +42,15 @@ class ExpertParallelMoE(nn.Module):
         owner_NK = self.placement.assign(self.layer_id, ids)
         mine_NK = torch.tensor(owner_NK) == self.rank
         t1 = now()
-        y_NKD, self.last_num_evaluated = self.experts(x_ND, ids_NK, mine_NK)
         if self.exchange == "exact":
+            out_NKD = self.comm.exchange_buffer((*ids_NK.shape, x_ND.shape[1]), x_ND.dtype)
+            y_NKD, self.last_num_evaluated = self.experts(x_ND, ids_NK, mine_NK, out_NKD)
             t2 = now()
-            y_NKD = self.comm.all_reduce_sum(y_NKD)  # the one exchange: one non-zero holder per pair, exact
+            y_NKD = self.comm.all_reduce_disjoint(y_NKD)  # the one exchange: one non-zero holder per pair, exact
             t3 = now()
             out_ND = combine(y_NKD, weights_NK, x_ND.dtype)
         else:
+            y_NKD, self.last_num_evaluated = self.experts(x_ND, ids_NK, mine_NK)
             partial_ND = (y_NKD.float() * weights_NK[..., None]).sum(dim=1)
             t2 = now()
             out_ND = self.comm.all_reduce_sum(partial_ND).to(x_ND.dtype)  # the one exchange, fp32 partial sums
