@@ -26,12 +26,13 @@ from decode import PROMPT, bench_model_dir  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 
 
-def run_generate(model: Path, nodes: int, backend: str, tokens: int, exchange: str) -> dict:
+def run_generate(model: Path, nodes: int, backend: str, tokens: int, exchange: str,
+                 placement: str = "contiguous") -> dict:
     """One `moecluster generate` run; returns rank 0's report with the full per-step trace of every rank."""
     with tempfile.NamedTemporaryFile(suffix=".json") as report, tempfile.NamedTemporaryFile(suffix=".json") as trace:
         cmd = [sys.executable, "-m", "moecluster.cli", "generate", "--model", str(model), "--prompt", PROMPT,
                "--max-tokens", str(tokens), "--ignore-eos", "--quiet", "--nodes", str(nodes), "--backend", backend,
-               "--exchange", exchange, "--report", report.name, "--trace", trace.name]
+               "--exchange", exchange, "--report", report.name, "--trace", trace.name, "--placement", placement]
         if nodes == 1:  # one rank on one core, one thread: the same compute as each of the 2 ranks
             cmd = ["taskset", "-c", "0", *cmd, "--threads", "1"]
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=1800)
@@ -110,6 +111,9 @@ def main() -> int:
     ap.add_argument("--backend", default="mpi", choices=["mpi", "torch"])
     ap.add_argument("--exchange", default="exact", choices=["exact", "sum"])
     ap.add_argument("--allreduce-iters", type=int, default=3000)
+    ap.add_argument("--placement", default="contiguous",
+                    help="for the 2-rank runs: contiguous, round-robin, groups or a placement JSON "
+                         "(e.g. benchmarks/placements/bench-2-replicated.json); results get its name as suffix")
     args = ap.parse_args()
     from moecluster.builtin import PRESETS
     from moecluster.tracing import format_breakdown
@@ -120,10 +124,11 @@ def main() -> int:
     one, two = [], []
     for _ in range(args.repeats):  # interleaved so that drift hits both alike
         one.append(run_generate(model, 1, args.backend, args.tokens, args.exchange))
-        two.append(run_generate(model, 2, args.backend, args.tokens, args.exchange))
+        two.append(run_generate(model, 2, args.backend, args.tokens, args.exchange, args.placement))
     s = summarize(one, two, bare, dims)
     lines = [
-        f"model: bench DBRX-shaped bf16 {dims}; backend {args.backend}; exchange {args.exchange}",
+        f"model: bench DBRX-shaped bf16 {dims}; backend {args.backend}; exchange {args.exchange}; "
+        f"placement {args.placement}",
         f"1 rank (1 core): {s['tok_s_1']:.2f} tok/s, reads {s['bytes_per_token_1'] / 1e9:.3f} GB/token",
         f"2 ranks (1 core each): {s['tok_s_2']:.2f} tok/s",
         f"byte-ideal speedup {s['byte_ideal_speedup']:.2f}x (per layer, the busiest rank's bytes; "
@@ -146,8 +151,9 @@ def main() -> int:
     command = "python " + " ".join(sys.argv)
     machine = {"cpus": os.cpu_count(), "platform": platform.platform()}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "expert_parallel.json").write_text(json.dumps({"machine": machine, "command": command, **s}, indent=2))
-    (RESULTS / "expert_parallel.md").write_text(
+    name = "expert_parallel" if args.placement == "contiguous" else f"expert_parallel_{Path(args.placement).stem}"
+    (RESULTS / f"{name}.json").write_text(json.dumps({"machine": machine, "command": command, **s}, indent=2))
+    (RESULTS / f"{name}.md").write_text(
         f"# Expert-parallel benchmark\n\nMachine: {machine}\n\nCommand: `{command}`\n\n```\n{text}\n```\n\n"
         f"All-reduce latency against size: see allreduce.md (same run).\n")
     return 0
