@@ -27,12 +27,13 @@ MPI_COLUMNS = [  # (variant, header)
     ("mpi_bare_fp32", "bare fp32"), ("mpi_ours_fp32", "MPIComm fp32"),
     ("mpi_bare_bf16", "bare bf16"), ("mpi_ours_bf16_auto", "MPIComm bf16 auto"),
     ("mpi_ours_bf16_native", "bf16 native"), ("mpi_ours_bf16_op", "bf16 Op"),
-    ("mpi_ours_bf16_fp32", "bf16 via fp32"),
+    ("mpi_ours_bf16_fp32", "bf16 via fp32"), ("mpi_ours_exchange", "exchange (bf16 bits)"),
 ]
 MPI_RATIOS = [  # (header, numerator, denominator) of medians
     ("fp32 ours/bare", "mpi_ours_fp32", "mpi_bare_fp32"),
     ("bf16 ours/bare", "mpi_ours_bf16_auto", "mpi_bare_bf16"),
     ("bf16 ours/bare fp32 same bytes", "mpi_ours_bf16_auto", "mpi_bare_fp32"),
+    ("exchange/bare bf16", "mpi_ours_exchange", "mpi_bare_bf16"),
 ]
 TORCH_COLUMNS = [("gloo_bare_fp32", "gloo bare fp32"), ("torch_ours_fp32", "TorchComm fp32"),
                  ("torch_ours_bf16", "TorchComm bf16")]
@@ -76,8 +77,11 @@ def mpi_variants(comm, size: int) -> list[Variant]:
                         BareMPIAllreduce(MPI.COMM_WORLD, native)),
                 Variant("mpi_ours_bf16_native", x(torch.bfloat16), comm.all_reduce_sum,
                         mode("native"))]
-    return out + [Variant(f"mpi_ours_bf16_{m}", x(torch.bfloat16), comm.all_reduce_sum, mode(m))
-                  for m in ("auto", "op", "fp32")]
+    out += [Variant(f"mpi_ours_bf16_{m}", x(torch.bfloat16), comm.all_reduce_sum, mode(m))
+            for m in ("auto", "op", "fp32")]
+    # the decode exchange itself: the reused exchange buffer, raw bits by a persistent all-reduce
+    return out + [Variant("mpi_ours_exchange", comm.exchange_buffer((size // 2,), torch.bfloat16),
+                          comm.all_reduce_disjoint)]
 
 
 def torch_variants(comm, size: int) -> list[Variant]:
@@ -283,9 +287,12 @@ are shared with other jobs: p99 columns are noisy, medians are stable to ~0.5 us
 mpi4py's blocking `Allreduce` (fp32 on a numpy array; bf16 with MPICH's MPIX_BFLOAT16 type);
 MPIComm is `all_reduce_sum` (Iallreduce polled with Test(); timeout and control plane armed).
 bf16 modes: native (MPIX_BFLOAT16), Op (user MPI.Op calling torch), via fp32 (convert, sum
-fp32, convert back); auto = native up to 12 KiB, Op above (the default).
-Iterations per cell: {info['iters']}. The engine's decode exchange is one [1, D] partial per MoE
-layer: D = 2048..6144 is 8..24 KiB in fp32, 4..12 KiB in bf16.
+fp32, convert back); auto = native up to 12 KiB, Op above (the default). "exchange" is what a
+decode layer runs by default (`--exchange exact`): `all_reduce_disjoint` on the reused exchange
+buffer, the bf16 bits OR-ed as int16 by a persistent all-reduce (MPI_Allreduce_init + Start/Test).
+Iterations per cell: {info['iters']}. The engine's default decode exchange is y_NKD, top_k x [1, D]
+in bf16: 16 KiB for the benchmark model (D = 2048, top-4), 48 KiB for DBRX; `--exchange sum` sends
+one fp32 [1, D] partial (8 KiB, 24 KiB).
 
 {md_table}
 """

@@ -144,3 +144,23 @@ def test_torch_without_world_size_is_single(monkeypatch) -> None:
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert isinstance(init_comm("torch"), SingleComm)
     assert os.environ.get("MOECLUSTER_PIN") is None
+
+
+def test_rank_dead_before_mpi_init_ends_a_kept_job() -> None:
+    """serve's MPI job keeps survivors (mpiexec -disable-auto-cleanup): a rank that dies before
+    MPI_Init never links itself, and rank 0 would wait in MPI_Init forever. Its wrapper reports it,
+    so the launcher names it and stops the job timeout_s later."""
+    tag = uuid.uuid4().hex
+    body = ("import os, sys, time\n"
+            "if os.environ['PMI_RANK'] == '1':\n    sys.exit(3)\n"
+            "from moecluster.parallel.comm import init_comm\n"
+            "init_comm('mpi', timeout_s=5)\n")
+    script = ("import sys; from moecluster.parallel.launch import launch_local; "
+              f"sys.exit(launch_local([sys.executable, '-c', {body!r}], 2, 'mpi', timeout_s=3, "
+              f"keep_survivors=True, env={{'MOECLUSTER_TEST_TAG': {tag!r}}}))")
+    t0 = time.monotonic()
+    launcher = subprocess.run([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True, timeout=60)
+    assert launcher.returncode != 0
+    assert time.monotonic() - t0 < 30
+    assert "rank 1 stopped first" in launcher.stderr, launcher.stderr
+    assert_nothing_left(tag)

@@ -307,9 +307,26 @@ def _wrap_rank(cmd: list[str]) -> int:
     while True:
         try:
             code = child.wait()
-            return code if code >= 0 else 128 - code
+            break
         except KeyboardInterrupt:  # Ctrl-C reaches the rank too: wait for it to end
             continue
+    if code != 0:  # also a rank that ended before MPI_Init, which never linked itself: the others
+        _report_stopped(os.environ.get("PMI_RANK", ""))  # would wait there forever otherwise
+    return code if code >= 0 else 128 - code
+
+
+def _report_stopped(rank: str) -> None:
+    """Tell the launcher (RankLinks) that `rank` stopped, as the rank's own link would have."""
+    path = os.environ.get("MOECLUSTER_LAUNCH_SOCKET")
+    if not path or not rank.isdigit():
+        return
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(2.0)
+            s.connect(path)
+            s.sendall(rank.encode())
+    except OSError:
+        pass  # the launcher is gone: nobody to tell
 
 
 def _install_sigterm():
