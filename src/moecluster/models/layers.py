@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moecluster import kernels
 from moecluster.errors import MoeClusterError
 from moecluster.tracing import TRACER, now
 
@@ -73,11 +74,19 @@ class ModelArgs:
 SMALL_ROWS = 16  # up to this many rows, w @ x.T streams weights faster than F.linear on CPU (bf16)
 
 
+KERNEL_MAX_BYTES = 2**30  # every bf16 mat-vec here: with its prefetch the kernel streams lm_head at least as fast
+
+
 def linear(x: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
     """x @ w.T, choosing the kernel that streams the weights fastest for the number of rows."""
     rows = x.numel() // x.shape[-1]
     if rows == 1:
-        return torch.mv(w_OI, x.reshape(-1)).view(*x.shape[:-1], w_OI.shape[0])
+        x_I = x.reshape(-1)
+        if w_OI.dtype == torch.bfloat16 and x_I.dtype == torch.bfloat16 and w_OI.is_contiguous() \
+                and w_OI.nbytes <= KERNEL_MAX_BYTES and x_I.stride(0) == 1 and kernels.moe_gemv_available():
+            out_1O = x_I.new_empty(1, w_OI.shape[0])
+            return kernels.moe_gemv(w_OI[None], [0], x_I, out_1O).view(*x.shape[:-1], w_OI.shape[0])
+        return torch.mv(w_OI, x_I).view(*x.shape[:-1], w_OI.shape[0])
     if rows <= SMALL_ROWS:
         return torch.mm(w_OI, x.reshape(rows, -1).t()).t().reshape(*x.shape[:-1], w_OI.shape[0])
     return F.linear(x, w_OI)
@@ -257,6 +266,15 @@ class GroupedExperts(nn.Module):
 
     def _forward_single(self, x_D, ids: list[int], mine_1K, y_KD) -> tuple[torch.Tensor, int]:
         mine = [True] * len(ids) if mine_1K is None else mine_1K[0].tolist()
+        if self.w13_eGD.dtype == torch.bfloat16 and y_KD.is_contiguous() and kernels.moe_gemv_available():
+            # all selected experts in two calls (gate+up, then down), one parallel region each
+            ks = [k for k in range(len(ids)) if mine[k]]
+            local = [self._local(ids[k]) for k in ks]
+            if local:
+                h_kG = kernels.moe_gemv(self.w13_eGD, local, x_D, x_D.new_empty(len(local), self.w13_eGD.shape[1]))
+                gate_kF, up_kF = h_kG.chunk(2, dim=-1)
+                kernels.moe_gemv(self.w2_eDF, local, F.silu(gate_kF) * up_kF, y_KD, out_rows=ks)
+            return y_KD[None], len(local)
         evaluated = 0
         for k, expert in enumerate(ids):
             if mine[k]:
