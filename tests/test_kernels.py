@@ -96,3 +96,46 @@ def test_kernels_can_be_switched_off():
             "assert not kernels.moe_gemv_available()\n"
             "assert 'MOECLUSTER_KERNELS=0' in kernels.unavailable_reason\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@needs_kernel
+@pytest.mark.parametrize("E,R,C", [(8, 96, 48), (8, 7, 64), (16, 64, 2048)])
+def test_moe_gemm_pairs_equal_moe_gemv_alone(E, R, C):
+    """Batched pairs (several inputs per expert, any order) give each pair the bits moe_gemv gives it alone."""
+    gen = torch.Generator().manual_seed(E + R + C)
+    w = torch.randn(E, R, C, generator=gen).bfloat16()
+    X = torch.randn(5, C, generator=gen).bfloat16()
+    experts, counts = [1, 3, E - 2], [2, 6, 1]
+    x_rows, out_rows = [0, 4, 0, 1, 2, 3, 4, 2, 1], [8, 0, 1, 2, 3, 4, 5, 6, 7]
+    out = torch.zeros(9, R, dtype=torch.bfloat16)
+    kernels.moe_gemm(w, experts, counts, X, x_rows, out, out_rows)
+    expert_of = [e for e, c in zip(experts, counts) for _ in range(c)]
+    for p in range(9):
+        alone = kernels.moe_gemv(w, [expert_of[p]], X[x_rows[p]], torch.empty(1, R, dtype=torch.bfloat16))[0]
+        assert torch.equal(out[out_rows[p]], alone), p
+        ref = (w[expert_of[p]].float() @ X[x_rows[p]].float()).bfloat16()
+        assert torch.allclose(out[out_rows[p]].float(), ref.float(), rtol=2 ** -7, atol=1e-6), p
+    with pytest.raises(ValueError):
+        kernels.moe_gemm(w, experts, [2, 6, 2], X, x_rows, out, out_rows)  # counts do not sum to the pairs
+    with pytest.raises(ValueError):
+        kernels.moe_gemm(w, experts, counts, X, [9] + x_rows[1:], out, out_rows)  # no such input row
+
+
+@needs_kernel
+def test_batched_decode_rows_equal_one_token_steps():
+    """GroupedExperts on 6 tokens (the batched-decode path) == each token alone (the single path), bitwise."""
+    from moecluster.models.layers import GroupedExperts, ModelArgs
+
+    args = ModelArgs(arch="dbrx", dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=10, ffn_dim=48,
+                     num_experts=8, top_k=3, max_seq_len=16)
+    gen = torch.Generator().manual_seed(1)
+    experts = GroupedExperts(args, list(range(8)), dtype=torch.bfloat16)
+    experts.w13_eGD.copy_(torch.randn(experts.w13_eGD.shape, generator=gen) * 0.1)
+    experts.w2_eDF.copy_(torch.randn(experts.w2_eDF.shape, generator=gen) * 0.1)
+    x = torch.randn(6, 64, generator=gen).bfloat16()
+    ids = torch.stack([torch.randperm(8, generator=gen)[:3] for _ in range(6)])
+    mine = torch.rand(6, 3, generator=gen) < 0.7
+    y, _ = experts(x, ids, mine)
+    for n in range(6):
+        alone, _ = experts(x[n:n + 1], ids[n:n + 1], mine[n:n + 1])
+        assert torch.equal(y[n], alone[0]), n

@@ -72,11 +72,11 @@ def _build():
             return None
         os.replace(tmp, so)
     lib = ctypes.CDLL(str(so))
-    fn = lib.moe_gemv_bf16
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, i64, ptr, i64, ptr]
-    fn.restype = ctypes.c_int
-    return fn
+    lib.moe_gemv_bf16.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, i64, ptr, i64, ptr]
+    lib.moe_gemm_bf16.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, ptr, i64, ptr, ptr, i64, ptr]
+    lib.moe_gemv_bf16.restype = lib.moe_gemm_bf16.restype = ctypes.c_int
+    return lib
 
 
 def _get():
@@ -121,6 +121,35 @@ def moe_gemv(w_eRC: torch.Tensor, experts: list[int], x_kC: torch.Tensor, out_nR
                          "with contiguous rows, and valid expert / output row indices")
     ids = (ctypes.c_int64 * K)(*experts)
     rows = None if out_rows is None else (ctypes.c_int64 * K)(*out_rows)
-    fn(w_eRC.data_ptr(), R * C, ids, K, R, C, x_kC.data_ptr(), x_kC.stride(0) if x_kC.shape[0] > 1 else 0,
-       out_nR.data_ptr(), out_nR.stride(0), rows)
+    fn.moe_gemv_bf16(w_eRC.data_ptr(), R * C, ids, K, R, C, x_kC.data_ptr(),
+                     x_kC.stride(0) if x_kC.shape[0] > 1 else 0, out_nR.data_ptr(), out_nR.stride(0), rows)
     return out_nR
+
+
+def moe_gemm(w_eRC: torch.Tensor, experts: list[int], counts: list[int], x_nC: torch.Tensor, x_rows: list[int],
+             out_mR: torch.Tensor, out_rows: list[int]) -> torch.Tensor:
+    """Pairs grouped by expert: the first counts[0] pairs use experts[0], the next counts[1] experts[1], ...;
+    pair p computes out_mR[out_rows[p]] = w_eRC[expert of p] @ x_nC[x_rows[p]]. Each expert's weights are
+    read once for all its pairs; every output equals what moe_gemv gives for that pair alone (same bits)."""
+    fn = _get()
+    if fn is None:
+        raise RuntimeError(f"moe_gemm is not available: {unavailable_reason}")
+    E, R, C = w_eRC.shape
+    K, P = len(experts), len(x_rows)
+    if not K:
+        return out_mR
+    bad = [t for t in (w_eRC, x_nC, out_mR) if t.dtype != torch.bfloat16 or t.device.type != "cpu" or t.dim() < 2]
+    if bad or not w_eRC.is_contiguous() or x_nC.stride(-1) != 1 or out_mR.stride(-1) != 1 \
+            or x_nC.shape[-1] != C or out_mR.shape[-1] != R or len(counts) != K or sum(counts) != P \
+            or len(out_rows) != P or min(counts) < 0 or not all(0 <= e < E for e in experts) \
+            or not all(0 <= r < x_nC.shape[0] for r in x_rows) or not all(0 <= r < out_mR.shape[0] for r in out_rows):
+        raise ValueError("moe_gemm: needs bf16 CPU tensors w [E, R, C] contiguous, x [n, C] and out [m, R] with "
+                         "contiguous rows, counts summing to the number of pairs, and valid indices")
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    arr = ctypes.c_int64
+    fn.moe_gemm_bf16(w_eRC.data_ptr(), R * C, (arr * K)(*experts), K, (arr * (K + 1))(*starts), R, C,
+                     x_nC.data_ptr(), x_nC.stride(0), (arr * P)(*x_rows), out_mR.data_ptr(), out_mR.stride(0),
+                     (arr * P)(*out_rows))
+    return out_mR

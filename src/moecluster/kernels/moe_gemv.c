@@ -110,3 +110,106 @@ int moe_gemv_bf16(const uint16_t *W, int64_t expert_stride, const int64_t *exper
     }
     return 0;
 }
+
+/* Several input rows per expert (batched decode): pair p of expert k (p in
+ * pair_start[k] .. pair_start[k+1]-1) computes
+ *
+ *   Y[y_rows[p]][r] = bf16( sum_d W[experts[k]][r][d] * X[x_rows[p]][d] )
+ *
+ * Each expert's weights are read from memory once for all its pairs: a block of 4 weight rows
+ * (4 x cols bf16, in L1) is applied to the pairs 4 at a time. Per output element the
+ * accumulation is the same as moe_gemv_bf16's (one 16-lane accumulator over d in steps of 32,
+ * then a fixed reduction), so a pair gets the same bits whether it is computed alone or batched.
+ */
+/* 4 weight rows (n == 4) times NX inputs, NX a compile-time constant so that the 4 x NX accumulators
+ * stay in registers; `next` (or NULL) is prefetched line by line, as in block_dot. */
+static inline __attribute__((always_inline)) void dot4_multi(const uint16_t *w, int64_t cols,
+                                                             const uint16_t *const *xs, const int NX,
+                                                             const char *next, float out[][ROWS_PER_BLOCK]) {
+    __m512 acc[4][ROWS_PER_BLOCK];
+    for (int j = 0; j < NX; j++)
+        for (int i = 0; i < ROWS_PER_BLOCK; i++)
+            acc[j][i] = _mm512_setzero_ps();
+    const int64_t row_bytes = cols * 2;
+    int64_t d = 0;
+    for (; d + 32 <= cols; d += 32) {
+        if (next) {
+            for (int i = 0; i < ROWS_PER_BLOCK; i++)
+                _mm_prefetch(next + i * row_bytes + 2 * d, _MM_HINT_T0);
+        }
+        __m512bh wv[ROWS_PER_BLOCK];
+        for (int i = 0; i < ROWS_PER_BLOCK; i++)
+            wv[i] = load_bh(w + i * cols + d);
+        for (int j = 0; j < NX; j++) {
+            __m512bh xv = load_bh(xs[j] + d);
+            for (int i = 0; i < ROWS_PER_BLOCK; i++)
+                acc[j][i] = _mm512_dpbf16_ps(acc[j][i], wv[i], xv);
+        }
+    }
+    if (d < cols) {
+        __mmask32 m = (__mmask32)((1ull << (cols - d)) - 1);
+        __m512bh wv[ROWS_PER_BLOCK];
+        for (int i = 0; i < ROWS_PER_BLOCK; i++)
+            wv[i] = load_bh_tail(w + i * cols + d, m);
+        for (int j = 0; j < NX; j++) {
+            __m512bh xv = load_bh_tail(xs[j] + d, m);
+            for (int i = 0; i < ROWS_PER_BLOCK; i++)
+                acc[j][i] = _mm512_dpbf16_ps(acc[j][i], wv[i], xv);
+        }
+    }
+    for (int j = 0; j < NX; j++)
+        for (int i = 0; i < ROWS_PER_BLOCK; i++)
+            out[j][i] = _mm512_reduce_add_ps(acc[j][i]);
+}
+
+static void block_dot_multi(const uint16_t *w, int64_t cols, const uint16_t *const *xs, int nx, int n,
+                            const char *next, float out[][ROWS_PER_BLOCK]) {
+    if (n == ROWS_PER_BLOCK) {
+        switch (nx) {
+        case 1: dot4_multi(w, cols, xs, 1, next, out); return;
+        case 2: dot4_multi(w, cols, xs, 2, next, out); return;
+        case 3: dot4_multi(w, cols, xs, 3, next, out); return;
+        default: dot4_multi(w, cols, xs, 4, next, out); return;
+        }
+    }
+    for (int j = 0; j < nx; j++) {  /* a matrix's last rows (rows not a multiple of 4) */
+        float one[ROWS_PER_BLOCK];
+        block_dot(w, cols, xs[j], n, one);
+        for (int i = 0; i < n; i++)
+            out[j][i] = one[i];
+    }
+}
+
+int moe_gemm_bf16(const uint16_t *W, int64_t expert_stride, const int64_t *experts, int64_t K,
+                  const int64_t *pair_start, int64_t rows, int64_t cols,
+                  const uint16_t *X, int64_t x_stride, const int64_t *x_rows,
+                  uint16_t *Y, int64_t y_stride, const int64_t *y_rows) {
+    if (K <= 0 || rows <= 0 || cols <= 0)
+        return 0;
+    const int64_t blocks_per_expert = (rows + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK;
+    const int64_t total = K * blocks_per_expert;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < total; b++) {
+        const int64_t k = b / blocks_per_expert;
+        const int64_t r0 = (b % blocks_per_expert) * ROWS_PER_BLOCK;
+        const int n = (int)(rows - r0 < ROWS_PER_BLOCK ? rows - r0 : ROWS_PER_BLOCK);
+        const uint16_t *w = W + experts[k] * expert_stride + r0 * cols;
+        for (int64_t p0 = pair_start[k]; p0 < pair_start[k + 1]; p0 += 4) {
+            /* the first group of pairs streams the block from memory and prefetches the next one;
+               later groups find it in L1 */
+            const char *next = p0 == pair_start[k] ? (const char *)(w + ROWS_PER_BLOCK * cols) : NULL;
+            const int nx = (int)(pair_start[k + 1] - p0 < 4 ? pair_start[k + 1] - p0 : 4);
+            const uint16_t *xs[4];
+            float out[4][ROWS_PER_BLOCK];
+            for (int j = 0; j < nx; j++)
+                xs[j] = X + x_rows[p0 + j] * x_stride;
+            block_dot_multi(w, cols, xs, nx, n, next, out);
+            for (int j = 0; j < nx; j++) {
+                uint16_t *yr = Y + y_rows[p0 + j] * y_stride + r0;
+                for (int i = 0; i < n; i++)
+                    yr[i] = to_bf16(out[j][i]);
+            }
+        }
+    }
+    return 0;
+}

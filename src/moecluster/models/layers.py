@@ -256,6 +256,9 @@ class GroupedExperts(nn.Module):
         if mine_NK is not None:
             pair_order = pair_order[mine_NK.reshape(-1)[pair_order]]
         experts, counts = torch.unique_consecutive(flat_ids[pair_order], return_counts=True)
+        if N <= SMALL_ROWS and self.w13_eGD.dtype == torch.bfloat16 and x_ND.is_contiguous() \
+                and y_NKD.is_contiguous() and kernels.moe_gemv_available():
+            return self._forward_batched(x_ND, y_NKD, pair_order.tolist(), experts.tolist(), counts.tolist())
         y_PD = y_NKD.view(N * K, -1)
         start = 0
         for expert, count in zip(experts.tolist(), counts.tolist()):
@@ -283,6 +286,22 @@ class GroupedExperts(nn.Module):
                 torch.mv(self.w2_eDF[i], F.silu(gate_F) * up_F, out=y_KD[k])
                 evaluated += 1
         return y_KD[None], evaluated
+
+    def _forward_batched(self, x_ND, y_NKD, pairs: list[int], experts: list[int],
+                         counts: list[int]) -> tuple[torch.Tensor, int]:
+        """Few tokens (batched decode): every expert's weights read once for all its pairs, in two
+        kernel calls for the whole layer; each pair gets the same bits as in a one-token step."""
+        K, D = y_NKD.shape[1], y_NKD.shape[2]
+        local = [self._local(e) for e in experts]
+        P = len(pairs)
+        if not P:
+            return y_NKD, 0
+        h_PG = kernels.moe_gemm(self.w13_eGD, local, counts, x_ND, [p // K for p in pairs],
+                                x_ND.new_empty(P, self.w13_eGD.shape[1]), list(range(P)))
+        gate_PF, up_PF = h_PG.chunk(2, dim=-1)
+        kernels.moe_gemm(self.w2_eDF, local, counts, F.silu(gate_PF) * up_PF, list(range(P)),
+                         y_NKD.view(-1, D), pairs)
+        return y_NKD, len(experts)
 
     def _local(self, expert: int) -> int:
         i = self._local_of.get(expert)
