@@ -87,6 +87,12 @@ def linear(x: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
             out_1O = x_I.new_empty(1, w_OI.shape[0])
             return kernels.moe_gemv(w_OI[None], [0], x_I, out_1O).view(*x.shape[:-1], w_OI.shape[0])
         return torch.mv(w_OI, x_I).view(*x.shape[:-1], w_OI.shape[0])
+    if rows <= SMALL_ROWS and w_OI.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and w_OI.is_contiguous() \
+            and w_OI.nbytes <= KERNEL_MAX_BYTES and kernels.moe_gemv_available():
+        x_nI = x.reshape(rows, -1).contiguous()  # the weights are read once for all rows
+        out_nO = kernels.moe_gemm(w_OI[None], [0], [rows], x_nI, list(range(rows)), x_nI.new_empty(rows, w_OI.shape[0]),
+                                  list(range(rows)))
+        return out_nO.view(*x.shape[:-1], w_OI.shape[0])
     if rows <= SMALL_ROWS:
         return torch.mm(w_OI, x.reshape(rows, -1).t()).t().reshape(*x.shape[:-1], w_OI.shape[0])
     return F.linear(x, w_OI)
