@@ -55,10 +55,14 @@ def per_layer_split(run: dict, expert_bytes: float, dense_bytes: float) -> dict:
 
 
 def allreduce_table(iters: int) -> dict:
-    """Run benchmarks/allreduce.py (2 pinned ranks; iters 0: reuse its last results) -> {variant: {size: us}}."""
+    """Run benchmarks/allreduce.py (2 pinned ranks) -> {variant: {size: us}}. iters 0: reuse its last warm
+    results, but always measure the cold-cache all-reduce afresh (it moves with the machine's load)."""
+    script = str(Path(__file__).parent / "allreduce.py")
     if iters > 0:
-        subprocess.run([sys.executable, str(Path(__file__).parent / "allreduce.py"), "--iters", str(iters),
-                        "--gloo-iters", str(max(200, iters // 5))], check=True, timeout=1800)
+        subprocess.run([sys.executable, script, "--iters", str(iters), "--gloo-iters", str(max(200, iters // 5))],
+                       check=True, timeout=1800)
+    else:
+        subprocess.run([sys.executable, script, "--cold"], check=True, timeout=1800)
     info = json.loads((RESULTS / "allreduce.json").read_text())
     table: dict = {}
     for r in info["rows"] + info.get("cold_rows", []):
