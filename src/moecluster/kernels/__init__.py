@@ -1,7 +1,7 @@
 """Compiled kernels for the hot path, built at first use with the system C compiler.
 
-`moe_gemv` runs the bf16 mat-vecs of all selected experts of a layer in one parallel region
-(moe_gemv.c says why). It needs x86-64 with AVX512-BF16 and a C compiler; without them, or with
+`moe_gemv` runs the bf16 mat-vecs of all selected experts of a layer in one parallel region, and
+`moe_gemm` the same for several tokens, each expert's weights read once (moe_gemv.c says why). It needs x86-64 with AVX512-BF16 and a C compiler; without them, or with
 MOECLUSTER_KERNELS=0, `moe_gemv_available()` is False and the models use torch's mat-vecs.
 The shared object is cached under $MOECLUSTER_CACHE (default ~/.cache/moecluster)/kernels.
 """
@@ -73,9 +73,8 @@ def _build():
         os.replace(tmp, so)
     lib = ctypes.CDLL(str(so))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.moe_gemv_bf16.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, i64, ptr, i64, ptr]
     lib.moe_gemm_bf16.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, ptr, i64, ptr, ptr, i64, ptr]
-    lib.moe_gemv_bf16.restype = lib.moe_gemm_bf16.restype = ctypes.c_int
+    lib.moe_gemm_bf16.restype = ctypes.c_int
     return lib
 
 
@@ -119,10 +118,11 @@ def moe_gemv(w_eRC: torch.Tensor, experts: list[int], x_kC: torch.Tensor, out_nR
             or (out_rows is None and out_nR.shape[0] < K):
         raise ValueError("moe_gemv: needs bf16 CPU tensors w [E, R, C] contiguous, x [1 or K, C] and out [n, R] "
                          "with contiguous rows, and valid expert / output row indices")
-    ids = (ctypes.c_int64 * K)(*experts)
-    rows = None if out_rows is None else (ctypes.c_int64 * K)(*out_rows)
-    fn.moe_gemv_bf16(w_eRC.data_ptr(), R * C, ids, K, R, C, x_kC.data_ptr(),
-                     x_kC.stride(0) if x_kC.shape[0] > 1 else 0, out_nR.data_ptr(), out_nR.stride(0), rows)
+    arr = ctypes.c_int64
+    shared_x = x_kC.shape[0] == 1
+    fn.moe_gemm_bf16(w_eRC.data_ptr(), R * C, (arr * K)(*experts), K, (arr * (K + 1))(*range(K + 1)), R, C,
+                     x_kC.data_ptr(), x_kC.stride(0), (arr * K)(*([0] * K if shared_x else range(K))),
+                     out_nR.data_ptr(), out_nR.stride(0), (arr * K)(*(range(K) if out_rows is None else out_rows)))
     return out_nR
 
 

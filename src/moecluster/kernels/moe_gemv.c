@@ -1,18 +1,17 @@
-/* Batched bf16 mat-vecs over the selected experts of one MoE layer, in one parallel region.
+/* bf16 mat-vecs over the selected experts of one MoE layer, in one parallel region.
  *
  * Decode with one token evaluates top_k experts per layer; doing that as top_k separate mat-vecs
  * (and again for the down projection) pays a thread fork/join and a cold start of the memory
  * streams per call: on 16-32 MB expert matrices torch's bf16 mat-vec reaches ~85% of what a 1 GiB
- * one does here. This kernel walks the rows of all selected experts as one static partition, so
- * each thread streams long runs of contiguous rows.
+ * one does here. moe_gemm_bf16 walks the rows of all selected experts as one partition (dynamic,
+ * in runs of 32 blocks of 4 rows), so each thread streams long runs of contiguous rows, and
+ * prefetches the next block while it sums the current one. With several tokens (batched decode)
+ * each expert's weights are read once for all the (token, expert) pairs that selected it.
  *
- *   y[k][r] = bf16( sum_d W[experts[k]][r][d] * x[k][d] )      fp32 accumulation, fixed order
- *
- * W: [E, rows, cols] bf16, contiguous per expert (expert_stride elements apart);
- * x: rows of cols bf16, x_stride elements apart (0: the same x for every k);
- * y: output row out_rows[k] (k if out_rows is NULL) of `rows` bf16, y_stride elements apart.
- * Each output element is computed by one thread in the same order whatever the thread count or
- * which other experts are in the call, so results are reproducible across ranks and placements.
+ * Each output element is computed by one thread in the same order (one 16-lane fp32 accumulator
+ * over the columns in steps of 32, a fixed reduction, one rounding to bf16) whatever the thread
+ * count, the other pairs in the call or their number: results are reproducible across ranks,
+ * placements and batch compositions.
  *
  * Built at run time with the system gcc (moecluster/kernels/__init__.py), linked against the
  * OpenMP runtime torch already loaded, so it shares torch's threads.
@@ -40,44 +39,10 @@ static inline __m512bh load_bh_tail(const uint16_t *p, __mmask32 m) {
     return (__m512bh)_mm512_maskz_loadu_epi16(m, (const void *)p);
 }
 
-/* rows r0..r0+n-1 (n <= 4) of one matrix times x. */
+/* the last n < 4 rows of a matrix whose rows are not a multiple of 4, times x. */
 static void block_dot(const uint16_t *w, int64_t cols, const uint16_t *x, int n, float *out) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    const uint16_t *w0 = w, *w1 = w + cols, *w2 = w + 2 * cols, *w3 = w + 3 * cols;
-    int64_t d = 0;
-    if (n == 4) {
-        /* Prefetch the next block's rows line by line while this one is summed: with D = 2048 a row
-         * is one 4 KiB page, where the hardware prefetcher stops and restarts (+10% here). A
-         * prefetch past the end of the weights does not fault. */
-        const char *next = (const char *)(w + 4 * cols);
-        const int64_t row_bytes = cols * 2;
-        for (; d + 32 <= cols; d += 32) {
-            __m512bh xv = load_bh(x + d);
-            _mm_prefetch(next + 2 * d, _MM_HINT_T0);
-            _mm_prefetch(next + row_bytes + 2 * d, _MM_HINT_T0);
-            _mm_prefetch(next + 2 * row_bytes + 2 * d, _MM_HINT_T0);
-            _mm_prefetch(next + 3 * row_bytes + 2 * d, _MM_HINT_T0);
-            a0 = _mm512_dpbf16_ps(a0, load_bh(w0 + d), xv);
-            a1 = _mm512_dpbf16_ps(a1, load_bh(w1 + d), xv);
-            a2 = _mm512_dpbf16_ps(a2, load_bh(w2 + d), xv);
-            a3 = _mm512_dpbf16_ps(a3, load_bh(w3 + d), xv);
-        }
-        if (d < cols) {
-            __mmask32 m = (__mmask32)((1ull << (cols - d)) - 1);
-            __m512bh xv = load_bh_tail(x + d, m);
-            a0 = _mm512_dpbf16_ps(a0, load_bh_tail(w0 + d, m), xv);
-            a1 = _mm512_dpbf16_ps(a1, load_bh_tail(w1 + d, m), xv);
-            a2 = _mm512_dpbf16_ps(a2, load_bh_tail(w2 + d, m), xv);
-            a3 = _mm512_dpbf16_ps(a3, load_bh_tail(w3 + d, m), xv);
-        }
-        out[0] = _mm512_reduce_add_ps(a0);
-        out[1] = _mm512_reduce_add_ps(a1);
-        out[2] = _mm512_reduce_add_ps(a2);
-        out[3] = _mm512_reduce_add_ps(a3);
-        return;
-    }
-    for (int i = 0; i < n; i++) {  /* the last block of a matrix whose rows are not a multiple of 4 */
+    int64_t d;
+    for (int i = 0; i < n; i++) {
         const uint16_t *wi = w + i * cols;
         __m512 a = _mm512_setzero_ps();
         for (d = 0; d + 32 <= cols; d += 32)
@@ -90,37 +55,12 @@ static void block_dot(const uint16_t *w, int64_t cols, const uint16_t *x, int n,
     }
 }
 
-int moe_gemv_bf16(const uint16_t *W, int64_t expert_stride, const int64_t *experts, int64_t K,
-                  int64_t rows, int64_t cols, const uint16_t *x, int64_t x_stride,
-                  uint16_t *y, int64_t y_stride, const int64_t *out_rows) {
-    if (K <= 0 || rows <= 0 || cols <= 0)
-        return 0;
-    const int64_t blocks_per_expert = (rows + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK;
-    const int64_t total = K * blocks_per_expert;
-#pragma omp parallel for schedule(dynamic, 32)  /* 32 blocks = 256 KiB+ runs; a thread slowed by a
-                                                   noisy neighbour takes fewer (+4% here over static) */
-    for (int64_t b = 0; b < total; b++) {
-        const int64_t k = b / blocks_per_expert;
-        const int64_t r0 = (b % blocks_per_expert) * ROWS_PER_BLOCK;
-        const int n = (int)(rows - r0 < ROWS_PER_BLOCK ? rows - r0 : ROWS_PER_BLOCK);
-        float acc[ROWS_PER_BLOCK];
-        block_dot(W + experts[k] * expert_stride + r0 * cols, cols, x + k * x_stride, n, acc);
-        uint16_t *yk = y + (out_rows ? out_rows[k] : k) * y_stride + r0;
-        for (int i = 0; i < n; i++)
-            yk[i] = to_bf16(acc[i]);
-    }
-    return 0;
-}
-
-/* Several input rows per expert (batched decode): pair p of expert k (p in
- * pair_start[k] .. pair_start[k+1]-1) computes
+/* Pair p of expert k (p in pair_start[k] .. pair_start[k+1]-1) computes
  *
  *   Y[y_rows[p]][r] = bf16( sum_d W[experts[k]][r][d] * X[x_rows[p]][d] )
  *
- * Each expert's weights are read from memory once for all its pairs: a block of 4 weight rows
- * (4 x cols bf16, in L1) is applied to the pairs 4 at a time. Per output element the
- * accumulation is the same as moe_gemv_bf16's (one 16-lane accumulator over d in steps of 32,
- * then a fixed reduction), so a pair gets the same bits whether it is computed alone or batched.
+ * W: [E, rows, cols] bf16, expert_stride elements apart; X and Y rows x_stride / y_stride apart.
+ * A block of 4 weight rows (in L1 after the first group) is applied to the pairs 4 at a time.
  */
 /* 4 weight rows (n == 4) times NX inputs, NX a compile-time constant so that the 4 x NX accumulators
  * stay in registers; `next` (or NULL) is prefetched line by line, as in block_dot. */
