@@ -74,25 +74,17 @@ class ModelArgs:
 SMALL_ROWS = 16  # up to this many rows, w @ x.T streams weights faster than F.linear on CPU (bf16)
 
 
-KERNEL_MAX_BYTES = 2**30  # every bf16 mat-vec here: with its prefetch the kernel streams lm_head at least as fast
-
-
 def linear(x: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
     """x @ w.T, choosing the kernel that streams the weights fastest for the number of rows."""
     rows = x.numel() // x.shape[-1]
-    if rows == 1:
-        x_I = x.reshape(-1)
-        if w_OI.dtype == torch.bfloat16 and x_I.dtype == torch.bfloat16 and w_OI.is_contiguous() \
-                and w_OI.nbytes <= KERNEL_MAX_BYTES and x_I.stride(0) == 1 and kernels.moe_gemv_available():
-            out_1O = x_I.new_empty(1, w_OI.shape[0])
-            return kernels.moe_gemv(w_OI[None], [0], x_I, out_1O).view(*x.shape[:-1], w_OI.shape[0])
-        return torch.mv(w_OI, x_I).view(*x.shape[:-1], w_OI.shape[0])
-    if rows <= SMALL_ROWS and w_OI.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and w_OI.is_contiguous() \
-            and w_OI.nbytes <= KERNEL_MAX_BYTES and kernels.moe_gemv_available():
-        x_nI = x.reshape(rows, -1).contiguous()  # the weights are read once for all rows
-        out_nO = kernels.moe_gemm(w_OI[None], [0], [rows], x_nI, list(range(rows)), x_nI.new_empty(rows, w_OI.shape[0]),
-                                  list(range(rows)))
+    if rows <= SMALL_ROWS and w_OI.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 \
+            and w_OI.is_contiguous() and kernels.moe_gemv_available():  # weights read once for all rows
+        x_nI = x.reshape(rows, -1).contiguous()
+        out_nO = kernels.moe_gemm(w_OI[None], [0], [rows], x_nI, list(range(rows)),
+                                  x_nI.new_empty(rows, w_OI.shape[0]), list(range(rows)))
         return out_nO.view(*x.shape[:-1], w_OI.shape[0])
+    if rows == 1:
+        return torch.mv(w_OI, x.reshape(-1)).view(*x.shape[:-1], w_OI.shape[0])
     if rows <= SMALL_ROWS:
         return torch.mm(w_OI, x.reshape(rows, -1).t()).t().reshape(*x.shape[:-1], w_OI.shape[0])
     return F.linear(x, w_OI)
@@ -197,7 +189,9 @@ class Attention(nn.Module):
         if self.cache is None:
             raise MoeClusterError("internal: call model.setup_cache() before forward")
         k, v = self.cache.update(rows, k, v, span=mask_B1TS.shape[-1])
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1TS, enable_gqa=a.n_heads != a.n_kv_heads)
+        # one row, one new token: it attends to every cached position, so no mask (SDPA's fast path)
+        mask = None if B == 1 and T == 1 else mask_B1TS
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=a.n_heads != a.n_kv_heads)
         return linear(out.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim), self.wo.weight)
 
 
