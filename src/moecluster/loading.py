@@ -169,15 +169,10 @@ def _load_dense(model: MoETransformer, reader: CheckpointReader, arch, args: Mod
 
 
 def _private_copy(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy in this process's own memory.
-
-    safetensors hands out tensors backed by a private file mapping of the shard; decode streams such
-    pages about a third slower than anonymous memory here (benchmarks/decode.py), and a token's first
-    embedding lookup would page-fault. One tensor at a time, so only one extra tensor is ever in flight.
-    """
-    out = torch.empty(t.shape, dtype=t.dtype)
-    out.copy_(t)
-    return out
+    """A contiguous copy in this process's own memory: safetensors hands out tensors backed by a
+    private file mapping of the shard, which decode streams about a third slower than anonymous
+    memory here, and where a token's first embedding lookup page-faults. One tensor at a time."""
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _load_experts(reader: CheckpointReader, arch, args: ModelArgs, layer: int, experts: list[int],

@@ -1,7 +1,8 @@
 """Compiled kernels for the hot path, built at first use with the system C compiler.
 
-`moe_gemv` runs the bf16 mat-vecs of all selected experts of a layer in one parallel region, and
-`moe_gemm` the same for several tokens, each expert's weights read once (moe_gemv.c says why). It needs x86-64 with AVX512-BF16 and a C compiler; without them, or with
+`moe_gemm` runs the bf16 mat-vecs of all selected experts of a layer, for one or several tokens,
+in one parallel region, each expert's weights read once (moe_gemv.c says why); `moe_gemv` is its
+one-input-per-expert case. It needs x86-64 with AVX512-BF16 and a C compiler; without them, or with
 MOECLUSTER_KERNELS=0, `moe_gemv_available()` is False and the models use torch's mat-vecs.
 The shared object is cached under $MOECLUSTER_CACHE (default ~/.cache/moecluster)/kernels.
 """
@@ -13,7 +14,6 @@ import hashlib
 import os
 import shutil
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -22,7 +22,7 @@ import torch
 _SOURCE = Path(__file__).with_name("moe_gemv.c")
 _REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
 _lock = threading.Lock()
-_fn = None  # the ctypes function once built; False once it proved unavailable
+_fn = None  # the loaded library once built; False once it proved unavailable
 unavailable_reason = ""
 
 
@@ -101,29 +101,10 @@ def moe_gemv(w_eRC: torch.Tensor, experts: list[int], x_kC: torch.Tensor, out_nR
     """out_nR[out_rows[k]] = w_eRC[experts[k]] @ x_kC[k] for each k (x_kC of one row: the same x for all).
 
     All bf16; w_eRC contiguous; rows of x_kC and out_nR contiguous. Call only if moe_gemv_available()."""
-    fn = _get()
-    if fn is None:
-        raise RuntimeError(f"moe_gemv is not available: {unavailable_reason}")
-    E, R, C = w_eRC.shape
     K = len(experts)
-    if not K:
-        return out_nR
-    if x_kC.dim() == 1:
-        x_kC = x_kC[None]
-    bad = [t for t in (w_eRC, x_kC, out_nR) if t.dtype != torch.bfloat16 or t.device.type != "cpu"]
-    if bad or not w_eRC.is_contiguous() or x_kC.stride(-1) != 1 or out_nR.stride(-1) != 1 \
-            or x_kC.shape[-1] != C or out_nR.shape[-1] != R or x_kC.shape[0] not in (1, K) \
-            or not all(0 <= e < E for e in experts) \
-            or (out_rows is not None and (len(out_rows) != K or not all(0 <= r < out_nR.shape[0] for r in out_rows))) \
-            or (out_rows is None and out_nR.shape[0] < K):
-        raise ValueError("moe_gemv: needs bf16 CPU tensors w [E, R, C] contiguous, x [1 or K, C] and out [n, R] "
-                         "with contiguous rows, and valid expert / output row indices")
-    arr = ctypes.c_int64
-    shared_x = x_kC.shape[0] == 1
-    fn.moe_gemm_bf16(w_eRC.data_ptr(), R * C, (arr * K)(*experts), K, (arr * (K + 1))(*range(K + 1)), R, C,
-                     x_kC.data_ptr(), x_kC.stride(0), (arr * K)(*([0] * K if shared_x else range(K))),
-                     out_nR.data_ptr(), out_nR.stride(0), (arr * K)(*(range(K) if out_rows is None else out_rows)))
-    return out_nR
+    x_kC = x_kC[None] if x_kC.dim() == 1 else x_kC
+    x_rows = [0] * K if x_kC.shape[0] == 1 else list(range(K))
+    return moe_gemm(w_eRC, experts, [1] * K, x_kC, x_rows, out_nR, list(range(K)) if out_rows is None else out_rows)
 
 
 def moe_gemm(w_eRC: torch.Tensor, experts: list[int], counts: list[int], x_nC: torch.Tensor, x_rows: list[int],

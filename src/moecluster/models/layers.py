@@ -270,14 +270,8 @@ class GroupedExperts(nn.Module):
     def _forward_single(self, x_D, ids: list[int], mine_1K, y_KD) -> tuple[torch.Tensor, int]:
         mine = [True] * len(ids) if mine_1K is None else mine_1K[0].tolist()
         if self.w13_eGD.dtype == torch.bfloat16 and y_KD.is_contiguous() and kernels.moe_gemv_available():
-            # all selected experts in two calls (gate+up, then down), one parallel region each
-            ks = [k for k in range(len(ids)) if mine[k]]
-            local = [self._local(ids[k]) for k in ks]
-            if local:
-                h_kG = kernels.moe_gemv(self.w13_eGD, local, x_D, x_D.new_empty(len(local), self.w13_eGD.shape[1]))
-                gate_kF, up_kF = h_kG.chunk(2, dim=-1)
-                kernels.moe_gemv(self.w2_eDF, local, F.silu(gate_kF) * up_kF, y_KD, out_rows=ks)
-            return y_KD[None], len(local)
+            ks = [k for k in range(len(ids)) if mine[k]]  # pairs (0, k): one each per selected expert
+            return self._forward_batched(x_D[None], y_KD[None], ks, [ids[k] for k in ks], [1] * len(ks))
         evaluated = 0
         for k, expert in enumerate(ids):
             if mine[k]:
@@ -289,8 +283,9 @@ class GroupedExperts(nn.Module):
 
     def _forward_batched(self, x_ND, y_NKD, pairs: list[int], experts: list[int],
                          counts: list[int]) -> tuple[torch.Tensor, int]:
-        """Few tokens (batched decode): every expert's weights read once for all its pairs, in two
-        kernel calls for the whole layer; each pair gets the same bits as in a one-token step."""
+        """Few tokens: every expert's weights read once for all its pairs (`pairs` = flat (token, k)
+        indices grouped by expert, `counts` per expert), in two kernel calls for the whole layer; a
+        pair gets the same bits whatever else is in the batch."""
         K, D = y_NKD.shape[1], y_NKD.shape[2]
         local = [self._local(e) for e in experts]
         P = len(pairs)
