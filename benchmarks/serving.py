@@ -153,13 +153,13 @@ def report(args, engine, rows: list[dict]) -> None:
         checks["speedup_target_met"] = checks["speedup_8_vs_1"] >= SPEEDUP_TARGET
     if 8 in by:
         checks["bound_target_met"] = by[8]["ratio_to_bound"] >= BOUND_TARGET
-    a = engine.loaded.args
+    a = engine.loaded.shape
     result = {
         "machine": {"cpu": cpu_name(), "cpus": os.cpu_count(), "platform": platform.platform(),
                     "torch": torch.__version__, "threads": args.threads},
         "command": "python " + " ".join(sys.argv),
-        "model": {"dim": a.dim, "n_layers": a.n_layers, "num_experts": a.num_experts, "top_k": a.top_k,
-                  "ffn_dim": a.ffn_dim, "vocab": a.vocab_size, "dtype": "bf16",
+        "model": {"dim": a.d_model, "n_layers": a.num_layers, "num_experts": a.num_experts, "top_k": a.top_k,
+                  "ffn_dim": a.expert_ffn, "vocab": a.vocab_size, "dtype": "bf16",
                   "dense_bytes": engine.dense_bytes},
         "tokens_per_stream": args.tokens, "rounds": args.rounds, "rows": rows, "checks": checks,
     }

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_models import build_tiny  # noqa: E402
+from tiny_models import ARCHES, build_tiny  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -26,9 +26,19 @@ def tiny_mixtral(tmp_path_factory) -> Path:
     return build_tiny("mixtral", tmp_path_factory.mktemp("mixtral"))
 
 
-@pytest.fixture(params=["dbrx", "mixtral"])
-def tiny_model(request, tiny_dbrx, tiny_mixtral) -> Path:
-    return {"dbrx": tiny_dbrx, "mixtral": tiny_mixtral}[request.param]
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tiny_dbrx, tiny_mixtral) -> dict[str, Path]:
+    """Every supported architecture's tiny checkpoint (DBRX and Mixtral shared with their own fixtures)."""
+    out = {"dbrx": tiny_dbrx, "mixtral": tiny_mixtral}
+    for arch in ARCHES:
+        if arch not in out:
+            out[arch] = build_tiny(arch, tmp_path_factory.mktemp(arch))
+    return out
+
+
+@pytest.fixture(params=ARCHES)
+def tiny_model(request, tiny_models) -> Path:
+    return tiny_models[request.param]
 
 
 @pytest.fixture(autouse=True)

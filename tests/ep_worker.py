@@ -25,8 +25,8 @@ def main() -> int:
         with torch.inference_mode():
             logits = engine.model(torch.tensor([PROMPT]), torch.tensor([0]))
         _, tokens, _ = engine.generate(PROMPT, SamplingParams(max_tokens=32, ignore_eos=True))
-        evals = [layer.moe.last_num_evaluated for layer in engine.model.layers]
-        held = [len(layer.moe.experts.expert_ids) for layer in engine.model.layers]
+        evals = [moe.experts.last_num_evaluated for moe in engine.model.moe_layers()]
+        held = [len(moe.experts.expert_ids) for moe in engine.model.moe_layers()]
         if comm.rank == 0:
             save_file({"logits": logits[0].contiguous(), "tokens": torch.tensor(tokens)}, out)
         print(f"rank {comm.rank} held {held} evals-last-step {evals}", file=sys.stderr)

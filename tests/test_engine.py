@@ -82,28 +82,32 @@ def naive_moe(block, x_ND):
             e = ex.expert_ids.index(int(ids[n, k]))
             gate, up = (ex.w13_eGD[e] @ x_ND[n]).chunk(2)
             out[n] += weights[n, k] * (ex.w2_eDF[e] @ (torch.nn.functional.silu(gate) * up))
+    if block.shared is not None:  # Qwen2-MoE: + sigmoid(x . g) * shared expert(x)
+        gate, up = (x_ND @ block.shared.w13.weight.T).chunk(2, dim=-1)
+        shared = (torch.nn.functional.silu(gate) * up) @ block.shared.w2.weight.T
+        out += torch.sigmoid(x_ND @ block.shared_gate.weight.T) * shared
     return out
 
 
 @pytest.mark.parametrize("num_tokens", [1, 9])
 def test_moe_block_equals_naive_loop(tiny_model, num_tokens):
     model = load_model(tiny_model, "fp32").model
-    block = model.layers[1].moe
-    x = torch.randn(num_tokens, model.args.dim, generator=torch.Generator().manual_seed(2))
+    block = model.moe_layers()[1]
+    x = torch.randn(num_tokens, model.embed.weight.shape[1], generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         assert torch.allclose(block(x), naive_moe(block, x), atol=1e-5)
 
 
 def test_masked_pairs_sum_to_full(tiny_dbrx):
     """Splitting the pairs between two 'ranks' and adding the halves gives exactly the full output."""
-    block = load_model(tiny_dbrx, "fp32").model.layers[0].moe
+    block = load_model(tiny_dbrx, "fp32").model.moe_layers()[0]
     x = torch.randn(6, block.experts.w13_eGD.shape[2], generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         ids, w = block.router(x)
         mine = ids % 2 == 0
-        a, _ = block.experts(x, ids, mine)
-        b, _ = block.experts(x, ids, ~mine)
-        full, _ = block.experts(x, ids)
+        a, _ = block.experts.pairs(x, ids, mine)
+        b, _ = block.experts.pairs(x, ids, ~mine)
+        full, _ = block.experts.pairs(x, ids)
     assert torch.equal(a + b, full)
 
 
@@ -159,9 +163,9 @@ def test_sharded_checkpoint_loads_same_weights(tiny_dbrx, tmp_path):
 
 def test_partial_expert_loading_holds_only_those(tiny_dbrx):
     loaded = load_model(tiny_dbrx, "fp32", expert_filter=lambda layer: [layer, 5])
-    for i, layer in enumerate(loaded.model.layers):
-        assert layer.moe.experts.expert_ids == sorted({i, 5})
-        assert layer.moe.experts.w13_eGD.shape[0] == len({i, 5})
+    for i, moe in enumerate(loaded.model.moe_layers()):
+        assert moe.experts.expert_ids == sorted({i, 5})
+        assert moe.experts.w13_eGD.shape[0] == len({i, 5})
 
 
 def test_seeded_sampling_reproducible_and_degenerate_cases(tiny_mixtral):
@@ -206,7 +210,7 @@ def test_invalid_sampling_values(bad, message):
 @pytest.mark.parametrize("where", ["rope_parameters", "top", "attn_config"])
 def test_rope_theta_read_from_each_place(where):
     from moecluster.builtin import dbrx_config
-    from moecluster.models import dbrx
+    from moecluster.models.configs import parse_config
 
     cfg = dbrx_config(64, 2, 4, 2, 32, 4, 2, 100, rope_theta=1234.0)
     cfg["attn_config"].pop("rope_theta")
@@ -217,13 +221,13 @@ def test_rope_theta_read_from_each_place(where):
         cfg["rope_theta"] = 777.0
     else:
         cfg["attn_config"]["rope_theta"] = 777.0
-    assert dbrx.from_hf_config(cfg).rope_theta == 777.0
+    assert parse_config(cfg).rope_theta == 777.0
 
 
 def test_unsupported_rope_scaling_is_refused():
-    from moecluster.models import mixtral
+    from moecluster.models.configs import parse_config
 
     with pytest.raises(MoeClusterError, match="rope_type"):
-        mixtral.from_hf_config({"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+        parse_config({"model_type": "mixtral", "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
                                 "vocab_size": 10, "intermediate_size": 8, "num_local_experts": 2,
                                 "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})

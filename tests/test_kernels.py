@@ -70,18 +70,18 @@ def test_moe_gemv_rejects_bad_arguments():
 @needs_kernel
 def test_grouped_experts_decode_with_kernel_matches_torch_path():
     """The single-token path through the kernel against the per-expert torch mat-vecs."""
-    from moecluster.models.layers import GroupedExperts, ModelArgs
+    from moecluster.kernels.apply import fast_moe_gemm
+    from moecluster.models.moe import RoutedExperts
 
-    args = ModelArgs(arch="dbrx", dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=10, ffn_dim=48,
-                     num_experts=8, top_k=3, max_seq_len=16)
     gen = torch.Generator().manual_seed(0)
-    experts = GroupedExperts(args, [0, 2, 3, 5, 6, 7], dtype=torch.bfloat16)
+    experts = RoutedExperts(8, 64, 48, [0, 2, 3, 5, 6, 7], dtype=torch.bfloat16)
+    experts.gemm = fast_moe_gemm
     experts.w13_eGD.copy_(torch.randn(experts.w13_eGD.shape, generator=gen) * 0.1)
     experts.w2_eDF.copy_(torch.randn(experts.w2_eDF.shape, generator=gen) * 0.1)
     x = torch.randn(1, 64, generator=gen).bfloat16()
     ids = torch.tensor([[6, 0, 3]])
     mine = torch.tensor([[True, False, True]])
-    y, n = experts(x, ids, mine)
+    y, n = experts.pairs(x, ids, mine)
     assert n == 2 and (y[0, 1] == 0).all()
     for k in (0, 2):
         i = experts.expert_ids.index(int(ids[0, k]))
@@ -123,19 +123,19 @@ def test_moe_gemm_pairs_equal_moe_gemv_alone(E, R, C):
 
 @needs_kernel
 def test_batched_decode_rows_equal_one_token_steps():
-    """GroupedExperts on 6 tokens (the batched-decode path) == each token alone (the single path), bitwise."""
-    from moecluster.models.layers import GroupedExperts, ModelArgs
+    """RoutedExperts on 6 tokens (the batched-decode path) == each token alone (the single path), bitwise."""
+    from moecluster.kernels.apply import fast_moe_gemm
+    from moecluster.models.moe import RoutedExperts
 
-    args = ModelArgs(arch="dbrx", dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=10, ffn_dim=48,
-                     num_experts=8, top_k=3, max_seq_len=16)
     gen = torch.Generator().manual_seed(1)
-    experts = GroupedExperts(args, list(range(8)), dtype=torch.bfloat16)
+    experts = RoutedExperts(8, 64, 48, list(range(8)), dtype=torch.bfloat16)
+    experts.gemm = fast_moe_gemm
     experts.w13_eGD.copy_(torch.randn(experts.w13_eGD.shape, generator=gen) * 0.1)
     experts.w2_eDF.copy_(torch.randn(experts.w2_eDF.shape, generator=gen) * 0.1)
     x = torch.randn(6, 64, generator=gen).bfloat16()
     ids = torch.stack([torch.randperm(8, generator=gen)[:3] for _ in range(6)])
     mine = torch.rand(6, 3, generator=gen) < 0.7
-    y, _ = experts(x, ids, mine)
+    y, _ = experts.pairs(x, ids, mine)
     for n in range(6):
-        alone, _ = experts(x[n:n + 1], ids[n:n + 1], mine[n:n + 1])
+        alone, _ = experts.pairs(x[n:n + 1], ids[n:n + 1], mine[n:n + 1])
         assert torch.equal(y[n], alone[0]), n

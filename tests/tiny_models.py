@@ -10,30 +10,51 @@ import torch
 from moecluster.builtin import write_tokenizer
 
 VOCAB = 384
+ARCHES = ("dbrx", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe")
+COMMON = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+              max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+# each exercises its family's options: dense layers, renormalized top-k, shared expert, q/k norms, clipping
+HF_COMMON = {
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, intermediate_size=80,
+                       head_dim=24, mlp_only_layers=[1], norm_topk_prob=True)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, intermediate_size=80,
+                       shared_expert_intermediate_size=40, decoder_sparse_step=1, mlp_only_layers=[0])),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
+              dict(num_experts=8, num_experts_per_tok=2, intermediate_size=48, clip_qkv=6.0, pad_token_id=0,
+                   eos_token_id=1)),
+}
 
 
 def hf_model(arch: str, seed: int = 0, **overrides):
     """A transformers model of the given architecture, fp32, random weights (scaled so routing is not flat)."""
-    from transformers import DbrxConfig, DbrxForCausalLM, MixtralConfig, MixtralForCausalLM
+    import transformers as tf
 
     torch.manual_seed(seed)
     if arch == "dbrx":
-        cfg = DbrxConfig(d_model=64, n_heads=4, n_layers=3, max_seq_len=256, vocab_size=VOCAB,
+        cfg = tf.DbrxConfig(d_model=64, n_heads=4, n_layers=3, max_seq_len=256, vocab_size=VOCAB,
                          attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
                          ffn_config={"moe_num_experts": 8, "moe_top_k": 2, "ffn_hidden_size": 48},
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **overrides)
-        model = DbrxForCausalLM(cfg)
+        model = tf.DbrxForCausalLM(cfg)
     elif arch == "mixtral":
-        cfg = MixtralConfig(hidden_size=64, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        cfg = tf.MixtralConfig(hidden_size=64, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
                             num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, vocab_size=VOCAB,
                             max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
                             **overrides)
-        model = MixtralForCausalLM(cfg)
+        model = tf.MixtralForCausalLM(cfg)
+    elif arch in HF_COMMON:
+        config_class, model_class, kwargs = HF_COMMON[arch]
+        cfg = getattr(tf, config_class)(**(COMMON | kwargs | overrides))
+        model = getattr(tf, model_class)(cfg)
     else:
         raise ValueError(arch)
     with torch.no_grad():  # larger weights than the 0.02 init so that logits and routing are far from ties
         for name, p in model.named_parameters():
-            if "norm" not in name:
+            if "q_norm" in name or "k_norm" in name:  # around 1, so that the q/k norm weights are checked too
+                p.normal_(1.0, 0.1)
+            elif "norm" not in name:
                 p.normal_(0.0, 0.2)
     return model.eval()
 

@@ -18,28 +18,30 @@ from safetensors import SafetensorError, safe_open
 
 from moecluster.engine.tokenizer import Tokenizer
 from moecluster.errors import MoeClusterError
-from moecluster.models import dbrx, mixtral
-from moecluster.models.layers import GroupedExperts, ModelArgs, MoETransformer, check_dims
+from moecluster.models.configs import ArchConfig, ModelShape, parse_config
+from moecluster.models.layers import DecoderModel, check_dims
+from moecluster.models.moe import RoutedExperts
+from moecluster.models.registry import architecture
 
-ARCHITECTURES = {dbrx.MODEL_TYPE: dbrx, mixtral.MODEL_TYPE: mixtral}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
-# layer -> global expert ids this process holds (None: all)
+# MoE layer index (position among the model's MoE layers) -> global expert ids this process holds
 ExpertFilter = Callable[[int], list[int]]
 
 
 @dataclass
 class LoadedModel:
-    model: MoETransformer
-    args: ModelArgs
+    model: DecoderModel
+    config: ArchConfig
+    shape: ModelShape
     tokenizer: Tokenizer
-    config: dict
+    raw_config: dict
     dtype: torch.dtype
     model_dir: Path
 
 
-def read_config(model_dir: str | Path) -> tuple[dict, ModelArgs]:
-    """Parse config.json and build ModelArgs for its model_type."""
+def read_config(model_dir: str | Path) -> tuple[dict, ArchConfig]:
+    """Parse config.json into its architecture's config (checked), and check the engine can run it."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise MoeClusterError(f"model directory {str(model_dir)!r} does not exist; pass --model DIR with a HF checkpoint")
@@ -47,14 +49,12 @@ def read_config(model_dir: str | Path) -> tuple[dict, ModelArgs]:
     if not path.is_file():
         raise MoeClusterError(f"{path} not found; a HF checkpoint directory needs config.json")
     try:
-        cfg = json.loads(path.read_text())
+        raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise MoeClusterError(f"{path} is not valid JSON: {e}") from None
-    model_type = cfg.get("model_type")
-    if model_type not in ARCHITECTURES:
-        raise MoeClusterError(f"unsupported model_type {model_type!r} in {path}; "
-                              f"supported: {', '.join(sorted(ARCHITECTURES))}")
-    return cfg, ARCHITECTURES[model_type].from_hf_config(cfg)
+    cfg = parse_config(raw, str(path))
+    architecture(cfg)
+    return raw, cfg
 
 
 def default_dtype(cfg: dict) -> str:
@@ -108,14 +108,14 @@ class CheckpointReader:
         self._open.clear()
 
 
-def _check_names(reader: CheckpointReader, arch, args: ModelArgs) -> None:
+def _check_names(reader: CheckpointReader, arch, cfg: ArchConfig) -> None:
     """Strict: every expected tensor present with its shape, nothing unexpected."""
     expected: dict[str, tuple[int, ...]] = {}
-    for names, _ in arch.dense_tensors(args).values():
+    for names, _ in arch.dense_weights(cfg).values():
         for name in names:
             expected[name] = ()
-    for layer in range(args.n_layers):
-        expected |= arch.expert_tensors(args, layer)
+    for layer in cfg.moe_layer_ids():
+        expected |= arch.expert_weights(cfg, layer)
     missing = sorted(set(expected) - set(reader.shapes))
     if missing:
         raise MoeClusterError(f"checkpoint is missing {len(missing)} tensors (first: {missing[0]}); "
@@ -131,33 +131,35 @@ def _check_names(reader: CheckpointReader, arch, args: ModelArgs) -> None:
 
 def load_model(model_dir: str | Path, dtype: str | None = None, expert_filter: ExpertFilter | None = None,
                num_threads: int | None = None) -> LoadedModel:
-    """Load a HF checkpoint. `expert_filter(layer)` gives the experts to hold (default: all)."""
+    """Load a HF checkpoint. `expert_filter(moe_layer)` gives the experts to hold (default: all)."""
     model_dir = Path(model_dir)
-    cfg, args = read_config(model_dir)
-    dtype_name = dtype or default_dtype(cfg)
+    raw, cfg = read_config(model_dir)
+    dtype_name = dtype or default_dtype(raw)
     if dtype_name not in DTYPES:
         raise MoeClusterError(f"dtype {dtype_name!r} not supported; use one of {', '.join(DTYPES)}")
     torch_dtype = DTYPES[dtype_name]
-    tokenizer = Tokenizer.from_dir(model_dir, args)
-    arch = ARCHITECTURES[args.arch]
+    tokenizer = Tokenizer.from_dir(model_dir, cfg)
+    model_class, arch = architecture(cfg)
+    shape = cfg.shape(model_dir.name, str(model_dir))
     reader = CheckpointReader(model_dir, torch_dtype)
     try:
-        _check_names(reader, arch, args)
+        _check_names(reader, arch, cfg)
         with torch.device("meta"):
-            model = MoETransformer(args)
-        _load_dense(model, reader, arch, args)
-        for layer in range(args.n_layers):
-            experts = list(range(args.num_experts)) if expert_filter is None else sorted(expert_filter(layer))
-            model.layers[layer].moe.experts = _load_experts(reader, arch, args, layer, experts, torch_dtype)
+            model = model_class(cfg)
+        _load_dense(model, reader, arch, cfg)
+        for index, (layer, moe) in enumerate(zip(cfg.moe_layer_ids(), model.moe_layers(), strict=True)):
+            experts = list(range(shape.num_experts)) if expert_filter is None else sorted(expert_filter(index))
+            moe.experts = _load_experts(reader, arch, cfg, moe.experts, layer, index, experts, torch_dtype)
+            moe.index = index
     finally:
         reader.close()
     model.eval().requires_grad_(False)
-    return LoadedModel(model, args, tokenizer, cfg, torch_dtype, model_dir)
+    return LoadedModel(model, cfg, shape, tokenizer, raw, torch_dtype, model_dir)
 
 
-def _load_dense(model: MoETransformer, reader: CheckpointReader, arch, args: ModelArgs) -> None:
+def _load_dense(model: DecoderModel, reader: CheckpointReader, arch, cfg: ArchConfig) -> None:
     state = {}
-    for ours, (names, shape) in arch.dense_tensors(args).items():
+    for ours, (names, shape) in arch.dense_weights(cfg).items():
         parts = [reader.read(n) for n in names]
         t = _private_copy(parts[0]) if len(parts) == 1 else torch.cat(parts, dim=0)
         check_dims(names[0] if len(names) == 1 else "+".join(names), tuple(t.shape), shape)
@@ -175,15 +177,16 @@ def _private_copy(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def _load_experts(reader: CheckpointReader, arch, args: ModelArgs, layer: int, experts: list[int],
-                  dtype: torch.dtype) -> GroupedExperts:
-    """Prestack the held experts of one layer into contiguous w13_eGD / w2_eDF, one expert at a time."""
-    bad = [e for e in experts if not 0 <= e < args.num_experts]
+def _load_experts(reader: CheckpointReader, arch, cfg: ArchConfig, template: RoutedExperts, layer: int, index: int,
+                  experts: list[int], dtype: torch.dtype) -> RoutedExperts:
+    """Prestack the held experts of one MoE layer into contiguous w13_eGD / w2_eDF, one expert at a time."""
+    bad = [e for e in experts if not 0 <= e < template.num_experts]
     if bad:
-        raise MoeClusterError(f"placement names experts {bad} in layer {layer}, but the model has {args.num_experts}")
-    module = GroupedExperts(args, experts, dtype=dtype)
+        raise MoeClusterError(f"placement names experts {bad} in MoE layer {index}, but the model has "
+                              f"{template.num_experts}")
+    module = RoutedExperts(template.num_experts, template.dim, template.hidden, experts, dtype=dtype)
     for i, expert in enumerate(experts):
-        w13_GD, w2_DF = arch.read_expert(reader.read_rows, args, layer, expert)
+        w13_GD, w2_DF = arch.read_expert(reader.read_rows, cfg, layer, expert)
         module.w13_eGD[i].copy_(w13_GD)
         module.w2_eDF[i].copy_(w2_DF)
     return module

@@ -23,8 +23,9 @@ def open_engine(model_dir: str | Path, dtype: str | None = None, comm=None, plac
         return Engine(load_model(model_dir, dtype), comm, num_slots, max_seq_len), None
     from moecluster.parallel.expert_parallel import apply_expert_parallel
 
-    _, args = read_config(model_dir)
-    placement = make_placement(placement_spec, args.num_experts, args.n_layers, comm.world_size)
+    _, cfg = read_config(model_dir)
+    shape = cfg.shape()
+    placement = make_placement(placement_spec, shape.num_experts, shape.num_moe_layers, comm.world_size)
     loaded = load_model(model_dir, dtype, expert_filter=lambda layer: placement.experts_of(comm.rank, layer))
     apply_expert_parallel(loaded.model, comm, placement, exchange)
     return Engine(loaded, comm, num_slots, max_seq_len), placement
@@ -33,8 +34,9 @@ def open_engine(model_dir: str | Path, dtype: str | None = None, comm=None, plac
 def rank_report(engine: Engine, stats) -> dict:
     """What this rank holds and did: experts per layer, weight bytes, peak RSS, bytes/token, trace summary."""
     model = engine.model
-    held = [layer.moe.experts.expert_ids for layer in model.layers]
-    expert_bytes = sum(len(h) * layer.moe.experts.expert_bytes() for h, layer in zip(held, model.layers))
+    moes = model.moe_layers()
+    held = [moe.experts.expert_ids for moe in moes]
+    expert_bytes = sum(len(h) * moe.experts.expert_bytes() for h, moe in zip(held, moes, strict=True))
     return {
         "rank": engine.rank,
         "experts_layer0": held[0],

@@ -1,11 +1,17 @@
 """Per-step, per-layer, per-rank timing: attention, router, experts (with evaluation counts), all-reduce,
 head, sampling/broadcast. One process-wide tracer; `add` is a no-op unless enabled.
+
+`apply_tracing(model)` is a transformation of a loaded model: it wraps each block's attention, each MoE
+layer's router and experts (unless they time themselves, like expert parallelism's) and the lm_head in
+timers, so model files stay plain torch.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
+
+from torch import nn
 
 PHASES = ("attention", "router", "experts", "all_reduce", "head", "sample_bcast")
 now = time.perf_counter
@@ -76,3 +82,47 @@ def format_breakdown(rows: list[tuple[str, dict]]) -> str:
         cells = " ".join(f"{s['per_step'][p] * 1e3:7.2f} {s['share'][p] * 100:4.0f}%" + " " for p in PHASES + ("other",))
         lines.append(f"{name:>6} {s['step_time'] * 1e3:8.2f} {cells} {s['expert_evals_per_step']:10.1f}")
     return "\n".join(lines)
+
+
+class SelfTimed:
+    """Marker: a module that reports its own phases to TRACER (apply_tracing leaves it unwrapped)."""
+
+
+class Timed(nn.Module):
+    """Times `inner`'s forward as one phase of one layer; other attributes read through to `inner`."""
+
+    def __init__(self, inner: nn.Module, layer: int, phase: str, counts_evals: bool = False):
+        super().__init__()
+        self.inner, self.layer, self.phase, self.counts_evals = inner, layer, phase, counts_evals
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("inner"), name)
+
+    def forward(self, *args, **kwargs):
+        t0 = now()
+        out = self.inner(*args, **kwargs)
+        TRACER.add(self.layer, self.phase, now() - t0)
+        if self.counts_evals:
+            TRACER.count_evals(self.layer, self.inner.last_num_evaluated)
+        return out
+
+
+def _wrap(module: nn.Module, layer: int, phase: str, counts_evals: bool = False) -> nn.Module:
+    if isinstance(module, (Timed, SelfTimed)):
+        return module
+    return Timed(module, layer, phase, counts_evals)
+
+
+def apply_tracing(model: nn.Module) -> nn.Module:
+    """Wrap attention, routers, experts and the head of a DecoderModel in timers (idempotent)."""
+    for i, block in enumerate(model.layers):
+        block.attn = _wrap(block.attn, i, "attention")
+        moe = block.mlp
+        if moe in model.moe_layers():
+            moe.router = _wrap(moe.router, i, "router")
+            moe.experts = _wrap(moe.experts, i, "experts", counts_evals=True)
+    model.lm_head = _wrap(model.lm_head, -1, "head")
+    return model

@@ -16,7 +16,8 @@ from moecluster.engine.sampling import Sampler, SamplingParams
 from moecluster.engine.tokenizer import IncrementalDecoder, Tokenizer
 from moecluster.errors import MoeClusterError
 from moecluster.loading import LoadedModel, peak_rss_bytes
-from moecluster.tracing import TRACER, now
+from moecluster.kernels.apply import apply_kernels
+from moecluster.tracing import TRACER, apply_tracing, now
 
 
 @dataclass
@@ -83,6 +84,8 @@ class Engine:
         self.comm = comm
         self.rank = comm.rank if comm is not None else 0
         self.world_size = comm.world_size if comm is not None else 1
+        apply_kernels(self.model)  # transformations of the loaded model: fast products, then timers
+        apply_tracing(self.model)
         self.model.setup_cache(num_slots, max_seq_len)
         self.max_seq_len = self.model.cache_len
         self.dense_bytes = dense_bytes_per_token(self.model)
@@ -93,7 +96,7 @@ class Engine:
         return self.model(tokens_BT, pos_B, slots_B, last_only=True)[:, -1]
 
     def expert_bytes_last_step(self) -> int:
-        return sum(layer.moe.last_num_evaluated * layer.moe.experts.expert_bytes() for layer in self.model.layers)
+        return sum(moe.experts.last_num_evaluated * moe.experts.expert_bytes() for moe in self.model.moe_layers())
 
     def decide(self, token: int, done: bool) -> tuple[int, bool]:
         """Rank 0's decision, broadcast to every rank."""
@@ -109,9 +112,9 @@ class Engine:
         if len(prompt_ids) >= self.max_seq_len:
             raise MoeClusterError(f"prompt has {len(prompt_ids)} tokens but the context holds {self.max_seq_len}; "
                                   "shorten the prompt")
-        bad = [t for t in prompt_ids if not 0 <= t < self.loaded.args.vocab_size]
+        bad = [t for t in prompt_ids if not 0 <= t < self.loaded.shape.vocab_size]
         if bad:
-            raise MoeClusterError(f"prompt token ids {bad[:3]} are outside the vocabulary of {self.loaded.args.vocab_size}")
+            raise MoeClusterError(f"prompt token ids {bad[:3]} are outside the vocabulary of {self.loaded.shape.vocab_size}")
 
     def stream(self, prompt_ids: list[int], params: SamplingParams, slot: int = 0) -> Iterator[Delta]:
         """Prefill then decode one sequence, yielding text deltas; the last delta carries stats."""

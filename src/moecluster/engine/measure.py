@@ -72,7 +72,7 @@ def decode_probe(engine, batch: int, steps: int, warmup: int = 3, prompt_len: in
     with torch.inference_mode():
         logits = [engine.step(torch.tensor([ids]), torch.tensor([0]), slots_B[b:b + 1])[0]
                   for b, ids in enumerate(prompt_ids(engine.tokenizer, batch, prompt_len,
-                                                     engine.loaded.args.vocab_size))]
+                                                     engine.loaded.shape.vocab_size))]
     tokens_B, _, _ = _sample_and_broadcast(engine, sampler, torch.stack(logits))
     pos_B = torch.full((batch,), prompt_len, dtype=torch.int64)
     step_s, sample_s, bcast_s = [], [], []
@@ -92,7 +92,7 @@ def decode_probe(engine, batch: int, steps: int, warmup: int = 3, prompt_len: in
     out = {"batch": batch, "steps": steps, "context_mean": prompt_len + warmup + (steps + 1) / 2,
            "step_s": step_s, "sample_s": sample_s, "bcast_s": bcast_s}
     if trace:
-        out.update(_trace_lists(engine.model.args.n_layers))
+        out.update(_trace_lists(len(engine.model.layers)))
     TRACER.reset(enabled=False)
     return out
 
@@ -127,13 +127,14 @@ def streaming_bandwidth_gbs(comm, mib: int = 256, repeats: int = 5) -> float:
 
 
 def _model_summary(engine, exchange: str) -> dict:
-    a = engine.loaded.args
+    a = engine.loaded.shape
     dtype = engine.model.embed.weight.dtype
     elem = torch.empty(0, dtype=dtype).element_size()
-    expert_bytes = next((layer.moe.experts.expert_bytes() for layer in engine.model.layers
-                         if layer.moe.experts.expert_bytes()), 0)
-    per_token = a.top_k * a.dim * elem if exchange == "exact" else a.dim * 4
-    return {"arch": a.arch, "d_model": a.dim, "layers": a.n_layers, "experts": a.num_experts,
+    expert_bytes = next((moe.experts.expert_bytes() for moe in engine.model.moe_layers()
+                         if moe.experts.expert_bytes()), 0)
+    per_token = a.top_k * a.d_model * elem if exchange == "exact" else a.d_model * 4
+    return {"arch": a.model_type, "d_model": a.d_model, "layers": a.num_layers, "moe_layers": a.num_moe_layers,
+            "experts": a.num_experts,
             "top_k": a.top_k, "vocab": a.vocab_size, "dtype": "fp32" if dtype == torch.float32 else "bf16",
             "expert_bytes": expert_bytes, "exchange": exchange, "exchange_bytes_per_token": per_token,
             "exchange_dtype": str(dtype if exchange == "exact" else torch.float32).removeprefix("torch.")}

@@ -41,17 +41,17 @@ def read_prompts(path: str) -> list[str]:
 
 def profile(engine: Engine, prompts: list[str], max_tokens: int) -> RoutingStats:
     """Routing statistics of prefill and decode over the prompts."""
-    args = engine.loaded.args
-    stats = RoutingStats(args.n_layers, args.num_experts, args.top_k)
-    for layer in engine.model.layers:
-        layer.moe.recorder = stats
+    shape = engine.loaded.shape
+    stats = RoutingStats(shape.num_moe_layers, shape.num_experts, shape.top_k)
+    for moe in engine.model.moe_layers():
+        moe.recorder = stats
     try:
         for prompt in prompts:
             ids = engine.tokenizer.encode(prompt)[: engine.max_seq_len - max_tokens - 1]
             engine.generate(ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
     finally:
-        for layer in engine.model.layers:
-            layer.moe.recorder = None
+        for moe in engine.model.moe_layers():
+            moe.recorder = None
     return stats
 
 

@@ -1,84 +1,68 @@
-"""DBRX (Databricks): LayerNorm without bias, fused Wqkv with clipping, softmax router in the model dtype
-with p-norm renormalization, experts fused on disk as ffn.experts.mlp.{w1,v1,w2} of shape [E*F, D].
+"""DBRX (Databricks), beside transformers' modeling_dbrx.py: LayerNorm without bias, fused Wqkv with
+clipping, a softmax router in the model dtype whose top-k weights are renormalized by their p-norm,
+every layer MoE, experts fused on disk as `ffn.experts.mlp.{w1,v1,w2}` of shape [E*F, D] (w2 applied
+untransposed: stored transposed here so every product is x @ W.T).
 
-Shape legend: D model dim, F expert hidden dim, G = 2F, E experts, V vocab.
+Shape legend: D model dim, F expert hidden dim, G = 2F, E experts, K top-k, V vocab.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
-from moecluster.errors import MoeClusterError
-from moecluster.models.common import ReadRows, eos_list, get_required, rope_theta_of
-from moecluster.models.layers import ModelArgs
+from moecluster.models.configs import DbrxConfig
+from moecluster.models.hub import DenseMap, ReadRows, embed_norm_head
+from moecluster.models.layers import Attention, DecoderModel, PreNormBlock, layer_norm
+from moecluster.models.moe import MoE, Router, RoutedExperts, softmax_topk
 
-MODEL_TYPE = "dbrx"
 
+class DbrxForCausalLM(DecoderModel):
+    def __init__(self, cfg: DbrxConfig):
+        D, E = cfg.d_model, cfg.num_experts
+        score = partial(softmax_topk, k=cfg.top_k, renorm_p=cfg.normalize_p, fp32=False)
 
-def from_hf_config(cfg: dict) -> ModelArgs:
-    """ModelArgs from a DBRX config.json dict (unknown keys ignored)."""
-    attn = cfg.get("attn_config") or {}
-    ffn = cfg.get("ffn_config") or {}
-    act = (ffn.get("ffn_act_fn") or {"name": "silu"}).get("name", "silu")
-    if act != "silu":
-        raise MoeClusterError(f"config: DBRX ffn_act_fn {act!r} is not supported (only silu)")
-    num_experts = int(get_required(ffn, "moe_num_experts", "ffn_config"))
-    return ModelArgs(
-        arch=MODEL_TYPE,
-        dim=int(get_required(cfg, "d_model")),
-        n_layers=int(get_required(cfg, "n_layers")),
-        n_heads=int(get_required(cfg, "n_heads")),
-        n_kv_heads=int(attn.get("kv_n_heads", cfg.get("num_key_value_heads", 1))),
-        vocab_size=int(get_required(cfg, "vocab_size")),
-        ffn_dim=int(get_required(ffn, "ffn_hidden_size", "ffn_config")),
-        num_experts=num_experts,
-        top_k=int(get_required(ffn, "moe_top_k", "ffn_config")),
-        max_seq_len=int(cfg.get("max_seq_len", 2048)),
-        norm="layernorm",
-        norm_eps=1e-5,
-        rope_theta=rope_theta_of(cfg, attn, default=500000.0),
-        clip_qkv=attn.get("clip_qkv"),
-        router_softmax_fp32=False,
-        router_norm_p=ffn.get("moe_normalize_expert_weights", 1.0),
-        bos_token_id=cfg.get("bos_token_id"),
-        eos_token_ids=eos_list(cfg.get("eos_token_id")),
-    )
+        def block() -> PreNormBlock:
+            attn = Attention(D, cfg.n_heads, cfg.kv_n_heads, cfg.head_dim, clip_qkv=cfg.clip_qkv)
+            moe = MoE(Router(D, E, score), RoutedExperts(E, D, cfg.ffn_hidden_size, list(range(E)), device="meta"))
+            return PreNormBlock(layer_norm(D), attn, layer_norm(D), moe)
+
+        super().__init__(cfg.vocab_size, D, [block() for _ in range(cfg.n_layers)], layer_norm(D),
+                         head_dim=cfg.head_dim, rope_theta=cfg.rope_theta, max_seq_len=cfg.max_seq_len,
+                         tie_embeddings=cfg.tie_word_embeddings)
 
 
 def _blk(i: int) -> str:
     return f"transformer.blocks.{i}"
 
 
-def dense_tensors(args: ModelArgs) -> dict[str, tuple[list[str], tuple[int, ...]]]:
+def dense_weights(cfg: DbrxConfig) -> DenseMap:
     """Our parameter name -> (on-disk names concatenated along dim 0, our shape)."""
-    d = args.dim
-    out = {
-        "embed.weight": (["transformer.wte.weight"], (args.vocab_size, d)),
-        "norm.weight": (["transformer.norm_f.weight"], (d,)),
-        "lm_head.weight": (["lm_head.weight"], (args.vocab_size, d)),
-    }
-    for i in range(args.n_layers):
-        b = _blk(i)
+    D, qkv = cfg.d_model, (cfg.n_heads + 2 * cfg.kv_n_heads) * cfg.head_dim
+    out = embed_norm_head(cfg.vocab_size, D, cfg.tie_word_embeddings, embed="transformer.wte.weight",
+                          norm="transformer.norm_f.weight")
+    for i in range(cfg.n_layers):
+        b = f"{_blk(i)}.norm_attn_norm"
         out |= {
-            f"layers.{i}.attn_norm.weight": ([f"{b}.norm_attn_norm.norm_1.weight"], (d,)),
-            f"layers.{i}.attn.wqkv.weight": ([f"{b}.norm_attn_norm.attn.Wqkv.weight"], (args.qkv_dim, d)),
-            f"layers.{i}.attn.wo.weight": ([f"{b}.norm_attn_norm.attn.out_proj.weight"], (d, args.n_heads * args.head_dim)),
-            f"layers.{i}.moe_norm.weight": ([f"{b}.norm_attn_norm.norm_2.weight"], (d,)),
-            f"layers.{i}.moe.router.gate.weight": ([f"{b}.ffn.router.layer.weight"], (args.num_experts, d)),
+            f"layers.{i}.attn_norm.weight": ([f"{b}.norm_1.weight"], (D,)),
+            f"layers.{i}.attn.wqkv.weight": ([f"{b}.attn.Wqkv.weight"], (qkv, D)),
+            f"layers.{i}.attn.wo.weight": ([f"{b}.attn.out_proj.weight"], (D, cfg.n_heads * cfg.head_dim)),
+            f"layers.{i}.mlp_norm.weight": ([f"{b}.norm_2.weight"], (D,)),
+            f"layers.{i}.mlp.router.gate.weight": ([f"{_blk(i)}.ffn.router.layer.weight"], (cfg.num_experts, D)),
         }
     return out
 
 
-def expert_tensors(args: ModelArgs, layer: int) -> dict[str, tuple[int, ...]]:
-    """On-disk expert tensor names of one layer with their shapes."""
-    shape = (args.num_experts * args.ffn_dim, args.dim)
+def expert_weights(cfg: DbrxConfig, layer: int) -> dict[str, tuple[int, ...]]:
+    """On-disk expert tensors of one layer with their shapes."""
+    shape = (cfg.num_experts * cfg.ffn_hidden_size, cfg.d_model)
     return {f"{_blk(layer)}.ffn.experts.mlp.{w}": shape for w in ("w1", "v1", "w2")}
 
 
-def read_expert(read_rows: ReadRows, args: ModelArgs, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One expert's (w13_GD, w2_DF) read from only its rows of the fused tensors."""
+def read_expert(read_rows: ReadRows, cfg: DbrxConfig, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One expert's (w13_GD, w2_DF), read from only its rows of the fused tensors."""
     base = f"{_blk(layer)}.ffn.experts.mlp"
-    lo, hi = expert * args.ffn_dim, (expert + 1) * args.ffn_dim
+    lo, hi = expert * cfg.ffn_hidden_size, (expert + 1) * cfg.ffn_hidden_size
     w13_GD = torch.cat([read_rows(f"{base}.w1", lo, hi), read_rows(f"{base}.v1", lo, hi)], dim=0)
-    w2_DF = read_rows(f"{base}.w2", lo, hi).t()  # DBRX applies w2 untransposed (h @ w2): store it for linear
-    return w13_GD, w2_DF
+    return w13_GD, read_rows(f"{base}.w2", lo, hi).t()

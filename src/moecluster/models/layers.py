@@ -1,99 +1,39 @@
-"""Pieces shared by the MoE decoder architectures: args, norms, RoPE, attention with a slot KV cache,
-router, grouped experts and the decoder itself.
+"""Primitives the architecture files compose, each configured by plain constructor arguments (never a
+config object): linear, norms, rotary embeddings, the slot KV cache, grouped-query attention, the gated
+MLP, and the decoder skeleton (embeddings -> blocks -> norm -> lm_head) with its cache bookkeeping.
+
+Plain torch only: compiled kernels, tracing and expert parallelism are transformations applied to a
+loaded model (kernels/, tracing.py, parallel/).
 
 Shape legend: B batch rows (cache slots in use), T tokens per row, N = B*T flattened tokens,
-D model dim, F expert hidden dim, G = 2F (gate and up projections stacked), E experts,
-e experts held locally, K top-k, H query heads, Hk kv heads, Hd head dim, S cached positions, V vocab.
+D model dim, F hidden dim, G = 2F (gate and up stacked), H query heads, Hk kv heads, Hd head dim,
+S cached positions, V vocab.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moecluster import kernels
 from moecluster.errors import MoeClusterError
-from moecluster.tracing import TRACER, now
+
+# gemm(x, weight_OI, bias_O or None) -> x @ weight.T + bias: F.linear's signature
+Gemm = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
-@dataclass
-class ModelArgs:
-    """Everything the decoder needs, flat. Built by each architecture's `from_hf_config`."""
+class Linear(nn.Linear):
+    """nn.Linear whose product function can be swapped after loading (kernels.apply_kernels)."""
 
-    arch: str
-    dim: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    vocab_size: int
-    ffn_dim: int
-    num_experts: int
-    top_k: int
-    max_seq_len: int
-    norm: str = "rmsnorm"  # "rmsnorm" | "layernorm" (no bias)
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    clip_qkv: float | None = None
-    router_softmax_fp32: bool = True  # Mixtral: softmax in fp32; DBRX: in the model dtype
-    router_norm_p: float | None = 1.0  # renormalize top-k weights by their p-norm (None: keep softmax)
-    head_dim: int = 0
-    tie_embeddings: bool = False
-    bos_token_id: int | None = None
-    eos_token_ids: list[int] = field(default_factory=list)
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__(in_features, out_features, bias=bias)
+        self.gemm: Gemm = F.linear
 
-    def __post_init__(self) -> None:
-        if not self.head_dim:
-            if self.dim % self.n_heads:
-                raise MoeClusterError(
-                    f"config: hidden size {self.dim} is not divisible by {self.n_heads} heads; fix config.json")
-            self.head_dim = self.dim // self.n_heads
-        checks = [
-            (self.n_layers > 0, f"number of layers must be positive, got {self.n_layers}"),
-            (self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0,
-             f"{self.n_heads} attention heads are not a multiple of {self.n_kv_heads} kv heads"),
-            (self.num_experts > 0, f"number of experts must be positive, got {self.num_experts}"),
-            (0 < self.top_k <= self.num_experts,
-             f"top-k {self.top_k} must be between 1 and the number of experts {self.num_experts}"),
-            (self.ffn_dim > 0 and self.vocab_size > 0 and self.max_seq_len > 0,
-             "ffn size, vocab size and max sequence length must be positive"),
-            (self.head_dim % 2 == 0, f"head dim {self.head_dim} must be even for rotary embeddings"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise MoeClusterError(f"config: {msg}; fix config.json")
-
-    @property
-    def qkv_dim(self) -> int:
-        return (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
-
-
-SMALL_ROWS = 16  # up to this many rows, w @ x.T streams weights faster than F.linear on CPU (bf16)
-
-
-def linear(x: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
-    """x @ w.T, choosing the kernel that streams the weights fastest for the number of rows."""
-    rows = x.numel() // x.shape[-1]
-    if rows <= SMALL_ROWS and w_OI.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 \
-            and w_OI.is_contiguous() and kernels.moe_gemv_available():  # weights read once for all rows
-        x_nI = x.reshape(rows, -1).contiguous()
-        out_nO = kernels.moe_gemm(w_OI[None], [0], [rows], x_nI, list(range(rows)),
-                                  x_nI.new_empty(rows, w_OI.shape[0]), list(range(rows)))
-        return out_nO.view(*x.shape[:-1], w_OI.shape[0])
-    if rows == 1:
-        return torch.mv(w_OI, x.reshape(-1)).view(*x.shape[:-1], w_OI.shape[0])
-    if rows <= SMALL_ROWS:
-        return torch.mm(w_OI, x.reshape(rows, -1).t()).t().reshape(*x.shape[:-1], w_OI.shape[0])
-    return F.linear(x, w_OI)
-
-
-def make_norm(args: ModelArgs) -> nn.Module:
-    if args.norm == "layernorm":
-        return nn.LayerNorm(args.dim, eps=args.norm_eps, bias=False)
-    return RMSNorm(args.dim, args.norm_eps)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gemm(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -110,6 +50,11 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+def layer_norm(dim: int, eps: float = 1e-5) -> nn.Module:
+    """LayerNorm without bias (DBRX)."""
+    return nn.LayerNorm(dim, eps=eps, bias=False)
+
+
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos_SHd, sin_SHd for positions 0..S-1 (computed in fp32, stored in the model dtype like HF)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
@@ -119,32 +64,10 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float, dtype: torch.dtyp
 
 
 def apply_rope(x_BHTHd: torch.Tensor, cos_BTHd: torch.Tensor, sin_BTHd: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (the HF convention: first half pairs with second half)."""
     half = x_BHTHd.shape[-1] // 2
     rotated = torch.cat((-x_BHTHd[..., half:], x_BHTHd[..., :half]), dim=-1)
     return x_BHTHd * cos_BTHd[:, None] + rotated * sin_BTHd[:, None]
-
-
-class KVCache(nn.Module):
-    """Preallocated per-layer cache with one row per slot; a sequence owns a slot for its lifetime."""
-
-    def __init__(self, num_slots: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype):
-        super().__init__()
-        shape = (num_slots, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
-
-    def update(self, rows: "CacheRows", k_BHkTHd: torch.Tensor, v_BHkTHd: torch.Tensor,
-               span: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write new keys/values at each row's positions; return the first `span` cached positions."""
-        num_tokens = k_BHkTHd.shape[2]
-        if num_tokens == 1 and len(rows.slots) > 1:  # batched decode: one scatter per tensor
-            self.k[rows.slots_t, :, rows.pos_t] = k_BHkTHd[:, :, 0]
-            self.v[rows.slots_t, :, rows.pos_t] = v_BHkTHd[:, :, 0]
-            return self.k[rows.index, :, :span], self.v[rows.index, :, :span]
-        for b, (slot, pos) in enumerate(zip(rows.slots, rows.pos)):
-            self.k[slot, :, pos:pos + num_tokens] = k_BHkTHd[b]
-            self.v[slot, :, pos:pos + num_tokens] = v_BHkTHd[b]
-        return self.k[rows.index, :, :span], self.v[rows.index, :, :span]
 
 
 class CacheRows(NamedTuple):
@@ -157,256 +80,178 @@ class CacheRows(NamedTuple):
     pos_t: torch.Tensor
 
     @classmethod
-    def of(cls, slots_B: torch.Tensor, pos_B: torch.Tensor) -> "CacheRows":
+    def of(cls, slots_B: torch.Tensor, pos_B: torch.Tensor) -> CacheRows:
         slots = slots_B.tolist()
         consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
         return cls(slots, pos_B.tolist(), slice(slots[0], slots[0] + len(slots)) if consecutive else slots_B,
                    slots_B.long(), pos_B.long())
 
 
-class Attention(nn.Module):
-    """Grouped-query attention with fused qkv projection, optional qkv clipping (DBRX) and a slot cache."""
+class Step(NamedTuple):
+    """What every attention layer needs about the current forward (built once per forward)."""
 
-    def __init__(self, args: ModelArgs):
+    rows: CacheRows
+    cos_BTHd: torch.Tensor
+    sin_BTHd: torch.Tensor
+    mask_B1TS: torch.Tensor | None  # None: one row, one new token (attends to every cached position)
+    span: int  # cached positions the batch attends to
+
+
+class KVCache(nn.Module):
+    """Preallocated per-layer cache with one row per slot; a sequence owns a slot for its lifetime."""
+
+    def __init__(self, num_slots: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype):
         super().__init__()
-        self.args = args
-        self.wqkv = nn.Linear(args.dim, args.qkv_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        shape = (num_slots, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(self, rows: CacheRows, k_BHkTHd: torch.Tensor, v_BHkTHd: torch.Tensor,
+               span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write new keys/values at each row's positions; return the first `span` cached positions."""
+        num_tokens = k_BHkTHd.shape[2]
+        if num_tokens == 1 and len(rows.slots) > 1:  # batched decode: one scatter per tensor
+            self.k[rows.slots_t, :, rows.pos_t] = k_BHkTHd[:, :, 0]
+            self.v[rows.slots_t, :, rows.pos_t] = v_BHkTHd[:, :, 0]
+            return self.k[rows.index, :, :span], self.v[rows.index, :, :span]
+        for b, (slot, pos) in enumerate(zip(rows.slots, rows.pos, strict=True)):
+            self.k[slot, :, pos:pos + num_tokens] = k_BHkTHd[b]
+            self.v[slot, :, pos:pos + num_tokens] = v_BHkTHd[b]
+        return self.k[rows.index, :, :span], self.v[rows.index, :, :span]
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with a fused qkv projection (the loader concatenates q, k, v) and a slot cache.
+
+    qk_norm: None; "head" (RMSNorm over each head's Hd, Qwen3); "full" (RMSNorm over the whole q / k
+    projection, OLMoE). clip_qkv clamps q, k, v (DBRX, OLMoE: after the q/k norm)."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, *, qkv_bias: bool = False,
+                 qk_norm: str | None = None, norm_eps: float = 1e-6, clip_qkv: float | None = None):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.clip_qkv = clip_qkv
+        self.wqkv = Linear(dim, (n_heads + 2 * n_kv_heads) * head_dim, bias=qkv_bias)
+        self.wo = Linear(n_heads * head_dim, dim)
+        self.qk_norm = qk_norm
+        if qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(head_dim, norm_eps), RMSNorm(head_dim, norm_eps)
+        elif qk_norm == "full":
+            self.q_norm, self.k_norm = RMSNorm(n_heads * head_dim, norm_eps), RMSNorm(n_kv_heads * head_dim, norm_eps)
+        elif qk_norm is not None:
+            raise ValueError(f"qk_norm {qk_norm!r}")
         self.cache: KVCache | None = None
 
-    def forward(self, x_BTD: torch.Tensor, cos_BTHd: torch.Tensor, sin_BTHd: torch.Tensor,
-                mask_B1TS: torch.Tensor, rows: CacheRows) -> torch.Tensor:
-        a = self.args
+    def make_cache(self, num_slots: int, max_seq_len: int, dtype: torch.dtype) -> None:
+        self.cache = KVCache(num_slots, self.n_kv_heads, max_seq_len, self.head_dim, dtype)
+
+    def forward(self, x_BTD: torch.Tensor, step: Step) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        qkv = linear(x_BTD, self.wqkv.weight)
-        if a.clip_qkv is not None:
-            qkv = qkv.clamp(min=-a.clip_qkv, max=a.clip_qkv)
-        qk, v = qkv.split([(a.n_heads + a.n_kv_heads) * a.head_dim, a.n_kv_heads * a.head_dim], dim=-1)
+        H, Hk, Hd = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.wqkv(x_BTD)
+        if self.clip_qkv is not None and self.qk_norm is None:
+            qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
+        qk, v = qkv.split([(H + Hk) * Hd, Hk * Hd], dim=-1)
+        if self.qk_norm is not None:
+            q, k = qk.split([H * Hd, Hk * Hd], dim=-1)
+            if self.qk_norm == "full":
+                q, k = self.q_norm(q), self.k_norm(k)
+            else:
+                q, k = self.q_norm(q.view(B, T, H, Hd)), self.k_norm(k.view(B, T, Hk, Hd))
+            qk = torch.cat((q.reshape(B, T, H * Hd), k.reshape(B, T, Hk * Hd)), dim=-1)
+            if self.clip_qkv is not None:  # OLMoE clips after the norm
+                qk, v = qk.clamp(-self.clip_qkv, self.clip_qkv), v.clamp(-self.clip_qkv, self.clip_qkv)
         # query and key heads rotated in one pass (fewer small ops on the decode path)
-        qk = apply_rope(qk.view(B, T, a.n_heads + a.n_kv_heads, a.head_dim).transpose(1, 2), cos_BTHd, sin_BTHd)
-        q, k = qk.split([a.n_heads, a.n_kv_heads], dim=1)
-        v = v.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        qk = qk.view(B, T, H + Hk, Hd).transpose(1, 2)
+        q, k = apply_rope(qk, step.cos_BTHd, step.sin_BTHd).split([H, Hk], dim=1)
+        v = v.reshape(B, T, Hk, Hd).transpose(1, 2)
         if self.cache is None:
             raise MoeClusterError("internal: call model.setup_cache() before forward")
-        k, v = self.cache.update(rows, k, v, span=mask_B1TS.shape[-1])
-        # one row, one new token: it attends to every cached position, so no mask (SDPA's fast path)
-        mask = None if B == 1 and T == 1 else mask_B1TS
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=a.n_heads != a.n_kv_heads)
-        return linear(out.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim), self.wo.weight)
+        k, v = self.cache.update(step.rows, k, v, span=step.span)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask_B1TS, enable_gqa=H != Hk)
+        return self.wo(out.transpose(1, 2).reshape(B, T, H * Hd))
 
 
-class Router(nn.Module):
-    """Linear gate -> softmax -> top-k -> optional renormalization. Returns ids_NK and fp32 weights_NK."""
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up stacked in one weight w13 [G = 2F, D] (dense layers,
+    shared experts)."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.args = args
-        self.gate = nn.Linear(args.dim, args.num_experts, bias=False)
+        self.w13 = Linear(dim, 2 * hidden)
+        self.w2 = Linear(hidden, dim)
 
-    def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits_NE = linear(x_ND, self.gate.weight)
-        if self.args.router_softmax_fp32:
-            logits_NE = logits_NE.float()
-        probs_NE = torch.softmax(logits_NE, dim=-1)
-        weights_NK, ids_NK = torch.topk(probs_NE, self.args.top_k, dim=-1)
-        if self.args.router_norm_p is not None:
-            weights_NK = weights_NK / torch.linalg.vector_norm(weights_NK, ord=self.args.router_norm_p, dim=-1,
-                                                               keepdim=True)
-        return ids_NK, weights_NK.float()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
-class GroupedExperts(nn.Module):
-    """The experts this process holds, prestacked: w13_eGD (gate rows then up rows) and w2_eDF.
+class DecoderModel(nn.Module):
+    """The skeleton every architecture shares: embed -> blocks -> norm -> lm_head, the KV caches and the
+    per-forward bookkeeping (positions, RoPE rows, mask). Each block is `block(x_BTD, step) -> x_BTD`
+    and has `.attn` (an Attention) and `.mlp` (a dense MLP or an MoE)."""
 
-    `expert_ids` lists the global expert id of each local row.
-    Every product is a `linear`/`mv` on contiguous memory (the fast path for memory-bound decode).
-    """
-
-    def __init__(self, args: ModelArgs, expert_ids: list[int], dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu"):
+    def __init__(self, vocab_size: int, dim: int, blocks: list[nn.Module], norm: nn.Module, *, head_dim: int,
+                 rope_theta: float, max_seq_len: int, tie_embeddings: bool = False):
         super().__init__()
-        self.num_experts = args.num_experts
-        self.expert_ids = list(expert_ids)
-        e = len(self.expert_ids)
-        self.w13_eGD = nn.Parameter(torch.empty(e, 2 * args.ffn_dim, args.dim, dtype=dtype, device=device),
-                                    requires_grad=False)
-        self.w2_eDF = nn.Parameter(torch.empty(e, args.dim, args.ffn_dim, dtype=dtype, device=device),
-                                   requires_grad=False)
-        self._local_of = {expert: i for i, expert in enumerate(self.expert_ids)}
-
-    def expert_bytes(self) -> int:
-        """Bytes of one expert's weights (gate, up and down)."""
-        return (self.w13_eGD[0].numel() + self.w2_eDF[0].numel()) * self.w13_eGD.element_size() if len(self.expert_ids) else 0
-
-    def forward(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, mine_NK: torch.Tensor | None = None,
-                out_NKD: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-        """Each selected expert's output per (token, k) pair, y_NKD; pairs not in `mine_NK` stay zero.
-
-        Returns y_NKD and the number of distinct experts evaluated. Raises if a needed expert is not held.
-        Keeping pairs apart (not yet weighted and summed) lets every rank combine them in the same order,
-        so the result is bit-identical for any number of ranks and any placement. `out_NKD` (zeros) is
-        written instead of a new tensor when given.
-        """
-        N, K = ids_NK.shape
-        y_NKD = x_ND.new_zeros(N, K, x_ND.shape[1]) if out_NKD is None else out_NKD
-        if N == 1:  # decode, one token: mat-vecs over its selected experts, no grouping
-            return self._forward_single(x_ND[0], ids_NK[0].tolist(), mine_NK, y_NKD[0])
-        flat_ids = ids_NK.reshape(-1)
-        pair_order = torch.argsort(flat_ids, stable=True)
-        if mine_NK is not None:
-            pair_order = pair_order[mine_NK.reshape(-1)[pair_order]]
-        experts, counts = torch.unique_consecutive(flat_ids[pair_order], return_counts=True)
-        if N <= SMALL_ROWS and self.w13_eGD.dtype == torch.bfloat16 and x_ND.is_contiguous() \
-                and y_NKD.is_contiguous() and kernels.moe_gemv_available():
-            return self._forward_batched(x_ND, y_NKD, pair_order.tolist(), experts.tolist(), counts.tolist())
-        y_PD = y_NKD.view(N * K, -1)
-        start = 0
-        for expert, count in zip(experts.tolist(), counts.tolist()):
-            pairs = pair_order[start:start + count]
-            start += count
-            y_PD[pairs] = self._expert(self._local(expert), x_ND[pairs // K])
-        return y_NKD, len(experts)
-
-    def _forward_single(self, x_D, ids: list[int], mine_1K, y_KD) -> tuple[torch.Tensor, int]:
-        mine = [True] * len(ids) if mine_1K is None else mine_1K[0].tolist()
-        if self.w13_eGD.dtype == torch.bfloat16 and y_KD.is_contiguous() and kernels.moe_gemv_available():
-            ks = [k for k in range(len(ids)) if mine[k]]  # pairs (0, k): one each per selected expert
-            return self._forward_batched(x_D[None], y_KD[None], ks, [ids[k] for k in ks], [1] * len(ks))
-        evaluated = 0
-        for k, expert in enumerate(ids):
-            if mine[k]:
-                i = self._local(expert)
-                gate_F, up_F = torch.mv(self.w13_eGD[i], x_D).chunk(2)
-                torch.mv(self.w2_eDF[i], F.silu(gate_F) * up_F, out=y_KD[k])
-                evaluated += 1
-        return y_KD[None], evaluated
-
-    def _forward_batched(self, x_ND, y_NKD, pairs: list[int], experts: list[int],
-                         counts: list[int]) -> tuple[torch.Tensor, int]:
-        """Few tokens: every expert's weights read once for all its pairs (`pairs` = flat (token, k)
-        indices grouped by expert, `counts` per expert), in two kernel calls for the whole layer; a
-        pair gets the same bits whatever else is in the batch."""
-        K, D = y_NKD.shape[1], y_NKD.shape[2]
-        local = [self._local(e) for e in experts]
-        P = len(pairs)
-        if not P:
-            return y_NKD, 0
-        h_PG = kernels.moe_gemm(self.w13_eGD, local, counts, x_ND, [p // K for p in pairs],
-                                x_ND.new_empty(P, self.w13_eGD.shape[1]), list(range(P)))
-        gate_PF, up_PF = h_PG.chunk(2, dim=-1)
-        kernels.moe_gemm(self.w2_eDF, local, counts, F.silu(gate_PF) * up_PF, list(range(P)),
-                         y_NKD.view(-1, D), pairs)
-        return y_NKD, len(experts)
-
-    def _local(self, expert: int) -> int:
-        i = self._local_of.get(expert)
-        if i is None:
-            raise MoeClusterError(f"internal: expert {expert} was assigned here but is not held by this process")
-        return i
-
-    def _expert(self, i: int, x_nD: torch.Tensor) -> torch.Tensor:
-        if x_nD.shape[0] <= SMALL_ROWS:  # few rows: stay in column form, w @ x.T, no transposed copies
-            gate_Fn, up_Fn = torch.mm(self.w13_eGD[i], x_nD.t()).chunk(2)
-            return torch.mm(self.w2_eDF[i], F.silu(gate_Fn).mul_(up_Fn)).t()
-        gate_nF, up_nF = F.linear(x_nD, self.w13_eGD[i]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate_nF) * up_nF, self.w2_eDF[i])
-
-
-def combine(y_NKD: torch.Tensor, weights_NK: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """out_ND = sum_k weights_NK * y_NKD, accumulated in fp32 in a fixed order, cast to the model dtype."""
-    return (y_NKD.float() * weights_NK[..., None]).sum(dim=1).to(dtype)
-
-
-class MoEBlock(nn.Module):
-    """Router + grouped experts on one device. Expert parallelism replaces this module (see parallel/)."""
-
-    def __init__(self, args: ModelArgs, layer_id: int):
-        super().__init__()
-        self.layer_id = layer_id
-        self.router = Router(args)
-        self.experts = GroupedExperts(args, list(range(args.num_experts)), device="meta")
-        self.last_num_evaluated = 0
-        self.recorder = None  # routing statistics (moecluster profile-routing): .record(layer, ids_TK)
-
-    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
-        t0 = now()
-        ids_NK, weights_NK = self.router(x_ND)
-        if self.recorder is not None:
-            self.recorder.record(self.layer_id, ids_NK.tolist())
-        t1 = now()
-        y_NKD, self.last_num_evaluated = self.experts(x_ND, ids_NK)
-        out_ND = combine(y_NKD, weights_NK, x_ND.dtype)
-        TRACER.add(self.layer_id, "router", t1 - t0)
-        TRACER.add(self.layer_id, "experts", now() - t1)
-        TRACER.count_evals(self.layer_id, self.last_num_evaluated)
-        return out_ND
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int):
-        super().__init__()
-        self.layer_id = layer_id
-        self.attn_norm = make_norm(args)
-        self.attn = Attention(args)
-        self.moe_norm = make_norm(args)
-        self.moe: nn.Module = MoEBlock(args, layer_id)
-
-    def forward(self, x_BTD, cos, sin, mask, rows: CacheRows) -> torch.Tensor:
-        t0 = now()
-        h_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, mask, rows)
-        TRACER.add(self.layer_id, "attention", now() - t0)
-        B, T, D = h_BTD.shape
-        return h_BTD + self.moe(self.moe_norm(h_BTD).reshape(B * T, D)).view(B, T, D)
-
-
-class MoETransformer(nn.Module):
-    """The single-device decoder: embeddings, layers (attention + MoE), final norm, lm_head."""
-
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.embed = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.n_layers))
-        self.norm = make_norm(args)
-        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.num_slots = 0
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.layers = nn.ModuleList(blocks)
+        self.norm = norm
+        self.lm_head = Linear(dim, vocab_size)
+        self.head_dim, self.rope_theta, self.max_seq_len = head_dim, rope_theta, max_seq_len
+        self.tie_embeddings = tie_embeddings
+        self.num_slots = self.cache_len = 0
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
 
+    def moe_layers(self) -> list[nn.Module]:
+        """The MoE modules, in layer order (the contract with loading, parallelism, metrics, placement)."""
+        from moecluster.models.moe import MoE
+
+        return [block.mlp for block in self.layers if isinstance(block.mlp, MoE)]
+
     def setup_cache(self, num_slots: int, max_seq_len: int | None = None) -> None:
         """Preallocate the KV cache for `num_slots` concurrent sequences of up to max_seq_len positions."""
-        a = self.args
-        seq = min(max_seq_len or a.max_seq_len, a.max_seq_len)
+        seq = min(max_seq_len or self.max_seq_len, self.max_seq_len)
         dtype = self.embed.weight.dtype
-        for layer in self.layers:
-            layer.attn.cache = KVCache(num_slots, a.n_kv_heads, seq, a.head_dim, dtype)
+        for block in self.layers:
+            block.attn.make_cache(num_slots, seq, dtype)
         self.num_slots, self.cache_len = num_slots, seq
-        self.rope_cos, self.rope_sin = rope_tables(a.head_dim, seq, a.rope_theta, dtype)
+        self.rope_cos, self.rope_sin = rope_tables(self.head_dim, seq, self.rope_theta, dtype)
 
     def forward(self, tokens_BT: torch.Tensor, pos_B: torch.Tensor, slots_B: torch.Tensor | None = None,
                 last_only: bool = False) -> torch.Tensor:
-        """Logits for tokens_BT, row b starting at position pos_B[b] in cache slot slots_B[b].
-
-        Returns fp32 logits_BTV (or logits_B1V with last_only)."""
+        """fp32 logits_BTV for tokens_BT (or logits_B1V with last_only), row b starting at position
+        pos_B[b] in cache slot slots_B[b]."""
         B, T = tokens_BT.shape
         if slots_B is None:
             slots_B = torch.arange(B)
         span = int(pos_B.max()) + T
-        if self.rope_cos is None or span > self.cache_len:
-            raise MoeClusterError(f"sequence of {span} positions exceeds the cache of {getattr(self, 'cache_len', 0)}")
+        if self.rope_cos is None or self.rope_sin is None or span > self.cache_len:
+            raise MoeClusterError(f"sequence of {span} positions exceeds the cache of {self.cache_len}")
         positions_BT = pos_B[:, None] + torch.arange(T)[None, :]
-        cos, sin = self.rope_cos[positions_BT], self.rope_sin[positions_BT]
-        mask_B1TS = torch.arange(span)[None, None, None, :] <= positions_BT[:, None, :, None]
+        # one row, one new token: it attends to every cached position, so no mask (SDPA's fast path)
+        mask = None if B == 1 and T == 1 else torch.arange(span)[None, None, None, :] <= positions_BT[:, None, :, None]
+        step = Step(CacheRows.of(slots_B, pos_B), self.rope_cos[positions_BT], self.rope_sin[positions_BT], mask, span)
         x_BTD = self.embed(tokens_BT)
-        rows = CacheRows.of(slots_B, pos_B)
-        for layer in self.layers:
-            x_BTD = layer(x_BTD, cos, sin, mask_B1TS, rows)
-        t0 = now()
+        for block in self.layers:
+            x_BTD = block(x_BTD, step)
         if last_only:
             x_BTD = x_BTD[:, -1:]
-        logits = linear(self.norm(x_BTD), self.lm_head.weight).float()
-        TRACER.add(-1, "head", now() - t0)
-        return logits
+        return self.lm_head(self.norm(x_BTD)).float()
+
+
+class PreNormBlock(nn.Module):
+    """x + attn(attn_norm(x)), then + mlp(mlp_norm(x)); the MLP sees flattened tokens x_ND."""
+
+    def __init__(self, attn_norm: nn.Module, attn: Attention, mlp_norm: nn.Module, mlp: nn.Module):
+        super().__init__()
+        self.attn_norm, self.attn, self.mlp_norm, self.mlp = attn_norm, attn, mlp_norm, mlp
+
+    def forward(self, x_BTD: torch.Tensor, step: Step) -> torch.Tensor:
+        h_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), step)
+        B, T, D = h_BTD.shape
+        return h_BTD + self.mlp(self.mlp_norm(h_BTD).reshape(B * T, D)).view(B, T, D)
 
 
 def check_dims(name: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> None:

@@ -1,86 +1,60 @@
-"""Mixtral (Mistral AI): RMSNorm, separate q/k/v projections (fused here at load), fp32 softmax router
-with top-k renormalized to sum 1, experts on disk per expert as block_sparse_moe.experts.{e}.{w1,w3,w2}.
+"""Mixtral (Mistral AI), beside transformers' modeling_mixtral.py: RMSNorm, grouped-query attention
+(q/k/v fused at load), fp32 softmax router whose top-k weights are renormalized to sum 1, every layer
+MoE, experts on disk per expert as `block_sparse_moe.experts.{e}.{w1,w3,w2}`.
 
-Shape legend: D model dim, F expert hidden dim, G = 2F, E experts, V vocab.
+Shape legend: D model dim, F expert hidden dim, G = 2F, E experts, K top-k, V vocab.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
-from moecluster.errors import MoeClusterError
-from moecluster.models.common import ReadRows, eos_list, get_required, rope_theta_of
-from moecluster.models.layers import ModelArgs
+from moecluster.models.configs import MixtralConfig
+from moecluster.models.hub import DenseMap, ReadRows, embed_norm_head, hf_attention, per_expert_tensors, read_per_expert
+from moecluster.models.layers import Attention, DecoderModel, PreNormBlock, RMSNorm
+from moecluster.models.moe import MoE, Router, RoutedExperts, softmax_topk
 
-MODEL_TYPE = "mixtral"
-
-
-def from_hf_config(cfg: dict) -> ModelArgs:
-    """ModelArgs from a Mixtral config.json dict (unknown keys ignored)."""
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise MoeClusterError(f"config: hidden_act {cfg.get('hidden_act')!r} is not supported (only silu)")
-    n_heads = int(get_required(cfg, "num_attention_heads"))
-    max_seq_len = int(cfg.get("max_position_embeddings", 4096))
-    if cfg.get("sliding_window"):  # attention is exact only while the whole context fits in the window
-        max_seq_len = min(max_seq_len, int(cfg["sliding_window"]))
-    return ModelArgs(
-        arch=MODEL_TYPE,
-        dim=int(get_required(cfg, "hidden_size")),
-        n_layers=int(get_required(cfg, "num_hidden_layers")),
-        n_heads=n_heads,
-        n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
-        vocab_size=int(get_required(cfg, "vocab_size")),
-        ffn_dim=int(get_required(cfg, "intermediate_size")),
-        num_experts=int(get_required(cfg, "num_local_experts")),
-        top_k=int(cfg.get("num_experts_per_tok", 2)),
-        max_seq_len=max_seq_len,
-        norm="rmsnorm",
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-        rope_theta=rope_theta_of(cfg, {}, default=1000000.0),
-        router_softmax_fp32=True,
-        router_norm_p=1.0,
-        head_dim=int(cfg.get("head_dim") or 0),
-        bos_token_id=cfg.get("bos_token_id"),
-        eos_token_ids=eos_list(cfg.get("eos_token_id")),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-    )
+EXPERT_NAMES = ("w1", "w3", "w2")  # gate, up, down
 
 
-def dense_tensors(args: ModelArgs) -> dict[str, tuple[list[str], tuple[int, ...]]]:
+class MixtralForCausalLM(DecoderModel):
+    def __init__(self, cfg: MixtralConfig):
+        D, E, eps = cfg.hidden_size, cfg.routed_experts, cfg.rms_norm_eps
+        score = partial(softmax_topk, k=cfg.num_experts_per_tok, renorm_p=1.0)
+
+        def block() -> PreNormBlock:
+            attn = Attention(D, cfg.num_attention_heads, cfg.kv_heads, cfg.dim_per_head)
+            moe = MoE(Router(D, E, score), RoutedExperts(E, D, cfg.expert_hidden, list(range(E)), device="meta"))
+            return PreNormBlock(RMSNorm(D, eps), attn, RMSNorm(D, eps), moe)
+
+        super().__init__(cfg.vocab_size, D, [block() for _ in range(cfg.num_hidden_layers)], RMSNorm(D, eps),
+                         head_dim=cfg.dim_per_head, rope_theta=cfg.rope_base, max_seq_len=cfg.max_seq_len,
+                         tie_embeddings=cfg.tie_word_embeddings)
+
+
+def dense_weights(cfg: MixtralConfig) -> DenseMap:
     """Our parameter name -> (on-disk names concatenated along dim 0, our shape)."""
-    d, hd = args.dim, args.head_dim
-    head = "model.embed_tokens.weight" if args.tie_embeddings else "lm_head.weight"
-    out = {
-        "embed.weight": (["model.embed_tokens.weight"], (args.vocab_size, d)),
-        "norm.weight": (["model.norm.weight"], (d,)),
-        "lm_head.weight": ([head], (args.vocab_size, d)),
-    }
-    for i in range(args.n_layers):
+    D = cfg.hidden_size
+    out = embed_norm_head(cfg.vocab_size, D, cfg.tie_word_embeddings)
+    for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}"
-        qkv = [f"{p}.self_attn.{w}_proj.weight" for w in ("q", "k", "v")]
-        out |= {
-            f"layers.{i}.attn_norm.weight": ([f"{p}.input_layernorm.weight"], (d,)),
-            f"layers.{i}.attn.wqkv.weight": (qkv, (args.qkv_dim, d)),
-            f"layers.{i}.attn.wo.weight": ([f"{p}.self_attn.o_proj.weight"], (d, args.n_heads * hd)),
-            f"layers.{i}.moe_norm.weight": ([f"{p}.post_attention_layernorm.weight"], (d,)),
-            f"layers.{i}.moe.router.gate.weight": ([f"{p}.block_sparse_moe.gate.weight"], (args.num_experts, d)),
-        }
+        out |= hf_attention(f"layers.{i}.attn", f"{p}.self_attn", D, cfg.num_attention_heads, cfg.kv_heads,
+                            cfg.dim_per_head)
+        out |= {f"layers.{i}.attn_norm.weight": ([f"{p}.input_layernorm.weight"], (D,)),
+                f"layers.{i}.mlp_norm.weight": ([f"{p}.post_attention_layernorm.weight"], (D,)),
+                f"layers.{i}.mlp.router.gate.weight": ([f"{p}.block_sparse_moe.gate.weight"], (cfg.routed_experts, D))}
     return out
 
 
-def expert_tensors(args: ModelArgs, layer: int) -> dict[str, tuple[int, ...]]:
-    """On-disk expert tensor names of one layer with their shapes."""
-    out = {}
-    for e in range(args.num_experts):
-        p = f"model.layers.{layer}.block_sparse_moe.experts.{e}"
-        out |= {f"{p}.w1.weight": (args.ffn_dim, args.dim), f"{p}.w3.weight": (args.ffn_dim, args.dim),
-                f"{p}.w2.weight": (args.dim, args.ffn_dim)}
-    return out
+def expert_weights(cfg: MixtralConfig, layer: int) -> dict[str, tuple[int, ...]]:
+    """On-disk expert tensors of one layer with their shapes."""
+    return per_expert_tensors(f"model.layers.{layer}.block_sparse_moe.experts", cfg.routed_experts,
+                              cfg.hidden_size, cfg.expert_hidden, EXPERT_NAMES)
 
 
-def read_expert(read_rows: ReadRows, args: ModelArgs, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+def read_expert(read_rows: ReadRows, cfg: MixtralConfig, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One expert's (w13_GD, w2_DF)."""
-    p = f"model.layers.{layer}.block_sparse_moe.experts.{expert}"
-    f, d = args.ffn_dim, args.dim
-    w13_GD = torch.cat([read_rows(f"{p}.w1.weight", 0, f), read_rows(f"{p}.w3.weight", 0, f)], dim=0)
-    return w13_GD, read_rows(f"{p}.w2.weight", 0, d)
+    return read_per_expert(read_rows, f"model.layers.{layer}.block_sparse_moe.experts", expert, cfg.hidden_size,
+                           cfg.expert_hidden, EXPERT_NAMES)

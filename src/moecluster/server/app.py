@@ -151,7 +151,7 @@ class Server:
             prompt = prompt[0]
         if isinstance(prompt, str):
             return self.engine.tokenizer.encode(prompt)
-        vocab = self.engine.loaded.args.vocab_size
+        vocab = self.engine.loaded.shape.vocab_size
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
             raise P.ApiError(400, f"prompt token ids {bad[:3]} are outside the vocabulary of {vocab}", param="prompt")

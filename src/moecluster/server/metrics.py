@@ -55,10 +55,11 @@ class Metrics(StepObserver):
         Gauge("moecluster_world_size", "Ranks in the job", registry=r).set(world_size)
         self.placement = placement
         self._lock = threading.Lock()
-        num_layers, num_experts = len(model.layers), model.args.num_experts
-        self._counts_LE = torch.zeros(num_layers, num_experts, dtype=torch.float64)
-        for layer in model.layers:
-            layer.moe.recorder = self  # the MoE block calls record() with each step's routing
+        moes = model.moe_layers()
+        num_experts = moes[0].experts.num_experts if moes else 0
+        self._counts_LE = torch.zeros(len(moes), num_experts, dtype=torch.float64)
+        for moe in moes:
+            moe.recorder = self  # the MoE layer calls record() with each step's routing
 
     def record(self, layer_id: int, ids_NK: list[list[int]]) -> None:
         """Routing of one step in one layer (called by the MoE block on the scheduler thread)."""

@@ -1,0 +1,594 @@
+"""Model configs, pure Python (no torch): one dataclass per architecture with the HF `config.json` keys
+verbatim (unknown keys ignored), invariants checked with messages that say what to fix, and `shape()`
+giving the one `ModelShape` that the engine, `place`, the planner and the performance model use.
+
+Legend: T tokens, D model dim, F expert hidden dim, E experts, K top-k, L layers, V vocab, H heads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
+
+from moecluster.errors import MoeClusterError
+
+# Bytes per weight for --dtype; q8/q4 are group-64 affine quantization (scale + bias in fp16).
+DTYPE_BYTES: dict[str, float] = {
+    "bf16": 2.0,
+    "fp16": 2.0,
+    "fp8": 1.0,
+    "q8": 1.0 + 4.0 / 64,
+    "q4": 0.5 + 4.0 / 64,
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Shape of an MoE decoder. Param counts are per layer unless the name says otherwise.
+
+    Small terms (biases, q/k norms, router bias) are ignored; they are < 0.01% of the bytes."""
+
+    name: str
+    model_type: str
+    num_layers: int
+    num_moe_layers: int
+    d_model: int
+    num_heads: int
+    num_experts: int
+    top_k: int
+    expert_ffn: int  # F: hidden size of one routed expert (gated MLP: 3 matrices D x F)
+    vocab_size: int
+    attn_params: int  # per layer: q, k, v, o projections (or MLA's low-rank ones)
+    kv_elems_per_token: int  # per layer: cached elements per token (K and V, or MLA latent)
+    attn_score_dim: int  # per head: qk dim + v dim (scores and weighted sum per cached token)
+    shared_ffn: int = 0  # total hidden size of shared experts per MoE layer (0: none)
+    dense_ffn: int = 0  # hidden size of the MLP in non-MoE layers
+    tie_embeddings: bool = False
+    weight_bytes: float = 2.0  # bytes per weight (bf16)
+    act_bytes: int = 2  # bytes per activation element (exchange and KV cache)
+    source: str = ""
+
+    @property
+    def expert_params(self) -> int:
+        """Params of one routed expert in one layer (gate, up, down: 3 x D x F)."""
+        return 3 * self.d_model * self.expert_ffn
+
+    @property
+    def num_dense_layers(self) -> int:
+        return self.num_layers - self.num_moe_layers
+
+    @property
+    def router_params(self) -> int:
+        return self.d_model * self.num_experts
+
+    @property
+    def shared_params(self) -> int:
+        """Shared-expert params in one MoE layer (replicated on every rank)."""
+        return 3 * self.d_model * self.shared_ffn
+
+    @property
+    def dense_mlp_params(self) -> int:
+        return 3 * self.d_model * self.dense_ffn
+
+    @property
+    def embed_params(self) -> int:
+        return self.vocab_size * self.d_model
+
+    @property
+    def head_params(self) -> int:
+        return self.vocab_size * self.d_model
+
+    @property
+    def replicated_params(self) -> int:
+        """Params every rank holds: embeddings, attention, norms, router, shared/dense MLP, head."""
+        per_layer = self.attn_params + 2 * self.d_model
+        moe = self.router_params + self.shared_params
+        return (self.num_layers * per_layer + self.num_moe_layers * moe
+                + self.num_dense_layers * self.dense_mlp_params + self.embed_params
+                + (0 if self.tie_embeddings else self.head_params) + self.d_model)
+
+    @property
+    def expert_params_total(self) -> int:
+        return self.num_moe_layers * self.num_experts * self.expert_params
+
+    @property
+    def total_params(self) -> int:
+        return self.replicated_params + self.expert_params_total
+
+    @property
+    def active_params(self) -> int:
+        """Params touched per token at batch 1 (embedding: one row)."""
+        routed = self.num_moe_layers * self.top_k * self.expert_params
+        return self.replicated_params - self.embed_params + self.d_model + routed
+
+    @property
+    def expert_bytes(self) -> float:
+        """Bytes of one expert in one layer."""
+        return self.expert_params * self.weight_bytes
+
+    @property
+    def replicated_bytes(self) -> float:
+        return self.replicated_params * self.weight_bytes
+
+    @property
+    def total_bytes(self) -> float:
+        return self.total_params * self.weight_bytes
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        """KV-cache bytes per token of context, all layers."""
+        return self.num_layers * self.kv_elems_per_token * self.act_bytes
+
+    def exchange_bytes(self, num_tokens: int) -> int:
+        """All-reduce message size for T tokens: T x D activations."""
+        return num_tokens * self.d_model * self.act_bytes
+
+    def with_dtype(self, dtype: str) -> ModelShape:
+        """Same shape with weights stored as `dtype` (bf16, fp16, fp8, q8, q4)."""
+        if dtype not in DTYPE_BYTES:
+            raise MoeClusterError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
+        return replace(self, weight_bytes=DTYPE_BYTES[dtype])
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-friendly summary of sizes (bytes in GB = 1e9)."""
+        return {
+            "name": self.name, "model_type": self.model_type, "layers": self.num_layers,
+            "moe_layers": self.num_moe_layers, "d_model": self.d_model, "experts": self.num_experts,
+            "top_k": self.top_k, "total_params_b": self.total_params / 1e9,
+            "active_params_b": self.active_params / 1e9, "weight_bytes_per_param": self.weight_bytes,
+            "replicated_gb": self.replicated_bytes / 1e9, "expert_gb_each": self.expert_bytes / 1e9,
+            "experts_total_gb": self.expert_params_total * self.weight_bytes / 1e9,
+            "kv_bytes_per_token": self.kv_bytes_per_token, "exchange_bytes_per_token": self.exchange_bytes(1),
+            "source": self.source,
+        }
+
+
+def _gqa(d: int, heads: int, kv_heads: int, head_dim: int) -> tuple[int, int, int]:
+    """(attn params, kv elems per token, score dim) for grouped-query attention."""
+    params = d * heads * head_dim + 2 * d * kv_heads * head_dim + heads * head_dim * d
+    return params, 2 * kv_heads * head_dim, 2 * head_dim
+
+
+def _eos_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def rope_theta_of(rope_parameters: dict | None, *fallbacks: float | None, default: float) -> float:
+    """RoPE base from `rope_parameters` (transformers >= 5), else the first legacy key present.
+
+    Only plain RoPE here; scaled variants (YaRN, ...) need the architecture that uses them."""
+    params = rope_parameters or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise MoeClusterError(f"config: rope_type {rope_type!r} is not supported for this architecture "
+                              "(only default RoPE)")
+    for value in (params.get("rope_theta"), *fallbacks):
+        if value is not None:
+            return float(value)
+    return default
+
+
+@dataclass
+class ArchConfig:
+    """Base of the per-architecture configs: parsing with HF names, checks, and the common view."""
+
+    model_type: ClassVar[str] = ""
+    runnable: ClassVar[bool] = True  # False: plan/place know its shape, the engine cannot run it yet
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> ArchConfig:
+        """Build from a config.json dict: known keys verbatim, unknown keys ignored, required keys checked."""
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name in cfg and cfg[f.name] is not None:
+                kwargs[f.name] = cfg[f.name]
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise MoeClusterError(f"config: required key {f.name!r} for model_type {cls.model_type!r} is "
+                                      "missing from config.json; is this a complete HF config?")
+        out = cls(**kwargs)
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        """Raise MoeClusterError naming what to fix when the config is inconsistent."""
+
+    def _check(self, checks: list[tuple[bool, str]]) -> None:
+        for ok, msg in checks:
+            if not ok:
+                raise MoeClusterError(f"config ({self.model_type}): {msg}; fix config.json")
+
+    # -- the common view the rest of the code uses ------------------------------------------------
+    def moe_layer_ids(self) -> list[int]:
+        """Decoder layer indices whose MLP is an MoE layer (placement counts these only)."""
+        raise NotImplementedError
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return _eos_list(getattr(self, "eos_token_id", None))
+
+    @property
+    def max_seq_len(self) -> int:
+        raise NotImplementedError
+
+    def shape(self, name: str = "model", source: str = "") -> ModelShape:
+        raise NotImplementedError
+
+
+@dataclass
+class DbrxConfig(ArchConfig):
+    """DBRX: nested attn_config / ffn_config, every layer MoE."""
+
+    model_type: ClassVar[str] = "dbrx"
+    d_model: int
+    n_heads: int
+    n_layers: int
+    vocab_size: int
+    attn_config: dict = field(default_factory=dict)
+    ffn_config: dict = field(default_factory=dict)
+    max_seq_len_: int = 2048
+    rope_parameters: dict | None = None
+    rope_theta_: float | None = None
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> ArchConfig:
+        out = super().from_dict(cfg)
+        assert isinstance(out, DbrxConfig)
+        out.max_seq_len_ = int(cfg.get("max_seq_len") or 2048)
+        out.rope_theta_ = cfg.get("rope_theta")  # the key a property reads under the same name
+        return out
+
+    def _ffn(self, key: str, default: Any = None) -> Any:
+        value = self.ffn_config.get(key, default)
+        if value is None:
+            raise MoeClusterError(f"config (dbrx): ffn_config lacks {key!r}; fix config.json")
+        return value
+
+    @property
+    def num_experts(self) -> int:
+        return int(self._ffn("moe_num_experts"))
+
+    @property
+    def top_k(self) -> int:
+        return int(self._ffn("moe_top_k"))
+
+    @property
+    def ffn_hidden_size(self) -> int:
+        return int(self._ffn("ffn_hidden_size"))
+
+    @property
+    def kv_n_heads(self) -> int:
+        return int(self.attn_config.get("kv_n_heads") or 1)
+
+    @property
+    def clip_qkv(self) -> float | None:
+        return self.attn_config.get("clip_qkv")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def rope_theta(self) -> float:
+        return rope_theta_of(self.rope_parameters, self.rope_theta_, self.attn_config.get("rope_theta"),
+                             default=500000.0)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.max_seq_len_
+
+    @property
+    def normalize_p(self) -> float | None:
+        return self.ffn_config.get("moe_normalize_expert_weights", 1.0)
+
+    def validate(self) -> None:
+        act = (self.ffn_config.get("ffn_act_fn") or {"name": "silu"}).get("name", "silu")
+        self._check([
+            (act == "silu", f"ffn_act_fn {act!r} is not supported (only silu)"),
+            (self.n_layers > 0, f"n_layers must be positive, got {self.n_layers}"),
+            (self.d_model % self.n_heads == 0, f"d_model {self.d_model} is not divisible by {self.n_heads} heads"),
+            (self.n_heads % self.kv_n_heads == 0, f"{self.n_heads} heads are not a multiple of "
+                                                  f"{self.kv_n_heads} kv heads"),
+            (0 < self.top_k <= self.num_experts, f"top-k (moe_top_k) {self.top_k} must be in 1..{self.num_experts}"),
+            (self.head_dim % 2 == 0, f"head dim {self.head_dim} must be even for rotary embeddings"),
+        ])
+        _ = self.rope_theta
+
+    def moe_layer_ids(self) -> list[int]:
+        return list(range(self.n_layers))
+
+    def shape(self, name: str = "model", source: str = "") -> ModelShape:
+        a, kv_e, sd = _gqa(self.d_model, self.n_heads, self.kv_n_heads, self.head_dim)
+        return ModelShape(name=name, model_type=self.model_type, source=source, num_layers=self.n_layers,
+                          num_moe_layers=self.n_layers, d_model=self.d_model, num_heads=self.n_heads,
+                          num_experts=self.num_experts, top_k=self.top_k, expert_ffn=self.ffn_hidden_size,
+                          vocab_size=self.vocab_size, attn_params=a, kv_elems_per_token=kv_e, attn_score_dim=sd,
+                          tie_embeddings=self.tie_word_embeddings)
+
+
+@dataclass
+class _HFDecoderConfig(ArchConfig):
+    """The keys Mixtral, the Qwen MoE family and OLMoE share (names verbatim from their config.json)."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    vocab_size: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    num_experts_per_tok: int = 2
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    rope_parameters: dict | None = None
+    rope_theta: float | None = None
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return int(self.num_key_value_heads or self.num_attention_heads)
+
+    @property
+    def dim_per_head(self) -> int:
+        return int(self.head_dim or self.hidden_size // self.num_attention_heads)
+
+    @property
+    def rope_base(self) -> float:
+        return rope_theta_of(self.rope_parameters, self.rope_theta, default=10000.0)
+
+    @property
+    def max_seq_len(self) -> int:
+        return int(self.max_position_embeddings)
+
+    @property
+    def routed_experts(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def expert_hidden(self) -> int:
+        raise NotImplementedError
+
+    def validate(self) -> None:
+        self._check([
+            (self.hidden_act == "silu", f"hidden_act {self.hidden_act!r} is not supported (only silu)"),
+            (self.num_hidden_layers > 0, f"num_hidden_layers must be positive, got {self.num_hidden_layers}"),
+            (self.head_dim is not None or self.hidden_size % self.num_attention_heads == 0,
+             f"hidden_size {self.hidden_size} is not divisible by {self.num_attention_heads} heads "
+             "and no head_dim is given"),
+            (self.num_attention_heads % self.kv_heads == 0,
+             f"{self.num_attention_heads} attention heads are not a multiple of {self.kv_heads} kv heads"),
+            (0 < self.num_experts_per_tok <= self.routed_experts,
+             f"top-k (num_experts_per_tok) {self.num_experts_per_tok} must be in 1..{self.routed_experts}"),
+            (self.dim_per_head % 2 == 0, f"head dim {self.dim_per_head} must be even for rotary embeddings"),
+            (self.vocab_size > 0 and self.max_position_embeddings > 0,
+             "vocab_size and max_position_embeddings must be positive"),
+        ])
+        _ = self.rope_base
+
+    def moe_layer_ids(self) -> list[int]:
+        return list(range(self.num_hidden_layers))
+
+    def _shape(self, name: str, source: str, shared_ffn: int = 0, dense_ffn: int = 0) -> ModelShape:
+        a, kv_e, sd = _gqa(self.hidden_size, self.num_attention_heads, self.kv_heads, self.dim_per_head)
+        moe = self.moe_layer_ids()
+        return ModelShape(name=name, model_type=self.model_type, source=source,
+                          num_layers=self.num_hidden_layers, num_moe_layers=len(moe), d_model=self.hidden_size,
+                          num_heads=self.num_attention_heads, num_experts=self.routed_experts,
+                          top_k=self.num_experts_per_tok, expert_ffn=self.expert_hidden, vocab_size=self.vocab_size,
+                          attn_params=a, kv_elems_per_token=kv_e, attn_score_dim=sd, shared_ffn=shared_ffn,
+                          dense_ffn=dense_ffn if len(moe) < self.num_hidden_layers else 0,
+                          tie_embeddings=self.tie_word_embeddings)
+
+    def shape(self, name: str = "model", source: str = "") -> ModelShape:
+        return self._shape(name, source)
+
+
+@dataclass
+class MixtralConfig(_HFDecoderConfig):
+    """Mixtral: experts `num_local_experts` (transformers 5 also accepts `num_experts`), every layer MoE."""
+
+    model_type: ClassVar[str] = "mixtral"
+    intermediate_size: int = 14336
+    num_local_experts: int | None = None
+    num_experts: int | None = None
+    sliding_window: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float | None = 1e6
+
+    @property
+    def routed_experts(self) -> int:
+        n = self.num_local_experts or self.num_experts
+        if not n:
+            raise MoeClusterError("config (mixtral): num_local_experts is missing from config.json")
+        return int(n)
+
+    @property
+    def expert_hidden(self) -> int:
+        return int(self.intermediate_size)
+
+    @property
+    def max_seq_len(self) -> int:
+        # attention is exact only while the whole context fits in the sliding window
+        return min(int(self.max_position_embeddings), int(self.sliding_window or self.max_position_embeddings))
+
+
+@dataclass
+class _QwenMoeConfig(_HFDecoderConfig):
+    """Qwen2-MoE / Qwen3-MoE: `mlp_only_layers` and `decoder_sparse_step` make some layers dense."""
+
+    moe_intermediate_size: int = 0
+    intermediate_size: int = 0  # dense layers' MLP
+    num_experts: int | None = None
+    num_local_experts: int | None = None  # what transformers 5 writes
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    norm_topk_prob: bool = False
+
+    @property
+    def routed_experts(self) -> int:
+        n = self.num_experts or self.num_local_experts
+        if not n:
+            raise MoeClusterError(f"config ({self.model_type}): num_experts is missing from config.json")
+        return int(n)
+
+    @property
+    def expert_hidden(self) -> int:
+        return int(self.moe_intermediate_size)
+
+    def moe_layer_ids(self) -> list[int]:
+        step = max(1, int(self.decoder_sparse_step))
+        only = set(self.mlp_only_layers)
+        return [i for i in range(self.num_hidden_layers) if i not in only and (i + 1) % step == 0]
+
+    def validate(self) -> None:
+        super().validate()
+        dense = len(self.moe_layer_ids()) < self.num_hidden_layers
+        self._check([
+            (self.moe_intermediate_size > 0, "moe_intermediate_size must be positive"),
+            (not dense or self.intermediate_size > 0, "intermediate_size (the dense layers' MLP) must be positive"),
+            (bool(self.moe_layer_ids()), "no layer is an MoE layer (mlp_only_layers / decoder_sparse_step)"),
+        ])
+
+    def shape(self, name: str = "model", source: str = "") -> ModelShape:
+        return self._shape(name, source, shared_ffn=self.shared_hidden, dense_ffn=self.intermediate_size)
+
+    @property
+    def shared_hidden(self) -> int:
+        return 0
+
+
+@dataclass
+class Qwen3MoeConfig(_QwenMoeConfig):
+    model_type: ClassVar[str] = "qwen3_moe"
+    attention_bias: bool = False
+
+
+@dataclass
+class Qwen2MoeConfig(_QwenMoeConfig):
+    model_type: ClassVar[str] = "qwen2_moe"
+    shared_expert_intermediate_size: int = 0
+    qkv_bias: bool = True
+
+    @property
+    def shared_hidden(self) -> int:
+        return int(self.shared_expert_intermediate_size)
+
+
+@dataclass
+class OlmoeConfig(_HFDecoderConfig):
+    model_type: ClassVar[str] = "olmoe"
+    intermediate_size: int = 0
+    num_experts: int | None = None
+    num_local_experts: int | None = None
+    clip_qkv: float | None = None
+    norm_topk_prob: bool = False
+    attention_bias: bool = False
+    rms_norm_eps: float = 1e-5
+
+    @property
+    def routed_experts(self) -> int:
+        n = self.num_experts or self.num_local_experts
+        if not n:
+            raise MoeClusterError("config (olmoe): num_experts is missing from config.json")
+        return int(n)
+
+    @property
+    def expert_hidden(self) -> int:
+        return int(self.intermediate_size)
+
+
+@dataclass
+class DeepseekV3Config(ArchConfig):
+    """DeepSeek-V2/V3 (Kimi K2): multi-head latent attention, shared experts, first k layers dense.
+
+    Shape only for now (plan/place); the engine does not run it yet."""
+
+    model_type: ClassVar[str] = "deepseek_v3"
+    runnable: ClassVar[bool] = False
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    vocab_size: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    moe_intermediate_size: int
+    n_routed_experts: int
+    num_experts_per_tok: int
+    q_lora_rank: int | None = None
+    intermediate_size: int = 0
+    first_k_dense_replace: int = 0
+    moe_layer_freq: int = 1
+    n_shared_experts: int = 0
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    @property
+    def max_seq_len(self) -> int:
+        return int(self.max_position_embeddings)
+
+    def validate(self) -> None:
+        self._check([(0 < self.num_experts_per_tok <= self.n_routed_experts,
+                      f"num_experts_per_tok {self.num_experts_per_tok} must be in 1..{self.n_routed_experts}")])
+
+    def moe_layer_ids(self) -> list[int]:
+        freq = max(1, int(self.moe_layer_freq))
+        return [i for i in range(self.first_k_dense_replace, self.num_hidden_layers) if i % freq == 0]
+
+    def shape(self, name: str = "model", source: str = "") -> ModelShape:
+        d, heads = self.hidden_size, self.num_attention_heads
+        nope, rope, v_dim = self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
+        qk = nope + rope
+        q_params = d * heads * qk if not self.q_lora_rank else d * self.q_lora_rank + self.q_lora_rank * heads * qk
+        attn = q_params + d * (self.kv_lora_rank + rope) + self.kv_lora_rank * heads * (nope + v_dim) + heads * v_dim * d
+        moe = self.moe_layer_ids()
+        return ModelShape(name=name, model_type=self.model_type, source=source,
+                          num_layers=self.num_hidden_layers, num_moe_layers=len(moe), d_model=d, num_heads=heads,
+                          num_experts=self.n_routed_experts, top_k=self.num_experts_per_tok,
+                          expert_ffn=self.moe_intermediate_size, vocab_size=self.vocab_size, attn_params=attn,
+                          kv_elems_per_token=self.kv_lora_rank + rope, attn_score_dim=qk + v_dim,
+                          shared_ffn=self.n_shared_experts * self.moe_intermediate_size,
+                          dense_ffn=self.intermediate_size if len(moe) < self.num_hidden_layers else 0,
+                          tie_embeddings=self.tie_word_embeddings)
+
+
+@dataclass
+class DeepseekV2Config(DeepseekV3Config):
+    model_type: ClassVar[str] = "deepseek_v2"
+
+
+CONFIGS: dict[str, type[ArchConfig]] = {c.model_type: c for c in (
+    DbrxConfig, MixtralConfig, Qwen3MoeConfig, Qwen2MoeConfig, OlmoeConfig, DeepseekV3Config, DeepseekV2Config)}
+
+
+def parse_config(cfg: dict[str, Any], where: str = "config.json") -> ArchConfig:
+    """The architecture's config for an HF config dict; one clear error for an unknown model_type."""
+    if not isinstance(cfg, dict):
+        raise MoeClusterError(f"{where}: expected a JSON object (an HF config.json)")
+    model_type = cfg.get("model_type")
+    if model_type not in CONFIGS:
+        raise MoeClusterError(f"unsupported model_type {model_type!r} in {where}; supported: "
+                              f"{', '.join(sorted(CONFIGS))}")
+    return CONFIGS[str(model_type)].from_dict(cfg)
+
+
+def shape_of(cfg: dict[str, Any], name: str = "model", source: str = "") -> ModelShape:
+    """ModelShape of an HF config dict (bf16 weights)."""
+    where = f"model {name!r} (model_type {cfg.get('model_type')!r})" if isinstance(cfg, dict) else name
+    return parse_config(cfg, where).shape(name, source)

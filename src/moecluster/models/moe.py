@@ -1,0 +1,179 @@
+"""Mixture-of-experts pieces: routers (small functions the architecture file picks), the routed experts
+(prestacked), and `MoE(router, experts, shared=None)`.
+
+`RoutedExperts.forward(x_ND, ids_NK, weights_NK) -> out_ND` is the seam expert parallelism swaps.
+Its products go through `self.gemm` (moe_gemm's signature), plain torch unless a kernel is swapped in
+after loading (kernels.apply_kernels).
+
+Shape legend: N tokens (flattened batch), D model dim, F expert hidden dim, G = 2F, E experts,
+e experts held here, K top-k, P (token, expert) pairs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moecluster.errors import MoeClusterError
+from moecluster.models.layers import GatedMLP, Linear
+
+# gemm(w_eOI, local experts, pairs per expert, x_nI, x row of each pair, out_mO, out row of each pair) -> out
+MoEGemm = Callable[[torch.Tensor, list[int], list[int], torch.Tensor, list[int], torch.Tensor, list[int]],
+                   torch.Tensor]
+# score function: router logits_NE -> (ids_NK, fp32 weights_NK)
+ScoreFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def softmax_topk(logits_NE: torch.Tensor, k: int, *, renorm_p: float | None = None,
+                 fp32: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over all experts, then top-k; optionally renormalize the k weights by their p-norm
+    (p = 1: they sum to 1). fp32=False runs the softmax in the logits' dtype (DBRX)."""
+    probs_NE = torch.softmax(logits_NE.float() if fp32 else logits_NE, dim=-1)
+    weights_NK, ids_NK = torch.topk(probs_NE, k, dim=-1)
+    if renorm_p is not None:
+        weights_NK = weights_NK / torch.linalg.vector_norm(weights_NK, ord=renorm_p, dim=-1, keepdim=True)
+    return ids_NK, weights_NK.float()
+
+
+def topk_softmax(logits_NE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of the logits, then softmax over those k only (Mistral's reference formulation)."""
+    top_NK, ids_NK = torch.topk(logits_NE.float(), k, dim=-1)
+    return ids_NK, torch.softmax(top_NK, dim=-1)
+
+
+class Router(nn.Module):
+    """The gate projection and the architecture's score function: x_ND -> (ids_NK, fp32 weights_NK)."""
+
+    def __init__(self, dim: int, num_experts: int, score: ScoreFn):
+        super().__init__()
+        self.gate = Linear(dim, num_experts)
+        self.score = score
+
+    def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.score(self.gate(x_ND))
+
+
+def torch_moe_gemm(w_eOI: torch.Tensor, local: list[int], counts: list[int], x_nI: torch.Tensor,
+                   x_rows: list[int], out_mO: torch.Tensor, out_rows: list[int]) -> torch.Tensor:
+    """out_mO[out_rows[p]] = w_eOI[local expert of p] @ x_nI[x_rows[p]], pairs grouped by expert (plain torch)."""
+    start = 0
+    for i, count in zip(local, counts, strict=True):
+        if count:
+            xs = torch.tensor(x_rows[start:start + count])
+            outs = torch.tensor(out_rows[start:start + count])
+            out_mO[outs] = F.linear(x_nI[xs], w_eOI[i])
+        start += count
+    return out_mO
+
+
+def combine(y_NKD: torch.Tensor, weights_NK: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """out_ND = sum_k weights_NK * y_NKD, accumulated in fp32 in a fixed order, cast to the model dtype."""
+    return (y_NKD.float() * weights_NK[..., None]).sum(dim=1).to(dtype)
+
+
+class RoutedExperts(nn.Module):
+    """The routed experts this process holds, prestacked: w13_eGD (gate rows then up rows), w2_eDF.
+
+    `expert_ids` lists the global expert id of each local row."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, expert_ids: list[int],
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        super().__init__()
+        self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
+        self.expert_ids = list(expert_ids)
+        e = len(self.expert_ids)
+        self.w13_eGD = nn.Parameter(torch.empty(e, 2 * hidden, dim, dtype=dtype, device=device), requires_grad=False)
+        self.w2_eDF = nn.Parameter(torch.empty(e, dim, hidden, dtype=dtype, device=device), requires_grad=False)
+        self._local_of = {expert: i for i, expert in enumerate(self.expert_ids)}
+        self.gemm: MoEGemm = torch_moe_gemm
+        self.last_num_evaluated = 0
+
+    def expert_bytes(self) -> int:
+        """Bytes of one expert's weights (gate, up and down)."""
+        return (self.w13_eGD[0].numel() + self.w2_eDF[0].numel()) * self.w13_eGD.element_size() \
+            if self.expert_ids else 0
+
+    def subset(self, keep: list[int]) -> RoutedExperts:
+        """A RoutedExperts holding only `keep` (global ids), copied out of this one (same gemm)."""
+        out = RoutedExperts(self.num_experts, self.dim, self.hidden, keep, dtype=self.w13_eGD.dtype)
+        rows = [self._local(e) for e in keep]
+        if rows:
+            out.w13_eGD.copy_(self.w13_eGD[rows])
+            out.w2_eDF.copy_(self.w2_eDF[rows])
+        out.gemm = self.gemm
+        return out
+
+    def forward(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+        y_NKD, self.last_num_evaluated = self.pairs(x_ND, ids_NK)
+        return combine(y_NKD, weights_NK, x_ND.dtype)
+
+    def pairs(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, mine_NK: torch.Tensor | None = None,
+              out_NKD: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        """Each selected expert's output per (token, k) pair, y_NKD; pairs not in `mine_NK` stay zero.
+
+        Returns y_NKD and the number of distinct experts evaluated. Pairs are kept apart (not yet weighted
+        and summed) so every rank combines them in the same order: bit-identical for any rank count and
+        placement. `out_NKD` (zeros) is written instead of a new tensor when given."""
+        N, K = ids_NK.shape
+        y_NKD = x_ND.new_zeros(N, K, x_ND.shape[1]) if out_NKD is None else out_NKD
+        if N == 1:  # decode, one token: no sort needed
+            ids = ids_NK[0].tolist()
+            mine = [True] * K if mine_NK is None else mine_NK[0].tolist()
+            ks = [k for k in range(K) if mine[k]]
+            return self._run(x_ND, y_NKD, ks, [ids[k] for k in ks], [1] * len(ks))
+        flat_ids = ids_NK.reshape(-1)
+        pair_order = torch.argsort(flat_ids, stable=True)
+        if mine_NK is not None:
+            pair_order = pair_order[mine_NK.reshape(-1)[pair_order]]
+        experts, counts = torch.unique_consecutive(flat_ids[pair_order], return_counts=True)
+        return self._run(x_ND, y_NKD, pair_order.tolist(), experts.tolist(), counts.tolist())
+
+    def _run(self, x_ND: torch.Tensor, y_NKD: torch.Tensor, pairs: list[int], experts: list[int],
+             counts: list[int]) -> tuple[torch.Tensor, int]:
+        """Every expert's weights read once for all its pairs (`pairs` = flat (token, k) indices grouped
+        by expert, `counts` per expert), two gemm calls for the whole layer."""
+        K, D = y_NKD.shape[1], y_NKD.shape[2]
+        if not pairs:
+            return y_NKD, 0
+        local = [self._local(e) for e in experts]
+        P = len(pairs)
+        h_PG = self.gemm(self.w13_eGD, local, counts, x_ND.contiguous(), [p // K for p in pairs],
+                         x_ND.new_empty(P, self.w13_eGD.shape[1]), list(range(P)))
+        gate_PF, up_PF = h_PG.chunk(2, dim=-1)
+        self.gemm(self.w2_eDF, local, counts, F.silu(gate_PF) * up_PF, list(range(P)), y_NKD.view(-1, D), pairs)
+        return y_NKD, len(experts)
+
+    def _local(self, expert: int) -> int:
+        i = self._local_of.get(expert)
+        if i is None:
+            raise MoeClusterError(f"internal: expert {expert} was assigned here but is not held by this process")
+        return i
+
+
+class MoE(nn.Module):
+    """router -> routed experts (-> + shared experts, optionally gated): x_ND -> out_ND.
+
+    shared_gate: None (shared output added as is, DeepSeek-style) or a Linear [1, D] whose sigmoid
+    scales the shared output per token (Qwen2-MoE)."""
+
+    def __init__(self, router: Router, experts: RoutedExperts, shared: GatedMLP | None = None,
+                 shared_gate: Linear | None = None):
+        super().__init__()
+        self.router, self.experts, self.shared, self.shared_gate = router, experts, shared, shared_gate
+        self.index = 0  # position among the model's MoE layers (placement's layer id); set by the loader
+        self.recorder = None  # routing statistics / metrics: .record(index, ids_NK as lists), set by them
+
+    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
+        ids_NK, weights_NK = self.router(x_ND)
+        if self.recorder is not None:
+            self.recorder.record(self.index, ids_NK.tolist())
+        out_ND = self.experts(x_ND, ids_NK, weights_NK)
+        if self.shared is not None:
+            shared_ND = self.shared(x_ND)
+            if self.shared_gate is not None:
+                shared_ND = torch.sigmoid(self.shared_gate(x_ND)) * shared_ND
+            out_ND = out_ND + shared_ND
+        return out_ND

@@ -1,0 +1,32 @@
+"""model_type -> the architecture file that runs it (its model class and on-disk weight map).
+
+Adding an architecture: a config dataclass in configs.py, a file `models/<arch>.py` with the model
+class and `dense_weights` / `expert_weights` / `read_expert`, and one line here.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from moecluster.errors import MoeClusterError
+from moecluster.models import dbrx, mixtral, olmoe, qwen2_moe, qwen3_moe
+from moecluster.models.configs import CONFIGS, ArchConfig
+from moecluster.models.layers import DecoderModel
+
+ARCHITECTURES: dict[str, tuple[type[DecoderModel], ModuleType]] = {
+    "dbrx": (dbrx.DbrxForCausalLM, dbrx),
+    "mixtral": (mixtral.MixtralForCausalLM, mixtral),
+    "qwen3_moe": (qwen3_moe.Qwen3MoeForCausalLM, qwen3_moe),
+    "qwen2_moe": (qwen2_moe.Qwen2MoeForCausalLM, qwen2_moe),
+    "olmoe": (olmoe.OlmoeForCausalLM, olmoe),
+}
+
+
+def architecture(cfg: ArchConfig) -> tuple[type[DecoderModel], ModuleType]:
+    """The model class and weight-map module for a parsed config; one clear error if it cannot run."""
+    if cfg.model_type not in ARCHITECTURES:
+        runnable = ", ".join(sorted(ARCHITECTURES))
+        plan_only = ", ".join(sorted(set(CONFIGS) - set(ARCHITECTURES)))
+        raise MoeClusterError(f"model_type {cfg.model_type!r} is not supported by the engine yet (it runs: "
+                              f"{runnable}); `moecluster plan` and `place` also know {plan_only}")
+    return ARCHITECTURES[cfg.model_type]
