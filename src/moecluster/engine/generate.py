@@ -70,6 +70,7 @@ class TextTracker:
         return delta, False
 
     def flush(self) -> str:
+        self.text += self.detok.flush()  # text the decoder held back (an unfinished character or byte run)
         delta, self.sent = self.text[self.sent:], len(self.text)
         return delta
 
