@@ -1,11 +1,15 @@
-"""One rank of an expert-parallel test job: prompt logits and 32 greedy tokens, saved by rank 0.
+"""One rank of an expert-parallel test job: for each (model, placement) job, the prompt's logits and 32
+greedy tokens, saved by rank 0 (one process launch for many jobs keeps the suite fast).
 
-    ep_worker.py MODEL_DIR PLACEMENT BACKEND OUT.safetensors
+    ep_worker.py JOBS.json BACKEND OUT_DIR        JOBS: [{"name", "model", "placement"}, ...]
 """
 
 from __future__ import annotations
 
+import gc
+import json
 import sys
+from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
@@ -18,18 +22,21 @@ PROMPT = list(range(3, 40, 3))
 
 
 def main() -> int:
-    model_dir, placement, backend, out = sys.argv[1:5]
+    jobs_path, backend, out_dir = sys.argv[1:4]
     comm = init_comm(backend, timeout_s=60)
     try:
-        engine, _ = open_engine(model_dir, "fp32", comm, placement)
-        with torch.inference_mode():
-            logits = engine.model(torch.tensor([PROMPT]), torch.tensor([0]))
-        _, tokens, _ = engine.generate(PROMPT, SamplingParams(max_tokens=32, ignore_eos=True))
-        evals = [moe.experts.last_num_evaluated for moe in engine.model.moe_layers()]
-        held = [len(moe.experts.expert_ids) for moe in engine.model.moe_layers()]
-        if comm.rank == 0:
-            save_file({"logits": logits[0].contiguous(), "tokens": torch.tensor(tokens)}, out)
-        print(f"rank {comm.rank} held {held} evals-last-step {evals}", file=sys.stderr)
+        for job in json.loads(Path(jobs_path).read_text()):
+            engine, _ = open_engine(job["model"], "fp32", comm, job["placement"])
+            with torch.inference_mode():
+                logits = engine.model(torch.tensor([PROMPT]), torch.tensor([0]))
+            _, tokens, _ = engine.generate(PROMPT, SamplingParams(max_tokens=32, ignore_eos=True))
+            held = [len(moe.experts.expert_ids) for moe in engine.model.moe_layers()]
+            if comm.rank == 0:
+                save_file({"logits": logits[0].contiguous(), "tokens": torch.tensor(tokens)},
+                          str(Path(out_dir) / f"{job['name']}.safetensors"))
+            print(f"rank {comm.rank} {job['name']} held {held}", file=sys.stderr)
+            del engine
+            gc.collect()
     finally:
         comm.close()
     return 0
