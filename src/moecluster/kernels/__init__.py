@@ -225,9 +225,9 @@ def _check_q_args(stack, local, counts, x_nI, x_rows, out_nO, out_rows) -> None:
     if len(counts) != len(local) or sum(counts) != P or len(out_rows) != P or (counts and min(counts) < 0):
         fail(f"counts ({len(counts)}, summing to {sum(counts)}) must give each of the {len(local)} experts its "
              f"pairs; x_rows and out_rows ({P}, {len(out_rows)}) one entry per pair")
-    if not all(0 <= e < stack.num_experts for e in local):
+    if local and (min(local) < 0 or max(local) >= stack.num_experts):
         fail(f"local expert indices {local} out of range 0..{stack.num_experts - 1}")
-    if not all(0 <= r < x_nI.shape[0] for r in x_rows) or not all(0 <= r < out_nO.shape[0] for r in out_rows):
+    if P and (min(x_rows) < 0 or max(x_rows) >= x_nI.shape[0] or min(out_rows) < 0 or max(out_rows) >= out_nO.shape[0]):
         fail("x_rows / out_rows index past the rows of x / out")
 
 

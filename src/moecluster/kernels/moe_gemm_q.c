@@ -39,13 +39,6 @@ static inline uint16_t to_bf16(float f) {
     return (uint16_t)(bits >> 16);
 }
 
-static inline float from_bf16(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
 __attribute__((constructor)) static void init_tables(void) {
     static const float fp4[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
                                   -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
@@ -100,26 +93,41 @@ static Shape make_shape(int fmt, int64_t rows, int64_t cols, int64_t g) {
     return s;
 }
 
-static inline float x_at(const void *x, int x_f32, int64_t i) {
-    return x_f32 ? ((const float *)x)[i] : from_bf16(((const uint16_t *)x)[i]);
+static inline __m512 load16_ps(const void *x, int x_f32, int64_t i) {
+    if (x_f32)
+        return _mm512_loadu_ps((const float *)x + i);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-/* int8/int4: x row -> int8 per group (scale amax / 127, round half to even), offset sums per lane */
+/* int8/int4: x row -> int8 per group (scale amax / 127; cvtps rounds half to even under the default MXCSR,
+ * like nearbyintf), offset sums per lane. int4 rows are stored in nibble order. */
 static void prep_int(const Shape *s, const void *x, int x_f32, char *scr) {
     int8_t *xq = (int8_t *)scr;
     float *sx = (float *)(scr + pad64(s->cols));
     int32_t *off = (int32_t *)(scr + pad64(s->cols) + pad64(s->ng * 4));
     const int perm = s->fmt == FMT_INT4;
     const __m512i offset = _mm512_set1_epi8(perm ? 8 : (char)0x80);
+    const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
     for (int64_t grp = 0; grp < s->ng; grp++) {
         const int64_t c0 = grp * s->g;
-        float amax = 0.0f;
-        for (int64_t i = c0; i < c0 + s->g; i++)
-            amax = fmaxf(amax, fabsf(x_at(x, x_f32, i)));
-        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        __m512 m = _mm512_setzero_ps();
+        for (int64_t i = c0; i < c0 + s->g; i += 16)
+            m = _mm512_max_ps(m, _mm512_and_ps(load16_ps(x, x_f32, i), sign));
+        const float amax = _mm512_reduce_max_ps(m);
+        const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
         sx[grp] = amax / 127.0f;
-        for (int64_t i = c0; i < c0 + s->g; i++)
-            xq[perm ? nibble_pos(i) : i] = (int8_t)nearbyintf(x_at(x, x_f32, i) * inv);
+        for (int64_t c = c0; c < c0 + s->g; c += 64) {
+            int8_t q[64];
+            for (int k = 0; k < 64; k += 16)
+                _mm_storeu_si128((__m128i *)(q + k),
+                                 _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(load16_ps(x, x_f32, c + k), inv))));
+            if (perm)
+                for (int k = 0; k < 64; k++)
+                    xq[c + nibble_pos(k)] = q[k];
+            else
+                memcpy(xq + c, q, 64);
+        }
         __m512i acc = _mm512_setzero_si512();
         for (int64_t c = c0; c < c0 + s->g; c += 64)
             acc = _mm512_dpbusd_epi32(acc, offset, _mm512_loadu_si512(xq + c));
