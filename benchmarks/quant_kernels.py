@@ -10,7 +10,7 @@ against the reference of its own round, and the table quotes medians. Also measu
 comparison: core torch's weight-only `_weight_int8pack_mm` (per-channel int8) and `_weight_int4pack_mm_for_cpu`
 (int4, group 128) looping over the same experts, and int8/int4 at group sizes 64/128/256 (qwen3-like).
 
-    PYTHONPATH=src .venv/bin/python benchmarks/quant_kernels.py [--rounds 7]
+    PYTHONPATH=src .venv/bin/python benchmarks/quant_kernels.py [--rounds 7] [--threads N] [--no-save]
 """
 
 from __future__ import annotations
@@ -155,12 +155,12 @@ def bench_shape(name: str, rounds: int, buf: torch.Tensor) -> list[dict]:
 
 def header(argv: list[str]) -> dict:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True,
+                                text=True, cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         commit = "?"
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    with open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit, "cpu": cpu,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
             "command": " ".join([Path(sys.executable).name, *argv])}
@@ -170,8 +170,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     ap.add_argument("--no-save", action="store_true", help="print only (trial runs)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not (kernels.moe_gemv_available() and kernels.moe_gemm_q_available()):
         sys.exit(f"kernels unavailable: {kernels.unavailable_reason} {kernels.q_unavailable_reason}")
     buf = torch.empty(2**27, dtype=torch.float32).normal_()  # 512 MiB: far beyond the 32 MiB L3
@@ -181,9 +184,9 @@ def main() -> None:
         gc.collect()
     run = {**header(sys.argv), "rounds": args.rounds, "results": rows}
     lines = [f"\n## {run['date']} commit {run['commit']}\n",
-             f"CPU {run['cpu']}, {run['threads']} threads, torch {run['torch']}; `{run['command']}`; "
-             f"{args.rounds} interleaved rounds, medians; ratio = kernel GB/s on its own bytes / streaming "
-             f"reference (fp32 sum of 512 MiB) of the same round\n",
+             (f"CPU {run['cpu']}, {run['threads']} threads, torch {run['torch']}; `{run['command']}`; "
+              f"{args.rounds} interleaved rounds, medians; ratio = kernel GB/s on its own bytes / streaming "
+              f"reference (fp32 sum of 512 MiB) of the same round\n"),
              "| shape | kernel | MB/step | ms/step | GB/s | ratio to streaming | streaming GB/s |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -198,7 +201,7 @@ def main() -> None:
     history["runs"].append(run)  # keep history: every run appended
     jpath.write_text(json.dumps(history, indent=1) + "\n")
     if not mpath.is_file():
-        mpath.write_text("# Quantized expert kernels: streaming GB/s on their own bytes (benchmarks/quant_kernels.py)\n")
+        mpath.write_text("# Quantized expert kernels: GB/s on their own bytes (benchmarks/quant_kernels.py)\n")
     with mpath.open("a") as f:
         f.write("\n".join(lines) + "\n")
 

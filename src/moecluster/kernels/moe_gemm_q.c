@@ -120,8 +120,10 @@ static void prep_int(const Shape *s, const void *x, int x_f32, char *scr) {
         for (int64_t c = c0; c < c0 + s->g; c += 64) {
             int8_t q[64];
             for (int k = 0; k < 64; k += 16)
-                _mm_storeu_si128((__m128i *)(q + k),
-                                 _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(load16_ps(x, x_f32, c + k), inv))));
+            {
+                const __m512 v = _mm512_mul_ps(load16_ps(x, x_f32, c + k), inv);
+                _mm_storeu_si128((__m128i *)(q + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
+            }
             if (perm)
                 for (int k = 0; k < 64; k++)
                     xq[c + nibble_pos(k)] = q[k];

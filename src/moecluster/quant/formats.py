@@ -47,7 +47,8 @@ def quantize_int8(w_OI: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> t
     return _quantize_sym(w_OI, group_size, _QMAX["int8"])
 
 
-def dequantize_int8(q_OI: torch.Tensor, scales_OG: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> torch.Tensor:
+def dequantize_int8(q_OI: torch.Tensor, scales_OG: torch.Tensor,
+                    group_size: int = DEFAULT_GROUP_SIZE) -> torch.Tensor:
     """(int8 [..., O, I], fp32 [..., O, I/g]) -> fp32 [..., O, I]."""
     return (q_OI.float().unflatten(-1, (-1, group_size)) * scales_OG[..., None]).flatten(-2)
 
@@ -62,7 +63,8 @@ def quantize_int4(w_OI: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> t
     return u[..., 0::2] | (u[..., 1::2] << 4), scale
 
 
-def dequantize_int4(packed_OH: torch.Tensor, scales_OG: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> torch.Tensor:
+def dequantize_int4(packed_OH: torch.Tensor, scales_OG: torch.Tensor,
+                    group_size: int = DEFAULT_GROUP_SIZE) -> torch.Tensor:
     """(uint8 [..., O, I/2], fp32 [..., O, I/g]) -> fp32 [..., O, I]."""
     lo = (packed_OH & 0x0F).to(torch.int8) - 8
     hi = (packed_OH >> 4).to(torch.int8) - 8
@@ -104,7 +106,8 @@ def dequantize_mxfp4(blocks_OGB: torch.Tensor, scales_OG: torch.Tensor) -> torch
     if blocks_OGB.dtype != torch.uint8 or scales_OG.dtype != torch.uint8 or blocks_OGB.shape[-1] != 16 \
             or blocks_OGB.shape[:-1] != scales_OG.shape:
         raise MoeClusterError(f"mxfp4 needs uint8 blocks [..., O, I/32, 16] and uint8 scales [..., O, I/32]; got "
-                              f"{blocks_OGB.dtype} {list(blocks_OGB.shape)} and {scales_OG.dtype} {list(scales_OG.shape)}")
+                              f"{blocks_OGB.dtype} {list(blocks_OGB.shape)} and "
+                              f"{scales_OG.dtype} {list(scales_OG.shape)}")
     lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
     vals = torch.stack((lut[(blocks_OGB & 0x0F).long()], lut[(blocks_OGB >> 4).long()]), dim=-1).flatten(-2)
     vals = torch.ldexp(vals, scales_OG.to(torch.int32)[..., None] - 127)
