@@ -134,3 +134,146 @@ def moe_gemm(w_eRC: torch.Tensor, experts: list[int], counts: list[int], x_nC: t
                      x_nC.data_ptr(), x_nC.stride(0), (arr * P)(*x_rows), out_mR.data_ptr(), out_mR.stride(0),
                      (arr * P)(*out_rows))
     return out_mR
+
+
+# ---- quantized experts: moe_gemm_q (moe_gemm_q.c), a separate shared object with its own CPU requirements ----
+
+_Q_SOURCE = Path(__file__).with_name("moe_gemm_q.c")
+_Q_REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni")
+_Q_FORMAT_IDS = {"int8": 0, "int4": 1, "fp8": 2, "mxfp4": 3}
+_q_lib = None  # the loaded library once built; False once it proved unavailable
+q_unavailable_reason = ""
+
+
+def _build_q():
+    """Compile moe_gemm_q.c like moe_gemv.c (cached by source hash, linked to torch's OpenMP runtime)."""
+    global q_unavailable_reason
+    if os.environ.get("MOECLUSTER_KERNELS", "1") == "0":
+        q_unavailable_reason = "disabled by MOECLUSTER_KERNELS=0"
+        return None
+    missing = [f for f in _Q_REQUIRED_FLAGS if f not in _cpu_flags()]
+    if missing:
+        q_unavailable_reason = f"this CPU lacks {', '.join(missing)}"
+        return None
+    cc = shutil.which(os.environ.get("CC", "gcc"))
+    if cc is None:
+        q_unavailable_reason = "no C compiler (gcc) on PATH"
+        return None
+    key = hashlib.sha256(_Q_SOURCE.read_bytes() + cc.encode() + torch.__version__.encode()).hexdigest()[:16]
+    so = _cache_dir() / f"moe_gemm_q-{key}.so"
+    if not so.is_file():
+        so.parent.mkdir(parents=True, exist_ok=True)
+        tmp = so.with_name(f"{so.name}.{os.getpid()}.tmp")
+        # -ffp-contract=off: no fused multiply-adds beyond the written ones, so every path rounds alike
+        cmd = [cc, "-O3", "-std=c11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16",
+               "-mavx512vnni", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", str(_Q_SOURCE), "-o", str(tmp),
+               "-lm"]
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True)
+        if done.returncode != 0:
+            q_unavailable_reason = f"compiling {_Q_SOURCE.name} failed: {done.stderr.strip()[:300]}"
+            tmp.unlink(missing_ok=True)
+            return None
+        os.replace(tmp, so)
+    lib = ctypes.CDLL(str(so))
+    i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.moe_gemm_q.argtypes = [cint, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ptr, cint, i64, i64, ptr,
+                               ptr, cint, i64, ptr, ptr]
+    lib.moe_gemm_q.restype = cint
+    lib.moe_gemm_q_scratch_row_bytes.argtypes = [cint, i64, i64]
+    lib.moe_gemm_q_scratch_row_bytes.restype = i64
+    return lib
+
+
+def _get_q():
+    global _q_lib, q_unavailable_reason
+    if _q_lib is None:
+        with _lock:
+            if _q_lib is None:
+                try:
+                    _q_lib = _build_q() or False
+                except OSError as e:
+                    q_unavailable_reason = f"kernel unavailable: {e}"
+                    _q_lib = False
+    return _q_lib or None
+
+
+def moe_gemm_q_available() -> bool:
+    """True when the compiled quantized kernel can run here (else moe_gemm_q uses the torch path)."""
+    return _get_q() is not None
+
+
+def _kernel_takes(stack) -> bool:
+    """The compiled kernel's shape limits (the torch path takes the rest): fp8 rows of whole 32-input steps."""
+    return stack.fmt != "fp8" or stack.I % 32 == 0
+
+
+def _check_q_args(stack, local, counts, x_nI, x_rows, out_nO, out_rows) -> None:
+    def fail(what: str):
+        raise ValueError(f"moe_gemm_q ({stack.fmt} stack of {stack.num_experts} experts [{stack.O}, {stack.I}]): "
+                         f"{what}")
+
+    if stack.fmt not in _Q_FORMAT_IDS:
+        fail(f"unknown format {stack.fmt!r}; known: {', '.join(_Q_FORMAT_IDS)}")
+    if not (stack.data.is_contiguous() and stack.scales.is_contiguous()) or stack.data.device.type != "cpu":
+        fail("stack data and scales must be contiguous CPU tensors")
+    for name, t, n in (("x", x_nI, stack.I), ("out", out_nO, stack.O)):
+        if t.dtype not in (torch.bfloat16, torch.float32) or t.device.type != "cpu" or t.dim() != 2:
+            fail(f"{name} must be a 2-D bf16 or fp32 CPU tensor, got {t.dtype} {list(t.shape)} on {t.device}")
+        if t.shape[1] != n or t.stride(1) != 1:
+            fail(f"{name} must have contiguous rows of {n}, got shape {list(t.shape)} strides {t.stride()}")
+    P = len(x_rows)
+    if len(counts) != len(local) or sum(counts) != P or len(out_rows) != P or (counts and min(counts) < 0):
+        fail(f"counts ({len(counts)}, summing to {sum(counts)}) must give each of the {len(local)} experts its "
+             f"pairs; x_rows and out_rows ({P}, {len(out_rows)}) one entry per pair")
+    if local and (min(local) < 0 or max(local) >= stack.num_experts):
+        fail(f"local expert indices {local} out of range 0..{stack.num_experts - 1}")
+    if P and (min(x_rows) < 0 or max(x_rows) >= x_nI.shape[0] or min(out_rows) < 0 or max(out_rows) >= out_nO.shape[0]):
+        fail("x_rows / out_rows index past the rows of x / out")
+
+
+def moe_gemm_q(stack, local: list[int], counts: list[int], x_nI: torch.Tensor, x_rows: list[int],
+               out_nO: torch.Tensor, out_rows: list[int]) -> torch.Tensor:
+    """moe_gemm for a moecluster.quant.QuantizedStack: pairs grouped by expert, the first counts[0] use local
+    expert local[0], ...; pair p computes out_nO[out_rows[p]] = W[local of p] @ x_nI[x_rows[p]] (fp32
+    accumulation, out bf16 or fp32). x_nI [n, I] and out_nO [m, O] bf16 or fp32 with contiguous rows.
+
+    Compiled kernel when available (int8/int4 quantize x to int8 per group; fp8/mxfp4 use x in bf16), else
+    `moe_gemm_q_torch`. Either way a pair's output bits do not depend on the thread count or other pairs."""
+    _check_q_args(stack, local, counts, x_nI, x_rows, out_nO, out_rows)
+    lib = _get_q()
+    if lib is None or not _kernel_takes(stack):
+        return moe_gemm_q_torch(stack, local, counts, x_nI, x_rows, out_nO, out_rows)
+    K, P = len(local), len(x_rows)
+    if not P:
+        return out_nO
+    fmt = _Q_FORMAT_IDS[stack.fmt]
+    n_x = x_nI.shape[0]
+    row = lib.moe_gemm_q_scratch_row_bytes(fmt, stack.I, stack.group_size)
+    scratch = torch.empty(n_x * row + 64, dtype=torch.uint8)
+    base = scratch.data_ptr() + (-scratch.data_ptr()) % 64  # 64-byte aligned rows
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    arr = ctypes.c_int64
+    rc = lib.moe_gemm_q(fmt, stack.data.data_ptr(), stack.scales.data_ptr(), stack.O, stack.I, stack.group_size,
+                        (arr * K)(*local), K, (arr * (K + 1))(*starts), x_nI.data_ptr(),
+                        int(x_nI.dtype == torch.float32), x_nI.stride(0), n_x, (arr * P)(*x_rows),
+                        out_nO.data_ptr(), int(out_nO.dtype == torch.float32), out_nO.stride(0),
+                        (arr * P)(*out_rows), base)
+    if rc != 0:
+        raise RuntimeError(f"moe_gemm_q failed with code {rc}")
+    return out_nO
+
+
+def moe_gemm_q_torch(stack, local: list[int], counts: list[int], x_nI: torch.Tensor, x_rows: list[int],
+                     out_nO: torch.Tensor, out_rows: list[int]) -> torch.Tensor:
+    """The torch path of moe_gemm_q (same arguments): each selected expert dequantized exactly to fp32 and
+    applied to its pairs' rows in fp32. Slow (it writes the fp32 weights); for CPUs without the kernel."""
+    _check_q_args(stack, local, counts, x_nI, x_rows, out_nO, out_rows)
+    start = 0
+    for e, c in zip(local, counts):
+        if c:
+            xs = x_nI[x_rows[start:start + c]].float()
+            out_nO[out_rows[start:start + c]] = (xs @ stack.dequantize(e).T).to(out_nO.dtype)
+        start += c
+    return out_nO

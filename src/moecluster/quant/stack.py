@@ -1,0 +1,110 @@
+"""QuantizedStack: one projection of a layer's local experts, prestacked [e, O, ...] in one quantized format."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moecluster.errors import MoeClusterError
+from moecluster.quant import formats as f
+
+
+def _layout(fmt: str, e: int, O: int, I: int, g: int) -> tuple[tuple, torch.dtype, tuple, torch.dtype]:
+    """(data shape, data dtype, scales shape, scales dtype) of a stack."""
+    if fmt == "int8":
+        return (e, O, I), torch.int8, (e, O, I // g), torch.float32
+    if fmt == "int4":
+        return (e, O, I // 2), torch.uint8, (e, O, I // g), torch.float32
+    if fmt == "fp8":
+        return (e, O, I), torch.float8_e4m3fn, (e, -(-O // g), -(-I // g)), torch.float32
+    if fmt == "mxfp4":
+        return (e, O, I // 32, 16), torch.uint8, (e, O, I // 32), torch.uint8
+    raise MoeClusterError(f"unknown quantized format {fmt!r}; known: {', '.join(f.FORMATS)}")
+
+
+@dataclass
+class QuantizedStack:
+    """`e` experts' [O, I] weights (O outputs, I inputs) in format `fmt`:
+
+    - int8:  data int8 [e, O, I],               scales fp32 [e, O, I/g]       (g = group_size, default 128)
+    - int4:  data uint8 [e, O, I/2] (lo first), scales fp32 [e, O, I/g]
+    - fp8:   data float8_e4m3fn [e, O, I],      scales fp32 [e, ceil(O/128), ceil(I/128)] (weight_scale_inv)
+    - mxfp4: data uint8 [e, O, I/32, 16],       scales uint8 e8m0 [e, O, I/32] (gpt-oss *_blocks / *_scales)
+
+    A loader makes one with `empty` and fills it expert by expert with `set_expert` (checkpoint formats)
+    or `quantize_expert` (int8/int4 from bf16), so a layer never holds more than one expert unquantized."""
+
+    fmt: str
+    data: torch.Tensor
+    scales: torch.Tensor
+    O: int
+    I: int
+    group_size: int
+
+    @classmethod
+    def empty(cls, fmt: str, num_experts: int, O: int, I: int, group_size: int | None = None) -> QuantizedStack:
+        """Uninitialised storage for `num_experts` experts of [O, I]."""
+        g = {"fp8": f.FP8_BLOCK, "mxfp4": f.MXFP4_GROUP}.get(fmt, group_size or f.DEFAULT_GROUP_SIZE)
+        if fmt in ("fp8", "mxfp4") and group_size not in (None, g):
+            raise MoeClusterError(f"{fmt} has a fixed group size of {g}, got {group_size}")
+        if fmt in ("int8", "int4") and (g % 64 or I % g):
+            raise MoeClusterError(f"{fmt} group size must be a multiple of 64 dividing the input dim {I}, got {g}")
+        if fmt == "mxfp4" and I % 32:
+            raise MoeClusterError(f"mxfp4 needs the input dim to be a multiple of 32, got {I}")
+        dshape, ddtype, sshape, sdtype = _layout(fmt, num_experts, O, I, g)
+        return cls(fmt, torch.empty(dshape, dtype=ddtype), torch.empty(sshape, dtype=sdtype), O, I, g)
+
+    @classmethod
+    def quantize(cls, fmt: str, w_eOI: torch.Tensor, group_size: int | None = None) -> QuantizedStack:
+        """Quantize float weights [e, O, I] (all four formats; fp8 / mxfp4 as their converters would)."""
+        e, O, I = w_eOI.shape
+        stack = cls.empty(fmt, e, O, I, group_size)
+        for i in range(e):
+            stack.quantize_expert(i, w_eOI[i])
+        return stack
+
+    @property
+    def num_experts(self) -> int:
+        return self.data.shape[0]
+
+    def quantize_expert(self, i: int, w_OI: torch.Tensor) -> None:
+        """Quantize one expert's float weights [O, I] into slot i."""
+        if tuple(w_OI.shape) != (self.O, self.I):
+            raise MoeClusterError(f"expert weight must be [{self.O}, {self.I}], got {list(w_OI.shape)}")
+        if self.fmt == "int8":
+            q, s = f.quantize_int8(w_OI, self.group_size)
+        elif self.fmt == "int4":
+            q, s = f.quantize_int4(w_OI, self.group_size)
+        elif self.fmt == "fp8":
+            q, s = f.quantize_fp8_block(w_OI, self.group_size)
+        else:
+            q, s = f.quantize_mxfp4(w_OI)
+        self.set_expert(i, q, s)
+
+    def set_expert(self, i: int, data: torch.Tensor, scales: torch.Tensor) -> None:
+        """Copy one expert's packed data and scales (shapes and dtypes of `data[i]`, `scales[i]`) into slot i."""
+        for name, src, dst in (("data", data, self.data[i]), ("scales", scales, self.scales[i])):
+            if src.dtype != dst.dtype or src.shape != dst.shape:
+                raise MoeClusterError(f"{self.fmt} expert {name} must be {dst.dtype} {list(dst.shape)}, "
+                                      f"got {src.dtype} {list(src.shape)}")
+            dst.copy_(src)
+
+    def dequantize(self, i: int | None = None) -> torch.Tensor:
+        """Exact fp32 weights: expert i [O, I], or all [e, O, I]."""
+        data = self.data if i is None else self.data[i]
+        scales = self.scales if i is None else self.scales[i]
+        if self.fmt == "int8":
+            return f.dequantize_int8(data, scales, self.group_size)
+        if self.fmt == "int4":
+            return f.dequantize_int4(data, scales, self.group_size)
+        if self.fmt == "fp8":
+            return f.dequantize_fp8_block(data, scales, self.group_size)
+        return f.dequantize_mxfp4(data, scales)
+
+    def nbytes(self) -> int:
+        """Bytes of packed data and scales: what a decode step reads when every expert is selected."""
+        return self.data.nbytes + self.scales.nbytes
+
+    def expert_nbytes(self) -> int:
+        return self.nbytes() // max(self.num_experts, 1)
