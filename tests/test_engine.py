@@ -82,10 +82,10 @@ def naive_moe(block, x_ND):
             e = ex.expert_ids.index(int(ids[n, k]))
             gate, up = (ex.w13_eGD[e] @ x_ND[n]).chunk(2)
             out[n] += weights[n, k] * (ex.w2_eDF[e] @ (torch.nn.functional.silu(gate) * up))
-    if block.shared is not None:  # Qwen2-MoE: + sigmoid(x . g) * shared expert(x)
+    if block.shared is not None:  # Qwen2-MoE: + sigmoid(x . g) * shared expert(x); GLM-4.5: + shared experts(x)
         gate, up = (x_ND @ block.shared.w13.weight.T).chunk(2, dim=-1)
         shared = (torch.nn.functional.silu(gate) * up) @ block.shared.w2.weight.T
-        out += torch.sigmoid(x_ND @ block.shared_gate.weight.T) * shared
+        out += shared if block.shared_gate is None else torch.sigmoid(x_ND @ block.shared_gate.weight.T) * shared
     return out
 
 

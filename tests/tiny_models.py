@@ -10,7 +10,7 @@ import torch
 from moecluster.builtin import write_tokenizer
 
 VOCAB = 384
-ARCHES = ("dbrx", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe")
+ARCHES = ("dbrx", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe")
 COMMON = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
               max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 # each exercises its family's options: dense layers, renormalized top-k, shared expert, q/k norms, clipping
@@ -24,6 +24,13 @@ HF_COMMON = {
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
               dict(num_experts=8, num_experts_per_tok=2, intermediate_size=48, clip_qkv=6.0, pad_token_id=0,
                    eos_token_id=1)),
+    # dense first layer, group-limited sigmoid routing with a correction bias (randomized in hf_model),
+    # renormalized and scaled weights, shared experts, partial rotary, q/k norm, attention bias
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM",
+                 dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, intermediate_size=80,
+                      n_shared_experts=2, first_k_dense_replace=1, n_group=4, topk_group=2, norm_topk_prob=True,
+                      routed_scaling_factor=2.5, use_qk_norm=True, attention_bias=True, head_dim=32,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
 }
 
 
@@ -56,6 +63,9 @@ def hf_model(arch: str, seed: int = 0, **overrides):
                 p.normal_(1.0, 0.1)
             elif "norm" not in name:
                 p.normal_(0.0, 0.2)
+        for name, b in model.named_buffers():  # GLM-4.5's router bias is a (saved) buffer, zero at init
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.2)
     return model.eval()
 
 

@@ -98,8 +98,8 @@ class CheckpointReader:
                                       "re-download it") from None
         return self._open[path]
 
-    def read(self, name: str) -> torch.Tensor:
-        return self._handle(self.files[name]).get_tensor(name).to(self.dtype)
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self._handle(self.files[name]).get_tensor(name).to(dtype or self.dtype)
 
     def read_rows(self, name: str, start: int, end: int) -> torch.Tensor:
         return self._handle(self.files[name]).get_slice(name)[start:end].to(self.dtype)
@@ -120,7 +120,8 @@ def _check_names(reader: CheckpointReader, arch, cfg: ArchConfig) -> None:
     if missing:
         raise MoeClusterError(f"checkpoint is missing {len(missing)} tensors (first: {missing[0]}); "
                               "a shard may be missing or the config may not match the weights")
-    unexpected = sorted(set(reader.shapes) - set(expected))
+    ignored = getattr(arch, "ignored_on_disk", None)
+    unexpected = sorted(n for n in set(reader.shapes) - set(expected) if ignored is None or not ignored(cfg, n))
     if unexpected:
         raise MoeClusterError(f"checkpoint has {len(unexpected)} unexpected tensors (first: {unexpected[0]}); "
                               "config.json does not describe these weights")
@@ -159,13 +160,16 @@ def load_model(model_dir: str | Path, dtype: str | None = None, expert_filter: E
 
 def _load_dense(model: DecoderModel, reader: CheckpointReader, arch, cfg: ArchConfig) -> None:
     state = {}
+    # buffers keep the dtype the model declares (GLM-4.5's fp32 router correction bias, as transformers does)
+    buffer_dtype = {name: b.dtype for name, b in model.named_buffers()}
     for ours, (names, shape) in arch.dense_weights(cfg).items():
-        parts = [reader.read(n) for n in names]
+        parts = [reader.read(n, buffer_dtype.get(ours)) for n in names]
         t = _private_copy(parts[0]) if len(parts) == 1 else torch.cat(parts, dim=0)
         check_dims(names[0] if len(names) == 1 else "+".join(names), tuple(t.shape), shape)
         state[ours] = t
     result = model.load_state_dict(state, strict=False, assign=True)
-    still_meta = [n for n, p in model.named_parameters() if p.is_meta and ".experts." not in n]
+    still_meta = [n for n, p in [*model.named_parameters(), *model.named_buffers()]
+                  if p.is_meta and ".experts." not in n]
     if still_meta:
         raise MoeClusterError(f"internal: parameters not loaded: {still_meta[:3]} ({result})")
 

@@ -511,6 +511,74 @@ class OlmoeConfig(_HFDecoderConfig):
 
 
 @dataclass
+class Glm4MoeConfig(_HFDecoderConfig):
+    """GLM-4.5 / GLM-4.5-Air: the first `first_k_dense_replace` layers dense, then MoE layers with
+    `n_shared_experts` shared experts and sigmoid routing with a correction bias, group-limited top-k;
+    partial rotary (`partial_rotary_factor`, in rope_parameters or top level; transformers' default 0.5)."""
+
+    model_type: ClassVar[str] = "glm4_moe"
+    intermediate_size: int = 10944  # dense layers' MLP
+    moe_intermediate_size: int = 1408
+    n_routed_experts: int = 128
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 8
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    first_k_dense_replace: int = 1
+    norm_topk_prob: bool = True
+    use_qk_norm: bool = False
+    attention_bias: bool = False
+    partial_rotary_factor: float | None = None  # legacy top-level key (config.json of the released models)
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 131072
+
+    @property
+    def routed_experts(self) -> int:
+        return int(self.n_routed_experts)
+
+    @property
+    def expert_hidden(self) -> int:
+        return int(self.moe_intermediate_size)
+
+    @property
+    def shared_hidden(self) -> int:
+        """Hidden size of the shared experts taken together (one gated MLP)."""
+        return int(self.n_shared_experts) * int(self.moe_intermediate_size)
+
+    @property
+    def rotary_dim(self) -> int:
+        """RoPE covers the first rotary_dim dims of each head (transformers: int(head_dim * factor))."""
+        factor = (self.rope_parameters or {}).get("partial_rotary_factor", self.partial_rotary_factor)
+        return int(self.dim_per_head * (0.5 if factor is None else float(factor)))
+
+    def moe_layer_ids(self) -> list[int]:
+        return list(range(int(self.first_k_dense_replace), self.num_hidden_layers))
+
+    def validate(self) -> None:
+        super().validate()
+        E, groups = self.routed_experts, max(1, int(self.n_group))
+        self._check([
+            (self.moe_intermediate_size > 0, "moe_intermediate_size must be positive"),
+            (self.first_k_dense_replace == 0 or self.intermediate_size > 0,
+             "intermediate_size (the dense layers' MLP) must be positive"),
+            (bool(self.moe_layer_ids()), f"first_k_dense_replace {self.first_k_dense_replace} leaves no MoE layer"),
+            (E % groups == 0 and E // groups >= 2,
+             f"n_routed_experts {E} must split into n_group {groups} groups of at least 2 experts"),
+            (0 < self.topk_group <= groups, f"topk_group {self.topk_group} must be in 1..{groups} (n_group)"),
+            (self.num_experts_per_tok <= self.topk_group * (E // groups),
+             f"num_experts_per_tok {self.num_experts_per_tok} exceeds the experts of topk_group "
+             f"{self.topk_group} groups ({self.topk_group * (E // groups)})"),
+            (0 < self.rotary_dim <= self.dim_per_head and self.rotary_dim % 2 == 0,
+             f"partial_rotary_factor gives rotary dim {self.rotary_dim}; it must be even and in "
+             f"2..{self.dim_per_head} (head_dim)"),
+        ])
+
+    def shape(self, name: str = "model", source: str = "") -> ModelShape:
+        return self._shape(name, source, shared_ffn=self.shared_hidden, dense_ffn=self.intermediate_size)
+
+
+@dataclass
 class DeepseekV3Config(ArchConfig):
     """DeepSeek-V2/V3 (Kimi K2): multi-head latent attention, shared experts, first k layers dense.
 
@@ -574,7 +642,8 @@ class DeepseekV2Config(DeepseekV3Config):
 
 
 CONFIGS: dict[str, type[ArchConfig]] = {c.model_type: c for c in (
-    DbrxConfig, MixtralConfig, Qwen3MoeConfig, Qwen2MoeConfig, OlmoeConfig, DeepseekV3Config, DeepseekV2Config)}
+    DbrxConfig, MixtralConfig, Qwen3MoeConfig, Qwen2MoeConfig, OlmoeConfig, Glm4MoeConfig, DeepseekV3Config,
+    DeepseekV2Config)}
 
 
 def parse_config(cfg: dict[str, Any], where: str = "config.json") -> ArchConfig:

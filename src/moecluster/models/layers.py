@@ -64,7 +64,11 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float, dtype: torch.dtyp
 
 
 def apply_rope(x_BHTHd: torch.Tensor, cos_BTHd: torch.Tensor, sin_BTHd: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE (the HF convention: first half pairs with second half)."""
+    """Rotate-half RoPE (the HF convention: first half pairs with second half). Tables narrower than the
+    head (partial rotary, R = rotary dim < Hd) rotate the first R dims of each head and pass the rest."""
+    rotary = cos_BTHd.shape[-1]
+    if rotary < x_BHTHd.shape[-1]:
+        return torch.cat((apply_rope(x_BHTHd[..., :rotary], cos_BTHd, sin_BTHd), x_BHTHd[..., rotary:]), dim=-1)
     half = x_BHTHd.shape[-1] // 2
     rotated = torch.cat((-x_BHTHd[..., half:], x_BHTHd[..., :half]), dim=-1)
     return x_BHTHd * cos_BTHd[:, None] + rotated * sin_BTHd[:, None]
@@ -189,16 +193,18 @@ class GatedMLP(nn.Module):
 class DecoderModel(nn.Module):
     """The skeleton every architecture shares: embed -> blocks -> norm -> lm_head, the KV caches and the
     per-forward bookkeeping (positions, RoPE rows, mask). Each block is `block(x_BTD, step) -> x_BTD`
-    and has `.attn` (an Attention) and `.mlp` (a dense MLP or an MoE)."""
+    and has `.attn` (an Attention) and `.mlp` (a dense MLP or an MoE). rotary_dim (default head_dim):
+    RoPE on the first rotary_dim dims of each head only (partial rotary, GLM-4.5)."""
 
     def __init__(self, vocab_size: int, dim: int, blocks: list[nn.Module], norm: nn.Module, *, head_dim: int,
-                 rope_theta: float, max_seq_len: int, tie_embeddings: bool = False):
+                 rope_theta: float, max_seq_len: int, tie_embeddings: bool = False, rotary_dim: int | None = None):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, dim)
         self.layers = nn.ModuleList(blocks)
         self.norm = norm
         self.lm_head = Linear(dim, vocab_size)
         self.head_dim, self.rope_theta, self.max_seq_len = head_dim, rope_theta, max_seq_len
+        self.rotary_dim = head_dim if rotary_dim is None else rotary_dim
         self.tie_embeddings = tie_embeddings
         self.num_slots = self.cache_len = 0
         self.rope_cos: torch.Tensor | None = None
@@ -217,7 +223,7 @@ class DecoderModel(nn.Module):
         for block in self.layers:
             block.attn.make_cache(num_slots, seq, dtype)
         self.num_slots, self.cache_len = num_slots, seq
-        self.rope_cos, self.rope_sin = rope_tables(self.head_dim, seq, self.rope_theta, dtype)
+        self.rope_cos, self.rope_sin = rope_tables(self.rotary_dim, seq, self.rope_theta, dtype)
 
     def forward(self, tokens_BT: torch.Tensor, pos_B: torch.Tensor, slots_B: torch.Tensor | None = None,
                 last_only: bool = False) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Mixture-of-experts pieces: routers (small functions the architecture file picks), the routed experts
+"""Mixture-of-experts pieces: routers (small functions the architecture file picks: softmax-top-k,
+top-k-softmax, sigmoid with correction bias and group-limited top-k), the routed experts
 (prestacked), and `MoE(router, experts, shared=None)`.
 
 `RoutedExperts.forward(x_ND, ids_NK, weights_NK) -> out_ND` is the seam expert parallelism swaps.
@@ -44,15 +45,44 @@ def topk_softmax(logits_NE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     return ids_NK, torch.softmax(top_NK, dim=-1)
 
 
-class Router(nn.Module):
-    """The gate projection and the architecture's score function: x_ND -> (ids_NK, fp32 weights_NK)."""
+def sigmoid_group_topk(logits_NE: torch.Tensor, k: int, *, bias_E: torch.Tensor, n_group: int = 1,
+                       topk_group: int = 1, renorm: bool = True, scale: float = 1.0
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3 / GLM-4.5 routing ("noaux_tc"): scores = sigmoid(logits) in fp32; experts are chosen by
+    scores + bias_E (the correction bias), only within the `topk_group` best of `n_group` expert groups
+    (a group scores the sum of its two best biased scores); the weights are the chosen experts' unbiased
+    scores, renormalized to sum 1 when `renorm`, times `scale` (routed_scaling_factor)."""
+    scores_NE = torch.sigmoid(logits_NE.float())
+    choice_NE = scores_NE + bias_E.float()
+    if n_group > 1:  # with one group the mask keeps every expert
+        N, E = choice_NE.shape
+        group_NG = choice_NE.view(N, n_group, E // n_group).topk(2, dim=-1)[0].sum(dim=-1)
+        best_NG = torch.zeros_like(group_NG, dtype=torch.bool).scatter_(
+            1, torch.topk(group_NG, topk_group, dim=-1)[1], True)
+        choice_NE = choice_NE.masked_fill(~best_NG.repeat_interleave(E // n_group, dim=1), float("-inf"))
+    ids_NK = torch.topk(choice_NE, k, dim=-1)[1]
+    weights_NK = scores_NE.gather(1, ids_NK)
+    if renorm:
+        weights_NK = weights_NK / (weights_NK.sum(dim=-1, keepdim=True) + 1e-20)
+    return ids_NK, weights_NK * scale
 
-    def __init__(self, dim: int, num_experts: int, score: ScoreFn):
+
+class Router(nn.Module):
+    """The gate projection and the architecture's score function: x_ND -> (ids_NK, fp32 weights_NK).
+
+    correction_bias: an fp32 per-expert buffer `e_score_correction_bias` (loaded from the checkpoint) passed
+    to the score function as `bias_E=` (sigmoid_group_topk)."""
+
+    def __init__(self, dim: int, num_experts: int, score: ScoreFn, *, correction_bias: bool = False):
         super().__init__()
         self.gate = Linear(dim, num_experts)
         self.score = score
+        self.register_buffer("e_score_correction_bias",
+                             torch.zeros(num_experts, dtype=torch.float32) if correction_bias else None)
 
     def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.e_score_correction_bias is not None:
+            return self.score(self.gate(x_ND), bias_E=self.e_score_correction_bias)  # type: ignore[call-arg]
         return self.score(self.gate(x_ND))
 
 

@@ -1,7 +1,8 @@
 """model_type -> the architecture file that runs it (its model class and on-disk weight map).
 
 Adding an architecture: a config dataclass in configs.py, a file `models/<arch>.py` with the model
-class and `dense_weights` / `expert_weights` / `read_expert`, and one line here.
+class and `dense_weights` / `expert_weights` / `read_expert` (optionally `ignored_on_disk(cfg, name)`: tensors
+the checkpoint ships that the model does not run), and one line here.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from moecluster.errors import MoeClusterError
-from moecluster.models import dbrx, mixtral, olmoe, qwen2_moe, qwen3_moe
+from moecluster.models import dbrx, glm4_moe, mixtral, olmoe, qwen2_moe, qwen3_moe
 from moecluster.models.configs import CONFIGS, ArchConfig
 from moecluster.models.layers import DecoderModel
 
@@ -19,6 +20,7 @@ ARCHITECTURES: dict[str, tuple[type[DecoderModel], ModuleType]] = {
     "qwen3_moe": (qwen3_moe.Qwen3MoeForCausalLM, qwen3_moe),
     "qwen2_moe": (qwen2_moe.Qwen2MoeForCausalLM, qwen2_moe),
     "olmoe": (olmoe.OlmoeForCausalLM, olmoe),
+    "glm4_moe": (glm4_moe.Glm4MoeForCausalLM, glm4_moe),
 }
 
 
