@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from moecluster.errors import MoeClusterError
-from moecluster.parallel.comm import SingleComm, init_comm
-from moecluster.parallel.launch import launch_local
+from moecluster.distributed.comm import SingleComm, init_comm
+from moecluster.distributed.launch import launch_local
 
 WORKER = str(Path(__file__).with_name("comm_worker.py"))
 BACKENDS = ["mpi", "torch"]
@@ -105,7 +105,7 @@ def test_launcher_kills_stragglers(capfd) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_launcher_sigterm_leaves_nothing(backend: str) -> None:
     tag = uuid.uuid4().hex
-    script = ("import sys; from moecluster.parallel.launch import launch_local; "
+    script = ("import sys; from moecluster.distributed.launch import launch_local; "
               f"sys.exit(launch_local([sys.executable, {WORKER!r}, '--scenario', 'straggle', "
               f"'--tag', {tag!r}], 2, {backend!r}, timeout_s=60, "
               f"env={{'MOECLUSTER_TEST_TAG': {tag!r}}}))")
@@ -153,9 +153,9 @@ def test_rank_dead_before_mpi_init_ends_a_kept_job() -> None:
     tag = uuid.uuid4().hex
     body = ("import os, sys, time\n"
             "if os.environ['PMI_RANK'] == '1':\n    sys.exit(3)\n"
-            "from moecluster.parallel.comm import init_comm\n"
+            "from moecluster.distributed.comm import init_comm\n"
             "init_comm('mpi', timeout_s=5)\n")
-    script = ("import sys; from moecluster.parallel.launch import launch_local; "
+    script = ("import sys; from moecluster.distributed.launch import launch_local; "
               f"sys.exit(launch_local([sys.executable, '-c', {body!r}], 2, 'mpi', timeout_s=3, "
               f"keep_survivors=True, env={{'MOECLUSTER_TEST_TAG': {tag!r}}}))")
     t0 = time.monotonic()

@@ -21,7 +21,7 @@ from moecluster.engine.batching import TextTracker
 from moecluster.engine.generate import Engine
 from moecluster.engine.sampling import SamplingParams
 from moecluster.loading import load_model
-from moecluster.parallel.launch import free_port
+from moecluster.distributed.launch import free_port
 
 KEY = "test-key"
 PROMPTS = ["Hello world", "Expert parallelism places experts", "The quick brown fox", "a b c d e f"]

@@ -66,7 +66,7 @@ def sampling_from_args(args) -> SamplingParams:
 
 def relaunch(args, argv_tail: list[str]) -> int:
     """Start args.nodes local ranks running this same command as rank workers."""
-    from moecluster.parallel.launch import launch_local
+    from moecluster.distributed.launch import launch_local
 
     cmd = [sys.executable, "-m", "moecluster.cli", *argv_tail, "--rank-worker"]
     return launch_local(cmd, args.nodes, args.backend, timeout_s=args.timeout)
@@ -95,7 +95,7 @@ def run_on_rank(args, body) -> int:
     On any error the rank leaves without waiting for its peers (they are stopped, not left hanging)."""
     comm = None
     if args.rank_worker:
-        from moecluster.parallel.comm import init_comm
+        from moecluster.distributed.comm import init_comm
 
         comm = init_comm(args.backend, timeout_s=args.timeout)
     try:

@@ -183,7 +183,7 @@ def run_worker(args) -> int:
 
     Phases: "engine" (bandwidth, decode probes, then all-reduce if several ranks) or "allreduce".
     """
-    from moecluster.parallel.comm import init_comm
+    from moecluster.distributed.comm import init_comm
     from moecluster.runtime import gather_reports
 
     comm = init_comm(args.backend, timeout_s=args.timeout)

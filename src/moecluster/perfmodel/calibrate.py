@@ -104,7 +104,7 @@ def worker_argv(args: argparse.Namespace, phase: str, result: str, *, ar_sizes: 
 
 def _launch(args: argparse.Namespace, phase: str, world_size: int, tmp: str, **kw: Any) -> dict:
     """Run one calibration job on `world_size` local ranks; rank 0's result."""
-    from moecluster.parallel.launch import launch_local
+    from moecluster.distributed.launch import launch_local
 
     result = str(Path(tmp) / f"{phase}-{world_size}.json")
     backend = args.backend if world_size > 1 else "single"

@@ -76,7 +76,7 @@ def run_serve(args) -> int:
     check_args(args)
     if args.nodes > 1 and not args.rank_worker:
         bind(args.host, args.port).close()  # fail now, not after every rank has loaded the model
-        from moecluster.parallel.launch import launch_local
+        from moecluster.distributed.launch import launch_local
 
         cmd = [sys.executable, "-m", "moecluster.cli", *args.argv, "--rank-worker"]
         # A dead rank must not end the job (MPI: keep_survivors): rank 0 answers 503 until it exits,

@@ -229,7 +229,7 @@ def _init_mpi(timeout_s: float) -> tuple[Comm, int]:
     node_comm = world.Split_type(MPI.COMM_TYPE_SHARED)  # ranks on this host -> local rank
     local_rank = node_comm.Get_rank()
     node_comm.Free()
-    from moecluster.parallel.comm_mpi import MPIComm
+    from moecluster.distributed.comm_mpi import MPIComm
 
     comm = MPIComm(world, timeout_s)
     comm.launcher_link = _link_to_launcher(comm.rank)
@@ -278,7 +278,7 @@ def _init_torch(timeout_s: float, device: str) -> tuple[Comm, int]:
     agent_store = None  # torchrun's agent serves the store on MASTER_PORT already
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         agent_store = f"/moecluster/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-    from moecluster.parallel.comm_torch import TorchComm
+    from moecluster.distributed.comm_torch import TorchComm
 
     comm = TorchComm(rank, world_size, addr, _env_int("MASTER_PORT"), timeout_s,
                      device=device, local_rank=local_rank, agent_store=agent_store)

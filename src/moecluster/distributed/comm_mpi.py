@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from moecluster.parallel.comm import (EXIT_CODE_FAILED, MAX_SLEEP_S, OPS, REDUCE_DTYPES, SPIN_S, YIELD_S, Comm,
+from moecluster.distributed.comm import (EXIT_CODE_FAILED, MAX_SLEEP_S, OPS, REDUCE_DTYPES, SPIN_S, YIELD_S, Comm,
                                       CommError, _waiting_note, missing_message)
 
 _TAG_PING, _TAG_PONG = 7001, 7002

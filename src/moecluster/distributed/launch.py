@@ -262,7 +262,7 @@ def launch_local(cmd: list[str], world_size: int, backend: str, *, pin: bool = T
             full = [find_mpiexec(), "-n", str(world_size), *cmd]
             if keep_survivors:  # see _wrap_rank
                 full = [full[0], "-disable-auto-cleanup", "-n", str(world_size), sys.executable,
-                        "-m", "moecluster.parallel.launch", WRAP_RANK, *cmd]
+                        "-m", "moecluster.distributed.launch", WRAP_RANK, *cmd]
             job.popens = [subprocess.Popen(full, env=dict(base, MOECLUSTER_LAUNCH_SOCKET=links.path),
                                            **popen)]
             code, line = _watch_mpi(job, links, timeout_s)

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from moecluster.parallel.comm import (EXIT_CODE_FAILED, REDUCE_DTYPES, Comm, CommError, _hard_exit, _short,
+from moecluster.distributed.comm import (EXIT_CODE_FAILED, REDUCE_DTYPES, Comm, CommError, _hard_exit, _short,
                                       _waiting_note, missing_message)
 
 
