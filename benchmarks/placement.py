@@ -28,9 +28,9 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from moecluster.parallel.placement_metrics import placement_metrics, summarize  # noqa: E402
-from moecluster.parallel.planner import Cluster, plan  # noqa: E402
-from moecluster.parallel.routing_stats import stats_from_trace, zipf_trace  # noqa: E402
+from moecluster.planning.placement_metrics import placement_metrics, summarize  # noqa: E402
+from moecluster.planning.planner import Cluster, plan  # noqa: E402
+from moecluster.planning.routing_stats import stats_from_trace, zipf_trace  # noqa: E402
 
 NUM_EXPERTS, TOP_K, NUM_LAYERS, ALPHA, TOKENS = 16, 4, 40, 1.2, 4096
 BUDGET = 0.25  # extra expert memory allowed to the optimized strategy, fraction of one copy

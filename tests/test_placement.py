@@ -16,11 +16,11 @@ import pytest
 from moecluster.errors import MoeClusterError
 from moecluster.parallel import place_commands
 from moecluster.parallel.placement import Placement, groups_holders, make_placement
-from moecluster.parallel.placement_metrics import (AssignReplay, bytes_per_rank,
+from moecluster.planning.placement_metrics import (AssignReplay, bytes_per_rank,
                                                    expected_max_rank_load, placement_metrics,
                                                    summarize)
-from moecluster.parallel.planner import GB, Cluster, plan
-from moecluster.parallel.routing_stats import RoutingStats, stats_from_trace, zipf_trace
+from moecluster.planning.planner import GB, Cluster, plan
+from moecluster.planning.routing_stats import RoutingStats, stats_from_trace, zipf_trace
 
 DBRX_CONFIG = {"model_type": "dbrx", "d_model": 6144, "n_layers": 40, "n_heads": 48,
                "vocab_size": 100352, "attn_config": {"kv_n_heads": 8},

@@ -10,7 +10,7 @@ from moecluster.engine.generate import Engine
 from moecluster.engine.sampling import SamplingParams
 from moecluster.errors import MoeClusterError
 from moecluster.loading import load_model
-from moecluster.parallel.routing_stats import RoutingStats
+from moecluster.planning.routing_stats import RoutingStats
 
 
 def register(sub) -> None:

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from moecluster.errors import MoeClusterError
 from moecluster.perfmodel import shapes
 from moecluster.parallel.placement import Placement
-from moecluster.parallel.placement_metrics import (bytes_per_rank, fits_memory, placement_metrics,
+from moecluster.planning.placement_metrics import (bytes_per_rank, fits_memory, placement_metrics,
                                                    summarize, trace_from_stats)
-from moecluster.parallel.planner import GB, STRATEGIES, Cluster, plan
-from moecluster.parallel.routing_stats import RoutingStats
+from moecluster.planning.planner import GB, STRATEGIES, Cluster, plan
+from moecluster.planning.routing_stats import RoutingStats
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "bf16": 2, "fp16": 2, "half": 2, "float32": 4,
                "fp32": 4, "float": 4, "float8_e4m3fn": 1, "fp8": 1}

@@ -25,8 +25,8 @@ import numpy as np
 
 from moecluster.errors import MoeClusterError
 from moecluster.parallel.placement import Placement, contiguous_holders, groups_holders, round_robin_holders
-from moecluster.parallel.placement_metrics import AssignReplay
-from moecluster.parallel.routing_stats import RoutingStats, sample_from_frequencies
+from moecluster.planning.placement_metrics import AssignReplay
+from moecluster.planning.routing_stats import RoutingStats, sample_from_frequencies
 
 STRATEGIES = ("contiguous", "round-robin", "groups", "optimized")
 DEFAULT_REPLICA_FRACTION = 0.25  # default replica budget: 25% of one copy of all experts
