@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -114,6 +115,9 @@ def test_calibrate_errors(tmp_path, tiny_dbrx):
 
 # -- emulated links ---------------------------------------------------------------------------
 
+NETEMU_DIR = Path(__file__).resolve().parents[1] / "tools" / "netemu"  # a repository tool, not in the package
+sys.path.insert(0, str(NETEMU_DIR))
+
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("gcc") or not os.path.exists("/dev/net/tun"),
     reason="emulated links need root, iproute2, gcc and /dev/net/tun")
@@ -121,7 +125,7 @@ needs_root = pytest.mark.skipif(
 
 @needs_root
 def test_forwarder_adds_the_delay_and_cleans_up():
-    from moecluster.parallel.netemu import EmulatedLink, cleanup_leftovers, list_namespaces, measure_rtt
+    from netemu import EmulatedLink, cleanup_leftovers, list_namespaces, measure_rtt
 
     rtt = {}
     for delay in (0, 300):
@@ -142,7 +146,7 @@ def test_forwarder_adds_the_delay_and_cleans_up():
 
 
 def test_emulated_link_needs_root(monkeypatch):
-    from moecluster.parallel import netemu
+    import netemu
 
     monkeypatch.setattr(netemu.os, "geteuid", lambda: 1000)
     with pytest.raises(MoeClusterError, match="root"):

@@ -1,5 +1,6 @@
 """Emulated network links on one machine: two network namespaces joined by a userspace TAP forwarder
-that adds a fixed one-way delay (this kernel has no `tc netem`; see DESIGN.md).
+that adds a fixed one-way delay (this kernel has no `tc netem`; see docs/design.md).
+A repository tool (not in the wheel): import it with tools/netemu on sys.path.
 
     with EmulatedLink(delay_us=50) as link:
         subprocess.run(link.netns_cmd(1, ["python", "server.py"]))   # runs in namespace 1
@@ -356,7 +357,7 @@ def measure_rtt(link: EmulatedLink, rounds: int = 2000) -> dict:
 
 
 def _python_in(link: EmulatedLink, host: int, call: str) -> list[str]:
-    code = f"import json; from moecluster.parallel import netemu; {call}"
+    code = f"import json, sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); import netemu; {call}"
     return link.netns_cmd(host, _taskset(host) + [sys.executable, "-c", code])
 
 
