@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from moecluster.parallel.commbench import DEFAULT_SIZES_BYTES, Variant, measure_interleaved
+from moecluster.calibration.commbench import DEFAULT_SIZES_BYTES, Variant, measure_interleaved
 
 RESULTS = Path(__file__).parent / "results"
 MPI_COLUMNS = [  # (variant, header)

@@ -96,7 +96,8 @@ def _run_engine_once(args, model: Path, tmp: str, link, trace: bool, tag: str) -
     """One measuring job: 1 rank on core 0 (link None) or 2 ranks across the link; rank 0's result."""
     from moecluster.errors import MoeClusterError
     from netemu import MPI_ENV, run_job
-    from moecluster.perfmodel.calibrate import message_sizes, parse_batches, worker_argv
+    from moecluster.calibration.jobs import worker_argv
+    from moecluster.perfmodel.calibrate import message_sizes, parse_batches
 
     opts = worker_ns(args, model, 400 if trace else 0)
     result = str(Path(tmp) / f"{tag}.json")

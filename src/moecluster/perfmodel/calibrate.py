@@ -8,7 +8,7 @@ attention and router seconds per layer, seconds per expert evaluation at the mea
 expert, head (+ embedding and per-step framework time), and rank 0's sampling. It also measures
 each rank's streaming memory bandwidth (all ranks at once) and all-reduce latency against message
 size with `commbench` for every world size 2..N (one job per size), at the engine's exchange
-dtype and at the sizes the engine sends. The rank side is `moecluster.engine.measure`; this module
+dtype and at the sizes the engine sends. The rank side is `moecluster.calibration.measure`; this module
 assembles the profile (format: `perfmodel.profile`) and stays torch-free.
 """
 
@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -88,33 +86,6 @@ def message_sizes(model_dir: str, batches: list[int], exchange: str, dtype: str 
                       else "bf16")) == "fp32"
     per_token = shape.d_model * 4 if exchange == "sum" or fp32 else shape.top_k * shape.d_model * 2
     return sorted(set(BASE_SIZES + [b * per_token for b in batches] + [8 * (b + 1) for b in batches]))
-
-
-def worker_argv(args: argparse.Namespace, phase: str, result: str, *, ar_sizes: list[int],
-                ar_dtype: str = "bfloat16", backend: str | None = None, trace: bool = True) -> list[str]:
-    """Command line of one calibration rank (what launchers start on every rank)."""
-    argv = [sys.executable, "-m", "moecluster.cli", "calibrate", "--model", str(args.model),
-            "--backend", backend or args.backend, "--batch", str(args.batch), "--steps", str(args.steps),
-            "--warmup", str(args.warmup), "--prompt-len", str(args.prompt_len), "--placement", args.placement,
-            "--exchange", args.exchange, "--ar-iters", str(args.ar_iters), "--timeout", str(args.timeout),
-            "--phase", phase, "--result", result, "--ar-sizes", ",".join(map(str, ar_sizes)),
-            "--ar-dtype", ar_dtype, "--rank-worker"]
-    return argv + (["--dtype", args.dtype] if args.dtype else []) + ([] if trace else ["--no-trace"])
-
-
-def _launch(args: argparse.Namespace, phase: str, world_size: int, tmp: str, **kw: Any) -> dict:
-    """Run one calibration job on `world_size` local ranks; rank 0's result."""
-    from moecluster.distributed.launch import launch_local
-
-    result = str(Path(tmp) / f"{phase}-{world_size}.json")
-    backend = args.backend if world_size > 1 else "single"
-    cmd = worker_argv(args, phase, result, backend=backend, **kw)
-    print(f"calibrate: {phase} on {world_size} rank(s) ...", file=sys.stderr, flush=True)
-    code = launch_local(cmd, world_size, backend, pin=world_size > 1, timeout_s=args.timeout)
-    if code != 0 or not Path(result).is_file():
-        raise MoeClusterError(f"calibration {phase} job on {world_size} ranks failed (exit {code}); "
-                              "see the messages above")
-    return json.loads(Path(result).read_text())
 
 
 def _median(values: list[float]) -> float:
@@ -226,7 +197,7 @@ def self_check(profile_dict: dict, model_dir: str, node: str, nodes: int) -> lis
 def run_calibrate(args: argparse.Namespace) -> int:
     """Entry point of `moecluster calibrate` (and of its rank workers)."""
     if args.rank_worker:
-        from moecluster.engine.measure import run_worker
+        from moecluster.calibration.measure import run_worker
 
         return run_worker(args)
     if args.nodes < 1:
@@ -243,7 +214,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if args.from_results:
         engines, tables = read_results(args.from_results)
     else:
-        engines, tables = _run_jobs(args, message_sizes(args.model, batches, args.exchange, args.dtype))
+        from moecluster.calibration.jobs import run_jobs
+
+        engines, tables = run_jobs(args, message_sizes(args.model, batches, args.exchange, args.dtype))
     engines[0]["model_dir"] = str(args.model)
     engine = engines[0]
     profile = build_profile(engines, tables, args.network, args.node)
@@ -252,17 +225,6 @@ def run_calibrate(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: use it with  moecluster plan --model {args.model} --node {args.node} "
           f"--profile {args.out}")
     return 0
-
-
-def _run_jobs(args: argparse.Namespace, sizes: list[int]) -> tuple[list[dict], dict[int, list[dict]]]:
-    """--repeats engine jobs on N ranks (with the N-rank all-reduce), then one all-reduce job per 2..N-1."""
-    with tempfile.TemporaryDirectory(prefix="moecluster-calibrate-") as tmp:
-        engines = [_launch(args, "engine", args.nodes, tmp, ar_sizes=sizes) for _ in range(args.repeats)]
-        tables = {args.nodes: [r for e in engines for r in e["allreduce"]]} if args.nodes > 1 else {}
-        for w in range(2, args.nodes):
-            tables[w] = _launch(args, "allreduce", w, tmp, ar_sizes=sizes,
-                                ar_dtype=engines[0]["model"]["exchange_dtype"])["allreduce"]
-    return engines, tables
 
 
 def read_results(paths: list[str]) -> tuple[list[dict], dict[int, list[dict]]]:
