@@ -8,7 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
-from moecluster.engine.commands import add_cluster_args
+from moecluster.cli.cluster import add_cluster_args, run_on_rank
 from moecluster.errors import MoeClusterError
 
 FAILED_LINGER_S = 30.0  # after a rank fails, keep answering 503 (and /health) this long, then exit
@@ -83,8 +83,6 @@ def run_serve(args) -> int:
         # FAILED_LINGER_S after noticing; the launcher kills ranks still running this long after one died.
         return launch_local(cmd, args.nodes, args.backend, timeout_s=args.timeout + FAILED_LINGER_S + 10,
                             keep_survivors=True)
-    from moecluster.engine.commands import run_on_rank
-
     return run_on_rank(args, lambda comm: _serve_on_rank(args, comm))
 
 

@@ -1,6 +1,6 @@
-"""The one entry point: `moecluster <subcommand> ...`.
+"""The one entry point: `moecluster <subcommand> ...` (also `python -m moecluster.cli`, which starts ranks).
 
-Each subcommand lives in a module that exposes `register(subparsers)`; `register` adds a parser
+Each subcommand lives in a module of this package that exposes `register(subparsers)`; `register` adds a parser
 and sets `func=callable(args) -> int` on it. Errors a user can cause raise MoeClusterError and are
 printed as one line (traceback only with --debug).
 """
@@ -15,12 +15,13 @@ from moecluster.errors import MoeClusterError
 
 # Modules that add subcommands (one line each).
 COMMAND_MODULES = [
-    "moecluster.perfmodel.commands",
-    "moecluster.engine.commands",
-    "moecluster.engine.profile_routing",
-    "moecluster.parallel.place_commands",
-    "moecluster.server.commands",
-    "moecluster.perfmodel.calibrate",
+    "moecluster.cli.plan",
+    "moecluster.cli.generate",
+    "moecluster.cli.demo",
+    "moecluster.cli.profile_routing",
+    "moecluster.cli.place",
+    "moecluster.cli.serve",
+    "moecluster.cli.calibrate",
 ]
 
 
@@ -51,7 +52,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
