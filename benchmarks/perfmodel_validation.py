@@ -94,9 +94,10 @@ def run_engine(args, model: Path, tmp: str, link=None, trace: bool = False, tag:
 
 def _run_engine_once(args, model: Path, tmp: str, link, trace: bool, tag: str) -> dict:
     """One measuring job: 1 rank on core 0 (link None) or 2 ranks across the link; rank 0's result."""
-    from moecluster.errors import MoeClusterError
     from netemu import MPI_ENV, run_job
+
     from moecluster.calibration.jobs import worker_argv
+    from moecluster.errors import MoeClusterError
     from moecluster.perfmodel.calibrate import message_sizes, parse_batches
 
     opts = worker_ns(args, model, 400 if trace else 0)
@@ -157,6 +158,7 @@ def predict_cell(model: Path, profile, ranks: int, batch: int, extra_s: float):
 def measure(args: argparse.Namespace, shapes: dict[str, Path], delays: list[float]) -> dict:
     """Run every job; returns RTTs, forwarder reports, profiles and measured tok/s per cell."""
     from netemu import EmulatedLink, cleanup_leftovers, measure_rtt
+
     from moecluster.perfmodel.calibrate import build_profile
 
     left = cleanup_leftovers()
@@ -211,7 +213,8 @@ def add_predictions(data: dict, shapes: dict[str, Path]) -> None:
     rtt0 = data["rtt"]["0"]["median_us"]
     for cell in data["cells"]:
         profile = profile_from_dict(data["profiles"][cell["shape"]])
-        extra = 0.0 if cell["delay_us"] is None else max(0.0, data["rtt"][f"{cell['delay_us']:g}"]["median_us"] - rtt0) / 2
+        extra = (0.0 if cell["delay_us"] is None
+                 else max(0.0, data["rtt"][f"{cell['delay_us']:g}"]["median_us"] - rtt0) / 2)
         pred = predict_cell(shapes[cell["shape"]], profile, cell["ranks"], cell["batch"], extra * 1e-6)
         cell.update(added_latency_us=extra, predicted_tok_s=pred.tokens_per_s,
                     predicted_comm_share=pred.comm_share,
@@ -332,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     shapes = {name: model_dir(name) for name in args.shapes.split(",")}
     data = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "backend": args.backend,
-            "steps": args.steps, "repeats": args.repeats, "thp": args.thp, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "steps": args.steps, "repeats": args.repeats, "thp": args.thp, "machine": machine(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "load_before": os.getloadavg()}
     from netemu import MPI_ENV
 

@@ -67,8 +67,8 @@ def run_case(num_ranks: int, speeds: tuple[float, ...], stats, held_out) -> list
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"| ranks | speeds | strategy | imbalance mean | imbalance worst | step max (b=1) "
-            f"| extra expert memory | plan s |\n|---|---|---|---|---|---|---|---|")
+    head = ("| ranks | speeds | strategy | imbalance mean | imbalance worst | step max (b=1) "
+            "| extra expert memory | plan s |\n|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         speeds = ",".join(f"{s:g}" for s in r["speeds"])

@@ -10,8 +10,8 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from moecluster.engine.sampling import SamplingParams
 from moecluster.distributed.comm import init_comm
+from moecluster.engine.sampling import SamplingParams
 from moecluster.runtime import open_engine
 
 PROMPT = list(range(3, 40, 3))

@@ -17,9 +17,9 @@ import psutil
 import pytest
 import torch
 
-from moecluster.errors import MoeClusterError
 from moecluster.distributed.comm import SingleComm, init_comm
 from moecluster.distributed.launch import launch_local
+from moecluster.errors import MoeClusterError
 
 WORKER = str(Path(__file__).with_name("comm_worker.py"))
 BACKENDS = ["mpi", "torch"]

@@ -14,10 +14,10 @@ import torch
 from ep_worker import PROMPT
 from safetensors.torch import load_file
 
+from moecluster.distributed.launch import launch_local
 from moecluster.engine.generate import Engine
 from moecluster.engine.sampling import SamplingParams
 from moecluster.loading import load_model
-from moecluster.distributed.launch import launch_local
 
 WORKER = str(Path(__file__).parent / "ep_worker.py")
 _single_cache: dict = {}

@@ -11,8 +11,8 @@ from dataclasses import replace
 
 import pytest
 
-from moecluster.errors import MoeClusterError
 from moecluster.cli import plan as plan_cli
+from moecluster.errors import MoeClusterError
 from moecluster.perfmodel import routing
 from moecluster.perfmodel.network import algorithm_times, allreduce_time, interpolate
 from moecluster.perfmodel.predict import Workload, memory_per_node, predict

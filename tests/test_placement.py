@@ -13,12 +13,16 @@ import time
 import numpy as np
 import pytest
 
-from moecluster.errors import MoeClusterError
 from moecluster.cli import place as place_cli
+from moecluster.errors import MoeClusterError
 from moecluster.parallel.placement import Placement, groups_holders, make_placement
-from moecluster.planning.placement_metrics import (AssignReplay, bytes_per_rank,
-                                                   expected_max_rank_load, placement_metrics,
-                                                   summarize)
+from moecluster.planning.placement_metrics import (
+    AssignReplay,
+    bytes_per_rank,
+    expected_max_rank_load,
+    placement_metrics,
+    summarize,
+)
 from moecluster.planning.planner import GB, Cluster, plan
 from moecluster.planning.routing_stats import RoutingStats, stats_from_trace, zipf_trace
 from moecluster.planning.sizes import ModelSizes
@@ -145,8 +149,8 @@ def test_replay_matches_assign(batch: int) -> None:
         want = np.zeros_like(experts_NB)
         for b in range(len(ids) // batch):
             chunk = ids[b * batch:(b + 1) * batch]
-            for r, e in {(r, e) for row, rr in zip(chunk, p.assign(0, chunk))
-                         for e, r in zip(row, rr)}:
+            for r, _e in {(r, e) for row, rr in zip(chunk, p.assign(0, chunk))
+                          for e, r in zip(row, rr)}:
                 want[r, b] += 1
         assert np.array_equal(experts_NB, want)
 

@@ -17,11 +17,11 @@ import openai
 import psutil
 import pytest
 
+from moecluster.distributed.launch import free_port
 from moecluster.engine.batching import TextTracker
 from moecluster.engine.generate import Engine
 from moecluster.engine.sampling import SamplingParams
 from moecluster.loading import load_model
-from moecluster.distributed.launch import free_port
 
 KEY = "test-key"
 PROMPTS = ["Hello world", "Expert parallelism places experts", "The quick brown fox", "a b c d e f"]
@@ -158,7 +158,8 @@ def test_concurrent_equals_alone(server):
     client = server.client()
     lengths = [24, 9, 17, 30]
     alone = [_complete(client, p, n).choices[0].text for p, n in zip(PROMPTS, lengths)]
-    rows_before = server.metric("moecluster_decode_batch_rows_sum") - server.metric("moecluster_decode_batch_rows_count")
+    rows_before = (server.metric("moecluster_decode_batch_rows_sum")
+                   - server.metric("moecluster_decode_batch_rows_count"))
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         together = list(pool.map(lambda a: _complete(client, *a).choices[0].text, zip(PROMPTS, lengths)))
     assert together == alone

@@ -35,7 +35,7 @@ TAP = "mcemutap"
 MTU = 1500
 START_TIMEOUT_S = 10.0
 C_SOURCE = Path(__file__).with_name("netemu_fwd.c")
-_LIVE: list["EmulatedLink"] = []
+_LIVE: list[EmulatedLink] = []
 
 
 def require_root() -> None:
@@ -114,7 +114,7 @@ class EmulatedLink:
         self.scheduling = ""
         self.report = ""  # the forwarder's last words: frames sent, dropped, lateness
 
-    def __enter__(self) -> "EmulatedLink":
+    def __enter__(self) -> EmulatedLink:
         self.open()
         return self
 

@@ -15,8 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from moecluster.errors import MoeClusterError
-from moecluster.perfmodel.calibrate import (BASE_SIZES, build_profile, message_sizes, parse_batches, read_results,
-                                            self_check)
+from moecluster.perfmodel.calibrate import (
+    BASE_SIZES,
+    build_profile,
+    message_sizes,
+    parse_batches,
+    read_results,
+    self_check,
+)
 from moecluster.perfmodel.presets import load_presets
 
 

@@ -42,8 +42,8 @@ def run_demo(args) -> int:
     model = demo_model_dir(args.cache_dir)
     results = {}
     for nodes in (args.nodes, 1):
-        print(f"\n=== {nodes} rank{'s' if nodes > 1 else ''} ({'expert parallel, ' + args.backend if nodes > 1 else 'single process'}) ===",
-              file=sys.stderr, flush=True)
+        how = f"expert parallel, {args.backend}" if nodes > 1 else "single process"
+        print(f"\n=== {nodes} rank{'s' if nodes > 1 else ''} ({how}) ===", file=sys.stderr, flush=True)
         with tempfile.NamedTemporaryFile(suffix=".json") as report:
             argv = ["generate", "--model", str(model), "--prompt", args.prompt, "--max-tokens", str(args.max_tokens),
                     "--ignore-eos", "--nodes", str(nodes), "--backend", args.backend, "--report", report.name]
@@ -55,8 +55,8 @@ def run_demo(args) -> int:
             results[nodes] = json.loads(Path(report.name).read_text())
     many, one = results[args.nodes], results[1]
     same = many["tokens"] == one["tokens"]
-    print(f"\n{args.nodes} ranks: {many['stats']['decode_tok_s']:.1f} tok/s   1 rank: {one['stats']['decode_tok_s']:.1f} tok/s",
-          file=sys.stderr)
+    print(f"\n{args.nodes} ranks: {many['stats']['decode_tok_s']:.1f} tok/s   "
+          f"1 rank: {one['stats']['decode_tok_s']:.1f} tok/s", file=sys.stderr)
     print(f"outputs identical: {'yes' if same else 'NO'} ({len(one['tokens'])} tokens)", file=sys.stderr)
     print("note: local ranks share this machine's memory bandwidth, so on one machine they cannot beat one "
           "process; across machines each node adds bandwidth and memory (see `moecluster plan`)", file=sys.stderr)

@@ -25,12 +25,14 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 unless the checkpoint is fp32")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                   help="default: bf16 unless the checkpoint is fp32")
     p.add_argument("--chat", action="store_true", help="wrap the prompt with the tokenizer's chat template")
     p.add_argument("--trace", default=None, help="write the per-step, per-layer, per-rank trace to this JSON file")
     p.add_argument("--report", default=None, help=argparse.SUPPRESS)  # JSON result, used by demo and tests
     p.add_argument("--quiet", action="store_true", help="do not stream text (stats only)")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores on 1 rank, 1 per rank)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads (default: all cores on 1 rank, 1 per rank)")
     add_cluster_args(p)
     p.set_defaults(func=run_generate)
 
@@ -94,7 +96,8 @@ def _print_stats(stats, reports: list[dict], world_size: int) -> None:
     from moecluster.runtime import format_rank_table
 
     err = sys.stderr
-    print(f"prompt tokens: {stats.prompt_tokens}  generated: {stats.generated_tokens} ({stats.finish_reason})", file=err)
+    print(f"prompt tokens: {stats.prompt_tokens}  generated: {stats.generated_tokens} ({stats.finish_reason})",
+          file=err)
     print(f"time to first token: {stats.ttft_s * 1e3:.1f} ms  prefill: {stats.prefill_tok_s:.1f} tok/s  "
           f"decode: {stats.decode_tok_s:.2f} tok/s", file=err)
     read = max(r["bytes_per_token"] for r in reports)

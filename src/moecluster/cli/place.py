@@ -13,8 +13,13 @@ import json
 
 from moecluster.errors import MoeClusterError
 from moecluster.parallel.placement import Placement
-from moecluster.planning.placement_metrics import (bytes_per_rank, fits_memory, placement_metrics,
-                                                   summarize, trace_from_stats)
+from moecluster.planning.placement_metrics import (
+    bytes_per_rank,
+    fits_memory,
+    placement_metrics,
+    summarize,
+    trace_from_stats,
+)
 from moecluster.planning.planner import GB, STRATEGIES, Cluster, plan
 from moecluster.planning.routing_stats import RoutingStats
 from moecluster.planning.sizes import ModelSizes, read_model_sizes

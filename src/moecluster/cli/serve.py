@@ -24,7 +24,8 @@ def register(sub) -> None:
                    help="require 'Authorization: Bearer KEY' (default: $MOECLUSTER_API_KEY, else no key)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together in one step")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 429")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 unless the checkpoint is fp32")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                   help="default: bf16 unless the checkpoint is fp32")
     p.add_argument("--max-seq-len", type=int, default=None, help="context per sequence (default: the model's)")
     add_cluster_args(p)
     p.set_defaults(func=run_serve, timeout=20.0)  # a dead rank fails requests within 30 s

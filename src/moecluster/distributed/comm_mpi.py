@@ -13,8 +13,18 @@ import time
 import numpy as np
 import torch
 
-from moecluster.distributed.comm import (EXIT_CODE_FAILED, MAX_SLEEP_S, OPS, REDUCE_DTYPES, SPIN_S, YIELD_S, Comm,
-                                      CommError, _waiting_note, missing_message)
+from moecluster.distributed.comm import (
+    EXIT_CODE_FAILED,
+    MAX_SLEEP_S,
+    OPS,
+    REDUCE_DTYPES,
+    SPIN_S,
+    YIELD_S,
+    Comm,
+    CommError,
+    _waiting_note,
+    missing_message,
+)
 
 _TAG_PING, _TAG_PONG = 7001, 7002
 _MPICH_BFLOAT16 = 0x4C00024C  # MPIX_BFLOAT16 in MPICH's mpi.h (ABI-stable builtin handle)

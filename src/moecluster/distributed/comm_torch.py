@@ -12,8 +12,16 @@ import time
 
 import torch
 
-from moecluster.distributed.comm import (EXIT_CODE_FAILED, REDUCE_DTYPES, Comm, CommError, _hard_exit, _short,
-                                      _waiting_note, missing_message)
+from moecluster.distributed.comm import (
+    EXIT_CODE_FAILED,
+    REDUCE_DTYPES,
+    Comm,
+    CommError,
+    _hard_exit,
+    _short,
+    _waiting_note,
+    missing_message,
+)
 
 
 class TorchComm(Comm):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from moecluster.errors import MoeClusterError
 
@@ -235,7 +235,7 @@ class Placement:
         return data
 
     @classmethod
-    def from_json(cls, data: dict) -> "Placement":
+    def from_json(cls, data: dict) -> Placement:
         """Parse the documented JSON form; raises MoeClusterError saying what is wrong."""
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise MoeClusterError(f"not a placement file: expected \"format\": \"{FORMAT}\" "

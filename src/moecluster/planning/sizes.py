@@ -28,7 +28,7 @@ class ModelSizes:
     fixed_bytes: float        # every rank's weights: embeddings, attention, norms, routers, lm_head
 
     @classmethod
-    def from_hf_config(cls, cfg: dict, bytes_per_param: float | None = None) -> "ModelSizes":
+    def from_hf_config(cls, cfg: dict, bytes_per_param: float | None = None) -> ModelSizes:
         """Sizes from a HF config (every model_type moecluster.perfmodel.shapes reads)."""
         nbytes = bytes_per_param or DTYPE_BYTES.get(str(cfg.get("torch_dtype") or
                                                         cfg.get("dtype") or "bfloat16"), 2)

@@ -12,7 +12,7 @@ import asyncio
 import hmac
 import json
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -89,7 +89,7 @@ class _Generation:
         while not self.finished:
             try:
                 event = await asyncio.wait_for(self.queue.get(), POLL_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 ok, reason = self.scheduler.health()
                 if not ok:
                     self.cancel()
