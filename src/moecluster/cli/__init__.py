@@ -26,7 +26,7 @@ COMMAND_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moecluster", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="moecluster", description=(__doc__ or "moecluster").splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:

@@ -76,7 +76,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if args.steps < 2 or args.warmup < 0 or args.prompt_len < 1:
         raise MoeClusterError("--steps must be >= 2, --warmup >= 0 and --prompt-len >= 1")
     presets = load_presets()
-    presets.network(args.network), presets.node(args.node)  # unknown names fail before any run
+    presets.network(args.network)  # unknown names fail before any run
+    presets.node(args.node)
     batches = parse_batches(args.batch)
     if args.repeats < 1:
         raise MoeClusterError(f"--repeats must be at least 1, got {args.repeats}")

@@ -80,6 +80,7 @@ def _generate_on_rank(args, params: SamplingParams, comm) -> int:
             print(delta.text, end="", flush=True)
     if rank0 and not args.quiet:
         print(flush=True)
+    assert stats is not None  # Engine.stream's last delta carries the stats
     reports = gather_reports(comm, rank_report(engine, stats))
     if rank0:
         _print_stats(stats, reports, engine.world_size)

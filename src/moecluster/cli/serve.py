@@ -102,6 +102,7 @@ def _serve_on_rank(args, comm) -> int:
     if rank != 0:
         worker_loop(engine, comm)
         return 0
+    assert sock is not None  # bound above on rank 0
     return _serve_http(args, engine, placement, sock)
 
 

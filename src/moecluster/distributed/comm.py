@@ -79,12 +79,12 @@ class Comm:
         """Send bytes (e.g. utf-8 JSON) from src to every rank: the length, then the payload."""
         if self.rank == src and data is None:
             raise ValueError("broadcast_bytes: the source rank must pass bytes, not None")
-        n_1 = torch.tensor([len(data) if self.rank == src else 0], dtype=torch.int64)
+        n_1 = torch.tensor([len(data or b"") if self.rank == src else 0], dtype=torch.int64)
         num_bytes = int(self.broadcast(n_1, src)[0])
         if num_bytes == 0:
             return b""
         if self.rank == src:
-            buf_N = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            buf_N = torch.frombuffer(bytearray(data or b""), dtype=torch.uint8)
         else:
             buf_N = torch.empty(num_bytes, dtype=torch.uint8)
         return self.broadcast(buf_N, src).numpy().tobytes()

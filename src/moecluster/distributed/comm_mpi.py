@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import sys
 import time
 
@@ -70,6 +71,7 @@ class MPIComm(Comm):
     """
 
     backend = "mpi"
+    launcher_link: socket.socket | None = None  # held open for the local launcher (comm._link_to_launcher)
 
     def __init__(self, mpi_comm, timeout_s: float = 30.0, bf16_mode: str = "auto") -> None:
         from mpi4py import MPI

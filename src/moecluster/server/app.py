@@ -128,7 +128,7 @@ class Server:
             raise P.ApiError(401, "invalid or missing API key: send the header 'Authorization: Bearer KEY'",
                              code="invalid_api_key")
 
-    async def read(self, http: HttpRequest, model: type) -> object:
+    async def read(self, http: HttpRequest, model: type[P.RequestT]) -> P.RequestT:
         self.check_auth(http)
         raw = await http.body()
         if len(raw) > MAX_BODY_BYTES:
