@@ -32,6 +32,8 @@ def calibrated(tiny_dbrx, tmp_path_factory):
     return out, res.stdout
 
 
+@pytest.mark.multirank
+@pytest.mark.slow
 def test_calibrate_writes_a_valid_profile(calibrated, tiny_dbrx):
     path, stdout = calibrated
     data = json.loads(path.read_text())
@@ -53,6 +55,8 @@ def test_calibrate_writes_a_valid_profile(calibrated, tiny_dbrx):
     assert "tok/s" in stdout and "moecluster plan" in stdout
 
 
+@pytest.mark.multirank
+@pytest.mark.slow
 def test_plan_uses_the_calibrated_profile(calibrated, tiny_dbrx):
     path, _ = calibrated
     res = run_cli("plan", "--model", str(tiny_dbrx), "--node", "linux-2core", "--nodes", "1-3", "--profile",

@@ -58,6 +58,7 @@ def run(backend: str, world_size: int, scenario: str, *, comm_timeout: float = 3
     return code, time.monotonic() - t0, tag
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("world_size", [2, 4])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_collectives(backend: str, world_size: int, capfd) -> None:
@@ -69,6 +70,7 @@ def test_collectives(backend: str, world_size: int, capfd) -> None:
     assert_nothing_left(tag)
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rank_dies(backend: str, capfd) -> None:
     code, seconds, tag = run(backend, 2, "die", comm_timeout=5, launch_timeout=5)
@@ -83,6 +85,7 @@ def test_rank_dies(backend: str, capfd) -> None:
     assert_nothing_left(tag)
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rank_stalls(backend: str, capfd) -> None:
     code, seconds, tag = run(backend, 2, "stall", comm_timeout=3, launch_timeout=3)
@@ -93,6 +96,7 @@ def test_rank_stalls(backend: str, capfd) -> None:
     assert_nothing_left(tag)
 
 
+@pytest.mark.multirank
 def test_launcher_kills_stragglers(capfd) -> None:
     code, seconds, tag = run("torch", 2, "straggle", launch_timeout=2)
     _, err = capfd.readouterr()
@@ -102,6 +106,7 @@ def test_launcher_kills_stragglers(capfd) -> None:
     assert_nothing_left(tag)  # rank 0 and its grandchild (same process group)
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_launcher_sigterm_leaves_nothing(backend: str) -> None:
     tag = uuid.uuid4().hex
@@ -146,6 +151,7 @@ def test_torch_without_world_size_is_single(monkeypatch) -> None:
     assert os.environ.get("MOECLUSTER_PIN") is None
 
 
+@pytest.mark.multirank
 def test_rank_dead_before_mpi_init_ends_a_kept_job() -> None:
     """serve's MPI job keeps survivors (mpiexec -disable-auto-cleanup): a rank that dies before
     MPI_Init never links itself, and rank 0 would wait in MPI_Init forever. Its wrapper reports it,

@@ -59,6 +59,7 @@ CASES = [(b, n, a, p) for b in ("mpi", "torch") for n in (2, 4) for a in ("dbrx"
 
 
 @pytest.mark.parametrize("backend, world_size, arch, placement", CASES)
+@pytest.mark.multirank
 def test_distributed_equals_single(backend, world_size, arch, placement, tiny_dbrx, tiny_mixtral, tmp_path):
     model_dir = {"dbrx": tiny_dbrx, "mixtral": tiny_mixtral}[arch]
     if placement == "replicated":
@@ -69,6 +70,8 @@ def test_distributed_equals_single(backend, world_size, arch, placement, tiny_db
     assert tokens == ref_tokens
 
 
+@pytest.mark.multirank
+@pytest.mark.slow
 def test_cli_generate_two_ranks_matches_one(tiny_mixtral, tmp_path):
     outs = []
     for nodes in (1, 2):
@@ -101,6 +104,8 @@ def _rank_process(parent: psutil.Process, rank: int) -> psutil.Process | None:
 
 
 @pytest.mark.parametrize("backend", ["mpi", "torch"])
+@pytest.mark.multirank
+@pytest.mark.slow
 def test_killed_rank_stops_the_others(tiny_dbrx, backend):
     proc = subprocess.Popen([sys.executable, "-m", "moecluster.cli", "generate", "--model", str(tiny_dbrx),
                              "--prompt", "Hello", "--max-tokens", "100000", "--ignore-eos", "--nodes", "2",
@@ -124,6 +129,8 @@ def test_killed_rank_stops_the_others(tiny_dbrx, backend):
     assert not [p for p in everyone if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
+@pytest.mark.multirank
+@pytest.mark.slow
 def test_each_rank_holds_only_its_experts_in_memory(tmp_path):
     """Peak RSS of each of 2 ranks reflects half the experts (each reads only its rows of the shards)."""
     from moecluster.builtin import build_dbrx_checkpoint

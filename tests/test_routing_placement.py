@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from test_expert_parallel import run_distributed, single_rank
 
 from moecluster.parallel.placement import load_placement_file
@@ -23,6 +24,8 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     return res
 
 
+@pytest.mark.multirank
+@pytest.mark.slow
 def test_recorded_routing_optimized_beats_contiguous_and_keeps_output(tiny_dbrx, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS * 4))
