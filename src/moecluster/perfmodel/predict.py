@@ -3,7 +3,7 @@
 Legend: T tokens, D model dim, F expert hidden dim, E experts, K top-k, L layers, V vocab,
 N ranks (one per node), B batch (sequences decoded together), C context (KV length).
 
-One decode step (B tokens, one per sequence), as in the engine (see DESIGN.md):
+One decode step (B tokens, one per sequence), as in the engine (see docs/design.md):
 
     step = sum over layers of (attention + router + dense/shared MLP
                                + slowest rank's expert work + exchange [MoE layers only])
