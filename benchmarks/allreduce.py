@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from moecluster.parallel.commbench import DEFAULT_SIZES_BYTES, Variant, measure_interleaved
+from moecluster.calibration.commbench import DEFAULT_SIZES_BYTES, Variant, measure_interleaved
 
 RESULTS = Path(__file__).parent / "results"
 MPI_COLUMNS = [  # (variant, header)
@@ -61,7 +61,7 @@ def mpi_variants(comm, size: int) -> list[Variant]:
     """Bare mpi4py and MPIComm, fp32 and every bf16 mode, on `size`-byte messages."""
     from mpi4py import MPI
 
-    from moecluster.parallel.comm_mpi import native_bf16_type
+    from moecluster.distributed.comm_mpi import native_bf16_type
 
     def x(dtype: torch.dtype) -> torch.Tensor:
         return torch.zeros(size // torch.empty(0, dtype=dtype).element_size(), dtype=dtype)
@@ -96,7 +96,7 @@ def torch_variants(comm, size: int) -> list[Variant]:
 
 def worker(backend: str, out: str, sizes: list[int], iters: int) -> None:
     """One rank: per size, all variants round-robin (see measure_interleaved)."""
-    from moecluster.parallel.comm import init_comm
+    from moecluster.distributed.comm import init_comm
 
     comm = init_comm(backend, timeout_s=60)
     make = mpi_variants if backend == "mpi" else torch_variants
@@ -118,8 +118,8 @@ def cold_worker(out: str, size: int, iters: int, stream_mb: int) -> None:
 
     from mpi4py import MPI
 
-    from moecluster.parallel.comm import init_comm
-    from moecluster.parallel.comm_mpi import native_bf16_type
+    from moecluster.distributed.comm import init_comm
+    from moecluster.distributed.comm_mpi import native_bf16_type
 
     torch.set_num_threads(1)
     comm = init_comm("mpi", timeout_s=60)
@@ -207,7 +207,7 @@ def main() -> int:
     if args.worker:
         worker(args.worker, args.out, sizes, args.iters)
         return 0
-    from moecluster.parallel.launch import launch_local
+    from moecluster.distributed.launch import launch_local
 
     cold_cmd = ["--cold-kib", str(args.cold_kib), "--cold-iters", str(args.cold_iters),
                 "--cold-stream-mb", str(args.cold_stream_mb)]
@@ -249,7 +249,7 @@ def main() -> int:
 
 
 def run_cold(extra: list[str]) -> list[dict] | None:
-    from moecluster.parallel.launch import launch_local
+    from moecluster.distributed.launch import launch_local
 
     with tempfile.TemporaryDirectory() as tmp:
         out = f"{tmp}/cold.json"

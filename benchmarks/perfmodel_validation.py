@@ -4,7 +4,7 @@ Matrix: 1 and 2 ranks (one core each, one thread); added one-way link delay 0, 5
 ranks only: one rank has no network); two model shapes (built-in presets val-1k and val-2k,
 random-weight DBRX ~1 GB each); batch 1 and 4 (B sequences decoded together in lockstep). The two
 ranks run in two network namespaces joined by a TAP forwarder that adds the delay
-(`moecluster.parallel.netemu`), over MPI (hydra launching through `ip netns exec`; UCX over TCP).
+(`tools/netemu/netemu.py`), over MPI (hydra launching through `ip netns exec`; UCX over TCP).
 
 Predictions: one `calibrate` per shape, on 2 ranks at delay 0 (engine trace + all-reduce table on
 the emulated link; one engine run per round, the profile takes each term's median over them),
@@ -27,6 +27,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+# the network emulator is a repository tool, not part of the package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "netemu"))
 
 RESULTS = Path(__file__).parent / "results"
 NODE = "linux-2core"
@@ -91,9 +94,11 @@ def run_engine(args, model: Path, tmp: str, link=None, trace: bool = False, tag:
 
 def _run_engine_once(args, model: Path, tmp: str, link, trace: bool, tag: str) -> dict:
     """One measuring job: 1 rank on core 0 (link None) or 2 ranks across the link; rank 0's result."""
+    from netemu import MPI_ENV, run_job
+
+    from moecluster.calibration.jobs import worker_argv
     from moecluster.errors import MoeClusterError
-    from moecluster.parallel.netemu import MPI_ENV, run_job
-    from moecluster.perfmodel.calibrate import message_sizes, parse_batches, worker_argv
+    from moecluster.perfmodel.calibrate import message_sizes, parse_batches
 
     opts = worker_ns(args, model, 400 if trace else 0)
     result = str(Path(tmp) / f"{tag}.json")
@@ -152,7 +157,8 @@ def predict_cell(model: Path, profile, ranks: int, batch: int, extra_s: float):
 
 def measure(args: argparse.Namespace, shapes: dict[str, Path], delays: list[float]) -> dict:
     """Run every job; returns RTTs, forwarder reports, profiles and measured tok/s per cell."""
-    from moecluster.parallel.netemu import EmulatedLink, cleanup_leftovers, measure_rtt
+    from netemu import EmulatedLink, cleanup_leftovers, measure_rtt
+
     from moecluster.perfmodel.calibrate import build_profile
 
     left = cleanup_leftovers()
@@ -207,7 +213,8 @@ def add_predictions(data: dict, shapes: dict[str, Path]) -> None:
     rtt0 = data["rtt"]["0"]["median_us"]
     for cell in data["cells"]:
         profile = profile_from_dict(data["profiles"][cell["shape"]])
-        extra = 0.0 if cell["delay_us"] is None else max(0.0, data["rtt"][f"{cell['delay_us']:g}"]["median_us"] - rtt0) / 2
+        extra = (0.0 if cell["delay_us"] is None
+                 else max(0.0, data["rtt"][f"{cell['delay_us']:g}"]["median_us"] - rtt0) / 2)
         pred = predict_cell(shapes[cell["shape"]], profile, cell["ranks"], cell["batch"], extra * 1e-6)
         cell.update(added_latency_us=extra, predicted_tok_s=pred.tokens_per_s,
                     predicted_comm_share=pred.comm_share,
@@ -328,9 +335,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     shapes = {name: model_dir(name) for name in args.shapes.split(",")}
     data = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "backend": args.backend,
-            "steps": args.steps, "repeats": args.repeats, "thp": args.thp, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "steps": args.steps, "repeats": args.repeats, "thp": args.thp, "machine": machine(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "load_before": os.getloadavg()}
-    from moecluster.parallel.netemu import MPI_ENV
+    from netemu import MPI_ENV
 
     data["mpi_env"] = dict(MPI_ENV) if args.backend == "mpi" else {}
     data.update(measure(args, shapes, delays))

@@ -28,9 +28,9 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from moecluster.parallel.placement_metrics import placement_metrics, summarize  # noqa: E402
-from moecluster.parallel.planner import Cluster, plan  # noqa: E402
-from moecluster.parallel.routing_stats import stats_from_trace, zipf_trace  # noqa: E402
+from moecluster.planning.placement_metrics import placement_metrics, summarize  # noqa: E402
+from moecluster.planning.planner import Cluster, plan  # noqa: E402
+from moecluster.planning.routing_stats import stats_from_trace, zipf_trace  # noqa: E402
 
 NUM_EXPERTS, TOP_K, NUM_LAYERS, ALPHA, TOKENS = 16, 4, 40, 1.2, 4096
 BUDGET = 0.25  # extra expert memory allowed to the optimized strategy, fraction of one copy
@@ -67,8 +67,8 @@ def run_case(num_ranks: int, speeds: tuple[float, ...], stats, held_out) -> list
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"| ranks | speeds | strategy | imbalance mean | imbalance worst | step max (b=1) "
-            f"| extra expert memory | plan s |\n|---|---|---|---|---|---|---|---|")
+    head = ("| ranks | speeds | strategy | imbalance mean | imbalance worst | step max (b=1) "
+            "| extra expert memory | plan s |\n|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         speeds = ",".join(f"{s:g}" for s in r["speeds"])

@@ -167,8 +167,9 @@ def report(args, engine, rows: list[dict]) -> None:
              f"{'streams':>7} {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'GB/step':>8} {'step ms':>8} "
              f"{'GB/s':>6} {'bound tok/s':>11} {'of bound':>8}"]
     for r in rows:
-        lines.append(f"{r['streams']:>7} {r['tok_s']:>8.2f} {r['per_token_p50_ms']:>8.1f} {r['per_token_p99_ms']:>8.1f} "
-                     f"{r['bytes_per_step'] / 1e9:>8.3f} {r['step_ms']:>8.1f} {r['reference_gbs']:>6.1f} {r['bound_tok_s']:>11.2f} "
+        lines.append(f"{r['streams']:>7} {r['tok_s']:>8.2f} {r['per_token_p50_ms']:>8.1f} "
+                     f"{r['per_token_p99_ms']:>8.1f} {r['bytes_per_step'] / 1e9:>8.3f} {r['step_ms']:>8.1f} "
+                     f"{r['reference_gbs']:>6.1f} {r['bound_tok_s']:>11.2f} "
                      f"{r['ratio_to_bound'] * 100:>7.0f}%")
     if "speedup_8_vs_1" in checks:
         lines.append(f"8 streams vs 1: {checks['speedup_8_vs_1']:.2f}x aggregate tok/s (target >= {SPEEDUP_TARGET}x)")

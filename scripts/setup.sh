@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install moecluster with everything its tests need. Idempotent.
+# Create .venv and install moecluster with everything its tests and CI checks need (ruff, import-linter,
+# pyright: the test extra). Idempotent.
 # torch is pinned to the CPU build (an unpinned torch pulls a multi-GB CUDA build).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from moecluster.parallel.comm import Comm, CommError, init_comm
+from moecluster.distributed.comm import Comm, CommError, init_comm
 
 
 def check_collectives(comm: Comm) -> None:

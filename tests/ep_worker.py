@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from moecluster.distributed.comm import init_comm
 from moecluster.engine.sampling import SamplingParams
-from moecluster.parallel.comm import init_comm
 from moecluster.runtime import open_engine
 
 PROMPT = list(range(3, 40, 3))

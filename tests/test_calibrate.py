@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +32,8 @@ def calibrated(tiny_dbrx, tmp_path_factory):
     return out, res.stdout
 
 
+@pytest.mark.multirank
+@pytest.mark.slow
 def test_calibrate_writes_a_valid_profile(calibrated, tiny_dbrx):
     path, stdout = calibrated
     data = json.loads(path.read_text())
@@ -52,6 +55,8 @@ def test_calibrate_writes_a_valid_profile(calibrated, tiny_dbrx):
     assert "tok/s" in stdout and "moecluster plan" in stdout
 
 
+@pytest.mark.multirank
+@pytest.mark.slow
 def test_plan_uses_the_calibrated_profile(calibrated, tiny_dbrx):
     path, _ = calibrated
     res = run_cli("plan", "--model", str(tiny_dbrx), "--node", "linux-2core", "--nodes", "1-3", "--profile",
@@ -114,6 +119,9 @@ def test_calibrate_errors(tmp_path, tiny_dbrx):
 
 # -- emulated links ---------------------------------------------------------------------------
 
+NETEMU_DIR = Path(__file__).resolve().parents[1] / "tools" / "netemu"  # a repository tool, not in the package
+sys.path.insert(0, str(NETEMU_DIR))
+
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("gcc") or not os.path.exists("/dev/net/tun"),
     reason="emulated links need root, iproute2, gcc and /dev/net/tun")
@@ -121,7 +129,7 @@ needs_root = pytest.mark.skipif(
 
 @needs_root
 def test_forwarder_adds_the_delay_and_cleans_up():
-    from moecluster.parallel.netemu import EmulatedLink, cleanup_leftovers, list_namespaces, measure_rtt
+    from netemu import EmulatedLink, cleanup_leftovers, list_namespaces, measure_rtt
 
     rtt = {}
     for delay in (0, 300):
@@ -142,7 +150,7 @@ def test_forwarder_adds_the_delay_and_cleans_up():
 
 
 def test_emulated_link_needs_root(monkeypatch):
-    from moecluster.parallel import netemu
+    import netemu
 
     monkeypatch.setattr(netemu.os, "geteuid", lambda: 1000)
     with pytest.raises(MoeClusterError, match="root"):

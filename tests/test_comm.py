@@ -17,9 +17,9 @@ import psutil
 import pytest
 import torch
 
+from moecluster.distributed.comm import SingleComm, init_comm
+from moecluster.distributed.launch import launch_local
 from moecluster.errors import MoeClusterError
-from moecluster.parallel.comm import SingleComm, init_comm
-from moecluster.parallel.launch import launch_local
 
 WORKER = str(Path(__file__).with_name("comm_worker.py"))
 BACKENDS = ["mpi", "torch"]
@@ -58,6 +58,7 @@ def run(backend: str, world_size: int, scenario: str, *, comm_timeout: float = 3
     return code, time.monotonic() - t0, tag
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("world_size", [2, 4])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_collectives(backend: str, world_size: int, capfd) -> None:
@@ -69,6 +70,7 @@ def test_collectives(backend: str, world_size: int, capfd) -> None:
     assert_nothing_left(tag)
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rank_dies(backend: str, capfd) -> None:
     code, seconds, tag = run(backend, 2, "die", comm_timeout=5, launch_timeout=5)
@@ -83,6 +85,7 @@ def test_rank_dies(backend: str, capfd) -> None:
     assert_nothing_left(tag)
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rank_stalls(backend: str, capfd) -> None:
     code, seconds, tag = run(backend, 2, "stall", comm_timeout=3, launch_timeout=3)
@@ -93,6 +96,7 @@ def test_rank_stalls(backend: str, capfd) -> None:
     assert_nothing_left(tag)
 
 
+@pytest.mark.multirank
 def test_launcher_kills_stragglers(capfd) -> None:
     code, seconds, tag = run("torch", 2, "straggle", launch_timeout=2)
     _, err = capfd.readouterr()
@@ -102,10 +106,11 @@ def test_launcher_kills_stragglers(capfd) -> None:
     assert_nothing_left(tag)  # rank 0 and its grandchild (same process group)
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_launcher_sigterm_leaves_nothing(backend: str) -> None:
     tag = uuid.uuid4().hex
-    script = ("import sys; from moecluster.parallel.launch import launch_local; "
+    script = ("import sys; from moecluster.distributed.launch import launch_local; "
               f"sys.exit(launch_local([sys.executable, {WORKER!r}, '--scenario', 'straggle', "
               f"'--tag', {tag!r}], 2, {backend!r}, timeout_s=60, "
               f"env={{'MOECLUSTER_TEST_TAG': {tag!r}}}))")
@@ -146,6 +151,7 @@ def test_torch_without_world_size_is_single(monkeypatch) -> None:
     assert os.environ.get("MOECLUSTER_PIN") is None
 
 
+@pytest.mark.multirank
 def test_rank_dead_before_mpi_init_ends_a_kept_job() -> None:
     """serve's MPI job keeps survivors (mpiexec -disable-auto-cleanup): a rank that dies before
     MPI_Init never links itself, and rank 0 would wait in MPI_Init forever. Its wrapper reports it,
@@ -153,9 +159,9 @@ def test_rank_dead_before_mpi_init_ends_a_kept_job() -> None:
     tag = uuid.uuid4().hex
     body = ("import os, sys, time\n"
             "if os.environ['PMI_RANK'] == '1':\n    sys.exit(3)\n"
-            "from moecluster.parallel.comm import init_comm\n"
+            "from moecluster.distributed.comm import init_comm\n"
             "init_comm('mpi', timeout_s=5)\n")
-    script = ("import sys; from moecluster.parallel.launch import launch_local; "
+    script = ("import sys; from moecluster.distributed.launch import launch_local; "
               f"sys.exit(launch_local([sys.executable, '-c', {body!r}], 2, 'mpi', timeout_s=3, "
               f"keep_survivors=True, env={{'MOECLUSTER_TEST_TAG': {tag!r}}}))")
     t0 = time.monotonic()

@@ -171,7 +171,10 @@ def test_partial_expert_loading_holds_only_those(tiny_dbrx):
 def test_seeded_sampling_reproducible_and_degenerate_cases(tiny_mixtral):
     engine = Engine(load_model(tiny_mixtral, "fp32"))
     prompt = engine.tokenizer.encode("Hello world")
-    run = lambda **kw: engine.generate(prompt, SamplingParams(max_tokens=12, ignore_eos=True, **kw))[1]
+
+    def run(**kw):
+        return engine.generate(prompt, SamplingParams(max_tokens=12, ignore_eos=True, **kw))[1]
+
     greedy = run()
     assert run(temperature=0.9, seed=7) == run(temperature=0.9, seed=7)
     assert run(temperature=1.5, seed=1) != run(temperature=1.5, seed=2) or run(temperature=1.5, seed=3) != greedy

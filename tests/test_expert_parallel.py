@@ -14,10 +14,10 @@ import torch
 from ep_worker import PROMPT
 from safetensors.torch import load_file
 
+from moecluster.distributed.launch import launch_local
 from moecluster.engine.generate import Engine
 from moecluster.engine.sampling import SamplingParams
 from moecluster.loading import load_model
-from moecluster.parallel.launch import launch_local
 
 WORKER = str(Path(__file__).parent / "ep_worker.py")
 _single_cache: dict = {}
@@ -65,6 +65,7 @@ CASES = [("mpi", 2), ("mpi", 3), ("mpi", 4), ("torch", 2)]
 
 
 @pytest.mark.parametrize("backend, world_size", CASES)
+@pytest.mark.multirank
 def test_distributed_bit_identical_to_single(backend, world_size, tiny_models, tmp_path):
     """Every architecture, contiguous / round-robin / replicated placement: logits and 32 greedy tokens on
     N ranks are bit-identical to one process."""
@@ -87,6 +88,10 @@ def test_distributed_bit_identical_to_single(backend, world_size, tiny_models, t
         assert tokens == ref_tokens, job["name"]
 
 
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
 def test_cli_generate_two_ranks_matches_one(tiny_mixtral, tmp_path):
     outs = []
     for nodes in (1, 2):
@@ -119,6 +124,8 @@ def _rank_process(parent: psutil.Process, rank: int) -> psutil.Process | None:
 
 
 @pytest.mark.parametrize("backend", ["mpi", "torch"])
+@pytest.mark.multirank
+@pytest.mark.slow
 def test_killed_rank_stops_the_others(tiny_dbrx, backend):
     proc = subprocess.Popen([sys.executable, "-m", "moecluster.cli", "generate", "--model", str(tiny_dbrx),
                              "--prompt", "Hello", "--max-tokens", "100000", "--ignore-eos", "--nodes", "2",
@@ -142,6 +149,8 @@ def test_killed_rank_stops_the_others(tiny_dbrx, backend):
     assert not [p for p in everyone if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
+@pytest.mark.multirank
+@pytest.mark.slow
 def test_each_rank_holds_only_its_experts_in_memory(tmp_path):
     """Peak RSS of each of 2 ranks reflects half the experts (each reads only its rows of the shards)."""
     from moecluster.builtin import build_dbrx_checkpoint

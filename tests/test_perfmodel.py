@@ -11,8 +11,9 @@ from dataclasses import replace
 
 import pytest
 
+from moecluster.cli import plan as plan_cli
 from moecluster.errors import MoeClusterError
-from moecluster.perfmodel import commands, routing
+from moecluster.perfmodel import routing
 from moecluster.perfmodel.network import algorithm_times, allreduce_time, interpolate
 from moecluster.perfmodel.predict import Workload, memory_per_node, predict
 from moecluster.perfmodel.presets import PRESETS_PATH, NetworkSpec, NodeSpec, load_presets
@@ -355,7 +356,7 @@ def test_profile_round_trip(tmp_path):
 
 def plan_args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    commands.register(parser.add_subparsers())
+    plan_cli.register(parser.add_subparsers())
     return parser.parse_args(["plan", *argv])
 
 
@@ -363,7 +364,7 @@ def test_plan_json_and_plots(tmp_path, capsys):
     args = plan_args("--model", "dbrx", "--node", "m2-ultra-192", "--nodes", "1-4",
                      "--network", "10gbe,rocev2-25g,ib-200g", "--compare", "8xh100:120:300000",
                      "--plot-dir", str(tmp_path / "plots"), "--json")
-    assert commands.run_plan(args) == 0
+    assert plan_cli.run_plan(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert len(report["configs"]) == 12
     c = report["configs"][1]
@@ -378,7 +379,7 @@ def test_plan_json_and_plots(tmp_path, capsys):
 
 
 def test_plan_table_and_system_compare(capsys):
-    assert commands.run_plan(plan_args("--nodes", "2,4", "--compare", "8xh100", "--no-plots")) == 0
+    assert plan_cli.run_plan(plan_args("--nodes", "2,4", "--compare", "8xh100", "--no-plots")) == 0
     out = capsys.readouterr().out
     assert "tok/s/$1k" in out and "reference 8xh100" in out and "10gbe" in out
 
@@ -390,7 +391,7 @@ def test_plan_with_profile_file(tmp_path, capsys):
         "times_s": {"attention_per_layer": 0.0004, "expert_eval": [[1, 0.00075], [4, 0.0008]]},
         "allreduce": {"2": [[12288, 0.0006], [98304, 0.0007]]},
     }))
-    report = commands.build_report(plan_args("--profile", str(path), "--nodes", "2,4", "--no-plots"))
+    report = plan_cli.build_report(plan_args("--profile", str(path), "--nodes", "2,4", "--no-plots"))
     two, four = report["configs"]
     assert report["profile"] and two["network"] == "10gbe"  # network defaults to the profile's
     assert two["exchange_algorithm"] == "measured" and four["exchange_algorithm"] != "measured"
@@ -409,7 +410,7 @@ def test_plan_errors():
         (("--batch", "0"), ">= 1"),
     ]:
         with pytest.raises(MoeClusterError, match=match):
-            commands.build_report(plan_args(*argv, "--no-plots"))
+            plan_cli.build_report(plan_args(*argv, "--no-plots"))
 
 
 def test_cli_wiring(capsys):

@@ -13,14 +13,19 @@ import time
 import numpy as np
 import pytest
 
+from moecluster.cli import place as place_cli
 from moecluster.errors import MoeClusterError
-from moecluster.parallel import place_commands
-from moecluster.parallel.placement import Placement, make_placement
-from moecluster.parallel.placement_metrics import (AssignReplay, bytes_per_rank,
-                                                   expected_max_rank_load, placement_metrics,
-                                                   summarize)
-from moecluster.parallel.planner import GB, Cluster, groups_holders, plan
-from moecluster.parallel.routing_stats import RoutingStats, stats_from_trace, zipf_trace
+from moecluster.parallel.placement import Placement, groups_holders, make_placement
+from moecluster.planning.placement_metrics import (
+    AssignReplay,
+    bytes_per_rank,
+    expected_max_rank_load,
+    placement_metrics,
+    summarize,
+)
+from moecluster.planning.planner import GB, Cluster, plan
+from moecluster.planning.routing_stats import RoutingStats, stats_from_trace, zipf_trace
+from moecluster.planning.sizes import ModelSizes
 
 DBRX_CONFIG = {"model_type": "dbrx", "d_model": 6144, "n_layers": 40, "n_heads": 48,
                "vocab_size": 100352, "attn_config": {"kv_n_heads": 8},
@@ -144,8 +149,8 @@ def test_replay_matches_assign(batch: int) -> None:
         want = np.zeros_like(experts_NB)
         for b in range(len(ids) // batch):
             chunk = ids[b * batch:(b + 1) * batch]
-            for r, e in {(r, e) for row, rr in zip(chunk, p.assign(0, chunk))
-                         for e, r in zip(row, rr)}:
+            for r, _e in {(r, e) for row, rr in zip(chunk, p.assign(0, chunk))
+                          for e, r in zip(row, rr)}:
                 want[r, b] += 1
         assert np.array_equal(experts_NB, want)
 
@@ -231,8 +236,8 @@ def test_zipf_trace_is_skewed_and_permuted() -> None:
 
 # ---- planner ----------------------------------------------------------------------------
 def dbrx_cluster(memory_gb: list[float] | None, speeds: list[float] | None = None,
-                 reserve_gb: float = 0.0) -> tuple[place_commands.ModelSizes, Cluster]:
-    sizes = place_commands.ModelSizes.from_hf_config(DBRX_CONFIG)
+                 reserve_gb: float = 0.0) -> tuple[ModelSizes, Cluster]:
+    sizes = ModelSizes.from_hf_config(DBRX_CONFIG)
     n = len(memory_gb or speeds)
     cluster = Cluster(n, tuple(speeds or [1.0] * n),
                       tuple(m * GB for m in memory_gb) if memory_gb else None,
@@ -241,12 +246,12 @@ def dbrx_cluster(memory_gb: list[float] | None, speeds: list[float] | None = Non
 
 
 def test_model_sizes_from_configs() -> None:
-    dbrx = place_commands.ModelSizes.from_hf_config(DBRX_CONFIG)
+    dbrx = ModelSizes.from_hf_config(DBRX_CONFIG)
     assert (dbrx.num_layers, dbrx.num_experts, dbrx.top_k) == (40, 16, 4)
     assert dbrx.bytes_per_expert == 3 * 6144 * 10752 * 2
     total = dbrx.fixed_bytes + 40 * 16 * dbrx.bytes_per_expert
     assert 130e9 < total / 2 < 134e9  # DBRX has ~132B parameters
-    mixtral = place_commands.ModelSizes.from_hf_config(MIXTRAL_CONFIG)
+    mixtral = ModelSizes.from_hf_config(MIXTRAL_CONFIG)
     assert (mixtral.num_layers, mixtral.num_experts, mixtral.top_k) == (32, 8, 2)
     assert 45e9 < (mixtral.fixed_bytes + 32 * 8 * mixtral.bytes_per_expert) / 2 < 48e9  # ~46.7B
 
@@ -307,7 +312,7 @@ def test_expected_max_rank_load() -> None:
 # ---- moecluster place -------------------------------------------------------------------
 def run_place(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
-    place_commands.register(parser.add_subparsers())
+    place_cli.register(parser.add_subparsers())
     args = parser.parse_args(["place", *argv])
     return args.func(args)
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from test_expert_parallel import run_distributed, single_rank
 
 from moecluster.parallel.placement import load_placement_file
-from moecluster.parallel.placement_metrics import observed_max_rank_load
-from moecluster.parallel.routing_stats import RoutingStats
+from moecluster.planning.placement_metrics import observed_max_rank_load
+from moecluster.planning.routing_stats import RoutingStats
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog", "Mixture of experts models route every token",
            "Hello world! How are you today?", "Numbers: 0 1 2 3 4 5 6 7 8 9",
@@ -23,6 +24,8 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     return res
 
 
+@pytest.mark.multirank
+@pytest.mark.slow
 def test_recorded_routing_optimized_beats_contiguous_and_keeps_output(tiny_dbrx, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS * 4))

@@ -17,11 +17,11 @@ import openai
 import psutil
 import pytest
 
+from moecluster.distributed.launch import free_port
 from moecluster.engine.batching import TextTracker
 from moecluster.engine.generate import Engine
 from moecluster.engine.sampling import SamplingParams
 from moecluster.loading import load_model
-from moecluster.parallel.launch import free_port
 
 KEY = "test-key"
 PROMPTS = ["Hello world", "Expert parallelism places experts", "The quick brown fox", "a b c d e f"]
@@ -123,6 +123,7 @@ def test_text_tracker_holds_back_stop_prefixes():
     assert eos.push(3) == ("", False) and eos.push(0) == ("c", True)  # EOS releases held text
 
 
+@pytest.mark.multirank
 def test_models_completion_chat(server):
     client = server.client()
     assert [m.id for m in client.models.list().data] == ["tiny"]
@@ -136,6 +137,7 @@ def test_models_completion_chat(server):
     assert chat.choices[0].finish_reason == "length"
 
 
+@pytest.mark.multirank
 def test_streaming_equals_non_streaming(server):
     client = server.client()
     full = _complete(client, "Hello world", 12)
@@ -154,11 +156,13 @@ def test_streaming_equals_non_streaming(server):
     assert parts[-1].usage.completion_tokens == 10 and parts[-1].choices[0].finish_reason == "length"
 
 
+@pytest.mark.multirank
 def test_concurrent_equals_alone(server):
     client = server.client()
     lengths = [24, 9, 17, 30]
     alone = [_complete(client, p, n).choices[0].text for p, n in zip(PROMPTS, lengths)]
-    rows_before = server.metric("moecluster_decode_batch_rows_sum") - server.metric("moecluster_decode_batch_rows_count")
+    rows_before = (server.metric("moecluster_decode_batch_rows_sum")
+                   - server.metric("moecluster_decode_batch_rows_count"))
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         together = list(pool.map(lambda a: _complete(client, *a).choices[0].text, zip(PROMPTS, lengths)))
     assert together == alone
@@ -169,6 +173,7 @@ def test_concurrent_equals_alone(server):
     assert engine.generate(ids, SamplingParams(max_tokens=lengths[3], ignore_eos=True))[0] == alone[3]
 
 
+@pytest.mark.multirank
 def test_serve_cli_errors(server, tmp_path):
     def serve(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "moecluster.cli", "serve", *args], capture_output=True,
@@ -182,6 +187,7 @@ def test_serve_cli_errors(server, tmp_path):
     assert res.returncode == 2 and "--max-batch" in res.stderr
 
 
+@pytest.mark.multirank
 def test_stop_string(server):
     client = server.client()
     text = _complete(client, "The quick brown fox", 20).choices[0].text
@@ -222,10 +228,12 @@ def test_stop_string(server):
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
                               "presence_penalty": 1.0}, 400, "presence_penalty", "unsupported_parameter"),
 ])
+@pytest.mark.multirank
 def test_bad_requests(server, path, body, status, param, code):
     _assert_error(server.post(path, body), status, param, code)
 
 
+@pytest.mark.multirank
 def test_routing_and_auth_errors(server):
     _assert_error(server.post("/v1/completions", {"model": "tiny", "prompt": "hi"}, key=None), 401,
                   code="invalid_api_key")
@@ -256,6 +264,7 @@ def _wait_idle(server: ServerProc, timeout_s: float = 20) -> None:
     raise AssertionError(f"sequences still running: {health}")
 
 
+@pytest.mark.multirank
 def test_queue_full_429_and_disconnect_cancels(server):
     cancelled_before = server.metric('moecluster_sequences_finished_total{reason="cancelled"}')
     streams = [_open_stream(server) for _ in range(8)]  # 4 slots + 2 waiting: the rest get 429
@@ -274,6 +283,7 @@ def test_queue_full_429_and_disconnect_cancels(server):
     assert server.metric('moecluster_sequences_finished_total{reason="cancelled"}') - cancelled_before >= 4
 
 
+@pytest.mark.multirank
 def test_metrics_and_health(server):
     health = httpx.get(server.url + "/health", timeout=10)
     assert health.status_code == 200 and health.json()["world_size"] == 2
@@ -297,6 +307,7 @@ def _stream_error_within(lines, seconds: float) -> dict | None:
     return error
 
 
+@pytest.mark.multirank
 def test_stalled_rank_gives_503_and_health(server):
     """Runs last on the module's server: rank 1 stops answering (SIGSTOP); with --timeout 4 the
     in-flight stream ends with a 503 error and /health says which rank."""
@@ -315,6 +326,7 @@ def test_stalled_rank_gives_503_and_health(server):
 
 
 @pytest.mark.parametrize("backend", ["mpi", "torch"])
+@pytest.mark.multirank
 def test_killed_rank_gives_503_and_health(tiny_dbrx, tmp_path, backend):
     """Rank 1 is SIGKILLed mid-stream: the stream ends with a 503 error naming rank 1 (--timeout 4),
     /health says so and rank 0 keeps answering; stopping the server leaves no process behind.

@@ -62,7 +62,9 @@ def write_tokenizer(out_dir: Path, vocab_size: int) -> int:
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "bos_token": None,
            "add_bos_token": False, "chat_template": CHAT_TEMPLATE, "model_max_length": 4096}
     (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
-    return tok.token_to_id("<|im_end|>")
+    eos = tok.token_to_id("<|im_end|>")
+    assert eos is not None  # a special token of the trained tokenizer
+    return eos
 
 
 def dbrx_config(dim: int, n_layers: int, n_heads: int, n_kv_heads: int, ffn_dim: int, num_experts: int,

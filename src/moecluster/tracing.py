@@ -79,7 +79,8 @@ def format_breakdown(rows: list[tuple[str, dict]]) -> str:
     for name, s in rows:
         if not s.get("steps"):
             continue
-        cells = " ".join(f"{s['per_step'][p] * 1e3:7.2f} {s['share'][p] * 100:4.0f}%" + " " for p in PHASES + ("other",))
+        cells = " ".join(f"{s['per_step'][p] * 1e3:7.2f} {s['share'][p] * 100:4.0f}%" + " "
+                         for p in PHASES + ("other",))
         lines.append(f"{name:>6} {s['step_time'] * 1e3:8.2f} {cells} {s['expert_evals_per_step']:10.1f}")
     return "\n".join(lines)
 

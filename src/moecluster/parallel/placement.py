@@ -25,8 +25,9 @@ informational and ignored when loading.
 from __future__ import annotations
 
 import json
+import math
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from moecluster.errors import MoeClusterError
 
@@ -50,6 +51,18 @@ def round_robin_holders(num_experts: int, world_size: int) -> list[list[int]]:
     """Expert e on rank e % N (with 2 ranks: even experts on rank 0, odd on rank 1)."""
     _check_not_more_ranks(num_experts, world_size, "round-robin")
     return [[e % world_size] for e in range(num_experts)]
+
+
+def groups_holders(num_experts: int, world_size: int, num_groups: int | None = None
+                   ) -> list[list[int]]:
+    """Experts split into G contiguous groups; rank r serves group r % G, so each group is
+    replicated on about N/G ranks. Default G = ceil(N/2): every expert on about 2 ranks."""
+    g = num_groups or max(1, math.ceil(world_size / 2))
+    g = min(g, world_size, num_experts)
+    if g < 1:
+        raise MoeClusterError(f"groups: the number of groups must be >= 1, got {num_groups}")
+    return [[r for r in range(world_size) if r % g == e * g // num_experts]
+            for e in range(num_experts)]
 
 
 def _check_not_more_ranks(num_experts: int, world_size: int, name: str) -> None:
@@ -222,7 +235,7 @@ class Placement:
         return data
 
     @classmethod
-    def from_json(cls, data: dict) -> "Placement":
+    def from_json(cls, data: dict) -> Placement:
         """Parse the documented JSON form; raises MoeClusterError saying what is wrong."""
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise MoeClusterError(f"not a placement file: expected \"format\": \"{FORMAT}\" "
@@ -283,7 +296,6 @@ def make_placement(spec: str, num_experts: int, num_layers: int, world_size: int
     if spec in ("round-robin", "round_robin"):
         return Placement([round_robin_holders(num_experts, world_size)] * num_layers, world_size)
     if spec == "groups" or spec.startswith("groups:"):
-        from moecluster.parallel.planner import groups_holders  # the planner owns the strategy
         try:
             num_groups = int(spec.split(":", 1)[1]) if ":" in spec else None
         except ValueError:

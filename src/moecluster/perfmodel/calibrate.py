@@ -1,24 +1,19 @@
-"""`moecluster calibrate`: measure this cluster into a profile JSON that `plan --profile` reads.
+"""Calibration profiles: from the results of `moecluster calibrate`'s measuring jobs to the profile
+JSON that `plan --profile` reads (format: `perfmodel.profile`), and the model's self-check on it.
 
-    moecluster calibrate --model DIR --nodes 2 [--backend mpi] [--batch 1,4] [--out profile.json]
-
-Runs the real engine on N ranks (each rank a node; `launch_local`) with the tracer on: B
-sequences decoded in lockstep for every --batch B. From each rank's trace it takes, per B,
-attention and router seconds per layer, seconds per expert evaluation at the measured tokens per
-expert, head (+ embedding and per-step framework time), and rank 0's sampling. It also measures
-each rank's streaming memory bandwidth (all ranks at once) and all-reduce latency against message
-size with `commbench` for every world size 2..N (one job per size), at the engine's exchange
-dtype and at the sizes the engine sends. The rank side is `moecluster.engine.measure`; this module
-assembles the profile (format: `perfmodel.profile`) and stays torch-free.
+The jobs run the real engine on N ranks with the tracer on: B sequences decoded in lockstep for
+every --batch B. From each rank's trace this module takes, per B, attention and router seconds per
+layer, seconds per expert evaluation at the measured tokens per expert, head (+ embedding and
+per-step framework time), and rank 0's sampling. The jobs also measure each rank's streaming
+memory bandwidth and all-reduce latency against message size for every world size 2..N, at the
+engine's exchange dtype and at the sizes the engine sends (`message_sizes`). The rank side is
+`moecluster.calibration`; this module stays torch-free.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import sys
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,43 +25,6 @@ from moecluster.perfmodel.profile import FORMAT, VERSION, profile_from_dict
 from moecluster.perfmodel.shapes import load_model
 
 BASE_SIZES = [16, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
-
-
-def register(subparsers: Any) -> None:
-    """Add the `calibrate` subcommand."""
-    p = subparsers.add_parser(
-        "calibrate", help="measure this cluster into a profile JSON for `plan --profile`",
-        description="Run the engine on N local ranks with tracing and time all-reduce against "
-        "message size; write the per-term times as a profile for `moecluster plan --profile`.")
-    p.add_argument("--model", required=True, help="HF checkpoint directory (moecluster can run it)")
-    p.add_argument("--nodes", type=int, default=1, help="ranks to run, one per node (default 1)")
-    p.add_argument("--backend", choices=["mpi", "torch", "single"], default="mpi", help="collective backend")
-    p.add_argument("--out", default="profile.json", help="profile file to write (default profile.json)")
-    p.add_argument("--network", default="10gbe", help="network preset this cluster's interconnect is "
-                   "(plan uses it for price and for node counts not measured; default 10gbe)")
-    p.add_argument("--node", default="linux-2core", help="node preset of these machines (label and "
-                   "self-check; default linux-2core)")
-    p.add_argument("--batch", default="1,4", help="decode batch sizes to time (default 1,4)")
-    p.add_argument("--steps", type=int, default=32, help="timed decode steps per batch size (default 32)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed decode steps first (default 3)")
-    p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens per sequence (default 16)")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: the checkpoint's")
-    p.add_argument("--placement", default="contiguous", help="expert placement (see `moecluster place`)")
-    p.add_argument("--exchange", choices=["exact", "sum"], default="exact", help="expert-parallel exchange")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="engine runs (new processes) whose per-term medians make the profile (default 1)")
-    p.add_argument("--ar-iters", type=int, default=400, help="all-reduce calls per message size (default 400)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds any rank may wait for another")
-    p.add_argument("--from-results", nargs="+", default=None, metavar="FILE",
-                   help="build the profile from rank-0 result files of jobs started by hand (multi-host: "
-                   "mpiexec ... calibrate --rank-worker --result FILE) instead of running local ranks")
-    p.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--phase", choices=["engine", "allreduce"], default="engine", help=argparse.SUPPRESS)
-    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--ar-sizes", default=",".join(map(str, BASE_SIZES)), help=argparse.SUPPRESS)
-    p.add_argument("--ar-dtype", default="bfloat16", help=argparse.SUPPRESS)
-    p.add_argument("--no-trace", action="store_true", help=argparse.SUPPRESS)
-    p.set_defaults(func=run_calibrate)
 
 
 def parse_batches(spec: str) -> list[int]:
@@ -88,33 +46,6 @@ def message_sizes(model_dir: str, batches: list[int], exchange: str, dtype: str 
                       else "bf16")) == "fp32"
     per_token = shape.d_model * 4 if exchange == "sum" or fp32 else shape.top_k * shape.d_model * 2
     return sorted(set(BASE_SIZES + [b * per_token for b in batches] + [8 * (b + 1) for b in batches]))
-
-
-def worker_argv(args: argparse.Namespace, phase: str, result: str, *, ar_sizes: list[int],
-                ar_dtype: str = "bfloat16", backend: str | None = None, trace: bool = True) -> list[str]:
-    """Command line of one calibration rank (what launchers start on every rank)."""
-    argv = [sys.executable, "-m", "moecluster.cli", "calibrate", "--model", str(args.model),
-            "--backend", backend or args.backend, "--batch", str(args.batch), "--steps", str(args.steps),
-            "--warmup", str(args.warmup), "--prompt-len", str(args.prompt_len), "--placement", args.placement,
-            "--exchange", args.exchange, "--ar-iters", str(args.ar_iters), "--timeout", str(args.timeout),
-            "--phase", phase, "--result", result, "--ar-sizes", ",".join(map(str, ar_sizes)),
-            "--ar-dtype", ar_dtype, "--rank-worker"]
-    return argv + (["--dtype", args.dtype] if args.dtype else []) + ([] if trace else ["--no-trace"])
-
-
-def _launch(args: argparse.Namespace, phase: str, world_size: int, tmp: str, **kw: Any) -> dict:
-    """Run one calibration job on `world_size` local ranks; rank 0's result."""
-    from moecluster.parallel.launch import launch_local
-
-    result = str(Path(tmp) / f"{phase}-{world_size}.json")
-    backend = args.backend if world_size > 1 else "single"
-    cmd = worker_argv(args, phase, result, backend=backend, **kw)
-    print(f"calibrate: {phase} on {world_size} rank(s) ...", file=sys.stderr, flush=True)
-    code = launch_local(cmd, world_size, backend, pin=world_size > 1, timeout_s=args.timeout)
-    if code != 0 or not Path(result).is_file():
-        raise MoeClusterError(f"calibration {phase} job on {world_size} ranks failed (exit {code}); "
-                              "see the messages above")
-    return json.loads(Path(result).read_text())
 
 
 def _median(values: list[float]) -> float:
@@ -223,48 +154,6 @@ def self_check(profile_dict: dict, model_dir: str, node: str, nodes: int) -> lis
     return rows
 
 
-def run_calibrate(args: argparse.Namespace) -> int:
-    """Entry point of `moecluster calibrate` (and of its rank workers)."""
-    if args.rank_worker:
-        from moecluster.engine.measure import run_worker
-
-        return run_worker(args)
-    if args.nodes < 1:
-        raise MoeClusterError(f"--nodes must be at least 1, got {args.nodes}")
-    if not (Path(args.model) / "config.json").is_file():
-        raise MoeClusterError(f"{args.model!r} is not a model directory with a config.json; pass --model DIR")
-    if args.steps < 2 or args.warmup < 0 or args.prompt_len < 1:
-        raise MoeClusterError("--steps must be >= 2, --warmup >= 0 and --prompt-len >= 1")
-    presets = load_presets()
-    presets.network(args.network), presets.node(args.node)  # unknown names fail before any run
-    batches = parse_batches(args.batch)
-    if args.repeats < 1:
-        raise MoeClusterError(f"--repeats must be at least 1, got {args.repeats}")
-    if args.from_results:
-        engines, tables = read_results(args.from_results)
-    else:
-        engines, tables = _run_jobs(args, message_sizes(args.model, batches, args.exchange, args.dtype))
-    engines[0]["model_dir"] = str(args.model)
-    engine = engines[0]
-    profile = build_profile(engines, tables, args.network, args.node)
-    Path(args.out).write_text(json.dumps(profile, indent=1))
-    print(format_summary(profile, self_check(profile, args.model, args.node, engine["world_size"])))
-    print(f"wrote {args.out}: use it with  moecluster plan --model {args.model} --node {args.node} "
-          f"--profile {args.out}")
-    return 0
-
-
-def _run_jobs(args: argparse.Namespace, sizes: list[int]) -> tuple[list[dict], dict[int, list[dict]]]:
-    """--repeats engine jobs on N ranks (with the N-rank all-reduce), then one all-reduce job per 2..N-1."""
-    with tempfile.TemporaryDirectory(prefix="moecluster-calibrate-") as tmp:
-        engines = [_launch(args, "engine", args.nodes, tmp, ar_sizes=sizes) for _ in range(args.repeats)]
-        tables = {args.nodes: [r for e in engines for r in e["allreduce"]]} if args.nodes > 1 else {}
-        for w in range(2, args.nodes):
-            tables[w] = _launch(args, "allreduce", w, tmp, ar_sizes=sizes,
-                                ar_dtype=engines[0]["model"]["exchange_dtype"])["allreduce"]
-    return engines, tables
-
-
 def read_results(paths: list[str]) -> tuple[list[dict], dict[int, list[dict]]]:
     """(engine results, all-reduce rows per world size) from rank-0 result files of calibration jobs."""
     engines: list[dict] = []
@@ -285,22 +174,3 @@ def read_results(paths: list[str]) -> tuple[list[dict], dict[int, list[dict]]]:
     if not engines:
         raise MoeClusterError("--from-results needs an engine-phase result (calibrate --rank-worker --phase engine)")
     return engines, tables
-
-
-def format_summary(profile: dict, check: list[dict]) -> str:
-    """Per batch: measured step breakdown and tok/s, and what the model predicts from the profile."""
-    m = profile["measured"]
-    lines = [f"calibrated on {m['ranks']} rank(s), {m['backend']}, {m['threads']} thread(s) per rank; "
-             f"memory bandwidth {profile['memory_bandwidth_gbs']:.1f} GB/s per rank",
-             f"{'batch':>5} {'attn/L ms':>9} {'router/L':>9} {'eval ms':>8} {'tok/exp':>7} {'head ms':>8} "
-             f"{'sample':>7} {'tok/s':>7} {'model':>7}"]
-    pred = {c["batch"]: c["predicted_tok_s"] for c in check}
-    for b, t in sorted(m["batches"].items(), key=lambda kv: int(kv[0])):
-        lines.append(f"{b:>5} {t['attention_per_layer'] * 1e3:>9.3f} {t['router_per_layer'] * 1e3:>9.3f} "
-                     f"{t['expert_eval'] * 1e3:>8.3f} {t['tokens_per_expert']:>7.2f} {t['head'] * 1e3:>8.3f} "
-                     f"{t['sampling'] * 1e3:>7.3f} {t['tok_s']:>7.2f} {pred.get(int(b), 0.0):>7.2f}")
-    for w, rows in profile["allreduce"].items():
-        cells = " ".join(f"{int(s) // 1024 if s >= 1024 else int(s)}{'K' if s >= 1024 else 'B'}:{t * 1e6:.0f}"
-                         for s, t in rows)
-        lines.append(f"all-reduce on {w} ranks, us: {cells}")
-    return "\n".join(lines)

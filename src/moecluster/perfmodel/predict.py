@@ -3,7 +3,7 @@
 Legend: T tokens, D model dim, F expert hidden dim, E experts, K top-k, L layers, V vocab,
 N ranks (one per node), B batch (sequences decoded together), C context (KV length).
 
-One decode step (B tokens, one per sequence), as in the engine (see DESIGN.md):
+One decode step (B tokens, one per sequence), as in the engine (see docs/design.md):
 
     step = sum over layers of (attention + router + dense/shared MLP
                                + slowest rank's expert work + exchange [MoE layers only])
@@ -351,7 +351,8 @@ def _notes(shape: ModelShape, node: NodeSpec, network: NetworkSpec, n: int, mem:
         notes.append(f"{network.name} needs Thunderbolt {network.requires_thunderbolt}; "
                      f"{node.name} has {node.thunderbolt_version or 'none'}")
     if n > 1 and network.topology == "mesh" and node.thunderbolt_ports and n - 1 > node.thunderbolt_ports:
-        notes.append(f"a full mesh of {n} needs {n - 1} Thunderbolt ports per node; {node.name} has {node.thunderbolt_ports}")
+        notes.append(f"a full mesh of {n} needs {n - 1} Thunderbolt ports per node; "
+                     f"{node.name} has {node.thunderbolt_ports}")
     if network.max_nodes and n > network.max_nodes:
         notes.append(f"{network.name} connects at most {network.max_nodes} ranks")
     if n > 1 and node.os == "macos" and network.transport == "rdma" and not network.requires_thunderbolt:

@@ -100,7 +100,7 @@ class Profile:
         below = [steps for size, steps in table if size <= message_bytes]
         return below[-1] if below else table[0][1]
 
-    def with_added_latency(self, seconds: float) -> "Profile":
+    def with_added_latency(self, seconds: float) -> Profile:
         """This profile as if its network had `seconds` more one-way latency per message."""
         if seconds < 0:
             raise MoeClusterError(f"added latency must be >= 0 s, got {seconds}")
@@ -166,7 +166,8 @@ def profile_from_dict(data: Any, where: str = "profile") -> Profile:
     steps = _world_tables(data, "allreduce_latency_steps", "[[bytes, steps], ...]", where)
     network = data.get("network")
     if allreduce and not isinstance(network, str):
-        raise MoeClusterError(f"{where}: 'network' (the --network name it was measured on) is required with 'allreduce'")
+        raise MoeClusterError(
+            f"{where}: 'network' (the --network name it was measured on) is required with 'allreduce'")
     eff = data.get("memory_efficiency")
     if eff is not None and (not isinstance(eff, (int, float)) or not 0 < eff <= 1):
         raise MoeClusterError(f"{where}: memory_efficiency must be in (0, 1]")

@@ -12,7 +12,7 @@ import asyncio
 import hmac
 import json
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -89,7 +89,7 @@ class _Generation:
         while not self.finished:
             try:
                 event = await asyncio.wait_for(self.queue.get(), POLL_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 ok, reason = self.scheduler.health()
                 if not ok:
                     self.cancel()
@@ -128,7 +128,7 @@ class Server:
             raise P.ApiError(401, "invalid or missing API key: send the header 'Authorization: Bearer KEY'",
                              code="invalid_api_key")
 
-    async def read(self, http: HttpRequest, model: type) -> object:
+    async def read(self, http: HttpRequest, model: type[P.RequestT]) -> P.RequestT:
         self.check_auth(http)
         raw = await http.body()
         if len(raw) > MAX_BODY_BYTES:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 
 class ApiError(Exception):
     """An error answered as {"error": {"message", "type", "param", "code"}} with an HTTP status."""
@@ -83,6 +84,9 @@ class _Sampling(_Strict):
         if any(not s for s in stops):
             raise ApiError(400, "stop strings must be non-empty", param="stop")
         return stops
+
+
+RequestT = TypeVar("RequestT", bound=_Sampling)  # a request model: CompletionRequest or ChatRequest
 
 
 class CompletionRequest(_Sampling):
@@ -163,7 +167,7 @@ class ChatRequest(_Sampling):
         return out
 
 
-def parse(model: type[_Strict], body: Any) -> Any:
+def parse(model: type[RequestT], body: Any) -> RequestT:
     """Validate a decoded JSON body; a 400 naming the first bad parameter otherwise."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")

@@ -85,7 +85,7 @@ class RoutingStats:
                            for i in range(self.num_layers)]}
 
     @classmethod
-    def from_json(cls, data: dict) -> "RoutingStats":
+    def from_json(cls, data: dict) -> RoutingStats:
         """Parse and validate the documented JSON form."""
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise MoeClusterError(f"not a routing stats file: expected \"format\": \"{FORMAT}\" "
@@ -118,7 +118,7 @@ class RoutingStats:
             json.dump(self.to_json(), f, separators=(",", ":"))
 
     @classmethod
-    def load(cls, path: str) -> "RoutingStats":
+    def load(cls, path: str) -> RoutingStats:
         try:
             with open(path) as f:
                 data = json.load(f)
@@ -156,8 +156,8 @@ def _validate_layer(entry: dict, layer: int, num_experts: int) -> None:
 
 
 # ---- synthetic traces and sampling (numpy) -----------------------------------------------
-def sample_routing(weights_E: "np.ndarray", top_k: int, num_tokens: int,
-                   rng: "np.random.Generator") -> "np.ndarray":
+def sample_routing(weights_E: np.ndarray, top_k: int, num_tokens: int,
+                   rng: np.random.Generator) -> np.ndarray:
     """ids_SK: for each token, top_k distinct experts drawn without replacement with probability
     proportional to weights_E (Plackett-Luce, by the Gumbel top-k trick)."""
     import numpy as np
@@ -167,7 +167,7 @@ def sample_routing(weights_E: "np.ndarray", top_k: int, num_tokens: int,
 
 
 def sample_from_frequencies(freq_E: list[float], top_k: int, num_tokens: int,
-                            seed: int = 0) -> "np.ndarray":
+                            seed: int = 0) -> np.ndarray:
     """ids_SK whose per-expert activation frequencies approximate freq_E (sum top_k).
 
     Plackett-Luce marginals are flatter than its weights; a few multiplicative corrections make
@@ -187,8 +187,8 @@ def sample_from_frequencies(freq_E: list[float], top_k: int, num_tokens: int,
     return sample_routing(weights_E, top_k, num_tokens, np.random.default_rng(seed))
 
 
-def zipf_popularity(num_experts: int, alpha: float, rng: "np.random.Generator",
-                    permute: bool = True) -> "np.ndarray":
+def zipf_popularity(num_experts: int, alpha: float, rng: np.random.Generator,
+                    permute: bool = True) -> np.ndarray:
     """weights_E proportional to 1 / rank^alpha, ranks randomly permuted over the experts so that
     popular experts are not adjacent ids (else contiguous placement is trivially the worst)."""
     import numpy as np

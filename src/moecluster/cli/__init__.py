@@ -1,6 +1,6 @@
-"""The one entry point: `moecluster <subcommand> ...`.
+"""The one entry point: `moecluster <subcommand> ...` (also `python -m moecluster.cli`, which starts ranks).
 
-Each subcommand lives in a module that exposes `register(subparsers)`; `register` adds a parser
+Each subcommand lives in a module of this package that exposes `register(subparsers)`; `register` adds a parser
 and sets `func=callable(args) -> int` on it. Errors a user can cause raise MoeClusterError and are
 printed as one line (traceback only with --debug).
 """
@@ -15,17 +15,18 @@ from moecluster.errors import MoeClusterError
 
 # Modules that add subcommands (one line each).
 COMMAND_MODULES = [
-    "moecluster.perfmodel.commands",
-    "moecluster.engine.commands",
-    "moecluster.engine.profile_routing",
-    "moecluster.parallel.place_commands",
-    "moecluster.server.commands",
-    "moecluster.perfmodel.calibrate",
+    "moecluster.cli.plan",
+    "moecluster.cli.generate",
+    "moecluster.cli.demo",
+    "moecluster.cli.profile_routing",
+    "moecluster.cli.place",
+    "moecluster.cli.serve",
+    "moecluster.cli.calibrate",
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moecluster", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="moecluster", description=(__doc__ or "moecluster").splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
@@ -51,7 +52,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -79,12 +79,12 @@ class Comm:
         """Send bytes (e.g. utf-8 JSON) from src to every rank: the length, then the payload."""
         if self.rank == src and data is None:
             raise ValueError("broadcast_bytes: the source rank must pass bytes, not None")
-        n_1 = torch.tensor([len(data) if self.rank == src else 0], dtype=torch.int64)
+        n_1 = torch.tensor([len(data or b"") if self.rank == src else 0], dtype=torch.int64)
         num_bytes = int(self.broadcast(n_1, src)[0])
         if num_bytes == 0:
             return b""
         if self.rank == src:
-            buf_N = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            buf_N = torch.frombuffer(bytearray(data or b""), dtype=torch.uint8)
         else:
             buf_N = torch.empty(num_bytes, dtype=torch.uint8)
         return self.broadcast(buf_N, src).numpy().tobytes()
@@ -229,7 +229,7 @@ def _init_mpi(timeout_s: float) -> tuple[Comm, int]:
     node_comm = world.Split_type(MPI.COMM_TYPE_SHARED)  # ranks on this host -> local rank
     local_rank = node_comm.Get_rank()
     node_comm.Free()
-    from moecluster.parallel.comm_mpi import MPIComm
+    from moecluster.distributed.comm_mpi import MPIComm
 
     comm = MPIComm(world, timeout_s)
     comm.launcher_link = _link_to_launcher(comm.rank)
@@ -278,7 +278,7 @@ def _init_torch(timeout_s: float, device: str) -> tuple[Comm, int]:
     agent_store = None  # torchrun's agent serves the store on MASTER_PORT already
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         agent_store = f"/moecluster/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-    from moecluster.parallel.comm_torch import TorchComm
+    from moecluster.distributed.comm_torch import TorchComm
 
     comm = TorchComm(rank, world_size, addr, _env_int("MASTER_PORT"), timeout_s,
                      device=device, local_rank=local_rank, agent_store=agent_store)

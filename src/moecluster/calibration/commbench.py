@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from moecluster.parallel.comm import Comm
+from moecluster.distributed.comm import Comm
 
 DEFAULT_SIZES_BYTES = [1024 * k for k in (1, 2, 4, 8, 16, 32, 64)]
 

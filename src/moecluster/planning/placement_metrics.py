@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moecluster.parallel.placement import Placement
-from moecluster.parallel.routing_stats import RoutingStats, sample_from_frequencies
+from moecluster.planning.routing_stats import RoutingStats, sample_from_frequencies
 
 
 @dataclass(frozen=True)

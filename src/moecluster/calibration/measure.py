@@ -142,7 +142,7 @@ def _model_summary(engine, exchange: str) -> dict:
 
 def _allreduce_rows(comm, sizes: list[int], iters: int, dtype: str) -> list[dict]:
     """commbench rows per message size, each with the latency steps of the MPI's algorithm."""
-    from moecluster.parallel.commbench import measure_allreduce
+    from moecluster.calibration.commbench import measure_allreduce
 
     torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(dtype)
     if torch_dtype is None:
@@ -184,7 +184,7 @@ def run_worker(args) -> int:
 
     Phases: "engine" (bandwidth, decode probes, then all-reduce if several ranks) or "allreduce".
     """
-    from moecluster.parallel.comm import init_comm
+    from moecluster.distributed.comm import init_comm
     from moecluster.runtime import gather_reports
 
     comm = init_comm(args.backend, timeout_s=args.timeout)

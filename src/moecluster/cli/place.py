@@ -2,61 +2,27 @@
 
 Legend: E experts, L layers, N ranks, K top-k, D model dim, F expert hidden dim, V vocab.
 
-Reads only the model's config.json (no weights, no torch) to know its shape and bytes.
+Reads only the model's config.json (no weights, no torch) to know its shape and bytes
+(`planning.sizes`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-from dataclasses import dataclass
 
 from moecluster.errors import MoeClusterError
-from moecluster.perfmodel import shapes
 from moecluster.parallel.placement import Placement
-from moecluster.parallel.placement_metrics import (bytes_per_rank, fits_memory, placement_metrics,
-                                                   summarize, trace_from_stats)
-from moecluster.parallel.planner import GB, STRATEGIES, Cluster, plan
-from moecluster.parallel.routing_stats import RoutingStats
-
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "bf16": 2, "fp16": 2, "half": 2, "float32": 4,
-               "fp32": 4, "float": 4, "float8_e4m3fn": 1, "fp8": 1}
-
-
-@dataclass(frozen=True)
-class ModelSizes:
-    """What the planner needs from a model config: shape and weight bytes."""
-
-    arch: str
-    num_layers: int
-    num_experts: int
-    top_k: int
-    bytes_per_expert: float   # 3 * D * F * bytes_per_param: one expert of one layer
-    fixed_bytes: float        # every rank's weights: embeddings, attention, norms, routers, lm_head
-
-    @classmethod
-    def from_hf_config(cls, cfg: dict, bytes_per_param: float | None = None) -> "ModelSizes":
-        """Sizes from a HF config (every model_type moecluster.perfmodel.shapes reads)."""
-        nbytes = bytes_per_param or DTYPE_BYTES.get(str(cfg.get("torch_dtype") or
-                                                        cfg.get("dtype") or "bfloat16"), 2)
-        shape = shapes.from_hf_config(cfg)  # the one parser of config shapes (pure Python)
-        return cls(shape.model_type, shape.num_layers, shape.num_experts, shape.top_k,
-                   float(shape.expert_params * nbytes), float(shape.replicated_params * nbytes))
-
-
-def read_model_sizes(model: str, bytes_per_param: float | None = None) -> ModelSizes:
-    """From a checkpoint directory (its config.json) or a config.json path."""
-    path = os.path.join(model, "config.json") if os.path.isdir(model) else model
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except OSError as e:
-        raise MoeClusterError(f"cannot read model config {path}: {e.strerror}; pass a checkpoint "
-                              f"directory or its config.json") from None
-    except json.JSONDecodeError as e:
-        raise MoeClusterError(f"{path} is not valid JSON ({e})") from None
-    return ModelSizes.from_hf_config(cfg, bytes_per_param)
+from moecluster.planning.placement_metrics import (
+    bytes_per_rank,
+    fits_memory,
+    placement_metrics,
+    summarize,
+    trace_from_stats,
+)
+from moecluster.planning.planner import GB, STRATEGIES, Cluster, plan
+from moecluster.planning.routing_stats import RoutingStats
+from moecluster.planning.sizes import ModelSizes, read_model_sizes
 
 
 def _per_node(text: str | None, nodes: int, what: str) -> tuple[float, ...] | None:

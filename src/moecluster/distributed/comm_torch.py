@@ -12,8 +12,16 @@ import time
 
 import torch
 
-from moecluster.parallel.comm import (EXIT_CODE_FAILED, REDUCE_DTYPES, Comm, CommError, _hard_exit, _short,
-                                      _waiting_note, missing_message)
+from moecluster.distributed.comm import (
+    EXIT_CODE_FAILED,
+    REDUCE_DTYPES,
+    Comm,
+    CommError,
+    _hard_exit,
+    _short,
+    _waiting_note,
+    missing_message,
+)
 
 
 class TorchComm(Comm):
@@ -27,6 +35,7 @@ class TorchComm(Comm):
         """agent_store: torchrun's agent already serves the store at addr:port; our keys go under
         this prefix (else rank 0 hosts the store)."""
         import torch.distributed as dist
+        from torch.distributed import PrefixStore, TCPStore  # pyright: ignore[reportPrivateImportUsage]
 
         self._dist, self.rank, self.world_size = dist, rank, world_size
         self.timeout_s, self.device = timeout_s, torch.device(device)
@@ -35,10 +44,10 @@ class TorchComm(Comm):
         self._first_wait = datetime.timedelta(milliseconds=50)
         timeout = datetime.timedelta(seconds=timeout_s)
         try:
-            self._store = dist.TCPStore(addr, port, world_size, timeout=timeout,
-                                        is_master=(rank == 0 and agent_store is None))
+            self._store = TCPStore(addr, port, world_size, timeout=timeout,
+                                   is_master=(rank == 0 and agent_store is None))
             if agent_store is not None:
-                self._store = dist.PrefixStore(agent_store, self._store)
+                self._store = PrefixStore(agent_store, self._store)
             self._store_host = "rank 0" if agent_store is None else "torchrun's agent"
             self._store.set(self._hb_key(rank), "0")
             if self.device.type == "cuda":

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from moecluster.errors import MoeClusterError
-from moecluster.parallel.placement import (Placement, contiguous_holders, round_robin_holders)
-from moecluster.parallel.placement_metrics import AssignReplay
-from moecluster.parallel.routing_stats import RoutingStats, sample_from_frequencies
+from moecluster.parallel.placement import Placement, contiguous_holders, groups_holders, round_robin_holders
+from moecluster.planning.placement_metrics import AssignReplay
+from moecluster.planning.routing_stats import RoutingStats, sample_from_frequencies
 
 STRATEGIES = ("contiguous", "round-robin", "groups", "optimized")
 DEFAULT_REPLICA_FRACTION = 0.25  # default replica budget: 25% of one copy of all experts
@@ -73,18 +73,6 @@ def check_fits(cluster: Cluster, num_layers: int, num_experts: int) -> list[floa
             f"({cluster.fixed_bytes / GB:.1f} GB each) and reserve; add nodes or memory, or use a "
             f"smaller dtype")
     return slots
-
-
-def groups_holders(num_experts: int, world_size: int, num_groups: int | None = None
-                   ) -> list[list[int]]:
-    """Experts split into G contiguous groups; rank r serves group r % G, so each group is
-    replicated on about N/G ranks. Default G = ceil(N/2): every expert on about 2 ranks."""
-    g = num_groups or max(1, math.ceil(world_size / 2))
-    g = min(g, world_size, num_experts)
-    if g < 1:
-        raise MoeClusterError(f"groups: the number of groups must be >= 1, got {num_groups}")
-    return [[r for r in range(world_size) if r % g == e * g // num_experts]
-            for e in range(num_experts)]
 
 
 def plan(strategy: str, num_layers: int, num_experts: int, top_k: int, cluster: Cluster,

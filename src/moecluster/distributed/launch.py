@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -150,6 +151,7 @@ def _watch_torch(job: _Job, timeout_s: float) -> tuple[int, str]:
         if all(c is not None for c in codes):
             break
         if deadline is not None and time.monotonic() > deadline:
+            assert first is not None  # the deadline is set with first
             left = [r for r, c in enumerate(codes) if c is None]
             job.stop()
             was = "was" if len(left) == 1 else "were"
@@ -252,7 +254,7 @@ def launch_local(cmd: list[str], world_size: int, backend: str, *, pin: bool = T
     base = dict(os.environ, **(env or {}))
     if pin and world_size <= len(os.sched_getaffinity(0)):
         base["MOECLUSTER_PIN"] = "1"
-    popen = dict(stdin=subprocess.DEVNULL, start_new_session=True)  # own group: killable whole
+    popen: dict[str, Any] = dict(stdin=subprocess.DEVNULL, start_new_session=True)  # own group: killable whole
     previous = _install_sigterm()
     job, links, tmp = _Job([]), None, ""
     try:
@@ -262,7 +264,7 @@ def launch_local(cmd: list[str], world_size: int, backend: str, *, pin: bool = T
             full = [find_mpiexec(), "-n", str(world_size), *cmd]
             if keep_survivors:  # see _wrap_rank
                 full = [full[0], "-disable-auto-cleanup", "-n", str(world_size), sys.executable,
-                        "-m", "moecluster.parallel.launch", WRAP_RANK, *cmd]
+                        "-m", "moecluster.distributed.launch", WRAP_RANK, *cmd]
             job.popens = [subprocess.Popen(full, env=dict(base, MOECLUSTER_LAUNCH_SOCKET=links.path),
                                            **popen)]
             code, line = _watch_mpi(job, links, timeout_s)

@@ -7,14 +7,25 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import sys
 import time
 
 import numpy as np
 import torch
 
-from moecluster.parallel.comm import (EXIT_CODE_FAILED, MAX_SLEEP_S, OPS, REDUCE_DTYPES, SPIN_S, YIELD_S, Comm,
-                                      CommError, _waiting_note, missing_message)
+from moecluster.distributed.comm import (
+    EXIT_CODE_FAILED,
+    MAX_SLEEP_S,
+    OPS,
+    REDUCE_DTYPES,
+    SPIN_S,
+    YIELD_S,
+    Comm,
+    CommError,
+    _waiting_note,
+    missing_message,
+)
 
 _TAG_PING, _TAG_PONG = 7001, 7002
 _MPICH_BFLOAT16 = 0x4C00024C  # MPIX_BFLOAT16 in MPICH's mpi.h (ABI-stable builtin handle)
@@ -60,6 +71,7 @@ class MPIComm(Comm):
     """
 
     backend = "mpi"
+    launcher_link: socket.socket | None = None  # held open for the local launcher (comm._link_to_launcher)
 
     def __init__(self, mpi_comm, timeout_s: float = 30.0, bf16_mode: str = "auto") -> None:
         from mpi4py import MPI

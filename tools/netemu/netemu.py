@@ -1,5 +1,6 @@
 """Emulated network links on one machine: two network namespaces joined by a userspace TAP forwarder
-that adds a fixed one-way delay (this kernel has no `tc netem`; see DESIGN.md).
+that adds a fixed one-way delay (this kernel has no `tc netem`; see docs/design.md).
+A repository tool (not in the wheel): import it with tools/netemu on sys.path.
 
     with EmulatedLink(delay_us=50) as link:
         subprocess.run(link.netns_cmd(1, ["python", "server.py"]))   # runs in namespace 1
@@ -34,7 +35,7 @@ TAP = "mcemutap"
 MTU = 1500
 START_TIMEOUT_S = 10.0
 C_SOURCE = Path(__file__).with_name("netemu_fwd.c")
-_LIVE: list["EmulatedLink"] = []
+_LIVE: list[EmulatedLink] = []
 
 
 def require_root() -> None:
@@ -113,7 +114,7 @@ class EmulatedLink:
         self.scheduling = ""
         self.report = ""  # the forwarder's last words: frames sent, dropped, lateness
 
-    def __enter__(self) -> "EmulatedLink":
+    def __enter__(self) -> EmulatedLink:
         self.open()
         return self
 
@@ -188,7 +189,7 @@ class EmulatedLink:
         Hydra reaches host 1 through an "ssh" launcher that is `ip netns exec` (a script written
         to workdir); the ranks talk over the link because UCX is limited to TCP (MPI_ENV).
         """
-        from moecluster.parallel.launch import find_mpiexec
+        from moecluster.distributed.launch import find_mpiexec
 
         script = Path(workdir) / "netns-launcher.sh"
         cases = "\n".join(f"  {self.addr(i)}) ns={self.names[i]} ;;" for i in range(2))
@@ -356,7 +357,7 @@ def measure_rtt(link: EmulatedLink, rounds: int = 2000) -> dict:
 
 
 def _python_in(link: EmulatedLink, host: int, call: str) -> list[str]:
-    code = f"import json; from moecluster.parallel import netemu; {call}"
+    code = f"import json, sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); import netemu; {call}"
     return link.netns_cmd(host, _taskset(host) + [sys.executable, "-c", code])
 
 

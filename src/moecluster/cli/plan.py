@@ -27,7 +27,8 @@ def parse_nodes(spec: str) -> list[int]:
             else:
                 lo = hi = int(part)
         except ValueError:
-            raise MoeClusterError(f"bad --nodes {spec!r}: use a count, a range like 1-8, or a list like 2,4,8") from None
+            raise MoeClusterError(
+                f"bad --nodes {spec!r}: use a count, a range like 1-8, or a list like 2,4,8") from None
         if lo < 1 or hi < lo or hi > MAX_NODES:
             raise MoeClusterError(f"bad --nodes range {part!r}: need 1 <= low <= high <= {MAX_NODES}")
         out.update(range(lo, hi + 1))

@@ -8,7 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
-from moecluster.engine.commands import add_cluster_args
+from moecluster.cli.cluster import add_cluster_args, run_on_rank
 from moecluster.errors import MoeClusterError
 
 FAILED_LINGER_S = 30.0  # after a rank fails, keep answering 503 (and /health) this long, then exit
@@ -24,7 +24,8 @@ def register(sub) -> None:
                    help="require 'Authorization: Bearer KEY' (default: $MOECLUSTER_API_KEY, else no key)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together in one step")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 429")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 unless the checkpoint is fp32")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                   help="default: bf16 unless the checkpoint is fp32")
     p.add_argument("--max-seq-len", type=int, default=None, help="context per sequence (default: the model's)")
     add_cluster_args(p)
     p.set_defaults(func=run_serve, timeout=20.0)  # a dead rank fails requests within 30 s
@@ -76,15 +77,13 @@ def run_serve(args) -> int:
     check_args(args)
     if args.nodes > 1 and not args.rank_worker:
         bind(args.host, args.port).close()  # fail now, not after every rank has loaded the model
-        from moecluster.parallel.launch import launch_local
+        from moecluster.distributed.launch import launch_local
 
         cmd = [sys.executable, "-m", "moecluster.cli", *args.argv, "--rank-worker"]
         # A dead rank must not end the job (MPI: keep_survivors): rank 0 answers 503 until it exits,
         # FAILED_LINGER_S after noticing; the launcher kills ranks still running this long after one died.
         return launch_local(cmd, args.nodes, args.backend, timeout_s=args.timeout + FAILED_LINGER_S + 10,
                             keep_survivors=True)
-    from moecluster.engine.commands import run_on_rank
-
     return run_on_rank(args, lambda comm: _serve_on_rank(args, comm))
 
 
@@ -103,6 +102,7 @@ def _serve_on_rank(args, comm) -> int:
     if rank != 0:
         worker_loop(engine, comm)
         return 0
+    assert sock is not None  # bound above on rank 0
     return _serve_http(args, engine, placement, sock)
 
 

@@ -1,0 +1,1 @@
+"""moecluster.calibration: the measuring workers of `moecluster calibrate` (engine probes, bandwidth, all-reduce)."""

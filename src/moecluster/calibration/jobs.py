@@ -1,0 +1,55 @@
+"""Run `moecluster calibrate`'s measuring jobs on local ranks and collect rank 0's results.
+
+Each job is `python -m moecluster.cli calibrate --rank-worker --phase engine|allreduce ...` on N
+ranks (`launch_local`); its ranks run `moecluster.calibration.measure.run_worker` and rank 0 writes
+one JSON result. `moecluster.perfmodel.calibrate` turns the results into a profile (pure Python).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from moecluster.errors import MoeClusterError
+
+
+def worker_argv(args: argparse.Namespace, phase: str, result: str, *, ar_sizes: list[int],
+                ar_dtype: str = "bfloat16", backend: str | None = None, trace: bool = True) -> list[str]:
+    """Command line of one calibration rank (what launchers start on every rank)."""
+    argv = [sys.executable, "-m", "moecluster.cli", "calibrate", "--model", str(args.model),
+            "--backend", backend or args.backend, "--batch", str(args.batch), "--steps", str(args.steps),
+            "--warmup", str(args.warmup), "--prompt-len", str(args.prompt_len), "--placement", args.placement,
+            "--exchange", args.exchange, "--ar-iters", str(args.ar_iters), "--timeout", str(args.timeout),
+            "--phase", phase, "--result", result, "--ar-sizes", ",".join(map(str, ar_sizes)),
+            "--ar-dtype", ar_dtype, "--rank-worker"]
+    return argv + (["--dtype", args.dtype] if args.dtype else []) + ([] if trace else ["--no-trace"])
+
+
+def launch_job(args: argparse.Namespace, phase: str, world_size: int, tmp: str, **kw: Any) -> dict:
+    """Run one calibration job on `world_size` local ranks; rank 0's result."""
+    from moecluster.distributed.launch import launch_local
+
+    result = str(Path(tmp) / f"{phase}-{world_size}.json")
+    backend = args.backend if world_size > 1 else "single"
+    cmd = worker_argv(args, phase, result, backend=backend, **kw)
+    print(f"calibrate: {phase} on {world_size} rank(s) ...", file=sys.stderr, flush=True)
+    code = launch_local(cmd, world_size, backend, pin=world_size > 1, timeout_s=args.timeout)
+    if code != 0 or not Path(result).is_file():
+        raise MoeClusterError(f"calibration {phase} job on {world_size} ranks failed (exit {code}); "
+                              "see the messages above")
+    return json.loads(Path(result).read_text())
+
+
+def run_jobs(args: argparse.Namespace, sizes: list[int]) -> tuple[list[dict], dict[int, list[dict]]]:
+    """--repeats engine jobs on N ranks (with the N-rank all-reduce), then one all-reduce job per 2..N-1."""
+    with tempfile.TemporaryDirectory(prefix="moecluster-calibrate-") as tmp:
+        engines = [launch_job(args, "engine", args.nodes, tmp, ar_sizes=sizes) for _ in range(args.repeats)]
+        tables = {args.nodes: [r for e in engines for r in e["allreduce"]]} if args.nodes > 1 else {}
+        for w in range(2, args.nodes):
+            tables[w] = launch_job(args, "allreduce", w, tmp, ar_sizes=sizes,
+                                ar_dtype=engines[0]["model"]["exchange_dtype"])["allreduce"]
+    return engines, tables

@@ -1,0 +1,47 @@
+"""What every command that can run on several ranks shares: its options, relaunching itself as N
+local rank workers, and joining the job as one of them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_cluster_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by every command that can run on several ranks."""
+    p.add_argument("--nodes", type=int, default=1, help="number of ranks (local processes) to run")
+    p.add_argument("--backend", choices=["mpi", "torch"], default="mpi", help="collective backend")
+    p.add_argument("--placement", default="contiguous",
+                   help="contiguous | round-robin | groups | FILE.json (see `moecluster place`)")
+    p.add_argument("--exchange", choices=["exact", "sum"], default="exact",
+                   help="exact: all-reduce per-expert outputs (output bit-identical to 1 rank); "
+                        "sum: all-reduce fp32 partial sums (smallest message)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds any rank may wait for another")
+    p.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)
+
+
+def relaunch(args, argv_tail: list[str]) -> int:
+    """Start args.nodes local ranks running this same command as rank workers."""
+    from moecluster.distributed.launch import launch_local
+
+    cmd = [sys.executable, "-m", "moecluster.cli", *argv_tail, "--rank-worker"]
+    return launch_local(cmd, args.nodes, args.backend, timeout_s=args.timeout)
+
+
+def run_on_rank(args, body) -> int:
+    """Run body(comm) on this rank: comm is None in a single process, else joined from the launcher's env.
+    On any error the rank leaves without waiting for its peers (they are stopped, not left hanging)."""
+    comm = None
+    if args.rank_worker:
+        from moecluster.distributed.comm import init_comm
+
+        comm = init_comm(args.backend, timeout_s=args.timeout)
+    try:
+        code = body(comm)
+    except BaseException:
+        if comm is not None:
+            comm.mark_failed()
+        raise
+    if comm is not None:
+        comm.close()
+    return code

@@ -1,0 +1,1 @@
+"""moecluster.distributed: the Comm backends (MPI, torch.distributed) and the local launcher."""

@@ -1,0 +1,1 @@
+"""moecluster.planning: routing statistics, placement metrics and the placement planner (pure Python, no torch)."""
