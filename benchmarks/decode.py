@@ -96,8 +96,8 @@ def run_hf(model_dir: Path, tokens: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
-    from moecluster.engine.tokenizer import Tokenizer
     from moecluster.loading import read_config
+    from moecluster.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(model_dir, read_config(model_dir)[1])
     ids = torch.tensor([tok.encode(PROMPT)])

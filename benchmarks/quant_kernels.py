@@ -144,7 +144,7 @@ def bench_shape(name: str, rounds: int, buf: torch.Tensor) -> list[dict]:
             gbs[kind].append(g)
             ratios[kind].append(g / ref)
     out = []
-    for kind, (step, nbytes) in cases.items():
+    for kind, (_step, nbytes) in cases.items():
         t = nbytes / statistics.median(gbs[kind]) / 1e9
         out.append({"shape": name, "kernel": kind, "bytes_per_step": nbytes, "median_ms": round(t * 1e3, 2),
                     "median_gbs": round(statistics.median(gbs[kind]), 2),

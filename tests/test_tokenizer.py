@@ -14,11 +14,11 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
-from moecluster.engine import tokenizer as tokmod
+from moecluster import tokenizer as tokmod
 from moecluster.engine.generate import TextTracker
 from moecluster.engine.sampling import SamplingParams
-from moecluster.engine.tokenizer import IncrementalDecoder, Tokenizer
 from moecluster.errors import MoeClusterError
+from moecluster.tokenizer import IncrementalDecoder, Tokenizer
 
 SPECIAL = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "[INST]", "[/INST]"]
 CORPUS = ["The quick brown fox jumps over the lazy dog. Mixture of experts route every token to a few experts.",

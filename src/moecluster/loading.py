@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from moecluster.engine.tokenizer import Tokenizer
 from moecluster.errors import MoeClusterError
 from moecluster.models.configs import ArchConfig, ModelShape, parse_config
 from moecluster.models.layers import DecoderModel, check_dims
 from moecluster.models.moe import RoutedExperts
 from moecluster.models.registry import architecture
+from moecluster.tokenizer import Tokenizer
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -44,7 +45,8 @@ def read_config(model_dir: str | Path) -> tuple[dict, ArchConfig]:
     """Parse config.json into its architecture's config (checked), and check the engine can run it."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise MoeClusterError(f"model directory {str(model_dir)!r} does not exist; pass --model DIR with a HF checkpoint")
+        raise MoeClusterError(f"model directory {str(model_dir)!r} does not exist; "
+                              "pass --model DIR with a HF checkpoint")
     path = model_dir / "config.json"
     if not path.is_file():
         raise MoeClusterError(f"{path} not found; a HF checkpoint directory needs config.json")
@@ -70,7 +72,7 @@ class CheckpointReader:
         self.dtype = dtype
         self.files: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
-        self._open: dict[Path, object] = {}
+        self._open: dict[Path, Any] = {}
         index = model_dir / "model.safetensors.index.json"
         if index.is_file():
             weight_map = json.loads(index.read_text()).get("weight_map", {})

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from moecluster.models.layers import DecoderModel
 
 PHASES = ("attention", "router", "experts", "all_reduce", "head", "sample_bcast")
 now = time.perf_counter
@@ -92,6 +96,8 @@ class SelfTimed:
 class Timed(nn.Module):
     """Times `inner`'s forward as one phase of one layer; other attributes read through to `inner`."""
 
+    inner: Any
+
     def __init__(self, inner: nn.Module, layer: int, phase: str, counts_evals: bool = False):
         super().__init__()
         self.inner, self.layer, self.phase, self.counts_evals = inner, layer, phase, counts_evals
@@ -117,7 +123,7 @@ def _wrap(module: nn.Module, layer: int, phase: str, counts_evals: bool = False)
     return Timed(module, layer, phase, counts_evals)
 
 
-def apply_tracing(model: nn.Module) -> nn.Module:
+def apply_tracing(model: DecoderModel) -> DecoderModel:
     """Wrap attention, routers, experts and the head of a DecoderModel in timers (idempotent)."""
     for i, block in enumerate(model.layers):
         block.attn = _wrap(block.attn, i, "attention")

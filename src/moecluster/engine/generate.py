@@ -7,16 +7,17 @@ rank count). Shape legend: B batch rows, T tokens, V vocab.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Iterator
+from typing import Any
 
 import torch
 
 from moecluster.engine.sampling import Sampler, SamplingParams
-from moecluster.engine.tokenizer import IncrementalDecoder, Tokenizer
 from moecluster.errors import MoeClusterError
-from moecluster.loading import LoadedModel, peak_rss_bytes
 from moecluster.kernels.apply import apply_kernels
+from moecluster.loading import LoadedModel, peak_rss_bytes
+from moecluster.tokenizer import IncrementalDecoder, Tokenizer
 from moecluster.tracing import TRACER, apply_tracing, now
 
 
@@ -82,7 +83,7 @@ class Engine:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
-        self.comm = comm
+        self.comm: Any = comm
         self.rank = comm.rank if comm is not None else 0
         self.world_size = comm.world_size if comm is not None else 1
         apply_kernels(self.model)  # transformations of the loaded model: fast products, then timers
@@ -115,7 +116,8 @@ class Engine:
                                   "shorten the prompt")
         bad = [t for t in prompt_ids if not 0 <= t < self.loaded.shape.vocab_size]
         if bad:
-            raise MoeClusterError(f"prompt token ids {bad[:3]} are outside the vocabulary of {self.loaded.shape.vocab_size}")
+            raise MoeClusterError(f"prompt token ids {bad[:3]} are outside the vocabulary of "
+                                  f"{self.loaded.shape.vocab_size}")
 
     def stream(self, prompt_ids: list[int], params: SamplingParams, slot: int = 0) -> Iterator[Delta]:
         """Prefill then decode one sequence, yielding text deltas; the last delta carries stats."""
@@ -133,7 +135,7 @@ class Engine:
         while True:
             t0 = now()
             token, done, reason, delta = -1, False, "", ""
-            if self.rank == 0:
+            if sampler is not None and tracker is not None:  # rank 0
                 token = sampler(logits_1V[0])
                 delta, stopped = tracker.push(token)
                 reason = "stop" if stopped else "length" if stats.generated_tokens + 1 >= max_new else ""
@@ -168,7 +170,9 @@ class Engine:
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> tuple[str, list[int], GenerationStats]:
         """Run stream to the end; returns (text, generated token ids, stats)."""
-        text, tokens, stats = [], [], None
+        text: list[str] = []
+        tokens: list[int] = []
+        stats = GenerationStats()
         for delta in self.stream(prompt_ids, params):
             text.append(delta.text)
             if delta.token is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from moecluster.engine.generate import Engine
 from moecluster.engine.sampling import SamplingParams
 from moecluster.planning.routing_stats import RoutingStats

@@ -16,13 +16,14 @@ import shutil
 import subprocess
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 
 _SOURCE = Path(__file__).with_name("moe_gemv.c")
 _REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
 _lock = threading.Lock()
-_fn = None  # the loaded library once built; False once it proved unavailable
+_fn: Any = None  # the loaded library once built; False once it proved unavailable
 unavailable_reason = ""
 
 
@@ -141,7 +142,7 @@ def moe_gemm(w_eRC: torch.Tensor, experts: list[int], counts: list[int], x_nC: t
 _Q_SOURCE = Path(__file__).with_name("moe_gemm_q.c")
 _Q_REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni")
 _Q_FORMAT_IDS = {"int8": 0, "int4": 1, "fp8": 2, "mxfp4": 3}
-_q_lib = None  # the loaded library once built; False once it proved unavailable
+_q_lib: Any = None  # the loaded library once built; False once it proved unavailable
 q_unavailable_reason = ""
 
 

@@ -624,7 +624,8 @@ class DeepseekV3Config(ArchConfig):
         nope, rope, v_dim = self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
         qk = nope + rope
         q_params = d * heads * qk if not self.q_lora_rank else d * self.q_lora_rank + self.q_lora_rank * heads * qk
-        attn = q_params + d * (self.kv_lora_rank + rope) + self.kv_lora_rank * heads * (nope + v_dim) + heads * v_dim * d
+        kv_params = d * (self.kv_lora_rank + rope) + self.kv_lora_rank * heads * (nope + v_dim)
+        attn = q_params + kv_params + heads * v_dim * d
         moe = self.moe_layer_ids()
         return ModelShape(name=name, model_type=self.model_type, source=source,
                           num_layers=self.num_hidden_layers, num_moe_layers=len(moe), d_model=d, num_heads=heads,

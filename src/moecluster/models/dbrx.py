@@ -15,7 +15,7 @@ import torch
 from moecluster.models.configs import DbrxConfig
 from moecluster.models.hub import DenseMap, ReadRows, embed_norm_head
 from moecluster.models.layers import Attention, DecoderModel, PreNormBlock, layer_norm
-from moecluster.models.moe import MoE, Router, RoutedExperts, softmax_topk
+from moecluster.models.moe import MoE, RoutedExperts, Router, softmax_topk
 
 
 class DbrxForCausalLM(DecoderModel):

@@ -18,10 +18,17 @@ import torch
 from torch import nn
 
 from moecluster.models.configs import Glm4MoeConfig
-from moecluster.models.hub import (DenseMap, ReadRows, embed_norm_head, hf_attention, hf_gated_mlp, per_expert_tensors,
-                                   read_per_expert)
+from moecluster.models.hub import (
+    DenseMap,
+    ReadRows,
+    embed_norm_head,
+    hf_attention,
+    hf_gated_mlp,
+    per_expert_tensors,
+    read_per_expert,
+)
 from moecluster.models.layers import Attention, DecoderModel, GatedMLP, PreNormBlock, RMSNorm
-from moecluster.models.moe import MoE, Router, RoutedExperts, sigmoid_group_topk
+from moecluster.models.moe import MoE, RoutedExperts, Router, sigmoid_group_topk
 
 
 class Glm4MoeForCausalLM(DecoderModel):

@@ -52,7 +52,8 @@ def hf_gated_mlp(ours: str, disk: str, dim: int, hidden: int,
 
 
 def per_expert_tensors(prefix: str, num_experts: int, dim: int, hidden: int,
-                       names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")) -> dict[str, tuple[int, ...]]:
+                       names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+                       ) -> dict[str, tuple[int, ...]]:
     """On-disk names and shapes of per-expert tensors `{prefix}.{e}.{name}.weight` (Mixtral, Qwen, OLMoE)."""
     gate, up, down = names
     out: dict[str, tuple[int, ...]] = {}

@@ -13,13 +13,16 @@ S cached positions, V vocab.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moecluster.errors import MoeClusterError
+
+if TYPE_CHECKING:
+    from moecluster.models.moe import MoE
 
 # gemm(x, weight_OI, bias_O or None) -> x @ weight.T + bias: F.linear's signature
 Gemm = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -103,6 +106,9 @@ class Step(NamedTuple):
 
 class KVCache(nn.Module):
     """Preallocated per-layer cache with one row per slot; a sequence owns a slot for its lifetime."""
+
+    k: torch.Tensor
+    v: torch.Tensor
 
     def __init__(self, num_slots: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype):
         super().__init__()
@@ -196,6 +202,9 @@ class DecoderModel(nn.Module):
     and has `.attn` (an Attention) and `.mlp` (a dense MLP or an MoE). rotary_dim (default head_dim):
     RoPE on the first rotary_dim dims of each head only (partial rotary, GLM-4.5)."""
 
+    layers: Any  # nn.ModuleList of blocks (each with .attn and .mlp)
+    lm_head: Any  # a Linear, or a transformation's wrapper of one
+
     def __init__(self, vocab_size: int, dim: int, blocks: list[nn.Module], norm: nn.Module, *, head_dim: int,
                  rope_theta: float, max_seq_len: int, tie_embeddings: bool = False, rotary_dim: int | None = None):
         super().__init__()
@@ -210,7 +219,7 @@ class DecoderModel(nn.Module):
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
 
-    def moe_layers(self) -> list[nn.Module]:
+    def moe_layers(self) -> list[MoE]:
         """The MoE modules, in layer order (the contract with loading, parallelism, metrics, placement)."""
         from moecluster.models.moe import MoE
 
@@ -249,6 +258,9 @@ class DecoderModel(nn.Module):
 
 class PreNormBlock(nn.Module):
     """x + attn(attn_norm(x)), then + mlp(mlp_norm(x)); the MLP sees flattened tokens x_ND."""
+
+    attn: Any  # an Attention, or a transformation's wrapper of one
+    mlp: Any
 
     def __init__(self, attn_norm: nn.Module, attn: Attention, mlp_norm: nn.Module, mlp: nn.Module):
         super().__init__()

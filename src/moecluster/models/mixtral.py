@@ -14,7 +14,7 @@ import torch
 from moecluster.models.configs import MixtralConfig
 from moecluster.models.hub import DenseMap, ReadRows, embed_norm_head, hf_attention, per_expert_tensors, read_per_expert
 from moecluster.models.layers import Attention, DecoderModel, PreNormBlock, RMSNorm
-from moecluster.models.moe import MoE, Router, RoutedExperts, softmax_topk
+from moecluster.models.moe import MoE, RoutedExperts, Router, softmax_topk
 
 EXPERT_NAMES = ("w1", "w3", "w2")  # gate, up, down
 

@@ -13,6 +13,7 @@ e experts held here, K top-k, P (token, expert) pairs.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ from moecluster.models.layers import GatedMLP, Linear
 MoEGemm = Callable[[torch.Tensor, list[int], list[int], torch.Tensor, list[int], torch.Tensor, list[int]],
                    torch.Tensor]
 # score function: router logits_NE -> (ids_NK, fp32 weights_NK)
-ScoreFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+ScoreFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 def softmax_topk(logits_NE: torch.Tensor, k: int, *, renorm_p: float | None = None,
@@ -188,6 +189,12 @@ class MoE(nn.Module):
 
     shared_gate: None (shared output added as is, DeepSeek-style) or a Linear [1, D] whose sigmoid
     scales the shared output per token (Qwen2-MoE)."""
+
+    # transformations replace router and experts (expert parallelism, timers): typed loosely on purpose
+    router: Any
+    experts: Any
+    recorder: Any
+    index: int
 
     def __init__(self, router: Router, experts: RoutedExperts, shared: GatedMLP | None = None,
                  shared_gate: Linear | None = None):

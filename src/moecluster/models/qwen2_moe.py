@@ -15,10 +15,17 @@ import torch
 from torch import nn
 
 from moecluster.models.configs import Qwen2MoeConfig
-from moecluster.models.hub import (DenseMap, ReadRows, embed_norm_head, hf_attention, hf_gated_mlp, per_expert_tensors,
-                                   read_per_expert)
+from moecluster.models.hub import (
+    DenseMap,
+    ReadRows,
+    embed_norm_head,
+    hf_attention,
+    hf_gated_mlp,
+    per_expert_tensors,
+    read_per_expert,
+)
 from moecluster.models.layers import Attention, DecoderModel, GatedMLP, Linear, PreNormBlock, RMSNorm
-from moecluster.models.moe import MoE, Router, RoutedExperts, softmax_topk
+from moecluster.models.moe import MoE, RoutedExperts, Router, softmax_topk
 
 
 class Qwen2MoeForCausalLM(DecoderModel):

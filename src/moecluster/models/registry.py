@@ -7,14 +7,17 @@ the checkpoint ships that the model does not run), and one line here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 from moecluster.errors import MoeClusterError
 from moecluster.models import dbrx, glm4_moe, mixtral, olmoe, qwen2_moe, qwen3_moe
 from moecluster.models.configs import CONFIGS, ArchConfig
 from moecluster.models.layers import DecoderModel
 
-ARCHITECTURES: dict[str, tuple[type[DecoderModel], ModuleType]] = {
+ModelClass = Callable[[Any], DecoderModel]  # XxxForCausalLM(cfg)
+ARCHITECTURES: dict[str, tuple[ModelClass, ModuleType]] = {
     "dbrx": (dbrx.DbrxForCausalLM, dbrx),
     "mixtral": (mixtral.MixtralForCausalLM, mixtral),
     "qwen3_moe": (qwen3_moe.Qwen3MoeForCausalLM, qwen3_moe),
@@ -24,7 +27,7 @@ ARCHITECTURES: dict[str, tuple[type[DecoderModel], ModuleType]] = {
 }
 
 
-def architecture(cfg: ArchConfig) -> tuple[type[DecoderModel], ModuleType]:
+def architecture(cfg: ArchConfig) -> tuple[ModelClass, ModuleType]:
     """The model class and weight-map module for a parsed config; one clear error if it cannot run."""
     if cfg.model_type not in ARCHITECTURES:
         runnable = ", ".join(sorted(ARCHITECTURES))

@@ -108,7 +108,7 @@ class Tokenizer:
         self.byte_fallback_ids = frozenset(i for i in byte_ids if i is not None)
 
     @classmethod
-    def from_dir(cls, model_dir: Path, args) -> "Tokenizer":
+    def from_dir(cls, model_dir: Path, args) -> Tokenizer:
         model_dir = Path(model_dir)
         path = model_dir / "tokenizer.json"
         if not path.is_file():
@@ -129,9 +129,9 @@ class Tokenizer:
         return cls(tok, config, sorted(set(eos_ids)), bos_id, templates, source, special_tokens_map(config, legacy))
 
     def encode(self, text: str, add_special: bool = True) -> list[int]:
-        ids = self.tok.encode(text, add_special_tokens=False).ids
-        if add_special and self.add_bos and (not ids or ids[0] != self.bos_id):
-            ids = [self.bos_id] + ids
+        ids: list[int] = self.tok.encode(text, add_special_tokens=False).ids
+        if add_special and self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id, *ids]
         return ids
 
     def decode(self, ids: list[int]) -> str:
@@ -259,9 +259,12 @@ def _plain(value: Any) -> Any:
     (transformers does the same; anything else becomes a "<TypeName>" placeholder)."""
     if value is None or type(value) in (str, int, float, bool):
         return value
-    for base, plain in ((str, str.__str__), (int, int.__int__), (float, float.__float__)):
-        if isinstance(value, base):  # subclasses (enums, numpy scalars) lose their extra methods
-            return plain(value)
+    if isinstance(value, str):  # subclasses (enums, numpy scalars) lose their extra methods
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
     if isinstance(value, Mapping):
         return {_plain(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -270,8 +273,9 @@ def _plain(value: Any) -> Any:
         return tuple(_plain(v) for v in value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if callable(getattr(value, "model_dump", None)):  # pydantic models (the server's request types)
-        return _plain(value.model_dump())
+    model_dump = getattr(value, "model_dump", None)
+    if callable(model_dump):  # pydantic models (the server's request types)
+        return _plain(model_dump())
     return f"<{type(value).__name__}>"
 
 
