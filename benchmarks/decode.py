@@ -1,27 +1,39 @@
-"""Decode benchmark: batch-1 tok/s of a DBRX-shaped bf16 model against this machine's streaming bandwidth.
+"""Decode benchmark: batch-1 tok/s of a DBRX- or Qwen3-MoE-shaped bf16 model against this machine's streaming bandwidth.
 
-Builds (once, cached) a random-weight DBRX checkpoint reading >= 1 GB of weights per decode token,
+Builds (once, cached) a random-weight checkpoint reading >= 1 GB of weights per decode token,
 measures the machine's streaming read bandwidth in the same run, then decodes with moecluster and
-with transformers `generate` on the same weights. Prints a table, writes JSON and markdown.
+with transformers `generate` on the same weights. Prints a table, writes JSON and markdown (the
+latest run) and appends the run to a JSONL history.
 
-    .venv/bin/python benchmarks/decode.py [--tokens 16] [--rounds 11] [--skip-hf]
+    .venv/bin/python benchmarks/decode.py [--model-shape dbrx|qwen3-moe] [--tokens 16] [--rounds 11] [--skip-hf]
+
+dbrx: 16 experts of 3 x [4096, 2048], top-4, 6 layers (1.47 GB/token). qwen3-moe: Qwen3-30B-A3B's
+layer (128 experts of 3 x [768, 2048], top-8, 32/4 heads, q/k norms), 10 layers (1.26 GB/token):
+many small experts, the hard case for streaming.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import gc
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from moecluster.builtin import PRESETS, build_dbrx_checkpoint
+from moecluster.builtin import (
+    PRESETS,
+    QWEN3_MOE_PRESETS,
+    build_dbrx_checkpoint,
+    build_qwen3_moe_checkpoint,
+)
 from moecluster.engine.generate import Engine
 from moecluster.engine.sampling import SamplingParams
 from moecluster.loading import load_model
@@ -30,12 +42,21 @@ RESULTS = Path(__file__).parent / "results"
 PROMPT = "Decoding one token reads the weights of the selected experts once"
 
 
-def bench_model_dir() -> Path:
+# --model-shape -> (cache dir name, builder, preset dims, description, result file stem)
+SHAPES = {
+    "dbrx": ("bench-dbrx", build_dbrx_checkpoint, PRESETS["bench"], "DBRX-shaped bf16", "decode"),
+    "qwen3-moe": ("bench-qwen3-moe", build_qwen3_moe_checkpoint, QWEN3_MOE_PRESETS["bench"],
+                  "Qwen3-MoE-shaped bf16", "decode_qwen3-moe"),
+}
+
+
+def bench_model_dir(shape: str) -> Path:
     root = Path(os.environ.get("MOECLUSTER_CACHE", Path.home() / ".cache" / "moecluster"))
-    path = root / "bench-dbrx"
-    if not (path / "config.json").is_file():
+    name, build, _, _, _ = SHAPES[shape]
+    path = root / name
+    if not (path / "config.json").is_file():  # config.json is written last
         print(f"building the benchmark checkpoint in {path} (once) ...", flush=True)
-        build_dbrx_checkpoint(path, "bench", dtype=torch.bfloat16)
+        build(path, "bench", dtype=torch.bfloat16)
     return path
 
 
@@ -113,34 +134,66 @@ def run_hf(model_dir: Path, tokens: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-shape", choices=sorted(SHAPES), default="dbrx", help="benchmark model (default dbrx)")
     ap.add_argument("--tokens", type=int, default=16, help="decode tokens per round")
     ap.add_argument("--rounds", type=int, default=11, help="bandwidth / decode / bandwidth rounds")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model_dir = bench_model_dir()
+    model_dir = bench_model_dir(args.model_shape)
     ours = run_ours(model_dir, args.tokens, args.rounds)
     tps = 1 / ours["median_s_per_token"]
     achieved = ours["bytes_per_token"] * tps / 1e9
     hf = None if args.skip_hf else run_hf(model_dir, 24)
+    _, _, dims, description, stem = SHAPES[args.model_shape]
     result = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                    "threads": args.threads},
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "machine": {"cpus": os.cpu_count(), "cpu": cpu_model(), "platform": platform.platform(),
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "transformers": package_version("transformers"), "threads": args.threads},
         "command": "python " + " ".join(sys.argv),
-        "model": {"preset": "bench", **PRESETS["bench"], "dtype": "bf16"},
+        "model_shape": args.model_shape,
+        "model": {"preset": "bench", **dims, "dtype": "bf16", "description": description},
         "reference_gbs": ours["reference_gbs"],
         "ours": {**ours, "tok_s": tps, "achieved_gbs": achieved, "ratio_to_bandwidth": ours["median_ratio"]},
         "transformers": None if hf is None else {**hf, "tok_s": 1 / hf["s_per_token"]},
     }
-    report(result)
+    report(result, stem)
     return 0
 
 
-def report(r: dict) -> None:
+def git_commit() -> str:
+    """HEAD's short hash, with -dirty when the work tree has uncommitted changes to tracked files."""
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=Path(__file__).parent, capture_output=True, text=True, check=False).stdout.strip()
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
+
+
+def package_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def report(r: dict, stem: str) -> None:
     o = r["ours"]
+    model = {k: v for k, v in r["model"].items() if k != "description"}
     lines = [
-        f"model: DBRX-shaped bf16 {r['model']}",
+        f"model: {r['model']['description']} {model}",
         f"streaming read bandwidth (best method; median of {len(o['rounds'])} rounds): {r['reference_gbs']:.1f} GB/s",
         f"weights read per decode token: {o['bytes_per_token'] / 1e9:.3f} GB",
         f"moecluster decode (batch 1): {o['tok_s']:.2f} tok/s  -> {o['achieved_gbs']:.1f} GB/s",
@@ -155,10 +208,19 @@ def report(r: dict) -> None:
     text = "\n".join(lines)
     print(text)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "decode.json").write_text(json.dumps(r, indent=2))
-    md = (f"# Decode benchmark\n\nMachine: {r['machine']}\n\nCommand: `{r['command']}`\n\n```\n{text}\n```\n\n"
+    # the latest run in <stem>.json / .md; every run (and the run those files held before history was kept)
+    # appended to <stem>_history.jsonl
+    latest, history = RESULTS / f"{stem}.json", RESULTS / f"{stem}_history.jsonl"
+    with history.open("a") as f:
+        if not history.stat().st_size and latest.is_file():
+            f.write(json.dumps(json.loads(latest.read_text())) + "\n")
+        f.write(json.dumps(r) + "\n")
+    latest.write_text(json.dumps(r, indent=2))
+    md = (f"# Decode benchmark ({r['model_shape']})\n\nDate: {r['date']}  \nCommit: {r['commit']}  \n"
+          f"Machine: {r['machine']}\n\nCommand: `{r['command']}`\n\n```\n{text}\n```\n\n"
           f"Bandwidth after each round: {json.dumps([x['bandwidth_after'] for x in r['ours']['rounds']])}\n")
-    (RESULTS / "decode.md").write_text(md)
+    (RESULTS / f"{stem}.md").write_text(md)
+    print(f"wrote {latest.name} and {stem}.md (latest run); appended the run to {history.name}")
 
 
 if __name__ == "__main__":
