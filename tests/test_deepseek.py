@@ -116,3 +116,20 @@ def test_mtp_layer_is_skipped_with_one_log_line(tiny_models, tmp_path, caplog):
     assert torch.equal(logits[0], logits[1])
     lines = [r.getMessage() for r in caplog.records if "not loading" in r.getMessage()]
     assert len(lines) == 1 and "3 checkpoint tensors" in lines[0] and mtp in lines[0]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"topk_method": "top1"}, "topk_method"), ({"topk_method": "noaux_tc", "scoring_func": "softmax"}, "scoring_func"),
+    ({"rope_scaling": {"type": "longrope", "factor": 2.0}}, "rope_type"), ({"n_group": 3}, "n_group"),
+    ({"first_k_dense_replace": 2}, "no MoE layer"), ({"hidden_act": "gelu"}, "hidden_act"),
+])
+def test_bad_configs_get_one_clear_error(change, message):
+    from moecluster.errors import MoeClusterError
+
+    raw = {"model_type": "deepseek_v3", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "vocab_size": 100, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8,
+           "moe_intermediate_size": 16, "n_routed_experts": 8, "num_experts_per_tok": 2, "first_k_dense_replace": 1,
+           "n_group": 2, "topk_group": 1}
+    parse_config(raw)
+    with pytest.raises(MoeClusterError, match=message):
+        parse_config(raw | change)
