@@ -56,9 +56,9 @@ def test_cached_decode_equals_full_forward(tiny_model):
     assert torch.allclose(torch.cat(steps, dim=1), full[:, 12:], atol=1e-5)
 
 
-def test_batched_slots_equal_single_rows(tiny_dbrx):
+def test_batched_slots_equal_single_rows(tiny_model):
     """Rows at different positions in different cache slots give the same logits as run alone."""
-    model = load_model(tiny_dbrx, "fp32").model
+    model = load_model(tiny_model, "fp32").model
     model.setup_cache(3)
     a, b = torch.tensor([[5, 6, 7, 8, 9]]), torch.tensor([[11, 12]])
     with torch.inference_mode():

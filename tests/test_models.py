@@ -55,14 +55,18 @@ def test_configs_import_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-def test_plan_only_architecture_is_refused_by_the_engine_with_one_clear_error(tmp_path):
+def test_plan_only_architecture_is_refused_by_the_engine_with_one_clear_error(tmp_path, monkeypatch):
     from moecluster.loading import read_config
+    from moecluster.models import registry
 
     cfg = {"model_type": "deepseek_v3", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
            "vocab_size": 100, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8,
-           "moe_intermediate_size": 16, "n_routed_experts": 8, "num_experts_per_tok": 2}
+           "moe_intermediate_size": 16, "n_routed_experts": 8, "num_experts_per_tok": 2, "first_k_dense_replace": 1,
+           "n_group": 1, "topk_group": 1}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     assert "deepseek_v3" in CONFIGS and parse_config(cfg).shape().num_experts == 8
+    # every known model_type runs today: pretend this one does not
+    monkeypatch.delitem(registry.ARCHITECTURES, "deepseek_v3")
     with pytest.raises(MoeClusterError, match="not supported by the engine yet"):
         read_config(tmp_path)
 

@@ -10,7 +10,7 @@ import torch
 from moecluster.builtin import write_tokenizer
 
 VOCAB = 384
-ARCHES = ("dbrx", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe")
+ARCHES = ("dbrx", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe", "deepseek_v3", "deepseek_v2")
 COMMON = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
               max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 # each exercises its family's options: dense layers, renormalized top-k, shared expert, q/k norms, clipping
@@ -31,6 +31,24 @@ HF_COMMON = {
                       n_shared_experts=2, first_k_dense_replace=1, n_group=4, topk_group=2, norm_topk_prob=True,
                       routed_scaling_factor=2.5, use_qk_norm=True, attention_bias=True, head_dim=32,
                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
+    # MLA with q_lora_rank, YaRN (attention factor != 1 and mscale_all_dim), interleaved RoPE, noaux_tc routing
+    # with 4 groups and a random correction bias, dense first layer, 2 shared experts
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    dict(num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=24,
+                         qk_rope_head_dim=16, v_head_dim=20, n_routed_experts=8, num_experts_per_tok=2,
+                         moe_intermediate_size=48, intermediate_size=80, n_shared_experts=2, first_k_dense_replace=1,
+                         n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
+                         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                          "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
+                                          "mscale": 1.0, "mscale_all_dim": 0.8})),
+    # MLA without q_lora_rank (plain q_proj), attention biases, group_limited_greedy softmax routing, scaled
+    # weights, dense first layer, 1 shared expert
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
+                    dict(num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16,
+                         qk_rope_head_dim=8, v_head_dim=24, n_routed_experts=8, num_experts_per_tok=2,
+                         moe_intermediate_size=48, intermediate_size=80, n_shared_experts=1, first_k_dense_replace=1,
+                         topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.5,
+                         attention_bias=True)),
 }
 
 
@@ -60,11 +78,11 @@ def hf_model(arch: str, seed: int = 0, **overrides):
         raise ValueError(arch)
     with torch.no_grad():  # larger weights than the 0.02 init so that logits and routing are far from ties
         for name, p in model.named_parameters():
-            if "q_norm" in name or "k_norm" in name:  # around 1, so that the q/k norm weights are checked too
+            if "q_norm" in name or "k_norm" in name or "a_layernorm" in name:  # around 1: q/k/latent norms checked
                 p.normal_(1.0, 0.1)
             elif "norm" not in name:
                 p.normal_(0.0, 0.2)
-        for name, b in model.named_buffers():  # GLM-4.5's router bias is a (saved) buffer, zero at init
+        for name, b in model.named_buffers():  # GLM-4.5's / DeepSeek-V3's router bias is a (saved) buffer, zero at init
             if name.endswith("e_score_correction_bias"):
                 b.normal_(0.0, 0.2)
     return model.eval()

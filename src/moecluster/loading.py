@@ -8,6 +8,7 @@ tensors are read by row slices: a rank that holds 4 of 16 experts touches only t
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from moecluster.models.moe import RoutedExperts
 from moecluster.models.registry import architecture
 from moecluster.tokenizer import Tokenizer
 
+log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 # MoE layer index (position among the model's MoE layers) -> global expert ids this process holds
@@ -123,7 +125,12 @@ def _check_names(reader: CheckpointReader, arch, cfg: ArchConfig) -> None:
         raise MoeClusterError(f"checkpoint is missing {len(missing)} tensors (first: {missing[0]}); "
                               "a shard may be missing or the config may not match the weights")
     ignored = getattr(arch, "ignored_on_disk", None)
-    unexpected = sorted(n for n in set(reader.shapes) - set(expected) if ignored is None or not ignored(cfg, n))
+    extra = set(reader.shapes) - set(expected)
+    skipped = sorted(n for n in extra if ignored is not None and ignored(cfg, n))
+    if skipped:
+        log.warning("not loading %d checkpoint tensors the model does not run (%s, ...: the multi-token-prediction "
+                    "layer)", len(skipped), skipped[0])
+    unexpected = sorted(extra - set(skipped))
     if unexpected:
         raise MoeClusterError(f"checkpoint has {len(unexpected)} unexpected tensors (first: {unexpected[0]}); "
                               "config.json does not describe these weights")

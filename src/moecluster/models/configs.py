@@ -8,6 +8,7 @@ Legend: T tokens, D model dim, F expert hidden dim, E experts, K top-k, L layers
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -580,12 +581,13 @@ class Glm4MoeConfig(_HFDecoderConfig):
 
 @dataclass
 class DeepseekV3Config(ArchConfig):
-    """DeepSeek-V2/V3 (Kimi K2): multi-head latent attention, shared experts, first k layers dense.
-
-    Shape only for now (plan/place); the engine does not run it yet."""
+    """DeepSeek-V3 (Kimi K2's architecture) and, as DeepseekV2Config, DeepSeek-V2: multi-head latent attention
+    (MLA: low-rank q with optional `q_lora_rank`, one shared latent `kv_lora_rank` + rotated key `qk_rope_head_dim`
+    per token), optional YaRN RoPE, the first `first_k_dense_replace` layers dense (then every `moe_layer_freq`-th
+    layer MoE), `n_shared_experts` shared experts; routing by `topk_method`: "noaux_tc" (sigmoid + correction
+    bias, group-limited; V3), "greedy" / "group_limited_greedy" (softmax; V2). Defaults are transformers'."""
 
     model_type: ClassVar[str] = "deepseek_v3"
-    runnable: ClassVar[bool] = False
     hidden_size: int
     num_hidden_layers: int
     num_attention_heads: int
@@ -598,10 +600,25 @@ class DeepseekV3Config(ArchConfig):
     n_routed_experts: int
     num_experts_per_tok: int
     q_lora_rank: int | None = None
-    intermediate_size: int = 0
-    first_k_dense_replace: int = 0
+    intermediate_size: int = 18432
+    first_k_dense_replace: int = 3
     moe_layer_freq: int = 1
-    n_shared_experts: int = 0
+    n_shared_experts: int = 1
+    routed_scaling_factor: float = 2.5
+    n_group: int | None = 8
+    topk_group: int | None = 4
+    topk_method: str = "noaux_tc"
+    scoring_func: str | None = None  # "sigmoid" (noaux_tc) or "softmax" (V2 methods); checked when given
+    norm_topk_prob: bool = True
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    rope_parameters: dict | None = None
+    rope_scaling: dict | None = None  # legacy key (the released config.json files); wins over rope_parameters
+    rope_theta: float | None = None
+    rope_interleave: bool = True
+    num_nextn_predict_layers: int = 0  # multi-token-prediction layers on disk after the last layer (not run)
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
@@ -611,9 +628,70 @@ class DeepseekV3Config(ArchConfig):
     def max_seq_len(self) -> int:
         return int(self.max_position_embeddings)
 
+    @property
+    def groups(self) -> int:
+        return max(1, int(self.n_group or 1))
+
+    @property
+    def interleaved_rope(self) -> bool:
+        """RoPE pairs adjacent dims (x0, x1), (x2, x3), ... (V2 always; V3 when `rope_interleave`)."""
+        return bool(self.rope_interleave)
+
+    @property
+    def rope(self) -> dict[str, Any]:
+        """RoPE parameters as transformers standardizes them: `rope_scaling` (legacy) or `rope_parameters`,
+        "type" read as "rope_type", rope_theta (default 10000), yarn's original_max_position_embeddings
+        defaulting to max_position_embeddings and its factor to max / original."""
+        params = dict(self.rope_scaling or self.rope_parameters or {})
+        params["rope_type"] = params.get("rope_type", params.get("type", "default"))
+        theta = params.get("rope_theta", self.rope_theta)
+        params["rope_theta"] = float(10000.0 if theta is None else theta)
+        if params["rope_type"] == "yarn":
+            original = int(params.get("original_max_position_embeddings") or self.max_position_embeddings)
+            params["original_max_position_embeddings"] = original
+            if params.get("factor") is None:
+                params["factor"] = self.max_position_embeddings / original
+        return params
+
+    @property
+    def softmax_scale(self) -> float:
+        """1/sqrt(qk head dim), times mscale(factor, mscale_all_dim)^2 under YaRN (transformers' yarn_apply_mscale)."""
+        scale = (self.qk_nope_head_dim + self.qk_rope_head_dim) ** -0.5
+        rope = self.rope
+        if rope["rope_type"] != "default" and rope.get("mscale_all_dim"):
+            factor, m = float(rope["factor"]), float(rope["mscale_all_dim"])
+            mscale = 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+            scale = scale * mscale * mscale
+        return scale
+
     def validate(self) -> None:
-        self._check([(0 < self.num_experts_per_tok <= self.n_routed_experts,
-                      f"num_experts_per_tok {self.num_experts_per_tok} must be in 1..{self.n_routed_experts}")])
+        E, K, groups = self.n_routed_experts, self.num_experts_per_tok, self.groups
+        topk_group = int(self.topk_group or groups)
+        methods = {"noaux_tc": "sigmoid", "greedy": "softmax", "group_limited_greedy": "softmax"}
+        rope_type = self.rope["rope_type"]
+        self._check([
+            (self.hidden_act == "silu", f"hidden_act {self.hidden_act!r} is not supported (only silu)"),
+            (not self.mlp_bias, "mlp_bias is not supported"),
+            (self.num_hidden_layers > 0, f"num_hidden_layers must be positive, got {self.num_hidden_layers}"),
+            (0 < K <= E, f"num_experts_per_tok {K} must be in 1..{E}"),
+            (self.topk_method in methods, f"topk_method {self.topk_method!r} is not one of {', '.join(methods)}"),
+            (self.scoring_func in (None, methods.get(self.topk_method)),
+             f"scoring_func {self.scoring_func!r} does not go with topk_method {self.topk_method!r}"),
+            (E % groups == 0, f"n_routed_experts {E} must split into n_group {groups} equal groups"),
+            (self.topk_method != "noaux_tc" or groups == 1 or E // groups >= 2,
+             f"noaux_tc scores a group by its two best experts: n_group {groups} leaves fewer than 2 per group"),
+            (0 < topk_group <= groups, f"topk_group {topk_group} must be in 1..{groups} (n_group)"),
+            (self.topk_method == "greedy" or K <= topk_group * (E // groups),
+             f"num_experts_per_tok {K} exceeds the experts of topk_group {topk_group} groups"),
+            (self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
+             f"qk_rope_head_dim {self.qk_rope_head_dim} must be positive and even"),
+            (rope_type in ("default", "yarn"), f"rope_type {rope_type!r} is not supported (default or yarn)"),
+            (bool(self.moe_layer_ids()),
+             f"first_k_dense_replace {self.first_k_dense_replace} / moe_layer_freq {self.moe_layer_freq} leave no "
+             "MoE layer"),
+            (len(self.moe_layer_ids()) == self.num_hidden_layers or self.intermediate_size > 0,
+             "intermediate_size (the dense layers' MLP) must be positive"),
+        ])
 
     def moe_layer_ids(self) -> list[int]:
         freq = max(1, int(self.moe_layer_freq))
@@ -639,7 +717,23 @@ class DeepseekV3Config(ArchConfig):
 
 @dataclass
 class DeepseekV2Config(DeepseekV3Config):
+    """DeepSeek-V2 / V2-Lite: transformers' V2 defaults; RoPE always on interleaved pairs (complex form).
+    `norm_topk_prob` is not applied: transformers' V2 router ignores it (the released V2 configs set it false)."""
+
     model_type: ClassVar[str] = "deepseek_v2"
+    intermediate_size: int = 11008
+    first_k_dense_replace: int = 0
+    n_shared_experts: int = 2
+    routed_scaling_factor: float = 1.0
+    n_group: int | None = None
+    topk_group: int | None = None
+    topk_method: str = "greedy"
+    norm_topk_prob: bool = False
+    max_position_embeddings: int = 2048
+
+    @property
+    def interleaved_rope(self) -> bool:
+        return True
 
 
 CONFIGS: dict[str, type[ArchConfig]] = {c.model_type: c for c in (

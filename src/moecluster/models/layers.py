@@ -12,6 +12,7 @@ S cached positions, V vocab.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 
 # gemm(x, weight_OI, bias_O or None) -> x @ weight.T + bias: F.linear's signature
 Gemm = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+# rope(max_seq_len, dtype) -> (cos_SR, sin_SR)
+RopeTables = Callable[[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]]
 
 
 class Linear(nn.Linear):
@@ -58,12 +61,41 @@ def layer_norm(dim: int, eps: float = 1e-5) -> nn.Module:
     return nn.LayerNorm(dim, eps=eps, bias=False)
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos_SHd, sin_SHd for positions 0..S-1 (computed in fp32, stored in the model dtype like HF)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, dtype: torch.dtype, *,
+                inv_freq: torch.Tensor | None = None, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos_SHd, sin_SHd for positions 0..S-1 (computed in fp32, stored in the model dtype like HF).
+    inv_freq: the Hd/2 frequencies (default: theta ** (-2i / Hd)); scale multiplies cos and sin (YaRN's
+    attention factor, as transformers applies it)."""
+    if inv_freq is None:
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     freqs = torch.arange(max_seq_len, dtype=torch.float32)[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction 0.1 * mscale * ln(factor) + 1 (1 when factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def yarn_inv_freq(dim: int, theta: float, factor: float, original_max_len: int, beta_fast: float = 32.0,
+                  beta_slow: float = 1.0, truncate: bool = True) -> torch.Tensor:
+    """YaRN inverse frequencies [dim/2] (transformers' _compute_yarn_parameters): high-frequency dims (more
+    than beta_fast rotations over original_max_len) keep theta's frequency, low-frequency ones (fewer than
+    beta_slow) are divided by `factor`, with a linear ramp between."""
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    extrapolation = 1 - ramp  # weight of the unscaled frequency
+    return (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
 
 
 def apply_rope(x_BHTHd: torch.Tensor, cos_BTHd: torch.Tensor, sin_BTHd: torch.Tensor) -> torch.Tensor:
@@ -200,13 +232,15 @@ class DecoderModel(nn.Module):
     """The skeleton every architecture shares: embed -> blocks -> norm -> lm_head, the KV caches and the
     per-forward bookkeeping (positions, RoPE rows, mask). Each block is `block(x_BTD, step) -> x_BTD`
     and has `.attn` (an Attention) and `.mlp` (a dense MLP or an MoE). rotary_dim (default head_dim):
-    RoPE on the first rotary_dim dims of each head only (partial rotary, GLM-4.5)."""
+    RoPE on the first rotary_dim dims of each head only (partial rotary, GLM-4.5). rope(S, dtype) -> (cos_SR,
+    sin_SR): tables other than plain RoPE (YaRN, DeepSeek), built when the cache is set up."""
 
     layers: Any  # nn.ModuleList of blocks (each with .attn and .mlp)
     lm_head: Any  # a Linear, or a transformation's wrapper of one
 
     def __init__(self, vocab_size: int, dim: int, blocks: list[nn.Module], norm: nn.Module, *, head_dim: int,
-                 rope_theta: float, max_seq_len: int, tie_embeddings: bool = False, rotary_dim: int | None = None):
+                 rope_theta: float, max_seq_len: int, tie_embeddings: bool = False, rotary_dim: int | None = None,
+                 rope: RopeTables | None = None):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, dim)
         self.layers = nn.ModuleList(blocks)
@@ -215,6 +249,7 @@ class DecoderModel(nn.Module):
         self.head_dim, self.rope_theta, self.max_seq_len = head_dim, rope_theta, max_seq_len
         self.rotary_dim = head_dim if rotary_dim is None else rotary_dim
         self.tie_embeddings = tie_embeddings
+        self.rope = rope
         self.num_slots = self.cache_len = 0
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
@@ -232,7 +267,8 @@ class DecoderModel(nn.Module):
         for block in self.layers:
             block.attn.make_cache(num_slots, seq, dtype)
         self.num_slots, self.cache_len = num_slots, seq
-        self.rope_cos, self.rope_sin = rope_tables(self.rotary_dim, seq, self.rope_theta, dtype)
+        self.rope_cos, self.rope_sin = (rope_tables(self.rotary_dim, seq, self.rope_theta, dtype) if self.rope is None
+                                        else self.rope(seq, dtype))
 
     def forward(self, tokens_BT: torch.Tensor, pos_B: torch.Tensor, slots_B: torch.Tensor | None = None,
                 last_only: bool = False) -> torch.Tensor:
@@ -262,7 +298,7 @@ class PreNormBlock(nn.Module):
     attn: Any  # an Attention, or a transformation's wrapper of one
     mlp: Any
 
-    def __init__(self, attn_norm: nn.Module, attn: Attention, mlp_norm: nn.Module, mlp: nn.Module):
+    def __init__(self, attn_norm: nn.Module, attn: nn.Module, mlp_norm: nn.Module, mlp: nn.Module):
         super().__init__()
         self.attn_norm, self.attn, self.mlp_norm, self.mlp = attn_norm, attn, mlp_norm, mlp
 

@@ -1,6 +1,6 @@
 """Mixture-of-experts pieces: routers (small functions the architecture file picks: softmax-top-k,
-top-k-softmax, sigmoid with correction bias and group-limited top-k), the routed experts
-(prestacked), and `MoE(router, experts, shared=None)`.
+top-k-softmax, sigmoid with correction bias and group-limited top-k, softmax with group-limited top-k), the
+routed experts (prestacked), and `MoE(router, experts, shared=None)`.
 
 `RoutedExperts.forward(x_ND, ids_NK, weights_NK) -> out_ND` is the seam expert parallelism swaps.
 Its products go through `self.gemm` (moe_gemm's signature), plain torch unless a kernel is swapped in
@@ -65,6 +65,22 @@ def sigmoid_group_topk(logits_NE: torch.Tensor, k: int, *, bias_E: torch.Tensor,
     weights_NK = scores_NE.gather(1, ids_NK)
     if renorm:
         weights_NK = weights_NK / (weights_NK.sum(dim=-1, keepdim=True) + 1e-20)
+    return ids_NK, weights_NK * scale
+
+
+def softmax_group_topk(logits_NE: torch.Tensor, k: int, *, n_group: int = 1, topk_group: int = 1,
+                       scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V2 routing: softmax over all experts in fp32, top-k, weights times `scale`
+    (routed_scaling_factor), not renormalized. n_group > 1 ("group_limited_greedy"): only experts in the
+    `topk_group` of `n_group` groups with the highest single-expert score compete; n_group 1: "greedy"."""
+    scores_NE = torch.softmax(logits_NE.float(), dim=-1)
+    if n_group > 1:
+        N, E = scores_NE.shape
+        group_NG = scores_NE.view(N, n_group, E // n_group).amax(dim=-1)
+        best_NG = torch.zeros_like(group_NG, dtype=torch.bool).scatter_(
+            1, torch.topk(group_NG, topk_group, dim=-1)[1], True)
+        scores_NE = scores_NE.masked_fill(~best_NG.repeat_interleave(E // n_group, dim=1), 0.0)
+    weights_NK, ids_NK = torch.topk(scores_NE, k, dim=-1)
     return ids_NK, weights_NK * scale
 
 
