@@ -118,6 +118,7 @@ class SystemSpec:
     network: str
     price_usd: float
     sources: dict[str, str] = field(default_factory=dict, compare=False)
+    typical_batch: int = 1  # the batch the system is normally run at (sourced)
 
 
 _EFF_FIELDS = {
@@ -271,7 +272,8 @@ def _network(name: str, entry: dict[str, Any]) -> NetworkSpec:
 
 
 def _system(name: str, entry: dict[str, Any]) -> SystemSpec:
-    spec = {"price_usd": ("price_usd", 1.0, True), "nodes": ("nodes", None, True)}
+    spec = {"price_usd": ("price_usd", 1.0, True), "nodes": ("nodes", None, True),
+            "typical_batch": ("typical_batch", None, False)}
     attrs, sources = _numbers(entry, spec, f"system preset {name!r}")
     if "node" not in entry or "network" not in entry:
         raise MoeClusterError(f"system preset {name!r}: needs 'node' and 'network' preset names")
