@@ -264,7 +264,8 @@ def format_table(report: dict[str, Any]) -> str:
     grouped: dict[tuple[str, str], list[str]] = {}
     for c in report["configs"]:
         for note in c["notes"]:
-            grouped.setdefault((c["network"], note), []).append(f"{c['nodes']}{'' if c['parallelism'] in ('ep', 'single') else ' ' + c['parallelism']}")
+            lay = "" if c["parallelism"] in ("ep", "single") else " " + c["parallelism"]
+            grouped.setdefault((c["network"], note), []).append(f"{c['nodes']}{lay}")
     if grouped:
         lines += ["", "notes:"] + [f"  {net} x{','.join(ns)}: {note}" for (net, note), ns in grouped.items()]
     if report.get("plots"):
@@ -283,15 +284,16 @@ def _format_reference(ref: dict[str, Any] | None) -> list[str]:
              f"  normally run at batch {ref['typical_batch']}: {ref['batch_source']}",
              f"  {'system':<26}{'batch':>6} {'per-user tok/s':>15} {'aggregate tok/s':>16} {'tok/s/$1k':>10}"]
     for r in ref["batches"]:
-        lines.append(f"  {ref['name'] + ' ' + r['parallelism']:<26}{r['batch']:>6} {r['per_user_tok_s']:>15.2f} {r['tok_s']:>16.1f} "
+        name = f"{ref['name']} {r['parallelism']}"
+        lines.append(f"  {name:<26}{r['batch']:>6} {r['per_user_tok_s']:>15.2f} {r['tok_s']:>16.1f} "
                      f"{r['tok_s_per_1000usd']:>10.3f}")
     for c in ref.get("cluster", []):
         name = f"{c['network']} x{c['nodes']} {c['parallelism']}"
         for r in c["batches"]:
+            why = ("  (largest batch its memory allows)" if r["batch"] == c["max_batch"] > 1
+                   else f"  (memory allows {c['max_batch']})" if r["batch"] > 1 else "")
             lines.append(f"  {name:<26}{r['batch']:>6} {r['per_user_tok_s']:>15.2f} {r['tok_s']:>16.1f} "
-                         f"{r['tok_s_per_1000usd']:>10.3f}" + ("  (largest batch its memory allows)"
-                                                              if r["batch"] == c["max_batch"] > 1 else
-                                                              f"  (memory allows {c['max_batch']})" if r["batch"] > 1 else ""))
+                         f"{r['tok_s_per_1000usd']:>10.3f}{why}")
     return lines
 
 

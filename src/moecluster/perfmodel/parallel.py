@@ -102,7 +102,8 @@ def _mla(shape: ModelShape) -> bool:
 
 def _attention(shape: ModelShape, node: NodeSpec, tp: int, tokens: int, kv_read: float, pairs: float) -> float:
     kv_split = 1 if _mla(shape) else tp
-    num_bytes = shape.attn_params * shape.weight_bytes / tp + kv_read * shape.kv_elems_per_token * shape.act_bytes / kv_split
+    kv_bytes = kv_read * shape.kv_elems_per_token * shape.act_bytes / kv_split
+    num_bytes = shape.attn_params * shape.weight_bytes / tp + kv_bytes
     flops = (2 * shape.attn_params * tokens + 2 * shape.num_heads * shape.attn_score_dim * pairs) / tp
     return roofline(node, num_bytes, flops)
 

@@ -121,12 +121,12 @@ class SystemSpec:
     typical_batch: int = 1  # the batch the system is normally run at (sourced)
 
 
-_EFF_FIELDS = {
+_EFF_FIELDS: dict[str, tuple[str, float | None, bool]] = {
     "mem_efficiency": ("mem_efficiency", 1.0, True),
     "compute_efficiency": ("compute_efficiency", 1.0, True),
     "peak_tflops": ("peak_flops", 1e12, False),
 }
-_OVERHEAD_FIELDS = {
+_OVERHEAD_FIELDS: dict[str, tuple[str, float | None, bool]] = {
     "exchange_overhead_us": ("exchange_overhead_s", 1e-6, True),
     "per_expert_overhead_us": ("per_expert_overhead_s", 1e-6, True),
 }
@@ -272,7 +272,8 @@ def _network(name: str, entry: dict[str, Any]) -> NetworkSpec:
 
 
 def _system(name: str, entry: dict[str, Any]) -> SystemSpec:
-    spec = {"price_usd": ("price_usd", 1.0, True), "nodes": ("nodes", None, True),
+    spec: dict[str, tuple[str, float | None, bool]] = {
+            "price_usd": ("price_usd", 1.0, True), "nodes": ("nodes", None, True),
             "typical_batch": ("typical_batch", None, False)}
     attrs, sources = _numbers(entry, spec, f"system preset {name!r}")
     if "node" not in entry or "network" not in entry:
