@@ -43,7 +43,7 @@ from moecluster.perfmodel.profile import Profile
 from moecluster.perfmodel.routing import contiguous_groups, uniform_rank_load
 from moecluster.perfmodel.shapes import ModelShape
 
-KINDS = ("ep", "tp", "pp", "ep+tp", "pp+ep")
+KINDS: tuple[str, ...] = ("ep", "tp", "pp", "ep+tp", "pp+ep")
 
 
 @dataclass(frozen=True)
