@@ -420,3 +420,84 @@ def test_cli_wiring(capsys):
     assert json.loads(capsys.readouterr().out)["configs"][0]["nodes"] == 2
     assert cli.main(["plan", "--model", "nope", "--no-plots"]) == 2
     assert "unknown model" in capsys.readouterr().err
+
+
+# -- engines, stacks, parallelism (issue 18) ------------------------------------------------
+
+def test_engines_name_every_prediction_and_the_paper_stack_reproduces_the_paper():
+    from moecluster.perfmodel.stackfit import PAPER_SCENARIO, fit_stack
+
+    mac = PRESETS.node("m2-ultra-192")
+    assert PRESETS.resolve(mac).engine == "mlx-metal"
+    assert PRESETS.resolve(PRESETS.node("linux-2core")).engine == "torch-cpu"
+    cpu = PRESETS.resolve(mac, "torch-cpu")
+    assert cpu.mem_efficiency == pytest.approx(0.39) and cpu.engine == "torch-cpu"
+    with pytest.raises(MoeClusterError, match="no efficiency terms"):
+        PRESETS.resolve(PRESETS.node("linux-2core"), "mlx-metal")
+    shape, net = dbrx(), PRESETS.network(PAPER_SCENARIO["network"])
+    node = PRESETS.resolve(mac, stack="paper-python-grpc")
+    assert node.exchange_overhead_s == pytest.approx(860e-6) and node.per_expert_overhead_s == pytest.approx(305e-6)
+    for n, (toks, share) in PAPER_SCENARIO["points"].items():  # the seed scenario within 15%
+        p = predict(shape, node, net, n)
+        assert p.engine == "mlx-metal+paper-python-grpc"
+        assert p.tokens_per_s == pytest.approx(toks, rel=0.15) and p.comm_share == pytest.approx(share, rel=0.15)
+    fit = fit_stack(shape, PRESETS.resolve(mac, "mlx-metal"), net, PAPER_SCENARIO["points"])
+    assert fit["exchange_overhead_s"] == pytest.approx(860e-6, rel=0.01)  # the preset is this derivation, rounded
+    assert fit["per_expert_overhead_s"] == pytest.approx(305e-6, rel=0.01)
+
+
+def test_per_expert_overhead_by_hand():
+    shape, wl = toy_shape(), Workload(batch=1, context=1, prompt=1)
+    p = predict(shape, toy_node(per_expert_overhead_s=1e-3), toy_net(), 1, wl)
+    assert p.step.experts == pytest.approx(2 * (30000 / 1e6 + 1e-3))  # 2 layers x (1 expert + 1 ms)
+
+
+def test_parallelism_by_hand():
+    from moecluster.perfmodel.parallel import Layout, layouts, parse_parallelism, predict_layout
+
+    shape, node, net, wl = toy_shape(), toy_node(), toy_net(), Workload(batch=1, context=1, prompt=1)
+    one = predict(shape, node, net, 1, wl)
+    tp = predict_layout(shape, node, net, Layout(tp=2), wl)
+    assert tp.parallelism == "tp"
+    assert tp.step.attention == pytest.approx(2 * (40000 + 200) / 2 / 1e6)  # half the weights and KV
+    assert tp.step.experts == pytest.approx(2 * 30000 / 2 / 1e6)  # half of the one active expert
+    assert tp.step.head == pytest.approx(one.step.head)  # lm_head not split
+    # two all-reduces per layer of 100 bytes over 2 ranks: 1 step of 1 ms + 100 B / 1 MB/s each
+    assert tp.step.exchange == pytest.approx(2 * 2 * 1.1e-3)
+    pp = predict_layout(shape, node, net, Layout(pp=2), wl)
+    assert pp.step.attention + pp.step.experts == pytest.approx(one.step.attention + one.step.experts)
+    assert pp.step.exchange == pytest.approx(1.1e-3)  # one hop between the two stages
+    assert pp.memory.experts == pytest.approx(one.memory.experts / 2)  # one of two layers per stage
+    ep = predict_layout(shape, node, net, Layout(ep=2), wl)
+    assert ep.step.total == pytest.approx(predict(shape, node, net, 2, wl).step.total)  # EP is predict
+    assert [x.name for x in layouts(parse_parallelism("all"), 4)] == ["ep", "tp", "pp", "ep2xtp2", "pp2xep2"]
+    assert [x.name for x in layouts(["ep+tp"], 3)] == []  # 3 has no split
+    with pytest.raises(MoeClusterError, match="--parallelism"):
+        parse_parallelism("ep,zz")
+
+
+def test_plan_parallelism_compare_validate_and_plots(tmp_path, capsys):
+    csv = tmp_path / "measured.csv"
+    csv.write_text("nodes,tok_s,network,parallelism,batch,label\n2,6.1,10gbe,ep,1,paper\n4,7.0,,ep,,paper\n")
+    args = plan_args("--nodes", "1-4", "--parallelism", "ep,tp,pp,ep+tp", "--stack", "paper-python-grpc",
+                     "--compare", "8xh100", "--validate", str(csv), "--measured", str(csv),
+                     "--plot-dir", str(tmp_path / "plots"), "--json")
+    assert plan_cli.run_plan(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["engine"]["name"] == "mlx-metal+paper-python-grpc" and report["engine"]["sources"]
+    for n in (2, 3, 4):
+        rows = [c for c in report["configs"] if c["nodes"] == n]
+        assert sum(c["best"] for c in rows) == 1
+    val = report["validation"]
+    assert [abs(r["error"]) < 0.15 for r in val] == [True, True]
+    ref = report["compare"]
+    assert [r["batch"] for r in ref["batches"]] == [1, 256] and "max_num_seqs" in ref["batch_source"]
+    assert ref["batches"][1]["tok_s"] > ref["batches"][0]["tok_s"] and ref["cluster"]
+    assert any(p.endswith("parallelism_10gbe.png") for p in report["plots"])
+    plan_cli.run_plan(plan_args("--nodes", "2", "--parallelism", "all", "--compare", "8xh100", "--no-plots",
+                                "--validate", str(csv)))
+    out = capsys.readouterr().out
+    assert "engine mlx-metal" in out and "validation" in out and "normally run at batch 256" in out
+    csv.write_text("nodes,speed\n2,3\n")
+    with pytest.raises(MoeClusterError, match="tok_s"):
+        plan_cli.build_report(plan_args("--validate", str(csv), "--no-plots"))

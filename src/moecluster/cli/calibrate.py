@@ -36,8 +36,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--nodes", type=int, default=1, help="ranks to run, one per node (default 1)")
     p.add_argument("--backend", choices=["mpi", "torch", "single"], default="mpi", help="collective backend")
     p.add_argument("--out", default="profile.json", help="profile file to write (default profile.json)")
-    p.add_argument("--network", default="10gbe", help="network preset this cluster's interconnect is "
-                   "(plan uses it for price and for node counts not measured; default 10gbe)")
+    p.add_argument("--network", default=None, help="network preset this cluster's interconnect is (plan uses "
+                   "it for price and for node counts not measured); default: local (ranks on this machine, "
+                   "sharing its memory); required with --from-results of several hosts")
     p.add_argument("--node", default="linux-2core", help="node preset of these machines (label and "
                    "self-check; default linux-2core)")
     p.add_argument("--batch", default="1,4", help="decode batch sizes to time (default 1,4)")
@@ -76,6 +77,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if args.steps < 2 or args.warmup < 0 or args.prompt_len < 1:
         raise MoeClusterError("--steps must be >= 2, --warmup >= 0 and --prompt-len >= 1")
     presets = load_presets()
+    if args.network is None and args.from_results and args.nodes > 1:
+        raise MoeClusterError("--from-results of several hosts: pass --network (the preset of their interconnect)")
+    args.network = args.network or "local"
     presets.network(args.network)  # unknown names fail before any run
     presets.node(args.node)
     batches = parse_batches(args.batch)
@@ -98,10 +102,13 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 
 def format_summary(profile: dict, check: list[dict]) -> str:
-    """Per batch: measured step breakdown and tok/s, and what the model predicts from the profile."""
+    """Per batch: measured step breakdown and tok/s; then the model's prediction of each measured
+    configuration from this profile, per term, with a warning for each term off by more than 15%."""
     m = profile["measured"]
-    lines = [f"calibrated on {m['ranks']} rank(s), {m['backend']}, {m['threads']} thread(s) per rank; "
-             f"memory bandwidth {profile['memory_bandwidth_gbs']:.1f} GB/s per rank",
+    lines = [f"calibrated on {m['ranks']} rank(s), {m['backend']}, {m['threads']} thread(s) per rank, network "
+             f"{profile['network']!r}" + (" (one machine: the ranks share its memory bandwidth and cores)"
+                                          if profile["network"] == "local" else "")
+             + f"; memory bandwidth {profile['memory_bandwidth_gbs']:.1f} GB/s per rank (all ranks reading at once)",
              f"{'batch':>5} {'attn/L ms':>9} {'router/L':>9} {'eval ms':>8} {'tok/exp':>7} {'head ms':>8} "
              f"{'sample':>7} {'tok/s':>7} {'model':>7}"]
     pred = {c["batch"]: c["predicted_tok_s"] for c in check}
@@ -113,4 +120,17 @@ def format_summary(profile: dict, check: list[dict]) -> str:
         cells = " ".join(f"{int(s) // 1024 if s >= 1024 else int(s)}{'K' if s >= 1024 else 'B'}:{t * 1e6:.0f}"
                          for s, t in rows)
         lines.append(f"all-reduce on {w} ranks, us: {cells}")
+    if profile.get("exchange_overhead_s"):
+        lines.append(f"in-engine exchange costs {profile['exchange_overhead_s'] * 1e6:.0f} us more than the bare "
+                     "all-reduce (cold caches after streaming weights); the profile adds it to every exchange")
+    lines.append("self-check, ms per step (measured / predicted from this profile):")
+    for c in check:
+        cells = "  ".join(f"{t} {c['measured'][t] * 1e3:.3f}/{c['predicted'][t] * 1e3:.3f}" for t in c["measured"])
+        lines.append(f"  batch {c['batch']}: {cells}")
+        for t in c["warnings"]:
+            mt, pt = c["measured"][t], c["predicted"][t]
+            lines.append(f"  WARNING batch {c['batch']}: {t} predicted {pt * 1e3:.3f} ms vs measured {mt * 1e3:.3f} ms "
+                         f"({100 * (pt / mt - 1) if mt else float('inf'):+.0f}%, "
+                         f"{100 * mt / c['measured']['step']:.0f}% "
+                         "of the measured step)")
     return "\n".join(lines)

@@ -49,7 +49,9 @@ def message_sizes(model_dir: str, batches: list[int], exchange: str, dtype: str 
 
 
 def _median(values: list[float]) -> float:
-    return statistics.median(values) if values else 0.0
+    """Despite the name: the mean. Per-term medians do not add up to the median step when stalls (a
+    rank descheduled on a shared machine) hit a different term in each step; means do, exactly."""
+    return statistics.fmean(values) if values else 0.0
 
 
 def batch_terms(res: dict, layers: int, top_k: int) -> dict[str, float]:
@@ -74,7 +76,10 @@ def batch_terms(res: dict, layers: int, top_k: int) -> dict[str, float]:
         "attention_per_layer": per_layer("attention_SL"),
         "router_per_layer": per_layer("router_SL"),
         "experts_per_layer": per_layer("experts_SL"),
+        # the slowest rank waits least in the all-reduce: the cost on the critical path
         "all_reduce_per_layer": min(_median([sum(row) for row in r["all_reduce_SL"]]) for r in ranks) / layers,
+        "experts_max_rank_per_layer": _median([max(sum(r["experts_SL"][s]) for r in ranks)
+                                               for s in range(len(r0["step_s"]))]) / layers,
         "expert_eval": _median(per_eval),
         "tokens_per_expert": b * top_k * layers * steps / evals if evals else 1.0,
         "distinct_max_rank_per_layer": statistics.fmean(
@@ -83,7 +88,7 @@ def batch_terms(res: dict, layers: int, top_k: int) -> dict[str, float]:
         "sampling": _median(r0["sample_s"]),
         "broadcast": _median(r0["bcast_s"]),
         "step": _median(r0["step_s"]),
-        "tok_s": res["tok_s_median"],
+        "tok_s": b / _median(r0["step_s"]),
     }
 
 
@@ -110,6 +115,7 @@ def build_profile(engines: list[dict], allreduce: dict[int, list[dict]], network
     first = min(terms, key=lambda t: t["tokens_per_expert"])
     efficiency = model["expert_bytes"] / first["expert_eval"] / (bandwidth * 1e9) if first["expert_eval"] else 1.0
     merged = {w: merge_rows(rows) for w, rows in sorted(allreduce.items())}
+    cold = exchange_cold_overhead(terms, merged.get(engine["world_size"], []), model["exchange_bytes_per_token"])
     profile: dict[str, Any] = {
         "format": FORMAT, "version": VERSION, "model": Path(str(engine.get("model_dir", model["arch"]))).name,
         "node": node, "dtype": model["dtype"], "network": network,
@@ -117,6 +123,7 @@ def build_profile(engines: list[dict], allreduce: dict[int, list[dict]], network
         "times_s": times, "memory_efficiency": round(min(1.0, max(0.01, efficiency)), 4),
         "memory_bandwidth_gbs": round(bandwidth, 3),
         "exchange_bytes_per_token": model["exchange_bytes_per_token"],
+        **({"exchange_overhead_s": cold} if cold else {}),
         "allreduce": {str(w): [[r["size_bytes"], r["median_us"] * 1e-6] for r in rows] for w, rows in merged.items()},
         "measured": {"ranks": engine["world_size"], "backend": engine["backend"], "threads": engine["threads"],
                      "placement": engine.get("placement"), "exchange": model["exchange"], "runs": len(engines),
@@ -130,6 +137,18 @@ def build_profile(engines: list[dict], allreduce: dict[int, list[dict]], network
     return profile
 
 
+def exchange_cold_overhead(terms: list[dict], rows: list[dict], per_token: float) -> float:
+    """Seconds the in-engine exchange costs beyond the bare all-reduce table at the same size: caches
+    cold after streaming weights, waking a rank that slept, device sync. Median over batch sizes."""
+    if not rows:
+        return 0.0
+    from moecluster.perfmodel.network import interpolate
+
+    table = [(float(r["size_bytes"]), r["median_us"] * 1e-6) for r in rows]
+    extra = [t["all_reduce_per_layer"] - interpolate(table, t["batch"] * per_token) for t in terms]
+    return round(max(0.0, statistics.median(extra)), 9)
+
+
 def merge_rows(rows: list[dict]) -> list[dict]:
     """commbench rows of several runs -> one row per size with the median of their medians."""
     by_size: dict[int, list[dict]] = {}
@@ -139,19 +158,42 @@ def merge_rows(rows: list[dict]) -> list[dict]:
             for _, group in sorted(by_size.items())]
 
 
+CHECK_TOLERANCE = 0.15
+
+
 def self_check(profile_dict: dict, model_dir: str, node: str, nodes: int) -> list[dict]:
-    """Measured tok/s of the calibration run against the model's prediction from its own profile."""
+    """Predict each measured batch from the profile; measured vs predicted per term (seconds per step).
+
+    Terms: attention, router (x layers), experts (slowest rank), exchange, head (+ untraced
+    framework time), sampling (+ token broadcast), step. 'warnings' names each term (and the step)
+    off by more than CHECK_TOLERANCE, with the term's share of the step.
+    """
     presets = load_presets()
     shape = load_model(model_dir, presets.models)
     if profile_dict["dtype"] == "fp32":  # plan's --dtype has no fp32; bytes matter only for untimed terms
         shape = replace(shape, weight_bytes=4.0, act_bytes=4)
     profile = profile_from_dict(profile_dict)
+    layers, moe_layers = shape.num_layers, shape.num_moe_layers
     rows = []
     for b, m in profile_dict["measured"]["batches"].items():
         wl = Workload(batch=int(b), context=max(1, int(profile_dict["context"])), prompt=16)
         pred = predict(shape, presets.node(node), presets.network(profile_dict["network"]), nodes, wl, profile)
-        rows.append({"batch": int(b), "measured_tok_s": m["tok_s"], "predicted_tok_s": pred.tokens_per_s})
+        measured = {"attention": layers * m["attention_per_layer"], "router": moe_layers * m["router_per_layer"],
+                    "experts": moe_layers * m.get("experts_max_rank_per_layer", m["experts_per_layer"]),
+                    "exchange": moe_layers * m["all_reduce_per_layer"], "head": m["head"],
+                    "sampling": m["sampling"] + m["broadcast"], "step": m["step"]}
+        predicted = {t: getattr(pred.step, t) for t in measured if t != "step"} | {"step": pred.step.total}
+        predicted["attention"] += pred.step.dense_mlp
+        warnings = [t for t in measured if _off(measured[t], predicted[t], m["step"])]
+        rows.append({"batch": int(b), "measured_tok_s": m["tok_s"], "predicted_tok_s": pred.tokens_per_s,
+                     "measured": measured, "predicted": predicted, "warnings": warnings})
     return rows
+
+
+def _off(measured: float, predicted: float, step: float) -> bool:
+    """More than 15% apart, and the gap is worth at least 1% of the step (tiny terms are noise)."""
+    gap = abs(predicted - measured)
+    return gap > CHECK_TOLERANCE * max(measured, 1e-12) and gap > 0.01 * step
 
 
 def read_results(paths: list[str]) -> tuple[list[dict], dict[int, list[dict]]]:

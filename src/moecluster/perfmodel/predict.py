@@ -127,6 +127,8 @@ class Prediction:
     algorithm: str
     price_usd: float
     notes: list[str] = field(default_factory=list)
+    engine: str = ""
+    parallelism: str = "ep"
 
     @property
     def tokens_per_s(self) -> float:
@@ -149,6 +151,7 @@ class Prediction:
         gb = 1e9
         return {
             "model": self.model, "node": self.node, "network": self.network, "nodes": self.nodes,
+            "engine": self.engine, "parallelism": self.parallelism,
             "workload": asdict(self.workload),
             "fits": self.memory.fits,
             "decode_tok_s": self.tokens_per_s,
@@ -190,8 +193,12 @@ def _mlp(node: NodeSpec, params: int, weight_bytes: float, tokens: int) -> float
     return roofline(node, params * weight_bytes, 2 * params * tokens) if params else 0.0
 
 
-def _experts(shape: ModelShape, node: NodeSpec, load: RankLoad) -> float:
-    return roofline(node, load.distinct * shape.expert_bytes, 2 * shape.expert_params * load.evaluations)
+def _experts(shape: ModelShape, node: NodeSpec, load: RankLoad, shards: int = 1) -> float:
+    """Slowest rank's routed experts in one layer (each expert split `shards` ways by tensor parallelism),
+    plus the engine's software time per distinct expert."""
+    work = roofline(node, load.distinct * shape.expert_bytes / shards,
+                    2 * shape.expert_params * load.evaluations / shards)
+    return work + load.distinct * node.per_expert_overhead_s
 
 
 def _head(shape: ModelShape, node: NodeSpec, positions: int) -> float:
@@ -214,7 +221,10 @@ def exchange_time(
     message = shape.exchange_bytes(tokens)
     if profile is not None and profile.exchange_bytes_per_token is not None:
         message = profile.exchange_bytes_per_token * tokens
-    return message_time(node, network, num_nodes, message, profile)
+    seconds, algo = message_time(node, network, num_nodes, message, profile)
+    if algo == "measured" and profile is not None:  # the bare table is warm; the engine's exchange is not
+        seconds += profile.exchange_overhead_s
+    return seconds, algo
 
 
 def message_time(
@@ -396,5 +406,5 @@ def predict(
     return Prediction(
         model=shape.name, node=node.name, network=network.name, nodes=num_nodes, workload=workload,
         step=step, prefill=_prefill(shape, node, network, num_nodes, workload, profile),
-        memory=mem, load=load, algorithm=algo, price_usd=price, notes=notes,
+        memory=mem, load=load, algorithm=algo, price_usd=price, notes=notes, engine=node.engine or "preset",
     )

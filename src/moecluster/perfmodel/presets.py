@@ -8,7 +8,7 @@ by name. Numbers are stored as {"value": x, "source": "..."}; loading converts t
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ _NET_FIELDS = {
     "requires_thunderbolt": ("requires_thunderbolt", None, False),
     "max_nodes": ("max_nodes", None, False),
 }
+SECTIONS = ("nodes", "networks", "systems", "models", "engines", "stacks")
 ALGORITHMS = ("auto", "ring", "recursive_doubling", "rabenseifner")
 
 
@@ -63,6 +64,9 @@ class NodeSpec:
     thunderbolt_ports: int = 0
     os: str = "linux"
     sources: dict[str, str] = field(default_factory=dict, compare=False)
+    default_engine: str = ""
+    engine: str = ""  # the engine whose efficiency terms this spec carries ("" = the preset's own)
+    per_expert_overhead_s: float = 0.0  # software time per distinct expert evaluated per layer
 
     @property
     def usable_memory_bytes(self) -> float:
@@ -114,6 +118,49 @@ class SystemSpec:
     network: str
     price_usd: float
     sources: dict[str, str] = field(default_factory=dict, compare=False)
+    typical_batch: int = 1  # the batch the system is normally run at (sourced)
+
+
+_EFF_FIELDS: dict[str, tuple[str, float | None, bool]] = {
+    "mem_efficiency": ("mem_efficiency", 1.0, True),
+    "compute_efficiency": ("compute_efficiency", 1.0, True),
+    "peak_tflops": ("peak_flops", 1e12, False),
+}
+_OVERHEAD_FIELDS: dict[str, tuple[str, float | None, bool]] = {
+    "exchange_overhead_us": ("exchange_overhead_s", 1e-6, True),
+    "per_expert_overhead_us": ("per_expert_overhead_s", 1e-6, True),
+}
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """An inference engine (or a published system's stack): efficiency per node kind + software overheads.
+
+    efficiency: node preset name, node os or "default" -> {attribute: SI value} replacing the node's.
+    """
+
+    name: str
+    description: str
+    exchange_overhead_s: float
+    per_expert_overhead_s: float
+    efficiency: dict[str, dict[str, float]]
+    base: str = ""  # a stack: the engine it runs on
+    sources: dict[str, str] = field(default_factory=dict, compare=False)
+
+    def on(self, node: NodeSpec) -> NodeSpec:
+        """`node` with this engine's efficiency terms and overheads (error if it does not run there)."""
+        eff = next((self.efficiency[k] for k in (node.name, node.os, "default") if k in self.efficiency), None)
+        if eff is None:
+            raise MoeClusterError(
+                f"engine {self.name!r} has no efficiency terms for node {node.name!r} ({node.os}); it has them "
+                f"for {', '.join(sorted(self.efficiency))} (add a calibration with --presets FILE)")
+        return replace(node, engine=self.name, exchange_overhead_s=self.exchange_overhead_s,
+                       per_expert_overhead_s=self.per_expert_overhead_s, **eff)
+
+    def source_lines(self, node: NodeSpec) -> list[str]:
+        """Where this engine's numbers for `node` come from, one line per term."""
+        key = next((k for k in (node.name, node.os, "default") if k in self.efficiency), "")
+        return [f"{k}: {v}" for k, v in self.sources.items() if k.startswith(key + ".") or "." not in k]
 
 
 @dataclass
@@ -122,9 +169,29 @@ class Presets:
     networks: dict[str, NetworkSpec]
     systems: dict[str, SystemSpec]
     models: dict[str, Any]
+    engines: dict[str, EngineSpec] = field(default_factory=dict)
+    stacks: dict[str, EngineSpec] = field(default_factory=dict)
 
     def node(self, name: str) -> NodeSpec:
         return _lookup(self.nodes, name, "node")
+
+    def engine(self, name: str) -> EngineSpec:
+        return _lookup(self.engines, name, "engine")
+
+    def stack(self, name: str) -> EngineSpec:
+        return _lookup(self.stacks, name, "stack")
+
+    def resolve(self, node: NodeSpec, engine: str | None = None, stack: str | None = None) -> NodeSpec:
+        """The node as run by `stack` (its engine + its overheads), else by `engine`, else its default engine."""
+        if stack:
+            spec = self.stack(stack)
+            if engine and engine != spec.base:
+                raise MoeClusterError(f"--stack {stack} runs on engine {spec.base}; drop --engine {engine}")
+            base = self.engine(spec.base).on(node)
+            return replace(base, engine=f"{spec.base}+{spec.name}", exchange_overhead_s=spec.exchange_overhead_s,
+                           per_expert_overhead_s=spec.per_expert_overhead_s)
+        name = engine or node.default_engine
+        return self.engine(name).on(node) if name else node
 
     def network(self, name: str) -> NetworkSpec:
         return _lookup(self.networks, name, "network")
@@ -164,7 +231,29 @@ def _numbers(entry: dict[str, Any], spec: dict[str, tuple[str, float | None, boo
 def _node(name: str, entry: dict[str, Any]) -> NodeSpec:
     attrs, sources = _numbers(entry, _NODE_FIELDS, f"node preset {name!r}")
     return NodeSpec(name=name, description=entry.get("description", ""), sources=sources,
-                    os=str(entry.get("os", "linux")), **attrs)
+                    os=str(entry.get("os", "linux")), default_engine=str(entry.get("default_engine", "")), **attrs)
+
+
+def _engine(name: str, entry: dict[str, Any], kind: str = "engine") -> EngineSpec:
+    where = f"{kind} preset {name!r}"
+    attrs, sources = _numbers(entry, _OVERHEAD_FIELDS, where)
+    efficiency: dict[str, dict[str, float]] = {}
+    raw = entry.get("efficiency", {})
+    if kind == "engine" and (not isinstance(raw, dict) or not raw):
+        raise MoeClusterError(f"{where}: needs 'efficiency': {{node name | os | 'default': {{mem_efficiency, ...}}}}")
+    for key, terms in raw.items():
+        eff, src = _numbers(terms, _EFF_FIELDS, f"{where} efficiency.{key}")
+        efficiency[key] = eff
+        sources.update({f"{key}.{k}": v for k, v in src.items()})
+    return EngineSpec(name=name, description=entry.get("description", ""), efficiency=efficiency,
+                      base=str(entry.get("engine", "")), sources=sources, **attrs)
+
+
+def _stack(name: str, entry: dict[str, Any], engines: dict[str, EngineSpec]) -> EngineSpec:
+    spec = _engine(name, entry, "stack")
+    if spec.base not in engines:
+        raise MoeClusterError(f"stack preset {name!r}: 'engine' must name an engine preset ({', '.join(engines)})")
+    return spec
 
 
 def _network(name: str, entry: dict[str, Any]) -> NetworkSpec:
@@ -183,7 +272,9 @@ def _network(name: str, entry: dict[str, Any]) -> NetworkSpec:
 
 
 def _system(name: str, entry: dict[str, Any]) -> SystemSpec:
-    spec = {"price_usd": ("price_usd", 1.0, True), "nodes": ("nodes", None, True)}
+    spec: dict[str, tuple[str, float | None, bool]] = {
+            "price_usd": ("price_usd", 1.0, True), "nodes": ("nodes", None, True),
+            "typical_batch": ("typical_batch", None, False)}
     attrs, sources = _numbers(entry, spec, f"system preset {name!r}")
     if "node" not in entry or "network" not in entry:
         raise MoeClusterError(f"system preset {name!r}: needs 'node' and 'network' preset names")
@@ -208,13 +299,15 @@ def load_presets(extra: str | Path | None = None) -> Presets:
         for section, entries in _read(Path(extra)).items():
             if section.startswith("_"):
                 continue
-            if section not in ("nodes", "networks", "systems", "models") or not isinstance(entries, dict):
+            if section not in SECTIONS or not isinstance(entries, dict):
                 raise MoeClusterError(
-                    f"presets file {extra}: unknown section {section!r}; "
-                    "use nodes, networks, systems or models"
+                    f"presets file {extra}: unknown section {section!r}; use {', '.join(SECTIONS)}"
                 )
             raw.setdefault(section, {}).update(entries)
+    engines = {k: _engine(k, v) for k, v in raw.get("engines", {}).items() if not k.startswith("_")}
     return Presets(
+        engines=engines,
+        stacks={k: _stack(k, v, engines) for k, v in raw.get("stacks", {}).items() if not k.startswith("_")},
         nodes={k: _node(k, v) for k, v in raw.get("nodes", {}).items()},
         networks={k: _network(k, v) for k, v in raw.get("networks", {}).items()},
         systems={k: _system(k, v) for k, v in raw.get("systems", {}).items()},

@@ -22,6 +22,7 @@ does not give falls back to the analytic model of the node and network presets::
       "memory_efficiency": 0.66,       # achieved / peak weight-streaming bandwidth (for terms not timed)
       "memory_bandwidth_gbs": 15.2,    # measured streaming bandwidth per node (replaces the preset's)
       "exchange_bytes_per_token": 8192,  # all-reduce bytes per decode token (default: the model's D x 2)
+      "exchange_overhead_s": 4e-05,    # in-engine exchange minus the bare table (cold caches after streaming)
       "allreduce": {                   # end-to-end seconds per exchange (incl. device sync), per world size
         "2": [[12288, 3.1e-05], [49152, 4.0e-05], [1048576, 0.00042]]
       },
@@ -79,6 +80,7 @@ class Profile:
     exchange_bytes_per_token: float | None = None
     latency_steps: dict[int, Table] = field(default_factory=dict)
     added_latency_s: float = 0.0  # what-if extra one-way latency (see with_added_latency)
+    exchange_overhead_s: float = 0.0  # in-engine exchange minus the bare all-reduce (cold caches, wake-up)
 
     def time(self, key: str, x: float) -> float | None:
         """Measured seconds for term `key` at x (batch or tokens), or None if not measured."""
@@ -118,6 +120,8 @@ class Profile:
             out["memory_bandwidth_gbs"] = self.memory_bandwidth / 1e9
         if self.exchange_bytes_per_token is not None:
             out["exchange_bytes_per_token"] = self.exchange_bytes_per_token
+        if self.exchange_overhead_s:
+            out["exchange_overhead_s"] = self.exchange_overhead_s
         out["allreduce"] = {str(n): [list(p) for p in t] for n, t in sorted(self.allreduce.items())}
         if self.latency_steps:
             out["allreduce_latency_steps"] = {str(n): [list(p) for p in t]
@@ -176,7 +180,7 @@ def profile_from_dict(data: Any, where: str = "profile") -> Profile:
     return Profile(times=times, allreduce=allreduce, network=network, memory_efficiency=eff,
                    meta=meta, path=where, memory_bandwidth=None if bandwidth is None else bandwidth * 1e9,
                    exchange_bytes_per_token=_positive(data, "exchange_bytes_per_token", where),
-                   latency_steps=steps)
+                   latency_steps=steps, exchange_overhead_s=_positive(data, "exchange_overhead_s", where) or 0.0)
 
 
 def _world_tables(data: dict[str, Any], key: str, form: str, where: str) -> dict[int, Table]:
