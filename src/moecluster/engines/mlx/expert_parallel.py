@@ -34,7 +34,7 @@ class ExpertParallelSwitch(nn.Module):
     """This rank's share of one SwitchGLU + the one exchange: (x [..., D], indices [..., K]) -> y [..., K, D],
     the SwitchGLU contract, so the model's MoE block (routing and combine) runs unchanged."""
 
-    def __init__(self, switch: nn.Module, experts: list[int], placement: Placement, index: int, group: Any,
+    def __init__(self, switch: Any, experts: list[int], placement: Placement, index: int, group: Any,
                  watchdog: Any = None):
         super().__init__()
         self.num_experts = switch.gate_proj.weight.shape[0]
@@ -52,7 +52,7 @@ class ExpertParallelSwitch(nn.Module):
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         K, D = indices.shape[-1], x.shape[-1]
-        ids_NK = indices.reshape(-1, K).tolist()  # routing decided on every rank alike: lists for assign()
+        ids_NK: list[list[int]] = indices.reshape(-1, K).tolist()  # type: ignore[assignment]  # routing decided on every rank alike: lists for assign()
         owner_NK = self._placement.assign(self._index, ids_NK)
         pairs = [n * K + k for n, row in enumerate(owner_NK) for k, r in enumerate(row) if r == self.rank]
         self.last_num_pairs = len(pairs)
@@ -77,17 +77,18 @@ class ExpertParallelSwitch(nn.Module):
                                   f"not hold it (MoE layer {self._index})") from None
         x_P1D = x_ND[mx.array([p // K for p in pairs], dtype=mx.uint32)][:, None, :]
         rows = mx.array(local, dtype=mx.uint32)
-        h_P1F = self.activation(self.up_proj(x_P1D, rows), self.gate_proj(x_P1D, rows))
-        return self.down_proj(h_P1F, rows)[:, 0, :]
+        me: Any = self  # mlx's Module stubs type sub-modules as optional
+        h_P1F = me.activation(me.up_proj(x_P1D, rows), me.gate_proj(x_P1D, rows))
+        return me.down_proj(h_P1F, rows)[:, 0, :]
 
 
-def apply_expert_parallel(model: nn.Module, group: Any, placement: Placement, watchdog: Any = None) -> nn.Module:
+def apply_expert_parallel(model: Any, group: Any, placement: Placement, watchdog: Any = None) -> nn.Module:
     """Swap every SwitchGLU of `model` for this rank's ExpertParallelSwitch and evaluate the kept weights layer
     by layer (a lazily loaded model reads only these experts). Returns the model."""
     found = switch_layers(model)
     if not found:
         raise MoeClusterError("the model has no SwitchGLU MoE layers (or expert parallelism was already applied)")
-    num_experts = found[0][2].gate_proj.weight.shape[0]
+    num_experts = found[0][2].gate_proj.weight.shape[0]  # type: ignore[union-attr]
     want = (num_experts, len(found), group.size())
     if (placement.num_experts, placement.num_layers, placement.world_size) != want:
         raise MoeClusterError(
@@ -107,6 +108,6 @@ def apply_expert_parallel(model: nn.Module, group: Any, placement: Placement, wa
     return model
 
 
-def expert_parallel_layers(model: nn.Module) -> list[ExpertParallelSwitch]:
+def expert_parallel_layers(model: Any) -> list[ExpertParallelSwitch]:
     """The ExpertParallelSwitch modules of a transformed model, in MoE-layer order."""
     return [m for layer in model.layers for _, m in layer.named_modules() if isinstance(m, ExpertParallelSwitch)]

@@ -7,6 +7,7 @@ small all_sum, so every rank feeds the same token next. Shape legend: T tokens, 
 
 from __future__ import annotations
 
+import hashlib
 import resource
 import sys
 import time
@@ -19,9 +20,9 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
-from moecluster.engines.mlx.comm import Watchdog
 from moecluster.engines.mlx.expert_parallel import apply_expert_parallel, expert_parallel_layers
 from moecluster.engines.mlx.loading import load_mlx_model, read_config, switch_layers
+from moecluster.engines.mlx.watchdog import Watchdog
 from moecluster.errors import MoeClusterError
 from moecluster.parallel.placement import Placement, make_placement
 from moecluster.tokenizer import IncrementalDecoder, Tokenizer
@@ -34,6 +35,7 @@ class MlxStats:
     ttft_s: float = 0.0
     decode_tok_s: float = 0.0
     finish_reason: str = ""
+    logits_digest: str = ""  # sha256 over every step's fp32 logits (rank 0, when asked): checks bit-identity
 
 
 def peak_rss_bytes() -> int:
@@ -63,7 +65,7 @@ class MlxEngine:
         moes = switch_layers(probe)
         if not moes:
             raise MoeClusterError(f"{model_dir} has no MoE layers the MLX engine recognizes")
-        num_experts = moes[0][2].gate_proj.weight.shape[0]
+        num_experts = moes[0][2].gate_proj.weight.shape[0]  # type: ignore[union-attr]
         del probe
         self.placement: Placement = make_placement(placement_spec, num_experts, len(moes), self.world_size)
         self.model, self.config = load_mlx_model(
@@ -84,7 +86,7 @@ class MlxEngine:
         if self.world_size == 1:
             return [count]
         msg = mx.array([count if r == self.rank else 0 for r in range(self.world_size)], dtype=mx.int32)
-        return mx.distributed.all_sum(msg, group=self.group).tolist()
+        return list(mx.distributed.all_sum(msg, group=self.group).tolist())  # type: ignore[arg-type]
 
     def _share(self, values: list[int], what: str) -> list[int]:
         """Rank 0's integers on every rank (an all_sum where the other ranks add zeros)."""
@@ -93,11 +95,11 @@ class MlxEngine:
         msg = mx.array(values if self.rank == 0 else [0] * len(values), dtype=mx.int32)
         msg = mx.distributed.all_sum(msg, group=self.group)
         if self.watchdog is None:
-            return msg.tolist()
+            return list(msg.tolist())  # type: ignore[arg-type]
         with self.watchdog.waiting(what):
-            return msg.tolist()
+            return list(msg.tolist())  # type: ignore[arg-type]
 
-    def generate(self, prompt_ids: list[int], params: Any) -> tuple[str, list[int], MlxStats]:
+    def generate(self, prompt_ids: list[int], params: Any, digest: bool = False) -> tuple[str, list[int], MlxStats]:
         """Prefill then decode; params: SamplingParams (max_tokens, temperature, top_k, top_p, seed, stop,
         ignore_eos). Returns (text, generated ids, stats); the text only on rank 0 (target: streaming)."""
         if not prompt_ids:
@@ -110,10 +112,13 @@ class MlxEngine:
         t0 = time.perf_counter()
         logits = self.model(mx.array([prompt_ids]), cache=cache)[0, -1]
         t_first = t0
+        sha = hashlib.sha256() if digest and self.rank == 0 else None
         for i in range(params.max_tokens):
+            if sha is not None:
+                sha.update(np.array(logits.astype(mx.float32)).tobytes())
             token, done = 0, 0
             if sample is not None:
-                token = int(sample(logits.astype(mx.float32)[None])[0].item())
+                token = int(sample(logits.astype(mx.float32)[None])[0].item())  # type: ignore[arg-type]
                 if token in eos:
                     done, stats.finish_reason = 1, "stop"
                 else:
@@ -133,6 +138,7 @@ class MlxEngine:
         if self.rank == 0 and stats.finish_reason == "length":
             text += decoder.flush()
         end = time.perf_counter()
+        stats.logits_digest = sha.hexdigest() if sha is not None else ""
         stats.generated_tokens, stats.ttft_s = len(tokens), t_first - t0
         stats.decode_tok_s = (len(tokens) - 1) / (end - t_first) if len(tokens) > 1 and end > t_first else 0.0
         return text, tokens, stats

@@ -64,7 +64,7 @@ def config_fixups(config: dict) -> dict:
     return fix
 
 
-def switch_layers(model: nn.Module) -> list[tuple[int, str, nn.Module]]:
+def switch_layers(model: Any) -> list[tuple[int, str, nn.Module]]:
     """(decoder layer index, path inside the layer, module) of each routed-expert SwitchGLU, in layer order; the
     position in this list is the MoE-layer index placements use."""
     found = []
@@ -76,7 +76,7 @@ def switch_layers(model: nn.Module) -> list[tuple[int, str, nn.Module]]:
     return found
 
 
-def _drop_remote_experts(model: nn.Module, weights: dict[str, mx.array], experts_of: ExpertsOf) -> dict:
+def _drop_remote_experts(model: Any, weights: dict[str, mx.array], experts_of: ExpertsOf) -> dict:
     """Replace the on-disk tensors of experts this rank does not hold by lazy zeros (never read from disk)."""
     moe_index = {layer: index for index, (layer, _, _) in enumerate(switch_layers(model))}
     keep = {index: set(experts_of(index)) for index in moe_index.values()}
@@ -103,10 +103,11 @@ def load_mlx_model(model_dir: str | Path, experts_of: ExpertsOf | None = None,
         model_class, args_class = _get_classes(config)
         if experts_of is None:
             return model_class, args_class
+        keep: ExpertsOf = experts_of
 
         class OnlyLocalExperts(model_class):  # sanitize sees zeros for remote experts
             def sanitize(self, weights):
-                weights = _drop_remote_experts(self, weights, experts_of)
+                weights = _drop_remote_experts(self, weights, keep)
                 return super().sanitize(weights) if hasattr(model_class, "sanitize") else weights
 
         return OnlyLocalExperts, args_class

@@ -24,8 +24,9 @@ def run_generate_mlx(args: Any, params: Any) -> int:
     """The body of `generate --engine mlx` on this rank; rank 0 prints the text and stats."""
     if args.nodes > 1 and not args.rank_worker:
         return relaunch_mlx(args)
-    from moecluster.engines.mlx.comm import Watchdog, init_group, watchdog_address
+    from moecluster.engines.mlx.comm import init_group, watchdog_address
     from moecluster.engines.mlx.generate import MlxEngine, peak_rss_bytes
+    from moecluster.engines.mlx.watchdog import Watchdog
 
     group = init_group()
     if args.nodes > 1 and group.size() != args.nodes:
@@ -39,7 +40,7 @@ def run_generate_mlx(args: Any, params: Any) -> int:
     text = args.prompt
     if args.chat:
         text = engine.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
-    out, tokens, stats = engine.generate(engine.tokenizer.encode(text), params)
+    out, tokens, stats = engine.generate(engine.tokenizer.encode(text), params, digest=bool(args.report))
     copies = engine.share_counts(sum(len(h) for h in engine.held()))
     if engine.rank == 0:
         if not args.quiet:
