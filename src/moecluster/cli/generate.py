@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import sys
 from pathlib import Path
 
@@ -33,8 +34,16 @@ def register(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="do not stream text (stats only)")
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op threads (default: all cores on 1 rank, 1 per rank)")
+    p.add_argument("--engine", choices=["torch", "mlx"], default=default_engine(),
+                   help="torch (default on Linux) or mlx (Apple Silicon, default on macOS arm64; on Linux CPU for "
+                        "correctness only); --nodes N with mlx runs N local ranks on MLX's ring backend")
     add_cluster_args(p)
     p.set_defaults(func=run_generate)
+
+
+def default_engine() -> str:
+    """mlx on macOS arm64 (Apple Silicon), torch elsewhere."""
+    return "mlx" if sys.platform == "darwin" and platform.machine() == "arm64" else "torch"
 
 
 def sampling_from_args(args) -> SamplingParams:
@@ -49,6 +58,10 @@ def run_generate(args) -> int:
     params = sampling_from_args(args)
     if not Path(args.model).is_dir():
         raise MoeClusterError(f"model directory {args.model!r} does not exist; pass --model DIR with a HF checkpoint")
+    if args.engine == "mlx":
+        from moecluster.engines.mlx.run import run_generate_mlx
+
+        return run_generate_mlx(args, params)
     if args.nodes > 1 and not args.rank_worker:
         return relaunch(args, args.argv)
     if args.threads is not None:

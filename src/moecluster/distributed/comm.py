@@ -207,7 +207,7 @@ def _hard_exit(code: int, linger_s: float = 0.0) -> None:
 
 def _apply_cpu_settings(local_rank: int, world_size: int) -> None:
     """MOECLUSTER_PIN=1: pin to one core; one intra-op thread per rank unless MOECLUSTER_THREADS."""
-    if os.environ.get("MOECLUSTER_PIN") == "1":
+    if os.environ.get("MOECLUSTER_PIN") == "1" and hasattr(os, "sched_setaffinity"):  # absent on macOS
         cores = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cores[local_rank % len(cores)]})
     threads = os.environ.get("MOECLUSTER_THREADS")

@@ -10,6 +10,7 @@ collectives time out and name the missing rank), then their whole process groups
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import shutil
@@ -133,9 +134,16 @@ def _running(p: psutil.Process) -> bool:
 
 def _rank_env(base: dict, rank: int, world_size: int, port: int) -> dict:
     env = dict(base)
-    env.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+    env.update(RANK=str(rank), MLX_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     return env
+
+
+def _mlx_hostfile(directory: str, world_size: int) -> str:
+    """Write MLX's ring hostfile (JSON: per rank a list of "ip:port" it listens on); returns its path."""
+    path = os.path.join(directory, "mlx-hosts.json")
+    Path(path).write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(world_size)]))
+    return path
 
 
 def _watch_torch(job: _Job, timeout_s: float) -> tuple[int, str]:
@@ -238,7 +246,8 @@ def launch_local(cmd: list[str], world_size: int, backend: str, *, pin: bool = T
     """Run `cmd` as world_size local ranks of one job; 0 if every rank succeeded.
 
     backend "mpi": `mpiexec -n N cmd`; "torch": N processes with RANK/WORLD_SIZE/LOCAL_RANK/
-    MASTER_ADDR/MASTER_PORT; "single": cmd once. MOECLUSTER_PIN=1 when pin and N <= cores.
+    MASTER_ADDR/MASTER_PORT; "mlx": the same plus MLX_RANK and MLX_HOSTFILE (MLX's ring backend on
+    127.0.0.1); "single": cmd once. MOECLUSTER_PIN=1 when pin and N <= cores.
     stdout/stderr are inherited; on failure one line on stderr names the rank and how it ended.
 
     keep_survivors (mpi; torch ranks always stay): when a rank dies, leave the others running
@@ -247,12 +256,12 @@ def launch_local(cmd: list[str], world_size: int, backend: str, *, pin: bool = T
     """
     if world_size < 1:
         raise MoeClusterError(f"the number of ranks must be >= 1, got {world_size}")
-    if backend not in ("mpi", "torch", "single"):
-        raise MoeClusterError(f"unknown backend {backend!r}: use 'mpi', 'torch' or 'single'")
+    if backend not in ("mpi", "torch", "single", "mlx"):
+        raise MoeClusterError(f"unknown backend {backend!r}: use 'mpi', 'torch', 'mlx' or 'single'")
     if backend == "single" and world_size != 1:
         raise MoeClusterError("backend 'single' runs one rank: use 'mpi' or 'torch' for more")
     base = dict(os.environ, **(env or {}))
-    if pin and world_size <= len(os.sched_getaffinity(0)):
+    if pin and hasattr(os, "sched_getaffinity") and world_size <= len(os.sched_getaffinity(0)):  # macOS: no pinning
         base["MOECLUSTER_PIN"] = "1"
     popen: dict[str, Any] = dict(stdin=subprocess.DEVNULL, start_new_session=True)  # own group: killable whole
     previous = _install_sigterm()
@@ -270,6 +279,9 @@ def launch_local(cmd: list[str], world_size: int, backend: str, *, pin: bool = T
             code, line = _watch_mpi(job, links, timeout_s)
         else:
             port = free_port()
+            if backend == "mlx":  # MLX's ring backend: a hostfile of one listening address per rank
+                tmp = tempfile.mkdtemp(prefix="moecluster-")
+                base = dict(base, MLX_HOSTFILE=_mlx_hostfile(tmp, world_size))
             job.popens = [subprocess.Popen(cmd, env=_rank_env(base, r, world_size, port), **popen)
                           for r in range(world_size)]
             code, line = _watch_torch(job, timeout_s)
@@ -280,6 +292,7 @@ def launch_local(cmd: list[str], world_size: int, backend: str, *, pin: bool = T
         _restore_sigterm(previous)
         if links is not None:
             links.close()
+        if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     if line:
         print(f"moecluster: {line}", file=sys.stderr, flush=True)

@@ -1,0 +1,113 @@
+"""Expert parallelism for mlx-lm models, as a transformation of a loaded model (the torch engine's, in MLX).
+
+`apply_expert_parallel(model, group, placement)` replaces each MoE layer's SwitchGLU (found by class, see
+loading.switch_layers) with ExpertParallelSwitch: it holds only this rank's experts (replicas included),
+computes only the (token, expert) pairs `placement.assign` gives this rank, and all-reduces the per-pair
+outputs y_NKD with ONE `mx.distributed.all_sum` per layer. Every pair has exactly one non-zero contributor, so
+the sum is exact (adding zeros is exact) and the model's own weighted combine that follows sees the same
+y_NKD on any rank count and placement: output is bit-identical.
+
+Shape legend: N tokens (flattened batch), D model dim, F expert hidden, K top-k, E experts, e local experts,
+P pairs computed here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from moecluster.engines.mlx.loading import switch_layers
+from moecluster.errors import MoeClusterError
+from moecluster.parallel.placement import Placement
+
+
+def _keep_rows(proj: nn.Module, rows: mx.array, num_experts: int) -> None:
+    """Keep only `rows` of every per-expert array of a (Quantized)SwitchLinear (weight, scales, biases, bias)."""
+    for name, value in list(proj.items()):
+        if isinstance(value, mx.array) and value.ndim >= 1 and value.shape[0] == num_experts:
+            proj[name] = value[rows]
+
+
+class ExpertParallelSwitch(nn.Module):
+    """This rank's share of one SwitchGLU + the one exchange: (x [..., D], indices [..., K]) -> y [..., K, D],
+    the SwitchGLU contract, so the model's MoE block (routing and combine) runs unchanged."""
+
+    def __init__(self, switch: Any, experts: list[int], placement: Placement, index: int, group: Any,
+                 watchdog: Any = None):
+        super().__init__()
+        self.num_experts = switch.gate_proj.weight.shape[0]
+        rows = mx.array(experts, dtype=mx.uint32)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            proj = getattr(switch, name)
+            _keep_rows(proj, rows, self.num_experts)
+            setattr(self, name, proj)
+        self.activation = switch.activation
+        self.expert_ids = list(experts)
+        self._local_of = {e: i for i, e in enumerate(experts)}
+        self._placement, self._index, self._group, self._watchdog = placement, index, group, watchdog
+        self.rank, self.world_size = group.rank(), group.size()
+        self.last_num_pairs = 0
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        K, D = indices.shape[-1], x.shape[-1]
+        ids_NK: list[list[int]] = indices.reshape(-1, K).tolist()  # type: ignore[assignment]  # routing decided on every rank alike: lists for assign()
+        owner_NK = self._placement.assign(self._index, ids_NK)
+        pairs = [n * K + k for n, row in enumerate(owner_NK) for k, r in enumerate(row) if r == self.rank]
+        self.last_num_pairs = len(pairs)
+        y_PD = self._pairs(x.reshape(-1, D), ids_NK, pairs) if pairs else None
+        y_flat = mx.zeros((len(ids_NK) * K, D), dtype=x.dtype if y_PD is None else y_PD.dtype)
+        if y_PD is not None:
+            y_flat[mx.array(pairs, dtype=mx.uint32)] = y_PD
+        if self.world_size > 1:
+            y_flat = mx.distributed.all_sum(y_flat, group=self._group)  # the one exchange, exact
+            if self._watchdog is not None:  # collectives never time out: evaluate it under the watchdog
+                with self._watchdog.waiting(f"the all-reduce of MoE layer {self._index}"):
+                    mx.eval(y_flat)
+        return y_flat.reshape(*indices.shape, D)
+
+    def _pairs(self, x_ND: mx.array, ids_NK: list[list[int]], pairs: list[int]) -> mx.array:
+        """y_PD: each of this rank's pairs through its expert, one [1, D] row per pair (as SwitchGLU does)."""
+        K = len(ids_NK[0])
+        try:
+            local = [self._local_of[ids_NK[p // K][p % K]] for p in pairs]
+        except KeyError as e:
+            raise MoeClusterError(f"internal: expert {e.args[0]} was assigned to rank {self.rank}, which does "
+                                  f"not hold it (MoE layer {self._index})") from None
+        x_P1D = x_ND[mx.array([p // K for p in pairs], dtype=mx.uint32)][:, None, :]
+        rows = mx.array(local, dtype=mx.uint32)
+        me: Any = self  # mlx's Module stubs type sub-modules as optional
+        h_P1F = me.activation(me.up_proj(x_P1D, rows), me.gate_proj(x_P1D, rows))
+        return me.down_proj(h_P1F, rows)[:, 0, :]
+
+
+def apply_expert_parallel(model: Any, group: Any, placement: Placement, watchdog: Any = None) -> nn.Module:
+    """Swap every SwitchGLU of `model` for this rank's ExpertParallelSwitch and evaluate the kept weights layer
+    by layer (a lazily loaded model reads only these experts). Returns the model."""
+    found = switch_layers(model)
+    if not found:
+        raise MoeClusterError("the model has no SwitchGLU MoE layers (or expert parallelism was already applied)")
+    num_experts = found[0][2].gate_proj.weight.shape[0]  # type: ignore[union-attr]
+    want = (num_experts, len(found), group.size())
+    if (placement.num_experts, placement.num_layers, placement.world_size) != want:
+        raise MoeClusterError(
+            f"placement is for {placement.num_experts} experts x {placement.num_layers} MoE layers on "
+            f"{placement.world_size} ranks, but the model has {want[0]} x {want[1]} and the job has {want[2]} "
+            "ranks; make a placement for this model and rank count")
+    for index, (layer, path, switch) in enumerate(found):
+        *parents, attr = path.split(".")
+        parent = model.layers[layer]
+        for name in parents:
+            parent = parent[int(name)] if isinstance(parent, list) else getattr(parent, name)
+        ep = ExpertParallelSwitch(switch, placement.experts_of(group.rank(), index), placement, index, group,
+                                  watchdog)
+        setattr(parent, attr, ep)
+        mx.eval(ep.parameters())
+    mx.eval(model.parameters())
+    return model
+
+
+def expert_parallel_layers(model: Any) -> list[ExpertParallelSwitch]:
+    """The ExpertParallelSwitch modules of a transformed model, in MoE-layer order."""
+    return [m for layer in model.layers for _, m in layer.named_modules() if isinstance(m, ExpertParallelSwitch)]

@@ -1,0 +1,158 @@
+"""The MLX engine's decode loop, in lockstep on every rank, and `moecluster generate --engine mlx`.
+
+Every rank runs the same forward (attention, routers, norms, lm_head replicated; routed experts split by
+expert parallelism); rank 0 alone samples and decides when to stop, then shares [token, done] with one
+small all_sum, so every rank feeds the same token next. Shape legend: T tokens, V vocab.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import make_prompt_cache
+
+from moecluster.engines.mlx.expert_parallel import apply_expert_parallel, expert_parallel_layers
+from moecluster.engines.mlx.loading import load_mlx_model, read_config, switch_layers
+from moecluster.engines.mlx.watchdog import Watchdog
+from moecluster.errors import MoeClusterError
+from moecluster.parallel.placement import Placement, make_placement
+from moecluster.tokenizer import IncrementalDecoder, Tokenizer
+
+
+@dataclass
+class MlxStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    ttft_s: float = 0.0
+    decode_tok_s: float = 0.0
+    finish_reason: str = ""
+    logits_digest: str = ""  # sha256 over every step's fp32 logits (rank 0, when asked): checks bit-identity
+
+
+def peak_rss_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # macOS reports bytes, Linux KiB
+
+
+def load_tokenizer(model_dir: str | Path) -> Tokenizer:
+    """Our tokenizer (the torch engine's), so both engines turn a prompt into the same ids."""
+    cfg = read_config(model_dir)
+    eos = cfg.get("eos_token_id")
+    eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return Tokenizer.from_dir(Path(model_dir), SimpleNamespace(eos_token_ids=eos_ids,
+                                                               bos_token_id=cfg.get("bos_token_id")))
+
+
+class MlxEngine:
+    """An mlx-lm model with expert parallelism applied (always, also on one rank: same computation on any rank
+    count), its group, placement and watchdog."""
+
+    def __init__(self, model_dir: str | Path, dtype: str | None = None, group: Any = None,
+                 placement_spec: str = "contiguous", watchdog: Watchdog | None = None):
+        self.group = group if group is not None else mx.distributed.init()
+        self.rank, self.world_size = self.group.rank(), self.group.size()
+        self.watchdog = watchdog
+        probe, _ = load_mlx_model(model_dir, experts_of=lambda layer: [], dtype=dtype)  # lazy: shapes only
+        moes = switch_layers(probe)
+        if not moes:
+            raise MoeClusterError(f"{model_dir} has no MoE layers the MLX engine recognizes")
+        num_experts = moes[0][2].gate_proj.weight.shape[0]  # type: ignore[union-attr]
+        del probe
+        self.placement: Placement = make_placement(placement_spec, num_experts, len(moes), self.world_size)
+        self.model, self.config = load_mlx_model(
+            model_dir, experts_of=lambda layer: self.placement.experts_of(self.rank, layer), dtype=dtype)
+        apply_expert_parallel(self.model, self.group, self.placement, watchdog)
+        self.tokenizer = load_tokenizer(model_dir)
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """fp32 logits_TV of a full forward over `ids` (no cache)."""
+        out = self.model(mx.array([ids]))[0].astype(mx.float32)
+        return np.array(out)
+
+    def held(self) -> list[list[int]]:
+        return [m.expert_ids for m in expert_parallel_layers(self.model)]
+
+    def share_counts(self, count: int) -> list[int]:
+        """Every rank's `count`, on every rank (one all_sum)."""
+        if self.world_size == 1:
+            return [count]
+        msg = mx.array([count if r == self.rank else 0 for r in range(self.world_size)], dtype=mx.int32)
+        return list(mx.distributed.all_sum(msg, group=self.group).tolist())  # type: ignore[arg-type]
+
+    def _share(self, values: list[int], what: str) -> list[int]:
+        """Rank 0's integers on every rank (an all_sum where the other ranks add zeros)."""
+        if self.world_size == 1:
+            return values
+        msg = mx.array(values if self.rank == 0 else [0] * len(values), dtype=mx.int32)
+        msg = mx.distributed.all_sum(msg, group=self.group)
+        if self.watchdog is None:
+            return list(msg.tolist())  # type: ignore[arg-type]
+        with self.watchdog.waiting(what):
+            return list(msg.tolist())  # type: ignore[arg-type]
+
+    def generate(self, prompt_ids: list[int], params: Any, digest: bool = False) -> tuple[str, list[int], MlxStats]:
+        """Prefill then decode; params: SamplingParams (max_tokens, temperature, top_k, top_p, seed, stop,
+        ignore_eos). Returns (text, generated ids, stats); the text only on rank 0 (target: streaming)."""
+        if not prompt_ids:
+            raise MoeClusterError("the prompt is empty; give at least one token")
+        sample = self._sampler(params) if self.rank == 0 else None
+        eos = set() if params.ignore_eos else set(self.tokenizer.eos_ids)
+        decoder = IncrementalDecoder(self.tokenizer)
+        cache = make_prompt_cache(self.model)
+        stats, tokens, text = MlxStats(prompt_tokens=len(prompt_ids)), [], ""
+        t0 = time.perf_counter()
+        logits = self.model(mx.array([prompt_ids]), cache=cache)[0, -1]
+        t_first = t0
+        sha = hashlib.sha256() if digest and self.rank == 0 else None
+        for i in range(params.max_tokens):
+            if sha is not None:
+                sha.update(np.array(logits.astype(mx.float32)).tobytes())
+            token, done = 0, 0
+            if sample is not None:
+                token = int(sample(logits.astype(mx.float32)[None])[0].item())  # type: ignore[arg-type]
+                if token in eos:
+                    done, stats.finish_reason = 1, "stop"
+                else:
+                    text += decoder.push(token)
+                    cut = [text.index(s) for s in params.stop if s in text]
+                    if cut:
+                        text, done, stats.finish_reason = text[:min(cut)], 1, "stop"
+            token, done = self._share([token, done], f"the token broadcast of step {i}")
+            if i == 0:
+                t_first = time.perf_counter()
+            if done:
+                break
+            tokens.append(token)
+            logits = self.model(mx.array([[token]]), cache=cache)[0, -1]
+        else:
+            stats.finish_reason = "length"
+        if self.rank == 0 and stats.finish_reason == "length":
+            text += decoder.flush()
+        end = time.perf_counter()
+        stats.logits_digest = sha.hexdigest() if sha is not None else ""
+        stats.generated_tokens, stats.ttft_s = len(tokens), t_first - t0
+        stats.decode_tok_s = (len(tokens) - 1) / (end - t_first) if len(tokens) > 1 and end > t_first else 0.0
+        return text, tokens, stats
+
+    def _sampler(self, params: Any):
+        if params.temperature == 0:
+            return lambda logits_1V: mx.argmax(logits_1V, axis=-1)
+        from mlx_lm.sample_utils import make_sampler
+
+        if params.seed is not None:
+            mx.random.seed(params.seed)
+        top_p = params.top_p if params.top_p < 1.0 else 0.0  # mlx-lm: 0 disables top-p
+        return make_sampler(temp=params.temperature, top_p=top_p, top_k=params.top_k)
+
+    def close(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.close()

@@ -1,0 +1,126 @@
+"""HF checkpoint directory -> mlx-lm model (mlx-lm's own model definitions), reading from disk only the routed
+experts this rank holds.
+
+How only this rank's experts are read: `mx.load` is lazy (a tensor is read when something that needs it is
+evaluated) and mlx-lm's `sanitize()` stacks the per-expert tensors of Hub checkpoints (`...experts.{e}.*`) into
+`switch_mlp.*` [E, ...]. Before sanitize, the tensors of experts this rank does not hold are replaced by lazy
+zeros of the same shape, so the stack never reads them; expert parallelism then keeps only the local rows and
+evaluates layer by layer (transient: one layer's [E, ...] stack). Checkpoints that store experts already
+stacked (mlx-community conversions, gpt-oss's fused `gate_up_proj`) are read whole and the other rows freed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.switch_layers import SwitchGLU
+from mlx_lm.utils import _get_classes
+from mlx_lm.utils import load_model as _mlx_lm_load_model
+
+from moecluster.errors import MoeClusterError
+
+# mlx-lm model files whose MoE block calls its SwitchGLU as `y_NKD = switch(x_ND, inds_NK)` and then combines
+# `(y * scores[..., None]).sum(-2)` itself: the contract ExpertParallelSwitch keeps. True = checked by tests here.
+SUPPORTED: dict[str, bool] = {
+    "mixtral": True,      # block_sparse_moe.switch_mlp(x, inds)
+    "qwen3_moe": True,    # mlp.switch_mlp(x, inds); mlp_only_layers are dense
+    "qwen2_moe": True,    # mlp.switch_mlp(x, inds) + gated shared expert
+    "olmoe": True,        # mlp.switch_mlp(x_flat, inds) on flattened tokens
+    "deepseek_v3": False,  # mlp.switch_mlp(x, inds) + shared experts (same call; not run here)
+    "glm4_moe": False,    # mlp.switch_mlp(x, inds) + shared experts (same call; not run here)
+    "gpt_oss": False,     # mlp.experts(x, inds): SwitchGLU with biases and its own activation (not run here)
+}
+# per-expert tensors of Hub checkpoints: "model.layers.{layer}.<...>.experts.{expert}.<...>"
+_EXPERT_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:.*\.)?experts\.(\d+)\.")
+
+ExpertsOf = Callable[[int], list[int]]  # MoE-layer index -> global expert ids this rank holds
+
+
+def read_config(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except OSError as e:
+        raise MoeClusterError(f"cannot read {path}: {e.strerror}; pass --model DIR with a HF checkpoint") from None
+
+
+def config_fixups(config: dict) -> dict:
+    """Keys mlx-lm's ModelArgs read that transformers 5 writes elsewhere (`rope_parameters`, `num_local_experts`).
+    Without them mlx-lm silently uses its defaults (Mixtral: rope_theta 1e6) or fails to build the model."""
+    fix: dict[str, Any] = {}
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" not in config and "rope_theta" in rope:
+        fix["rope_theta"] = rope["rope_theta"]
+    if rope.get("rope_type", "default") != "default" and not config.get("rope_scaling"):
+        fix["rope_scaling"] = dict(rope)
+    if "num_experts" not in config and "num_local_experts" in config and config.get("model_type") != "mixtral":
+        fix["num_experts"] = config["num_local_experts"]
+    return fix
+
+
+def switch_layers(model: Any) -> list[tuple[int, str, nn.Module]]:
+    """(decoder layer index, path inside the layer, module) of each routed-expert SwitchGLU, in layer order; the
+    position in this list is the MoE-layer index placements use."""
+    found = []
+    for i, layer in enumerate(model.layers):
+        mods = [(path, m) for path, m in layer.named_modules() if isinstance(m, SwitchGLU)]
+        if len(mods) > 1:
+            raise MoeClusterError(f"decoder layer {i} has {len(mods)} SwitchGLU modules; expected at most one")
+        found += [(i, path, m) for path, m in mods]
+    return found
+
+
+def _drop_remote_experts(model: Any, weights: dict[str, mx.array], experts_of: ExpertsOf) -> dict:
+    """Replace the on-disk tensors of experts this rank does not hold by lazy zeros (never read from disk)."""
+    moe_index = {layer: index for index, (layer, _, _) in enumerate(switch_layers(model))}
+    keep = {index: set(experts_of(index)) for index in moe_index.values()}
+    for key, w in weights.items():
+        m = _EXPERT_KEY.search(key)
+        if m is None or int(m[1]) not in moe_index:
+            continue
+        if int(m[2]) not in keep[moe_index[int(m[1])]]:
+            weights[key] = mx.zeros(w.shape, w.dtype)
+    return weights
+
+
+def load_mlx_model(model_dir: str | Path, experts_of: ExpertsOf | None = None,
+                   dtype: str | None = None) -> tuple[nn.Module, dict]:
+    """mlx-lm model + its config. experts_of given: parameters stay lazy (expert parallelism slices and
+    evaluates them); otherwise everything is evaluated here. dtype: None (as stored), "fp32" or "bf16"."""
+    config = read_config(model_dir)
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED:
+        raise MoeClusterError(f"model_type {model_type!r} is not supported by the MLX engine (supported: "
+                              f"{', '.join(SUPPORTED)}); use --engine torch")
+
+    def classes(config: dict):
+        model_class, args_class = _get_classes(config)
+        if experts_of is None:
+            return model_class, args_class
+        keep: ExpertsOf = experts_of
+
+        class OnlyLocalExperts(model_class):  # sanitize sees zeros for remote experts
+            def sanitize(self, weights):
+                weights = _drop_remote_experts(self, weights, keep)
+                return super().sanitize(weights) if hasattr(model_class, "sanitize") else weights
+
+        return OnlyLocalExperts, args_class
+
+    try:
+        model, cfg = _mlx_lm_load_model(Path(model_dir), lazy=True, model_config=config_fixups(config),
+                                        get_model_classes=classes)
+    except (FileNotFoundError, ValueError) as e:
+        raise MoeClusterError(f"mlx-lm cannot load {model_dir}: {e}") from None
+    if dtype is not None:
+        if dtype not in ("fp32", "bf16"):
+            raise MoeClusterError(f"--dtype {dtype!r}: use fp32 or bf16")
+        model.set_dtype(mx.float32 if dtype == "fp32" else mx.bfloat16)
+    if experts_of is None:
+        mx.eval(model.parameters())
+    return model, cfg
