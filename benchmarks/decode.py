@@ -167,7 +167,8 @@ def main() -> int:
 def git_commit() -> str:
     """HEAD's short hash, with -dirty when the work tree has uncommitted changes to tracked files."""
     def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=Path(__file__).parent, capture_output=True, text=True, check=False).stdout.strip()
+        return subprocess.run(["git", *a], cwd=Path(__file__).parent, capture_output=True, text=True,
+                              check=False).stdout.strip()
     head = git("rev-parse", "--short", "HEAD") or "unknown"
     return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 

@@ -170,7 +170,7 @@ def qwen3_moe_tensors(cfg: dict) -> list[tuple[str, tuple[int, ...], float]]:
     H, Hk, E, F = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["num_local_experts"], \
         cfg["moe_intermediate_size"]
     s = 1 / math.sqrt(D)
-    out = [("model.embed_tokens.weight", (V, D), 1.0)]
+    out: list[tuple[str, tuple[int, ...], float]] = [("model.embed_tokens.weight", (V, D), 1.0)]
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}"
         out += [(f"{p}.input_layernorm.weight", (D,), 0), (f"{p}.self_attn.q_proj.weight", (H * Hd, D), s),
