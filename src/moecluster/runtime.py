@@ -12,6 +12,7 @@ from pathlib import Path
 from moecluster.engine.generate import Engine
 from moecluster.loading import load_model, peak_rss_bytes, read_config
 from moecluster.parallel.placement import Placement, make_placement
+from moecluster.quant.experts import QuantOptions
 from moecluster.tracing import TRACER
 
 
@@ -26,7 +27,8 @@ def open_engine(model_dir: str | Path, dtype: str | None = None, comm=None, plac
     _, cfg = read_config(model_dir)
     shape = cfg.shape()
     placement = make_placement(placement_spec, shape.num_experts, shape.num_moe_layers, comm.world_size)
-    loaded = load_model(model_dir, dtype, expert_filter=lambda layer: placement.experts_of(comm.rank, layer))
+    loaded = load_model(model_dir, dtype, expert_filter=lambda layer: placement.experts_of(comm.rank, layer),
+                        quant=quant)
     apply_expert_parallel(loaded.model, comm, placement, exchange)
     return Engine(loaded, comm, num_slots, max_seq_len), placement
 
