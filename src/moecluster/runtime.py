@@ -18,10 +18,11 @@ from moecluster.tracing import TRACER
 
 def open_engine(model_dir: str | Path, dtype: str | None = None, comm=None, placement_spec: str = "contiguous",
                 num_slots: int = 1, max_seq_len: int | None = None,
-                exchange: str = "exact") -> tuple[Engine, Placement | None]:
-    """Load the model (only this rank's experts), apply expert parallelism when world_size > 1."""
+                exchange: str = "exact", quant: QuantOptions | None = None) -> tuple[Engine, Placement | None]:
+    """Load the model (only this rank's experts; `quant`: quantize on load), apply expert parallelism when
+    world_size > 1."""
     if comm is None or comm.world_size == 1:
-        return Engine(load_model(model_dir, dtype), comm, num_slots, max_seq_len), None
+        return Engine(load_model(model_dir, dtype, quant=quant), comm, num_slots, max_seq_len), None
     from moecluster.parallel.expert_parallel import apply_expert_parallel
 
     _, cfg = read_config(model_dir)
