@@ -195,3 +195,25 @@ def test_two_ranks_bit_identical_to_one_with_quantized_experts(wide_qwen, fp8_mo
         _, tokens, _ = engine.generate(PROMPT, SamplingParams(max_tokens=32, ignore_eos=True))
         assert torch.equal(results[job["name"]][0], logits), job["name"]
         assert results[job["name"]][1] == tokens, job["name"]
+
+
+def test_plan_and_place_count_the_formats_real_bytes(fp8_model, wide_qwen):
+    from moecluster.models.configs import DTYPE_BYTES, shape_of
+    from moecluster.planning.sizes import read_model_sizes
+
+    assert DTYPE_BYTES["int8"] == 1 + 4 / 128 and DTYPE_BYTES["int4"] == 0.5 + 4 / 128
+    assert DTYPE_BYTES["fp8"] == 1 + 4 / 128**2 and DTYPE_BYTES["mxfp4"] == 0.5 + 1 / 32
+    raw = json.loads((wide_qwen / "config.json").read_text())
+    bf16 = shape_of(raw)
+    int4 = bf16.with_dtype("int4")  # experts int4 + scales, the rest stays bf16 as the engine holds it
+    assert int4.expert_bytes == bf16.expert_params * (0.5 + 4 / 128) and int4.replicated_bytes == bf16.replicated_bytes
+    # the engine's real bytes per expert (default group 128) are what plan counts
+    held = load_model(wide_qwen, "bf16", quant=QuantOptions("int4")).model.moe_layers()[0].experts.expert_bytes()
+    assert held == int4.expert_bytes
+    fp8_dir = fp8_model[1]
+    fp8 = shape_of(json.loads((fp8_dir / "config.json").read_text()))  # read from quantization_config
+    assert fp8.expert_weight_bytes == DTYPE_BYTES["fp8"]
+    assert read_model_sizes(str(fp8_dir)).bytes_per_expert == fp8.expert_bytes
+    gptq = raw | {"quantization_config": {"quant_method": "gptq"}}
+    with pytest.raises(MoeClusterError, match="'gptq' is not supported"):
+        shape_of(gptq)

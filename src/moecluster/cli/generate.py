@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from moecluster.cli.cluster import add_cluster_args, relaunch, run_on_rank
+from moecluster.cli.cluster import add_cluster_args, add_quant_args, quant_options, relaunch, run_on_rank
 from moecluster.engine.sampling import SamplingParams
 from moecluster.errors import MoeClusterError
 from moecluster.tracing import TRACER, format_breakdown
@@ -33,6 +33,7 @@ def register(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="do not stream text (stats only)")
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op threads (default: all cores on 1 rank, 1 per rank)")
+    add_quant_args(p)
     add_cluster_args(p)
     p.set_defaults(func=run_generate)
 
@@ -47,6 +48,7 @@ def run_generate(args) -> int:
     if args.nodes < 1:
         raise MoeClusterError(f"--nodes must be at least 1, got {args.nodes}")
     params = sampling_from_args(args)
+    quant_options(args)  # bad quantization options fail before ranks start
     if not Path(args.model).is_dir():
         raise MoeClusterError(f"model directory {args.model!r} does not exist; pass --model DIR with a HF checkpoint")
     if args.nodes > 1 and not args.rank_worker:
@@ -64,7 +66,8 @@ def run_generate(args) -> int:
 def _generate_on_rank(args, params: SamplingParams, comm) -> int:
     from moecluster.runtime import gather_reports, open_engine, rank_report
 
-    engine, placement = open_engine(args.model, args.dtype, comm, args.placement, exchange=args.exchange)
+    engine, placement = open_engine(args.model, args.dtype, comm, args.placement, exchange=args.exchange,
+                                    quant=quant_options(args))
     rank0 = engine.rank == 0
     text = args.prompt
     if args.chat:
