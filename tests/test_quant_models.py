@@ -217,3 +217,24 @@ def test_plan_and_place_count_the_formats_real_bytes(fp8_model, wide_qwen):
     gptq = raw | {"quantization_config": {"quant_method": "gptq"}}
     with pytest.raises(MoeClusterError, match="'gptq' is not supported"):
         shape_of(gptq)
+
+
+def test_cli_generate_quantize_and_errors(wide_qwen, tmp_path, capsys):
+    from moecluster.cli import main
+
+    report = tmp_path / "report.json"
+    assert main(["generate", "--model", str(wide_qwen), "--prompt", "hello", "--max-tokens", "4", "--quiet",
+                 "--quantize", "int4", "--quant-group-size", "64", "--report", str(report)]) == 0
+    rank = json.loads(report.read_text())["ranks"][0]
+    n = 3 * 128 * 128  # one expert's weights; 8 experts x 2 MoE layers held as int4 + fp32 scales per 64
+    assert rank["expert_bytes"] == 16 * (n // 2 + 4 * n // 64)
+    gptq = tmp_path / "gptq"
+    shutil.copytree(wide_qwen, gptq)
+    cfg = json.loads((gptq / "config.json").read_text())
+    (gptq / "config.json").write_text(json.dumps(cfg | {"quantization_config": {"quant_method": "awq"}}))
+    capsys.readouterr()
+    assert main(["generate", "--model", str(gptq), "--prompt", "hi", "--quantize", "int8"]) == 2
+    assert main(["generate", "--model", str(wide_qwen), "--prompt", "hi", "--quantize-dense"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert "'awq'" in err[0] and "not supported" in err[0] and "'fp8'" in err[0], err
+    assert "--quantize-dense needs --quantize" in err[1], err
