@@ -1,7 +1,7 @@
 """One rank of an expert-parallel test job: for each (model, placement) job, the prompt's logits and 32
 greedy tokens, saved by rank 0 (one process launch for many jobs keeps the suite fast).
 
-    ep_worker.py JOBS.json BACKEND OUT_DIR        JOBS: [{"name", "model", "placement"}, ...]
+    ep_worker.py JOBS.json BACKEND OUT_DIR        JOBS: [{"name", "model", "placement"[, "quantize"]}, ...]
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from moecluster.distributed.comm import init_comm
 from moecluster.engine.sampling import SamplingParams
+from moecluster.quant.experts import QuantOptions
 from moecluster.runtime import open_engine
 
 PROMPT = list(range(3, 40, 3))
@@ -26,7 +27,8 @@ def main() -> int:
     comm = init_comm(backend, timeout_s=60)
     try:
         for job in json.loads(Path(jobs_path).read_text()):
-            engine, _ = open_engine(job["model"], "fp32", comm, job["placement"])
+            quant = QuantOptions(job["quantize"], job.get("group_size", 64)) if job.get("quantize") else None
+            engine, _ = open_engine(job["model"], "fp32", comm, job["placement"], quant=quant)
             with torch.inference_mode():
                 logits = engine.model(torch.tensor([PROMPT]), torch.tensor([0]))
             _, tokens, _ = engine.generate(PROMPT, SamplingParams(max_tokens=32, ignore_eos=True))

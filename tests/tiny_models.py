@@ -64,11 +64,11 @@ def hf_model(arch: str, seed: int = 0, **overrides):
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **overrides)
         model = tf.DbrxForCausalLM(cfg)
     elif arch == "mixtral":
-        cfg = tf.MixtralConfig(hidden_size=64, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-                            num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, vocab_size=VOCAB,
-                            max_position_embeddings=256,
-                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-                            **overrides)
+        cfg = tf.MixtralConfig(**(dict(hidden_size=64, intermediate_size=48, num_hidden_layers=3,
+                                       num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
+                                       num_experts_per_tok=2, vocab_size=VOCAB, max_position_embeddings=256,
+                                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+                                  | overrides))
         model = tf.MixtralForCausalLM(cfg)
     elif arch in HF_COMMON:
         config_class, model_class, kwargs = HF_COMMON[arch]

@@ -20,9 +20,13 @@ from safetensors import SafetensorError, safe_open
 
 from moecluster.errors import MoeClusterError
 from moecluster.models.configs import ArchConfig, ModelShape, parse_config
+from moecluster.models.hub import ReadRows
 from moecluster.models.layers import DecoderModel, check_dims
 from moecluster.models.moe import RoutedExperts
 from moecluster.models.registry import architecture
+from moecluster.quant import dequantize_fp8_block, format_from_quantization_config
+from moecluster.quant.experts import QuantizedRoutedExperts, QuantOptions, quantize_dense_linears
+from moecluster.quant.formats import FP8_BLOCK
 from moecluster.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -58,7 +62,17 @@ def read_config(model_dir: str | Path) -> tuple[dict, ArchConfig]:
         raise MoeClusterError(f"{path} is not valid JSON: {e}") from None
     cfg = parse_config(raw, str(path))
     architecture(cfg)
+    checkpoint_format(raw, cfg)
     return raw, cfg
+
+
+def checkpoint_format(raw: dict, cfg: ArchConfig) -> str | None:
+    """The quantized format the checkpoint ships ("fp8"), None when unquantized; one clear error otherwise."""
+    fmt = format_from_quantization_config(raw.get("quantization_config"))
+    if fmt == "mxfp4":
+        raise MoeClusterError(f"mxfp4 checkpoints are read for gpt-oss, which this build does not run yet "
+                              f"(model_type {cfg.model_type!r}); use an fp8 or unquantized checkpoint")
+    return fmt
 
 
 def default_dtype(cfg: dict) -> str:
@@ -112,7 +126,7 @@ class CheckpointReader:
         self._open.clear()
 
 
-def _check_names(reader: CheckpointReader, arch, cfg: ArchConfig) -> None:
+def _check_names(reader: CheckpointReader, arch, cfg: ArchConfig, fmt: str | None = None) -> None:
     """Strict: every expected tensor present with its shape, nothing unexpected."""
     expected: dict[str, tuple[int, ...]] = {}
     for names, _ in arch.dense_weights(cfg).values():
@@ -120,6 +134,8 @@ def _check_names(reader: CheckpointReader, arch, cfg: ArchConfig) -> None:
             expected[name] = ()
     for layer in cfg.moe_layer_ids():
         expected |= arch.expert_weights(cfg, layer)
+    if fmt == "fp8":
+        expected |= _fp8_scale_names(reader, arch, cfg)
     missing = sorted(set(expected) - set(reader.shapes))
     if missing:
         raise MoeClusterError(f"checkpoint is missing {len(missing)} tensors (first: {missing[0]}); "
@@ -140,10 +156,16 @@ def _check_names(reader: CheckpointReader, arch, cfg: ArchConfig) -> None:
 
 
 def load_model(model_dir: str | Path, dtype: str | None = None, expert_filter: ExpertFilter | None = None,
-               num_threads: int | None = None) -> LoadedModel:
-    """Load a HF checkpoint. `expert_filter(moe_layer)` gives the experts to hold (default: all)."""
+               num_threads: int | None = None, quant: QuantOptions | None = None) -> LoadedModel:
+    """Load a HF checkpoint. `expert_filter(moe_layer)` gives the experts to hold (default: all); `quant`
+    quantizes a bf16/fp32 checkpoint's experts on load (an fp8 checkpoint's experts stay fp8 regardless)."""
     model_dir = Path(model_dir)
     raw, cfg = read_config(model_dir)
+    quant = (quant or QuantOptions()).check()
+    fmt = checkpoint_format(raw, cfg)
+    if fmt is not None and quant.fmt is not None:
+        raise MoeClusterError(f"this checkpoint is already quantized ({fmt}); drop --quantize {quant.fmt}")
+    fmt = fmt or quant.fmt
     dtype_name = dtype or default_dtype(raw)
     if dtype_name not in DTYPES:
         raise MoeClusterError(f"dtype {dtype_name!r} not supported; use one of {', '.join(DTYPES)}")
@@ -153,13 +175,19 @@ def load_model(model_dir: str | Path, dtype: str | None = None, expert_filter: E
     shape = cfg.shape(model_dir.name, str(model_dir))
     reader = CheckpointReader(model_dir, torch_dtype)
     try:
-        _check_names(reader, arch, cfg)
+        _check_names(reader, arch, cfg, fmt)
         with torch.device("meta"):
             model = model_class(cfg)
         _load_dense(model, reader, arch, cfg)
+        if quant.dense:
+            quantize_dense_linears(model, "int8", quant.group_size)
         for index, (layer, moe) in enumerate(zip(cfg.moe_layer_ids(), model.moe_layers(), strict=True)):
             experts = list(range(shape.num_experts)) if expert_filter is None else sorted(expert_filter(index))
-            moe.experts = _load_experts(reader, arch, cfg, moe.experts, layer, index, experts, torch_dtype)
+            if fmt is None:
+                moe.experts = _load_experts(reader, arch, cfg, moe.experts, layer, index, experts, torch_dtype)
+            else:
+                moe.experts = _load_quantized_experts(reader, arch, cfg, moe.experts, layer, index, experts,
+                                                      fmt, quant.group_size)
             moe.index = index
     finally:
         reader.close()
@@ -172,7 +200,7 @@ def _load_dense(model: DecoderModel, reader: CheckpointReader, arch, cfg: ArchCo
     # buffers keep the dtype the model declares (GLM-4.5's fp32 router correction bias, as transformers does)
     buffer_dtype = {name: b.dtype for name, b in model.named_buffers()}
     for ours, (names, shape) in arch.dense_weights(cfg).items():
-        parts = [reader.read(n, buffer_dtype.get(ours)) for n in names]
+        parts = [_read_dense(reader, n, buffer_dtype.get(ours)) for n in names]
         t = _private_copy(parts[0]) if len(parts) == 1 else torch.cat(parts, dim=0)
         check_dims(names[0] if len(names) == 1 else "+".join(names), tuple(t.shape), shape)
         state[ours] = t
@@ -202,6 +230,77 @@ def _load_experts(reader: CheckpointReader, arch, cfg: ArchConfig, template: Rou
         w13_GD, w2_DF = arch.read_expert(reader.read_rows, cfg, layer, expert)
         module.w13_eGD[i].copy_(w13_GD)
         module.w2_eDF[i].copy_(w2_DF)
+    return module
+
+
+def _read_dense(reader: CheckpointReader, name: str, dtype: torch.dtype | None) -> torch.Tensor:
+    """A dense tensor in the compute dtype; an fp8 block-scaled one (it has a `_scale_inv` companion)
+    dequantized here: only routed experts stay quantized."""
+    scale = f"{name}_scale_inv"
+    if scale not in reader.shapes:
+        return reader.read(name, dtype)
+    w = dequantize_fp8_block(reader.read(name, torch.float8_e4m3fn), reader.read(scale, torch.float32))
+    return w.to(dtype or reader.dtype)
+
+
+def _fp8_scale_names(reader: CheckpointReader, arch, cfg: ArchConfig) -> dict[str, tuple[int, ...]]:
+    """The `weight_scale_inv` tensors an fp8 checkpoint ships beside its weights (expected, not unexpected):
+    every expert tensor must have one; dense ones may (router gates, norms, embeddings stay bf16)."""
+    out: dict[str, tuple[int, ...]] = {}
+    for names, _ in arch.dense_weights(cfg).values():
+        out |= {f"{n}_scale_inv": () for n in names if f"{n}_scale_inv" in reader.shapes}
+    for layer in cfg.moe_layer_ids():
+        for name, (rows, cols) in arch.expert_weights(cfg, layer).items():
+            out[f"{name}_scale_inv"] = (-(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK))
+    missing = sorted(n for n in out if n not in reader.shapes)
+    if missing:
+        raise MoeClusterError(f"fp8 checkpoint is missing {len(missing)} weight_scale_inv tensors (first: "
+                              f"{missing[0]}); every expert weight needs its block scales")
+    return out
+
+
+def _fp8_readers(reader: CheckpointReader, hidden: int) -> tuple[ReadRows, ReadRows]:
+    """read_rows for an fp8 checkpoint: (weights as float8_e4m3fn, their 128x128 block scales in fp32).
+
+    The architecture's read_expert concatenates row ranges and transposes; applied to the scales with row
+    ranges divided by 128, the same steps give the scales of the result, when ranges fall on block edges."""
+    if hidden % FP8_BLOCK:
+        raise MoeClusterError(f"fp8 experts need a hidden size that is a multiple of {FP8_BLOCK} so gate and up "
+                              f"blocks stack; this model has {hidden}")
+
+    def weights(name: str, start: int, end: int) -> torch.Tensor:
+        return reader.read_rows(name, start, end).to(torch.float8_e4m3fn)  # fp8 -> compute dtype -> fp8 is exact
+
+    def scales(name: str, start: int, end: int) -> torch.Tensor:
+        rows = reader.shapes[name][0]
+        if start % FP8_BLOCK or (end % FP8_BLOCK and end != rows):
+            raise MoeClusterError(f"fp8 tensor {name}: rows {start}:{end} do not fall on {FP8_BLOCK}-row blocks")
+        return reader.read(f"{name}_scale_inv", torch.float32)[start // FP8_BLOCK:-(-end // FP8_BLOCK)]
+
+    return weights, scales
+
+
+def _load_quantized_experts(reader: CheckpointReader, arch, cfg: ArchConfig, template: RoutedExperts, layer: int,
+                            index: int, experts: list[int], fmt: str, group_size: int) -> QuantizedRoutedExperts:
+    """The held experts of one MoE layer in `fmt`, one expert at a time: fp8 copied as shipped (weights and
+    block scales), int8/int4 quantized from the checkpoint's floats (peak: the stacks + one expert)."""
+    bad = [e for e in experts if not 0 <= e < template.num_experts]
+    if bad:
+        raise MoeClusterError(f"placement names experts {bad} in MoE layer {index}, but the model has "
+                              f"{template.num_experts}")
+    module = QuantizedRoutedExperts(template.num_experts, template.dim, template.hidden, experts, fmt,
+                                    None if fmt == "fp8" else group_size, reader.dtype)
+    fp8 = _fp8_readers(reader, template.hidden) if fmt == "fp8" else None
+    for i, expert in enumerate(experts):
+        if fp8 is not None:
+            w13_GD, w2_DF = arch.read_expert(fp8[0], cfg, layer, expert)
+            s13, s2 = arch.read_expert(fp8[1], cfg, layer, expert)
+            module.w13_eGD.set_expert(i, w13_GD.contiguous(), s13.contiguous())
+            module.w2_eDF.set_expert(i, w2_DF.contiguous(), s2.contiguous())
+        else:
+            w13_GD, w2_DF = arch.read_expert(reader.read_rows, cfg, layer, expert)
+            module.w13_eGD.quantize_expert(i, w13_GD)
+            module.w2_eDF.quantize_expert(i, w2_DF)
     return module
 
 

@@ -26,7 +26,10 @@ def worker_argv(args: argparse.Namespace, phase: str, result: str, *, ar_sizes: 
             "--exchange", args.exchange, "--ar-iters", str(args.ar_iters), "--timeout", str(args.timeout),
             "--phase", phase, "--result", result, "--ar-sizes", ",".join(map(str, ar_sizes)),
             "--ar-dtype", ar_dtype, "--rank-worker"]
-    return argv + (["--dtype", args.dtype] if args.dtype else []) + ([] if trace else ["--no-trace"])
+    quant = ["--quant-group-size", str(args.quant_group_size)] + (["--quantize", args.quantize] if args.quantize
+                                                                   else []) + (["--quantize-dense"]
+                                                                               if args.quantize_dense else [])
+    return argv + (["--dtype", args.dtype] if args.dtype else []) + quant + ([] if trace else ["--no-trace"])
 
 
 def launch_job(args: argparse.Namespace, phase: str, world_size: int, tmp: str, **kw: Any) -> dict:

@@ -215,8 +215,13 @@ def _engine_phase(args, comm, gather_reports) -> dict:
 
     batches = [int(b) for b in str(args.batch).split(",")]
     max_len = args.prompt_len + args.warmup + args.steps + 8
+    quant = None
+    if args.quantize or args.quantize_dense:
+        from moecluster.quant.experts import QuantOptions
+
+        quant = QuantOptions(args.quantize, args.quant_group_size, args.quantize_dense)
     engine, _ = open_engine(args.model, args.dtype, comm, args.placement, num_slots=max(batches),
-                            max_seq_len=max_len, exchange=args.exchange)
+                            max_seq_len=max_len, exchange=args.exchange, quant=quant)
     out: dict = {"model": _model_summary(engine, args.exchange), "placement": args.placement}
     bandwidth = streaming_bandwidth_gbs(comm if comm.world_size > 1 else None)
     out["bandwidth_gbs"] = [r["gbs"] for r in gather_reports(comm, {"gbs": bandwidth})]

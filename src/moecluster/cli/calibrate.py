@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from moecluster.cli.cluster import add_quant_args
 from moecluster.errors import MoeClusterError
 from moecluster.perfmodel.calibrate import (
     BASE_SIZES,
@@ -47,6 +48,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens per sequence (default 16)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: the checkpoint's")
     p.add_argument("--placement", default="contiguous", help="expert placement (see `moecluster place`)")
+    add_quant_args(p)
     p.add_argument("--exchange", choices=["exact", "sum"], default="exact", help="expert-parallel exchange")
     p.add_argument("--repeats", type=int, default=1,
                    help="engine runs (new processes) whose per-term medians make the profile (default 1)")

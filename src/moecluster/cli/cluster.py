@@ -20,6 +20,26 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)
 
 
+def add_quant_args(p: argparse.ArgumentParser) -> None:
+    """Options of commands that load a model: quantize a bf16/fp32 checkpoint's experts on load."""
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="hold the routed experts as int8 or int4 (group-wise, fp32 scales), quantized while "
+                        "loading; fp8 checkpoints are read as fp8 without this")
+    p.add_argument("--quant-group-size", type=int, default=128,
+                   help="inputs per int8/int4 scale, a multiple of 64 dividing the model's dims (default 128)")
+    p.add_argument("--quantize-dense", action="store_true",
+                   help="with --quantize: also hold attention and dense / shared MLP weights as int8")
+
+
+def quant_options(args):
+    """The QuantOptions of add_quant_args' flags (None: none given)."""
+    if args.quantize is None and not args.quantize_dense:
+        return None
+    from moecluster.quant.experts import QuantOptions
+
+    return QuantOptions(args.quantize, args.quant_group_size, args.quantize_dense).check()
+
+
 def relaunch(args, argv_tail: list[str]) -> int:
     """Start args.nodes local ranks running this same command as rank workers."""
     from moecluster.distributed.launch import launch_local

@@ -9,7 +9,7 @@ import platform
 import sys
 from pathlib import Path
 
-from moecluster.cli.cluster import add_cluster_args, relaunch, run_on_rank
+from moecluster.cli.cluster import add_cluster_args, add_quant_args, quant_options, relaunch, run_on_rank
 from moecluster.engine.sampling import SamplingParams
 from moecluster.errors import MoeClusterError
 from moecluster.tracing import TRACER, format_breakdown
@@ -37,6 +37,7 @@ def register(sub) -> None:
     p.add_argument("--engine", choices=["torch", "mlx"], default=default_engine(),
                    help="torch (default on Linux) or mlx (Apple Silicon, default on macOS arm64; on Linux CPU for "
                         "correctness only); --nodes N with mlx runs N local ranks on MLX's ring backend")
+    add_quant_args(p)
     add_cluster_args(p)
     p.set_defaults(func=run_generate)
 
@@ -56,6 +57,7 @@ def run_generate(args) -> int:
     if args.nodes < 1:
         raise MoeClusterError(f"--nodes must be at least 1, got {args.nodes}")
     params = sampling_from_args(args)
+    quant_options(args)  # bad quantization options fail before ranks start
     if not Path(args.model).is_dir():
         raise MoeClusterError(f"model directory {args.model!r} does not exist; pass --model DIR with a HF checkpoint")
     if args.engine == "mlx":
@@ -77,7 +79,8 @@ def run_generate(args) -> int:
 def _generate_on_rank(args, params: SamplingParams, comm) -> int:
     from moecluster.runtime import gather_reports, open_engine, rank_report
 
-    engine, placement = open_engine(args.model, args.dtype, comm, args.placement, exchange=args.exchange)
+    engine, placement = open_engine(args.model, args.dtype, comm, args.placement, exchange=args.exchange,
+                                    quant=quant_options(args))
     rank0 = engine.rank == 0
     text = args.prompt
     if args.chat:

@@ -122,7 +122,8 @@ def _cluster_batches(report: dict[str, Any], shape: ModelShape, node: NodeSpec, 
 def build_report(args: argparse.Namespace) -> dict[str, Any]:
     """Run every (network, nodes, layout) prediction for the parsed arguments; JSON-ready dict."""
     presets = load_presets(args.presets)
-    shape = load_model(args.model, presets.models).with_dtype(args.dtype)
+    shape = load_model(args.model, presets.models)  # a quantized checkpoint's config sets its expert bytes
+    shape = shape.with_dtype(args.dtype) if args.dtype else shape
     base = presets.node(args.node)
     node = presets.resolve(base, args.engine, args.stack)
     profile = load_profile(args.profile) if args.profile else None
@@ -233,7 +234,8 @@ def format_table(report: dict[str, Any]) -> str:
     m, wl, node, eng = report["model"], report["workload"], report["node"], report["engine"]
     lines = [
         f"model {m['name']}: {m['total_params_b']:.1f}B params ({m['active_params_b']:.1f}B active), "
-        f"{m['weight_bytes_per_param']:g} bytes/param; replicated {m['replicated_gb']:.1f} GB/node, "
+        f"{m['weight_bytes_per_param']:g} bytes/param (experts {m['expert_bytes_per_param']:.4g}); "
+        f"replicated {m['replicated_gb']:.1f} GB/node, "
         f"{m['expert_gb_each']:.3f} GB per expert x {m['experts']} experts x {m['moe_layers']} layers",
         f"node {node['name']}: {node['usable_memory_gb']:.1f} GB usable, ${node['price_usd']:,.0f}; "
         f"batch {wl['batch']}, context {wl['context']}, prompt {wl['prompt']}"
@@ -352,7 +354,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
     p.add_argument("--context", type=int, default=2048, help="KV-cache tokens per sequence (default 2048)")
     p.add_argument("--prompt", type=int, default=512, help="prompt tokens for prefill/TTFT (default 512)")
-    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES), help="weight format (default bf16)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPE_BYTES),
+                   help="weight format: bf16, fp16, q8, q4 (all weights) or the engine's expert formats int8, "
+                        "int4, fp8, mxfp4 (routed experts, scales included; the rest bf16). Default: the "
+                        "checkpoint's quantization_config format for experts, else bf16")
     p.add_argument("--expert-load", type=float, default=None,
                    help="expected max-rank (token, expert) evaluations per MoE layer (from a placement); "
                    "default: uniform routing, contiguous placement")

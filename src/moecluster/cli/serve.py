@@ -8,7 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
-from moecluster.cli.cluster import add_cluster_args, run_on_rank
+from moecluster.cli.cluster import add_cluster_args, add_quant_args, quant_options, run_on_rank
 from moecluster.errors import MoeClusterError
 
 FAILED_LINGER_S = 30.0  # after a rank fails, keep answering 503 (and /health) this long, then exit
@@ -27,6 +27,7 @@ def register(sub) -> None:
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                    help="default: bf16 unless the checkpoint is fp32")
     p.add_argument("--max-seq-len", type=int, default=None, help="context per sequence (default: the model's)")
+    add_quant_args(p)
     add_cluster_args(p)
     p.set_defaults(func=run_serve, timeout=20.0)  # a dead rank fails requests within 30 s
 
@@ -98,7 +99,7 @@ def _serve_on_rank(args, comm) -> int:
 
         from moecluster.server.app import create_app  # noqa: F401
     engine, placement = open_engine(args.model, args.dtype, comm, args.placement, num_slots=args.max_batch,
-                                    max_seq_len=args.max_seq_len, exchange=args.exchange)
+                                    max_seq_len=args.max_seq_len, exchange=args.exchange, quant=quant_options(args))
     if rank != 0:
         worker_loop(engine, comm)
         return 0

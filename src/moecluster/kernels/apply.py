@@ -17,6 +17,7 @@ from torch import nn
 from moecluster import kernels
 from moecluster.models.layers import Linear
 from moecluster.models.moe import RoutedExperts, torch_moe_gemm
+from moecluster.quant.experts import QuantizedLinear, QuantizedRoutedExperts
 
 SMALL_ROWS = 16  # up to this many rows, w @ x.T streams weights faster than F.linear on CPU (bf16)
 
@@ -54,6 +55,8 @@ def apply_kernels(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, Linear):
             module.gemm = fast_linear
+        elif isinstance(module, (QuantizedRoutedExperts, QuantizedLinear)):  # before RoutedExperts: a subclass
+            module.gemm = kernels.moe_gemm_q  # the compiled kernel where it runs, else its torch path
         elif isinstance(module, RoutedExperts):
             module.gemm = fast_moe_gemm
     return model

@@ -15,13 +15,34 @@ from typing import Any, ClassVar
 from moecluster.errors import MoeClusterError
 
 # Bytes per weight for --dtype; q8/q4 are group-64 affine quantization (scale + bias in fp16).
+# The expert formats the engine holds (moecluster.quant), scales included: int8/int4 one fp32 scale per 128
+# inputs (--quant-group-size default), fp8 one fp32 per 128x128 block, mxfp4 one e8m0 byte per 32.
+EXPERT_FORMAT_BYTES: dict[str, float] = {
+    "int8": 1.0 + 4.0 / 128,
+    "int4": 0.5 + 4.0 / 128,
+    "fp8": 1.0 + 4.0 / (128 * 128),
+    "mxfp4": 0.5 + 1.0 / 32,
+}
 DTYPE_BYTES: dict[str, float] = {
     "bf16": 2.0,
     "fp16": 2.0,
-    "fp8": 1.0,
     "q8": 1.0 + 4.0 / 64,
     "q4": 0.5 + 4.0 / 64,
+    **EXPERT_FORMAT_BYTES,
 }
+
+
+def checkpoint_format(cfg: dict[str, Any]) -> str | None:
+    """The expert format a checkpoint ships by its config.json `quantization_config` ("fp8", "mxfp4"), None
+    when unquantized; other methods get one error (the engine's check is moecluster.quant's)."""
+    qc = cfg.get("quantization_config") or {}
+    method = str(qc.get("quant_method", "")).lower() if isinstance(qc, dict) else ""
+    if not qc:
+        return None
+    if method not in ("fp8", "mxfp4"):
+        raise MoeClusterError(f"quantization method {method or '(missing)'!r} is not supported; supported "
+                              "checkpoint formats: 'fp8', 'mxfp4' (or pass --dtype to size the model)")
+    return method
 
 
 @dataclass(frozen=True)
@@ -47,6 +68,7 @@ class ModelShape:
     dense_ffn: int = 0  # hidden size of the MLP in non-MoE layers
     tie_embeddings: bool = False
     weight_bytes: float = 2.0  # bytes per weight (bf16)
+    expert_weight_bytes: float | None = None  # routed experts' bytes per weight when held apart (quantized)
     act_bytes: int = 2  # bytes per activation element (exchange and KV cache)
     source: str = ""
 
@@ -105,8 +127,9 @@ class ModelShape:
 
     @property
     def expert_bytes(self) -> float:
-        """Bytes of one expert in one layer."""
-        return self.expert_params * self.weight_bytes
+        """Bytes of one expert in one layer (scales included)."""
+        return self.expert_params * (self.weight_bytes if self.expert_weight_bytes is None
+                                     else self.expert_weight_bytes)
 
     @property
     def replicated_bytes(self) -> float:
@@ -114,7 +137,7 @@ class ModelShape:
 
     @property
     def total_bytes(self) -> float:
-        return self.total_params * self.weight_bytes
+        return self.replicated_bytes + self.num_moe_layers * self.num_experts * self.expert_bytes
 
     @property
     def kv_bytes_per_token(self) -> float:
@@ -126,10 +149,14 @@ class ModelShape:
         return num_tokens * self.d_model * self.act_bytes
 
     def with_dtype(self, dtype: str) -> ModelShape:
-        """Same shape with weights stored as `dtype` (bf16, fp16, fp8, q8, q4)."""
+        """Same shape with weights stored as `dtype`: bf16, fp16, q8, q4 all weights; the engine's expert
+        formats (int8, int4, fp8, mxfp4) the routed experts only, the rest staying bf16 as the engine holds it
+        (int8 dense weights with --quantize-dense are not modelled)."""
         if dtype not in DTYPE_BYTES:
             raise MoeClusterError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
-        return replace(self, weight_bytes=DTYPE_BYTES[dtype])
+        if dtype in EXPERT_FORMAT_BYTES:
+            return replace(self, weight_bytes=2.0, expert_weight_bytes=DTYPE_BYTES[dtype])
+        return replace(self, weight_bytes=DTYPE_BYTES[dtype], expert_weight_bytes=None)
 
     def summary(self) -> dict[str, Any]:
         """JSON-friendly summary of sizes (bytes in GB = 1e9)."""
@@ -139,7 +166,8 @@ class ModelShape:
             "top_k": self.top_k, "total_params_b": self.total_params / 1e9,
             "active_params_b": self.active_params / 1e9, "weight_bytes_per_param": self.weight_bytes,
             "replicated_gb": self.replicated_bytes / 1e9, "expert_gb_each": self.expert_bytes / 1e9,
-            "experts_total_gb": self.expert_params_total * self.weight_bytes / 1e9,
+            "experts_total_gb": self.num_moe_layers * self.num_experts * self.expert_bytes / 1e9,
+            "expert_bytes_per_param": self.expert_bytes / self.expert_params if self.expert_params else 0.0,
             "kv_bytes_per_token": self.kv_bytes_per_token, "exchange_bytes_per_token": self.exchange_bytes(1),
             "source": self.source,
         }
@@ -753,6 +781,8 @@ def parse_config(cfg: dict[str, Any], where: str = "config.json") -> ArchConfig:
 
 
 def shape_of(cfg: dict[str, Any], name: str = "model", source: str = "") -> ModelShape:
-    """ModelShape of an HF config dict (bf16 weights)."""
+    """ModelShape of an HF config dict (bf16 weights; routed experts in the checkpoint's quantized format)."""
     where = f"model {name!r} (model_type {cfg.get('model_type')!r})" if isinstance(cfg, dict) else name
-    return parse_config(cfg, where).shape(name, source)
+    shape = parse_config(cfg, where).shape(name, source)
+    fmt = checkpoint_format(cfg) if isinstance(cfg, dict) else None
+    return shape if fmt is None else replace(shape, expert_weight_bytes=EXPERT_FORMAT_BYTES[fmt])

@@ -188,7 +188,7 @@ class RoutedExperts(nn.Module):
         local = [self._local(e) for e in experts]
         P = len(pairs)
         h_PG = self.gemm(self.w13_eGD, local, counts, x_ND.contiguous(), [p // K for p in pairs],
-                         x_ND.new_empty(P, self.w13_eGD.shape[1]), list(range(P)))
+                         x_ND.new_empty(P, 2 * self.hidden), list(range(P)))
         gate_PF, up_PF = h_PG.chunk(2, dim=-1)
         self.gemm(self.w2_eDF, local, counts, F.silu(gate_PF) * up_PF, list(range(P)), y_NKD.view(-1, D), pairs)
         return y_NKD, len(experts)

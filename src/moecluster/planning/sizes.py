@@ -33,9 +33,11 @@ class ModelSizes:
         """Sizes from a HF config (every model_type models/configs.py reads)."""
         nbytes = bytes_per_param or DTYPE_BYTES.get(str(cfg.get("torch_dtype") or
                                                         cfg.get("dtype") or "bfloat16"), 2)
-        shape = shape_of(cfg)
+        shape = shape_of(cfg)  # a quantized checkpoint's experts: its format's bytes, scales included
+        expert = shape.expert_params * nbytes if bytes_per_param or shape.expert_weight_bytes is None \
+            else shape.expert_bytes
         return cls(shape.model_type, shape.num_moe_layers, shape.num_experts, shape.top_k,
-                   float(shape.expert_params * nbytes), float(shape.replicated_params * nbytes))
+                   float(expert), float(shape.replicated_params * nbytes))
 
 
 def read_model_sizes(model: str, bytes_per_param: float | None = None) -> ModelSizes:

@@ -1,0 +1,139 @@
+"""Quantized model pieces: routed experts and dense linears whose weights are QuantizedStacks.
+
+`QuantizedRoutedExperts` is a RoutedExperts whose w13_eGD / w2_eDF are QuantizedStacks and whose `gemm`
+takes a stack (kernels.moe_gemm_q's signature); routing, pair bookkeeping, `pairs()` and the combine are
+RoutedExperts' own, so expert parallelism and the engine's byte accounting work unchanged. The default gemm
+here is plain torch (exact dequantization, fp32 products); kernels.apply_kernels swaps in moe_gemm_q.
+
+`QuantizedLinear` is the same for one dense weight: a stack of one "expert" [O, I].
+
+Shape legend: N tokens, D model dim, F expert hidden dim, G = 2F, e local experts, O outputs, I inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moecluster.errors import MoeClusterError
+from moecluster.models.layers import Linear
+from moecluster.models.moe import RoutedExperts
+from moecluster.quant.formats import DEFAULT_GROUP_SIZE, FORMATS
+from moecluster.quant.stack import QuantizedStack
+
+QUANTIZE_ON_LOAD = ("int8", "int4")  # what --quantize makes from a bf16/fp32 checkpoint
+DENSE_QUANTIZE = ("int8",)  # what --quantize-dense makes of dense linears
+
+# gemm(stack, local experts, pairs per expert, x_nI, x row of each pair, out_mO, out row of each pair) -> out
+QuantGemm = Callable[[QuantizedStack, list[int], list[int], torch.Tensor, list[int], torch.Tensor, list[int]],
+                     torch.Tensor]
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """How to hold weights: `fmt` for the routed experts (None: the checkpoint's dtype or format),
+    `group_size` for int8/int4, `dense`: also quantize dense linears (attention, dense / shared MLPs) to int8."""
+
+    fmt: str | None = None
+    group_size: int = DEFAULT_GROUP_SIZE
+    dense: bool = False
+
+    def check(self) -> QuantOptions:
+        if self.fmt is not None and self.fmt not in QUANTIZE_ON_LOAD:
+            raise MoeClusterError(f"--quantize {self.fmt!r} is not supported; choose one of "
+                                  f"{', '.join(QUANTIZE_ON_LOAD)} (fp8 / mxfp4 are read as the checkpoint ships them)")
+        if self.group_size <= 0 or self.group_size % 64:
+            raise MoeClusterError(f"--quant-group-size must be a positive multiple of 64, got {self.group_size}")
+        if self.dense and self.fmt is None:
+            raise MoeClusterError("--quantize-dense needs --quantize int8 or int4 (dense linears become int8)")
+        return self
+
+
+def torch_moe_gemm_q(stack: QuantizedStack, local: list[int], counts: list[int], x_nI: torch.Tensor,
+                     x_rows: list[int], out_mO: torch.Tensor, out_rows: list[int]) -> torch.Tensor:
+    """torch_moe_gemm's contract on a QuantizedStack: each selected expert dequantized exactly to fp32 and
+    applied to its pairs' rows in fp32, cast to out's dtype. Plain torch (no kernel)."""
+    start = 0
+    for e, count in zip(local, counts, strict=True):
+        if count:
+            xs = x_nI[x_rows[start:start + count]].float()
+            out_mO[out_rows[start:start + count]] = (xs @ stack.dequantize(e).T).to(out_mO.dtype)
+        start += count
+    return out_mO
+
+
+class QuantizedRoutedExperts(RoutedExperts):
+    """The routed experts this process holds, as QuantizedStacks: w13_eGD [e, 2F, D], w2_eDF [e, D, F]."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, expert_ids: list[int], fmt: str,
+                 group_size: int | None = None, compute_dtype: torch.dtype = torch.bfloat16):
+        super().__init__(num_experts, dim, hidden, expert_ids, dtype=compute_dtype, device="meta")
+        del self.w13_eGD, self.w2_eDF  # the meta placeholders: the weights live in the stacks below
+        if fmt not in FORMATS:
+            raise MoeClusterError(f"unknown quantized format {fmt!r}; known: {', '.join(FORMATS)}")
+        e = len(self.expert_ids)
+        self.fmt, self.group_size, self.compute_dtype = fmt, group_size, compute_dtype
+        self.w13_eGD: QuantizedStack = QuantizedStack.empty(fmt, e, 2 * hidden, dim, group_size)  # type: ignore[assignment]
+        self.w2_eDF: QuantizedStack = QuantizedStack.empty(fmt, e, dim, hidden, group_size)  # type: ignore[assignment]
+        self.gemm = torch_moe_gemm_q  # type: ignore[assignment]
+
+    def expert_bytes(self) -> int:
+        """Bytes of one expert as held: packed weights and their scales (gate, up and down)."""
+        return self.w13_eGD.expert_nbytes() + self.w2_eDF.expert_nbytes() if self.expert_ids else 0
+
+    def subset(self, keep: list[int]) -> QuantizedRoutedExperts:
+        """A QuantizedRoutedExperts holding only `keep` (global ids), copied out of this one (same gemm)."""
+        out = QuantizedRoutedExperts(self.num_experts, self.dim, self.hidden, keep, self.fmt, self.group_size,
+                                     self.compute_dtype)
+        for i, expert in enumerate(keep):
+            j = self._local(expert)
+            for src, dst in ((self.w13_eGD, out.w13_eGD), (self.w2_eDF, out.w2_eDF)):
+                dst.set_expert(i, src.data[j], src.scales[j])
+        out.gemm = self.gemm
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.fmt}, experts={len(self.expert_ids)}/{self.num_experts}, dim={self.dim}, hidden={self.hidden}"
+
+
+class QuantizedLinear(nn.Module):
+    """A Linear whose weight [O, I] is a one-"expert" QuantizedStack: x [..., I] -> [..., O] (+ bias) in x's
+    dtype. Its packed data and scales are registered as (frozen) parameters so byte counts see them."""
+
+    def __init__(self, stack: QuantizedStack, bias: torch.Tensor | None = None):
+        super().__init__()
+        if stack.num_experts != 1:
+            raise MoeClusterError(f"internal: a QuantizedLinear holds one weight, got a stack of {stack.num_experts}")
+        self.stack = stack
+        self.qdata = nn.Parameter(stack.data, requires_grad=False)
+        self.qscales = nn.Parameter(stack.scales, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.gemm: QuantGemm = torch_moe_gemm_q
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fmt: str, group_size: int | None = None) -> QuantizedLinear:
+        return cls(QuantizedStack.quantize(fmt, linear.weight.detach()[None], group_size), linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_nI = x.reshape(-1, self.stack.I).contiguous()
+        n = x_nI.shape[0]
+        rows = list(range(n))
+        out_nO = self.gemm(self.stack, [0], [n], x_nI, rows, x_nI.new_empty(n, self.stack.O), rows)
+        out = out_nO.view(*x.shape[:-1], self.stack.O)
+        return out if self.bias is None else out + self.bias
+
+
+def quantize_dense_linears(model: nn.Module, fmt: str = "int8", group_size: int | None = None) -> int:
+    """Replace every Linear of the blocks (attention, dense and shared MLPs; not the router gates,
+    embeddings or lm_head, which decide routing and logits) whose input dim the group size divides by a
+    QuantizedLinear, one at a time. Returns the number replaced."""
+    g = group_size or DEFAULT_GROUP_SIZE
+    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if isinstance(child, Linear) and name != "gate" and child is not
+               getattr(model, "lm_head", None) and child.in_features % g == 0]
+    for parent, name, child in targets:
+        setattr(parent, name, QuantizedLinear.from_linear(child, fmt, g))
+    return len(targets)
