@@ -312,7 +312,9 @@ int moe_gemm_q(int fmt, const char *W, const char *S, int64_t rows, int64_t cols
     const Shape s = make_shape(fmt, rows, cols, g);
     const int64_t bpe = (rows + RB - 1) / RB, total = K * bpe;
     const int64_t xsize = x_f32 ? 4 : 2;
-#pragma omp parallel
+    /* little work: one thread (a parallel region on a busy machine waits for a descheduled thread) */
+    const int parallel = K * s.w_expert >= ((int64_t)1 << 20);
+#pragma omp parallel if(parallel)
     {
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < n_x; r++) {

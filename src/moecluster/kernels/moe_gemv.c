@@ -22,6 +22,8 @@
 
 #define ROWS_PER_BLOCK 4
 
+#define PARALLEL_MIN_BYTES ((int64_t)1 << 20)  /* weights per call below which one thread runs it */
+
 static inline uint16_t to_bf16(float f) {
     uint32_t bits;
     memcpy(&bits, &f, 4);
@@ -129,8 +131,11 @@ int moe_gemm_bf16(const uint16_t *W, int64_t expert_stride, const int64_t *exper
         return 0;
     const int64_t blocks_per_expert = (rows + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK;
     const int64_t total = K * blocks_per_expert;
-#pragma omp parallel for schedule(dynamic, 32)  /* 32 blocks = 256 KiB+ runs; a thread slowed by a
-                                                   noisy neighbour takes fewer (+4% here over static) */
+    /* Below PARALLEL_MIN_BYTES of weights one thread streams them faster than a parallel region costs,
+       and on a busy machine a region waits for a descheduled thread (ms per call): stay serial. */
+    const int parallel = K * rows * cols * 2 >= PARALLEL_MIN_BYTES;
+#pragma omp parallel for schedule(dynamic, 32) if(parallel)  /* 32 blocks = 256 KiB+ runs; a thread slowed by
+                                                               a noisy neighbour takes fewer (+4% over static) */
     for (int64_t b = 0; b < total; b++) {
         const int64_t k = b / blocks_per_expert;
         const int64_t r0 = (b % blocks_per_expert) * ROWS_PER_BLOCK;
