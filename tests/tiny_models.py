@@ -10,7 +10,7 @@ import torch
 from moecluster.builtin import write_tokenizer
 
 VOCAB = 384
-ARCHES = ("dbrx", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe")
+ARCHES = ("dbrx", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe", "gpt_oss")
 COMMON = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
               max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 # each exercises its family's options: dense layers, renormalized top-k, shared expert, q/k norms, clipping
@@ -31,6 +31,13 @@ HF_COMMON = {
                       n_shared_experts=2, first_k_dense_replace=1, n_group=4, topk_group=2, norm_topk_prob=True,
                       routed_scaling_factor=2.5, use_qk_norm=True, attention_bias=True, head_dim=32,
                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
+    # sinks, sliding window 8 on layers 0 and 2 (the 64-token tests cross it), YaRN whose ramp falls inside
+    # head_dim, biases everywhere, a SwiGLU limit low enough that the clamps act
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=48, head_dim=16, sliding_window=8,
+                     layer_types=["sliding_attention", "full_attention", "sliding_attention"], swiglu_limit=2.0,
+                     rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "beta_fast": 32.0,
+                                      "beta_slow": 1.0, "original_max_position_embeddings": 32, "truncate": False})),
 }
 
 

@@ -12,7 +12,7 @@ from types import ModuleType
 from typing import Any
 
 from moecluster.errors import MoeClusterError
-from moecluster.models import dbrx, glm4_moe, mixtral, olmoe, qwen2_moe, qwen3_moe
+from moecluster.models import dbrx, glm4_moe, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
 from moecluster.models.configs import CONFIGS, ArchConfig
 from moecluster.models.layers import DecoderModel
 
@@ -24,6 +24,7 @@ ARCHITECTURES: dict[str, tuple[ModelClass, ModuleType]] = {
     "qwen2_moe": (qwen2_moe.Qwen2MoeForCausalLM, qwen2_moe),
     "olmoe": (olmoe.OlmoeForCausalLM, olmoe),
     "glm4_moe": (glm4_moe.Glm4MoeForCausalLM, glm4_moe),
+    "gpt_oss": (gpt_oss.GptOssForCausalLM, gpt_oss),
 }
 
 
