@@ -36,8 +36,8 @@ HF_COMMON = {
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
                 dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=48, head_dim=16, sliding_window=8,
                      layer_types=["sliding_attention", "full_attention", "sliding_attention"], swiglu_limit=2.0,
-                     rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "beta_fast": 32.0,
-                                      "beta_slow": 1.0, "original_max_position_embeddings": 32, "truncate": False})),
+                     rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0, "beta_fast": 32.0,
+                                      "beta_slow": 1.0, "original_max_position_embeddings": 128, "truncate": False})),
 }
 
 
