@@ -27,7 +27,9 @@ MoEGemm = Callable[[torch.Tensor, list[int], list[int], torch.Tensor, list[int],
                    torch.Tensor]
 # score function: router logits_NE -> (ids_NK, fp32 weights_NK)
 ScoreFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-# gated activation: (gate_PF, up_PF) -> h_PF, elementwise (each pair's bits independent of the others)
+# gated activation: (gate_PF, up_PF) -> h_PF, elementwise, each pair's bits independent of the others. ATen's
+# flat elementwise loops end with a scalar tail whose exp/sigmoid may differ in the last bit from the vector
+# body, so transcendental ops must run row by row: on row-strided views (gate_PF, up_PF are views of [P, 2F]).
 GluFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -41,7 +43,10 @@ def clamped_swiglu(gate_PF: torch.Tensor, up_PF: torch.Tensor, *, alpha: float =
     """gpt-oss: gate clamped above at `limit`, up clamped to +-limit, then (up + 1) * gate * sigmoid(alpha * gate)."""
     gate_PF = gate_PF.clamp(max=limit)
     up_PF = up_PF.clamp(-limit, limit)
-    return (up_PF + 1) * (gate_PF * torch.sigmoid(gate_PF * alpha))
+    # the sigmoid on a view with a row stride of 2F, so each row is one vector loop (see GluFn)
+    sig_PF = gate_PF.new_empty(gate_PF.shape[0], 2 * gate_PF.shape[1])[:, :gate_PF.shape[1]]
+    torch.mul(gate_PF, alpha, out=sig_PF).sigmoid_()
+    return (up_PF + 1) * (gate_PF * sig_PF)
 
 
 def softmax_topk(logits_NE: torch.Tensor, k: int, *, renorm_p: float | None = None,
