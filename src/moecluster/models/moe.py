@@ -44,7 +44,8 @@ def clamped_swiglu(gate_PF: torch.Tensor, up_PF: torch.Tensor, *, alpha: float =
     gate_PF = gate_PF.clamp(max=limit)
     up_PF = up_PF.clamp(-limit, limit)
     # the sigmoid on a view with a row stride of 2F, so each row is one vector loop (see GluFn)
-    sig_PF = gate_PF.new_empty(gate_PF.shape[0], 2 * gate_PF.shape[1])[:, :gate_PF.shape[1]]
+    hidden = gate_PF.shape[-1]
+    sig_PF = gate_PF.new_empty(*gate_PF.shape[:-1], 2 * hidden)[..., :hidden]
     torch.mul(gate_PF, alpha, out=sig_PF).sigmoid_()
     return (up_PF + 1) * (gate_PF * sig_PF)
 
