@@ -10,7 +10,8 @@ import torch
 from moecluster.builtin import write_tokenizer
 
 VOCAB = 384
-ARCHES = ("dbrx", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe", "deepseek_v3", "deepseek_v2")
+ARCHES = ("dbrx", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe", "deepseek_v3", "deepseek_v2",
+          "gpt_oss")
 COMMON = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
               max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 # each exercises its family's options: dense layers, renormalized top-k, shared expert, q/k norms, clipping
@@ -49,6 +50,13 @@ HF_COMMON = {
                          moe_intermediate_size=48, intermediate_size=80, n_shared_experts=1, first_k_dense_replace=1,
                          topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.5,
                          attention_bias=True)),
+    # sinks, sliding window 8 on layers 0 and 2 (the 64-token tests cross it), YaRN whose ramp falls inside
+    # head_dim, biases everywhere, a SwiGLU limit low enough that the clamps act
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=48, head_dim=16, sliding_window=8,
+                     layer_types=["sliding_attention", "full_attention", "sliding_attention"], swiglu_limit=2.0,
+                     rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0, "beta_fast": 32.0,
+                                      "beta_slow": 1.0, "original_max_position_embeddings": 128, "truncate": False})),
 }
 
 

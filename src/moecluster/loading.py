@@ -225,11 +225,10 @@ def _load_experts(reader: CheckpointReader, arch, cfg: ArchConfig, template: Rou
     if bad:
         raise MoeClusterError(f"placement names experts {bad} in MoE layer {index}, but the model has "
                               f"{template.num_experts}")
-    module = RoutedExperts(template.num_experts, template.dim, template.hidden, experts, dtype=dtype)
+    module = template.empty_like(experts, dtype)
     for i, expert in enumerate(experts):
-        w13_GD, w2_DF = arch.read_expert(reader.read_rows, cfg, layer, expert)
-        module.w13_eGD[i].copy_(w13_GD)
-        module.w2_eDF[i].copy_(w2_DF)
+        # (w13_GD, w2_DF), or (w13_GD, w2_DF, b13_G, b2_D) for experts with biases (gpt-oss)
+        module.set_expert(i, *arch.read_expert(reader.read_rows, cfg, layer, expert))
     return module
 
 
@@ -288,6 +287,9 @@ def _load_quantized_experts(reader: CheckpointReader, arch, cfg: ArchConfig, tem
     if bad:
         raise MoeClusterError(f"placement names experts {bad} in MoE layer {index}, but the model has "
                               f"{template.num_experts}")
+    if template.b13_eG is not None:
+        raise MoeClusterError(f"quantized experts ({fmt}) are not supported yet for model_type {cfg.model_type!r} "
+                              "(its experts have biases); run it unquantized")
     module = QuantizedRoutedExperts(template.num_experts, template.dim, template.hidden, experts, fmt,
                                     None if fmt == "fp8" else group_size, reader.dtype)
     fp8 = _fp8_readers(reader, template.hidden) if fmt == "fp8" else None

@@ -71,6 +71,8 @@ class ModelShape:
     expert_weight_bytes: float | None = None  # routed experts' bytes per weight when held apart (quantized)
     act_bytes: int = 2  # bytes per activation element (exchange and KV cache)
     source: str = ""
+    num_sliding_layers: int = 0  # layers with sliding-window attention: they cache only `sliding_window` tokens
+    sliding_window: int = 0
 
     @property
     def expert_params(self) -> int:
@@ -143,6 +145,12 @@ class ModelShape:
     def kv_bytes_per_token(self) -> float:
         """KV-cache bytes per token of context, all layers."""
         return self.num_layers * self.kv_elems_per_token * self.act_bytes
+
+    def kv_bytes(self, context: int) -> float:
+        """KV-cache bytes of one sequence of `context` tokens, all layers (sliding layers: at most the window)."""
+        sliding = self.num_sliding_layers * min(context, self.sliding_window)
+        full = (self.num_layers - self.num_sliding_layers) * context
+        return (full + sliding) * self.kv_elems_per_token * self.act_bytes
 
     def exchange_bytes(self, num_tokens: int) -> int:
         """All-reduce message size for T tokens: T x D activations."""
@@ -608,6 +616,85 @@ class Glm4MoeConfig(_HFDecoderConfig):
 
 
 @dataclass
+class GptOssConfig(_HFDecoderConfig):
+    """gpt-oss: every layer MoE (router with a bias, top-k then softmax; experts with biases and a clamped
+    SwiGLU), attention with q/k/v/o biases and per-head sinks, `layer_types` alternating sliding-window and
+    full attention, YaRN RoPE (`rope_parameters`, or the legacy `rope_scaling` + `rope_theta` of the Hub's
+    config.json; transformers' defaults when absent)."""
+
+    model_type: ClassVar[str] = "gpt_oss"
+    num_hidden_layers: int = 36
+    num_local_experts: int = 128
+    num_experts: int | None = None
+    vocab_size: int = 201088
+    hidden_size: int = 2880
+    intermediate_size: int = 2880
+    head_dim: int | None = 64
+    num_attention_heads: int = 64
+    num_key_value_heads: int | None = 8
+    sliding_window: int | None = 128
+    layer_types: list[str] | None = None
+    num_experts_per_tok: int = 4
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    attention_bias: bool = True
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 131072
+    rope_scaling: dict | None = None
+    quantization_config: dict | None = None
+
+    YARN_DEFAULT: ClassVar[dict] = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                    "truncate": False, "original_max_position_embeddings": 4096}
+
+    @property
+    def routed_experts(self) -> int:
+        return int(self.num_experts or self.num_local_experts)
+
+    @property
+    def expert_hidden(self) -> int:
+        return int(self.intermediate_size)
+
+    @property
+    def rope(self) -> dict:
+        """The RoPE parameters with rope_type and rope_theta filled in (theta default 150000, as transformers)."""
+        params = dict(self.rope_parameters or self.rope_scaling or self.YARN_DEFAULT)
+        params.setdefault("rope_type", params.get("type", "default"))
+        params.setdefault("rope_theta", self.rope_theta if self.rope_theta is not None else 150000.0)
+        return params
+
+    @property
+    def rope_base(self) -> float:
+        return float(self.rope["rope_theta"])
+
+    @property
+    def sliding_layers(self) -> list[bool]:
+        """Per layer: sliding-window attention? (transformers' default: even layers slide, odd are full.)"""
+        types = self.layer_types or ["sliding_attention" if i % 2 == 0 else "full_attention"
+                                     for i in range(self.num_hidden_layers)]
+        return [t == "sliding_attention" and bool(self.sliding_window) for t in types]
+
+    def validate(self) -> None:
+        rope = self.rope
+        self._check([
+            (rope["rope_type"] in ("default", "yarn"), f"rope_type {rope['rope_type']!r} is not supported "
+                                                       "(gpt-oss: yarn or default)"),
+            (rope["rope_type"] != "yarn" or ("factor" in rope and "original_max_position_embeddings" in rope),
+             "yarn rope_parameters need factor and original_max_position_embeddings"),
+            (self.layer_types is None or len(self.layer_types) == self.num_hidden_layers,
+             f"layer_types has {len(self.layer_types or [])} entries for {self.num_hidden_layers} layers"),
+            (not set(self.layer_types or []) - {"sliding_attention", "full_attention"},
+             f"layer_types {sorted(set(self.layer_types or []))} must be sliding_attention or full_attention"),
+            (self.sliding_window is None or self.sliding_window > 0, "sliding_window must be positive"),
+            (self.intermediate_size > 0, "intermediate_size must be positive"),
+        ])
+        super().validate()
+
+    def shape(self, name: str = "model", source: str = "") -> ModelShape:
+        return replace(self._shape(name, source), num_sliding_layers=sum(self.sliding_layers),
+                       sliding_window=int(self.sliding_window or 0))
+
+
+@dataclass
 class DeepseekV3Config(ArchConfig):
     """DeepSeek-V3 (Kimi K2's architecture) and, as DeepseekV2Config, DeepSeek-V2: multi-head latent attention
     (MLA: low-rank q with optional `q_lora_rank`, one shared latent `kv_lora_rank` + rotated key `qk_rope_head_dim`
@@ -765,8 +852,8 @@ class DeepseekV2Config(DeepseekV3Config):
 
 
 CONFIGS: dict[str, type[ArchConfig]] = {c.model_type: c for c in (
-    DbrxConfig, MixtralConfig, Qwen3MoeConfig, Qwen2MoeConfig, OlmoeConfig, Glm4MoeConfig, DeepseekV3Config,
-    DeepseekV2Config)}
+    DbrxConfig, MixtralConfig, Qwen3MoeConfig, Qwen2MoeConfig, OlmoeConfig, Glm4MoeConfig, GptOssConfig,
+    DeepseekV3Config, DeepseekV2Config)}
 
 
 def parse_config(cfg: dict[str, Any], where: str = "config.json") -> ArchConfig:

@@ -162,6 +162,64 @@ class KVCache(nn.Module):
         return self.k[rows.index, :, :span], self.v[rows.index, :, :span]
 
 
+class SlidingKVCache(nn.Module):
+    """Per-layer cache of a sliding-window attention layer: a ring of `size` positions per slot (position p at
+    index p % size), enough for a window of `size` keys (a query at q sees keys q-size+1..q).
+
+    update() returns the ring as it was before this forward (the keys the new queries may still see), the new
+    keys after it, and the mask of which of those each query sees; only then is the ring overwritten."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    def __init__(self, num_slots: int, n_kv_heads: int, size: int, head_dim: int, dtype: torch.dtype):
+        super().__init__()
+        self.size = size
+        shape = (num_slots, n_kv_heads, size, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(self, rows: CacheRows, k_BHkTHd: torch.Tensor, v_BHkTHd: torch.Tensor, window: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(k_BHkSHd, v_BHkSHd, mask_B1TS) with S = size + T: ring keys first, then the T new ones."""
+        T, R = k_BHkTHd.shape[2], self.size
+        k_all = torch.cat((self.k[rows.index], k_BHkTHd), dim=2)  # a copy: the ring can be overwritten below
+        v_all = torch.cat((self.v[rows.index], v_BHkTHd), dim=2)
+        last_B1 = rows.pos_t[:, None] - 1  # each row's last cached position
+        ring_pos_BR = last_B1 - (last_B1 - torch.arange(R)[None, :]).remainder(R)  # < 0: never written
+        q_pos_BT = rows.pos_t[:, None] + torch.arange(T)[None, :]
+        k_pos_BS = torch.cat((ring_pos_BR, q_pos_BT), dim=1)[:, None, :]
+        mask_BTS = (k_pos_BS >= 0) & (k_pos_BS <= q_pos_BT[..., None]) & (k_pos_BS > q_pos_BT[..., None] - window)
+        if T == 1 and len(rows.slots) > 1:  # batched decode: one scatter per tensor
+            self.k[rows.slots_t, :, rows.pos_t % R] = k_BHkTHd[:, :, 0]
+            self.v[rows.slots_t, :, rows.pos_t % R] = v_BHkTHd[:, :, 0]
+        else:
+            keep = min(T, R)  # a prefill longer than the ring keeps its last R positions
+            for b, (slot, pos) in enumerate(zip(rows.slots, rows.pos, strict=True)):
+                idx = torch.arange(pos + T - keep, pos + T) % R
+                self.k[slot, :, idx] = k_BHkTHd[b, :, T - keep:]
+                self.v[slot, :, idx] = v_BHkTHd[b, :, T - keep:]
+        return k_all, v_all, mask_BTS[:, None]
+
+
+def sink_attention(q_BHTHd: torch.Tensor, k_BHkSHd: torch.Tensor, v_BHkSHd: torch.Tensor, sinks_H: torch.Tensor,
+                   mask_B1TS: torch.Tensor | None, scale: float | None = None) -> torch.Tensor:
+    """Grouped-query attention with attention sinks (gpt-oss): a learned logit per head joins each softmax's
+    denominator (and no value), so a query may attend to "nothing". SDPA takes no sinks, hence explicit.
+    mask_B1TS: True where a query sees a key (None: every key). Softmax in fp32. -> out_BHTHd."""
+    B, H, T, Hd = q_BHTHd.shape
+    Hk, S = k_BHkSHd.shape[1], k_BHkSHd.shape[2]
+    G = H // Hk  # query heads per kv head: heads g*G..g*G+G-1 read kv head g, without repeating k and v
+    scores = q_BHTHd.reshape(B, Hk, G * T, Hd) @ k_BHkSHd.transpose(-1, -2)
+    scores_BHTS = scores.view(B, H, T, S).float() * (Hd ** -0.5 if scale is None else scale)
+    if mask_B1TS is not None:
+        scores_BHTS = scores_BHTS.masked_fill(~mask_B1TS, float("-inf"))
+    sinks_BHT1 = sinks_H.float().view(1, H, 1, 1).expand(B, H, T, 1)
+    probs_BHTS = torch.softmax(torch.cat((scores_BHTS, sinks_BHT1), dim=-1), dim=-1)[..., :S]
+    out = probs_BHTS.to(v_BHkSHd.dtype).reshape(B, Hk, G * T, S) @ v_BHkSHd
+    return out.view(B, H, T, Hd)
+
+
 class Attention(nn.Module):
     """Grouped-query attention with a fused qkv projection (the loader concatenates q, k, v) and a slot cache.
 

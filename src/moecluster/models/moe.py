@@ -27,6 +27,27 @@ MoEGemm = Callable[[torch.Tensor, list[int], list[int], torch.Tensor, list[int],
                    torch.Tensor]
 # score function: router logits_NE -> (ids_NK, fp32 weights_NK)
 ScoreFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+# gated activation: (gate_PF, up_PF) -> h_PF, elementwise, each pair's bits independent of the others. ATen's
+# flat elementwise loops end with a scalar tail whose exp/sigmoid may differ in the last bit from the vector
+# body, so transcendental ops must run row by row: on row-strided views (gate_PF, up_PF are views of [P, 2F]).
+GluFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def silu_glu(gate_PF: torch.Tensor, up_PF: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up: the SwiGLU of the Llama/Mixtral/Qwen families."""
+    return F.silu(gate_PF) * up_PF
+
+
+def clamped_swiglu(gate_PF: torch.Tensor, up_PF: torch.Tensor, *, alpha: float = 1.702,
+                   limit: float = 7.0) -> torch.Tensor:
+    """gpt-oss: gate clamped above at `limit`, up clamped to +-limit, then (up + 1) * gate * sigmoid(alpha * gate)."""
+    gate_PF = gate_PF.clamp(max=limit)
+    up_PF = up_PF.clamp(-limit, limit)
+    # the sigmoid on a view with a row stride of 2F, so each row is one vector loop (see GluFn)
+    hidden = gate_PF.shape[-1]
+    sig_PF = gate_PF.new_empty(*gate_PF.shape[:-1], 2 * hidden)[..., :hidden]
+    torch.mul(gate_PF, alpha, out=sig_PF).sigmoid_()
+    return (up_PF + 1) * (gate_PF * sig_PF)
 
 
 def softmax_topk(logits_NE: torch.Tensor, k: int, *, renorm_p: float | None = None,
@@ -88,11 +109,12 @@ class Router(nn.Module):
     """The gate projection and the architecture's score function: x_ND -> (ids_NK, fp32 weights_NK).
 
     correction_bias: an fp32 per-expert buffer `e_score_correction_bias` (loaded from the checkpoint) passed
-    to the score function as `bias_E=` (sigmoid_group_topk)."""
+    to the score function as `bias_E=` (sigmoid_group_topk). bias: the gate projection has a bias (gpt-oss)."""
 
-    def __init__(self, dim: int, num_experts: int, score: ScoreFn, *, correction_bias: bool = False):
+    def __init__(self, dim: int, num_experts: int, score: ScoreFn, *, correction_bias: bool = False,
+                 bias: bool = False):
         super().__init__()
-        self.gate = Linear(dim, num_experts)
+        self.gate = Linear(dim, num_experts, bias=bias)
         self.score = score
         self.register_buffer("e_score_correction_bias",
                              torch.zeros(num_experts, dtype=torch.float32) if correction_bias else None)
@@ -122,35 +144,68 @@ def combine(y_NKD: torch.Tensor, weights_NK: torch.Tensor, dtype: torch.dtype) -
 
 
 class RoutedExperts(nn.Module):
-    """The routed experts this process holds, prestacked: w13_eGD (gate rows then up rows), w2_eDF.
+    """The routed experts this process holds, prestacked: w13_eGD (gate rows then up rows), w2_eDF, and with
+    `bias` b13_eG (gate then up) and b2_eD. `activation(gate, up)` is the gated activation (silu_glu default).
 
-    `expert_ids` lists the global expert id of each local row."""
+    `expert_ids` lists the global expert id of each local row. Biases and activation are applied outside the
+    gemm calls, elementwise per pair, so a swapped-in gemm keeps the per-pair bit-exactness contract."""
+
+    b13_eG: nn.Parameter | None
+    b2_eD: nn.Parameter | None
 
     def __init__(self, num_experts: int, dim: int, hidden: int, expert_ids: list[int],
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *, bias: bool = False,
+                 activation: GluFn = silu_glu):
         super().__init__()
         self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
         self.expert_ids = list(expert_ids)
         e = len(self.expert_ids)
-        self.w13_eGD = nn.Parameter(torch.empty(e, 2 * hidden, dim, dtype=dtype, device=device), requires_grad=False)
-        self.w2_eDF = nn.Parameter(torch.empty(e, dim, hidden, dtype=dtype, device=device), requires_grad=False)
+
+        def param(*shape: int) -> nn.Parameter:
+            return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+        self.w13_eGD = param(e, 2 * hidden, dim)
+        self.w2_eDF = param(e, dim, hidden)
+        self.b13_eG = param(e, 2 * hidden) if bias else None
+        self.b2_eD = param(e, dim) if bias else None
+        self.activation = activation
         self._local_of = {expert: i for i, expert in enumerate(self.expert_ids)}
         self.gemm: MoEGemm = torch_moe_gemm
         self.last_num_evaluated = 0
 
     def expert_bytes(self) -> int:
-        """Bytes of one expert's weights (gate, up and down)."""
-        return (self.w13_eGD[0].numel() + self.w2_eDF[0].numel()) * self.w13_eGD.element_size() \
-            if self.expert_ids else 0
+        """Bytes of one expert's weights (gate, up and down, and their biases)."""
+        if not self.expert_ids:
+            return 0
+        return sum(p[0].numel() * p.element_size() for p in (self.w13_eGD, self.w2_eDF, self.b13_eG, self.b2_eD)
+                   if p is not None)
+
+    def empty_like(self, expert_ids: list[int], dtype: torch.dtype) -> RoutedExperts:
+        """Uninitialised RoutedExperts for `expert_ids` with this one's sizes, biases, activation and gemm."""
+        out = RoutedExperts(self.num_experts, self.dim, self.hidden, expert_ids, dtype=dtype,
+                            bias=self.b13_eG is not None, activation=self.activation)
+        out.gemm = self.gemm
+        return out
+
+    def set_expert(self, i: int, w13_GD: torch.Tensor, w2_DF: torch.Tensor, b13_G: torch.Tensor | None = None,
+                   b2_D: torch.Tensor | None = None) -> None:
+        """Copy one expert's weights (as an architecture's read_expert returns them) into local row i."""
+        self.w13_eGD[i].copy_(w13_GD)
+        self.w2_eDF[i].copy_(w2_DF)
+        if self.b13_eG is not None and self.b2_eD is not None and b13_G is not None and b2_D is not None:
+            self.b13_eG[i].copy_(b13_G)
+            self.b2_eD[i].copy_(b2_D)
+        elif any(t is not None for t in (b13_G, b2_D, self.b13_eG, self.b2_eD)):
+            raise MoeClusterError("internal: the expert biases read do not match the model's experts")
 
     def subset(self, keep: list[int]) -> RoutedExperts:
         """A RoutedExperts holding only `keep` (global ids), copied out of this one (same gemm)."""
-        out = RoutedExperts(self.num_experts, self.dim, self.hidden, keep, dtype=self.w13_eGD.dtype)
+        out = self.empty_like(keep, self.w13_eGD.dtype)
         rows = [self._local(e) for e in keep]
         if rows:
-            out.w13_eGD.copy_(self.w13_eGD[rows])
-            out.w2_eDF.copy_(self.w2_eDF[rows])
-        out.gemm = self.gemm
+            for name in ("w13_eGD", "w2_eDF", "b13_eG", "b2_eD"):
+                if getattr(self, name) is not None:
+                    getattr(out, name).copy_(getattr(self, name)[rows])
         return out
 
     def forward(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
@@ -189,8 +244,17 @@ class RoutedExperts(nn.Module):
         P = len(pairs)
         h_PG = self.gemm(self.w13_eGD, local, counts, x_ND.contiguous(), [p // K for p in pairs],
                          x_ND.new_empty(P, 2 * self.hidden), list(range(P)))
+        local_P: torch.Tensor | None = None  # local expert row of each pair (for the biases)
+        if self.b13_eG is not None:
+            local_P = torch.tensor(local).repeat_interleave(torch.tensor(counts))
+            h_PG = h_PG + self.b13_eG[local_P]
         gate_PF, up_PF = h_PG.chunk(2, dim=-1)
-        self.gemm(self.w2_eDF, local, counts, F.silu(gate_PF) * up_PF, list(range(P)), y_NKD.view(-1, D), pairs)
+        h_PF = self.activation(gate_PF, up_PF)
+        if self.b2_eD is None or local_P is None:
+            self.gemm(self.w2_eDF, local, counts, h_PF, list(range(P)), y_NKD.view(-1, D), pairs)
+        else:  # the down bias is added per pair before the pairs are scattered to their (token, k) rows
+            out_PD = self.gemm(self.w2_eDF, local, counts, h_PF, list(range(P)), x_ND.new_empty(P, D), list(range(P)))
+            y_NKD.view(-1, D)[torch.tensor(pairs)] = out_PD + self.b2_eD[local_P]
         return y_NKD, len(experts)
 
     def _local(self, expert: int) -> int:

@@ -12,7 +12,7 @@ from types import ModuleType
 from typing import Any
 
 from moecluster.errors import MoeClusterError
-from moecluster.models import dbrx, deepseek_v3, glm4_moe, mixtral, olmoe, qwen2_moe, qwen3_moe
+from moecluster.models import dbrx, deepseek_v3, glm4_moe, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
 from moecluster.models.configs import CONFIGS, ArchConfig
 from moecluster.models.layers import DecoderModel
 
@@ -26,6 +26,7 @@ ARCHITECTURES: dict[str, tuple[ModelClass, ModuleType]] = {
     "glm4_moe": (glm4_moe.Glm4MoeForCausalLM, glm4_moe),
     "deepseek_v3": (deepseek_v3.DeepseekV3ForCausalLM, deepseek_v3),
     "deepseek_v2": (deepseek_v3.DeepseekV3ForCausalLM, deepseek_v3),
+    "gpt_oss": (gpt_oss.GptOssForCausalLM, gpt_oss),
 }
 
 

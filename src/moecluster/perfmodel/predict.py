@@ -345,7 +345,7 @@ def memory_per_node(shape: ModelShape, node: NodeSpec, num_nodes: int, workload:
     return Memory(
         replicated=shape.replicated_bytes,
         experts=most * shape.num_moe_layers * shape.expert_bytes,
-        kv_cache=workload.batch * workload.context * shape.kv_bytes_per_token,
+        kv_cache=workload.batch * shape.kv_bytes(workload.context),  # sliding-window layers: the window only
         overhead=node.runtime_overhead_bytes,
         limit=node.usable_memory_bytes,
     )

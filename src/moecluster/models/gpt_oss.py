@@ -1,0 +1,192 @@
+"""gpt-oss, beside transformers' modeling_gpt_oss.py: RMSNorm, grouped-query attention with q/k/v/o biases and
+a learned per-head sink logit in every softmax (layers.sink_attention), `layer_types` alternating sliding-window
+layers (a ring cache of `sliding_window` positions, layers.SlidingKVCache) and full layers, YaRN RoPE; every
+layer an MoE: a router with a bias, top-k of the logits then softmax over those k (topk_softmax), experts with
+biases and the clamped SwiGLU (moe.clamped_swiglu: alpha `swiglu_alpha`, limit `swiglu_limit`).
+
+Experts on disk (bf16/fp32, as transformers 5.23 saves them), fused per layer, x @ W layout:
+`mlp.experts.gate_up_proj` [E, D, 2F] with gate and up interleaved in the last dim (gate = [..., ::2],
+up = [..., 1::2]), `gate_up_proj_bias` [E, 2F] (interleaved alike), `down_proj` [E, F, D], `down_proj_bias`
+[E, D]. read_expert slices one expert (row e of dim 0), de-interleaves into our w13_GD (gate rows, then up rows)
+and transposes into our [out, in] layout.
+
+MXFP4 (the Hub's gpt-oss checkpoints; not read here yet): `gate_up_proj_blocks` [E, 2F, D/32, 16] +
+`gate_up_proj_scales` [E, 2F, D/32] and `down_proj_blocks` [E, D, F/32, 16] + `down_proj_scales` [E, D, F/32]
+are already [out, in] (the 32-groups run along the input), so one expert is again row e of dim 0 and the
+de-interleave is a permutation of the 2F output rows (gate_up_rows) that applies unchanged to blocks and
+scales, without dequantizing. The slot: expert_weights lists `*_blocks`/`*_scales` when `quantization_config`
+says mxfp4, and read_expert returns the permuted rows for the loader to put into quant.QuantizedStack
+(biases stay bf16). Until then such a checkpoint gets one clear error.
+
+Shape legend: D model dim, F expert hidden dim, G = 2F, E experts, K top-k, H heads, Hk kv heads, Hd head dim,
+S cached positions, T new tokens, B batch rows.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+from torch import nn
+
+from moecluster.errors import MoeClusterError
+from moecluster.models.configs import GptOssConfig
+from moecluster.models.hub import DenseMap, ReadRows, embed_norm_head, hf_attention
+from moecluster.models.layers import (
+    Attention,
+    DecoderModel,
+    Linear,
+    PreNormBlock,
+    RMSNorm,
+    SlidingKVCache,
+    Step,
+    apply_rope,
+    sink_attention,
+)
+from moecluster.models.moe import MoE, RoutedExperts, Router, clamped_swiglu, topk_softmax
+
+
+def yarn_rope_tables(head_dim: int, max_seq_len: int, rope: dict, dtype: torch.dtype
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos_SHd, sin_SHd with YaRN frequencies (transformers' _compute_yarn_parameters): per frequency, a linear
+    ramp between the original (extrapolated) and the `factor`-interpolated one over the dims between the
+    beta_fast and beta_slow rotation counts; cos/sin scaled by the attention factor (0.1 ln(factor) + 1).
+    TODO: unify with the yarn primitive being added to layers.py for DeepSeek."""
+    base, factor = float(rope["rope_theta"]), float(rope["factor"])
+    original = float(rope["original_max_position_embeddings"])
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all = rope.get("mscale"), rope.get("mscale_all_dim")
+
+        def get_mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all) if mscale and mscale_all \
+            else get_mscale(factor)
+    beta_fast, beta_slow = float(rope.get("beta_fast") or 32), float(rope.get("beta_slow") or 1)
+
+    def correction_dim(rotations: float) -> float:  # the dim whose wavelength fits `rotations` times
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rope.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    pos_freqs = base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    ramp = torch.clamp((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    freqs = torch.arange(max_seq_len, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * attention_factor).to(dtype), (emb.sin() * attention_factor).to(dtype)
+
+
+class GptOssAttention(Attention):
+    """Attention with q/k/v/o biases and sinks; `sliding_window` None: full attention over the slot cache,
+    else a ring cache of the window only."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, *, bias: bool,
+                 sliding_window: int | None):
+        super().__init__(dim, n_heads, n_kv_heads, head_dim, qkv_bias=bias)
+        self.wo = Linear(n_heads * head_dim, dim, bias=bias)
+        self.sinks = nn.Parameter(torch.empty(n_heads))
+        self.sliding_window = sliding_window
+        self.ring: SlidingKVCache | None = None
+
+    def make_cache(self, num_slots: int, max_seq_len: int, dtype: torch.dtype) -> None:
+        if self.sliding_window is None:
+            super().make_cache(num_slots, max_seq_len, dtype)
+        else:  # a window longer than the cache: the ring holds every position the cache can
+            self.ring = SlidingKVCache(num_slots, self.n_kv_heads, min(self.sliding_window, max_seq_len),
+                                       self.head_dim, dtype)
+
+    def forward(self, x_BTD: torch.Tensor, step: Step) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        H, Hk, Hd = self.n_heads, self.n_kv_heads, self.head_dim
+        qk, v = self.wqkv(x_BTD).split([(H + Hk) * Hd, Hk * Hd], dim=-1)
+        qk = qk.view(B, T, H + Hk, Hd).transpose(1, 2)
+        q, k = apply_rope(qk, step.cos_BTHd, step.sin_BTHd).split([H, Hk], dim=1)
+        v = v.reshape(B, T, Hk, Hd).transpose(1, 2)
+        if self.sliding_window is not None and self.ring is not None:
+            k, v, mask = self.ring.update(step.rows, k, v, self.sliding_window)
+        elif self.cache is not None:
+            k, v = self.cache.update(step.rows, k, v, span=step.span)
+            mask = step.mask_B1TS
+        else:
+            raise MoeClusterError("internal: call model.setup_cache() before forward")
+        out = sink_attention(q, k, v, self.sinks, mask)
+        return self.wo(out.transpose(1, 2).reshape(B, T, H * Hd))
+
+
+class GptOssForCausalLM(DecoderModel):
+    def __init__(self, cfg: GptOssConfig):
+        D, E, eps = cfg.hidden_size, cfg.routed_experts, cfg.rms_norm_eps
+        score = partial(topk_softmax, k=cfg.num_experts_per_tok)
+        act = partial(clamped_swiglu, alpha=float(cfg.swiglu_alpha), limit=float(cfg.swiglu_limit))
+        sliding = cfg.sliding_layers
+
+        def block(i: int) -> PreNormBlock:
+            attn = GptOssAttention(D, cfg.num_attention_heads, cfg.kv_heads, cfg.dim_per_head,
+                                   bias=cfg.attention_bias, sliding_window=cfg.sliding_window if sliding[i] else None)
+            experts = RoutedExperts(E, D, cfg.expert_hidden, list(range(E)), device="meta", bias=True, activation=act)
+            return PreNormBlock(RMSNorm(D, eps), attn, RMSNorm(D, eps), MoE(Router(D, E, score, bias=True), experts))
+
+        rope = cfg.rope
+        yarn = partial(yarn_rope_tables, cfg.dim_per_head, rope=rope) if rope["rope_type"] == "yarn" else None
+        super().__init__(cfg.vocab_size, D, [block(i) for i in range(cfg.num_hidden_layers)], RMSNorm(D, eps),
+                         head_dim=cfg.dim_per_head, rope_theta=cfg.rope_base, max_seq_len=cfg.max_seq_len,
+                         tie_embeddings=cfg.tie_word_embeddings,
+                         rope=None if yarn is None else lambda seq, dtype: yarn(seq, dtype=dtype))
+
+
+def dense_weights(cfg: GptOssConfig) -> DenseMap:
+    """Our parameter name -> (on-disk names concatenated along dim 0, our shape)."""
+    D, E, H = cfg.hidden_size, cfg.routed_experts, cfg.num_attention_heads
+    out = embed_norm_head(cfg.vocab_size, D, cfg.tie_word_embeddings)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}"
+        out |= hf_attention(f"layers.{i}.attn", f"{p}.self_attn", D, H, cfg.kv_heads, cfg.dim_per_head,
+                            bias=cfg.attention_bias)
+        out[f"layers.{i}.attn.sinks"] = ([f"{p}.self_attn.sinks"], (H,))
+        if cfg.attention_bias:
+            out[f"layers.{i}.attn.wo.bias"] = ([f"{p}.self_attn.o_proj.bias"], (D,))
+        out |= {f"layers.{i}.attn_norm.weight": ([f"{p}.input_layernorm.weight"], (D,)),
+                f"layers.{i}.mlp_norm.weight": ([f"{p}.post_attention_layernorm.weight"], (D,)),
+                f"layers.{i}.mlp.router.gate.weight": ([f"{p}.mlp.router.weight"], (E, D)),
+                f"layers.{i}.mlp.router.gate.bias": ([f"{p}.mlp.router.bias"], (E,))}
+    return out
+
+
+def _check_unquantized(cfg: GptOssConfig) -> None:
+    if cfg.quantization_config:
+        method = cfg.quantization_config.get("quant_method", "?")
+        raise MoeClusterError(f"this gpt-oss checkpoint is quantized ({method}); the engine reads bf16/fp32 gpt-oss "
+                              "checkpoints only so far: use a dequantized (bf16) copy")
+
+
+def expert_weights(cfg: GptOssConfig, layer: int) -> dict[str, tuple[int, ...]]:
+    """On-disk expert tensors of one MoE layer with their shapes (fused over experts)."""
+    _check_unquantized(cfg)
+    E, D, F = cfg.routed_experts, cfg.hidden_size, cfg.expert_hidden
+    p = f"model.layers.{layer}.mlp.experts"
+    return {f"{p}.gate_up_proj": (E, D, 2 * F), f"{p}.gate_up_proj_bias": (E, 2 * F),
+            f"{p}.down_proj": (E, F, D), f"{p}.down_proj_bias": (E, D)}
+
+
+def gate_up_rows(hidden: int) -> torch.Tensor:
+    """The interleaved gate/up index of each of our w13 rows: gate rows (even), then up rows (odd)."""
+    return torch.cat((torch.arange(0, 2 * hidden, 2), torch.arange(1, 2 * hidden, 2)))
+
+
+def read_expert(read_rows: ReadRows, cfg: GptOssConfig, layer: int, expert: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One expert's (w13_GD, w2_DF, b13_G, b2_D)."""
+    p, e = f"model.layers.{layer}.mlp.experts", expert
+    rows = gate_up_rows(cfg.expert_hidden)
+    w13_GD = read_rows(f"{p}.gate_up_proj", e, e + 1)[0].T[rows]
+    b13_G = read_rows(f"{p}.gate_up_proj_bias", e, e + 1)[0][rows]
+    w2_DF = read_rows(f"{p}.down_proj", e, e + 1)[0].T
+    return w13_GD, w2_DF, b13_G, read_rows(f"{p}.down_proj_bias", e, e + 1)[0]
