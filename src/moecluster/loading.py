@@ -1,8 +1,9 @@
 """HF checkpoint directory -> model: config, tokenizer, lazy strict safetensors loading, only owned experts.
 
-Tensors are read one at a time from memory-mapped safetensors shards straight into their final
-(prestacked, converted) storage, so the process never holds two copies of the weights. Expert
-tensors are read by row slices: a rank that holds 4 of 16 experts touches only those rows.
+Tensors are read one at a time from safetensors shards (checkpoint_io: pread into fresh tensors, no
+mapping kept resident) into their final (prestacked, converted) storage, so the process never holds two
+copies of the weights. Expert tensors are read by row slices: a rank that holds 4 of 16 experts touches
+only those rows.
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
+from moecluster.checkpoint_io import CheckpointReader, LoadProgress
 from moecluster.errors import MoeClusterError
 from moecluster.models.configs import ArchConfig, ModelShape, parse_config
 from moecluster.models.layers import DecoderModel, check_dims
@@ -39,6 +39,7 @@ class LoadedModel:
     raw_config: dict
     dtype: torch.dtype
     model_dir: Path
+    load: LoadProgress | None = None  # bytes read and seconds (when loaded with progress)
 
 
 def read_config(model_dir: str | Path) -> tuple[dict, ArchConfig]:
@@ -65,51 +66,6 @@ def default_dtype(cfg: dict) -> str:
     return "fp32" if name in ("float32", "fp32") else "bf16"
 
 
-class CheckpointReader:
-    """Name -> shard index over single-file or sharded safetensors, with lazy row-sliced reads."""
-
-    def __init__(self, model_dir: Path, dtype: torch.dtype):
-        self.dtype = dtype
-        self.files: dict[str, Path] = {}
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self._open: dict[Path, Any] = {}
-        index = model_dir / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
-            shards = sorted(set(weight_map.values()))
-        elif (model_dir / "model.safetensors").is_file():
-            shards = ["model.safetensors"]
-        else:
-            raise MoeClusterError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
-        for shard in shards:
-            path = model_dir / shard
-            if not path.is_file():
-                raise MoeClusterError(f"weight shard {shard} listed in the index is missing from {model_dir}; "
-                                      "re-download the checkpoint")
-            handle = self._handle(path)
-            for name in handle.keys():
-                self.files[name] = path
-                self.shapes[name] = tuple(handle.get_slice(name).get_shape())
-
-    def _handle(self, path: Path):
-        if path not in self._open:
-            try:
-                self._open[path] = safe_open(str(path), framework="pt")
-            except (SafetensorError, OSError) as e:
-                raise MoeClusterError(f"weight shard {path.name} is unreadable or truncated ({e}); "
-                                      "re-download it") from None
-        return self._open[path]
-
-    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return self._handle(self.files[name]).get_tensor(name).to(dtype or self.dtype)
-
-    def read_rows(self, name: str, start: int, end: int) -> torch.Tensor:
-        return self._handle(self.files[name]).get_slice(name)[start:end].to(self.dtype)
-
-    def close(self) -> None:
-        self._open.clear()
-
-
 def _check_names(reader: CheckpointReader, arch, cfg: ArchConfig) -> None:
     """Strict: every expected tensor present with its shape, nothing unexpected."""
     expected: dict[str, tuple[int, ...]] = {}
@@ -133,8 +89,10 @@ def _check_names(reader: CheckpointReader, arch, cfg: ArchConfig) -> None:
 
 
 def load_model(model_dir: str | Path, dtype: str | None = None, expert_filter: ExpertFilter | None = None,
-               num_threads: int | None = None) -> LoadedModel:
-    """Load a HF checkpoint. `expert_filter(moe_layer)` gives the experts to hold (default: all)."""
+               num_threads: int | None = None, progress: str | None = None) -> LoadedModel:
+    """Load a HF checkpoint. `expert_filter(moe_layer)` gives the experts to hold (default: all).
+    progress: None (silent) or a line prefix; then a live progress line on a terminal stderr, and
+    LoadedModel.load has the totals for the one summary line the caller prints once it succeeded."""
     model_dir = Path(model_dir)
     raw, cfg = read_config(model_dir)
     dtype_name = dtype or default_dtype(raw)
@@ -145,19 +103,34 @@ def load_model(model_dir: str | Path, dtype: str | None = None, expert_filter: E
     model_class, arch = architecture(cfg)
     shape = cfg.shape(model_dir.name, str(model_dir))
     reader = CheckpointReader(model_dir, torch_dtype)
+    held = [list(range(shape.num_experts)) if expert_filter is None else sorted(expert_filter(index))
+            for index in range(len(cfg.moe_layer_ids()))]
+    if progress is not None:
+        reader.progress = LoadProgress(_bytes_to_read(reader, arch, cfg, held, shape.num_experts), progress)
     try:
         _check_names(reader, arch, cfg)
         with torch.device("meta"):
             model = model_class(cfg)
         _load_dense(model, reader, arch, cfg)
         for index, (layer, moe) in enumerate(zip(cfg.moe_layer_ids(), model.moe_layers(), strict=True)):
-            experts = list(range(shape.num_experts)) if expert_filter is None else sorted(expert_filter(index))
-            moe.experts = _load_experts(reader, arch, cfg, moe.experts, layer, index, experts, torch_dtype)
+            moe.experts = _load_experts(reader, arch, cfg, moe.experts, layer, index, held[index], torch_dtype)
             moe.index = index
     finally:
         reader.close()
+        if reader.progress is not None:
+            reader.progress.finish()
     model.eval().requires_grad_(False)
-    return LoadedModel(model, cfg, shape, tokenizer, raw, torch_dtype, model_dir)
+    return LoadedModel(model, cfg, shape, tokenizer, raw, torch_dtype, model_dir, reader.progress)
+
+
+def _bytes_to_read(reader: CheckpointReader, arch, cfg: ArchConfig, held: list[list[int]], num_experts: int) -> int:
+    """On-disk bytes this load reads (for the progress ETA): dense tensors + the held share of expert tensors."""
+    total = sum(reader.info[n].nbytes for names, _ in arch.dense_weights(cfg).values() for n in names
+                if n in reader.info)
+    for experts, layer in zip(held, cfg.moe_layer_ids(), strict=True):
+        on_disk = sum(reader.info[n].nbytes for n in arch.expert_weights(cfg, layer) if n in reader.info)
+        total += on_disk * len(experts) // max(num_experts, 1)
+    return total
 
 
 def _load_dense(model: DecoderModel, reader: CheckpointReader, arch, cfg: ArchConfig) -> None:
@@ -165,8 +138,9 @@ def _load_dense(model: DecoderModel, reader: CheckpointReader, arch, cfg: ArchCo
     # buffers keep the dtype the model declares (GLM-4.5's fp32 router correction bias, as transformers does)
     buffer_dtype = {name: b.dtype for name, b in model.named_buffers()}
     for ours, (names, shape) in arch.dense_weights(cfg).items():
-        parts = [reader.read(n, buffer_dtype.get(ours)) for n in names]
-        t = _private_copy(parts[0]) if len(parts) == 1 else torch.cat(parts, dim=0)
+        # the reader returns fresh contiguous tensors in this process's own (anonymous) memory: no copy needed
+        parts = [reader.read(n, buffer_dtype.get(ours, reader.dtype)) for n in names]
+        t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         check_dims(names[0] if len(names) == 1 else "+".join(names), tuple(t.shape), shape)
         state[ours] = t
     result = model.load_state_dict(state, strict=False, assign=True)
@@ -174,13 +148,6 @@ def _load_dense(model: DecoderModel, reader: CheckpointReader, arch, cfg: ArchCo
                   if p.is_meta and ".experts." not in n]
     if still_meta:
         raise MoeClusterError(f"internal: parameters not loaded: {still_meta[:3]} ({result})")
-
-
-def _private_copy(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy in this process's own memory: safetensors hands out tensors backed by a
-    private file mapping of the shard, which decode streams about a third slower than anonymous
-    memory here, and where a token's first embedding lookup page-faults. One tensor at a time."""
-    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _load_experts(reader: CheckpointReader, arch, cfg: ArchConfig, template: RoutedExperts, layer: int, index: int,
