@@ -30,7 +30,8 @@ peaks = {"anon": 0, "file": 0, "total": 0}
 def sample():
     s = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines() if ":" in l)
     a, f = (int(s[k].split()[0]) * 1024 for k in ("RssAnon", "RssFile"))
-    peaks["anon"], peaks["file"], peaks["total"] = max(peaks["anon"], a), max(peaks["file"], f), max(peaks["total"], a + f)
+    for key, value in (("anon", a), ("file", f), ("total", a + f)):
+        peaks[key] = max(peaks[key], value)
 stop = threading.Event()
 def run():
     while not stop.wait(0.02):

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ MAX_HEADER = 100 << 20  # the format's own limit on the JSON header
 CHUNK = 64 << 20  # bytes per read call: progress updates, and well under Linux's 2 GiB per-call limit
 BOUNCE = 8 << 20  # bytes of on-disk data converted per step when dtypes differ
 KEEP = object()  # read(..., dtype=KEEP) (the default): the reader's target dtype
+PREFETCH_WINDOW = 256 << 20  # bytes the page-cache prefetch runs ahead of the reads
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,10 @@ class CheckpointReader:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.info: dict[str, TensorInfo] = {}
         self.progress: LoadProgress | None = None
+        self.bytes_read = 0
         self._fds: dict[Path, int] = {}
+        self._prefetcher: threading.Thread | None = None
+        self._stop = threading.Event()
         index = model_dir / "model.safetensors.index.json"
         if index.is_file():
             try:
@@ -167,6 +172,7 @@ class CheckpointReader:
                 raise MoeClusterError(f"weight shard {path.name} is truncated (ends before byte {offset + done}); "
                                       "re-download it")
             done += n
+            self.bytes_read += n
             if self.progress is not None:
                 self.progress.add_bytes(n)
 
@@ -180,7 +186,42 @@ class CheckpointReader:
                 os.posix_fadvise(self._fds[path], 0, 0, os.POSIX_FADV_SEQUENTIAL)
         return self._fds[path]
 
+    def byte_range(self, name: str, start: int | None = None, end: int | None = None) -> tuple[Path, int, int]:
+        """(file, offset, bytes) of a tensor, or of rows start:end of it."""
+        info = self.info[name]
+        if start is None or end is None:
+            return info.path, info.start, info.nbytes
+        row_bytes = math.prod(info.shape[1:]) * info.dtype.itemsize
+        return info.path, info.start + start * row_bytes, (end - start) * row_bytes
+
+    def prefetch(self, ranges: list[tuple[Path, int, int]], window: int = PREFETCH_WINDOW) -> None:
+        """Ask the kernel to read `ranges` (the coming reads, in order) into the page cache from a background
+        thread, staying at most `window` bytes ahead: the disk stays busy while this thread copies and faults
+        in the destination memory. Only the page cache grows, not this process."""
+        if not hasattr(os, "posix_fadvise") or not ranges:
+            return
+        fds = [(self._fd(path), offset, n) for path, offset, n in ranges]
+        start = self.bytes_read
+
+        def run() -> None:
+            issued = 0
+            for fd, offset, n in fds:
+                while issued - (self.bytes_read - start) > window:
+                    if self._stop.wait(0.005):
+                        return
+                if self._stop.is_set():
+                    return
+                os.posix_fadvise(fd, offset, n, os.POSIX_FADV_WILLNEED)
+                issued += n
+
+        self._prefetcher = threading.Thread(target=run, name="moecluster-prefetch", daemon=True)
+        self._prefetcher.start()
+
     def close(self) -> None:
+        self._stop.set()
+        if self._prefetcher is not None:
+            self._prefetcher.join()
+            self._prefetcher = None
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -190,7 +231,7 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous tensor's storage (any dtype, including bf16 and float8)."""
     if t.numel() == 0:
         return memoryview(bytearray())
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    return t.reshape(-1).view(torch.uint8).numpy().data
 
 
 class LoadProgress:

@@ -94,6 +94,7 @@ def load_model(model_dir: str | Path, dtype: str | None = None, expert_filter: E
     progress: None (silent) or a line prefix; then a live progress line on a terminal stderr, and
     LoadedModel.load has the totals for the one summary line the caller prints once it succeeded."""
     model_dir = Path(model_dir)
+    meter = LoadProgress(0, progress) if progress is not None else None  # the user's wait starts here
     raw, cfg = read_config(model_dir)
     dtype_name = dtype or default_dtype(raw)
     if dtype_name not in DTYPES:
@@ -105,10 +106,16 @@ def load_model(model_dir: str | Path, dtype: str | None = None, expert_filter: E
     reader = CheckpointReader(model_dir, torch_dtype)
     held = [list(range(shape.num_experts)) if expert_filter is None else sorted(expert_filter(index))
             for index in range(len(cfg.moe_layer_ids()))]
-    if progress is not None:
-        reader.progress = LoadProgress(_bytes_to_read(reader, arch, cfg, held, shape.num_experts), progress)
+    threads = torch.get_num_threads()
     try:
         _check_names(reader, arch, cfg)
+        plan = _read_plan(reader, arch, cfg, held)
+        if meter is not None:
+            meter.total, reader.progress = sum(n for _, _, n in plan), meter
+        reader.prefetch(plan)
+        # copies of a few MB each: one thread is as fast on a quiet machine and much faster on a busy one
+        # (measured 4.5 s vs 7-10 s for 0.8 GB with 2 threads on 2 shared cores)
+        torch.set_num_threads(1)
         with torch.device("meta"):
             model = model_class(cfg)
         _load_dense(model, reader, arch, cfg)
@@ -116,21 +123,27 @@ def load_model(model_dir: str | Path, dtype: str | None = None, expert_filter: E
             moe.experts = _load_experts(reader, arch, cfg, moe.experts, layer, index, held[index], torch_dtype)
             moe.index = index
     finally:
+        torch.set_num_threads(threads)
         reader.close()
-        if reader.progress is not None:
-            reader.progress.finish()
+        if meter is not None:
+            meter.finish()
     model.eval().requires_grad_(False)
-    return LoadedModel(model, cfg, shape, tokenizer, raw, torch_dtype, model_dir, reader.progress)
+    return LoadedModel(model, cfg, shape, tokenizer, raw, torch_dtype, model_dir, meter)
 
 
-def _bytes_to_read(reader: CheckpointReader, arch, cfg: ArchConfig, held: list[list[int]], num_experts: int) -> int:
-    """On-disk bytes this load reads (for the progress ETA): dense tensors + the held share of expert tensors."""
-    total = sum(reader.info[n].nbytes for names, _ in arch.dense_weights(cfg).values() for n in names
-                if n in reader.info)
+def _read_plan(reader: CheckpointReader, arch, cfg: ArchConfig, held: list[list[int]]) -> list[tuple[Path, int, int]]:
+    """The byte ranges this load reads, in order (dense tensors, then each held expert's rows), found by running
+    the architecture's read_expert on meta tensors: for the page-cache prefetch and the progress total."""
+    plan = [reader.byte_range(n) for names, _ in arch.dense_weights(cfg).values() for n in names]
+
+    def record(name: str, start: int, end: int) -> torch.Tensor:
+        plan.append(reader.byte_range(name, start, end))
+        return torch.empty((end - start, *reader.shapes[name][1:]), device="meta")
+
     for experts, layer in zip(held, cfg.moe_layer_ids(), strict=True):
-        on_disk = sum(reader.info[n].nbytes for n in arch.expert_weights(cfg, layer) if n in reader.info)
-        total += on_disk * len(experts) // max(num_experts, 1)
-    return total
+        for expert in experts:
+            arch.read_expert(record, cfg, layer, expert)
+    return plan
 
 
 def _load_dense(model: DecoderModel, reader: CheckpointReader, arch, cfg: ArchConfig) -> None:
