@@ -246,9 +246,12 @@ class LoadProgress:
         self.bytes = self.tensors = 0
         self.t0 = self.last = time.perf_counter()
         self.seconds = 0.0
+        self.t_first: float | None = None  # the rate (and ETA) count from the first byte, not from config parsing
         self._shown = False
 
     def add_bytes(self, n: int) -> None:
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
         self.bytes += n
         self._maybe_show()
 
@@ -258,10 +261,10 @@ class LoadProgress:
 
     def _maybe_show(self) -> None:
         now = time.perf_counter()
-        if not self.live or now - self.last < self.period:
+        if not self.live or now - self.last < self.period or self.t_first is None or now - self.t_first < self.period:
             return
         self.last = now
-        rate = self.bytes / max(now - self.t0, 1e-9)
+        rate = self.bytes / max(now - self.t_first, 1e-9)
         eta = max(self.total - self.bytes, 0) / rate if rate > 0 else 0.0
         pct = 100.0 * self.bytes / self.total if self.total else 0.0
         self.stream.write(f"\r\x1b[K{self.prefix}loading: {self.tensors} tensors, {self.bytes / 1e9:.2f} of "
