@@ -77,7 +77,7 @@ def run_generate(args) -> int:
 
 
 def _generate_on_rank(args, params: SamplingParams, comm) -> int:
-    from moecluster.runtime import gather_reports, open_engine, rank_report
+    from moecluster.runtime import gather_reports, load_summary, open_engine, rank_report
 
     engine, placement = open_engine(args.model, args.dtype, comm, args.placement, exchange=args.exchange,
                                     quant=quant_options(args))
@@ -86,6 +86,10 @@ def _generate_on_rank(args, params: SamplingParams, comm) -> int:
     if args.chat:
         text = engine.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
     prompt_ids = engine.tokenizer.encode(text)
+    engine.check_prompt(prompt_ids, params)  # a bad prompt is the one error line, not after a "loaded" line
+    summary = load_summary(engine)
+    if summary and (rank0 or engine.world_size > 1):
+        print(summary, file=sys.stderr, flush=True)
     TRACER.reset(enabled=True)
     out, tokens, stats = [], [], None
     for delta in engine.stream(prompt_ids, params):
@@ -121,6 +125,9 @@ def _print_stats(stats, reports: list[dict], world_size: int) -> None:
     print(f"weights read per decode token: {read / 1e6:.1f} MB (slowest rank) -> "
           f"{read * stats.decode_tok_s / 1e9:.2f} GB/s", file=err)
     print("peak RSS: " + ", ".join(f"rank {r['rank']} {r['peak_rss_bytes'] / 1e9:.2f} GB" for r in reports), file=err)
+    print("memory (GB; held = weights + KV cache; peaks sampled during load and decode): " + ", ".join(
+        f"rank {r['rank']} held {r['held_bytes'] / 1e9:.2f} peak anon {r['peak_anon_bytes'] / 1e9:.2f} "
+        f"file {r['peak_file_bytes'] / 1e9:.2f}" for r in reports), file=err)
     if world_size > 1:
         print(format_rank_table(reports), file=err)
     print("time per decode step (mean ms, share):", file=err)

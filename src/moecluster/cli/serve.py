@@ -90,7 +90,7 @@ def run_serve(args) -> int:
 
 def _serve_on_rank(args, comm) -> int:
     from moecluster.engine.batching import worker_loop
-    from moecluster.runtime import open_engine
+    from moecluster.runtime import load_summary, open_engine
 
     rank = comm.rank if comm is not None else 0
     sock = bind(args.host, args.port) if rank == 0 else None
@@ -100,6 +100,8 @@ def _serve_on_rank(args, comm) -> int:
         from moecluster.server.app import create_app  # noqa: F401
     engine, placement = open_engine(args.model, args.dtype, comm, args.placement, num_slots=args.max_batch,
                                     max_seq_len=args.max_seq_len, exchange=args.exchange, quant=quant_options(args))
+    if (summary := load_summary(engine)) and (rank == 0 or engine.world_size > 1):
+        print(summary, file=sys.stderr, flush=True)
     if rank != 0:
         worker_loop(engine, comm)
         return 0

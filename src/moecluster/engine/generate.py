@@ -17,6 +17,7 @@ from moecluster.engine.sampling import Sampler, SamplingParams
 from moecluster.errors import MoeClusterError
 from moecluster.kernels.apply import apply_kernels
 from moecluster.loading import LoadedModel, peak_rss_bytes
+from moecluster.memory import SAMPLER
 from moecluster.tokenizer import IncrementalDecoder, Tokenizer
 from moecluster.tracing import TRACER, apply_tracing, now
 
@@ -32,6 +33,8 @@ class GenerationStats:
     bytes_per_token: float = 0.0  # weight bytes this process read per decode token
     bandwidth_gbs: float = 0.0  # bytes_per_token * decode tok/s
     peak_rss_bytes: int = 0
+    peak_anon_bytes: int = 0  # sampled peaks of RssAnon / RssFile (when the memory sampler runs)
+    peak_file_bytes: int = 0
     finish_reason: str = ""
 
     def to_dict(self) -> dict:
@@ -167,6 +170,9 @@ class Engine:
         stats.bytes_per_token = bytes_read / steps if steps > 0 else 0.0
         stats.bandwidth_gbs = stats.bytes_per_token * stats.decode_tok_s / 1e9
         stats.peak_rss_bytes = peak_rss_bytes()
+        if SAMPLER.running:
+            peaks = SAMPLER.snapshot()
+            stats.peak_anon_bytes, stats.peak_file_bytes = peaks.anon_bytes, peaks.file_bytes
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> tuple[str, list[int], GenerationStats]:
         """Run stream to the end; returns (text, generated token ids, stats)."""
