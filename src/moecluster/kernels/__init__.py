@@ -43,35 +43,38 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _build():
-    global unavailable_reason
+def _compile(source: Path, flags: tuple[str, ...], cc_flags: list[str]) -> tuple[Path | None, str]:
+    """Build `source` into a shared object cached by source hash (or find it built); (path, "") or (None, why).
+
+    -fopenmp links libgomp.so.1; torch has already loaded its own copy under that soname, so the kernels
+    run on torch's OpenMP threads (torch.set_num_threads applies)."""
     if os.environ.get("MOECLUSTER_KERNELS", "1") == "0":
-        unavailable_reason = "disabled by MOECLUSTER_KERNELS=0"
-        return None
-    missing = [f for f in _REQUIRED_FLAGS if f not in _cpu_flags()]
+        return None, "disabled by MOECLUSTER_KERNELS=0"
+    missing = [f for f in flags if f not in _cpu_flags()]
     if missing:
-        unavailable_reason = f"this CPU lacks {', '.join(missing)}"
-        return None
+        return None, f"this CPU lacks {', '.join(missing)}"
     cc = shutil.which(os.environ.get("CC", "gcc"))
     if cc is None:
-        unavailable_reason = "no C compiler (gcc) on PATH"
-        return None
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + cc.encode() + torch.__version__.encode()).hexdigest()[:16]
-    so = _cache_dir() / f"moe_gemv-{key}.so"
+        return None, "no C compiler (gcc) on PATH"
+    key = hashlib.sha256(source.read_bytes() + cc.encode() + torch.__version__.encode()).hexdigest()[:16]
+    so = _cache_dir() / f"{source.stem}-{key}.so"
     if not so.is_file():
         so.parent.mkdir(parents=True, exist_ok=True)
         tmp = so.with_name(f"{so.name}.{os.getpid()}.tmp")
-        # -fopenmp links libgomp.so.1; torch has already loaded its own copy under that soname,
-        # so the kernel runs on torch's OpenMP threads (torch.set_num_threads applies).
-        cmd = [cc, "-O3", "-std=c11", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp", "-shared",
-               "-fPIC", str(_SOURCE), "-o", str(tmp)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        cmd = [cc, "-O3", "-std=c11", *cc_flags, "-fopenmp", "-shared", "-fPIC", str(source), "-o", str(tmp), "-lm"]
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if done.returncode != 0:
-            unavailable_reason = f"compiling {_SOURCE.name} failed: {done.stderr.strip()[:300]}"
             tmp.unlink(missing_ok=True)
-            return None
+            return None, f"compiling {source.name} failed: {done.stderr.strip()[:300]}"
         os.replace(tmp, so)
+    return so, ""
+
+
+def _build():
+    global unavailable_reason
+    so, unavailable_reason = _compile(_SOURCE, _REQUIRED_FLAGS, ["-mavx512f", "-mavx512bw", "-mavx512bf16"])
+    if so is None:
+        return None
     lib = ctypes.CDLL(str(so))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.moe_gemm_bf16.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, ptr, i64, ptr, ptr, i64, ptr]
@@ -149,32 +152,11 @@ q_unavailable_reason = ""
 def _build_q():
     """Compile moe_gemm_q.c like moe_gemv.c (cached by source hash, linked to torch's OpenMP runtime)."""
     global q_unavailable_reason
-    if os.environ.get("MOECLUSTER_KERNELS", "1") == "0":
-        q_unavailable_reason = "disabled by MOECLUSTER_KERNELS=0"
+    # -ffp-contract=off: no fused multiply-adds beyond the written ones, so every path rounds alike
+    so, q_unavailable_reason = _compile(_Q_SOURCE, _Q_REQUIRED_FLAGS, [
+        "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vnni", "-ffp-contract=off"])
+    if so is None:
         return None
-    missing = [f for f in _Q_REQUIRED_FLAGS if f not in _cpu_flags()]
-    if missing:
-        q_unavailable_reason = f"this CPU lacks {', '.join(missing)}"
-        return None
-    cc = shutil.which(os.environ.get("CC", "gcc"))
-    if cc is None:
-        q_unavailable_reason = "no C compiler (gcc) on PATH"
-        return None
-    key = hashlib.sha256(_Q_SOURCE.read_bytes() + cc.encode() + torch.__version__.encode()).hexdigest()[:16]
-    so = _cache_dir() / f"moe_gemm_q-{key}.so"
-    if not so.is_file():
-        so.parent.mkdir(parents=True, exist_ok=True)
-        tmp = so.with_name(f"{so.name}.{os.getpid()}.tmp")
-        # -ffp-contract=off: no fused multiply-adds beyond the written ones, so every path rounds alike
-        cmd = [cc, "-O3", "-std=c11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16",
-               "-mavx512vnni", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", str(_Q_SOURCE), "-o", str(tmp),
-               "-lm"]
-        done = subprocess.run(cmd, check=False, capture_output=True, text=True)
-        if done.returncode != 0:
-            q_unavailable_reason = f"compiling {_Q_SOURCE.name} failed: {done.stderr.strip()[:300]}"
-            tmp.unlink(missing_ok=True)
-            return None
-        os.replace(tmp, so)
     lib = ctypes.CDLL(str(so))
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.moe_gemm_q.argtypes = [cint, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ptr, cint, i64, i64, ptr,
