@@ -45,13 +45,41 @@ class Delta:
     stats: GenerationStats | None = None  # set on the last delta
 
 
+class StopMatcher:
+    """Knuth-Morris-Pratt automaton of one stop string, fed the text one character at a time:
+    O(1) amortized per character, so matching is linear in the text (and the held-back prefix is
+    the automaton's state, not a search)."""
+
+    def __init__(self, stop: str):
+        self.stop, self.state = stop, 0  # state: the longest prefix of stop that ends the text so far
+        self.fail = [0] * len(stop)  # fail[i]: longest proper border of stop[:i + 1]
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = self.fail[k - 1]
+            k += stop[i] == stop[k]
+            self.fail[i] = k
+
+    def feed(self, ch: str) -> bool:
+        """Advance by one character; True when the text now ends with the whole stop string."""
+        stop, k = self.stop, self.state
+        if k == len(stop):
+            k = self.fail[k - 1]
+        while k and ch != stop[k]:
+            k = self.fail[k - 1]
+        k += ch == stop[k]
+        self.state = k
+        return k == len(stop)
+
+
 class TextTracker:
     """Token ids -> text deltas, cut at the first stop string; text that may begin a stop string is
-    held back until it is clear that it does not."""
+    held back until it is clear that it does not. Stop matching is linear in the text
+    (MAX_STOP_STRINGS x MAX_STOP_CHARS bound the automata's setup)."""
 
     def __init__(self, tokenizer: Tokenizer, params: SamplingParams):
         self.detok = IncrementalDecoder(tokenizer)
-        self.stop = list(params.stop)
+        self.matchers = [StopMatcher(s) for s in params.stop]
         self.eos_ids = set() if params.ignore_eos else set(tokenizer.eos_ids)
         self.text, self.sent = "", 0
 
@@ -59,13 +87,21 @@ class TextTracker:
         """Add a token; returns (text to send now, stopped by EOS or a stop string)."""
         if token in self.eos_ids:
             return self.flush(), True
-        self.text += self.detok.push(token)
-        cuts = [i for i in (self.text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
-        if cuts:
-            end = max(min(cuts), self.sent)
+        new = self.detok.push(token)
+        start = len(self.text)
+        self.text += new
+        cut = -1  # where the earliest stop string completed in the new text begins
+        for m in self.matchers:
+            for i, ch in enumerate(new):
+                if m.feed(ch):
+                    begin = start + i + 1 - len(m.stop)
+                    cut = begin if cut < 0 else min(cut, begin)
+                    break
+        if cut >= 0:
+            end = max(cut, self.sent)
             delta, self.sent = self.text[self.sent:end], len(self.text)
             return delta, True
-        hold = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        hold = max((m.state for m in self.matchers), default=0)
         end = max(len(self.text) - hold, self.sent)
         delta, self.sent = self.text[self.sent:end], end
         return delta, False

@@ -108,8 +108,33 @@ def _unavailable(reason: str) -> P.ApiError:
                       code="cluster_unavailable")
 
 
+def _failed(event: Event) -> P.ApiError:
+    """503 when the cluster failed; 500 naming the cause when only this request did."""
+    if event.status == 503:
+        return _unavailable(event.error or "unknown error")
+    return P.ApiError(event.status, f"this request failed: {event.error}", type="server_error", code="request_failed")
+
+
 def _sse(body: dict) -> str:
     return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+
+
+async def _read_body(http: HttpRequest) -> bytes:
+    """The body, refused with 413 as soon as Content-Length or the bytes received pass MAX_BODY_BYTES."""
+    too_big = P.ApiError(413, f"the request body exceeds {MAX_BODY_BYTES >> 20} MiB")
+    length = http.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit() or len(length) > 18:
+            raise P.ApiError(400, f"invalid Content-Length header {length[:40]!r}")
+        if int(length) > MAX_BODY_BYTES:
+            raise too_big
+    chunks, size = [], 0
+    async for chunk in http.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class Server:
@@ -130,14 +155,7 @@ class Server:
 
     async def read(self, http: HttpRequest, model: type[P.RequestT]) -> P.RequestT:
         self.check_auth(http)
-        raw = await http.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise P.ApiError(413, f"the request body exceeds {MAX_BODY_BYTES >> 20} MiB")
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise P.ApiError(400, f"could not parse the JSON body: {e}") from None
-        req = P.parse(model, body)
+        req = P.parse(model, P.decode_json(await _read_body(http)))
         if req.model != self.model_name:
             raise P.ApiError(404, f"the model {req.model!r} does not exist; this server serves "
                                   f"{self.model_name!r} (see GET /v1/models)", param="model", code="model_not_found")
@@ -202,7 +220,7 @@ class Server:
         if last is None or last.finish_reason in ("cancelled", None):
             return Response(status_code=499)  # the client went away; nobody reads this
         if last.finish_reason == "error":
-            raise _unavailable(last.error or "unknown error")
+            raise _failed(last)
         use = P.usage(last.prompt_tokens, last.completion_tokens)
         text = "".join(parts)
         body = (P.chat_body(rid, self.model_name, text, last.finish_reason, use) if chat else
@@ -216,7 +234,7 @@ class Server:
                 yield _sse(P.chat_chunk(rid, name, {"role": "assistant", "content": ""}, None, None, created))
             async for ev in gen.events():
                 if ev.finish_reason == "error":
-                    yield _sse(_unavailable(ev.error or "unknown error").body())
+                    yield _sse(_failed(ev).body())
                     return
                 if ev.finish_reason == "cancelled":
                     return
@@ -242,9 +260,10 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
     """The FastAPI app: /v1/models, /v1/completions, /v1/chat/completions, /health, /metrics."""
     metrics = metrics or Metrics(scheduler.engine.model)
     srv = Server(scheduler, model_name, api_key, metrics)
-    app = FastAPI(title="moecluster", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="moecluster", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.add_middleware(_CountRequests, metrics=metrics)
     _add_error_handlers(app)
+    app.openapi = lambda: app.openapi_schema or P.openapi_schema(app, model_name)  # pyright: ignore[reportAttributeAccessIssue]
 
     @app.get("/v1/models")
     async def list_models(http: HttpRequest):
@@ -259,14 +278,14 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
                              param="model", code="model_not_found")
         return P.model_card(model_name, srv.created, srv.engine.max_seq_len)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=P.request_body("CompletionRequest"))
     async def completions(http: HttpRequest):
         req = await srv.read(http, P.CompletionRequest)
         ids = srv.prompt_ids(req.prompt)
         params = srv.params(req, req.max_tokens, len(ids), COMPLETION_DEFAULT_MAX_TOKENS)
         return await srv.run(http, req, ids, params, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=P.request_body("ChatRequest"))
     async def chat_completions(http: HttpRequest):
         req = await srv.read(http, P.ChatRequest)
         ids = srv.chat_ids(req)

@@ -1,0 +1,174 @@
+"""No input breaks the server (issue 15): numerically safe sampling at every accepted parameter, linear
+stop matching, one failing request fails alone, hostile JSON and bodies get 4xx, and a schemathesis
+fuzz run over /openapi.json finds no 5xx. In process: one rank, the app over a real Scheduler."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import pytest
+import torch
+from starlette.testclient import TestClient
+
+from moecluster.engine import batching
+from moecluster.engine.batching import Scheduler
+from moecluster.engine.generate import Engine, TextTracker
+from moecluster.engine.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, Sampler, SamplingError, SamplingParams
+from moecluster.errors import MoeClusterError
+from moecluster.loading import load_model
+from moecluster.server.app import MAX_BODY_BYTES, create_app
+
+NAN_TOKEN = 7  # a prompt starting with this token gets NaN logits (see nan_on_marker)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dbrx):
+    return Engine(load_model(tiny_dbrx, "fp32"), num_slots=4)
+
+
+@pytest.fixture(scope="module")
+def served(engine):
+    """(TestClient, Scheduler) over the tiny model; prompts beginning with NAN_TOKEN sample NaN logits."""
+    real = batching.execute_step
+
+    def nan_on_marker(eng, msg):
+        out = real(eng, msg)
+        for i, adm in enumerate(msg["admit"]):
+            if adm["prompt_ids"][0] == NAN_TOKEN:
+                out.prefill_logits[i] = out.prefill_logits[i].clone().fill_(float("nan"))
+        return out
+
+    batching.execute_step = nan_on_marker
+    scheduler = Scheduler(engine, max_batch=4, max_queue=64)
+    scheduler.start()
+    app = create_app(scheduler, "tiny")
+    try:
+        with TestClient(app, raise_server_exceptions=False) as client:
+            yield client, scheduler
+    finally:
+        scheduler.stop()
+        batching.execute_step = real
+
+
+def _body(**kw) -> dict:
+    return {"model": "tiny", "prompt": "Hello", "max_tokens": 3, **kw}
+
+
+@pytest.mark.parametrize("temperature", [1e-320, 5e-324, 1e-40, 1e-38, 1e-7, 0.5, 2.0, 100.0])
+@pytest.mark.parametrize("top_p", [5e-324, 1e-40, 0.3, 1.0])
+def test_sampler_is_safe_at_the_limits(temperature, top_p):
+    sampler = Sampler(SamplingParams(temperature=temperature, top_p=top_p, seed=1).validate())
+    logits_V = torch.randn(64) * 30
+    for x in (logits_V, logits_V.bfloat16(), torch.full((64,), -3e38), torch.zeros(64)):
+        assert 0 <= sampler(x) < 64
+    with pytest.raises(SamplingError, match="NaN"):
+        sampler(torch.tensor([0.0, float("nan")]))
+
+
+def test_stop_limits_and_linear_matching():
+    with pytest.raises(MoeClusterError, match="stop strings"):
+        SamplingParams(stop=["x"] * (MAX_STOP_STRINGS + 1)).validate()
+    with pytest.raises(MoeClusterError, match="stop strings"):
+        SamplingParams(stop=["x" * (MAX_STOP_CHARS + 1)]).validate()
+
+    class Tok:
+        eos_ids = [0]
+
+        def decode(self, ids):
+            return "a" * len(ids)
+
+    stops = ["a" * (MAX_STOP_CHARS - 1) + "b"] * MAX_STOP_STRINGS
+    tracker = TextTracker(Tok(), SamplingParams(stop=stops))  # pyright: ignore[reportArgumentType]
+    t0 = time.perf_counter()
+    for _ in range(4000):
+        tracker.push(1)
+    assert time.perf_counter() - t0 < 2.0  # quadratic matching took ~minutes for such stops
+
+
+def test_tiny_temperature_and_top_p_serve(served):
+    client, _ = served
+    for extra in ({"temperature": 1e-40}, {"top_p": 5e-324}, {"temperature": 1e-38, "top_p": 1e-300}):
+        r = client.post("/v1/completions", json=_body(**extra))
+        assert r.status_code == 200, r.text
+    assert client.get("/health").status_code == 200
+
+
+def test_nan_logits_fail_only_that_request(served, engine):
+    client, scheduler = served
+    bad = client.post("/v1/completions", json=_body(prompt=[NAN_TOKEN, 5], temperature=1.0))
+    assert bad.status_code == 500 and "NaN" in bad.json()["error"]["message"], bad.text
+    assert bad.json()["error"]["code"] == "request_failed"
+    stream = client.post("/v1/completions", json=_body(prompt=[NAN_TOKEN, 5], stream=True))
+    assert stream.status_code == 200 and "NaN" in stream.text
+    assert client.post("/v1/completions", json=_body()).status_code == 200
+    assert client.get("/health").status_code == 200 and scheduler.health()[0]
+
+
+@pytest.mark.parametrize("raw", [
+    "[" * 100_000 + "]" * 100_000,  # RecursionError in json
+    '{"a": ' * 40 + "1" + "}" * 40,  # deeper than MAX_JSON_DEPTH
+    '{"model": "tiny", "prompt": "\\ud800"}',
+    '{"model": "tiny", "prompt": "x", "max_tokens": ' + "9" * 5000 + "}",
+    '{"model": "tiny", "prompt": "x", "max_tokens": ' + "9" * 4000 + "}",
+    '{"model": "tiny", "prompt": "x", "temperature": NaN}',
+    '{"model": "tiny", "prompt": "x", "top_p": Infinity}',
+    '{"model": "tiny", "prompt": "x", "stop": "' + "s" * 1_000_000 + '"}',
+    '{"model": "tiny", "prompt": "x", "stop": ' + '["s"]' * 0 + str(["s"] * 100).replace("'", '"') + "}",
+    b'{"model": "tiny", "prompt": "\xff"}',
+])
+def test_hostile_json_gets_400(served, raw):
+    client, _ = served
+    r = client.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text[:300]
+    assert r.json()["error"]["message"]
+
+
+def test_body_limit_while_reading(served):
+    client, _ = served
+    r = client.post("/v1/completions", content=b"x", headers={"Content-Length": str(MAX_BODY_BYTES + 1),
+                                                              "Content-Type": "application/json"})
+    assert r.status_code == 413
+
+    def chunks():  # no Content-Length: refused once the streamed bytes pass the limit
+        for _ in range(20):
+            yield b" " * (1 << 20)
+
+    r = client.post("/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_fuzz_openapi_no_5xx(served):
+    """schemathesis over the published /openapi.json, positive and negative cases, bounded count."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis.generation.modes import GenerationMode
+
+    client, _ = served
+    schema = schemathesis.openapi.from_asgi("/openapi.json", client.app)
+    sent, errors, codes = [0], [], Counter()
+    for result in schema.get_all_operations():
+        op = result.ok()
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            @settings(max_examples=60, deadline=None, database=None, derandomize=True,
+                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+            @given(case=op.as_strategy(generation_mode=mode))
+            def run(case):
+                body = case.body
+                if isinstance(body, dict) and isinstance(body.get("max_tokens"), int):
+                    body["max_tokens"] = min(body["max_tokens"], 8)  # keep generation short
+                r = case.call()  # through the ASGI app, with the case's own body encoding and headers
+                sent[0] += 1
+                codes[r.status_code] += 1
+                if r.status_code >= 500:
+                    errors.append((case.method, case.path, body, r.status_code, r.text[:200]))
+
+            try:
+                run()
+            except Unsatisfiable:  # no negative case exists (GET /v1/models has no parameters)
+                pass
+    print(f"fuzz: {sent[0]} requests, {len(errors)} 5xx, status codes {dict(codes)}")
+    assert not errors, errors[:5]
+    assert client.get("/health").status_code == 200
+    assert client.post("/v1/completions", json=_body()).status_code == 200
