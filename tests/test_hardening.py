@@ -172,3 +172,58 @@ def test_fuzz_openapi_no_5xx(served):
     assert not errors, errors[:5]
     assert client.get("/health").status_code == 200
     assert client.post("/v1/completions", json=_body()).status_code == 200
+
+
+def _variant(src, tmp_path, name, config=None, index=None, nan=False):
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / name
+    shutil.copytree(src, d)
+    if config is not None:
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps(config(cfg)))
+    if index is not None:
+        (d / "model.safetensors.index.json").write_text(index)
+    if nan:
+        state = load_file(d / "model.safetensors")
+        name = next(k for k in state if "experts" in k)
+        state[name].view(-1)[0] = float("nan")
+        save_file(state, d / "model.safetensors", metadata={"format": "pt"})
+    return d
+
+
+@pytest.mark.parametrize("name, config, index, nan, message", [
+    ("config_list", lambda c: [c], None, False, "expected a JSON object"),
+    ("size_string", lambda c: {**c, "d_model": "big"}, None, False, "d_model must be an integer"),
+    ("size_float", lambda c: {**c, "vocab_size": 100.5}, None, False, "vocab_size must be an integer"),
+    ("nested_list", lambda c: {**c, "attn_config": [1]}, None, False, "attn_config must be a JSON object"),
+    ("huge_context", lambda c: {**c, "max_seq_len": 1e9}, None, False, "GiB of memory is available"),
+    ("index_garbage", None, "{not json", False, "index.json is malformed"),
+    ("index_list", None, '{"weight_map": [1]}', False, "index.json is malformed"),
+    ("nan_weights", None, None, True, "NaN/Inf values"),
+])
+def test_bad_checkpoints_one_error_line(tiny_dbrx, tmp_path, name, config, index, nan, message):
+    import subprocess
+    import sys
+
+    d = _variant(tiny_dbrx, tmp_path, name, config, index, nan)
+    res = subprocess.run([sys.executable, "-m", "moecluster.cli", "generate", "--model", str(d), "--prompt", "hi",
+                          "--max-tokens", "2"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert message in res.stderr.strip().splitlines()[-1], res.stderr[-500:]
+    if nan:  # the scan can be skipped; a NaN reaching the logits then fails the request, not the process
+        engine = Engine(load_model(d, "fp32", check_weights=False))
+        try:
+            engine.generate(engine.tokenizer.encode("hello there"), SamplingParams(max_tokens=3, ignore_eos=True))
+        except SamplingError as e:
+            assert "NaN" in str(e)
+
+
+def test_max_seq_len_above_the_model_is_refused(tiny_dbrx):
+    loaded = load_model(tiny_dbrx, "fp32")
+    with pytest.raises(MoeClusterError, match="above this model's limit of 256"):
+        Engine(loaded, max_seq_len=257)
+    assert Engine(loaded, max_seq_len=256).max_seq_len == 256

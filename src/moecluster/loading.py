@@ -75,8 +75,7 @@ class CheckpointReader:
         self._open: dict[Path, Any] = {}
         index = model_dir / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
-            shards = sorted(set(weight_map.values()))
+            shards = _index_shards(index)
         elif (model_dir / "model.safetensors").is_file():
             shards = ["model.safetensors"]
         else:
@@ -133,8 +132,9 @@ def _check_names(reader: CheckpointReader, arch, cfg: ArchConfig) -> None:
 
 
 def load_model(model_dir: str | Path, dtype: str | None = None, expert_filter: ExpertFilter | None = None,
-               num_threads: int | None = None) -> LoadedModel:
-    """Load a HF checkpoint. `expert_filter(moe_layer)` gives the experts to hold (default: all)."""
+               num_threads: int | None = None, check_weights: bool = True) -> LoadedModel:
+    """Load a HF checkpoint. `expert_filter(moe_layer)` gives the experts to hold (default: all);
+    check_weights: refuse NaN/Inf weights (one pass over what this process holds)."""
     model_dir = Path(model_dir)
     raw, cfg = read_config(model_dir)
     dtype_name = dtype or default_dtype(raw)
@@ -157,6 +157,8 @@ def load_model(model_dir: str | Path, dtype: str | None = None, expert_filter: E
     finally:
         reader.close()
     model.eval().requires_grad_(False)
+    if check_weights:
+        check_finite(model)
     return LoadedModel(model, cfg, shape, tokenizer, raw, torch_dtype, model_dir)
 
 
@@ -210,3 +212,26 @@ def peak_rss_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _index_shards(index: Path) -> list[str]:
+    """The shard file names of model.safetensors.index.json; one clear error if it is malformed."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map must map tensor names to file names")
+    except (ValueError, TypeError, AttributeError) as e:
+        raise MoeClusterError(f"{index} is malformed ({e}); re-download the checkpoint") from None
+    return sorted(set(weight_map.values()))
+
+
+def check_finite(model: torch.nn.Module, chunk: int = 1 << 24) -> None:
+    """Refuse NaN/Inf weights, naming the first such tensor (chunked: no full-size temporary)."""
+    for name, p in [*model.named_parameters(), *model.named_buffers()]:
+        if p.is_meta or not p.is_floating_point():
+            continue
+        for part in p.detach().reshape(-1).split(chunk):
+            if not bool(torch.isfinite(part).all()):
+                bad = sum(int((~torch.isfinite(q)).sum()) for q in p.detach().reshape(-1).split(chunk))
+                raise MoeClusterError(f"weight {name} has {bad} NaN/Inf values: the checkpoint is corrupt "
+                                      "(re-download it), or pass --no-check-weights to load it anyway")

@@ -17,16 +17,17 @@ from moecluster.tracing import TRACER
 
 def open_engine(model_dir: str | Path, dtype: str | None = None, comm=None, placement_spec: str = "contiguous",
                 num_slots: int = 1, max_seq_len: int | None = None,
-                exchange: str = "exact") -> tuple[Engine, Placement | None]:
+                exchange: str = "exact", check_weights: bool = True) -> tuple[Engine, Placement | None]:
     """Load the model (only this rank's experts), apply expert parallelism when world_size > 1."""
     if comm is None or comm.world_size == 1:
-        return Engine(load_model(model_dir, dtype), comm, num_slots, max_seq_len), None
+        return Engine(load_model(model_dir, dtype, check_weights=check_weights), comm, num_slots, max_seq_len), None
     from moecluster.parallel.expert_parallel import apply_expert_parallel
 
     _, cfg = read_config(model_dir)
     shape = cfg.shape()
     placement = make_placement(placement_spec, shape.num_experts, shape.num_moe_layers, comm.world_size)
-    loaded = load_model(model_dir, dtype, expert_filter=lambda layer: placement.experts_of(comm.rank, layer))
+    loaded = load_model(model_dir, dtype, expert_filter=lambda layer: placement.experts_of(comm.rank, layer),
+                        check_weights=check_weights)
     apply_expert_parallel(loaded.model, comm, placement, exchange)
     return Engine(loaded, comm, num_slots, max_seq_len), placement
 

@@ -33,6 +33,8 @@ def register(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="do not stream text (stats only)")
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op threads (default: all cores on 1 rank, 1 per rank)")
+    p.add_argument("--no-check-weights", action="store_true",
+                   help="skip the NaN/Inf scan of the weights while loading")
     add_cluster_args(p)
     p.set_defaults(func=run_generate)
 
@@ -64,7 +66,8 @@ def run_generate(args) -> int:
 def _generate_on_rank(args, params: SamplingParams, comm) -> int:
     from moecluster.runtime import gather_reports, open_engine, rank_report
 
-    engine, placement = open_engine(args.model, args.dtype, comm, args.placement, exchange=args.exchange)
+    engine, placement = open_engine(args.model, args.dtype, comm, args.placement, exchange=args.exchange,
+                                    check_weights=not args.no_check_weights)
     rank0 = engine.rank == 0
     text = args.prompt
     if args.chat:

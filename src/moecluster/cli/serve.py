@@ -27,6 +27,8 @@ def register(sub) -> None:
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                    help="default: bf16 unless the checkpoint is fp32")
     p.add_argument("--max-seq-len", type=int, default=None, help="context per sequence (default: the model's)")
+    p.add_argument("--no-check-weights", action="store_true",
+                   help="skip the NaN/Inf scan of the weights while loading")
     add_cluster_args(p)
     p.set_defaults(func=run_serve, timeout=20.0)  # a dead rank fails requests within 30 s
 
@@ -98,7 +100,8 @@ def _serve_on_rank(args, comm) -> int:
 
         from moecluster.server.app import create_app  # noqa: F401
     engine, placement = open_engine(args.model, args.dtype, comm, args.placement, num_slots=args.max_batch,
-                                    max_seq_len=args.max_seq_len, exchange=args.exchange)
+                                    max_seq_len=args.max_seq_len, exchange=args.exchange,
+                                    check_weights=not args.no_check_weights)
     if rank != 0:
         worker_loop(engine, comm)
         return 0

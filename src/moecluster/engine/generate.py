@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import psutil
 import torch
 
 from moecluster.engine.sampling import Sampler, SamplingParams
@@ -124,6 +125,7 @@ class Engine:
         self.world_size = comm.world_size if comm is not None else 1
         apply_kernels(self.model)  # transformations of the loaded model: fast products, then timers
         apply_tracing(self.model)
+        check_cache(self.model, num_slots, max_seq_len)
         self.model.setup_cache(num_slots, max_seq_len)
         self.max_seq_len = self.model.cache_len
         self.dense_bytes = dense_bytes_per_token(self.model)
@@ -215,6 +217,24 @@ class Engine:
                 tokens.append(delta.token)
             stats = delta.stats or stats
         return "".join(text), tokens, stats
+
+
+def check_cache(model, num_slots: int, max_seq_len: int | None) -> None:
+    """Refuse a context above the model's limit, and a KV cache that cannot fit in this machine's memory
+    (sized on the meta device: nothing is allocated)."""
+    limit = int(model.max_seq_len)
+    if max_seq_len is not None and max_seq_len > limit:
+        raise MoeClusterError(f"a context of {max_seq_len} positions (--max-seq-len) is above this model's limit "
+                              f"of {limit} (max_position_embeddings); ask for at most {limit}")
+    with torch.device("meta"):
+        model.setup_cache(num_slots, max_seq_len)
+    need = sum(b.numel() * b.element_size() for b in model.buffers() if b.is_meta)
+    available = psutil.virtual_memory().available
+    if need > available:
+        seq = model.cache_len
+        raise MoeClusterError(f"a KV cache of {num_slots} sequence(s) x {seq} positions needs {need / 2**30:.1f} GiB, "
+                              f"but {available / 2**30:.1f} GiB of memory is available; pass --max-seq-len (and "
+                              "--max-batch) small enough, or fix max_position_embeddings/max_seq_len in config.json")
 
 
 def dense_bytes_per_token(model) -> int:
