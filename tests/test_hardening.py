@@ -42,7 +42,7 @@ def served(engine):
     batching.execute_step = nan_on_marker
     scheduler = Scheduler(engine, max_batch=4, max_queue=64)
     scheduler.start()
-    app = create_app(scheduler, "tiny")
+    app = create_app(scheduler, "tiny", allowed_hosts=("testserver",))
     try:
         with TestClient(app, raise_server_exceptions=False) as client:
             yield client, scheduler
@@ -227,3 +227,77 @@ def test_max_seq_len_above_the_model_is_refused(tiny_dbrx):
     with pytest.raises(MoeClusterError, match="above this model's limit of 256"):
         Engine(loaded, max_seq_len=257)
     assert Engine(loaded, max_seq_len=256).max_seq_len == 256
+
+
+def _app_client(scheduler, **kw) -> TestClient:
+    return TestClient(create_app(scheduler, "tiny", **kw), raise_server_exceptions=False)
+
+
+def test_content_type_host_cors_and_status_auth(served):
+    client, scheduler = served
+    r = client.post("/v1/completions", content=b'{"model": "tiny", "prompt": "hi"}',
+                    headers={"Content-Type": "text/plain"})  # what a web page may send without a preflight
+    assert r.status_code == 415 and "application/json" in r.json()["error"]["message"]
+    assert client.post("/v1/completions", json=_body(), headers={"Host": "evil.example"}).status_code == 421
+    assert client.get("/health", headers={"Host": "attacker.example:8000"}).status_code == 421
+    for host in ("127.0.0.1:8000", "[::1]:8000", "localhost", "10.1.2.3", "testserver"):
+        assert client.get("/health", headers={"Host": host}).status_code == 200, host
+    preflight = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    assert "access-control-allow-origin" not in client.options("/v1/completions", headers=preflight).headers
+    with _app_client(scheduler, allowed_hosts=["*"], cors_origins=["https://app.example"]) as cors:
+        r = cors.options("/v1/completions", headers={**preflight, "Origin": "https://app.example"})
+        assert r.headers["access-control-allow-origin"] == "https://app.example"
+        assert cors.get("/health", headers={"Host": "any.example"}).status_code == 200
+    with _app_client(scheduler, api_key="k", allowed_hosts=["testserver"], open_status=False) as closed:
+        assert closed.get("/health").status_code == 401 and closed.get("/metrics").status_code == 401
+        assert closed.get("/health", headers={"Authorization": "Bearer k"}).status_code == 200
+    with _app_client(scheduler, api_key="k", allowed_hosts=["testserver"]) as local:
+        assert local.get("/metrics").status_code == 200
+
+
+def test_idle_and_slow_connections_are_closed(served):
+    """A connection that sends nothing, or headers slowly, is closed; a long request is not."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from moecluster.server.connections import ReapingH11Protocol
+
+    class Fast(ReapingH11Protocol):
+        header_timeout_s = 0.5
+
+    client, scheduler = served
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(scheduler, "tiny"), http=Fast, lifespan="off",
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.02)
+
+        def closed_after(payload: bytes) -> float:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+                c.sendall(payload)
+                t0 = time.monotonic()
+                while c.recv(65536):
+                    pass
+                return time.monotonic() - t0
+
+        assert closed_after(b"") < 3
+        assert closed_after(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n") < 3
+        body = b'{"model": "tiny", "prompt": "Hello", "max_tokens": 200, "ignore_eos": true}'
+        request = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                   b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
+            c.sendall(request)
+            data = b""
+            while chunk := c.recv(65536):
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 200"), data[:200]
+    finally:
+        server.should_exit = True
+        thread.join(10)
