@@ -301,3 +301,75 @@ def test_idle_and_slow_connections_are_closed(served):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def _listeners(pids: set[int]) -> list[tuple[str, set[str]]]:
+    """(local address, names of the processes holding it) of every TCP/UDP listener of these processes."""
+    import re
+    import subprocess
+
+    out = subprocess.run(["ss", "-lntupH"], capture_output=True, text=True, check=True).stdout
+    found = []
+    for line in out.splitlines():
+        holders = {(name, int(pid)) for name, pid in re.findall(r'\("([^"]+)",pid=(\d+),', line)}
+        if any(pid in pids for _, pid in holders):
+            found.append((line.split()[4], {name for name, _ in holders}))
+    return found
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("backend", ["mpi", "torch"])
+def test_loopback_only_and_no_orphans_after_kill9(tiny_dbrx, tmp_path, backend):
+    """One machine: every inter-rank listener is on loopback (except hydra's control port, which MPICH
+    binds to INADDR_ANY unconditionally); kill -9 of the launcher ends every rank and frees the port."""
+    import shutil
+    import signal
+    import socket
+
+    import psutil
+    from test_server import ServerProc
+
+    if shutil.which("ss") is None:
+        pytest.skip("needs ss (iproute2)")
+    srv = ServerProc(tiny_dbrx, tmp_path / "server.log", "--timeout", "4", backend=backend)
+    try:
+        tree = psutil.Process(srv.proc.pid).children(recursive=True)
+        listeners = _listeners({p.pid for p in tree} | {srv.proc.pid})
+        assert listeners
+        exposed = [(addr, names) for addr, names in listeners if not addr.startswith(("127.", "[::1]"))
+                   and "mpiexec" not in names]
+        assert not exposed, listeners
+        srv.proc.send_signal(signal.SIGKILL)
+        srv.proc.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                                                  for p in tree):
+            time.sleep(0.1)
+        assert not [p.pid for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as any server does (TIME_WAIT)
+            s.bind(("127.0.0.1", srv.port))  # the HTTP port is free again
+    finally:
+        srv.stop()
+
+
+@pytest.mark.multirank
+def test_trace_is_chrome_trace_events_one_track_per_rank(tiny_dbrx, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    path = tmp_path / "trace.json"
+    res = subprocess.run([sys.executable, "-m", "moecluster.cli", "generate", "--model", str(tiny_dbrx), "--prompt",
+                          "hi", "--max-tokens", "4", "--nodes", "2", "--trace", str(path), "--quiet"],
+                         capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-2000:]
+    trace = json.loads(path.read_text())
+    assert trace["world_size"] == 2 and len(trace["ranks"]) == 2  # the summary, as before
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert {e["pid"] for e in spans} == {0, 1}
+    assert all(e["ts"] >= 0 and e["dur"] >= 0 and e["name"] for e in spans)
+    for rank in (0, 1):
+        names = {e["name"] for e in spans if e["pid"] == rank}
+        assert "all_reduce L0" in names and any(n.startswith("decode") for n in names), names
+    assert {e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "process_name"} == {"rank 0", "rank 1"}
