@@ -115,9 +115,16 @@ def _print_stats(stats, reports: list[dict], world_size: int) -> None:
 
 
 def _write_trace(path: str, engine, comm) -> None:
-    """Each rank's full step list; rank 0 writes {"ranks": [...]}."""
+    """Rank 0 writes {"traceEvents": [...] (Chrome/Perfetto: open in ui.perfetto.dev or chrome://tracing),
+    "world_size", "ranks": [each rank's step list, per-layer phase sums]}."""
     from moecluster.runtime import gather_reports
+    from moecluster.tracing import trace_events
 
-    steps = gather_reports(comm, {"rank": engine.rank, "steps": TRACER.steps})
+    ranks = gather_reports(comm, {"rank": engine.rank, "steps": TRACER.steps})
     if engine.rank == 0:
-        Path(path).write_text(json.dumps({"world_size": engine.world_size, "ranks": steps}))
+        events = trace_events(ranks)
+        for r in ranks:
+            for step in r["steps"]:
+                step.pop("events", None)  # in traceEvents
+        Path(path).write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms",
+                                          "world_size": engine.world_size, "ranks": ranks}))
