@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,13 +71,19 @@ def describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: the kernel SIGKILLs this child when the launcher dies, even by SIGKILL
-    (PR_SET_PDEATHSIG, kept across exec). Deeper descendants run watch_launcher."""
+def _die_with_parent_fn() -> Callable[[], None]:
+    """A preexec_fn: the kernel SIGKILLs the child when its parent dies, even by SIGKILL
+    (PR_SET_PDEATHSIG, kept across exec). prctl is looked up here, in the parent: between fork and
+    exec the child only calls it (no import, no lock). Deeper descendants run watch_launcher."""
     import ctypes
 
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
     PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+    def set_pdeathsig() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+    return set_pdeathsig
 
 
 def _launcher_id() -> str:
@@ -298,7 +305,7 @@ def launch_local(cmd: list[str], world_size: int, backend: str, *, pin: bool = T
     if pin and world_size <= len(os.sched_getaffinity(0)):
         base["MOECLUSTER_PIN"] = "1"
     popen: dict[str, Any] = dict(stdin=subprocess.DEVNULL, start_new_session=True,  # own group: killable whole
-                                 preexec_fn=_die_with_parent)
+                                 preexec_fn=_die_with_parent_fn())
     previous = _install_sigterm()
     job, links, tmp = _Job([]), None, ""
     try:
@@ -351,7 +358,7 @@ def _wrap_rank(cmd: list[str]) -> int:
     watch_launcher()
     pmi_fd = os.environ.get("PMI_FD", "")
     keep = (int(pmi_fd),) if pmi_fd.isdigit() else ()
-    child = subprocess.Popen(cmd, pass_fds=keep, preexec_fn=_die_with_parent)  # the rank dies with its wrapper
+    child = subprocess.Popen(cmd, pass_fds=keep, preexec_fn=_die_with_parent_fn())  # the rank dies with its wrapper
     for fd in keep:
         os.close(fd)
     while True:
