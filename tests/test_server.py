@@ -54,7 +54,7 @@ class ServerProc:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0, timeout=60, **kw)
 
     def post(self, path: str, body, key: str | None = KEY, **kw) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
         content = body if isinstance(body, (str, bytes)) else json.dumps(body)
         return httpx.post(self.url + path, content=content, headers=headers, timeout=60, **kw)
 
@@ -185,6 +185,13 @@ def test_serve_cli_errors(server, tmp_path):
     assert res.returncode == 2 and "cannot listen" in res.stderr and "Traceback" not in res.stderr
     res = serve("--model", str(server.model), "--max-batch", "0")
     assert res.returncode == 2 and "--max-batch" in res.stderr
+
+
+@pytest.mark.multirank
+def test_api_key_not_in_rank_command_lines(server):
+    ranks = [p for p in psutil.Process(server.proc.pid).children(recursive=True) if "--rank-worker" in p.cmdline()]
+    assert len(ranks) >= 2 and not [p.cmdline() for p in ranks if any(KEY in a for a in p.cmdline())]
+    assert server.client().models.list().data  # the key still reached rank 0 (through the environment)
 
 
 @pytest.mark.multirank

@@ -110,11 +110,7 @@ class CheckpointReader:
         self._stop = threading.Event()
         index = model_dir / "model.safetensors.index.json"
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text()).get("weight_map", {})
-            except (json.JSONDecodeError, AttributeError) as e:
-                raise MoeClusterError(f"{index} is not a valid index ({e}); re-download it") from None
-            shards = sorted(set(weight_map.values()))
+            shards = _index_shards(index)
         elif (model_dir / "model.safetensors").is_file():
             shards = ["model.safetensors"]
         else:
@@ -283,3 +279,14 @@ class LoadProgress:
     def summary(self) -> str:
         rate = self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
         return f"{self.prefix}loaded {self.bytes / 1e9:.2f} GB in {self.seconds:.1f} s ({rate:.2f} GB/s)"
+
+
+def _index_shards(index: Path) -> list[str]:
+    """The shard file names of model.safetensors.index.json; one clear error if it is malformed."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map must map tensor names to file names")
+    except (ValueError, TypeError, AttributeError) as e:
+        raise MoeClusterError(f"{index} is malformed ({e}); re-download the checkpoint") from None
+    return sorted(set(weight_map.values()))

@@ -113,11 +113,12 @@ def _check_names(reader: CheckpointReader, arch, cfg: ArchConfig, fmt: str | Non
 
 def load_model(model_dir: str | Path, dtype: str | None = None, expert_filter: ExpertFilter | None = None,
                num_threads: int | None = None, quant: QuantOptions | None = None,
-               progress: str | None = None) -> LoadedModel:
+               progress: str | None = None, check_weights: bool = True) -> LoadedModel:
     """Load a HF checkpoint. `expert_filter(moe_layer)` gives the experts to hold (default: all); `quant`
     quantizes a bf16/fp32 checkpoint's experts on load (an fp8 checkpoint's experts stay fp8 regardless).
     progress: None (silent) or a line prefix; then a live progress line on a terminal stderr, and
-    LoadedModel.load has the totals for the one summary line the caller prints once it succeeded."""
+    LoadedModel.load has the totals for the one summary line the caller prints once it succeeded.
+    check_weights: refuse NaN/Inf weights (one pass over what this process holds)."""
     model_dir = Path(model_dir)
     meter = LoadProgress(0, progress) if progress is not None else None  # the user's wait starts here
     raw, cfg = read_config(model_dir)
@@ -165,6 +166,8 @@ def load_model(model_dir: str | Path, dtype: str | None = None, expert_filter: E
         if meter is not None:
             meter.finish()
     model.eval().requires_grad_(False)
+    if check_weights:
+        check_finite(model)
     return LoadedModel(model, cfg, shape, tokenizer, raw, torch_dtype, model_dir, meter)
 
 
@@ -300,3 +303,15 @@ def peak_rss_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def check_finite(model: torch.nn.Module, chunk: int = 1 << 20) -> None:
+    """Refuse NaN/Inf weights, naming the first such tensor (chunked: no full-size temporary)."""
+    for name, p in [*model.named_parameters(), *model.named_buffers()]:
+        if p.is_meta or not p.is_floating_point() or p.element_size() == 1:  # fp8 stacks: checked as scales
+            continue
+        for part in p.detach().reshape(-1).split(chunk):
+            if not bool(torch.isfinite(part).all()):
+                bad = sum(int((~torch.isfinite(q)).sum()) for q in p.detach().reshape(-1).split(chunk))
+                raise MoeClusterError(f"weight {name} has {bad} NaN/Inf values: the checkpoint is corrupt "
+                                      "(re-download it), or pass --no-check-weights to load it anyway")

@@ -19,20 +19,22 @@ from moecluster.tracing import TRACER
 
 def open_engine(model_dir: str | Path, dtype: str | None = None, comm=None, placement_spec: str = "contiguous",
                 num_slots: int = 1, max_seq_len: int | None = None,
-                exchange: str = "exact", quant: QuantOptions | None = None) -> tuple[Engine, Placement | None]:
+                exchange: str = "exact", quant: QuantOptions | None = None,
+                check_weights: bool = True) -> tuple[Engine, Placement | None]:
     """Load the model (only this rank's experts; `quant`: quantize on load), apply expert parallelism when
     world_size > 1. Starts this process's memory sampler; a live progress line on rank 0's terminal while
     loading (`load_summary` is the line to print once the command has checked its inputs)."""
     SAMPLER.start()
     if comm is None or comm.world_size == 1:
-        return Engine(load_model(model_dir, dtype, quant=quant, progress=""), comm, num_slots, max_seq_len), None
+        return Engine(load_model(model_dir, dtype, quant=quant, progress="",
+                                  check_weights=check_weights), comm, num_slots, max_seq_len), None
     from moecluster.parallel.expert_parallel import apply_expert_parallel
 
     _, cfg = read_config(model_dir)
     shape = cfg.shape()
     placement = make_placement(placement_spec, shape.num_experts, shape.num_moe_layers, comm.world_size)
     loaded = load_model(model_dir, dtype, expert_filter=lambda layer: placement.experts_of(comm.rank, layer),
-                        quant=quant, progress=f"rank {comm.rank}: ")
+                        quant=quant, progress=f"rank {comm.rank}: ", check_weights=check_weights)
     if loaded.load is not None and comm.rank != 0:
         loaded.load.live = False  # one live line on a shared terminal; every rank prints its summary
     apply_expert_parallel(loaded.model, comm, placement, exchange)

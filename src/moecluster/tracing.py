@@ -32,12 +32,15 @@ class Tracer:
 
     def begin_step(self, kind: str, num_tokens: int) -> None:
         if self.enabled:
-            self._cur = {"kind": kind, "tokens": num_tokens, "t0": now(), "layers": defaultdict(dict), "evals": {}}
+            self._cur = {"kind": kind, "tokens": num_tokens, "t0": now(), "layers": defaultdict(dict), "evals": {},
+                         "events": []}
 
     def add(self, layer: int, phase: str, seconds: float) -> None:
+        """A phase of a layer (-1: outside the layers) that ended just now and took `seconds`."""
         if self._cur is not None:
             slot = self._cur["layers"][layer]
             slot[phase] = slot.get(phase, 0.0) + seconds
+            self._cur["events"].append((layer, phase, now() - seconds, seconds))
 
     def count_evals(self, layer: int, num: int) -> None:
         if self._cur is not None:
@@ -46,7 +49,8 @@ class Tracer:
     def end_step(self) -> None:
         if self._cur is not None:
             cur = self._cur
-            cur["total"] = now() - cur.pop("t0")
+            cur["start"] = cur.pop("t0")  # perf_counter: CLOCK_MONOTONIC, shared by the ranks of one machine
+            cur["total"] = now() - cur["start"]
             cur["layers"] = {int(k): v for k, v in cur["layers"].items()}
             self.steps.append(cur)
             self._cur = None
@@ -74,6 +78,30 @@ class Tracer:
 
 
 TRACER = Tracer()
+
+
+def trace_events(ranks: list[dict]) -> list[dict]:
+    """Chrome/Perfetto trace-event format ("X" complete events, microseconds) of every rank's steps
+    ({"rank", "steps"} as the tracer records them): one process track per rank, steps on thread 0,
+    layer phases on thread 1. Times of ranks on different machines are not aligned."""
+    starts = [s["start"] for r in ranks for s in r["steps"] if "start" in s]
+    t0 = min(starts, default=0.0)
+    out: list[dict] = []
+    for r in ranks:
+        pid = r["rank"]
+        out += [{"ph": "M", "name": "process_name", "pid": pid, "args": {"name": f"rank {pid}"}},
+                {"ph": "M", "name": "thread_name", "pid": pid, "tid": 0, "args": {"name": "steps"}},
+                {"ph": "M", "name": "thread_name", "pid": pid, "tid": 1, "args": {"name": "layers"}}]
+        for i, step in enumerate(r["steps"]):
+            if "start" not in step:
+                continue
+            out.append({"ph": "X", "name": f"{step['kind']} ({step['tokens']} tok)", "pid": pid, "tid": 0,
+                        "ts": (step["start"] - t0) * 1e6, "dur": step["total"] * 1e6, "args": {"step": i}})
+            for layer, phase, start, seconds in step.get("events", []):
+                name = phase if layer < 0 else f"{phase} L{layer}"
+                out.append({"ph": "X", "name": name, "cat": phase, "pid": pid, "tid": 1, "ts": (start - t0) * 1e6,
+                            "dur": seconds * 1e6, "args": {"layer": layer, "step": i}})
+    return out
 
 
 def format_breakdown(rows: list[tuple[str, dict]]) -> str:

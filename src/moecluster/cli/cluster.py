@@ -17,6 +17,9 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
                    help="exact: all-reduce per-expert outputs (output bit-identical to 1 rank); "
                         "sum: all-reduce fp32 partial sums (smallest message)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds any rank may wait for another")
+    p.add_argument("--iface", default=None, metavar="NAME",
+                   help="network interface for the ranks' traffic across machines (e.g. eth1 on a private "
+                        "network); a one-machine job always uses loopback")
     p.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -55,7 +58,7 @@ def run_on_rank(args, body) -> int:
     if args.rank_worker:
         from moecluster.distributed.comm import init_comm
 
-        comm = init_comm(args.backend, timeout_s=args.timeout)
+        comm = init_comm(args.backend, timeout_s=args.timeout, iface=getattr(args, "iface", None))
     try:
         code = body(comm)
     except BaseException:

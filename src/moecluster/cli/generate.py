@@ -38,6 +38,8 @@ def register(sub) -> None:
                    help="torch (default on Linux) or mlx (Apple Silicon, default on macOS arm64; on Linux CPU for "
                         "correctness only); --nodes N with mlx runs N local ranks on MLX's ring backend")
     add_quant_args(p)
+    p.add_argument("--no-check-weights", action="store_true",
+                   help="skip the NaN/Inf scan of the weights while loading")
     add_cluster_args(p)
     p.set_defaults(func=run_generate)
 
@@ -80,7 +82,7 @@ def _generate_on_rank(args, params: SamplingParams, comm) -> int:
     from moecluster.runtime import gather_reports, load_summary, open_engine, rank_report
 
     engine, placement = open_engine(args.model, args.dtype, comm, args.placement, exchange=args.exchange,
-                                    quant=quant_options(args))
+                                    quant=quant_options(args), check_weights=not args.no_check_weights)
     rank0 = engine.rank == 0
     text = args.prompt
     if args.chat:
@@ -135,9 +137,16 @@ def _print_stats(stats, reports: list[dict], world_size: int) -> None:
 
 
 def _write_trace(path: str, engine, comm) -> None:
-    """Each rank's full step list; rank 0 writes {"ranks": [...]}."""
+    """Rank 0 writes {"traceEvents": [...] (Chrome/Perfetto: open in ui.perfetto.dev or chrome://tracing),
+    "world_size", "ranks": [each rank's step list, per-layer phase sums]}."""
     from moecluster.runtime import gather_reports
+    from moecluster.tracing import trace_events
 
-    steps = gather_reports(comm, {"rank": engine.rank, "steps": TRACER.steps})
+    ranks = gather_reports(comm, {"rank": engine.rank, "steps": TRACER.steps})
     if engine.rank == 0:
-        Path(path).write_text(json.dumps({"world_size": engine.world_size, "ranks": steps}))
+        events = trace_events(ranks)
+        for r in ranks:
+            for step in r["steps"]:
+                step.pop("events", None)  # in traceEvents
+        Path(path).write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms",
+                                          "world_size": engine.world_size, "ranks": ranks}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import sys
@@ -20,19 +21,59 @@ def register(sub) -> None:
     p.add_argument("--model-name", default=None, help="model id clients send (default: the directory name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("MOECLUSTER_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (default: $MOECLUSTER_API_KEY, else no key)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: $MOECLUSTER_API_KEY, else no key; "
+                        "prefer the variable or --api-key-file: a command line is visible to every user)")
+    p.add_argument("--api-key-file", default=None, help="read the API key from this file (first line)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="accept this Host name (repeatable; IP addresses and localhost always; '*': any)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. https://app.example) call the API; default: none")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together in one step")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 429")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                    help="default: bf16 unless the checkpoint is fp32")
     p.add_argument("--max-seq-len", type=int, default=None, help="context per sequence (default: the model's)")
     add_quant_args(p)
+    p.add_argument("--no-check-weights", action="store_true",
+                   help="skip the NaN/Inf scan of the weights while loading")
     add_cluster_args(p)
     p.set_defaults(func=run_serve, timeout=20.0)  # a dead rank fails requests within 30 s
 
 
+def resolve_api_key(args) -> None:
+    """args.api_key from --api-key, --api-key-file or $MOECLUSTER_API_KEY (in that order)."""
+    if args.api_key is None and args.api_key_file is not None:
+        try:
+            args.api_key = Path(args.api_key_file).read_text().splitlines()[0].strip() or ""
+        except (OSError, IndexError, UnicodeDecodeError) as e:
+            raise MoeClusterError(f"cannot read --api-key-file {args.api_key_file!r} ({e})") from None
+    if args.api_key is None:
+        args.api_key = os.environ.get("MOECLUSTER_API_KEY")
+
+
+def without_api_key(argv: list[str]) -> list[str]:
+    """The command line without --api-key/--api-key-file and their values (ranks get the key by env)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--api-key", "--api-key-file"):
+            skip = True
+        elif not a.startswith(("--api-key=", "--api-key-file=")):
+            out.append(a)
+    return out
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def check_args(args) -> None:
+    resolve_api_key(args)
     problems = []
     if args.nodes < 1:
         problems.append(f"--nodes must be at least 1, got {args.nodes}")
@@ -80,11 +121,12 @@ def run_serve(args) -> int:
         bind(args.host, args.port).close()  # fail now, not after every rank has loaded the model
         from moecluster.distributed.launch import launch_local
 
-        cmd = [sys.executable, "-m", "moecluster.cli", *args.argv, "--rank-worker"]
+        cmd = [sys.executable, "-m", "moecluster.cli", *without_api_key(args.argv), "--rank-worker"]
+        env = {"MOECLUSTER_API_KEY": args.api_key} if args.api_key is not None else None  # never in argv
         # A dead rank must not end the job (MPI: keep_survivors): rank 0 answers 503 until it exits,
         # FAILED_LINGER_S after noticing; the launcher kills ranks still running this long after one died.
         return launch_local(cmd, args.nodes, args.backend, timeout_s=args.timeout + FAILED_LINGER_S + 10,
-                            keep_survivors=True)
+                            keep_survivors=True, env=env)
     return run_on_rank(args, lambda comm: _serve_on_rank(args, comm))
 
 
@@ -99,7 +141,8 @@ def _serve_on_rank(args, comm) -> int:
 
         from moecluster.server.app import create_app  # noqa: F401
     engine, placement = open_engine(args.model, args.dtype, comm, args.placement, num_slots=args.max_batch,
-                                    max_seq_len=args.max_seq_len, exchange=args.exchange, quant=quant_options(args))
+                                    max_seq_len=args.max_seq_len, exchange=args.exchange, quant=quant_options(args),
+                                    check_weights=not args.no_check_weights)
     if (summary := load_summary(engine)) and (rank == 0 or engine.world_size > 1):
         print(summary, file=sys.stderr, flush=True)
     if rank != 0:
@@ -121,9 +164,17 @@ def _serve_http(args, engine, placement, sock: socket.socket) -> int:
     metrics = Metrics(engine.model, placement, engine.world_size)
     scheduler = Scheduler(engine, args.max_batch, args.max_queue, observer=metrics)
     name = args.model_name or Path(args.model).resolve().name
-    app = create_app(scheduler, name, args.api_key, metrics)
+    from moecluster.server.connections import KEEP_ALIVE_S, ReapingH11Protocol
+
+    # /health and /metrics stay open on loopback binds (local probes); elsewhere they need the key
+    app = create_app(scheduler, name, args.api_key, metrics, allowed_hosts=args.allowed_host,
+                     cors_origins=args.cors_origin, open_status=is_loopback(args.host))
+    if args.api_key is None and not is_loopback(args.host):
+        print(f"moecluster: warning: serving on {args.host} without an API key: anyone who can reach this "
+              "address can use the model (set MOECLUSTER_API_KEY or --api-key-file)", file=sys.stderr)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
-                            lifespan="off")
+                            lifespan="off", http=ReapingH11Protocol, timeout_keep_alive=KEEP_ALIVE_S,
+                            h11_max_incomplete_event_size=64 * 1024)
     server = uvicorn.Server(config)
 
     def exit_later(reason: str) -> None:

@@ -285,7 +285,14 @@ def _init_torch(timeout_s: float, device: str) -> tuple[Comm, int]:
     return comm, local_rank
 
 
-def init_comm(backend: str = "mpi", timeout_s: float = 30.0, *, device: str = "cpu") -> Comm:
+def use_interface(iface: str) -> None:
+    """Route the backends' traffic over one network interface (set before MPI or gloo starts)."""
+    for name in ("UCX_NET_DEVICES", "FI_TCP_IFACE", "FI_SOCKETS_IFACE", "GLOO_SOCKET_IFNAME"):
+        os.environ[name] = iface
+
+
+def init_comm(backend: str = "mpi", timeout_s: float = 30.0, *, device: str = "cpu",
+              iface: str | None = None) -> Comm:
     """Join the job this process was started in (mpiexec, torchrun, moecluster's launcher).
 
     The only place that reads launcher environment variables. "single", or a job of one rank,
@@ -293,6 +300,11 @@ def init_comm(backend: str = "mpi", timeout_s: float = 30.0, *, device: str = "c
     """
     if timeout_s <= 0:
         raise MoeClusterError(f"the communication timeout must be positive, got {timeout_s}")
+    from moecluster.distributed.launch import watch_launcher
+
+    watch_launcher()  # under moecluster's launcher: end with it, however it ends
+    if iface:
+        use_interface(iface)
     if backend == "single":
         comm, local_rank = SingleComm(timeout_s), 0
     elif backend == "mpi":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import socket
 import time
 
 import torch
@@ -22,6 +23,24 @@ from moecluster.distributed.comm import (
     _waiting_note,
     missing_message,
 )
+
+
+def _listen(addr: str, port: int) -> socket.socket | None:
+    """A listening socket on addr:port for the store; None (the store binds every interface) if addr is
+    not an address of this machine."""
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError:
+        return None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(256)
+        return sock
+    except OSError:
+        sock.close()
+        return None
 
 
 class TorchComm(Comm):
@@ -43,9 +62,13 @@ class TorchComm(Comm):
         self._num_ops, self._hard_exit_armed = 0, False
         self._first_wait = datetime.timedelta(milliseconds=50)
         timeout = datetime.timedelta(seconds=timeout_s)
+        is_master = rank == 0 and agent_store is None
+        # The store's server listens on MASTER_ADDR only (127.0.0.1 for a local job), not on every interface.
+        self._listener = _listen(addr, port) if is_master else None
         try:
-            self._store = TCPStore(addr, port, world_size, timeout=timeout,
-                                   is_master=(rank == 0 and agent_store is None))
+            fd = self._listener.fileno() if self._listener is not None else None
+            self._store = TCPStore(addr, port, world_size, timeout=timeout, is_master=is_master,
+                                   master_listen_fd=fd)
             if agent_store is not None:
                 self._store = PrefixStore(agent_store, self._store)
             self._store_host = "rank 0" if agent_store is None else "torchrun's agent"

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,11 @@ import psutil
 
 from moecluster.errors import MoeClusterError
 
+LAUNCHER_PID_ENV = "MOECLUSTER_LAUNCHER_PID"  # "pid:start time" of the launcher, for watch_launcher
+LOOPBACK_ENV = {  # a one-machine job talks over loopback only, whatever MPI transport is built in
+    "UCX_NET_DEVICES": "lo", "FI_TCP_IFACE": "lo", "FI_SOCKETS_IFACE": "lo",
+    "MPIR_CVAR_CH3_INTERFACE_HOSTNAME": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
+WATCH_S = 0.5  # how often a rank checks that its launcher is alive
 POLL_S = 0.02
 SCAN_S = 0.5  # between scans of the process tree (each costs ~1.5 ms of CPU the ranks may need)
 TERM_GRACE_S = 2.0  # after SIGTERM, before SIGKILL
@@ -64,6 +70,49 @@ def describe_exit(code: int) -> str:
             name = "unknown"
         return f"was killed by signal {-code} ({name})"
     return f"exited with code {code}"
+
+
+def _die_with_parent_fn() -> Callable[[], None]:
+    """A preexec_fn: the kernel SIGKILLs the child when its parent dies, even by SIGKILL
+    (PR_SET_PDEATHSIG, kept across exec). prctl is looked up here, in the parent: between fork and
+    exec the child only calls it (no import, no lock). Deeper descendants run watch_launcher."""
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    PR_SET_PDEATHSIG = 1
+
+    def set_pdeathsig() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+    return set_pdeathsig
+
+
+def _launcher_id() -> str:
+    return f"{os.getpid()}:{psutil.Process().create_time()}"
+
+
+def watch_launcher() -> None:
+    """Under moecluster's launcher: a daemon thread that ends this process (SIGKILL: at once, ports
+    freed) when the launcher is gone however it ended, so that no rank outlives it."""
+    spec = os.environ.get(LAUNCHER_PID_ENV, "")
+    pid, _, started = spec.partition(":")
+    if not pid.isdigit():
+        return
+
+    def alive() -> bool:
+        try:
+            return f"{psutil.Process(int(pid)).create_time()}" == started
+        except psutil.Error:
+            return False
+
+    def watch() -> None:
+        while alive():
+            time.sleep(WATCH_S)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    import threading
+
+    threading.Thread(target=watch, name="moecluster-launcher-watch", daemon=True).start()
 
 
 def _kill_group(pid: int, sig: int) -> None:
@@ -260,19 +309,24 @@ def launch_local(cmd: list[str], world_size: int, backend: str, *, pin: bool = T
         raise MoeClusterError(f"unknown backend {backend!r}: use 'mpi', 'torch', 'mlx' or 'single'")
     if backend == "single" and world_size != 1:
         raise MoeClusterError("backend 'single' runs one rank: use 'mpi' or 'torch' for more")
-    base = dict(os.environ, **(env or {}))
+    base = dict(LOOPBACK_ENV, **os.environ, **(env or {}))  # the user's own settings win
+    base[LAUNCHER_PID_ENV] = _launcher_id()
     if pin and hasattr(os, "sched_getaffinity") and world_size <= len(os.sched_getaffinity(0)):  # macOS: no pinning
         base["MOECLUSTER_PIN"] = "1"
-    popen: dict[str, Any] = dict(stdin=subprocess.DEVNULL, start_new_session=True)  # own group: killable whole
+    popen: dict[str, Any] = dict(stdin=subprocess.DEVNULL, start_new_session=True,  # own group: killable whole
+                                 preexec_fn=_die_with_parent_fn())
     previous = _install_sigterm()
     job, links, tmp = _Job([]), None, ""
     try:
         if backend == "mpi":
             tmp = tempfile.mkdtemp(prefix="moecluster-")
             links = RankLinks(tmp)
-            full = [find_mpiexec(), "-n", str(world_size), *cmd]
+            # -localhost: the proxies reach mpiexec over loopback (hydra still listens on every
+            # interface: HYDU_sock_listen binds INADDR_ANY, see README)
+            full = [find_mpiexec(), "-localhost", "127.0.0.1", "-n", str(world_size), *cmd]
             if keep_survivors:  # see _wrap_rank
-                full = [full[0], "-disable-auto-cleanup", "-n", str(world_size), sys.executable,
+                full = [full[0], "-localhost", "127.0.0.1", "-disable-auto-cleanup", "-n", str(world_size),
+                        sys.executable,
                         "-m", "moecluster.distributed.launch", WRAP_RANK, *cmd]
             job.popens = [subprocess.Popen(full, env=dict(base, MOECLUSTER_LAUNCH_SOCKET=links.path),
                                            **popen)]
@@ -314,9 +368,10 @@ def _wrap_rank(cmd: list[str]) -> int:
     process groups: MPICH's handler only asks hydra which ranks died; the wrapper ignores it).
     """
     signal.signal(signal.SIGUSR1, lambda signum, frame: None)  # not SIG_IGN: that is inherited
+    watch_launcher()
     pmi_fd = os.environ.get("PMI_FD", "")
     keep = (int(pmi_fd),) if pmi_fd.isdigit() else ()
-    child = subprocess.Popen(cmd, pass_fds=keep)
+    child = subprocess.Popen(cmd, pass_fds=keep, preexec_fn=_die_with_parent_fn())  # the rank dies with its wrapper
     for fd in keep:
         os.close(fd)
     while True:

@@ -52,7 +52,8 @@ class Event:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" on the last event
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    error: str | None = None  # with finish_reason "error": what went wrong (answered as HTTP 503)
+    error: str | None = None  # with finish_reason "error": what went wrong
+    status: int = 503  # with an error: 503 when the cluster failed, 500 when only this request did
 
 
 @dataclass
@@ -148,6 +149,14 @@ def worker_loop(engine: Engine, comm) -> None:
             execute_step(engine, msg)
         else:
             raise MoeClusterError(f"rank {comm.rank}: unknown message {op!r} from rank 0 (version mismatch?)")
+
+
+def _describe(exc: Exception) -> str:
+    """An error's message for a client: ours as is, anything else with its type (a bug, so logged)."""
+    if isinstance(exc, MoeClusterError):
+        return str(exc)
+    traceback.print_exception(exc)
+    return f"internal error: {exc!r}"
 
 
 class Scheduler:
@@ -264,33 +273,50 @@ class Scheduler:
         if self._waiting and self._free:
             req = self._waiting.popleft()
             seq = self._new_sequence(req, self._free.pop())
-            with self._cond:
-                self._active[seq.slot] = seq
-            admit = [{"slot": seq.slot, "prompt_ids": req.prompt_ids}]
+            if seq is not None:
+                with self._cond:
+                    self._active[seq.slot] = seq
+            admit = [{"slot": seq.slot, "prompt_ids": req.prompt_ids}] if seq is not None else []
         if not admit and not rows:
             return None
         return {"op": "step", "admit": admit, "tokens": [s.next_token for s in rows],
                 "slots": [s.slot for s in rows], "pos": [s.pos for s in rows]}
 
-    def _new_sequence(self, req: Request, slot: int) -> _Sequence:
-        max_new = min(req.params.max_tokens, self.engine.max_seq_len - len(req.prompt_ids))
-        return _Sequence(req, slot, max_new, TextTracker(self.engine.tokenizer, req.params), Sampler(req.params),
-                         pos=len(req.prompt_ids))
+    def _new_sequence(self, req: Request, slot: int) -> _Sequence | None:
+        """The sequence of an admitted request; None (request failed, slot kept free) if it cannot start."""
+        try:
+            max_new = min(req.params.max_tokens, self.engine.max_seq_len - len(req.prompt_ids))
+            return _Sequence(req, slot, max_new, TextTracker(self.engine.tokenizer, req.params),
+                             Sampler(req.params), pos=len(req.prompt_ids))
+        except Exception as e:  # noqa: BLE001 - one bad request must not stop the others
+            self._free.append(slot)
+            self._done_waiting(req, Event(finish_reason="error", error=_describe(e), status=500))
+            return None
 
     def _finish_step(self, msg: dict, out: StepOutput) -> None:
         """Sample every row, emit its text, finish the sequences that stopped."""
         for adm, logits_V, sec, trace in zip(msg["admit"], out.prefill_logits, out.prefill_seconds,
                                              out.prefill_traces):
             self.observer.on_step("prefill", 1, sec, 0, trace)
-            self._advance(self._active[adm["slot"]], logits_V)
+            self._advance_or_fail(self._active[adm["slot"]], logits_V)
         if out.decode_logits_BV is not None:
             for slot, logits_V in zip(msg["slots"], out.decode_logits_BV):
-                seq = self._active[slot]
+                seq = self._active.get(slot)
+                if seq is None:  # failed earlier in this step
+                    continue
                 seq.pos += 1
-                self._advance(seq, logits_V)
+                self._advance_or_fail(seq, logits_V)
             self.observer.on_step("decode", len(msg["slots"]), out.decode_seconds, out.decode_bytes,
                                   out.decode_trace)
         self.last_progress = self._last_collective = now()
+
+    def _advance_or_fail(self, seq: _Sequence, logits_V: torch.Tensor) -> None:
+        """Sample one row; a failure (NaN logits, a detokenizer error...) ends this request only."""
+        try:
+            self._advance(seq, logits_V)
+        except Exception as e:  # noqa: BLE001 - one bad request must not stop the others
+            if seq.slot in self._active:
+                self._release(seq, "error", Event(error=_describe(e), status=500))
 
     def _advance(self, seq: _Sequence, logits_V: torch.Tensor) -> None:
         token = seq.sampler(logits_V)

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import psutil
 import torch
 
 from moecluster.engine.sampling import Sampler, SamplingParams
@@ -48,13 +49,41 @@ class Delta:
     stats: GenerationStats | None = None  # set on the last delta
 
 
+class StopMatcher:
+    """Knuth-Morris-Pratt automaton of one stop string, fed the text one character at a time:
+    O(1) amortized per character, so matching is linear in the text (and the held-back prefix is
+    the automaton's state, not a search)."""
+
+    def __init__(self, stop: str):
+        self.stop, self.state = stop, 0  # state: the longest prefix of stop that ends the text so far
+        self.fail = [0] * len(stop)  # fail[i]: longest proper border of stop[:i + 1]
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = self.fail[k - 1]
+            k += stop[i] == stop[k]
+            self.fail[i] = k
+
+    def feed(self, ch: str) -> bool:
+        """Advance by one character; True when the text now ends with the whole stop string."""
+        stop, k = self.stop, self.state
+        if k == len(stop):
+            k = self.fail[k - 1]
+        while k and ch != stop[k]:
+            k = self.fail[k - 1]
+        k += ch == stop[k]
+        self.state = k
+        return k == len(stop)
+
+
 class TextTracker:
     """Token ids -> text deltas, cut at the first stop string; text that may begin a stop string is
-    held back until it is clear that it does not."""
+    held back until it is clear that it does not. Stop matching is linear in the text
+    (MAX_STOP_STRINGS x MAX_STOP_CHARS bound the automata's setup)."""
 
     def __init__(self, tokenizer: Tokenizer, params: SamplingParams):
         self.detok = IncrementalDecoder(tokenizer)
-        self.stop = list(params.stop)
+        self.matchers = [StopMatcher(s) for s in params.stop]
         self.eos_ids = set() if params.ignore_eos else set(tokenizer.eos_ids)
         self.text, self.sent = "", 0
 
@@ -62,13 +91,21 @@ class TextTracker:
         """Add a token; returns (text to send now, stopped by EOS or a stop string)."""
         if token in self.eos_ids:
             return self.flush(), True
-        self.text += self.detok.push(token)
-        cuts = [i for i in (self.text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
-        if cuts:
-            end = max(min(cuts), self.sent)
+        new = self.detok.push(token)
+        start = len(self.text)
+        self.text += new
+        cut = -1  # where the earliest stop string completed in the new text begins
+        for m in self.matchers:
+            for i, ch in enumerate(new):
+                if m.feed(ch):
+                    begin = start + i + 1 - len(m.stop)
+                    cut = begin if cut < 0 else min(cut, begin)
+                    break
+        if cut >= 0:
+            end = max(cut, self.sent)
             delta, self.sent = self.text[self.sent:end], len(self.text)
             return delta, True
-        hold = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        hold = max((m.state for m in self.matchers), default=0)
         end = max(len(self.text) - hold, self.sent)
         delta, self.sent = self.text[self.sent:end], end
         return delta, False
@@ -91,6 +128,7 @@ class Engine:
         self.world_size = comm.world_size if comm is not None else 1
         apply_kernels(self.model)  # transformations of the loaded model: fast products, then timers
         apply_tracing(self.model)
+        check_cache(self.model, num_slots, max_seq_len)
         self.model.setup_cache(num_slots, max_seq_len)
         self.max_seq_len = self.model.cache_len
         self.dense_bytes = dense_bytes_per_token(self.model)
@@ -185,6 +223,24 @@ class Engine:
                 tokens.append(delta.token)
             stats = delta.stats or stats
         return "".join(text), tokens, stats
+
+
+def check_cache(model, num_slots: int, max_seq_len: int | None) -> None:
+    """Refuse a context above the model's limit, and a KV cache that cannot fit in this machine's memory
+    (sized on the meta device: nothing is allocated)."""
+    limit = int(model.max_seq_len)
+    if max_seq_len is not None and max_seq_len > limit:
+        raise MoeClusterError(f"a context of {max_seq_len} positions (--max-seq-len) is above this model's limit "
+                              f"of {limit} (max_position_embeddings); ask for at most {limit}")
+    with torch.device("meta"):
+        model.setup_cache(num_slots, max_seq_len)
+    need = sum(b.numel() * b.element_size() for b in model.buffers() if b.is_meta)
+    available = psutil.virtual_memory().available
+    if need > available:
+        seq = model.cache_len
+        raise MoeClusterError(f"a KV cache of {num_slots} sequence(s) x {seq} positions needs {need / 2**30:.1f} GiB, "
+                              f"but {available / 2**30:.1f} GiB of memory is available; pass --max-seq-len (and "
+                              "--max-batch) small enough, or fix max_position_embeddings/max_seq_len in config.json")
 
 
 def dense_bytes_per_token(model) -> int:

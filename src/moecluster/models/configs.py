@@ -208,6 +208,23 @@ def rope_theta_of(rope_parameters: dict | None, *fallbacks: float | None, defaul
     return default
 
 
+def _typed(model_type: str, name: str, value: Any, annotation: str) -> Any:
+    """A config value checked against its field's annotation (int, float, bool, dict; others as is):
+    one clear error instead of a TypeError deep in the model; integral floats (4096.0) become ints."""
+    kinds = {a.strip() for a in annotation.split("|")} - {"None"}
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kinds == {"int"} and number and float(value).is_integer() and abs(value) < 2**53:
+        return int(value)
+    if kinds == {"float"} and number:
+        return float(value)
+    if (kinds == {"bool"} and isinstance(value, bool)) or (kinds == {"dict"} and isinstance(value, dict)):
+        return value
+    if kinds.isdisjoint({"int", "float", "bool", "dict"}) or len(kinds) > 1:
+        return value  # str, lists, unions: the architecture's own checks
+    what = {"int": "an integer", "float": "a number", "bool": "true or false", "dict": "a JSON object"}[kinds.pop()]
+    raise MoeClusterError(f"config ({model_type}): {name} must be {what}, got {value!r:.60}; fix config.json")
+
+
 @dataclass
 class ArchConfig:
     """Base of the per-architecture configs: parsing with HF names, checks, and the common view."""
@@ -221,7 +238,7 @@ class ArchConfig:
         kwargs: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             if f.name in cfg and cfg[f.name] is not None:
-                kwargs[f.name] = cfg[f.name]
+                kwargs[f.name] = _typed(cls.model_type, f.name, cfg[f.name], str(f.type))
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise MoeClusterError(f"config: required key {f.name!r} for model_type {cls.model_type!r} is "
                                       "missing from config.json; is this a complete HF config?")

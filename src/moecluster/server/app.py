@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -27,6 +28,8 @@ from moecluster.server.metrics import CONTENT_TYPE, Metrics
 
 POLL_S = 0.5  # how often a waiting handler checks the scheduler's health and its client
 MAX_BODY_BYTES = 8 << 20
+BODY_TIMEOUT_S = 30.0  # a request body must arrive within this (slow clients hold a connection)
+LOCAL_HOSTS = ("localhost", "localhost.localdomain", "ip6-localhost")  # plus every IP literal
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
 
@@ -53,6 +56,43 @@ class _CountRequests:
             path = scope.get("path", "")
             endpoint = next((e for e in ENDPOINTS if path == e or path.startswith(e + "/")), "other")
             self.metrics.observe_request(endpoint, status[0])
+
+
+def host_allowed(host_header: str, allowed: Iterable[str]) -> bool:
+    """DNS rebinding: a browser sends the attacker's domain name as Host, so refuse names that are not
+    ours. IP literals and localhost names are always fine; `allowed` adds names ("*" allows any)."""
+    host = host_header.strip().lower()
+    if host.startswith("["):  # [::1]:8000
+        host = host[1:host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.split(":")[0]
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    names = {h.lower() for h in allowed}
+    return "*" in names or host in LOCAL_HOSTS or host in names or host.rstrip(".") in names
+
+
+class _CheckHost:
+    """ASGI middleware: 421 for a Host header that is not this server's (DNS rebinding)."""
+
+    def __init__(self, app, allowed: tuple[str, ...]):
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
+            if not host_allowed(host, self.allowed):
+                body = json.dumps(P.error_body(
+                    f"Host {host[:100]!r} is not served here; start the server with --allowed-host NAME to "
+                    "accept it", code="host_not_allowed")).encode()
+                await send({"type": "http.response.start", "status": 421,
+                            "headers": [(b"content-type", b"application/json")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
 
 
 class _Generation:
@@ -108,8 +148,45 @@ def _unavailable(reason: str) -> P.ApiError:
                       code="cluster_unavailable")
 
 
+def _failed(event: Event) -> P.ApiError:
+    """503 when the cluster failed; 500 naming the cause when only this request did."""
+    if event.status == 503:
+        return _unavailable(event.error or "unknown error")
+    return P.ApiError(event.status, f"this request failed: {event.error}", type="server_error", code="request_failed")
+
+
 def _sse(body: dict) -> str:
     return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+
+
+async def _read_body(http: HttpRequest) -> bytes:
+    """The body, refused with 413 as soon as Content-Length or the bytes received pass MAX_BODY_BYTES."""
+    too_big = P.ApiError(413, f"the request body exceeds {MAX_BODY_BYTES >> 20} MiB")
+    media_type = http.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":  # also: a web page cannot send this cross-origin without a preflight
+        raise P.ApiError(415, f"the request body must be JSON with 'Content-Type: application/json' (got "
+                              f"{media_type[:60]!r})")
+    length = http.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit() or len(length) > 18:
+            raise P.ApiError(400, f"invalid Content-Length header {length[:40]!r}")
+        if int(length) > MAX_BODY_BYTES:
+            raise too_big
+    chunks, size = [], 0
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in http.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise too_big
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), BODY_TIMEOUT_S)
+    except TimeoutError:
+        raise P.ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:.0f} s") from None
+    return b"".join(chunks)
 
 
 class Server:
@@ -130,14 +207,7 @@ class Server:
 
     async def read(self, http: HttpRequest, model: type[P.RequestT]) -> P.RequestT:
         self.check_auth(http)
-        raw = await http.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise P.ApiError(413, f"the request body exceeds {MAX_BODY_BYTES >> 20} MiB")
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise P.ApiError(400, f"could not parse the JSON body: {e}") from None
-        req = P.parse(model, body)
+        req = P.parse(model, P.decode_json(await _read_body(http)))
         if req.model != self.model_name:
             raise P.ApiError(404, f"the model {req.model!r} does not exist; this server serves "
                                   f"{self.model_name!r} (see GET /v1/models)", param="model", code="model_not_found")
@@ -202,7 +272,7 @@ class Server:
         if last is None or last.finish_reason in ("cancelled", None):
             return Response(status_code=499)  # the client went away; nobody reads this
         if last.finish_reason == "error":
-            raise _unavailable(last.error or "unknown error")
+            raise _failed(last)
         use = P.usage(last.prompt_tokens, last.completion_tokens)
         text = "".join(parts)
         body = (P.chat_body(rid, self.model_name, text, last.finish_reason, use) if chat else
@@ -216,7 +286,7 @@ class Server:
                 yield _sse(P.chat_chunk(rid, name, {"role": "assistant", "content": ""}, None, None, created))
             async for ev in gen.events():
                 if ev.finish_reason == "error":
-                    yield _sse(_unavailable(ev.error or "unknown error").body())
+                    yield _sse(_failed(ev).body())
                     return
                 if ev.finish_reason == "cancelled":
                     return
@@ -238,13 +308,25 @@ class Server:
 
 
 def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None,
-               metrics: Metrics | None = None) -> FastAPI:
-    """The FastAPI app: /v1/models, /v1/completions, /v1/chat/completions, /health, /metrics."""
+               metrics: Metrics | None = None, *, allowed_hosts: Iterable[str] = (),
+               cors_origins: Iterable[str] = (), open_status: bool = True) -> FastAPI:
+    """The FastAPI app: /v1/models, /v1/completions, /v1/chat/completions, /health, /metrics.
+
+    allowed_hosts: Host names accepted besides IP literals and localhost; cors_origins: browser
+    origins allowed to call the API (none: no CORS headers); open_status: /health and /metrics
+    without the API key (the CLI sets it for loopback binds only)."""
     metrics = metrics or Metrics(scheduler.engine.model)
     srv = Server(scheduler, model_name, api_key, metrics)
-    app = FastAPI(title="moecluster", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="moecluster", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.add_middleware(_CountRequests, metrics=metrics)
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(_CheckHost, allowed=tuple(allowed_hosts))  # outermost: before anything else
     _add_error_handlers(app)
+    app.openapi = lambda: app.openapi_schema or P.openapi_schema(app, model_name)  # pyright: ignore[reportAttributeAccessIssue]
 
     @app.get("/v1/models")
     async def list_models(http: HttpRequest):
@@ -259,14 +341,14 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
                              param="model", code="model_not_found")
         return P.model_card(model_name, srv.created, srv.engine.max_seq_len)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=P.request_body("CompletionRequest"))
     async def completions(http: HttpRequest):
         req = await srv.read(http, P.CompletionRequest)
         ids = srv.prompt_ids(req.prompt)
         params = srv.params(req, req.max_tokens, len(ids), COMPLETION_DEFAULT_MAX_TOKENS)
         return await srv.run(http, req, ids, params, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=P.request_body("ChatRequest"))
     async def chat_completions(http: HttpRequest):
         req = await srv.read(http, P.ChatRequest)
         ids = srv.chat_ids(req)
@@ -275,7 +357,9 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
         return await srv.run(http, req, ids, params, chat=True)
 
     @app.get("/health")
-    async def health():
+    async def health(http: HttpRequest):
+        if not open_status:
+            srv.check_auth(http)
         ok, reason = scheduler.health()
         running, waiting = scheduler.load()
         body = {"status": "ok" if ok else "unavailable", "reason": reason, "model": model_name,
@@ -285,7 +369,9 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
-    async def prometheus():
+    async def prometheus(http: HttpRequest):
+        if not open_status:
+            srv.check_auth(http)
         ok, _ = scheduler.health()
         return Response(metrics.render(*scheduler.load(), ok), media_type=CONTENT_TYPE)
 

@@ -7,11 +7,17 @@ server does not implement are accepted only at their neutral values.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from moecluster.engine.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS
+
+MAX_JSON_DEPTH = 32  # nesting of the request body (OpenAI requests need about 5)
+MAX_JSON_INT = 2**64  # larger integers are no valid value of any parameter
 
 
 class ApiError(Exception):
@@ -83,6 +89,9 @@ class _Sampling(_Strict):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not s for s in stops):
             raise ApiError(400, "stop strings must be non-empty", param="stop")
+        if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ApiError(400, f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} characters "
+                                "each", param="stop")
         return stops
 
 
@@ -167,6 +176,40 @@ class ChatRequest(_Sampling):
         return out
 
 
+def _no_constant(name: str) -> Any:
+    raise ApiError(400, f"could not parse the JSON body: {name} is not valid JSON")
+
+
+def decode_json(raw: bytes) -> Any:
+    """A JSON body; 400 for invalid JSON or UTF-8, NaN/Infinity, nesting deeper than MAX_JSON_DEPTH,
+    integers beyond MAX_JSON_INT and unpaired surrogates (\\ud800), so that nothing later meets them."""
+    try:
+        body = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise ApiError(400, f"the JSON body is nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, and ints past Python's digit limit
+        raise ApiError(400, f"could not parse the JSON body: {str(e)[:200]}") from None
+    stack = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(400, f"the JSON body is nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(value, dict):
+            stack.extend((k, depth) for k in value)
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ApiError(400, "a string in the JSON body contains an unpaired surrogate escape "
+                                    "(such as \\ud800); send valid Unicode") from None
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_JSON_INT:
+            raise ApiError(400, f"an integer in the JSON body is out of range (|n| > 2**64): {str(value)[:20]}...")
+    return body
+
+
 def parse(model: type[RequestT], body: Any) -> RequestT:
     """Validate a decoded JSON body; a 400 naming the first bad parameter otherwise."""
     if not isinstance(body, dict):
@@ -228,3 +271,24 @@ def chat_chunk(rid: str, model: str, delta: dict, finish: str | None, use: dict 
 def model_card(name: str, created: int, max_model_len: int) -> dict:
     return {"id": name, "object": "model", "created": created, "owned_by": "moecluster",
             "max_model_len": max_model_len}
+
+
+def request_body(model: str) -> dict:
+    """The OpenAPI requestBody of a POST endpoint whose handler reads the raw body (see openapi_schema)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model}"}}}}}
+
+
+def openapi_schema(app, model_name: str) -> dict:
+    """FastAPI's schema of the routes plus the request models (for clients and fuzzers, /openapi.json)."""
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title="moecluster", version="1", routes=app.routes)
+    defs = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in (CompletionRequest, ChatRequest):
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        defs.update(body.pop("$defs", {}))
+        body["properties"]["model"] = {"type": "string", "enum": [model_name]}  # this server's one model
+        defs[model.__name__] = body
+    app.openapi_schema = schema
+    return schema
