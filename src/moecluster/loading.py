@@ -68,12 +68,26 @@ def read_config(model_dir: str | Path) -> tuple[dict, ArchConfig]:
 
 
 def checkpoint_format(raw: dict, cfg: ArchConfig) -> str | None:
-    """The quantized format the checkpoint ships ("fp8"), None when unquantized; one clear error otherwise."""
+    """The quantized format the checkpoint ships ("fp8", "mxfp4"), None when unquantized; one clear error
+    otherwise. mxfp4 is gpt-oss's own layout: read where the architecture has a `read_expert_mxfp4`."""
     fmt = format_from_quantization_config(raw.get("quantization_config"))
-    if fmt == "mxfp4":
-        raise MoeClusterError(f"mxfp4 checkpoints are read for gpt-oss, which this build does not run yet "
-                              f"(model_type {cfg.model_type!r}); use an fp8 or unquantized checkpoint")
+    if fmt == "mxfp4" and _mxfp4_reader(architecture(cfg)[1]) is None:
+        raise MoeClusterError(f"mxfp4 checkpoints are read for gpt-oss (the layout it ships), not for model_type "
+                              f"{cfg.model_type!r}; use an fp8 or unquantized checkpoint")
     return fmt
+
+
+def _mxfp4_reader(arch) -> Callable | None:
+    """The architecture's optional hook for experts shipped in MXFP4 (see models/gpt_oss.py)."""
+    return getattr(arch, "read_expert_mxfp4", None)
+
+
+def _expert_reader(arch, fmt: str | None) -> Callable:
+    """read_expert(read_rows, cfg, layer, expert) for the checkpoint's expert format."""
+    reader = _mxfp4_reader(arch) if fmt == "mxfp4" else arch.read_expert
+    if reader is None:
+        raise MoeClusterError("internal: no mxfp4 expert reader for this architecture")
+    return reader
 
 
 def default_dtype(cfg: dict) -> str:
@@ -140,7 +154,7 @@ def load_model(model_dir: str | Path, dtype: str | None = None, expert_filter: E
     threads = torch.get_num_threads()
     try:
         _check_names(reader, arch, cfg, fmt)
-        plan = _read_plan(reader, arch, cfg, held)
+        plan = _read_plan(reader, _expert_reader(arch, fmt), arch, cfg, held)
         if meter is not None:
             meter.total, reader.progress = sum(n for _, _, n in plan), meter
         reader.prefetch(plan)
@@ -171,7 +185,8 @@ def load_model(model_dir: str | Path, dtype: str | None = None, expert_filter: E
     return LoadedModel(model, cfg, shape, tokenizer, raw, torch_dtype, model_dir, meter)
 
 
-def _read_plan(reader: CheckpointReader, arch, cfg: ArchConfig, held: list[list[int]]) -> list[tuple[Path, int, int]]:
+def _read_plan(reader: CheckpointReader, read_expert: Callable, arch, cfg: ArchConfig, held: list[list[int]]
+               ) -> list[tuple[Path, int, int]]:
     """The byte ranges this load reads, in order (dense tensors, then each held expert's rows), found by running
     the architecture's read_expert on meta tensors: for the page-cache prefetch and the progress total."""
     plan = [reader.byte_range(n) for names, _ in arch.dense_weights(cfg).values() for n in names]
@@ -182,7 +197,7 @@ def _read_plan(reader: CheckpointReader, arch, cfg: ArchConfig, held: list[list[
 
     for experts, layer in zip(held, cfg.moe_layer_ids(), strict=True):
         for expert in experts:
-            arch.read_expert(record, cfg, layer, expert)
+            read_expert(record, cfg, layer, expert)
     return plan
 
 
@@ -264,30 +279,49 @@ def _fp8_readers(reader: CheckpointReader, hidden: int) -> tuple[ReadRows, ReadR
     return weights, scales
 
 
+def _mxfp4_rows(reader: CheckpointReader) -> ReadRows:
+    """read_rows for an mxfp4 checkpoint: blocks and scales as on disk (uint8; e8m0 scales viewed as uint8),
+    everything else (the biases) in the compute dtype."""
+
+    def read(name: str, start: int, end: int) -> torch.Tensor:
+        disk = reader.disk_dtype(name)
+        if disk == torch.uint8 or disk == getattr(torch, "float8_e8m0fnu", None):
+            return reader.read_rows(name, start, end, None).view(torch.uint8)
+        if name.endswith(("_blocks", "_scales")):
+            raise MoeClusterError(f"mxfp4 tensor {name} is {disk}; gpt-oss ships *_blocks and *_scales as uint8")
+        return reader.read_rows(name, start, end)
+
+    return read
+
+
 def _load_quantized_experts(reader: CheckpointReader, arch, cfg: ArchConfig, template: RoutedExperts, layer: int,
                             index: int, experts: list[int], fmt: str, group_size: int) -> QuantizedRoutedExperts:
-    """The held experts of one MoE layer in `fmt`, one expert at a time: fp8 copied as shipped (weights and
-    block scales), int8/int4 quantized from the checkpoint's floats (peak: the stacks + one expert)."""
+    """The held experts of one MoE layer in `fmt`, one expert at a time: fp8 and mxfp4 copied as shipped
+    (weights and scales), int8/int4 quantized from the checkpoint's floats (peak: the stacks + one expert);
+    biases, where the experts have them, in the compute dtype."""
     bad = [e for e in experts if not 0 <= e < template.num_experts]
     if bad:
         raise MoeClusterError(f"placement names experts {bad} in MoE layer {index}, but the model has "
                               f"{template.num_experts}")
-    if template.b13_eG is not None:
-        raise MoeClusterError(f"quantized experts ({fmt}) are not supported yet for model_type {cfg.model_type!r} "
-                              "(its experts have biases); run it unquantized")
-    module = QuantizedRoutedExperts(template.num_experts, template.dim, template.hidden, experts, fmt,
-                                    None if fmt == "fp8" else group_size, reader.dtype)
+    module = QuantizedRoutedExperts.like(template, experts, fmt, None if fmt in ("fp8", "mxfp4") else group_size,
+                                         reader.dtype)
     fp8 = _fp8_readers(reader, template.hidden) if fmt == "fp8" else None
+    mxfp4 = _mxfp4_rows(reader) if fmt == "mxfp4" else None
     for i, expert in enumerate(experts):
         if fp8 is not None:
-            w13_GD, w2_DF = arch.read_expert(fp8[0], cfg, layer, expert)
-            s13, s2 = arch.read_expert(fp8[1], cfg, layer, expert)
+            w13_GD, w2_DF, *biases = arch.read_expert(fp8[0], cfg, layer, expert)
+            s13, s2, *_ = arch.read_expert(fp8[1], cfg, layer, expert)
             module.w13_eGD.set_expert(i, w13_GD.contiguous(), s13.contiguous())
             module.w2_eDF.set_expert(i, w2_DF.contiguous(), s2.contiguous())
+        elif mxfp4 is not None:
+            (b13, s13), (b2, s2), *biases = _expert_reader(arch, fmt)(mxfp4, cfg, layer, expert)
+            module.w13_eGD.set_expert(i, b13, s13)
+            module.w2_eDF.set_expert(i, b2, s2)
         else:
-            w13_GD, w2_DF = arch.read_expert(reader.read_rows, cfg, layer, expert)
+            w13_GD, w2_DF, *biases = arch.read_expert(reader.read_rows, cfg, layer, expert)
             module.w13_eGD.quantize_expert(i, w13_GD)
             module.w2_eDF.quantize_expert(i, w2_DF)
+        module.set_biases(i, *(biases or (None, None)))
     return module
 
 

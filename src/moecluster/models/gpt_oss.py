@@ -10,13 +10,13 @@ up = [..., 1::2]), `gate_up_proj_bias` [E, 2F] (interleaved alike), `down_proj` 
 [E, D]. read_expert slices one expert (row e of dim 0), de-interleaves into our w13_GD (gate rows, then up rows)
 and transposes into our [out, in] layout.
 
-MXFP4 (the Hub's gpt-oss checkpoints; not read here yet): `gate_up_proj_blocks` [E, 2F, D/32, 16] +
-`gate_up_proj_scales` [E, 2F, D/32] and `down_proj_blocks` [E, D, F/32, 16] + `down_proj_scales` [E, D, F/32]
-are already [out, in] (the 32-groups run along the input), so one expert is again row e of dim 0 and the
-de-interleave is a permutation of the 2F output rows (gate_up_rows) that applies unchanged to blocks and
-scales, without dequantizing. The slot: expert_weights lists `*_blocks`/`*_scales` when `quantization_config`
-says mxfp4, and read_expert returns the permuted rows for the loader to put into quant.QuantizedStack
-(biases stay bf16). Until then such a checkpoint gets one clear error.
+MXFP4 (the Hub's gpt-oss checkpoints, `quantization_config` {"quant_method": "mxfp4", "modules_to_not_convert":
+[attention, router, embeddings, lm_head]}): `gate_up_proj_blocks` [E, 2F, D/32, 16] uint8 + `gate_up_proj_scales`
+[E, 2F, D/32] e8m0 and `down_proj_blocks` [E, D, F/32, 16] + `down_proj_scales` [E, D, F/32] are already
+[out, in] (the 32-groups run along the input), so one expert is again row e of dim 0 and the de-interleave is a
+permutation of the 2F output rows (gate_up_rows) that applies unchanged to blocks and scales, without
+dequantizing. expert_weights lists these names when the config says mxfp4; read_expert_mxfp4 returns one
+expert's permuted blocks and scales for the loader's quant.QuantizedStack (the biases stay in the compute dtype).
 
 Shape legend: D model dim, F expert hidden dim, G = 2F, E experts, K top-k, H heads, Hk kv heads, Hd head dim,
 S cached positions, T new tokens, B batch rows.
@@ -160,20 +160,31 @@ def dense_weights(cfg: GptOssConfig) -> DenseMap:
     return out
 
 
-def _check_unquantized(cfg: GptOssConfig) -> None:
-    if cfg.quantization_config:
-        method = cfg.quantization_config.get("quant_method", "?")
-        raise MoeClusterError(f"this gpt-oss checkpoint is quantized ({method}); the engine reads bf16/fp32 gpt-oss "
-                              "checkpoints only so far: use a dequantized (bf16) copy")
+def is_mxfp4(cfg: GptOssConfig) -> bool:
+    """The checkpoint ships its experts in MXFP4 (as the Hub's); any other quantization: one clear error."""
+    if not cfg.quantization_config:
+        return False
+    method = str(cfg.quantization_config.get("quant_method", "?")).lower()
+    if method != "mxfp4":
+        raise MoeClusterError(f"this gpt-oss checkpoint is quantized ({method}); the engine reads gpt-oss as "
+                              "the Hub ships it (mxfp4) or unquantized (bf16/fp32)")
+    D, F = cfg.hidden_size, cfg.expert_hidden
+    if D % 32 or F % 32:
+        raise MoeClusterError(f"mxfp4 experts need hidden_size and intermediate_size to be multiples of 32 "
+                              f"(groups of 32 inputs); this config has {D} and {F}")
+    return True
 
 
 def expert_weights(cfg: GptOssConfig, layer: int) -> dict[str, tuple[int, ...]]:
     """On-disk expert tensors of one MoE layer with their shapes (fused over experts)."""
-    _check_unquantized(cfg)
     E, D, F = cfg.routed_experts, cfg.hidden_size, cfg.expert_hidden
     p = f"model.layers.{layer}.mlp.experts"
-    return {f"{p}.gate_up_proj": (E, D, 2 * F), f"{p}.gate_up_proj_bias": (E, 2 * F),
-            f"{p}.down_proj": (E, F, D), f"{p}.down_proj_bias": (E, D)}
+    biases = {f"{p}.gate_up_proj_bias": (E, 2 * F), f"{p}.down_proj_bias": (E, D)}
+    if is_mxfp4(cfg):
+        return biases | {f"{p}.gate_up_proj_blocks": (E, 2 * F, D // 32, 16), f"{p}.gate_up_proj_scales":
+                         (E, 2 * F, D // 32), f"{p}.down_proj_blocks": (E, D, F // 32, 16),
+                         f"{p}.down_proj_scales": (E, D, F // 32)}
+    return biases | {f"{p}.gate_up_proj": (E, D, 2 * F), f"{p}.down_proj": (E, F, D)}
 
 
 def gate_up_rows(hidden: int) -> torch.Tensor:
@@ -181,12 +192,31 @@ def gate_up_rows(hidden: int) -> torch.Tensor:
     return torch.cat((torch.arange(0, 2 * hidden, 2), torch.arange(1, 2 * hidden, 2)))
 
 
+def _read_biases(read_rows: ReadRows, cfg: GptOssConfig, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+    p = f"model.layers.{layer}.mlp.experts"
+    b13_G = read_rows(f"{p}.gate_up_proj_bias", e, e + 1)[0][gate_up_rows(cfg.expert_hidden)]
+    return b13_G, read_rows(f"{p}.down_proj_bias", e, e + 1)[0]
+
+
 def read_expert(read_rows: ReadRows, cfg: GptOssConfig, layer: int, expert: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One expert's (w13_GD, w2_DF, b13_G, b2_D)."""
+    """One expert's (w13_GD, w2_DF, b13_G, b2_D) from a bf16/fp32 checkpoint."""
+    if is_mxfp4(cfg):
+        raise MoeClusterError("internal: an mxfp4 gpt-oss checkpoint is read by read_expert_mxfp4")
+    p, e = f"model.layers.{layer}.mlp.experts", expert
+    w13_GD = read_rows(f"{p}.gate_up_proj", e, e + 1)[0].T[gate_up_rows(cfg.expert_hidden)]
+    w2_DF = read_rows(f"{p}.down_proj", e, e + 1)[0].T
+    return w13_GD, w2_DF, *_read_biases(read_rows, cfg, layer, e)
+
+
+def read_expert_mxfp4(read_rows: ReadRows, cfg: GptOssConfig, layer: int, expert: int
+                      ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], torch.Tensor,
+                                 torch.Tensor]:
+    """One expert of an mxfp4 checkpoint, as shipped (read_rows gives blocks and scales as uint8, the biases in
+    the compute dtype): ((blocks13 [G, D/32, 16], scales13 [G, D/32]), (blocks2 [D, F/32, 16],
+    scales2 [D, F/32]), b13_G, b2_D); the 2F rows de-interleaved (gate rows, then up rows) by a row permutation."""
     p, e = f"model.layers.{layer}.mlp.experts", expert
     rows = gate_up_rows(cfg.expert_hidden)
-    w13_GD = read_rows(f"{p}.gate_up_proj", e, e + 1)[0].T[rows]
-    b13_G = read_rows(f"{p}.gate_up_proj_bias", e, e + 1)[0][rows]
-    w2_DF = read_rows(f"{p}.down_proj", e, e + 1)[0].T
-    return w13_GD, w2_DF, b13_G, read_rows(f"{p}.down_proj_bias", e, e + 1)[0]
+    w13 = tuple(read_rows(f"{p}.gate_up_proj_{part}", e, e + 1)[0][rows].contiguous() for part in ("blocks", "scales"))
+    w2 = tuple(read_rows(f"{p}.down_proj_{part}", e, e + 1)[0] for part in ("blocks", "scales"))
+    return (w13[0], w13[1]), (w2[0], w2[1]), *_read_biases(read_rows, cfg, layer, e)

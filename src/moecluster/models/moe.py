@@ -143,6 +143,10 @@ def combine(y_NKD: torch.Tensor, weights_NK: torch.Tensor, dtype: torch.dtype) -
     return (y_NKD.float() * weights_NK[..., None]).sum(dim=1).to(dtype)
 
 
+def _frozen(*shape: int, dtype: torch.dtype, device: str | torch.device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
 class RoutedExperts(nn.Module):
     """The routed experts this process holds, prestacked: w13_eGD (gate rows then up rows), w2_eDF, and with
     `bias` b13_eG (gate then up) and b2_eD. `activation(gate, up)` is the gated activation (silu_glu default).
@@ -161,17 +165,25 @@ class RoutedExperts(nn.Module):
         self.expert_ids = list(expert_ids)
         e = len(self.expert_ids)
 
-        def param(*shape: int) -> nn.Parameter:
-            return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
-
-        self.w13_eGD = param(e, 2 * hidden, dim)
-        self.w2_eDF = param(e, dim, hidden)
-        self.b13_eG = param(e, 2 * hidden) if bias else None
-        self.b2_eD = param(e, dim) if bias else None
+        self.w13_eGD = _frozen(e, 2 * hidden, dim, dtype=dtype, device=device)
+        self.w2_eDF = _frozen(e, dim, hidden, dtype=dtype, device=device)
+        self.b13_eG, self.b2_eD = self.make_biases(dtype, device) if bias else (None, None)
         self.activation = activation
         self._local_of = {expert: i for i, expert in enumerate(self.expert_ids)}
         self.gemm: MoEGemm = torch_moe_gemm
         self.last_num_evaluated = 0
+
+    def make_biases(self, dtype: torch.dtype, device: str | torch.device = "cpu"
+                    ) -> tuple[nn.Parameter, nn.Parameter]:
+        """Uninitialised b13_eG, b2_eD for the held experts (the quantized experts' biases too)."""
+        e = len(self.expert_ids)
+        return _frozen(e, 2 * self.hidden, dtype=dtype, device=device), _frozen(e, self.dim, dtype=dtype, device=device)
+
+    def bias_bytes(self) -> int:
+        """Bytes of one expert's biases (0 without)."""
+        if not self.expert_ids or self.b13_eG is None or self.b2_eD is None:
+            return 0
+        return sum(b[0].numel() * b.element_size() for b in (self.b13_eG, self.b2_eD))
 
     def expert_bytes(self) -> int:
         """Bytes of one expert's weights (gate, up and down, and their biases)."""
@@ -192,6 +204,10 @@ class RoutedExperts(nn.Module):
         """Copy one expert's weights (as an architecture's read_expert returns them) into local row i."""
         self.w13_eGD[i].copy_(w13_GD)
         self.w2_eDF[i].copy_(w2_DF)
+        self.set_biases(i, b13_G, b2_D)
+
+    def set_biases(self, i: int, b13_G: torch.Tensor | None, b2_D: torch.Tensor | None) -> None:
+        """Copy one expert's biases into local row i (None and None for experts without biases)."""
         if self.b13_eG is not None and self.b2_eD is not None and b13_G is not None and b2_D is not None:
             self.b13_eG[i].copy_(b13_G)
             self.b2_eD[i].copy_(b2_D)

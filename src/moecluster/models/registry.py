@@ -2,7 +2,8 @@
 
 Adding an architecture: a config dataclass in configs.py, a file `models/<arch>.py` with the model
 class and `dense_weights` / `expert_weights` / `read_expert` (optionally `ignored_on_disk(cfg, name)`: tensors
-the checkpoint ships that the model does not run), and one line here.
+the checkpoint ships that the model does not run; `read_expert_mxfp4`: experts shipped in MXFP4, as gpt-oss's), and
+one line here.
 """
 
 from __future__ import annotations

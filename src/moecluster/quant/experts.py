@@ -20,7 +20,7 @@ from torch import nn
 
 from moecluster.errors import MoeClusterError
 from moecluster.models.layers import Linear
-from moecluster.models.moe import RoutedExperts
+from moecluster.models.moe import GluFn, RoutedExperts, silu_glu
 from moecluster.quant.formats import DEFAULT_GROUP_SIZE, FORMATS
 from moecluster.quant.stack import QuantizedStack
 
@@ -66,12 +66,17 @@ def torch_moe_gemm_q(stack: QuantizedStack, local: list[int], counts: list[int],
 
 
 class QuantizedRoutedExperts(RoutedExperts):
-    """The routed experts this process holds, as QuantizedStacks: w13_eGD [e, 2F, D], w2_eDF [e, D, F]."""
+    """The routed experts this process holds, as QuantizedStacks: w13_eGD [e, 2F, D], w2_eDF [e, D, F]; with
+    `bias`, b13_eG / b2_eD in compute_dtype, and `activation`, applied by RoutedExperts' own pair loop (gpt-oss)."""
 
     def __init__(self, num_experts: int, dim: int, hidden: int, expert_ids: list[int], fmt: str,
-                 group_size: int | None = None, compute_dtype: torch.dtype = torch.bfloat16):
-        super().__init__(num_experts, dim, hidden, expert_ids, dtype=compute_dtype, device="meta")
+                 group_size: int | None = None, compute_dtype: torch.dtype = torch.bfloat16, *, bias: bool = False,
+                 activation: GluFn = silu_glu):
+        super().__init__(num_experts, dim, hidden, expert_ids, dtype=compute_dtype, device="meta", bias=bias,
+                         activation=activation)
         del self.w13_eGD, self.w2_eDF  # the meta placeholders: the weights live in the stacks below
+        if bias:  # small, kept unquantized in the compute dtype as the float experts keep them
+            self.b13_eG, self.b2_eD = self.make_biases(compute_dtype)
         if fmt not in FORMATS:
             raise MoeClusterError(f"unknown quantized format {fmt!r}; known: {', '.join(FORMATS)}")
         e = len(self.expert_ids)
@@ -81,17 +86,27 @@ class QuantizedRoutedExperts(RoutedExperts):
         self.gemm = torch_moe_gemm_q  # type: ignore[assignment]
 
     def expert_bytes(self) -> int:
-        """Bytes of one expert as held: packed weights and their scales (gate, up and down)."""
-        return self.w13_eGD.expert_nbytes() + self.w2_eDF.expert_nbytes() if self.expert_ids else 0
+        """Bytes of one expert as held: packed weights and their scales (gate, up and down), and its biases."""
+        if not self.expert_ids:
+            return 0
+        return self.w13_eGD.expert_nbytes() + self.w2_eDF.expert_nbytes() + self.bias_bytes()
+
+    @classmethod
+    def like(cls, template: RoutedExperts, expert_ids: list[int], fmt: str, group_size: int | None = None,
+             compute_dtype: torch.dtype = torch.bfloat16) -> QuantizedRoutedExperts:
+        """Empty quantized experts with `template`'s sizes, biases and activation, holding `expert_ids`."""
+        return cls(template.num_experts, template.dim, template.hidden, expert_ids, fmt, group_size, compute_dtype,
+                   bias=template.b13_eG is not None, activation=template.activation)
 
     def subset(self, keep: list[int]) -> QuantizedRoutedExperts:
         """A QuantizedRoutedExperts holding only `keep` (global ids), copied out of this one (same gemm)."""
-        out = QuantizedRoutedExperts(self.num_experts, self.dim, self.hidden, keep, self.fmt, self.group_size,
-                                     self.compute_dtype)
+        out = QuantizedRoutedExperts.like(self, keep, self.fmt, self.group_size, self.compute_dtype)
         for i, expert in enumerate(keep):
             j = self._local(expert)
             for src, dst in ((self.w13_eGD, out.w13_eGD), (self.w2_eDF, out.w2_eDF)):
                 dst.set_expert(i, src.data[j], src.scales[j])
+            if self.b13_eG is not None and self.b2_eD is not None:
+                out.set_biases(i, self.b13_eG[j], self.b2_eD[j])
         out.gemm = self.gemm
         return out
 
