@@ -346,9 +346,17 @@ def test_loopback_only_and_no_orphans_after_kill9(tiny_dbrx, tmp_path, backend):
                                                   for p in tree):
             time.sleep(0.1)
         assert not [p.pid for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as any server does (TIME_WAIT)
-            s.bind(("127.0.0.1", srv.port))  # the HTTP port is free again
+        deadline = time.monotonic() + 10  # "free within seconds": the kernel may take a moment after the exits
+        while True:
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as any server does (TIME_WAIT)
+                try:
+                    s.bind(("127.0.0.1", srv.port))  # the HTTP port is free again
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+            time.sleep(0.2)
     finally:
         srv.stop()
 
