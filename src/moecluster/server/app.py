@@ -23,6 +23,7 @@ from starlette.requests import Request as HttpRequest
 from moecluster.engine.batching import Event, QueueFull, Request, Scheduler, Unavailable
 from moecluster.engine.sampling import SamplingParams
 from moecluster.errors import MoeClusterError
+from moecluster.server import anthropic, chat_page
 from moecluster.server import protocol as P
 from moecluster.server import tools as T
 from moecluster.server.metrics import CONTENT_TYPE, Metrics
@@ -32,7 +33,7 @@ MAX_BODY_BYTES = 8 << 20
 BODY_TIMEOUT_S = 30.0  # a request body must arrive within this (slow clients hold a connection)
 LOCAL_HOSTS = ("localhost", "localhost.localdomain", "ip6-localhost")  # plus every IP literal
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
+ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/messages", "/health", "/metrics", "/")
 
 
 class _CountRequests:
@@ -365,6 +366,9 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
         if tool_plan is not None and tool_plan.parse_calls:
             return await T.respond(srv, http, req, ids, params, tool_plan)
         return await srv.run(http, req, ids, params, chat=True)
+
+    anthropic.mount(app, srv)  # POST /v1/messages
+    chat_page.mount(app)  # GET /: the web chat page
 
     @app.get("/health")
     async def health(http: HttpRequest):
