@@ -23,7 +23,9 @@ from starlette.requests import Request as HttpRequest
 from moecluster.engine.batching import Event, QueueFull, Request, Scheduler, Unavailable
 from moecluster.engine.sampling import SamplingParams
 from moecluster.errors import MoeClusterError
+from moecluster.server import anthropic, chat_page
 from moecluster.server import protocol as P
+from moecluster.server import tools as T
 from moecluster.server.metrics import CONTENT_TYPE, Metrics
 
 POLL_S = 0.5  # how often a waiting handler checks the scheduler's health and its client
@@ -31,7 +33,7 @@ MAX_BODY_BYTES = 8 << 20
 BODY_TIMEOUT_S = 30.0  # a request body must arrive within this (slow clients hold a connection)
 LOCAL_HOSTS = ("localhost", "localhost.localdomain", "ip6-localhost")  # plus every IP literal
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
+ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/messages", "/health", "/metrics", "/")
 
 
 class _CountRequests:
@@ -227,13 +229,19 @@ class Server:
             raise P.ApiError(400, f"prompt token ids {bad[:3]} are outside the vocabulary of {vocab}", param="prompt")
         return list(prompt)
 
-    def chat_ids(self, req: P.ChatRequest) -> list[int]:
-        messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(req.messages)]
+    def chat_ids(self, req: P.ChatRequest, tool_plan: T.ToolPlan | None = None) -> list[int]:
+        messages = [T.template_message({**(m.model_extra or {}), "role": m.role, "content": m.text(i)
+                                        if m.content is not None or not (m.model_extra or {}).get("tool_calls")
+                                        else None}, i) for i, m in enumerate(req.messages)]
+        return self.template_ids(messages, req.tools, tool_plan)
+
+    def template_ids(self, messages: list[dict], tools: list | None, tool_plan: T.ToolPlan | None) -> list[int]:
+        """The prompt: messages (and tools) through the chat template, plus a tool call's opening if planned."""
         try:
-            text = self.engine.tokenizer.apply_chat_template(messages)
+            text = self.engine.tokenizer.apply_chat_template(messages, tools=tools or None)
         except MoeClusterError as e:
             raise P.ApiError(400, str(e), param="messages") from None
-        return self.engine.tokenizer.encode(text)
+        return self.engine.tokenizer.encode(text + (tool_plan.prefix if tool_plan else ""))
 
     def params(self, req, max_tokens: int | None, prompt_len: int, default: int | None) -> SamplingParams:
         """SamplingParams; 400 if the prompt plus max_tokens does not fit in the context."""
@@ -351,10 +359,16 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
     @app.post("/v1/chat/completions", openapi_extra=P.request_body("ChatRequest"))
     async def chat_completions(http: HttpRequest):
         req = await srv.read(http, P.ChatRequest)
-        ids = srv.chat_ids(req)
+        tool_plan = T.plan(srv.engine.tokenizer, T.check_tools(req.tools), *T.check_choice(req.tool_choice, req.tools))
+        ids = srv.chat_ids(req, tool_plan)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = srv.params(req, max_tokens, len(ids), None)
+        if tool_plan is not None and tool_plan.parse_calls:
+            return await T.respond(srv, http, req, ids, params, tool_plan)
         return await srv.run(http, req, ids, params, chat=True)
+
+    anthropic.mount(app, srv)  # POST /v1/messages
+    chat_page.mount(app)  # GET /: the web chat page
 
     @app.get("/health")
     async def health(http: HttpRequest):

@@ -124,8 +124,8 @@ class TextPart(_Strict):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")  # e.g. "name"; tool fields are refused below
-    role: Literal["system", "developer", "user", "assistant"]
+    model_config = ConfigDict(strict=True, extra="allow")  # "name", "tool_calls", "tool_call_id"; others refused
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
 
     def text(self, index: int) -> str:
@@ -159,18 +159,15 @@ class ChatRequest(_Sampling):
         out = super().unsupported()
         if self.logprobs or self.top_logprobs is not None:
             out.append(("logprobs", "logprobs are not supported"))
-        for name in ("tools", "functions"):
-            if getattr(self, name):
-                out.append((name, "tool and function calling are not supported"))
-        for name in ("tool_choice", "function_call"):
-            if getattr(self, name) not in (None, "none", "auto"):
-                out.append((name, "tool and function calling are not supported"))
+        if self.functions or self.function_call not in (None, "none", "auto"):  # tools/tool_choice: server/tools.py
+            param = "functions" if self.functions else "function_call"
+            out.append((param, "the deprecated functions/function_call are not supported; use tools/tool_choice"))
         if self.response_format and self.response_format.get("type") != "text":
             out.append(("response_format", "only response_format {\"type\": \"text\"} is supported"))
         if self.modalities and self.modalities != ["text"]:
             out.append(("modalities", "only text output is supported"))
         for i, m in enumerate(self.messages):
-            extra = set(m.model_extra or {}) - {"name"}
+            extra = set(m.model_extra or {}) - {"name", "tool_calls", "tool_call_id"}
             if extra:
                 out.append((f"messages[{i}]", f"message fields {sorted(extra)} are not supported"))
         return out
