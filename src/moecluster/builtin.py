@@ -235,3 +235,7 @@ def _write_shards_streaming(out: Path, specs: list[tuple[str, tuple[int, ...], f
         save_file({n: make(shape, std) for n, shape, std in group}, str(out / name), metadata={"format": "pt"})
         weight_map |= {n: name for n, _, _ in group}
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+
+
+# The built-in trained model `moecluster demo` runs (package data; scripts/train_demo_model.py retrains it).
+DEMO_MODEL_DIR = Path(__file__).parent / "demo_model"
