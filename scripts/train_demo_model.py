@@ -143,7 +143,7 @@ def main() -> None:
     ap.add_argument("--out", default="src/moecluster/demo_model")
     ap.add_argument("--data-dir", default="benchmarks/data", help="where demo_train.txt / demo_heldout.txt go")
     ap.add_argument("--src", default=str(DOC_SOURCES))
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=900)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)

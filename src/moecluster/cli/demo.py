@@ -13,7 +13,7 @@ from pathlib import Path
 
 from moecluster.errors import MoeClusterError
 
-DEMO_PROMPT = "A list comprehension"
+DEMO_PROMPT = "The function returns"
 
 
 def register(sub) -> None:
@@ -44,6 +44,8 @@ def demo_model_dir(model: str | None) -> Path:
 def routing_report(model: Path, prompt: str, max_tokens: int, nodes: int) -> tuple[list[str], dict]:
     """Record the routing of the demo's own tokens (1 process, greedy: the same tokens the runs below make),
     plan contiguous and optimized placements for `nodes` ranks from it, measure both on those tokens."""
+    import torch
+
     from moecluster.engine.generate import Engine
     from moecluster.engine.profile_routing import profile
     from moecluster.loading import load_model
@@ -51,6 +53,7 @@ def routing_report(model: Path, prompt: str, max_tokens: int, nodes: int) -> tup
     from moecluster.planning.planner import Cluster, plan
     from moecluster.planning.sizes import read_model_sizes
 
+    torch.set_num_threads(1)  # a tiny model: more threads only add synchronization, and the runs below use 1
     stats = profile(Engine(load_model(model)), [prompt], max_tokens)
     sizes = read_model_sizes(str(model))
     L, E, K = sizes.num_layers, sizes.num_experts, sizes.top_k
@@ -91,11 +94,13 @@ def run_demo(args) -> int:
         placement_file = Path(tmp) / "placement.json"
         placement_file.write_text(json.dumps(routing["placement"]))
         for nodes in (args.nodes, 1):
-            how = f"expert parallel, {args.backend}, optimized placement" if nodes > 1 else "single process"
+            how = (f"expert parallel, {args.backend}, optimized placement, 1 thread per rank" if nodes > 1
+                   else "single process, 1 thread")
             print(f"\n=== {nodes} rank{'s' if nodes > 1 else ''} ({how}) ===", file=err, flush=True)
             report = Path(tmp) / f"report{nodes}.json"
             argv = ["generate", "--model", str(model), "--prompt", args.prompt, "--max-tokens", str(args.max_tokens),
-                    "--ignore-eos", "--nodes", str(nodes), "--backend", args.backend, "--report", str(report)]
+                    "--ignore-eos", "--nodes", str(nodes), "--backend", args.backend, "--report", str(report),
+                    "--threads", "1"]  # N ranks on N cores vs 1 process on 1 core
             if nodes > 1:
                 argv += ["--placement", str(placement_file)]
             code = main(argv)
@@ -107,7 +112,7 @@ def run_demo(args) -> int:
     fast, slow = many["stats"]["decode_tok_s"], one["stats"]["decode_tok_s"]
     cont, opt = routing["max_rank_load"]["contiguous"], routing["max_rank_load"]["optimized"]
     print(f"\n{args.nodes} ranks: {fast:.1f} tok/s   1 rank: {slow:.1f} tok/s   "
-          f"({args.nodes} ranks at {fast / slow:.2f}x the speed of 1, all on this one machine)", file=err)
+          f"({args.nodes} ranks at {fast / slow:.2f}x the speed of 1; one thread each, all on this machine)", file=err)
     print(f"outputs identical: {'yes' if same else 'NO'} ({len(one['tokens'])} tokens)", file=err)
     print(f"routing: the busiest expert of a layer got {min(routing['skew_L']):.1f}x to "
           f"{max(routing['skew_L']):.1f}x its even share; the optimized placement's busiest rank evaluated "
