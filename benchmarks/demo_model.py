@@ -26,7 +26,8 @@ RESULTS = HERE / "results"
 def run_eval(model: str, text: str, dtype: str) -> dict:
     cmd = [sys.executable, "-m", "moecluster.cli", "eval", "--model", model, "--text", text, "--dtype", dtype, "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return {**json.loads(out.stdout.strip().splitlines()[-1]), "command": " ".join(["moecluster", *cmd[3:]])}
+    shown = [os.path.relpath(a, HERE.parent) if a in (model, text) else a for a in cmd[3:]]
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), "command": " ".join(["moecluster", *shown])}
 
 
 def main() -> int:
@@ -53,7 +54,7 @@ def main() -> int:
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "demo_model.json").write_text(json.dumps(result, indent=1) + "\n")
-    rows = "\n".join(f"| {d} | {r['perplexity']:.2f} | {r['nll_per_token']:.4f} | {r['tokens_scored']} | "
+    rows = "\n".join(f"| {d} | {r['perplexity']:.3f} | {r['nll_per_token']:.6f} | {r['tokens_scored']} | "
                      f"{r['window']} / {r['stride']} | {r['seconds']:.0f} |" for d, r in runs.items())
     md = (f"# Built-in demo model: held-out perplexity\n\nDate: {result['date']}  \nCommit: {result['commit']}  \n"
           f"Machine: {result['machine']}\n\nCommand: `{result['command']}` (runs `{runs['bf16']['command']}` and "

@@ -86,7 +86,8 @@ def run_demo(args) -> int:
         raise MoeClusterError(f"--nodes must be at least 2 (the demo compares N ranks with 1), got {args.nodes}")
     model = demo_model_dir(args.model)
     err = sys.stderr
-    print(f"model: {model}", file=err)
+    print(f"model: {model}\nprompt: {args.prompt!r} (greedy, {args.max_tokens} tokens; the continuation "
+          f"streams to stdout)", file=err)
     lines, routing = routing_report(model, args.prompt, args.max_tokens, args.nodes)
     print("\n".join(lines), file=err, flush=True)
     results = {}
