@@ -1,7 +1,8 @@
 """Built-in random-weight checkpoints in the Hugging Face on-disk format (config.json, safetensors, tokenizer).
 
-No model hub is needed: the demo, the benchmarks and the tests build checkpoints here. Weights are
-random, so text is gibberish, but every byte path (loading, routing, exchange) is the real one.
+No model hub is needed: the benchmarks and the tests build checkpoints here. Weights are random, so text is
+gibberish, but every byte path (loading, routing, exchange) is the real one. The demo runs a trained model
+instead, shipped as package data (DEMO_MODEL_DIR; scripts/train_demo_model.py).
 """
 
 from __future__ import annotations
