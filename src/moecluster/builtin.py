@@ -1,7 +1,8 @@
 """Built-in random-weight checkpoints in the Hugging Face on-disk format (config.json, safetensors, tokenizer).
 
-No model hub is needed: the demo, the benchmarks and the tests build checkpoints here. Weights are
-random, so text is gibberish, but every byte path (loading, routing, exchange) is the real one.
+No model hub is needed: the benchmarks and the tests build checkpoints here. Weights are random, so text is
+gibberish, but every byte path (loading, routing, exchange) is the real one. The demo runs a trained model
+instead, shipped as package data (DEMO_MODEL_DIR; scripts/train_demo_model.py).
 """
 
 from __future__ import annotations
@@ -235,3 +236,7 @@ def _write_shards_streaming(out: Path, specs: list[tuple[str, tuple[int, ...], f
         save_file({n: make(shape, std) for n, shape, std in group}, str(out / name), metadata={"format": "pt"})
         weight_map |= {n: name for n, _, _ in group}
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+
+
+# The built-in trained model `moecluster demo` runs (package data; scripts/train_demo_model.py retrains it).
+DEMO_MODEL_DIR = Path(__file__).parent / "demo_model"

@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "moecluster.cli.place",
     "moecluster.cli.serve",
     "moecluster.cli.calibrate",
+    "moecluster.cli.eval",
 ]
 
 
