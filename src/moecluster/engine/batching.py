@@ -4,12 +4,14 @@ Rank 0's Scheduler decides everything: which waiting request joins (its prompt i
 own cache slot), which rows decode, what each row samples and when it stops. Before every forward it
 broadcasts ONE typed JSON message (never pickle), and every rank runs the same forward on it:
 
-    {"op": "step", "admit": [{"slot": 3, "prompt_ids": [..]}], "tokens": [..], "slots": [..], "pos": [..]}
+    {"op": "step", "admit": [{"slot": 3, "prompt_ids": [..], "copies": [4, 5]}], "tokens": [..], "slots": [..],
+     "pos": [..]}
     {"op": "ping"}      # idle heartbeat, followed by a barrier (a dead or stalled rank is noticed)
     {"op": "shutdown"}
 
 A decode step is one forward over all active rows, so each expert's weights are read once per step
-for the whole batch. Requests join and leave between steps. Shape legend: B batch rows, T tokens,
+for the whole batch. Requests join and leave between steps. A request for n choices is prefilled once
+and its cache slot copied to n - 1 more ("copies"). Shape legend: B batch rows, T tokens,
 V vocab.
 """
 
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moecluster.engine.generate import Engine, TextTracker
-from moecluster.engine.sampling import Sampler, SamplingParams
+from moecluster.engine.sampling import Sample, Sampler, SamplingParams
 from moecluster.errors import MoeClusterError
 from moecluster.tracing import TRACER, now
 
@@ -54,6 +56,8 @@ class Event:
     completion_tokens: int = 0
     error: str | None = None  # with finish_reason "error": what went wrong
     status: int = 503  # with an error: 503 when the cluster failed, 500 when only this request did
+    index: int = 0  # which of the request's n choices
+    sample: Sample | None = None  # with params.logprobs: the token's log-probability and the top ones
 
 
 @dataclass
@@ -88,6 +92,7 @@ class _Sequence:
     max_new: int
     tracker: TextTracker
     sampler: Sampler
+    index: int = 0
     pos: int = 0  # cache position of next_token
     next_token: int = -1
     generated: int = 0
@@ -115,6 +120,8 @@ def execute_step(engine: Engine, msg: dict) -> StepOutput:
         out.prefill_logits.append(engine.step(torch.tensor([ids]), torch.tensor([0]), torch.tensor([adm["slot"]]))[0])
         out.prefill_seconds.append(now() - t0)
         out.prefill_traces.append(_take_trace())
+        if adm.get("copies"):
+            copy_slot(engine.model, adm["slot"], adm["copies"])
     if msg["slots"]:
         t0 = now()
         TRACER.begin_step("decode", len(msg["slots"]))
@@ -124,6 +131,17 @@ def execute_step(engine: Engine, msg: dict) -> StepOutput:
         out.decode_bytes = engine.dense_bytes + engine.expert_bytes_last_step()
         out.decode_trace = _take_trace()
     return out
+
+
+def copy_slot(model, src: int, dsts: list[int]) -> None:
+    """Copy cache slot src to slots dsts in every layer's cache (the n choices of one prompt share its prefill)."""
+    seen: set[int] = set()
+    for module in model.modules():
+        cache = getattr(module, "cache", None)
+        if isinstance(cache, torch.nn.Module) and id(cache) not in seen:
+            seen.add(id(cache))
+            for buf in cache.buffers():
+                buf[dsts] = buf[src].clone()  # the source is a view of the same storage
 
 
 def _take_trace() -> dict | None:
@@ -193,10 +211,13 @@ class Scheduler:
                 raise Unavailable(self.failed_reason)
             if self._stopping:
                 raise Unavailable("the server is shutting down")
-            if self._num_in_system >= self.max_batch + self.max_queue:
+            n = request.params.n
+            if n > self.max_batch:
+                raise MoeClusterError(f"n = {n} choices exceed the {self.max_batch} sequences that run at once")
+            if self._num_in_system + n > self.max_batch + self.max_queue:
                 raise QueueFull(f"{self.max_batch} sequences are running and {self.max_queue} are waiting; "
                                 "retry later")
-            self._num_in_system += 1
+            self._num_in_system += n
             self._inbox.append(request)
             self._cond.notify()
 
@@ -270,35 +291,40 @@ class Scheduler:
             self._done_waiting(req, Event(finish_reason="cancelled"))
         rows = sorted(self._active.values(), key=lambda s: s.slot)
         admit = []
-        if self._waiting and self._free:
+        if self._waiting and len(self._free) >= self._waiting[0].params.n:
             req = self._waiting.popleft()
-            seq = self._new_sequence(req, self._free.pop())
-            if seq is not None:
-                with self._cond:
-                    self._active[seq.slot] = seq
-            admit = [{"slot": seq.slot, "prompt_ids": req.prompt_ids}] if seq is not None else []
+            seqs = self._new_sequences(req, [self._free.pop() for _ in range(req.params.n)])
+            with self._cond:
+                self._active.update((s.slot, s) for s in seqs)
+            if seqs:
+                admit = [{"slot": seqs[0].slot, "prompt_ids": req.prompt_ids}]
+                if len(seqs) > 1:
+                    admit[0]["copies"] = [s.slot for s in seqs[1:]]
         if not admit and not rows:
             return None
         return {"op": "step", "admit": admit, "tokens": [s.next_token for s in rows],
                 "slots": [s.slot for s in rows], "pos": [s.pos for s in rows]}
 
-    def _new_sequence(self, req: Request, slot: int) -> _Sequence | None:
-        """The sequence of an admitted request; None (request failed, slot kept free) if it cannot start."""
+    def _new_sequences(self, req: Request, slots: list[int]) -> list[_Sequence]:
+        """The n sequences of an admitted request; none (request failed, slots kept free) if it cannot start."""
         try:
             max_new = min(req.params.max_tokens, self.engine.max_seq_len - len(req.prompt_ids))
-            return _Sequence(req, slot, max_new, TextTracker(self.engine.tokenizer, req.params),
-                             Sampler(req.params), pos=len(req.prompt_ids))
+            return [_Sequence(req, slot, max_new, TextTracker(self.engine.tokenizer, req.params),
+                              Sampler(req.params, req.prompt_ids, i), pos=len(req.prompt_ids), index=i)
+                    for i, slot in enumerate(slots)]
         except Exception as e:  # noqa: BLE001 - one bad request must not stop the others
-            self._free.append(slot)
+            self._free.extend(slots)
             self._done_waiting(req, Event(finish_reason="error", error=_describe(e), status=500))
-            return None
+            return []
 
     def _finish_step(self, msg: dict, out: StepOutput) -> None:
         """Sample every row, emit its text, finish the sequences that stopped."""
         for adm, logits_V, sec, trace in zip(msg["admit"], out.prefill_logits, out.prefill_seconds,
                                              out.prefill_traces):
             self.observer.on_step("prefill", 1, sec, 0, trace)
-            self._advance_or_fail(self._active[adm["slot"]], logits_V)
+            for slot in [adm["slot"], *adm.get("copies", [])]:
+                if slot in self._active:  # a failed choice may have failed the others
+                    self._advance_or_fail(self._active[slot], logits_V)
         if out.decode_logits_BV is not None:
             for slot, logits_V in zip(msg["slots"], out.decode_logits_BV):
                 seq = self._active.get(slot)
@@ -319,7 +345,8 @@ class Scheduler:
                 self._release(seq, "error", Event(error=_describe(e), status=500))
 
     def _advance(self, seq: _Sequence, logits_V: torch.Tensor) -> None:
-        token = seq.sampler(logits_V)
+        sample = seq.sampler.sample(logits_V)
+        token = sample.token
         seq.generated += 1
         t = now()
         first = seq.generated == 1
@@ -331,9 +358,9 @@ class Scheduler:
             text += seq.tracker.flush()
         if reason is None:
             self._emit(seq.request, Event(text, token, completion_tokens=seq.generated,
-                                          prompt_tokens=len(seq.request.prompt_ids)))
+                                          prompt_tokens=len(seq.request.prompt_ids), index=seq.index, sample=sample))
         else:
-            self._release(seq, reason, Event(text, token))
+            self._release(seq, reason, Event(text, token, sample=sample))
 
     def _release(self, seq: _Sequence, reason: str, last: Event | None = None) -> None:
         """Finish a sequence: free its slot, send its last event."""
@@ -344,12 +371,13 @@ class Scheduler:
         event = last or Event()
         event.finish_reason = reason
         event.prompt_tokens, event.completion_tokens = len(seq.request.prompt_ids), seq.generated
+        event.index = seq.index
         self.observer.on_finish(event.prompt_tokens, event.completion_tokens, reason)
         self._emit(seq.request, event)
 
     def _done_waiting(self, req: Request, event: Event) -> None:
         with self._cond:
-            self._num_in_system -= 1
+            self._num_in_system -= req.params.n
         event.prompt_tokens = len(req.prompt_ids)
         self._emit(req, event)
 
