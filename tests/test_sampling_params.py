@@ -7,12 +7,16 @@ Driven by the official `openai` client against a real `moecluster serve` (one ra
 from __future__ import annotations
 
 import math
+import re
+import subprocess
+import sys
 
 import httpx
 import openai
 import pytest
 import torch
 
+import moecluster
 from moecluster.engine.generate import Engine
 from moecluster.engine.sampling import Sampler, SamplingParams
 from moecluster.loading import load_model
@@ -178,3 +182,20 @@ def test_unknown_fields_ignored_meaningful_ones_refused(server):
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     r = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
     assert r.status_code == 200
+
+
+def test_request_log_lines_kv_cache_line_and_version(server, client):
+    client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, temperature=0, n=2,
+                              extra_body={"ignore_eos": True})
+    list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                        stream=True, extra_body={"ignore_eos": True}))
+    server.post("/v1/completions", {"model": "tiny", "prompt": "hi", "n": 9})
+    log = server.log.read_text()
+    assert re.search(r"moecluster: KV cache: \d+\.\d+ GiB reserved per rank \(8 slots x \d+ positions\)", log)
+    lines = re.findall(r"moecluster: request cmpl-\w+ status=200 prompt_tokens=\d+ completion_tokens=8 "
+                       r"ttft=[\d.]+s decode_tok_s=[\d.]+ finish=length,length", log)
+    assert lines, log
+    assert re.search(r"request chatcmpl-\w+ status=200 .* completion_tokens=3 .* finish=length\n", log), log
+    assert re.search(r"request - /v1/completions status=400 param=n", log), log
+    out = subprocess.run([sys.executable, "-m", "moecluster.cli", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == f"moecluster {moecluster.__version__}"

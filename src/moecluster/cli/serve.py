@@ -155,7 +155,7 @@ def _serve_on_rank(args, comm) -> int:
 def _serve_http(args, engine, placement, sock: socket.socket) -> int:
     import uvicorn
 
-    from moecluster.engine.batching import Scheduler
+    from moecluster.engine.batching import Scheduler, kv_cache_bytes
     from moecluster.server.app import create_app
     from moecluster.server.metrics import Metrics
     from moecluster.tracing import TRACER
@@ -188,6 +188,8 @@ def _serve_http(args, engine, placement, sock: socket.socket) -> int:
     print(f"moecluster: serving {name!r} on http://{host}:{args.port}/v1 ({engine.world_size} rank"
           f"{'s' if engine.world_size > 1 else ''}, batch {args.max_batch}, context {engine.max_seq_len})",
           file=sys.stderr, flush=True)
+    print(f"moecluster: KV cache: {kv_cache_bytes(engine.model) / 2**30:.3f} GiB reserved per rank "
+          f"({args.max_batch} slots x {engine.max_seq_len} positions)", file=sys.stderr, flush=True)
     try:
         server.run(sockets=[sock])
     finally:

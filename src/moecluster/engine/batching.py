@@ -133,15 +133,26 @@ def execute_step(engine: Engine, msg: dict) -> StepOutput:
     return out
 
 
-def copy_slot(model, src: int, dsts: list[int]) -> None:
-    """Copy cache slot src to slots dsts in every layer's cache (the n choices of one prompt share its prefill)."""
-    seen: set[int] = set()
+def _caches(model) -> list[torch.nn.Module]:
+    """Every layer's KV cache module (whatever its kind: KVCache, SlidingKVCache, LatentCache...), once each."""
+    found: dict[int, torch.nn.Module] = {}
     for module in model.modules():
         cache = getattr(module, "cache", None)
-        if isinstance(cache, torch.nn.Module) and id(cache) not in seen:
-            seen.add(id(cache))
-            for buf in cache.buffers():
-                buf[dsts] = buf[src].clone()  # the source is a view of the same storage
+        if isinstance(cache, torch.nn.Module):
+            found.setdefault(id(cache), cache)
+    return list(found.values())
+
+
+def copy_slot(model, src: int, dsts: list[int]) -> None:
+    """Copy cache slot src to slots dsts in every layer's cache (the n choices of one prompt share its prefill)."""
+    for cache in _caches(model):
+        for buf in cache.buffers():
+            buf[dsts] = buf[src].clone()  # the source is a view of the same storage
+
+
+def kv_cache_bytes(model) -> int:
+    """Bytes this rank reserved for its KV caches (every rank holds the same: attention is replicated)."""
+    return sum(buf.nbytes for cache in _caches(model) for buf in cache.buffers())
 
 
 def _take_trace() -> dict | None:

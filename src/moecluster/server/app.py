@@ -106,6 +106,8 @@ class _Generation:
         self.request = Request(prompt_ids, params, self._emit)
         self.finished = False
         self.choices_left = params.n  # the request ends when each of its n choices has ended
+        self.started, self.first_at, self.last_at = time.monotonic(), 0.0, 0.0
+        self.tokens, self.reasons = 0, []  # for the request's log line
 
     def _emit(self, event: Event) -> None:
         try:
@@ -128,6 +130,16 @@ class _Generation:
         if not self.finished:
             self.scheduler.cancel(self.request)
 
+    def log(self, rid: str, status: int) -> None:
+        """The request's one log line: tokens, time to first token, decode speed, finish reasons, HTTP status."""
+        n = self.request.params.n
+        ttft = f"{self.first_at - self.started:.3f}s" if self.first_at else "-"
+        span = self.last_at - self.first_at
+        decode = f"{(self.tokens - n) / span:.1f}" if self.tokens > n and span > 0 else "-"
+        print(f"moecluster: request {rid} status={status} prompt_tokens={len(self.request.prompt_ids)} "
+              f"completion_tokens={self.tokens} ttft={ttft} decode_tok_s={decode} "
+              f"finish={','.join(self.reasons) or '-'}", file=sys.stderr, flush=True)
+
     async def events(self, http: HttpRequest | None = None) -> AsyncIterator[Event]:
         """Events until the last one; an error event if the scheduler fails or stalls meanwhile."""
         while not self.finished:
@@ -143,8 +155,13 @@ class _Generation:
                     self.cancel()
                     self.finished = True
                 continue
+            if event.token is not None:
+                self.last_at = time.monotonic()
+                self.first_at = self.first_at or self.last_at
+                self.tokens += 1
             if event.finish_reason is not None:
                 self.choices_left -= 1
+                self.reasons.append(event.finish_reason)
             self.finished = self.choices_left == 0 or event.finish_reason in ("error", "cancelled")
             yield event
 
@@ -287,6 +304,7 @@ class Server:
         parts: list[list[str]] = [[] for _ in range(n)]
         samples: list[list] = [[] for _ in range(n)]
         finals: list[Event | None] = [None] * n
+        status = 500
         try:
             async for event in gen.events(http):
                 if event.finish_reason in ("error", "cancelled"):
@@ -297,12 +315,17 @@ class Server:
                     samples[event.index].append(event.sample)
                 if event.finish_reason is not None:
                     finals[event.index] = event
+            if any(f is None or f.finish_reason in ("cancelled", None) for f in finals):
+                status = 499
+                return Response(status_code=499)  # the client went away; nobody reads this
+            if finals[0] is not None and finals[0].finish_reason == "error":
+                error = _failed(finals[0])
+                status = error.status
+                raise error
+            status = 200
         finally:
             gen.cancel()
-        if any(f is None or f.finish_reason in ("cancelled", None) for f in finals):
-            return Response(status_code=499)  # the client went away; nobody reads this
-        if finals[0] is not None and finals[0].finish_reason == "error":
-            raise _failed(finals[0])
+            gen.log(rid, status)
         use = P.usage(finals[0].prompt_tokens if finals[0] else 0, sum(f.completion_tokens for f in finals if f))
         choices = []
         for i, last in enumerate(finals):
@@ -325,6 +348,7 @@ class Server:
         created, name, n = int(time.time()), self.model_name, gen.request.params.n
         want_lps = gen.request.params.logprobs is not None
         offsets, completion_tokens = [0] * n, 0
+        status = 499  # until the stream ends (else the client went away)
         try:
             if chat:
                 for i in range(n):
@@ -332,6 +356,7 @@ class Server:
                                             index=i))
             async for ev in gen.events():
                 if ev.finish_reason == "error":
+                    status = _failed(ev).status
                     yield _sse(_failed(ev).body())
                     return
                 if ev.finish_reason == "cancelled":
@@ -355,9 +380,11 @@ class Server:
                     use = P.usage(ev.prompt_tokens, completion_tokens)
                     yield _sse(P.chat_chunk(rid, name, {}, None, use, created, with_choice=False) if chat else
                                {**P.completion_body(rid, name, "", None, use, created), "choices": []})
+            status = 200
             yield "data: [DONE]\n\n"
         finally:
             gen.cancel()  # no-op when finished; else the client went away
+            gen.log(rid, status)
 
 
 def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None,
@@ -435,7 +462,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     """Every error, including routing errors and bugs, answers with an OpenAI error body."""
 
     @app.exception_handler(P.ApiError)
-    async def api_error(_, exc: P.ApiError):
+    async def api_error(http: HttpRequest, exc: P.ApiError):
+        if exc.status < 500 and http.method == "POST":  # the request's log line (generations log their own)
+            print(f"moecluster: request - {http.url.path} status={exc.status} param={exc.param} "
+                  f"error={exc.message[:160]!r}", file=sys.stderr, flush=True)
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
