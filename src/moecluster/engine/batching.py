@@ -11,8 +11,9 @@ broadcasts ONE typed JSON message (never pickle), and every rank runs the same f
 
 A decode step is one forward over all active rows, so each expert's weights are read once per step
 for the whole batch. Requests join and leave between steps. A request for n choices is prefilled once
-and its cache slot copied to n - 1 more ("copies"). Shape legend: B batch rows, T tokens,
-V vocab.
+and its cache slot copied to n - 1 more ("copies"). With prefix caching an admit may also carry "prefix":
+[entry, L] (restore positions [0, L) and prefill the rest), "store": [entry, L] and "evict": [entries].
+Shape legend: B batch rows, T tokens, V vocab.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moecluster.engine.generate import Engine, TextTracker
+from moecluster.engine.prefix_cache import BLOCK, PrefixIndex, PrefixStore
 from moecluster.engine.sampling import Sample, Sampler, SamplingParams
 from moecluster.errors import MoeClusterError
 from moecluster.tracing import TRACER, now
@@ -57,6 +59,7 @@ class Event:
     error: str | None = None  # with finish_reason "error": what went wrong
     status: int = 503  # with an error: 503 when the cluster failed, 500 when only this request did
     index: int = 0  # which of the request's n choices
+    cached_tokens: int = 0  # on the last event: prompt tokens restored from the prefix cache
     sample: Sample | None = None  # with params.logprobs: the token's log-probability and the top ones
 
 
@@ -93,6 +96,7 @@ class _Sequence:
     tracker: TextTracker
     sampler: Sampler
     index: int = 0
+    cached_tokens: int = 0
     pos: int = 0  # cache position of next_token
     next_token: int = -1
     generated: int = 0
@@ -114,10 +118,24 @@ def execute_step(engine: Engine, msg: dict) -> StepOutput:
     """Run one step message on this rank: each admitted prompt's prefill, then one decode forward."""
     out = StepOutput([], None)
     for adm in msg["admit"]:
-        ids = adm["prompt_ids"]
+        ids, start = adm["prompt_ids"], 0
         t0 = now()
-        TRACER.begin_step("prefill", len(ids))
-        out.prefill_logits.append(engine.step(torch.tensor([ids]), torch.tensor([0]), torch.tensor([adm["slot"]]))[0])
+        if "prefix" in adm or "store" in adm:
+            store = _prefix_store(engine)
+            if "prefix" in adm:
+                store.restore(adm["prefix"][0], adm["slot"], adm["prefix"][1])
+                start = adm["prefix"][1]
+        TRACER.begin_step("prefill", len(ids) - start)
+        # chunks of BLOCK positions aligned to 0 (chunked prefill): every chunk is the same forward with or without
+        # a restored prefix, so prefix caching changes no bit of the output
+        for chunk in range(start, len(ids), BLOCK):
+            logits_V = engine.step(torch.tensor([ids[chunk:chunk + BLOCK]]), torch.tensor([chunk]),
+                                   torch.tensor([adm["slot"]]))[0]
+        out.prefill_logits.append(logits_V)  # pyright: ignore[reportPossiblyUnboundVariable] - len(ids) > start
+        if "store" in adm:
+            store = _prefix_store(engine)
+            store.evict(adm.get("evict", []))
+            store.save(adm["store"][0], adm["slot"], adm["store"][1])
         out.prefill_seconds.append(now() - t0)
         out.prefill_traces.append(_take_trace())
         if adm.get("copies"):
@@ -131,6 +149,14 @@ def execute_step(engine: Engine, msg: dict) -> StepOutput:
         out.decode_bytes = engine.dense_bytes + engine.expert_bytes_last_step()
         out.decode_trace = _take_trace()
     return out
+
+
+def _prefix_store(engine: Engine) -> PrefixStore:
+    store = getattr(engine, "prefix_store", None)
+    if store is None:
+        store = PrefixStore(engine.model)
+        engine.prefix_store = store  # pyright: ignore[reportAttributeAccessIssue]
+    return store
 
 
 def _caches(model) -> list[torch.nn.Module]:
@@ -192,7 +218,8 @@ class Scheduler:
     """Rank 0: admits, batches, samples and finishes requests; runs in its own thread (`start`)."""
 
     def __init__(self, engine: Engine, max_batch: int = 8, max_queue: int = 64,
-                 observer: StepObserver | None = None, on_failure: Callable[[str], None] | None = None):
+                 observer: StepObserver | None = None, on_failure: Callable[[str], None] | None = None,
+                 prefix_cache_bytes: int = 0):
         if not 1 <= max_batch <= engine.model.num_slots:
             raise MoeClusterError(f"max batch {max_batch} must be between 1 and the engine's "
                                   f"{engine.model.num_slots} cache slots")
@@ -202,6 +229,11 @@ class Scheduler:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.observer = observer or StepObserver()
         self.on_failure = on_failure
+        self.prefix = PrefixIndex(engine.model, prefix_cache_bytes)
+        engine.prefix_store = None  # pyright: ignore[reportAttributeAccessIssue] - entries of an earlier scheduler
+        if prefix_cache_bytes > 0 and not self.prefix.enabled:
+            print("moecluster: prefix caching is off: this model's attention caches are not plain KV caches",
+                  file=sys.stderr, flush=True)
         self.failed_reason: str | None = None
         self.last_progress = now()
         self._cond = threading.Condition()
@@ -308,13 +340,26 @@ class Scheduler:
             with self._cond:
                 self._active.update((s.slot, s) for s in seqs)
             if seqs:
-                admit = [{"slot": seqs[0].slot, "prompt_ids": req.prompt_ids}]
+                admit = [{"slot": seqs[0].slot, "prompt_ids": req.prompt_ids, **self._prefix_plan(req.prompt_ids)}]
+                for s in seqs:
+                    s.cached_tokens = admit[0].get("prefix", [0, 0])[1]
                 if len(seqs) > 1:
                     admit[0]["copies"] = [s.slot for s in seqs[1:]]
         if not admit and not rows:
             return None
         return {"op": "step", "admit": admit, "tokens": [s.next_token for s in rows],
                 "slots": [s.slot for s in rows], "pos": [s.pos for s in rows]}
+
+    def _prefix_plan(self, ids: list[int]) -> dict:
+        """The admit fields of prefix caching: what to restore, store and evict."""
+        out: dict = {}
+        hit = self.prefix.lookup(ids)
+        if hit is not None:
+            out["prefix"] = list(hit)
+        new = self.prefix.plan_store(ids, hit[1] if hit else 0)
+        if new is not None:
+            out["store"], out["evict"] = [new[0], new[1]], new[2]
+        return out
 
     def _new_sequences(self, req: Request, slots: list[int]) -> list[_Sequence]:
         """The n sequences of an admitted request; none (request failed, slots kept free) if it cannot start."""
@@ -382,7 +427,7 @@ class Scheduler:
         event = last or Event()
         event.finish_reason = reason
         event.prompt_tokens, event.completion_tokens = len(seq.request.prompt_ids), seq.generated
-        event.index = seq.index
+        event.index, event.cached_tokens = seq.index, seq.cached_tokens
         self.observer.on_finish(event.prompt_tokens, event.completion_tokens, reason)
         self._emit(seq.request, event)
 

@@ -326,7 +326,8 @@ class Server:
         finally:
             gen.cancel()
             gen.log(rid, status)
-        use = P.usage(finals[0].prompt_tokens if finals[0] else 0, sum(f.completion_tokens for f in finals if f))
+        use = P.usage(finals[0].prompt_tokens if finals[0] else 0, sum(f.completion_tokens for f in finals if f),
+                      finals[0].cached_tokens if finals[0] else 0)
         choices = []
         for i, last in enumerate(finals):
             assert last is not None
@@ -364,7 +365,8 @@ class Server:
                 if ev.finish_reason:
                     completion_tokens += ev.completion_tokens
                 last = gen.finished
-                use = P.usage(ev.prompt_tokens, completion_tokens) if last and not include_usage else None
+                use = P.usage(ev.prompt_tokens, completion_tokens, ev.cached_tokens) if last and not include_usage \
+                    else None
                 samples = [ev.sample] if want_lps and ev.sample is not None else []
                 if ev.text or ev.finish_reason or samples:
                     lps = self._logprobs(samples, chat, offsets[ev.index]) if samples else None
@@ -377,7 +379,7 @@ class Server:
                         yield _sse(P.completion_body(rid, name, ev.text, ev.finish_reason, use, created, chunk=True,
                                                      index=ev.index, logprobs=lps))
                 if last and include_usage:
-                    use = P.usage(ev.prompt_tokens, completion_tokens)
+                    use = P.usage(ev.prompt_tokens, completion_tokens, ev.cached_tokens)
                     yield _sse(P.chat_chunk(rid, name, {}, None, use, created, with_choice=False) if chat else
                                {**P.completion_body(rid, name, "", None, use, created), "choices": []})
             status = 200
