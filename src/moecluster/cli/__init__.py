@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from moecluster import __version__
 from moecluster.errors import MoeClusterError
 
 # Modules that add subcommands (one line each).
@@ -29,6 +30,7 @@ COMMAND_MODULES = [
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moecluster", description=(__doc__ or "moecluster").splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"moecluster {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)

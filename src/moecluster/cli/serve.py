@@ -31,6 +31,8 @@ def register(sub) -> None:
                    help="let web pages from ORIGIN (e.g. https://app.example) call the API; default: none")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together in one step")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 429")
+    p.add_argument("--prefix-cache-gb", type=float, default=0.0,
+                   help="keep the KV of prompt prefixes (16-token blocks, LRU) in up to this much memory (default off)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                    help="default: bf16 unless the checkpoint is fp32")
     p.add_argument("--max-seq-len", type=int, default=None, help="context per sequence (default: the model's)")
@@ -83,6 +85,8 @@ def check_args(args) -> None:
         problems.append(f"--max-batch must be at least 1, got {args.max_batch}")
     if args.max_queue < 0:
         problems.append(f"--max-queue must be >= 0, got {args.max_queue}")
+    if not 0 <= args.prefix_cache_gb <= 1024:
+        problems.append(f"--prefix-cache-gb must be in [0, 1024], got {args.prefix_cache_gb}")
     if args.max_seq_len is not None and args.max_seq_len < 2:
         problems.append(f"--max-seq-len must be at least 2, got {args.max_seq_len}")
     if args.timeout <= 0:
@@ -155,14 +159,15 @@ def _serve_on_rank(args, comm) -> int:
 def _serve_http(args, engine, placement, sock: socket.socket) -> int:
     import uvicorn
 
-    from moecluster.engine.batching import Scheduler
+    from moecluster.engine.batching import Scheduler, kv_cache_bytes
     from moecluster.server.app import create_app
     from moecluster.server.metrics import Metrics
     from moecluster.tracing import TRACER
 
     TRACER.reset(enabled=True)  # per-layer exchange times for /metrics (the scheduler keeps no history)
     metrics = Metrics(engine.model, placement, engine.world_size)
-    scheduler = Scheduler(engine, args.max_batch, args.max_queue, observer=metrics)
+    scheduler = Scheduler(engine, args.max_batch, args.max_queue, observer=metrics,
+                          prefix_cache_bytes=int(args.prefix_cache_gb * 2**30))
     name = args.model_name or Path(args.model).resolve().name
     from moecluster.server.connections import KEEP_ALIVE_S, ReapingH11Protocol
 
@@ -188,6 +193,8 @@ def _serve_http(args, engine, placement, sock: socket.socket) -> int:
     print(f"moecluster: serving {name!r} on http://{host}:{args.port}/v1 ({engine.world_size} rank"
           f"{'s' if engine.world_size > 1 else ''}, batch {args.max_batch}, context {engine.max_seq_len})",
           file=sys.stderr, flush=True)
+    print(f"moecluster: KV cache: {kv_cache_bytes(engine.model) / 2**30:.3f} GiB reserved per rank "
+          f"({args.max_batch} slots x {engine.max_seq_len} positions)", file=sys.stderr, flush=True)
     try:
         server.run(sockets=[sock])
     finally:

@@ -4,13 +4,16 @@ Rank 0's Scheduler decides everything: which waiting request joins (its prompt i
 own cache slot), which rows decode, what each row samples and when it stops. Before every forward it
 broadcasts ONE typed JSON message (never pickle), and every rank runs the same forward on it:
 
-    {"op": "step", "admit": [{"slot": 3, "prompt_ids": [..]}], "tokens": [..], "slots": [..], "pos": [..]}
+    {"op": "step", "admit": [{"slot": 3, "prompt_ids": [..], "copies": [4, 5]}], "tokens": [..], "slots": [..],
+     "pos": [..]}
     {"op": "ping"}      # idle heartbeat, followed by a barrier (a dead or stalled rank is noticed)
     {"op": "shutdown"}
 
 A decode step is one forward over all active rows, so each expert's weights are read once per step
-for the whole batch. Requests join and leave between steps. Shape legend: B batch rows, T tokens,
-V vocab.
+for the whole batch. Requests join and leave between steps. A request for n choices is prefilled once
+and its cache slot copied to n - 1 more ("copies"). With prefix caching an admit may also carry "prefix":
+[entry, L] (restore positions [0, L) and prefill the rest), "store": [entry, L] and "evict": [entries].
+Shape legend: B batch rows, T tokens, V vocab.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from dataclasses import dataclass, field
 import torch
 
 from moecluster.engine.generate import Engine, TextTracker
-from moecluster.engine.sampling import Sampler, SamplingParams
+from moecluster.engine.prefix_cache import BLOCK, PrefixIndex, PrefixStore
+from moecluster.engine.sampling import Sample, Sampler, SamplingParams
 from moecluster.errors import MoeClusterError
 from moecluster.tracing import TRACER, now
 
@@ -54,6 +58,9 @@ class Event:
     completion_tokens: int = 0
     error: str | None = None  # with finish_reason "error": what went wrong
     status: int = 503  # with an error: 503 when the cluster failed, 500 when only this request did
+    index: int = 0  # which of the request's n choices
+    cached_tokens: int = 0  # on the last event: prompt tokens restored from the prefix cache
+    sample: Sample | None = None  # with params.logprobs: the token's log-probability and the top ones
 
 
 @dataclass
@@ -88,6 +95,8 @@ class _Sequence:
     max_new: int
     tracker: TextTracker
     sampler: Sampler
+    index: int = 0
+    cached_tokens: int = 0
     pos: int = 0  # cache position of next_token
     next_token: int = -1
     generated: int = 0
@@ -109,12 +118,28 @@ def execute_step(engine: Engine, msg: dict) -> StepOutput:
     """Run one step message on this rank: each admitted prompt's prefill, then one decode forward."""
     out = StepOutput([], None)
     for adm in msg["admit"]:
-        ids = adm["prompt_ids"]
+        ids, start = adm["prompt_ids"], 0
         t0 = now()
-        TRACER.begin_step("prefill", len(ids))
-        out.prefill_logits.append(engine.step(torch.tensor([ids]), torch.tensor([0]), torch.tensor([adm["slot"]]))[0])
+        if "prefix" in adm or "store" in adm:
+            store = _prefix_store(engine)
+            if "prefix" in adm:
+                store.restore(adm["prefix"][0], adm["slot"], adm["prefix"][1])
+                start = adm["prefix"][1]
+        TRACER.begin_step("prefill", len(ids) - start)
+        # chunks of BLOCK positions aligned to 0 (chunked prefill): every chunk is the same forward with or without
+        # a restored prefix, so prefix caching changes no bit of the output
+        for chunk in range(start, len(ids), BLOCK):
+            logits_V = engine.step(torch.tensor([ids[chunk:chunk + BLOCK]]), torch.tensor([chunk]),
+                                   torch.tensor([adm["slot"]]))[0]
+        out.prefill_logits.append(logits_V)  # pyright: ignore[reportPossiblyUnboundVariable] - len(ids) > start
+        if "store" in adm:
+            store = _prefix_store(engine)
+            store.evict(adm.get("evict", []))
+            store.save(adm["store"][0], adm["slot"], adm["store"][1])
         out.prefill_seconds.append(now() - t0)
         out.prefill_traces.append(_take_trace())
+        if adm.get("copies"):
+            copy_slot(engine.model, adm["slot"], adm["copies"])
     if msg["slots"]:
         t0 = now()
         TRACER.begin_step("decode", len(msg["slots"]))
@@ -124,6 +149,36 @@ def execute_step(engine: Engine, msg: dict) -> StepOutput:
         out.decode_bytes = engine.dense_bytes + engine.expert_bytes_last_step()
         out.decode_trace = _take_trace()
     return out
+
+
+def _prefix_store(engine: Engine) -> PrefixStore:
+    store = getattr(engine, "prefix_store", None)
+    if store is None:
+        store = PrefixStore(engine.model)
+        engine.prefix_store = store  # pyright: ignore[reportAttributeAccessIssue]
+    return store
+
+
+def _caches(model) -> list[torch.nn.Module]:
+    """Every layer's KV cache module (whatever its kind: KVCache, SlidingKVCache, LatentCache...), once each."""
+    found: dict[int, torch.nn.Module] = {}
+    for module in model.modules():
+        cache = getattr(module, "cache", None)
+        if isinstance(cache, torch.nn.Module):
+            found.setdefault(id(cache), cache)
+    return list(found.values())
+
+
+def copy_slot(model, src: int, dsts: list[int]) -> None:
+    """Copy cache slot src to slots dsts in every layer's cache (the n choices of one prompt share its prefill)."""
+    for cache in _caches(model):
+        for buf in cache.buffers():
+            buf[dsts] = buf[src].clone()  # the source is a view of the same storage
+
+
+def kv_cache_bytes(model) -> int:
+    """Bytes this rank reserved for its KV caches (every rank holds the same: attention is replicated)."""
+    return sum(buf.nbytes for cache in _caches(model) for buf in cache.buffers())
 
 
 def _take_trace() -> dict | None:
@@ -163,7 +218,8 @@ class Scheduler:
     """Rank 0: admits, batches, samples and finishes requests; runs in its own thread (`start`)."""
 
     def __init__(self, engine: Engine, max_batch: int = 8, max_queue: int = 64,
-                 observer: StepObserver | None = None, on_failure: Callable[[str], None] | None = None):
+                 observer: StepObserver | None = None, on_failure: Callable[[str], None] | None = None,
+                 prefix_cache_bytes: int = 0):
         if not 1 <= max_batch <= engine.model.num_slots:
             raise MoeClusterError(f"max batch {max_batch} must be between 1 and the engine's "
                                   f"{engine.model.num_slots} cache slots")
@@ -173,6 +229,11 @@ class Scheduler:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.observer = observer or StepObserver()
         self.on_failure = on_failure
+        self.prefix = PrefixIndex(engine.model, prefix_cache_bytes)
+        engine.prefix_store = None  # pyright: ignore[reportAttributeAccessIssue] - entries of an earlier scheduler
+        if prefix_cache_bytes > 0 and not self.prefix.enabled:
+            print("moecluster: prefix caching is off: this model's attention caches are not plain KV caches",
+                  file=sys.stderr, flush=True)
         self.failed_reason: str | None = None
         self.last_progress = now()
         self._cond = threading.Condition()
@@ -193,10 +254,13 @@ class Scheduler:
                 raise Unavailable(self.failed_reason)
             if self._stopping:
                 raise Unavailable("the server is shutting down")
-            if self._num_in_system >= self.max_batch + self.max_queue:
+            n = request.params.n
+            if n > self.max_batch:
+                raise MoeClusterError(f"n = {n} choices exceed the {self.max_batch} sequences that run at once")
+            if self._num_in_system + n > self.max_batch + self.max_queue:
                 raise QueueFull(f"{self.max_batch} sequences are running and {self.max_queue} are waiting; "
                                 "retry later")
-            self._num_in_system += 1
+            self._num_in_system += n
             self._inbox.append(request)
             self._cond.notify()
 
@@ -270,35 +334,53 @@ class Scheduler:
             self._done_waiting(req, Event(finish_reason="cancelled"))
         rows = sorted(self._active.values(), key=lambda s: s.slot)
         admit = []
-        if self._waiting and self._free:
+        if self._waiting and len(self._free) >= self._waiting[0].params.n:
             req = self._waiting.popleft()
-            seq = self._new_sequence(req, self._free.pop())
-            if seq is not None:
-                with self._cond:
-                    self._active[seq.slot] = seq
-            admit = [{"slot": seq.slot, "prompt_ids": req.prompt_ids}] if seq is not None else []
+            seqs = self._new_sequences(req, [self._free.pop() for _ in range(req.params.n)])
+            with self._cond:
+                self._active.update((s.slot, s) for s in seqs)
+            if seqs:
+                admit = [{"slot": seqs[0].slot, "prompt_ids": req.prompt_ids, **self._prefix_plan(req.prompt_ids)}]
+                for s in seqs:
+                    s.cached_tokens = admit[0].get("prefix", [0, 0])[1]
+                if len(seqs) > 1:
+                    admit[0]["copies"] = [s.slot for s in seqs[1:]]
         if not admit and not rows:
             return None
         return {"op": "step", "admit": admit, "tokens": [s.next_token for s in rows],
                 "slots": [s.slot for s in rows], "pos": [s.pos for s in rows]}
 
-    def _new_sequence(self, req: Request, slot: int) -> _Sequence | None:
-        """The sequence of an admitted request; None (request failed, slot kept free) if it cannot start."""
+    def _prefix_plan(self, ids: list[int]) -> dict:
+        """The admit fields of prefix caching: what to restore, store and evict."""
+        out: dict = {}
+        hit = self.prefix.lookup(ids)
+        if hit is not None:
+            out["prefix"] = list(hit)
+        new = self.prefix.plan_store(ids, hit[1] if hit else 0)
+        if new is not None:
+            out["store"], out["evict"] = [new[0], new[1]], new[2]
+        return out
+
+    def _new_sequences(self, req: Request, slots: list[int]) -> list[_Sequence]:
+        """The n sequences of an admitted request; none (request failed, slots kept free) if it cannot start."""
         try:
             max_new = min(req.params.max_tokens, self.engine.max_seq_len - len(req.prompt_ids))
-            return _Sequence(req, slot, max_new, TextTracker(self.engine.tokenizer, req.params),
-                             Sampler(req.params), pos=len(req.prompt_ids))
+            return [_Sequence(req, slot, max_new, TextTracker(self.engine.tokenizer, req.params),
+                              Sampler(req.params, req.prompt_ids, i), pos=len(req.prompt_ids), index=i)
+                    for i, slot in enumerate(slots)]
         except Exception as e:  # noqa: BLE001 - one bad request must not stop the others
-            self._free.append(slot)
+            self._free.extend(slots)
             self._done_waiting(req, Event(finish_reason="error", error=_describe(e), status=500))
-            return None
+            return []
 
     def _finish_step(self, msg: dict, out: StepOutput) -> None:
         """Sample every row, emit its text, finish the sequences that stopped."""
         for adm, logits_V, sec, trace in zip(msg["admit"], out.prefill_logits, out.prefill_seconds,
                                              out.prefill_traces):
             self.observer.on_step("prefill", 1, sec, 0, trace)
-            self._advance_or_fail(self._active[adm["slot"]], logits_V)
+            for slot in [adm["slot"], *adm.get("copies", [])]:
+                if slot in self._active:  # a failed choice may have failed the others
+                    self._advance_or_fail(self._active[slot], logits_V)
         if out.decode_logits_BV is not None:
             for slot, logits_V in zip(msg["slots"], out.decode_logits_BV):
                 seq = self._active.get(slot)
@@ -319,7 +401,8 @@ class Scheduler:
                 self._release(seq, "error", Event(error=_describe(e), status=500))
 
     def _advance(self, seq: _Sequence, logits_V: torch.Tensor) -> None:
-        token = seq.sampler(logits_V)
+        sample = seq.sampler.sample(logits_V)
+        token = sample.token
         seq.generated += 1
         t = now()
         first = seq.generated == 1
@@ -331,9 +414,9 @@ class Scheduler:
             text += seq.tracker.flush()
         if reason is None:
             self._emit(seq.request, Event(text, token, completion_tokens=seq.generated,
-                                          prompt_tokens=len(seq.request.prompt_ids)))
+                                          prompt_tokens=len(seq.request.prompt_ids), index=seq.index, sample=sample))
         else:
-            self._release(seq, reason, Event(text, token))
+            self._release(seq, reason, Event(text, token, sample=sample))
 
     def _release(self, seq: _Sequence, reason: str, last: Event | None = None) -> None:
         """Finish a sequence: free its slot, send its last event."""
@@ -344,12 +427,13 @@ class Scheduler:
         event = last or Event()
         event.finish_reason = reason
         event.prompt_tokens, event.completion_tokens = len(seq.request.prompt_ids), seq.generated
+        event.index, event.cached_tokens = seq.index, seq.cached_tokens
         self.observer.on_finish(event.prompt_tokens, event.completion_tokens, reason)
         self._emit(seq.request, event)
 
     def _done_waiting(self, req: Request, event: Event) -> None:
         with self._cond:
-            self._num_in_system -= 1
+            self._num_in_system -= req.params.n
         event.prompt_tokens = len(req.prompt_ids)
         self._emit(req, event)
 

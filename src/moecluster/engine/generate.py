@@ -165,7 +165,7 @@ class Engine:
         params.validate()
         self.check_prompt(prompt_ids, params)
         max_new = min(params.max_tokens, self.max_seq_len - len(prompt_ids))
-        sampler = Sampler(params) if self.rank == 0 else None
+        sampler = Sampler(params, prompt_ids) if self.rank == 0 else None
         tracker = TextTracker(self.tokenizer, params) if self.rank == 0 else None
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
         slots_B = torch.tensor([slot])

@@ -267,9 +267,22 @@ class Attention(nn.Module):
         v = v.reshape(B, T, Hk, Hd).transpose(1, 2)
         if self.cache is None:
             raise MoeClusterError("internal: call model.setup_cache() before forward")
-        k, v = self.cache.update(step.rows, k, v, span=step.span)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask_B1TS, enable_gqa=H != Hk)
+        if T == 1 and B > 1 and isinstance(self.cache, KVCache):  # batched decode: batch-invariant rows
+            self.cache.update(step.rows, k, v, span=0)
+            out = decode_rows_attention(q, self.cache, step.rows, H != Hk)
+        else:
+            k, v = self.cache.update(step.rows, k, v, span=step.span)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask_B1TS, enable_gqa=H != Hk)
         return self.wo(out.transpose(1, 2).reshape(B, T, H * Hd))
+
+
+def decode_rows_attention(q_BH1Hd: torch.Tensor, cache: KVCache, rows: CacheRows, gqa: bool) -> torch.Tensor:
+    """Batched decode attention, one unmasked SDPA per row over exactly its own cached positions: the call a
+    row makes when it decodes alone (B = 1, no mask), so its bits do not depend on the rest of the batch
+    (a masked SDPA over the batch's longest span rounds differently). -> out_BH1Hd."""
+    return torch.cat([F.scaled_dot_product_attention(q_BH1Hd[b:b + 1], cache.k[slot:slot + 1, :, :pos + 1],
+                                                     cache.v[slot:slot + 1, :, :pos + 1], enable_gqa=gqa)
+                      for b, (slot, pos) in enumerate(zip(rows.slots, rows.pos, strict=True))])
 
 
 class GatedMLP(nn.Module):

@@ -162,7 +162,10 @@ def mount(app, srv) -> None:
         tokenizer = srv.engine.tokenizer
         tool_plan = T.plan(tokenizer, tools, mode, name)
         ids = srv.template_ids(_messages(req), tools, tool_plan)
+        # the OpenAI request fields the server's sampling reads; the Messages API has no penalties, n or logprobs
         sampling = SimpleNamespace(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=None,
+                                   min_p=0.0, n=1, presence_penalty=0.0, frequency_penalty=0.0,
+                                   repetition_penalty=1.0, logprobs=None, logit_bias_ids=dict,
                                    ignore_eos=False, stop_list=lambda: P.ChatRequest.stop_list(
                                        SimpleNamespace(stop=req.stop_sequences)))  # type: ignore[arg-type]
         params = srv.params(sampling, req.max_tokens, len(ids), None)

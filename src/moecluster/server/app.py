@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import sys
 import time
 from collections.abc import AsyncIterator, Iterable
 
@@ -106,6 +107,9 @@ class _Generation:
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.request = Request(prompt_ids, params, self._emit)
         self.finished = False
+        self.choices_left = params.n  # the request ends when each of its n choices has ended
+        self.started, self.first_at, self.last_at = time.monotonic(), 0.0, 0.0
+        self.tokens, self.reasons = 0, []  # for the request's log line
 
     def _emit(self, event: Event) -> None:
         try:
@@ -121,10 +125,22 @@ class _Generation:
                              headers={"Retry-After": "1"}) from None
         except Unavailable as e:
             raise _unavailable(str(e)) from None
+        except MoeClusterError as e:
+            raise P.ApiError(400, str(e), param="n") from None
 
     def cancel(self) -> None:
         if not self.finished:
             self.scheduler.cancel(self.request)
+
+    def log(self, rid: str, status: int) -> None:
+        """The request's one log line: tokens, time to first token, decode speed, finish reasons, HTTP status."""
+        n = self.request.params.n
+        ttft = f"{self.first_at - self.started:.3f}s" if self.first_at else "-"
+        span = self.last_at - self.first_at
+        decode = f"{(self.tokens - n) / span:.1f}" if self.tokens > n and span > 0 else "-"
+        print(f"moecluster: request {rid} status={status} prompt_tokens={len(self.request.prompt_ids)} "
+              f"completion_tokens={self.tokens} ttft={ttft} decode_tok_s={decode} "
+              f"finish={','.join(self.reasons) or '-'}", file=sys.stderr, flush=True)
 
     async def events(self, http: HttpRequest | None = None) -> AsyncIterator[Event]:
         """Events until the last one; an error event if the scheduler fails or stalls meanwhile."""
@@ -141,7 +157,14 @@ class _Generation:
                     self.cancel()
                     self.finished = True
                 continue
-            self.finished = event.finish_reason is not None
+            if event.token is not None:
+                self.last_at = time.monotonic()
+                self.first_at = self.first_at or self.last_at
+                self.tokens += 1
+            if event.finish_reason is not None:
+                self.choices_left -= 1
+                self.reasons.append(event.finish_reason)
+            self.finished = self.choices_left == 0 or event.finish_reason in ("error", "cancelled")
             yield event
 
 
@@ -210,6 +233,9 @@ class Server:
     async def read(self, http: HttpRequest, model: type[P.RequestT]) -> P.RequestT:
         self.check_auth(http)
         req = P.parse(model, P.decode_json(await _read_body(http)))
+        if req.ignored_fields():  # as vLLM: accepted, ignored, named once in the log
+            print(f"moecluster: {http.url.path}: ignoring request fields {req.ignored_fields()}", file=sys.stderr,
+                  flush=True)
         if req.model != self.model_name:
             raise P.ApiError(404, f"the model {req.model!r} does not exist; this server serves "
                                   f"{self.model_name!r} (see GET /v1/models)", param="model", code="model_not_found")
@@ -254,8 +280,20 @@ class Server:
                                   "lower max_tokens", param="max_tokens", code="context_length_exceeded")
         if max_tokens is None:
             max_tokens = min(default or ctx, ctx - prompt_len)
+        vocab = self.engine.loaded.shape.vocab_size
+        bias = req.logit_bias_ids()
+        if any(t >= vocab for t in bias):
+            raise P.ApiError(400, f"logit_bias token ids {[t for t in bias if t >= vocab][:3]} are outside the "
+                                  f"vocabulary of {vocab}", param="logit_bias")
+        if isinstance(req, P.ChatRequest):
+            logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        else:
+            logprobs = req.logprobs
         params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k,
-                                top_p=req.top_p, seed=req.seed, stop=req.stop_list(), ignore_eos=req.ignore_eos)
+                                top_p=req.top_p, min_p=req.min_p, seed=req.seed, stop=req.stop_list(),
+                                ignore_eos=req.ignore_eos, n=req.n, presence_penalty=req.presence_penalty,
+                                frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
+                                logit_bias=bias, logprobs=logprobs)
         try:
             return params.validate()
         except MoeClusterError as e:
@@ -270,49 +308,93 @@ class Server:
             stream = self._stream(gen, rid, chat, include_usage)
             return StreamingResponse(stream, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        parts, last = [], None
+        n = params.n
+        parts: list[list[str]] = [[] for _ in range(n)]
+        samples: list[list] = [[] for _ in range(n)]
+        finals: list[Event | None] = [None] * n
+        status = 500
         try:
             async for event in gen.events(http):
-                parts.append(event.text)
-                last = event
+                if event.finish_reason in ("error", "cancelled"):
+                    finals = [event]
+                    break
+                parts[event.index].append(event.text)
+                if event.sample is not None:
+                    samples[event.index].append(event.sample)
+                if event.finish_reason is not None:
+                    finals[event.index] = event
+            if any(f is None or f.finish_reason in ("cancelled", None) for f in finals):
+                status = 499
+                return Response(status_code=499)  # the client went away; nobody reads this
+            if finals[0] is not None and finals[0].finish_reason == "error":
+                error = _failed(finals[0])
+                status = error.status
+                raise error
+            status = 200
         finally:
             gen.cancel()
-        if last is None or last.finish_reason in ("cancelled", None):
-            return Response(status_code=499)  # the client went away; nobody reads this
-        if last.finish_reason == "error":
-            raise _failed(last)
-        use = P.usage(last.prompt_tokens, last.completion_tokens)
-        text = "".join(parts)
-        body = (P.chat_body(rid, self.model_name, text, last.finish_reason, use) if chat else
-                P.completion_body(rid, self.model_name, text, last.finish_reason, use))
+            gen.log(rid, status)
+        use = P.usage(finals[0].prompt_tokens if finals[0] else 0, sum(f.completion_tokens for f in finals if f),
+                      finals[0].cached_tokens if finals[0] else 0)
+        choices = []
+        for i, last in enumerate(finals):
+            assert last is not None
+            text, lps = "".join(parts[i]), self._logprobs(samples[i], chat) if params.logprobs is not None else None
+            body = (P.chat_body(rid, self.model_name, text, last.finish_reason, use, index=i, logprobs=lps) if chat
+                    else P.completion_body(rid, self.model_name, text, last.finish_reason, use, index=i, logprobs=lps))
+            choices.extend(body["choices"])
+        body["choices"] = choices
         return JSONResponse(body)
 
+    def token_text(self, token: int) -> str:
+        return self.engine.tokenizer.tok.decode([token], skip_special_tokens=False)
+
+    def _logprobs(self, samples: list, chat: bool, offset: int = 0) -> dict:
+        return (P.chat_logprobs(samples, self.token_text) if chat else
+                P.completion_logprobs(samples, self.token_text, offset))
+
     async def _stream(self, gen: _Generation, rid: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
-        created, name = int(time.time()), self.model_name
+        created, name, n = int(time.time()), self.model_name, gen.request.params.n
+        want_lps = gen.request.params.logprobs is not None
+        offsets, completion_tokens = [0] * n, 0
+        status = 499  # until the stream ends (else the client went away)
         try:
             if chat:
-                yield _sse(P.chat_chunk(rid, name, {"role": "assistant", "content": ""}, None, None, created))
+                for i in range(n):
+                    yield _sse(P.chat_chunk(rid, name, {"role": "assistant", "content": ""}, None, None, created,
+                                            index=i))
             async for ev in gen.events():
                 if ev.finish_reason == "error":
+                    status = _failed(ev).status
                     yield _sse(_failed(ev).body())
                     return
                 if ev.finish_reason == "cancelled":
                     return
-                use = P.usage(ev.prompt_tokens, ev.completion_tokens) if ev.finish_reason and not include_usage \
+                if ev.finish_reason:
+                    completion_tokens += ev.completion_tokens
+                last = gen.finished
+                use = P.usage(ev.prompt_tokens, completion_tokens, ev.cached_tokens) if last and not include_usage \
                     else None
-                if ev.text or ev.finish_reason:
+                samples = [ev.sample] if want_lps and ev.sample is not None else []
+                if ev.text or ev.finish_reason or samples:
+                    lps = self._logprobs(samples, chat, offsets[ev.index]) if samples else None
+                    offsets[ev.index] += sum(len(self.token_text(s.token)) for s in samples)
                     if chat:
                         delta = {"content": ev.text} if ev.text else {}
-                        yield _sse(P.chat_chunk(rid, name, delta, ev.finish_reason, use, created))
+                        yield _sse(P.chat_chunk(rid, name, delta, ev.finish_reason, use, created, index=ev.index,
+                                                logprobs=lps))
                     else:
-                        yield _sse(P.completion_body(rid, name, ev.text, ev.finish_reason, use, created, chunk=True))
-                if ev.finish_reason and include_usage:
-                    use = P.usage(ev.prompt_tokens, ev.completion_tokens)
+                        yield _sse(P.completion_body(rid, name, ev.text, ev.finish_reason, use, created, chunk=True,
+                                                     index=ev.index, logprobs=lps))
+                if last and include_usage:
+                    use = P.usage(ev.prompt_tokens, completion_tokens, ev.cached_tokens)
                     yield _sse(P.chat_chunk(rid, name, {}, None, use, created, with_choice=False) if chat else
                                {**P.completion_body(rid, name, "", None, use, created), "choices": []})
+            status = 200
             yield "data: [DONE]\n\n"
         finally:
             gen.cancel()  # no-op when finished; else the client went away
+            gen.log(rid, status)
 
 
 def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None,
@@ -396,7 +478,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     """Every error, including routing errors and bugs, answers with an OpenAI error body."""
 
     @app.exception_handler(P.ApiError)
-    async def api_error(_, exc: P.ApiError):
+    async def api_error(http: HttpRequest, exc: P.ApiError):
+        if exc.status < 500 and http.method == "POST":  # the request's log line (generations log their own)
+            print(f"moecluster: request - {http.url.path} status={exc.status} param={exc.param} "
+                  f"error={exc.message[:160]!r}", file=sys.stderr, flush=True)
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)

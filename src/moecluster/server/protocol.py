@@ -1,8 +1,9 @@
 """OpenAI-compatible request models, response builders and error bodies.
 
-Requests are validated strictly (no silent coercion of "5" to 5, unknown fields rejected) so that a
-client mistake gets a 400 naming the parameter, never a 500. Parameters that OpenAI defines but this
-server does not implement are accepted only at their neutral values.
+Requests are validated strictly (no silent coercion of "5" to 5) so that a client mistake gets a 400
+naming the parameter, never a 500. Unknown fields are accepted and ignored (the app logs their names,
+as vLLM does), except those in REFUSED whose meaning we would silently get wrong; parameters that
+OpenAI defines but this server does not implement are accepted only at their neutral values.
 """
 
 from __future__ import annotations
@@ -14,10 +15,17 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from moecluster.engine.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS
+from moecluster.engine.sampling import MAX_LOGPROBS, MAX_N, MAX_STOP_CHARS, MAX_STOP_STRINGS, Sample
 
 MAX_JSON_DEPTH = 32  # nesting of the request body (OpenAI requests need about 5)
 MAX_JSON_INT = 2**64  # larger integers are no valid value of any parameter
+# Unknown fields that change what a client gets back (vLLM and OpenAI extensions we do not implement): refused,
+# since ignoring them would silently give a wrong answer. Any other unknown field is ignored.
+REFUSED = frozenset({
+    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend", "structured_outputs",
+    "min_tokens", "allowed_token_ids", "bad_words", "prompt_logprobs", "use_beam_search", "length_penalty",
+    "truncate_prompt_tokens", "add_generation_prompt", "continue_final_message", "echo", "prediction", "audio",
+    "skip_special_tokens", "include_stop_str_in_output", "stop_token_ids", "min_p_tokens", "logits_processors"})
 
 
 class ApiError(Exception):
@@ -42,12 +50,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
 
-class StreamOptions(_Strict):
+class _Lenient(BaseModel):
+    """A request body: strict types, unknown fields kept aside (model_extra) to be refused or ignored."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    def ignored_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
     include_usage: bool = False
     continuous_usage_stats: bool = False
 
 
-class _Sampling(_Strict):
+class _Sampling(_Lenient):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str
@@ -55,14 +73,16 @@ class _Sampling(_Strict):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)  # extension (as in vLLM); 0 = off
-    n: int = 1
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)  # extension (as in vLLM); 0 = off
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)  # extension (as in vLLM); 1 = off
+    n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, lt=2**63)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
     ignore_eos: bool = False  # extension: keep generating past the end-of-sequence token
     # Fields some clients always send: accepted and ignored.
     user: str | None = None
@@ -75,15 +95,17 @@ class _Sampling(_Strict):
 
     def unsupported(self) -> list[tuple[str, str]]:
         """(param, why) for parameters set to values this server does not implement."""
-        out = []
-        if self.n != 1:
-            out.append(("n", "n must be 1 (send one request per completion)"))
-        if self.presence_penalty or self.frequency_penalty:
-            param = "presence_penalty" if self.presence_penalty else "frequency_penalty"
-            out.append((param, "presence_penalty and frequency_penalty are not supported (leave them at 0)"))
-        if self.logit_bias:
-            out.append(("logit_bias", "logit_bias is not supported"))
+        refused = sorted(REFUSED & set(self.model_extra or {}))
+        out = [(name, f"{name} is not supported by this server") for name in refused]
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.isdigit() or len(key) > 12 or not -100.0 <= bias <= 100.0:
+                out.append(("logit_bias", f"logit_bias maps token ids (strings of digits) to biases in [-100, 100]; "
+                                          f"got {key[:20]!r}: {bias!r}"))
+                break
         return out
+
+    def logit_bias_ids(self) -> dict[int, float]:
+        return {int(k): v for k, v in (self.logit_bias or {}).items()}
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -100,15 +122,13 @@ RequestT = TypeVar("RequestT", bound=_Sampling)  # a request model: CompletionRe
 
 class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
 
     def unsupported(self) -> list[tuple[str, str]]:
         out = super().unsupported()
-        if self.logprobs is not None:
-            out.append(("logprobs", "logprobs are not supported"))
         if self.echo:
             out.append(("echo", "echo is not supported"))
         if self.best_of not in (None, 1):
@@ -147,7 +167,7 @@ class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
@@ -157,8 +177,8 @@ class ChatRequest(_Sampling):
 
     def unsupported(self) -> list[tuple[str, str]]:
         out = super().unsupported()
-        if self.logprobs or self.top_logprobs is not None:
-            out.append(("logprobs", "logprobs are not supported"))
+        if self.top_logprobs is not None and not self.logprobs:
+            out.append(("top_logprobs", "top_logprobs needs logprobs: true"))
         if self.functions or self.function_call not in (None, "none", "auto"):  # tools/tool_choice: server/tools.py
             param = "functions" if self.functions else "function_call"
             out.append((param, "the deprecated functions/function_call are not supported; use tools/tool_choice"))
@@ -232,37 +252,62 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    out: dict = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens:  # prompt tokens whose keys came from the prefix cache
+        out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return out
 
 
 def completion_body(rid: str, model: str, text: str, finish: str | None, use: dict | None,
-                    created: int | None = None, chunk: bool = False) -> dict:
+                    created: int | None = None, chunk: bool = False, index: int = 0, logprobs: dict | None = None
+                    ) -> dict:
     """A /v1/completions response, or one stream chunk of it."""
     body = {"id": rid, "object": "text_completion", "created": created or int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
     if use is not None or not chunk:
         body["usage"] = use
     return body
 
 
 def chat_body(rid: str, model: str, text: str, finish: str | None, use: dict | None,
-              created: int | None = None) -> dict:
+              created: int | None = None, index: int = 0, logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "chat.completion", "created": created or int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            "choices": [{"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                          "finish_reason": finish}],
             "usage": use}
 
 
 def chat_chunk(rid: str, model: str, delta: dict, finish: str | None, use: dict | None, created: int,
-               with_choice: bool = True) -> dict:
+               with_choice: bool = True, index: int = 0, logprobs: dict | None = None) -> dict:
     body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]
             if with_choice else []}
     if use is not None:
         body["usage"] = use
     return body
+
+
+def chat_logprobs(samples: list[Sample], text_of) -> dict:
+    """Chat's {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}; text_of(id) -> token text."""
+    def entry(token: int, logprob: float) -> dict:
+        text = text_of(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(s.token, s.logprob or 0.0), "top_logprobs": [entry(t, lp) for t, lp in s.top]}
+                        for s in samples]}
+
+
+def completion_logprobs(samples: list[Sample], text_of, offset: int = 0) -> dict:
+    """Completions' {"tokens", "token_logprobs", "top_logprobs", "text_offset"}; offset: of the first token."""
+    tokens = [text_of(s.token) for s in samples]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": [s.logprob for s in samples],
+            "top_logprobs": [{text_of(t): lp for t, lp in s.top} for s in samples], "text_offset": offsets}
 
 
 def model_card(name: str, created: int, max_model_len: int) -> dict:
