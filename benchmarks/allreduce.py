@@ -24,10 +24,14 @@ from moecluster.calibration.commbench import DEFAULT_SIZES_BYTES, Variant, measu
 
 RESULTS = Path(__file__).parent / "results"
 MPI_COLUMNS = [  # (variant, header)
-    ("mpi_bare_fp32", "bare fp32"), ("mpi_ours_fp32", "MPIComm fp32"),
-    ("mpi_bare_bf16", "bare bf16"), ("mpi_ours_bf16_auto", "MPIComm bf16 auto"),
-    ("mpi_ours_bf16_native", "bf16 native"), ("mpi_ours_bf16_op", "bf16 Op"),
-    ("mpi_ours_bf16_fp32", "bf16 via fp32"), ("mpi_ours_exchange", "exchange (bf16 bits)"),
+    ("mpi_bare_fp32", "bare fp32"),
+    ("mpi_ours_fp32", "MPIComm fp32"),
+    ("mpi_bare_bf16", "bare bf16"),
+    ("mpi_ours_bf16_auto", "MPIComm bf16 auto"),
+    ("mpi_ours_bf16_native", "bf16 native"),
+    ("mpi_ours_bf16_op", "bf16 Op"),
+    ("mpi_ours_bf16_fp32", "bf16 via fp32"),
+    ("mpi_ours_exchange", "exchange (bf16 bits)"),
 ]
 MPI_RATIOS = [  # (header, numerator, denominator) of medians
     ("fp32 ours/bare", "mpi_ours_fp32", "mpi_bare_fp32"),
@@ -35,8 +39,11 @@ MPI_RATIOS = [  # (header, numerator, denominator) of medians
     ("bf16 ours/bare fp32 same bytes", "mpi_ours_bf16_auto", "mpi_bare_fp32"),
     ("exchange/bare bf16", "mpi_ours_exchange", "mpi_bare_bf16"),
 ]
-TORCH_COLUMNS = [("gloo_bare_fp32", "gloo bare fp32"), ("torch_ours_fp32", "TorchComm fp32"),
-                 ("torch_ours_bf16", "TorchComm bf16")]
+TORCH_COLUMNS = [
+    ("gloo_bare_fp32", "gloo bare fp32"),
+    ("torch_ours_fp32", "TorchComm fp32"),
+    ("torch_ours_bf16", "TorchComm bf16"),
+]
 TORCH_RATIOS = [("fp32 ours/bare", "torch_ours_fp32", "gloo_bare_fp32")]
 
 
@@ -51,8 +58,9 @@ class BareMPIAllreduce:
 
         buf = self._bufs.get(x_N.data_ptr())
         if buf is None:  # bf16: MPI's native type (MPICH MPIX_BFLOAT16) on the raw bytes
-            buf = x_N.numpy() if self._type is None else \
-                [MPI.buffer.fromaddress(x_N.data_ptr(), x_N.nbytes), self._type]
+            buf = (
+                x_N.numpy() if self._type is None else [MPI.buffer.fromaddress(x_N.data_ptr(), x_N.nbytes), self._type]
+            )
             self._bufs[x_N.data_ptr()] = buf
         self._comm.Allreduce(MPI.IN_PLACE, buf, MPI.SUM)
 
@@ -70,28 +78,33 @@ def mpi_variants(comm, size: int) -> list[Variant]:
         return lambda: setattr(comm, "bf16_mode", m)
 
     native = native_bf16_type(MPI)
-    out = [Variant("mpi_bare_fp32", x(torch.float32), BareMPIAllreduce(MPI.COMM_WORLD)),
-           Variant("mpi_ours_fp32", x(torch.float32), comm.all_reduce_sum)]
+    out = [
+        Variant("mpi_bare_fp32", x(torch.float32), BareMPIAllreduce(MPI.COMM_WORLD)),
+        Variant("mpi_ours_fp32", x(torch.float32), comm.all_reduce_sum),
+    ]
     if native is not None:
-        out += [Variant("mpi_bare_bf16", x(torch.bfloat16),
-                        BareMPIAllreduce(MPI.COMM_WORLD, native)),
-                Variant("mpi_ours_bf16_native", x(torch.bfloat16), comm.all_reduce_sum,
-                        mode("native"))]
-    out += [Variant(f"mpi_ours_bf16_{m}", x(torch.bfloat16), comm.all_reduce_sum, mode(m))
-            for m in ("auto", "op", "fp32")]
+        out += [
+            Variant("mpi_bare_bf16", x(torch.bfloat16), BareMPIAllreduce(MPI.COMM_WORLD, native)),
+            Variant("mpi_ours_bf16_native", x(torch.bfloat16), comm.all_reduce_sum, mode("native")),
+        ]
+    out += [
+        Variant(f"mpi_ours_bf16_{m}", x(torch.bfloat16), comm.all_reduce_sum, mode(m)) for m in ("auto", "op", "fp32")
+    ]
     # the decode exchange itself: the reused exchange buffer, raw bits by a persistent all-reduce
-    return out + [Variant("mpi_ours_exchange", comm.exchange_buffer((size // 2,), torch.bfloat16),
-                          comm.all_reduce_disjoint)]
+    return out + [
+        Variant("mpi_ours_exchange", comm.exchange_buffer((size // 2,), torch.bfloat16), comm.all_reduce_disjoint)
+    ]
 
 
 def torch_variants(comm, size: int) -> list[Variant]:
     """Bare gloo all_reduce and TorchComm (fp32, bf16) on `size`-byte messages."""
     import torch.distributed as dist
 
-    return [Variant("gloo_bare_fp32", torch.zeros(size // 4), dist.all_reduce),
-            Variant("torch_ours_fp32", torch.zeros(size // 4), comm.all_reduce_sum),
-            Variant("torch_ours_bf16", torch.zeros(size // 2, dtype=torch.bfloat16),
-                    comm.all_reduce_sum)]
+    return [
+        Variant("gloo_bare_fp32", torch.zeros(size // 4), dist.all_reduce),
+        Variant("torch_ours_fp32", torch.zeros(size // 4), comm.all_reduce_sum),
+        Variant("torch_ours_bf16", torch.zeros(size // 2, dtype=torch.bfloat16), comm.all_reduce_sum),
+    ]
 
 
 def worker(backend: str, out: str, sizes: list[int], iters: int) -> None:
@@ -127,8 +140,11 @@ def cold_worker(out: str, size: int, iters: int, stream_mb: int) -> None:
     x = torch.zeros(size // 2, dtype=torch.bfloat16)
     x32 = torch.zeros(size // 4, dtype=torch.float32)
     y = comm.exchange_buffer((1, size // 2 // 2048, 2048), torch.bfloat16)  # decode's y_NKD (K = 4 at 16 KiB)
-    variants = {"mpi_bare_bf16_cold": lambda _: bare_bf16(x), "mpi_bare_fp32_cold": lambda _: bare_fp32(x32),
-                "mpi_ours_bf16_cold": lambda _: comm.all_reduce_disjoint(y)}
+    variants = {
+        "mpi_bare_bf16_cold": lambda _: bare_bf16(x),
+        "mpi_bare_fp32_cold": lambda _: bare_fp32(x32),
+        "mpi_ours_bf16_cold": lambda _: comm.all_reduce_disjoint(y),
+    }
     bare_bf16, bare_fp32 = BareMPIAllreduce(MPI.COMM_WORLD, native), BareMPIAllreduce(MPI.COMM_WORLD)
     rows_per_mat = 8192  # 32 MiB, one expert's gate+up matrix in the bench model
     mats = torch.empty(2**29, dtype=torch.bfloat16).normal_().view(-1, rows_per_mat, 2048)  # 1 GiB
@@ -150,35 +166,53 @@ def cold_worker(out: str, size: int, iters: int, stream_mb: int) -> None:
         rows = []
         for name in variants:
             last = [min(ts) for ts in zip(*(g[name] for g in gathered))]
-            rows.append({"variant": name, "size_bytes": size, "median_us": statistics.median(last) * 1e6,
-                         "stream_mb": per_iter * 32, "iters": iters})
+            rows.append(
+                {
+                    "variant": name,
+                    "size_bytes": size,
+                    "median_us": statistics.median(last) * 1e6,
+                    "stream_mb": per_iter * 32,
+                    "iters": iters,
+                }
+            )
         Path(out).write_text(json.dumps(rows))
     comm.close()
 
 
 def machine() -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                if ln.startswith("model name")), platform.processor())
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+        platform.processor(),
+    )
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     import mpi4py
     from mpi4py import MPI
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": round(mem_gib, 1),
-            "kernel": platform.release(), "python": platform.python_version(),
-            "torch": torch.__version__, "mpi4py": mpi4py.__version__,
-            "mpi": " ".join(MPI.Get_library_version().splitlines()[0].split()),
-            "load_avg_1min": round(os.getloadavg()[0], 2)}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "mem_gib": round(mem_gib, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "mpi4py": mpi4py.__version__,
+        "mpi": " ".join(MPI.Get_library_version().splitlines()[0].split()),
+        "load_avg_1min": round(os.getloadavg()[0], 2),
+    }
 
 
 def table(rows: list[dict], columns: list, ratios: list) -> str:
     """Markdown table: per size, median / p99 (us) of each variant, then ratios of medians."""
     by = {(r["variant"], r["size_bytes"]): r for r in rows}
     columns = [(v, h) for v, h in columns if any(k[0] == v for k in by)]
-    lines = ["| size | " + " | ".join([h for _, h in columns] + [h for h, _, _ in ratios]) + " |",
-             "|" + "---|" * (1 + len(columns) + len(ratios))]
+    lines = [
+        "| size | " + " | ".join([h for _, h in columns] + [h for h, _, _ in ratios]) + " |",
+        "|" + "---|" * (1 + len(columns) + len(ratios)),
+    ]
     for s in sorted({r["size_bytes"] for r in rows}):
-        cells = [f"{by[(v, s)]['median_us']:.1f} / {by[(v, s)]['p99_us']:.0f}"
-                 if (v, s) in by else "-" for v, _ in columns]
+        cells = [
+            f"{by[(v, s)]['median_us']:.1f} / {by[(v, s)]['p99_us']:.0f}" if (v, s) in by else "-" for v, _ in columns
+        ]
         for _, num, den in ratios:
             a, b = by.get((num, s)), by.get((den, s))
             cells.append(f"{a['median_us'] / b['median_us']:.2f}" if a and b else "-")
@@ -192,10 +226,10 @@ def main() -> int:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--iters", type=int, default=5000, help="iterations per MPI measurement")
     ap.add_argument("--gloo-iters", type=int, default=1000, help="iterations per gloo measurement")
-    ap.add_argument("--sizes-kib", type=int, nargs="*", default=[s // 1024 for s in
-                                                                  DEFAULT_SIZES_BYTES])
-    ap.add_argument("--cold", action="store_true",
-                    help="only the cold-cache measurement (all-reduce right after streaming weights)")
+    ap.add_argument("--sizes-kib", type=int, nargs="*", default=[s // 1024 for s in DEFAULT_SIZES_BYTES])
+    ap.add_argument(
+        "--cold", action="store_true", help="only the cold-cache measurement (all-reduce right after streaming weights)"
+    )
     ap.add_argument("--cold-kib", type=int, default=16, help="message size of the cold measurement")
     ap.add_argument("--cold-iters", type=int, default=200)
     ap.add_argument("--cold-stream-mb", type=int, default=96)
@@ -209,8 +243,14 @@ def main() -> int:
         return 0
     from moecluster.distributed.launch import launch_local
 
-    cold_cmd = ["--cold-kib", str(args.cold_kib), "--cold-iters", str(args.cold_iters),
-                "--cold-stream-mb", str(args.cold_stream_mb)]
+    cold_cmd = [
+        "--cold-kib",
+        str(args.cold_kib),
+        "--cold-iters",
+        str(args.cold_iters),
+        "--cold-stream-mb",
+        str(args.cold_stream_mb),
+    ]
     if args.cold:
         cold = run_cold(cold_cmd)
         if cold is None:
@@ -224,8 +264,18 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for backend, iters in (("mpi", args.iters), ("torch", args.gloo_iters)):
             out = f"{tmp}/{backend}.json"
-            cmd = [sys.executable, __file__, "--worker", backend, "--out", out, "--iters",
-                   str(iters), "--sizes-kib", *map(str, args.sizes_kib)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                backend,
+                "--out",
+                out,
+                "--iters",
+                str(iters),
+                "--sizes-kib",
+                *map(str, args.sizes_kib),
+            ]
             if launch_local(cmd, 2, backend, pin=True, timeout_s=120) != 0:
                 print(f"the {backend} benchmark failed", file=sys.stderr)
                 return 1
@@ -234,14 +284,25 @@ def main() -> int:
     if cold is None:
         return 1
     command = "python benchmarks/allreduce.py " + " ".join(sys.argv[1:])
-    md_table = "MPI (mpi4py + MPICH):\n\n" + table(rows, MPI_COLUMNS, MPI_RATIOS) + \
-        "\n\ntorch.distributed (gloo):\n\n" + table(rows, TORCH_COLUMNS, TORCH_RATIOS) + \
-        "\n\n" + cold_table(cold)
+    md_table = (
+        "MPI (mpi4py + MPICH):\n\n"
+        + table(rows, MPI_COLUMNS, MPI_RATIOS)
+        + "\n\ntorch.distributed (gloo):\n\n"
+        + table(rows, TORCH_COLUMNS, TORCH_RATIOS)
+        + "\n\n"
+        + cold_table(cold)
+    )
     print(md_table)
-    info = {"machine": machine(), "command": command.strip(),
-            "iters": f"MPI {args.iters}, gloo {args.gloo_iters} (rounded up to blocks of 50)",
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "ranks": 2, "pinned": True,
-            "rows": rows, "cold_rows": cold}
+    info = {
+        "machine": machine(),
+        "command": command.strip(),
+        "iters": f"MPI {args.iters}, gloo {args.gloo_iters} (rounded up to blocks of 50)",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "ranks": 2,
+        "pinned": True,
+        "rows": rows,
+        "cold_rows": cold,
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "allreduce.json").write_text(json.dumps(info, indent=1) + "\n")
     (RESULTS / "allreduce.md").write_text(markdown(info, md_table))
@@ -263,26 +324,28 @@ def run_cold(extra: list[str]) -> list[dict] | None:
 def cold_table(cold: list[dict]) -> str:
     by = {r["variant"]: r for r in cold}
     bare, bare32, ours = by["mpi_bare_bf16_cold"], by["mpi_bare_fp32_cold"], by["mpi_ours_bf16_cold"]
-    return (f"After streaming {bare['stream_mb']} MiB of weights per rank before each call (caches cold, as for "
-            f"a decode layer's exchange), {bare['size_bytes'] // 1024} KiB, last-arriving rank, median of "
-            f"{bare['iters']}:\n\n| bare MPI bf16 cold | bare MPI fp32 cold | MPIComm exchange cold | ours/bare bf16 |"
-            f"\n|---|---|---|---|\n| {bare['median_us']:.1f} us | {bare32['median_us']:.1f} us | "
-            f"{ours['median_us']:.1f} us | {ours['median_us'] / bare['median_us']:.2f} |")
+    return (
+        f"After streaming {bare['stream_mb']} MiB of weights per rank before each call (caches cold, as for "
+        f"a decode layer's exchange), {bare['size_bytes'] // 1024} KiB, last-arriving rank, median of "
+        f"{bare['iters']}:\n\n| bare MPI bf16 cold | bare MPI fp32 cold | MPIComm exchange cold | ours/bare bf16 |"
+        f"\n|---|---|---|---|\n| {bare['median_us']:.1f} us | {bare32['median_us']:.1f} us | "
+        f"{ours['median_us']:.1f} us | {ours['median_us'] / bare['median_us']:.2f} |"
+    )
 
 
 def markdown(info: dict, md_table: str) -> str:
     m = info["machine"]
     return f"""# All-reduce latency, 2 local ranks
 
-Machine: {m['cpu']}, {m['cores']} cores, {m['mem_gib']} GiB, Linux {m['kernel']}; Python
-{m['python']}, torch {m['torch']}, mpi4py {m['mpi4py']}, {m['mpi']}. {info['date']}.
+Machine: {m["cpu"]}, {m["cores"]} cores, {m["mem_gib"]} GiB, Linux {m["kernel"]}; Python
+{m["python"]}, torch {m["torch"]}, mpi4py {m["mpi4py"]}, {m["mpi"]}. {info["date"]}.
 
-Command: `{info['command']}` (2 ranks, each pinned to one core, one torch thread).
+Command: `{info["command"]}` (2 ranks, each pinned to one core, one torch thread).
 
 Cells: median / p99 latency in microseconds of one in-place sum of `size` bytes
 (mean over ranks of the per-rank median; worst rank's p99). Per size, the variants of a table
 alternate in blocks of 50 timed calls (after 5 untimed ones), so drift and load from other
-processes hit them alike. Load average at the end of the run: {m['load_avg_1min']} (the 2 cores
+processes hit them alike. Load average at the end of the run: {m["load_avg_1min"]} (the 2 cores
 are shared with other jobs: p99 columns are noisy, medians are stable to ~0.5 us). Bare MPI is
 mpi4py's blocking `Allreduce` (fp32 on a numpy array; bf16 with MPICH's MPIX_BFLOAT16 type);
 MPIComm is `all_reduce_sum` (Iallreduce polled with Test(); timeout and control plane armed).
@@ -290,7 +353,7 @@ bf16 modes: native (MPIX_BFLOAT16), Op (user MPI.Op calling torch), via fp32 (co
 fp32, convert back); auto = native up to 12 KiB, Op above (the default). "exchange" is what a
 decode layer runs by default (`--exchange exact`): `all_reduce_disjoint` on the reused exchange
 buffer, the bf16 bits OR-ed as int16 by a persistent all-reduce (MPI_Allreduce_init + Start/Test).
-Iterations per cell: {info['iters']}. The engine's default decode exchange is y_NKD, top_k x [1, D]
+Iterations per cell: {info["iters"]}. The engine's default decode exchange is y_NKD, top_k x [1, D]
 in bf16: 16 KiB for the benchmark model (D = 2048, top-4), 48 KiB for DBRX; `--exchange sum` sends
 one fp32 [1, D] partial (8 KiB, 24 KiB).
 

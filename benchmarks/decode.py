@@ -45,8 +45,13 @@ PROMPT = "Decoding one token reads the weights of the selected experts once"
 # --model-shape -> (cache dir name, builder, preset dims, description, result file stem)
 SHAPES = {
     "dbrx": ("bench-dbrx", build_dbrx_checkpoint, PRESETS["bench"], "DBRX-shaped bf16", "decode"),
-    "qwen3-moe": ("bench-qwen3-moe", build_qwen3_moe_checkpoint, QWEN3_MOE_PRESETS["bench"],
-                  "Qwen3-MoE-shaped bf16", "decode_qwen3-moe"),
+    "qwen3-moe": (
+        "bench-qwen3-moe",
+        build_qwen3_moe_checkpoint,
+        QWEN3_MOE_PRESETS["bench"],
+        "Qwen3-MoE-shaped bf16",
+        "decode_qwen3-moe",
+    ),
 }
 
 
@@ -103,14 +108,24 @@ def run_ours(model_dir: Path, tokens: int, rounds: int) -> dict:
         after = streaming_bandwidth(repeats=3)
         ref = (max(v["median_gbs"] for v in before.values()) + max(v["median_gbs"] for v in after.values())) / 2
         achieved = bytes_per_token / s_per_token / 1e9
-        runs.append({"reference_gbs": ref, "bandwidth_after": after, "s_per_token": s_per_token,
-                     "achieved_gbs": achieved, "ratio": achieved / ref})
+        runs.append(
+            {
+                "reference_gbs": ref,
+                "bandwidth_after": after,
+                "s_per_token": s_per_token,
+                "achieved_gbs": achieved,
+                "ratio": achieved / ref,
+            }
+        )
     del engine
     gc.collect()
-    return {"bytes_per_token": bytes_per_token, "rounds": runs,
-            "median_s_per_token": statistics.median(r["s_per_token"] for r in runs),
-            "median_ratio": statistics.median(r["ratio"] for r in runs),
-            "reference_gbs": statistics.median(r["reference_gbs"] for r in runs)}
+    return {
+        "bytes_per_token": bytes_per_token,
+        "rounds": runs,
+        "median_s_per_token": statistics.median(r["s_per_token"] for r in runs),
+        "median_ratio": statistics.median(r["ratio"] for r in runs),
+        "reference_gbs": statistics.median(r["reference_gbs"] for r in runs),
+    }
 
 
 def run_hf(model_dir: Path, tokens: int) -> dict:
@@ -150,9 +165,15 @@ def main() -> int:
     result = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": git_commit(),
-        "machine": {"cpus": os.cpu_count(), "cpu": cpu_model(), "platform": platform.platform(),
-                    "python": platform.python_version(), "torch": torch.__version__,
-                    "transformers": package_version("transformers"), "threads": args.threads},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "cpu": cpu_model(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": package_version("transformers"),
+            "threads": args.threads,
+        },
         "command": "python " + " ".join(sys.argv),
         "model_shape": args.model_shape,
         "model": {"preset": "bench", **dims, "dtype": "bf16", "description": description},
@@ -166,9 +187,12 @@ def main() -> int:
 
 def git_commit() -> str:
     """HEAD's short hash, with -dirty when the work tree has uncommitted changes to tracked files."""
+
     def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=Path(__file__).parent, capture_output=True, text=True,
-                              check=False).stdout.strip()
+        return subprocess.run(
+            ["git", *a], cwd=Path(__file__).parent, capture_output=True, text=True, check=False
+        ).stdout.strip()
+
     head = git("rev-parse", "--short", "HEAD") or "unknown"
     return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
@@ -198,14 +222,17 @@ def report(r: dict, stem: str) -> None:
         f"streaming read bandwidth (best method; median of {len(o['rounds'])} rounds): {r['reference_gbs']:.1f} GB/s",
         f"weights read per decode token: {o['bytes_per_token'] / 1e9:.3f} GB",
         f"moecluster decode (batch 1): {o['tok_s']:.2f} tok/s  -> {o['achieved_gbs']:.1f} GB/s",
-        "per round, decode / bandwidth around it: " + ", ".join(
-            f"{x['achieved_gbs']:.1f}/{x['reference_gbs']:.1f}" for x in o["rounds"]) + " GB/s",
+        "per round, decode / bandwidth around it: "
+        + ", ".join(f"{x['achieved_gbs']:.1f}/{x['reference_gbs']:.1f}" for x in o["rounds"])
+        + " GB/s",
         f"median ratio to measured bandwidth: {o['ratio_to_bandwidth'] * 100:.0f}% (target >= 85%)",
     ]
     if r["transformers"]:
         t = r["transformers"]
-        lines.append(f"transformers generate (same weights): {t['tok_s']:.2f} tok/s "
-                     f"(moecluster is {o['tok_s'] / t['tok_s']:.1f}x)")
+        lines.append(
+            f"transformers generate (same weights): {t['tok_s']:.2f} tok/s "
+            f"(moecluster is {o['tok_s'] / t['tok_s']:.1f}x)"
+        )
     text = "\n".join(lines)
     print(text)
     RESULTS.mkdir(exist_ok=True)
@@ -217,9 +244,11 @@ def report(r: dict, stem: str) -> None:
             f.write(json.dumps(json.loads(latest.read_text())) + "\n")
         f.write(json.dumps(r) + "\n")
     latest.write_text(json.dumps(r, indent=2))
-    md = (f"# Decode benchmark ({r['model_shape']})\n\nDate: {r['date']}  \nCommit: {r['commit']}  \n"
-          f"Machine: {r['machine']}\n\nCommand: `{r['command']}`\n\n```\n{text}\n```\n\n"
-          f"Bandwidth after each round: {json.dumps([x['bandwidth_after'] for x in r['ours']['rounds']])}\n")
+    md = (
+        f"# Decode benchmark ({r['model_shape']})\n\nDate: {r['date']}  \nCommit: {r['commit']}  \n"
+        f"Machine: {r['machine']}\n\nCommand: `{r['command']}`\n\n```\n{text}\n```\n\n"
+        f"Bandwidth after each round: {json.dumps([x['bandwidth_after'] for x in r['ours']['rounds']])}\n"
+    )
     (RESULTS / f"{stem}.md").write_text(md)
     print(f"wrote {latest.name} and {stem}.md (latest run); appended the run to {history.name}")
 

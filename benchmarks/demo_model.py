@@ -42,28 +42,49 @@ def main() -> int:
     result = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": git_commit(),
-        "machine": {"cpus": os.cpu_count(), "cpu": cpu_model(), "platform": platform.platform(),
-                    "python": platform.python_version(), "torch": package_version("torch"),
-                    "transformers": package_version("transformers"), "tokenizers": package_version("tokenizers")},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "cpu": cpu_model(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": package_version("torch"),
+            "transformers": package_version("transformers"),
+            "tokenizers": package_version("tokenizers"),
+        },
         "command": "python " + " ".join(sys.argv),
-        "model": {k: config.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers", "num_local_experts",
-                                             "num_experts_per_tok", "moe_intermediate_size", "vocab_size",
-                                             "max_position_embeddings")},
+        "model": {
+            k: config.get(k)
+            for k in (
+                "model_type",
+                "hidden_size",
+                "num_hidden_layers",
+                "num_local_experts",
+                "num_experts_per_tok",
+                "moe_intermediate_size",
+                "vocab_size",
+                "max_position_embeddings",
+            )
+        },
         "text": os.path.relpath(args.text, HERE.parent),
         "runs": runs,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "demo_model.json").write_text(json.dumps(result, indent=1) + "\n")
-    rows = "\n".join(f"| {d} | {r['perplexity']:.3f} | {r['nll_per_token']:.6f} | {r['tokens_scored']} | "
-                     f"{r['window']} / {r['stride']} | {r['seconds']:.0f} |" for d, r in runs.items())
-    md = (f"# Built-in demo model: held-out perplexity\n\nDate: {result['date']}  \nCommit: {result['commit']}  \n"
-          f"Machine: {result['machine']}\n\nCommand: `{result['command']}` (runs `{runs['bf16']['command']}` and "
-          f"the same with fp32)\n\nModel: {result['model']} (trained by `python scripts/train_demo_model.py`)  \n"
-          f"Text: `{result['text']}`, the held-out split of the Python 3.11 documentation sources (Debian "
-          f"python3-doc, PSF License): every 40th source file, never seen by the tokenizer or in training.\n\n"
-          f"Token-level perplexity over sliding windows (window = the model's context, stride = window/2; "
-          f"each token scored once).\n\n| dtype | perplexity | NLL nats/token | tokens | window / stride | s |\n"
-          f"|---|---|---|---|---|---|\n{rows}\n")
+    rows = "\n".join(
+        f"| {d} | {r['perplexity']:.3f} | {r['nll_per_token']:.6f} | {r['tokens_scored']} | "
+        f"{r['window']} / {r['stride']} | {r['seconds']:.0f} |"
+        for d, r in runs.items()
+    )
+    md = (
+        f"# Built-in demo model: held-out perplexity\n\nDate: {result['date']}  \nCommit: {result['commit']}  \n"
+        f"Machine: {result['machine']}\n\nCommand: `{result['command']}` (runs `{runs['bf16']['command']}` and "
+        f"the same with fp32)\n\nModel: {result['model']} (trained by `python scripts/train_demo_model.py`)  \n"
+        f"Text: `{result['text']}`, the held-out split of the Python 3.11 documentation sources (Debian "
+        f"python3-doc, PSF License): every 40th source file, never seen by the tokenizer or in training.\n\n"
+        f"Token-level perplexity over sliding windows (window = the model's context, stride = window/2; "
+        f"each token scored once).\n\n| dtype | perplexity | NLL nats/token | tokens | window / stride | s |\n"
+        f"|---|---|---|---|---|---|\n{rows}\n"
+    )
     (RESULTS / "demo_model.md").write_text(md)
     print(md)
     return 0

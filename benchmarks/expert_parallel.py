@@ -26,13 +26,37 @@ from decode import PROMPT, bench_model_dir  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 
 
-def run_generate(model: Path, nodes: int, backend: str, tokens: int, exchange: str,
-                 placement: str = "contiguous") -> dict:
+def run_generate(
+    model: Path, nodes: int, backend: str, tokens: int, exchange: str, placement: str = "contiguous"
+) -> dict:
     """One `moecluster generate` run; returns rank 0's report with the full per-step trace of every rank."""
     with tempfile.NamedTemporaryFile(suffix=".json") as report, tempfile.NamedTemporaryFile(suffix=".json") as trace:
-        cmd = [sys.executable, "-m", "moecluster.cli", "generate", "--model", str(model), "--prompt", PROMPT,
-               "--max-tokens", str(tokens), "--ignore-eos", "--quiet", "--nodes", str(nodes), "--backend", backend,
-               "--exchange", exchange, "--report", report.name, "--trace", trace.name, "--placement", placement]
+        cmd = [
+            sys.executable,
+            "-m",
+            "moecluster.cli",
+            "generate",
+            "--model",
+            str(model),
+            "--prompt",
+            PROMPT,
+            "--max-tokens",
+            str(tokens),
+            "--ignore-eos",
+            "--quiet",
+            "--nodes",
+            str(nodes),
+            "--backend",
+            backend,
+            "--exchange",
+            exchange,
+            "--report",
+            report.name,
+            "--trace",
+            trace.name,
+            "--placement",
+            placement,
+        ]
         if nodes == 1:  # one rank on one core, one thread: the same compute as each of the 2 ranks
             cmd = ["taskset", "-c", "0", *cmd, "--threads", "1"]
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=1800)
@@ -59,8 +83,11 @@ def allreduce_table(iters: int) -> dict:
     results, but always measure the cold-cache all-reduce afresh (it moves with the machine's load)."""
     script = str(Path(__file__).parent / "allreduce.py")
     if iters > 0:
-        subprocess.run([sys.executable, script, "--iters", str(iters), "--gloo-iters", str(max(200, iters // 5))],
-                       check=True, timeout=1800)
+        subprocess.run(
+            [sys.executable, script, "--iters", str(iters), "--gloo-iters", str(max(200, iters // 5))],
+            check=True,
+            timeout=1800,
+        )
     else:
         subprocess.run([sys.executable, script, "--cold"], check=True, timeout=1800)
     info = json.loads((RESULTS / "allreduce.json").read_text())
@@ -98,13 +125,26 @@ def summarize(one: list[dict], two: list[dict], bare: dict, dims: dict) -> dict:
     cold_us = cold.get(msg_bytes)
     speedup_excl = t1 / (t2 - exch)
     return {
-        "t1_ms": t1 * 1e3, "t2_ms": t2 * 1e3, "tok_s_1": 1 / t1, "tok_s_2": 1 / t2,
-        "bytes_per_token_1": bytes1, "byte_ideal_speedup": ideal, "mean_bytes_ideal_speedup": mean_ideal,
-        "speedup": t1 / t2, "speedup_excl_exchange": speedup_excl, "ratio_to_ideal": speedup_excl / ideal,
-        "exchange_ms_per_token": exch * 1e3, "wait_ms_per_token": wait * 1e3, "per_layer_exchange_us": per_layer_us,
-        "message_bytes": msg_bytes, "bare_mpi_allreduce_us": bare_us, "exchange_vs_bare": per_layer_us / bare_us,
-        "bare_mpi_allreduce_cold_us": cold_us, "exchange_vs_bare_cold": per_layer_us / cold_us if cold_us else None,
-        "trace_2_ranks": [rank["trace"] for rank in two[0]["ranks"]], "trace_1_rank": one[0]["ranks"][0]["trace"],
+        "t1_ms": t1 * 1e3,
+        "t2_ms": t2 * 1e3,
+        "tok_s_1": 1 / t1,
+        "tok_s_2": 1 / t2,
+        "bytes_per_token_1": bytes1,
+        "byte_ideal_speedup": ideal,
+        "mean_bytes_ideal_speedup": mean_ideal,
+        "speedup": t1 / t2,
+        "speedup_excl_exchange": speedup_excl,
+        "ratio_to_ideal": speedup_excl / ideal,
+        "exchange_ms_per_token": exch * 1e3,
+        "wait_ms_per_token": wait * 1e3,
+        "per_layer_exchange_us": per_layer_us,
+        "message_bytes": msg_bytes,
+        "bare_mpi_allreduce_us": bare_us,
+        "exchange_vs_bare": per_layer_us / bare_us,
+        "bare_mpi_allreduce_cold_us": cold_us,
+        "exchange_vs_bare_cold": per_layer_us / cold_us if cold_us else None,
+        "trace_2_ranks": [rank["trace"] for rank in two[0]["ranks"]],
+        "trace_1_rank": one[0]["ranks"][0]["trace"],
     }
 
 
@@ -115,9 +155,12 @@ def main() -> int:
     ap.add_argument("--backend", default="mpi", choices=["mpi", "torch"])
     ap.add_argument("--exchange", default="exact", choices=["exact", "sum"])
     ap.add_argument("--allreduce-iters", type=int, default=3000)
-    ap.add_argument("--placement", default="contiguous",
-                    help="for the 2-rank runs: contiguous, round-robin, groups or a placement JSON "
-                         "(e.g. benchmarks/placements/bench-2-replicated.json); results get its name as suffix")
+    ap.add_argument(
+        "--placement",
+        default="contiguous",
+        help="for the 2-rank runs: contiguous, round-robin, groups or a placement JSON "
+        "(e.g. benchmarks/placements/bench-2-replicated.json); results get its name as suffix",
+    )
     args = ap.parse_args()
     from moecluster.builtin import PRESETS
     from moecluster.tracing import format_breakdown
@@ -143,12 +186,17 @@ def main() -> int:
         f"waiting on the slowest rank: {s['wait_ms_per_token']:.2f} ms/token",
         f"per-layer exchange {s['per_layer_exchange_us']:.1f} us for {s['message_bytes']} B vs bare MPI all-reduce "
         f"{s['bare_mpi_allreduce_us']:.1f} us = {s['exchange_vs_bare']:.2f}x (target <= 1.5x; bare = warm, tight loop)",
-        (f"vs bare MPI all-reduce of {s['message_bytes']} B right after streaming a layer's expert weights (cold "
-         f"caches, as in decode): {s['bare_mpi_allreduce_cold_us']:.1f} us = {s['exchange_vs_bare_cold']:.2f}x"
-         if s["bare_mpi_allreduce_cold_us"] else "(no cold-cache all-reduce measurement: run benchmarks/allreduce.py)"),
-        "", "time per decode step, 2 ranks:",
+        (
+            f"vs bare MPI all-reduce of {s['message_bytes']} B right after streaming a layer's expert weights (cold "
+            f"caches, as in decode): {s['bare_mpi_allreduce_cold_us']:.1f} us = {s['exchange_vs_bare_cold']:.2f}x"
+            if s["bare_mpi_allreduce_cold_us"]
+            else "(no cold-cache all-reduce measurement: run benchmarks/allreduce.py)"
+        ),
+        "",
+        "time per decode step, 2 ranks:",
         format_breakdown([(str(i), t) for i, t in enumerate(s["trace_2_ranks"])]),
-        "time per decode step, 1 rank:", format_breakdown([("0", s["trace_1_rank"])]),
+        "time per decode step, 1 rank:",
+        format_breakdown([("0", s["trace_1_rank"])]),
     ]
     text = "\n".join(lines)
     print(text)
@@ -159,7 +207,8 @@ def main() -> int:
     (RESULTS / f"{name}.json").write_text(json.dumps({"machine": machine, "command": command, **s}, indent=2))
     (RESULTS / f"{name}.md").write_text(
         f"# Expert-parallel benchmark\n\nMachine: {machine}\n\nCommand: `{command}`\n\n```\n{text}\n```\n\n"
-        f"All-reduce latency against size: see allreduce.md (same run).\n")
+        f"All-reduce latency against size: see allreduce.md (same run).\n"
+    )
     return 0
 
 

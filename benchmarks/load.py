@@ -79,8 +79,9 @@ def dd_gbs(files: list[Path]) -> float:
 def load_once(model_dir: Path, ranks: int, src: str) -> dict:
     drop_cache(shards(model_dir))
     env = dict(os.environ, PYTHONPATH=src)
-    res = subprocess.run([sys.executable, "-c", CHILD, str(model_dir), str(ranks)], env=env, capture_output=True,
-                         text=True, timeout=1800)
+    res = subprocess.run(
+        [sys.executable, "-c", CHILD, str(model_dir), str(ranks)], env=env, capture_output=True, text=True, timeout=1800
+    )
     if res.returncode != 0:
         raise SystemExit(f"load failed with {src}:\n{res.stderr[-3000:]}")
     out = json.loads(res.stdout.strip().splitlines()[-1])
@@ -109,27 +110,34 @@ def main() -> int:
 
 def _line(name: str, runs: list[dict], dd: list[float]) -> str:
     g = 1e9
-    return (f"{name:<7} " + "  ".join(
+    return f"{name:<7} " + "  ".join(
         f"{x['seconds']:6.1f} s {x['gbs']:5.2f} GB/s ({x['gbs'] / d * 100:3.0f}% of dd) held {x['held_bytes'] / g:.2f} "
         f"peak anon {x['peak_anon'] / g:.2f} file {x['peak_file'] / g:.2f} (base {x['base_anon'] / g:.2f}/"
-        f"{x['base_file'] / g:.2f})" for x, d in zip(runs, dd, strict=True)))
+        f"{x['base_file'] / g:.2f})"
+        for x, d in zip(runs, dd, strict=True)
+    )
 
 
 def report(args, model_dir: Path, rounds: list[dict]) -> None:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    ).stdout.strip()
     dd = [r["dd_gbs"] for r in rounds]
-    lines = [f"checkpoint: {model_dir} ({sum(f.stat().st_size for f in shards(model_dir)) / 1e9:.2f} GB); "
-             f"loading rank 0's share of {args.ranks} rank(s), bf16, page cache dropped before each run",
-             "dd (cold, sequential): " + ", ".join(f"{x:.2f}" for x in dd) + " GB/s",
-             _line("after", [r["after"] for r in rounds], dd)]
+    lines = [
+        f"checkpoint: {model_dir} ({sum(f.stat().st_size for f in shards(model_dir)) / 1e9:.2f} GB); "
+        f"loading rank 0's share of {args.ranks} rank(s), bf16, page cache dropped before each run",
+        "dd (cold, sequential): " + ", ".join(f"{x:.2f}" for x in dd) + " GB/s",
+        _line("after", [r["after"] for r in rounds], dd),
+    ]
     if args.before:
         lines.append(_line("before", [r["before"] for r in rounds], dd))
     text = "\n".join(lines)
     print(text)
-    header = (f"## {datetime.datetime.now().isoformat(timespec='seconds')} commit {commit}\n\n"
-              f"Machine: {os.cpu_count()} CPUs, {platform.platform()}, Python {platform.python_version()}\n\n"
-              f"Command: `python {' '.join(sys.argv)}`\n\n")
+    header = (
+        f"## {datetime.datetime.now().isoformat(timespec='seconds')} commit {commit}\n\n"
+        f"Machine: {os.cpu_count()} CPUs, {platform.platform()}, Python {platform.python_version()}\n\n"
+        f"Command: `python {' '.join(sys.argv)}`\n\n"
+    )
     RESULTS.mkdir(exist_ok=True)
     with (RESULTS / "load.md").open("a") as f:  # history: one section per run
         f.write(header + f"```\n{text}\n```\n\n")

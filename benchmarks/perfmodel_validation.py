@@ -45,10 +45,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", choices=["mpi", "torch"], default="mpi")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per job before it is killed")
     p.add_argument("--repeats", type=int, default=5, help="rounds over all cells; a cell reports the median")
-    p.add_argument("--thp", action="store_true", help="THP_MEM_ALLOC_ENABLE=1 in every rank: PyTorch puts "
-                   "weights on transparent huge pages (here faster, and steadier from run to run)")
-    p.add_argument("--max-other-load", type=float, default=0.10,
-                   help="retry a job when processes not ours used more than this share of the CPUs")
+    p.add_argument(
+        "--thp",
+        action="store_true",
+        help="THP_MEM_ALLOC_ENABLE=1 in every rank: PyTorch puts "
+        "weights on transparent huge pages (here faster, and steadier from run to run)",
+    )
+    p.add_argument(
+        "--max-other-load",
+        type=float,
+        default=0.10,
+        help="retry a job when processes not ours used more than this share of the CPUs",
+    )
     p.add_argument("--retries", type=int, default=4, help="retries of a job disturbed by other load")
     p.add_argument("--rtt-rounds", type=int, default=3000, help="TCP ping-pongs per delay and round")
     p.add_argument("--out", default=str(RESULTS / "perfmodel_validation"), help="results path without suffix")
@@ -71,9 +79,19 @@ def model_dir(preset: str) -> Path:
 
 def worker_ns(args: argparse.Namespace, model: Path, ar_iters: int) -> argparse.Namespace:
     """The calibrate options a measuring rank runs with."""
-    return argparse.Namespace(model=str(model), backend=args.backend, batch=args.batch, steps=args.steps,
-                              warmup=3, prompt_len=16, placement="contiguous", exchange="exact",
-                              ar_iters=ar_iters, timeout=60.0, dtype=None)
+    return argparse.Namespace(
+        model=str(model),
+        backend=args.backend,
+        batch=args.batch,
+        steps=args.steps,
+        warmup=3,
+        prompt_len=16,
+        placement="contiguous",
+        exchange="exact",
+        ar_iters=ar_iters,
+        timeout=60.0,
+        dtype=None,
+    )
 
 
 def run_engine(args, model: Path, tmp: str, link=None, trace: bool = False, tag: str = "") -> dict:
@@ -85,8 +103,11 @@ def run_engine(args, model: Path, tmp: str, link=None, trace: bool = False, tag:
             best = res
         if res["foreign_cpu"] <= args.max_other_load:
             break
-        print(f"  {tag}: other processes used {100 * res['foreign_cpu']:.0f}% of the CPUs; "
-              f"{'again' if attempt < args.retries else 'keeping the least disturbed run'}", flush=True)
+        print(
+            f"  {tag}: other processes used {100 * res['foreign_cpu']:.0f}% of the CPUs; "
+            f"{'again' if attempt < args.retries else 'keeping the least disturbed run'}",
+            flush=True,
+        )
         time.sleep(5)
     best["attempts"] = attempt + 1
     return best
@@ -148,9 +169,17 @@ def predict_cell(model: Path, profile, ranks: int, batch: int, extra_s: float):
 
     presets = load_presets()
     shape = load_model(str(model), presets.models)
-    net = NetworkSpec(name=EMULATED, description="two namespaces + TAP forwarder", transport="tcp",
-                      topology="switched", algorithm="auto", latency_s=30e-6 + extra_s, bandwidth=1.25e8,
-                      price_per_node_usd=0.0, price_per_link_usd=0.0)
+    net = NetworkSpec(
+        name=EMULATED,
+        description="two namespaces + TAP forwarder",
+        transport="tcp",
+        topology="switched",
+        algorithm="auto",
+        latency_s=30e-6 + extra_s,
+        bandwidth=1.25e8,
+        price_per_node_usd=0.0,
+        price_per_link_usd=0.0,
+    )
     wl = Workload(batch=batch, context=max(1, int(profile.meta.get("context", 32))), prompt=16)
     return predict(shape, presets.node(NODE), net, ranks, wl, profile.with_added_latency(extra_s))
 
@@ -176,8 +205,11 @@ def measure(args: argparse.Namespace, shapes: dict[str, Path], delays: list[floa
                 with link:
                     rtt = measure_rtt(link, rounds=args.rtt_rounds)
                     out["rtt_runs"].setdefault(f"{delay:g}", []).append(rtt)
-                    print(f"delay {delay:g} us: TCP RTT median {rtt['median_us']:.1f} us (p10 "
-                          f"{rtt['p10_us']:.1f}, p90 {rtt['p90_us']:.1f}); forwarder {link.scheduling}", flush=True)
+                    print(
+                        f"delay {delay:g} us: TCP RTT median {rtt['median_us']:.1f} us (p10 "
+                        f"{rtt['p10_us']:.1f}, p90 {rtt['p90_us']:.1f}); forwarder {link.scheduling}",
+                        flush=True,
+                    )
                     for name, model in shapes.items():
                         if delay == 0:  # one calibration, its runs spread over the rounds
                             cal = run_engine(args, model, tmp, link, trace=True, tag=f"{name}-calibrate")
@@ -185,8 +217,10 @@ def measure(args: argparse.Namespace, shapes: dict[str, Path], delays: list[floa
                             calibrations.setdefault(name, []).append(cal)
                         _record(out, name, 2, delay, run_engine(args, model, tmp, link, tag=f"{name}-2-{delay:g}"))
                 out["forwarder"].setdefault(f"{delay:g}", []).append(link.report)
-    out["profiles"] = {name: build_profile(cals, {2: [r for c in cals for r in c["allreduce"]]}, EMULATED, NODE)
-                       for name, cals in calibrations.items()}
+    out["profiles"] = {
+        name: build_profile(cals, {2: [r for c in cals for r in c["allreduce"]]}, EMULATED, NODE)
+        for name, cals in calibrations.items()
+    }
     out["rtt"] = {d: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for d, runs in out["rtt_runs"].items()}
     out["cells"] = [_cell(*key.split("|"), runs) for key, runs in out.pop("runs").items()]
     return out
@@ -195,15 +229,21 @@ def measure(args: argparse.Namespace, shapes: dict[str, Path], delays: list[floa
 def _record(out: dict, shape: str, ranks: int, delay: float | None, res: dict) -> None:
     for b, r in res["batches"].items():
         key = f"{shape}|{ranks}|{'-' if delay is None else f'{delay:g}'}|{b}"
-        out["runs"].setdefault(key, []).append({"tok_s": r["tok_s_median"], "tok_s_mean": r["tok_s_mean"],
-                                                "foreign_cpu": res["foreign_cpu"]})
+        out["runs"].setdefault(key, []).append(
+            {"tok_s": r["tok_s_median"], "tok_s_mean": r["tok_s_mean"], "foreign_cpu": res["foreign_cpu"]}
+        )
 
 
 def _cell(shape: str, ranks: str, delay: str, batch: str, runs: list[dict]) -> dict:
-    return {"shape": shape, "ranks": int(ranks), "delay_us": None if delay == "-" else float(delay),
-            "batch": int(batch), "measured_tok_s": statistics.median(r["tok_s"] for r in runs),
-            "runs_tok_s": [round(r["tok_s"], 3) for r in runs],
-            "foreign_cpu": statistics.fmean(r["foreign_cpu"] for r in runs)}
+    return {
+        "shape": shape,
+        "ranks": int(ranks),
+        "delay_us": None if delay == "-" else float(delay),
+        "batch": int(batch),
+        "measured_tok_s": statistics.median(r["tok_s"] for r in runs),
+        "runs_tok_s": [round(r["tok_s"], 3) for r in runs],
+        "foreign_cpu": statistics.fmean(r["foreign_cpu"] for r in runs),
+    }
 
 
 def add_predictions(data: dict, shapes: dict[str, Path]) -> None:
@@ -213,54 +253,81 @@ def add_predictions(data: dict, shapes: dict[str, Path]) -> None:
     rtt0 = data["rtt"]["0"]["median_us"]
     for cell in data["cells"]:
         profile = profile_from_dict(data["profiles"][cell["shape"]])
-        extra = (0.0 if cell["delay_us"] is None
-                 else max(0.0, data["rtt"][f"{cell['delay_us']:g}"]["median_us"] - rtt0) / 2)
+        extra = (
+            0.0 if cell["delay_us"] is None else max(0.0, data["rtt"][f"{cell['delay_us']:g}"]["median_us"] - rtt0) / 2
+        )
         pred = predict_cell(shapes[cell["shape"]], profile, cell["ranks"], cell["batch"], extra * 1e-6)
-        cell.update(added_latency_us=extra, predicted_tok_s=pred.tokens_per_s,
-                    predicted_comm_share=pred.comm_share,
-                    error_pct=100 * (pred.tokens_per_s / cell["measured_tok_s"] - 1))
+        cell.update(
+            added_latency_us=extra,
+            predicted_tok_s=pred.tokens_per_s,
+            predicted_comm_share=pred.comm_share,
+            error_pct=100 * (pred.tokens_per_s / cell["measured_tok_s"] - 1),
+        )
 
 
 def summary(cells: list[dict]) -> dict:
     errs = [abs(c["error_pct"]) for c in cells]
-    return {"cells": len(cells), "max_abs_error_pct": max(errs), "median_abs_error_pct": statistics.median(errs),
-            "median_error_pct": statistics.median(c["error_pct"] for c in cells),
-            "all_within_15": max(errs) <= 15.0, "median_within_8": statistics.median(errs) <= 8.0}
+    return {
+        "cells": len(cells),
+        "max_abs_error_pct": max(errs),
+        "median_abs_error_pct": statistics.median(errs),
+        "median_error_pct": statistics.median(c["error_pct"] for c in cells),
+        "all_within_15": max(errs) <= 15.0,
+        "median_within_8": statistics.median(errs) <= 8.0,
+    }
 
 
 def format_table(data: dict) -> str:
-    lines = ["| shape | ranks | delay us | batch | measured tok/s (runs) | predicted tok/s | error % | model comm % "
-             "| other load % |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| shape | ranks | delay us | batch | measured tok/s (runs) | predicted tok/s | error % | model comm % "
+        "| other load % |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for c in data["cells"]:
         delay = "-" if c["delay_us"] is None else f"{c['delay_us']:g}"
         runs = ", ".join(f"{t:.1f}" for t in c["runs_tok_s"])
-        lines.append(f"| {c['shape']} | {c['ranks']} | {delay} | {c['batch']} | {c['measured_tok_s']:.2f} ({runs}) | "
-                     f"{c['predicted_tok_s']:.2f} | {c['error_pct']:+.1f} | {100 * c['predicted_comm_share']:.1f} | "
-                     f"{100 * c['foreign_cpu']:.0f} |")
+        lines.append(
+            f"| {c['shape']} | {c['ranks']} | {delay} | {c['batch']} | {c['measured_tok_s']:.2f} ({runs}) | "
+            f"{c['predicted_tok_s']:.2f} | {c['error_pct']:+.1f} | {100 * c['predicted_comm_share']:.1f} | "
+            f"{100 * c['foreign_cpu']:.0f} |"
+        )
     return "\n".join(lines)
 
 
 def format_rtt(data: dict) -> str:
     base = data["rtt"]["0"]["median_us"]
-    lines = ["| added one-way delay us | TCP RTT median us | p10 | p90 | RTT growth us | 2 x delay us |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| added one-way delay us | TCP RTT median us | p10 | p90 | RTT growth us | 2 x delay us |",
+        "|---|---|---|---|---|---|",
+    ]
     for d, r in data["rtt"].items():
-        lines.append(f"| {float(d):g} | {r['median_us']:.1f} | {r['p10_us']:.1f} | {r['p90_us']:.1f} | "
-                     f"{r['median_us'] - base:.1f} | {2 * float(d):g} |")
+        lines.append(
+            f"| {float(d):g} | {r['median_us']:.1f} | {r['p10_us']:.1f} | {r['p90_us']:.1f} | "
+            f"{r['median_us'] - base:.1f} | {2 * float(d):g} |"
+        )
     return "\n".join(lines)
 
 
 def format_calibration(data: dict) -> str:
     """Per shape: dims, the calibrated terms per batch, the all-reduce table with latency steps."""
-    lines = ["| shape | batch | attention/layer ms | router/layer ms | per expert eval ms (tokens/expert) | "
-             "head+other ms | sampling ms | calibration run tok/s |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| shape | batch | attention/layer ms | router/layer ms | per expert eval ms (tokens/expert) | "
+        "head+other ms | sampling ms | calibration run tok/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, p in data["profiles"].items():
         for b, t in p["measured"]["batches"].items():
-            lines.append(f"| {name} | {b} | {t['attention_per_layer'] * 1e3:.3f} | {t['router_per_layer'] * 1e3:.3f} | "
-                         f"{t['expert_eval'] * 1e3:.3f} ({t['tokens_per_expert']:.2f}) | {t['head'] * 1e3:.2f} | "
-                         f"{t['sampling'] * 1e3:.3f} | {t['tok_s']:.2f} |")
-    lines += ["", "All-reduce on the emulated link at delay 0, 2 ranks, bf16 (median us; latency steps of "
-              "MPICH's algorithm in brackets):", ""]
+            lines.append(
+                f"| {name} | {b} | {t['attention_per_layer'] * 1e3:.3f} | {t['router_per_layer'] * 1e3:.3f} | "
+                f"{t['expert_eval'] * 1e3:.3f} ({t['tokens_per_expert']:.2f}) | {t['head'] * 1e3:.2f} | "
+                f"{t['sampling'] * 1e3:.3f} | {t['tok_s']:.2f} |"
+            )
+    lines += [
+        "",
+        "All-reduce on the emulated link at delay 0, 2 ranks, bf16 (median us; latency steps of "
+        "MPICH's algorithm in brackets):",
+        "",
+    ]
     for name, p in data["profiles"].items():
         steps = dict((int(s), int(n)) for s, n in p.get("allreduce_latency_steps", {}).get("2", []))
         cells = ", ".join(f"{int(s)} B: {t * 1e6:.0f} [{steps.get(int(s), '?')}]" for s, t in p["allreduce"]["2"])
@@ -283,11 +350,19 @@ def forwarder_lateness(data: dict) -> str:
 def machine() -> dict:
     import torch
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               platform.processor())
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+        platform.processor(),
+    )
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": round(mem_gib, 1), "kernel": platform.release(),
-            "python": platform.python_version(), "torch": torch.__version__}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "mem_gib": round(mem_gib, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
 
 
 def write_results(data: dict, path: str) -> None:
@@ -295,29 +370,39 @@ def write_results(data: dict, path: str) -> None:
     Path(path + ".json").write_text(json.dumps(data, indent=1))
     s, m = data["summary"], data["machine"]
     md = [
-        "# Performance model validation on emulated links", "",
+        "# Performance model validation on emulated links",
+        "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['mem_gib']} GiB, Linux {m['kernel']}; Python {m['python']}, "
         f"torch {m['torch']}. {data['date']}. Load average (1 min) before / after: "
-        f"{data['load_before'][0]:.2f} / {data['load_after'][0]:.2f}.", "",
+        f"{data['load_before'][0]:.2f} / {data['load_after'][0]:.2f}.",
+        "",
         f"Command: `{data['command']}` ({data['backend']} backend; {data['steps']} timed decode steps per cell "
         f"and round, {data['repeats']} rounds; ranks pinned one per core, one thread each"
-        f"{'; THP_MEM_ALLOC_ENABLE=1' if data.get('thp') else ''}).", "",
+        f"{'; THP_MEM_ALLOC_ENABLE=1' if data.get('thp') else ''}).",
+        "",
         "Link: two network namespaces joined by a TAP forwarder adding the one-way delay (TCP ping-pong RTT, "
         "busy-polling endpoints, median over rounds). Forwarder lateness per frame (its release time minus "
         f"the due time): {forwarder_lateness(data)}. MPI: MPICH hydra launching through `ip netns exec`, "
         f"{', '.join(f'{k}={v}' for k, v in data['mpi_env'].items())} (ranks talk over the link; eager "
-        "protocol: one latency per message).", "", format_rtt(data), "",
+        "protocol: one latency per message).",
+        "",
+        format_rtt(data),
+        "",
         "Cells: measured decode tok/s (B / median step time, all B sequences) against the model's prediction "
         "from one calibration per shape (2 ranks, delay 0) plus the measured added latency ((RTT - RTT at "
         "delay 0) / 2 per all-reduce latency step). One rank has no network, so delay does not apply. "
         "'other load': CPU time of processes not ours during the cell's jobs, as a share of both cores "
-        "(other sessions share this machine).", "",
-        format_table(data), "",
+        "(other sessions share this machine).",
+        "",
+        format_table(data),
+        "",
         f"Summary: {s['cells']} cells; max |error| {s['max_abs_error_pct']:.1f}% (target 15: "
         f"{'met' if s['all_within_15'] else 'NOT met'}), median |error| {s['median_abs_error_pct']:.1f}% "
         f"(target 8: {'met' if s['median_within_8'] else 'NOT met'}), median signed error "
-        f"{s['median_error_pct']:+.1f}%.", "",
-        "Calibration (the profile's terms; median over the rounds' calibration runs):", "",
+        f"{s['median_error_pct']:+.1f}%.",
+        "",
+        "Calibration (the profile's terms; median over the rounds' calibration runs):",
+        "",
         format_calibration(data),
     ]
     Path(path + ".md").write_text("\n".join(md) + "\n")
@@ -326,18 +411,26 @@ def write_results(data: dict, path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if os.geteuid() != 0:
-        print("perfmodel_validation: skipped: emulated links need root (network namespaces, TAP devices); "
-              "run it as root, e.g. sudo .venv/bin/python benchmarks/perfmodel_validation.py")
+        print(
+            "perfmodel_validation: skipped: emulated links need root (network namespaces, TAP devices); "
+            "run it as root, e.g. sudo .venv/bin/python benchmarks/perfmodel_validation.py"
+        )
         return 0
     delays = [float(d) for d in args.delays.split(",")]
     if not delays or delays[0] != 0:
         print("--delays must start with 0 (the calibration delay)", file=sys.stderr)
         return 2
     shapes = {name: model_dir(name) for name in args.shapes.split(",")}
-    data = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "backend": args.backend,
-            "steps": args.steps, "repeats": args.repeats, "thp": args.thp, "machine": machine(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "load_before": os.getloadavg()}
+    data = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "backend": args.backend,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "thp": args.thp,
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "load_before": os.getloadavg(),
+    }
     from netemu import MPI_ENV
 
     data["mpi_env"] = dict(MPI_ENV) if args.backend == "mpi" else {}

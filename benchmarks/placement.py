@@ -47,8 +47,10 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return (f"{cpu}, {os.cpu_count()} cpus, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}, numpy {np.__version__}")
+    return (
+        f"{cpu}, {os.cpu_count()} cpus, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}, numpy {np.__version__}"
+    )
 
 
 def run_case(num_ranks: int, speeds: tuple[float, ...], stats, held_out) -> list[dict]:
@@ -60,21 +62,32 @@ def run_case(num_ranks: int, speeds: tuple[float, ...], stats, held_out) -> list
         placement = plan(strategy, NUM_LAYERS, NUM_EXPERTS, TOP_K, cluster, stats, budget)
         seconds = time.perf_counter() - t0
         s = summarize(placement_metrics(placement, held_out, batch=1))
-        rows.append({"ranks": num_ranks, "speeds": list(speeds), "strategy": strategy,
-                     "extra_memory": placement.num_replicas() / (NUM_LAYERS * NUM_EXPERTS),
-                     "plan_seconds": round(seconds, 2), **s})
+        rows.append(
+            {
+                "ranks": num_ranks,
+                "speeds": list(speeds),
+                "strategy": strategy,
+                "extra_memory": placement.num_replicas() / (NUM_LAYERS * NUM_EXPERTS),
+                "plan_seconds": round(seconds, 2),
+                **s,
+            }
+        )
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| ranks | speeds | strategy | imbalance mean | imbalance worst | step max (b=1) "
-            "| extra expert memory | plan s |\n|---|---|---|---|---|---|---|---|")
+    head = (
+        "| ranks | speeds | strategy | imbalance mean | imbalance worst | step max (b=1) "
+        "| extra expert memory | plan s |\n|---|---|---|---|---|---|---|---|"
+    )
     lines = [head]
     for r in rows:
         speeds = ",".join(f"{s:g}" for s in r["speeds"])
-        lines.append(f"| {r['ranks']} | {speeds} | {r['strategy']} | {r['imbalance_mean']:.3f} | "
-                     f"{r['imbalance_worst']:.3f} | {r['step_max_experts_mean']:.3f} | "
-                     f"{100 * r['extra_memory']:.0f}% | {r['plan_seconds']:.1f} |")
+        lines.append(
+            f"| {r['ranks']} | {speeds} | {r['strategy']} | {r['imbalance_mean']:.3f} | "
+            f"{r['imbalance_worst']:.3f} | {r['step_max_experts_mean']:.3f} | "
+            f"{100 * r['extra_memory']:.0f}% | {r['plan_seconds']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -87,8 +100,10 @@ def main() -> int:
         rows += run_case(num_ranks, speeds, stats, held_out)
     opt = [r for r in rows if r["strategy"] == "optimized"]
     ok = all(r["imbalance_mean"] <= TARGET and r["extra_memory"] <= BUDGET + 1e-9 for r in opt)
-    verdict = (f"target (optimized imbalance mean <= {TARGET} with <= {100 * BUDGET:.0f}% extra "
-               f"expert memory, every case): {'MET' if ok else 'NOT MET'}")
+    verdict = (
+        f"target (optimized imbalance mean <= {TARGET} with <= {100 * BUDGET:.0f}% extra "
+        f"expert memory, every case): {'MET' if ok else 'NOT MET'}"
+    )
     text = table(rows)
     print(text)
     print(verdict)
@@ -96,20 +111,35 @@ def main() -> int:
     out = os.path.join(HERE, "results")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "placement.json"), "w") as f:
-        json.dump({"machine": machine(), "command": command, "num_experts": NUM_EXPERTS,
-                   "top_k": TOP_K, "num_layers": NUM_LAYERS, "zipf_alpha": ALPHA,
-                   "tokens": TOKENS, "budget": BUDGET, "target": TARGET, "target_met": ok,
-                   "rows": rows}, f, indent=1)
+        json.dump(
+            {
+                "machine": machine(),
+                "command": command,
+                "num_experts": NUM_EXPERTS,
+                "top_k": TOP_K,
+                "num_layers": NUM_LAYERS,
+                "zipf_alpha": ALPHA,
+                "tokens": TOKENS,
+                "budget": BUDGET,
+                "target": TARGET,
+                "target_met": ok,
+                "rows": rows,
+            },
+            f,
+            indent=1,
+        )
     with open(os.path.join(out, "placement.md"), "w") as f:
-        f.write(f"# Placement benchmark\n\nMachine: {machine()}\n\nCommand: `{command}`\n\n"
-                f"{__doc__.split('Run:')[0].split(chr(10), 2)[2].strip()}\n\n"
-                f"For equal speeds the step max cannot go below max(1, 4/N) (4 experts per token "
-                f"over N ranks).\n\nStrategies: contiguous (rank r holds "
-                f"experts [rE/N, (r+1)E/N)); round-robin (e -> e % N); groups (ceil(N/2) groups, "
-                f"each on ~2 ranks); optimized (`moecluster place --strategy optimized`, replica "
-                f"budget {100 * BUDGET:.0f}% of one copy of the experts). Groups with N=3 is uneven by "
-                f"construction (2 groups over 3 ranks: one group has a single rank).\n\n"
-                f"{text}\n\n{verdict}\n")
+        f.write(
+            f"# Placement benchmark\n\nMachine: {machine()}\n\nCommand: `{command}`\n\n"
+            f"{__doc__.split('Run:')[0].split(chr(10), 2)[2].strip()}\n\n"
+            f"For equal speeds the step max cannot go below max(1, 4/N) (4 experts per token "
+            f"over N ranks).\n\nStrategies: contiguous (rank r holds "
+            f"experts [rE/N, (r+1)E/N)); round-robin (e -> e % N); groups (ceil(N/2) groups, "
+            f"each on ~2 ranks); optimized (`moecluster place --strategy optimized`, replica "
+            f"budget {100 * BUDGET:.0f}% of one copy of the experts). Groups with N=3 is uneven by "
+            f"construction (2 groups over 3 ranks: one group has a single rank).\n\n"
+            f"{text}\n\n{verdict}\n"
+        )
     return 0 if ok else 1
 
 

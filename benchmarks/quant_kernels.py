@@ -50,7 +50,7 @@ def random_stack(fmt: str, e: int, O: int, I: int, g: int | None = None) -> Quan
 
 def make_step(kind: str, layers: list, D: int, F: int):
     """A function running one decode step over `layers` ([(w13, w2)] per layer) and its bytes per step."""
-    e = (layers[0][0].num_experts if kind != "bf16" else layers[0][0].shape[0])
+    e = layers[0][0].num_experts if kind != "bf16" else layers[0][0].shape[0]
     local, counts = list(range(e)), [1] * e
     x = torch.randn(1, D).bfloat16()
     h = torch.randn(e, F).bfloat16()
@@ -70,6 +70,7 @@ def make_step(kind: str, layers: list, D: int, F: int):
             for w13, w2 in layers:
                 kernels.moe_gemm_q(w13, local, counts, x, [0] * e, y13, rows)
                 kernels.moe_gemm_q(w2, local, counts, h, rows, y2, rows)
+
     return step, nbytes
 
 
@@ -87,13 +88,16 @@ def make_torch_step(kind: str, L: int, e: int, D: int, F: int):
                 mats.append((w, torch.rand(I // 128, O, 2).bfloat16() * 1e-2))
     nbytes = sum(w.nbytes + s.nbytes for w, s in mats)
     if kind == "torch-int8pack":
+
         def step():
             for i, (w, s) in enumerate(mats):
                 torch._weight_int8pack_mm(x if i % 2 == 0 else h, w, s)
     else:
+
         def step():
             for i, (w, s) in enumerate(mats):
                 torch.ops.aten._weight_int4pack_mm_for_cpu(x if i % 2 == 0 else h, w, 128, s)
+
     return step, nbytes
 
 
@@ -146,24 +150,42 @@ def bench_shape(name: str, rounds: int, buf: torch.Tensor) -> list[dict]:
     out = []
     for kind, (_step, nbytes) in cases.items():
         t = nbytes / statistics.median(gbs[kind]) / 1e9
-        out.append({"shape": name, "kernel": kind, "bytes_per_step": nbytes, "median_ms": round(t * 1e3, 2),
-                    "median_gbs": round(statistics.median(gbs[kind]), 2),
-                    "median_ratio": round(statistics.median(ratios[kind]), 3),
-                    "ref_median_gbs": round(statistics.median(refs), 2)})
+        out.append(
+            {
+                "shape": name,
+                "kernel": kind,
+                "bytes_per_step": nbytes,
+                "median_ms": round(t * 1e3, 2),
+                "median_gbs": round(statistics.median(gbs[kind]), 2),
+                "median_ratio": round(statistics.median(ratios[kind]), 3),
+                "ref_median_gbs": round(statistics.median(refs), 2),
+            }
+        )
     return out
 
 
 def header(argv: list[str]) -> dict:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True,
-                                text=True, cwd=Path(__file__).parent).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            check=False,
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
     except OSError:
         commit = "?"
     with open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
-    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit, "cpu": cpu,
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
-            "command": " ".join([Path(sys.executable).name, *argv])}
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "commit": commit,
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "command": " ".join([Path(sys.executable).name, *argv]),
+    }
 
 
 def main() -> None:
@@ -183,15 +205,21 @@ def main() -> None:
         rows += bench_shape(name, args.rounds, buf)
         gc.collect()
     run = {**header(sys.argv), "rounds": args.rounds, "results": rows}
-    lines = [f"\n## {run['date']} commit {run['commit']}\n",
-             (f"CPU {run['cpu']}, {run['threads']} threads, torch {run['torch']}; `{run['command']}`; "
-              f"{args.rounds} interleaved rounds, medians; ratio = kernel GB/s on its own bytes / streaming "
-              f"reference (fp32 sum of 512 MiB) of the same round\n"),
-             "| shape | kernel | MB/step | ms/step | GB/s | ratio to streaming | streaming GB/s |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"\n## {run['date']} commit {run['commit']}\n",
+        (
+            f"CPU {run['cpu']}, {run['threads']} threads, torch {run['torch']}; `{run['command']}`; "
+            f"{args.rounds} interleaved rounds, medians; ratio = kernel GB/s on its own bytes / streaming "
+            f"reference (fp32 sum of 512 MiB) of the same round\n"
+        ),
+        "| shape | kernel | MB/step | ms/step | GB/s | ratio to streaming | streaming GB/s |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['shape']} | {r['kernel']} | {r['bytes_per_step'] / 1e6:.1f} | {r['median_ms']} | "
-                     f"{r['median_gbs']} | {r['median_ratio']:.0%} | {r['ref_median_gbs']} |")
+        lines.append(
+            f"| {r['shape']} | {r['kernel']} | {r['bytes_per_step'] / 1e6:.1f} | {r['median_ms']} | "
+            f"{r['median_gbs']} | {r['median_ratio']:.0%} | {r['ref_median_gbs']} |"
+        )
     print("\n".join(lines))
     if args.no_save:
         return

@@ -32,8 +32,16 @@ from moecluster.engine.batching import Event, Request, Scheduler, StepObserver  
 from moecluster.engine.sampling import SamplingParams  # noqa: E402
 from moecluster.runtime import open_engine  # noqa: E402
 
-TOPICS = ["the history of bridges", "how rivers form deltas", "why the sky is blue", "a recipe for bread",
-          "the rules of chess", "how vaccines work", "the life of bees", "a trip to the mountains"]
+TOPICS = [
+    "the history of bridges",
+    "how rivers form deltas",
+    "why the sky is blue",
+    "a recipe for bread",
+    "the rules of chess",
+    "how vaccines work",
+    "the life of bees",
+    "a trip to the mountains",
+]
 SPEEDUP_TARGET, BOUND_TARGET = 2.0, 0.8
 
 
@@ -62,6 +70,7 @@ def run_streams(scheduler: Scheduler, tokenizer, count: int, tokens: int, timeou
                 if ev.finish_reason != "length":
                     errors.append(f"stream {i} ended with {ev.finish_reason}: {ev.error}")
                 done.release()
+
         return emit
 
     for i in range(count):
@@ -86,11 +95,17 @@ def measure(stamps: list[list[float]], log: StepLog, count: int) -> dict:
     if end <= start or not gaps or not steps:
         raise RuntimeError("no window in which every stream decodes: use more --tokens")
     tok_s = len(in_window) / (end - start)
-    return {"streams": count, "window_s": end - start, "tokens_in_window": len(in_window), "tok_s": tok_s,
-            "per_token_p50_ms": 1e3 * gaps[len(gaps) // 2],
-            "per_token_p99_ms": 1e3 * gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))],
-            "steps": len(steps), "step_ms": 1e3 * statistics.mean(st[2] for st in steps),
-            "bytes_per_step": statistics.mean(st[3] for st in steps)}
+    return {
+        "streams": count,
+        "window_s": end - start,
+        "tokens_in_window": len(in_window),
+        "tok_s": tok_s,
+        "per_token_p50_ms": 1e3 * gaps[len(gaps) // 2],
+        "per_token_p99_ms": 1e3 * gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))],
+        "steps": len(steps),
+        "step_ms": 1e3 * statistics.mean(st[2] for st in steps),
+        "bytes_per_step": statistics.mean(st[3] for st in steps),
+    }
 
 
 def main() -> int:
@@ -120,17 +135,23 @@ def main() -> int:
             log.steps.clear()
             r = measure(run_streams(scheduler, engine.tokenizer, count, args.tokens), log, count)
             after = streaming_bandwidth(args.bw_gib, repeats=3)
-            r["reference_gbs"] = (max(v["median_gbs"] for v in before.values()) +
-                                  max(v["median_gbs"] for v in after.values())) / 2
+            r["reference_gbs"] = (
+                max(v["median_gbs"] for v in before.values()) + max(v["median_gbs"] for v in after.values())
+            ) / 2
             r["bound_tok_s"] = r["streams"] * r["reference_gbs"] * 1e9 / r["bytes_per_step"]
             r["ratio_to_bound"] = r["tok_s"] / r["bound_tok_s"]
             r["achieved_gbs"] = r["bytes_per_step"] * r["tok_s"] / r["streams"] / 1e9
             runs[count].append(r)
-            print(f"round {rnd + 1}: {count} streams: {r['tok_s']:.2f} tok/s, {r['ratio_to_bound'] * 100:.0f}% of "
-                  f"the bound at {r['reference_gbs']:.1f} GB/s", flush=True)
+            print(
+                f"round {rnd + 1}: {count} streams: {r['tok_s']:.2f} tok/s, {r['ratio_to_bound'] * 100:.0f}% of "
+                f"the bound at {r['reference_gbs']:.1f} GB/s",
+                flush=True,
+            )
     scheduler.stop()
-    rows = [{k: statistics.median(r[k] for r in runs[count]) for k in runs[count][0]} | {"rounds": runs[count]}
-            for count in levels]
+    rows = [
+        {k: statistics.median(r[k] for r in runs[count]) for k in runs[count][0]} | {"rounds": runs[count]}
+        for count in levels
+    ]
     report(args, engine, rows)
     return 0
 
@@ -155,41 +176,64 @@ def report(args, engine, rows: list[dict]) -> None:
         checks["bound_target_met"] = by[8]["ratio_to_bound"] >= BOUND_TARGET
     a = engine.loaded.shape
     result = {
-        "machine": {"cpu": cpu_name(), "cpus": os.cpu_count(), "platform": platform.platform(),
-                    "torch": torch.__version__, "threads": args.threads},
+        "machine": {
+            "cpu": cpu_name(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "threads": args.threads,
+        },
         "command": "python " + " ".join(sys.argv),
-        "model": {"dim": a.d_model, "n_layers": a.num_layers, "num_experts": a.num_experts, "top_k": a.top_k,
-                  "ffn_dim": a.expert_ffn, "vocab": a.vocab_size, "dtype": "bf16",
-                  "dense_bytes": engine.dense_bytes},
-        "tokens_per_stream": args.tokens, "rounds": args.rounds, "rows": rows, "checks": checks,
+        "model": {
+            "dim": a.d_model,
+            "n_layers": a.num_layers,
+            "num_experts": a.num_experts,
+            "top_k": a.top_k,
+            "ffn_dim": a.expert_ffn,
+            "vocab": a.vocab_size,
+            "dtype": "bf16",
+            "dense_bytes": engine.dense_bytes,
+        },
+        "tokens_per_stream": args.tokens,
+        "rounds": args.rounds,
+        "rows": rows,
+        "checks": checks,
     }
-    lines = [f"medians of {args.rounds} rounds; bound: streams x bandwidth measured around that run / bytes per step",
-             f"{'streams':>7} {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'GB/step':>8} {'step ms':>8} "
-             f"{'GB/s':>6} {'bound tok/s':>11} {'of bound':>8}"]
+    lines = [
+        f"medians of {args.rounds} rounds; bound: streams x bandwidth measured around that run / bytes per step",
+        f"{'streams':>7} {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'GB/step':>8} {'step ms':>8} "
+        f"{'GB/s':>6} {'bound tok/s':>11} {'of bound':>8}",
+    ]
     for r in rows:
-        lines.append(f"{r['streams']:>7} {r['tok_s']:>8.2f} {r['per_token_p50_ms']:>8.1f} "
-                     f"{r['per_token_p99_ms']:>8.1f} {r['bytes_per_step'] / 1e9:>8.3f} {r['step_ms']:>8.1f} "
-                     f"{r['reference_gbs']:>6.1f} {r['bound_tok_s']:>11.2f} "
-                     f"{r['ratio_to_bound'] * 100:>7.0f}%")
+        lines.append(
+            f"{r['streams']:>7} {r['tok_s']:>8.2f} {r['per_token_p50_ms']:>8.1f} "
+            f"{r['per_token_p99_ms']:>8.1f} {r['bytes_per_step'] / 1e9:>8.3f} {r['step_ms']:>8.1f} "
+            f"{r['reference_gbs']:>6.1f} {r['bound_tok_s']:>11.2f} "
+            f"{r['ratio_to_bound'] * 100:>7.0f}%"
+        )
     if "speedup_8_vs_1" in checks:
         lines.append(f"8 streams vs 1: {checks['speedup_8_vs_1']:.2f}x aggregate tok/s (target >= {SPEEDUP_TARGET}x)")
     if 8 in by:
-        lines.append(f"8 streams: {by[8]['ratio_to_bound'] * 100:.0f}% of the bandwidth bound "
-                     f"(target >= {BOUND_TARGET * 100:.0f}%)")
+        lines.append(
+            f"8 streams: {by[8]['ratio_to_bound'] * 100:.0f}% of the bandwidth bound "
+            f"(target >= {BOUND_TARGET * 100:.0f}%)"
+        )
     text = "\n".join(lines)
     print(text)
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "serving.json").write_text(json.dumps(result, indent=2))
-    md = (f"# Serving benchmark (continuous batching)\n\nMachine: {result['machine']}\n\n"
-          f"Command: `{result['command']}`\n\nModel: DBRX-shaped bf16 {result['model']}, "
-          f"{args.tokens} greedy tokens per stream, one process.\n\n"
-          "tok/s: aggregate over the window in which every stream decodes; p50/p99: gap between one stream's "
-          "tokens; GB/step: weight bytes read per decode step (dense + the experts the batch activated); "
-          "GB/s: streaming bandwidth, mean of the measurements just before and after the level's run; "
-          "bound: streams x that bandwidth / bytes per step. Each column is the median over the rounds "
-          "(per-round numbers in serving.json).\n\n"
-          f"```\n{text}\n```\n")
+    md = (
+        f"# Serving benchmark (continuous batching)\n\nMachine: {result['machine']}\n\n"
+        f"Command: `{result['command']}`\n\nModel: DBRX-shaped bf16 {result['model']}, "
+        f"{args.tokens} greedy tokens per stream, one process.\n\n"
+        "tok/s: aggregate over the window in which every stream decodes; p50/p99: gap between one stream's "
+        "tokens; GB/step: weight bytes read per decode step (dense + the experts the batch activated); "
+        "GB/s: streaming bandwidth, mean of the measurements just before and after the level's run; "
+        "bound: streams x that bandwidth / bytes per step. Each column is the median over the rounds "
+        "(per-round numbers in serving.json).\n\n"
+        f"```\n{text}\n```\n"
+    )
     (out / "serving.md").write_text(md)
 
 

@@ -37,9 +37,21 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-MODEL = dict(vocab_size=4096, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-             head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256, intermediate_size=512,
-             max_position_embeddings=256, norm_topk_prob=True, rope_theta=10000.0)
+MODEL = dict(
+    vocab_size=4096,
+    hidden_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=256,
+    intermediate_size=512,
+    max_position_embeddings=256,
+    norm_topk_prob=True,
+    rope_theta=10000.0,
+)
 
 _ROLE = re.compile(r":[a-z:]+:`~?!?([^`<]*?)(?:\s*<[^>]*>)?`")  # :func:`len` -> len, :ref:`text <label>` -> text
 _LINK = re.compile(r"`([^`<]+?)\s*<[^>]*>`__?")  # `text <url>`_ -> text
@@ -86,8 +98,13 @@ def train_tokenizer(text: str, vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(text.split("\n\n"), trainer=trainer)
     return tok
 
@@ -96,10 +113,17 @@ def make_model(eos: int):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     m = dict(MODEL)
-    cfg = Qwen3MoeConfig(**{k: v for k, v in m.items() if k != "rope_theta"},
-                         rope_parameters={"rope_type": "default", "rope_theta": m["rope_theta"]},
-                         output_router_logits=True, router_aux_loss_coef=0.01, tie_word_embeddings=False,
-                         eos_token_id=eos, bos_token_id=None, pad_token_id=None, mlp_only_layers=[])
+    cfg = Qwen3MoeConfig(
+        **{k: v for k, v in m.items() if k != "rope_theta"},
+        rope_parameters={"rope_type": "default", "rope_theta": m["rope_theta"]},
+        output_router_logits=True,
+        router_aux_loss_coef=0.01,
+        tie_word_embeddings=False,
+        eos_token_id=eos,
+        bos_token_id=None,
+        pad_token_id=None,
+        mlp_only_layers=[],
+    )
     return Qwen3MoeForCausalLM(cfg)
 
 
@@ -114,13 +138,13 @@ def perplexity(model, ids: torch.Tensor, ctx: int, stride: int | None = None, ba
         starts.append(n - ctx)
     nll, count, scored = 0.0, 0, 0  # scored: tokens [0, scored) already counted
     for b in range(0, len(starts), batch):
-        group = starts[b:b + batch]
-        x = torch.stack([ids[s:s + ctx] for s in group])
+        group = starts[b : b + batch]
+        x = torch.stack([ids[s : s + ctx] for s in group])
         logp = torch.log_softmax(model(input_ids=x).logits.float(), dim=-1)
         for row, s in enumerate(group):
             first = max(scored, s + 1)  # a token needs a left neighbour in the window
-            tgt = ids[first:s + ctx]
-            nll -= logp[row, first - s - 1:ctx - 1].gather(-1, tgt[:, None]).sum().item()
+            tgt = ids[first : s + ctx]
+            nll -= logp[row, first - s - 1 : ctx - 1].gather(-1, tgt[:, None]).sum().item()
             count += tgt.numel()
             scored = s + ctx
     return math.exp(nll / count)
@@ -131,8 +155,14 @@ def write_checkpoint(model, tok, out: Path) -> None:
     model.to(torch.bfloat16).save_pretrained(out)
     tok.save(str(out / "tokenizer.json"))
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "bos_token": None,
-           "pad_token": "<|endoftext|>", "add_bos_token": False, "model_max_length": MODEL["max_position_embeddings"]}
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": "<|im_end|>",
+        "bos_token": None,
+        "pad_token": "<|endoftext|>",
+        "add_bos_token": False,
+        "model_max_length": MODEL["max_position_embeddings"],
+    }
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     gen = out / "generation_config.json"
     gen.unlink(missing_ok=True)  # defaults only; config.json carries eos
@@ -160,21 +190,25 @@ def main() -> None:
     eos = tok.token_to_id("<|im_end|>")
     train_ids = torch.tensor(tok.encode(train_text).ids)
     held_ids = torch.tensor(tok.encode(held_text).ids)
-    print(f"corpus: {len(train_text) / 1e6:.2f} M chars train ({train_ids.numel()} tokens), "
-          f"{len(held_text) / 1e6:.2f} M held out ({held_ids.numel()} tokens)", flush=True)
+    print(
+        f"corpus: {len(train_text) / 1e6:.2f} M chars train ({train_ids.numel()} tokens), "
+        f"{len(held_text) / 1e6:.2f} M held out ({held_ids.numel()} tokens)",
+        flush=True,
+    )
     model = make_model(eos)
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters", flush=True)
     ctx = MODEL["max_position_embeddings"]
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.1)
     warm = max(a.steps // 20, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(s / a.steps, 1.0)))) * 0.95 + 0.05)
+        opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(s / a.steps, 1.0)))) * 0.95 + 0.05
+    )
     gen = torch.Generator().manual_seed(a.seed)
     t0 = time.time()
     model.train()
     for step in range(a.steps):
         starts = torch.randint(0, train_ids.numel() - ctx - 1, (a.batch,), generator=gen)
-        x = torch.stack([train_ids[s:s + ctx] for s in starts.tolist()])
+        x = torch.stack([train_ids[s : s + ctx] for s in starts.tolist()])
         out = model(input_ids=x, labels=x)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -182,14 +216,20 @@ def main() -> None:
         opt.step()
         sched.step()
         if step % 50 == 0 or step == a.steps - 1:
-            print(f"step {step:5d}  loss {out.loss.item():.3f}  aux {out.aux_loss.item():.3f}  "
-                  f"{(step + 1) * a.batch * ctx / (time.time() - t0):.0f} tok/s  {time.time() - t0:.0f} s", flush=True)
+            print(
+                f"step {step:5d}  loss {out.loss.item():.3f}  aux {out.aux_loss.item():.3f}  "
+                f"{(step + 1) * a.batch * ctx / (time.time() - t0):.0f} tok/s  {time.time() - t0:.0f} s",
+                flush=True,
+            )
     model.eval()
     model.config.output_router_logits = False
     ppl = perplexity(model, held_ids, ctx)
     write_checkpoint(model, tok, Path(a.out))
-    print(f"held-out perplexity (fp32 weights): {ppl:.2f}  ({held_ids.numel()} tokens, window {ctx}, "
-          f"stride {ctx // 2}); train time {time.time() - t0:.0f} s", flush=True)
+    print(
+        f"held-out perplexity (fp32 weights): {ppl:.2f}  ({held_ids.numel()} tokens, window {ctx}, "
+        f"stride {ctx // 2}); train time {time.time() - t0:.0f} s",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

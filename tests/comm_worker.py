@@ -64,8 +64,12 @@ def check_disjoint(comm: Comm) -> None:
     under MPI) many times over with new contents, and shapes that are not kept."""
     r, w = comm.rank, comm.world_size
     gen = torch.Generator().manual_seed(1)
-    for shape, dtype in [((1, 4, 2048), torch.bfloat16), ((3, 2, 64), torch.float32),
-                         ((1, 4, 2048), torch.bfloat16), ((600, 4, 64), torch.bfloat16)]:
+    for shape, dtype in [
+        ((1, 4, 2048), torch.bfloat16),
+        ((3, 2, 64), torch.float32),
+        ((1, 4, 2048), torch.bfloat16),
+        ((600, 4, 64), torch.bfloat16),
+    ]:
         for step in range(5):
             values = torch.randn(shape, generator=gen).to(dtype)
             values.view(-1)[:3] = torch.tensor([-0.0, float("nan"), float("inf")]).to(dtype)
@@ -74,8 +78,10 @@ def check_disjoint(comm: Comm) -> None:
             assert y.shape == shape and y.dtype == dtype and not y.any(), "exchange buffer must come zeroed"
             y[owner == r] = values[owner == r]
             assert comm.all_reduce_disjoint(y) is y
-            assert torch.equal(y.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
-                               values.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)), (shape, step)
+            assert torch.equal(
+                y.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                values.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+            ), (shape, step)
     loose = torch.zeros(7, dtype=torch.bfloat16)
     loose[r] = r + 1  # not from exchange_buffer: the one-off path
     comm.all_reduce_disjoint(loose)
@@ -142,8 +148,7 @@ def main() -> int:
         return run_straggle(args.tag)
     try:
         with init_comm(args.backend, timeout_s=args.timeout) as comm:
-            {"collectives": check_collectives, "die": run_die, "stall": run_stall}[
-                args.scenario](comm)
+            {"collectives": check_collectives, "die": run_die, "stall": run_stall}[args.scenario](comm)
     except CommError as e:
         sys.stderr.write(f"error: {e}\n")  # one write: lines of several ranks do not interleave
         sys.stderr.flush()

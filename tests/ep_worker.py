@@ -34,8 +34,10 @@ def main() -> int:
             _, tokens, _ = engine.generate(PROMPT, SamplingParams(max_tokens=32, ignore_eos=True))
             held = [len(moe.experts.expert_ids) for moe in engine.model.moe_layers()]
             if comm.rank == 0:
-                save_file({"logits": logits[0].contiguous(), "tokens": torch.tensor(tokens)},
-                          str(Path(out_dir) / f"{job['name']}.safetensors"))
+                save_file(
+                    {"logits": logits[0].contiguous(), "tokens": torch.tensor(tokens)},
+                    str(Path(out_dir) / f"{job['name']}.safetensors"),
+                )
             print(f"rank {comm.rank} {job['name']} held {held}", file=sys.stderr)
             del engine
             gc.collect()

@@ -19,25 +19,42 @@ def server(tiny_dbrx, tmp_path_factory):
 
 def test_messages_text_stop_and_stream(server):
     client = anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0, timeout=60)
-    r = client.messages.create(model="tiny", max_tokens=8, system="Be brief.", extra_body={"temperature": 0},
-                               messages=[{"role": "user", "content": [{"type": "text", "text": "Hello world"}]}])
+    r = client.messages.create(
+        model="tiny",
+        max_tokens=8,
+        system="Be brief.",
+        extra_body={"temperature": 0},
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Hello world"}]}],
+    )
     assert r.type == "message" and r.role == "assistant" and r.content[0].type == "text"
     assert r.stop_reason in ("max_tokens", "end_turn") and r.usage.output_tokens <= 8 and r.usage.input_tokens > 3
     text = r.content[0].text
     if r.stop_reason == "max_tokens" and len(text) > 4:  # stop at a piece of that same greedy output
         stop = text[2:4]
-        s = client.messages.create(model="tiny", max_tokens=8, system="Be brief.", extra_body={"temperature": 0},
-                                   stop_sequences=[stop], messages=[{"role": "user", "content": "Hello world"}])
+        s = client.messages.create(
+            model="tiny",
+            max_tokens=8,
+            system="Be brief.",
+            extra_body={"temperature": 0},
+            stop_sequences=[stop],
+            messages=[{"role": "user", "content": "Hello world"}],
+        )
         assert (s.stop_reason, s.stop_sequence) == ("stop_sequence", stop) and s.content[0].text == text[:2]  # type: ignore[union-attr]
-    with client.messages.stream(model="tiny", max_tokens=8, system="Be brief.", extra_body={"temperature": 0},
-                                messages=[{"role": "user", "content": "Hello world"}]) as stream:
+    with client.messages.stream(
+        model="tiny",
+        max_tokens=8,
+        system="Be brief.",
+        extra_body={"temperature": 0},
+        messages=[{"role": "user", "content": "Hello world"}],
+    ) as stream:
         streamed = "".join(stream.text_stream)
         final = stream.get_final_message()
     assert streamed == text and final.stop_reason == r.stop_reason
     assert final.usage.output_tokens == r.usage.output_tokens
     with pytest.raises(anthropic.AuthenticationError):
         anthropic.Anthropic(base_url=server.url, api_key="wrong", max_retries=0).messages.create(
-            model="tiny", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+            model="tiny", max_tokens=4, messages=[{"role": "user", "content": "hi"}]
+        )
     with pytest.raises(anthropic.NotFoundError):
         client.messages.create(model="claude-x", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(anthropic.BadRequestError) as err:
@@ -46,9 +63,11 @@ def test_messages_text_stop_and_stream(server):
 
 
 TOOL = {"name": "f", "input_schema": {}}  # short: the tiny model's context is 256 tokens
-HISTORY = [{"role": "user", "content": "Hi"},
-           {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}]},
-           {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "12"}]}]
+HISTORY = [
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}]},
+    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "12"}]},
+]
 
 
 def test_tool_use_blocks(app_client):  # noqa: F811

@@ -16,8 +16,16 @@ from moecluster.engine.sampling import SamplingParams
 from moecluster.loading import load_model
 from tests.tiny_models import build_tiny
 
-PROMPTS = ["The quick brown fox", "Hello world, this is a longer prompt than the others", "a", "b c d e f g h",
-           "Expert parallelism places experts", "one two", "x y z w v u t s r q", "tokens"]
+PROMPTS = [
+    "The quick brown fox",
+    "Hello world, this is a longer prompt than the others",
+    "a",
+    "b c d e f g h",
+    "Expert parallelism places experts",
+    "one two",
+    "x y z w v u t s r q",
+    "tokens",
+]
 
 
 @pytest.fixture(scope="module", params=[("dbrx", "bf16"), ("qwen3_moe", "bf16"), ("dbrx", "fp32")], ids=str)
@@ -59,15 +67,17 @@ def _run(engine: Engine, jobs: list[tuple[list[int], SamplingParams, int]]) -> l
 
 @pytest.mark.parametrize("seed", [None, 7])
 def test_tokens_do_not_depend_on_the_batch(engine, seed):
-    params = lambda n, s=seed: SamplingParams(max_tokens=n, temperature=0.9 if s is not None else 0.0,  # noqa: E731
-                                               seed=s, ignore_eos=True)
+    def params(n: int, s: int | None = seed) -> SamplingParams:
+        return SamplingParams(max_tokens=n, temperature=0.9 if s is not None else 0.0, seed=s, ignore_eos=True)
+
     prompts = [engine.tokenizer.encode(p) for p in PROMPTS]
     alone = _run(engine, [(prompts[0], params(24), 0)])[0]
     assert len(alone) == 24
     for others in (1, 7):
         # others join at request 0's prefill, after its 3rd and 10th tokens; lengths 5..40
-        jobs = [(prompts[0], params(24), 0)] + [(prompts[1 + k], params(5 + 5 * k), (0, 3, 10)[k % 3])
-                                                for k in range(others)]
+        jobs = [(prompts[0], params(24), 0)] + [
+            (prompts[1 + k], params(5 + 5 * k), (0, 3, 10)[k % 3]) for k in range(others)
+        ]
         together = _run(engine, jobs)
         assert together[0] == alone, f"{others} other requests changed request 0's tokens"
         for k in range(others):  # and each other request equals itself alone

@@ -18,8 +18,9 @@ from moecluster.loading import load_model
 @pytest.fixture(scope="module")
 def tiny_qwen3(tmp_path_factory):
     # a small shard limit so the sharded (index + several files) path is the one exercised
-    return build_qwen3_moe_checkpoint(tmp_path_factory.mktemp("qwen3"), "tiny", dtype=torch.float32,
-                                      max_shard_bytes=256 * 1024)
+    return build_qwen3_moe_checkpoint(
+        tmp_path_factory.mktemp("qwen3"), "tiny", dtype=torch.float32, max_shard_bytes=256 * 1024
+    )
 
 
 def test_qwen3_moe_writer_loads_in_transformers_with_our_logits(tiny_qwen3):

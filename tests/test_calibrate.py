@@ -25,9 +25,29 @@ def run_cli(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def calibrated(tiny_dbrx, tmp_path_factory):
     out = tmp_path_factory.mktemp("calibrate") / "profile.json"
-    res = run_cli("calibrate", "--model", str(tiny_dbrx), "--nodes", "2", "--backend", "mpi", "--batch", "1,2",
-                  "--steps", "6", "--warmup", "1", "--ar-iters", "40", "--network", "10gbe", "--repeats", "2",
-                  "--out", str(out))
+    res = run_cli(
+        "calibrate",
+        "--model",
+        str(tiny_dbrx),
+        "--nodes",
+        "2",
+        "--backend",
+        "mpi",
+        "--batch",
+        "1,2",
+        "--steps",
+        "6",
+        "--warmup",
+        "1",
+        "--ar-iters",
+        "40",
+        "--network",
+        "10gbe",
+        "--repeats",
+        "2",
+        "--out",
+        str(out),
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     return out, res.stdout
 
@@ -59,8 +79,23 @@ def test_calibrate_writes_a_valid_profile(calibrated, tiny_dbrx):
 @pytest.mark.slow
 def test_plan_uses_the_calibrated_profile(calibrated, tiny_dbrx):
     path, _ = calibrated
-    res = run_cli("plan", "--model", str(tiny_dbrx), "--node", "linux-2core", "--nodes", "1-3", "--profile",
-                  str(path), "--batch", "1", "--context", "16", "--json", "--no-plots")
+    res = run_cli(
+        "plan",
+        "--model",
+        str(tiny_dbrx),
+        "--node",
+        "linux-2core",
+        "--nodes",
+        "1-3",
+        "--profile",
+        str(path),
+        "--batch",
+        "1",
+        "--context",
+        "16",
+        "--json",
+        "--no-plots",
+    )
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
     one, two, three = report["configs"]
@@ -77,8 +112,24 @@ def test_plan_uses_the_calibrated_profile(calibrated, tiny_dbrx):
 def test_profile_from_results_of_a_hand_started_job(tiny_dbrx, tmp_path):
     """Multi-host: ranks started by hand (here one, without a launcher) write a result; calibrate assembles."""
     result, out = tmp_path / "engine.json", tmp_path / "profile.json"
-    res = run_cli("calibrate", "--model", str(tiny_dbrx), "--rank-worker", "--backend", "single", "--phase",
-                  "engine", "--result", str(result), "--batch", "1", "--steps", "3", "--warmup", "0")
+    res = run_cli(
+        "calibrate",
+        "--model",
+        str(tiny_dbrx),
+        "--rank-worker",
+        "--backend",
+        "single",
+        "--phase",
+        "engine",
+        "--result",
+        str(result),
+        "--batch",
+        "1",
+        "--steps",
+        "3",
+        "--warmup",
+        "0",
+    )
     assert res.returncode == 0, res.stderr
     res = run_cli("calibrate", "--model", str(tiny_dbrx), "--from-results", str(result), "--out", str(out))
     assert res.returncode == 0, res.stderr
@@ -89,9 +140,13 @@ def test_profile_from_results_of_a_hand_started_job(tiny_dbrx, tmp_path):
 
 
 def test_added_latency_uses_the_latency_steps():
-    base = {"format": "moecluster-profile", "version": 1, "network": "x",
-            "allreduce": {"2": [[16, 1e-5], [65536, 5e-5]], "4": [[16, 2e-5], [65536, 8e-5]]},
-            "allreduce_latency_steps": {"2": [[16, 1], [4096, 2], [16384, 1]]}}
+    base = {
+        "format": "moecluster-profile",
+        "version": 1,
+        "network": "x",
+        "allreduce": {"2": [[16, 1e-5], [65536, 5e-5]], "4": [[16, 2e-5], [65536, 8e-5]]},
+        "allreduce_latency_steps": {"2": [[16, 1], [4096, 2], [16384, 1]]},
+    }
     prof = profile_from_dict(base).with_added_latency(1e-4)
     assert prof.allreduce_time("x", 2, 16) == pytest.approx(1e-5 + 1e-4)
     assert prof.allreduce_time("x", 2, 8192) == pytest.approx(1e-5 + 4e-5 * 8176 / 65520 + 2e-4)
@@ -101,9 +156,11 @@ def test_added_latency_uses_the_latency_steps():
     assert profile_from_dict(base).allreduce_time("x", 2, 16) == pytest.approx(1e-5)
     with pytest.raises(MoeClusterError, match="added latency"):
         profile_from_dict(base).with_added_latency(-1.0)
-    for bad, match in [({"exchange_bytes_per_token": 0}, "exchange_bytes_per_token"),
-                       ({"memory_bandwidth_gbs": "fast"}, "memory_bandwidth_gbs"),
-                       ({"allreduce_latency_steps": {"1": [[16, 1]]}}, "world size")]:
+    for bad, match in [
+        ({"exchange_bytes_per_token": 0}, "exchange_bytes_per_token"),
+        ({"memory_bandwidth_gbs": "fast"}, "memory_bandwidth_gbs"),
+        ({"allreduce_latency_steps": {"1": [[16, 1]]}}, "world size"),
+    ]:
         with pytest.raises(MoeClusterError, match=match):
             profile_from_dict({**base, **bad})
 
@@ -124,7 +181,8 @@ sys.path.insert(0, str(NETEMU_DIR))
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("gcc") or not os.path.exists("/dev/net/tun"),
-    reason="emulated links need root, iproute2, gcc and /dev/net/tun")
+    reason="emulated links need root, iproute2, gcc and /dev/net/tun",
+)
 
 
 @needs_root

@@ -29,7 +29,19 @@ def test_page_is_served_with_csp(server):
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
 def test_page_script_runs_in_chromium(server, tmp_path):
-    out = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path}",
-                          "--virtual-time-budget=5000", "--dump-dom", server.url + "/"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--user-data-dir={tmp_path}",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            server.url + "/",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert 'id="status">invalid or missing API key' in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]

@@ -11,8 +11,9 @@ import pytest
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "moecluster.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "moecluster.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def copy_model(src, dst):
@@ -48,10 +49,20 @@ def test_missing_shard(tiny_dbrx, tmp_path):
 def test_missing_shard_of_index(tiny_dbrx, tmp_path):
     d = copy_model(tiny_dbrx, tmp_path / "m")
     (d / "model.safetensors").rename(d / "model-00001-of-00002.safetensors")
-    names = json.loads(subprocess.run([sys.executable, "-c", (
-        "import json,sys;from safetensors import safe_open;"
-        f"print(json.dumps(list(safe_open(r'{d}/model-00001-of-00002.safetensors','pt').keys())))")],
-        capture_output=True, text=True).stdout)
+    names = json.loads(
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                (
+                    "import json,sys;from safetensors import safe_open;"
+                    f"print(json.dumps(list(safe_open(r'{d}/model-00001-of-00002.safetensors','pt').keys())))"
+                ),
+            ],
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
     index = {n: "model-00001-of-00002.safetensors" for n in names[:-1]}
     index[names[-1]] = "model-00002-of-00002.safetensors"
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
@@ -73,11 +84,14 @@ def test_unsupported_model_type(tiny_dbrx, tmp_path):
     assert_clean_error(run_cli("generate", "--model", str(d), "--prompt", "x"), "unsupported model_type 'llama'")
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda c: c.update(d_model=96), "shape"),  # weights say 64
-    (lambda c: c.update(n_heads=5), "not divisible"),
-    (lambda c: c["ffn_config"].update(moe_top_k=99), "top-k"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c.update(d_model=96), "shape"),  # weights say 64
+        (lambda c: c.update(n_heads=5), "not divisible"),
+        (lambda c: c["ffn_config"].update(moe_top_k=99), "top-k"),
+    ],
+)
 def test_inconsistent_config(tiny_dbrx, tmp_path, edit, message):
     d = copy_model(tiny_dbrx, tmp_path / "m")
     cfg = json.loads((d / "config.json").read_text())
@@ -90,10 +104,15 @@ def test_prompt_longer_than_context(tiny_dbrx):
     assert_clean_error(run_cli("generate", "--model", str(tiny_dbrx), "--prompt", "word " * 400), "context")
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--temperature", "-0.5"], "temperature"), (["--top-p", "1.5"], "top_p"),
-    (["--max-tokens", "0"], "max_tokens"), (["--top-k", "-1"], "top_k"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--temperature", "-0.5"], "temperature"),
+        (["--top-p", "1.5"], "top_p"),
+        (["--max-tokens", "0"], "max_tokens"),
+        (["--top-k", "-1"], "top_k"),
+    ],
+)
 def test_invalid_sampling_flags(tiny_dbrx, flags, message):
     assert_clean_error(run_cli("generate", "--model", str(tiny_dbrx), "--prompt", "x", *flags), message)
 

@@ -30,8 +30,7 @@ def tagged_processes(tag: str) -> list[psutil.Process]:
     found = []
     for p in psutil.process_iter():
         try:
-            if p.environ().get("MOECLUSTER_TEST_TAG") == tag and \
-                    p.status() != psutil.STATUS_ZOMBIE:
+            if p.environ().get("MOECLUSTER_TEST_TAG") == tag and p.status() != psutil.STATUS_ZOMBIE:
                 found.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
@@ -46,15 +45,25 @@ def assert_nothing_left(tag: str) -> None:
     assert not left, f"processes left behind: {[(p.pid, p.cmdline()) for p in left]}"
 
 
-def run(backend: str, world_size: int, scenario: str, *, comm_timeout: float = 30.0,
-        launch_timeout: float = 30.0) -> tuple[int, float, str]:
+def run(
+    backend: str, world_size: int, scenario: str, *, comm_timeout: float = 30.0, launch_timeout: float = 30.0
+) -> tuple[int, float, str]:
     """launch_local the worker; returns (exit code, seconds, tag)."""
     tag = uuid.uuid4().hex
-    cmd = [sys.executable, WORKER, "--backend", backend, "--scenario", scenario,
-           "--timeout", str(comm_timeout), "--tag", tag]
+    cmd = [
+        sys.executable,
+        WORKER,
+        "--backend",
+        backend,
+        "--scenario",
+        scenario,
+        "--timeout",
+        str(comm_timeout),
+        "--tag",
+        tag,
+    ]
     t0 = time.monotonic()
-    code = launch_local(cmd, world_size, backend, timeout_s=launch_timeout,
-                        env={"MOECLUSTER_TEST_TAG": tag})
+    code = launch_local(cmd, world_size, backend, timeout_s=launch_timeout, env={"MOECLUSTER_TEST_TAG": tag})
     return code, time.monotonic() - t0, tag
 
 
@@ -110,10 +119,12 @@ def test_launcher_kills_stragglers(capfd) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_launcher_sigterm_leaves_nothing(backend: str) -> None:
     tag = uuid.uuid4().hex
-    script = ("import sys; from moecluster.distributed.launch import launch_local; "
-              f"sys.exit(launch_local([sys.executable, {WORKER!r}, '--scenario', 'straggle', "
-              f"'--tag', {tag!r}], 2, {backend!r}, timeout_s=60, "
-              f"env={{'MOECLUSTER_TEST_TAG': {tag!r}}}))")
+    script = (
+        "import sys; from moecluster.distributed.launch import launch_local; "
+        f"sys.exit(launch_local([sys.executable, {WORKER!r}, '--scenario', 'straggle', "
+        f"'--tag', {tag!r}], 2, {backend!r}, timeout_s=60, "
+        f"env={{'MOECLUSTER_TEST_TAG': {tag!r}}}))"
+    )
     launcher = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:  # wait until the ranks (and the grandchild) run
@@ -157,13 +168,17 @@ def test_rank_dead_before_mpi_init_ends_a_kept_job() -> None:
     MPI_Init never links itself, and rank 0 would wait in MPI_Init forever. Its wrapper reports it,
     so the launcher names it and stops the job timeout_s later."""
     tag = uuid.uuid4().hex
-    body = ("import os, sys, time\n"
-            "if os.environ['PMI_RANK'] == '1':\n    sys.exit(3)\n"
-            "from moecluster.distributed.comm import init_comm\n"
-            "init_comm('mpi', timeout_s=5)\n")
-    script = ("import sys; from moecluster.distributed.launch import launch_local; "
-              f"sys.exit(launch_local([sys.executable, '-c', {body!r}], 2, 'mpi', timeout_s=3, "
-              f"keep_survivors=True, env={{'MOECLUSTER_TEST_TAG': {tag!r}}}))")
+    body = (
+        "import os, sys, time\n"
+        "if os.environ['PMI_RANK'] == '1':\n    sys.exit(3)\n"
+        "from moecluster.distributed.comm import init_comm\n"
+        "init_comm('mpi', timeout_s=5)\n"
+    )
+    script = (
+        "import sys; from moecluster.distributed.launch import launch_local; "
+        f"sys.exit(launch_local([sys.executable, '-c', {body!r}], 2, 'mpi', timeout_s=3, "
+        f"keep_survivors=True, env={{'MOECLUSTER_TEST_TAG': {tag!r}}}))"
+    )
     t0 = time.monotonic()
     launcher = subprocess.run([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True, timeout=60)
     assert launcher.returncode != 0

@@ -64,17 +64,25 @@ def test_cache_holds_latent_and_rope_key_per_token(tiny_models, arch):
         model(ids, torch.tensor([0]))
         attn = model.layers[0].attn
         x = model.layers[0].attn_norm(model.embed(ids))
-        latent = attn.kv_a_layernorm(attn.kv_a_proj_with_mqa(x)[..., :cfg.kv_lora_rank])
-    assert torch.allclose(attn.cache.kv[0, :5, :cfg.kv_lora_rank], latent[0], atol=1e-6)
+        latent = attn.kv_a_layernorm(attn.kv_a_proj_with_mqa(x)[..., : cfg.kv_lora_rank])
+    assert torch.allclose(attn.cache.kv[0, :5, : cfg.kv_lora_rank], latent[0], atol=1e-6)
     assert not attn.cache.kv[0, 5:].any()
 
 
-REAL_V3_ROPE = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
-                "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+REAL_V3_ROPE = {
+    "type": "yarn",
+    "factor": 40,
+    "original_max_position_embeddings": 4096,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
 
 
-@pytest.mark.parametrize("rope", [REAL_V3_ROPE, REAL_V3_ROPE | {"mscale_all_dim": 0.707, "factor": 8},
-                                  {"rope_type": "default"}])
+@pytest.mark.parametrize(
+    "rope", [REAL_V3_ROPE, REAL_V3_ROPE | {"mscale_all_dim": 0.707, "factor": 8}, {"rope_type": "default"}]
+)
 def test_yarn_tables_and_scale_match_transformers(rope):
     """DeepSeek-V3's released RoPE settings (legacy `rope_scaling`, top-level rope_theta) and variants."""
     import transformers as tf
@@ -82,11 +90,26 @@ def test_yarn_tables_and_scale_match_transformers(rope):
 
     from moecluster.models.deepseek_v3 import mla_rope_tables
 
-    raw = {"model_type": "deepseek_v3", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-           "num_key_value_heads": 4, "vocab_size": 100, "kv_lora_rank": 16, "q_lora_rank": 24, "qk_nope_head_dim": 128,
-           "qk_rope_head_dim": 64, "v_head_dim": 16, "moe_intermediate_size": 16, "n_routed_experts": 16,
-           "num_experts_per_tok": 2, "first_k_dense_replace": 1, "max_position_embeddings": 163840,
-           "rope_theta": 10000, "rope_scaling": dict(rope)}
+    raw = {
+        "model_type": "deepseek_v3",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "vocab_size": 100,
+        "kv_lora_rank": 16,
+        "q_lora_rank": 24,
+        "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64,
+        "v_head_dim": 16,
+        "moe_intermediate_size": 16,
+        "n_routed_experts": 16,
+        "num_experts_per_tok": 2,
+        "first_k_dense_replace": 1,
+        "max_position_embeddings": 163840,
+        "rope_theta": 10000,
+        "rope_scaling": dict(rope),
+    }
     ours = parse_config(raw)
     hf_cfg = tf.DeepseekV3Config(**{k: v for k, v in raw.items() if k != "model_type"})
     rotary = DeepseekV3RotaryEmbedding(hf_cfg)
@@ -102,8 +125,11 @@ def test_mtp_layer_is_skipped_with_one_log_line(tiny_models, tmp_path, caplog):
     model_dir = shutil.copytree(src, tmp_path / "mtp")
     tensors = load_file(str(src / "model.safetensors"))
     mtp = f"model.layers.{json.loads((src / 'config.json').read_text())['num_hidden_layers']}"
-    tensors |= {f"{mtp}.eh_proj.weight": torch.zeros(64, 128), f"{mtp}.enorm.weight": torch.ones(64),
-                f"{mtp}.self_attn.kv_b_proj.weight": torch.zeros(4, 4)}
+    tensors |= {
+        f"{mtp}.eh_proj.weight": torch.zeros(64, 128),
+        f"{mtp}.enorm.weight": torch.ones(64),
+        f"{mtp}.self_attn.kv_b_proj.weight": torch.zeros(4, 4),
+    }
     save_file(tensors, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
     ids = torch.tensor([[3, 4, 5]])
     logits = []
@@ -118,18 +144,37 @@ def test_mtp_layer_is_skipped_with_one_log_line(tiny_models, tmp_path, caplog):
     assert len(lines) == 1 and "3 checkpoint tensors" in lines[0] and mtp in lines[0]
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"topk_method": "top1"}, "topk_method"), ({"topk_method": "noaux_tc", "scoring_func": "softmax"}, "scoring_func"),
-    ({"rope_scaling": {"type": "longrope", "factor": 2.0}}, "rope_type"), ({"n_group": 3}, "n_group"),
-    ({"first_k_dense_replace": 2}, "no MoE layer"), ({"hidden_act": "gelu"}, "hidden_act"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"topk_method": "top1"}, "topk_method"),
+        ({"topk_method": "noaux_tc", "scoring_func": "softmax"}, "scoring_func"),
+        ({"rope_scaling": {"type": "longrope", "factor": 2.0}}, "rope_type"),
+        ({"n_group": 3}, "n_group"),
+        ({"first_k_dense_replace": 2}, "no MoE layer"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+    ],
+)
 def test_bad_configs_get_one_clear_error(change, message):
     from moecluster.errors import MoeClusterError
 
-    raw = {"model_type": "deepseek_v3", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-           "vocab_size": 100, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8,
-           "moe_intermediate_size": 16, "n_routed_experts": 8, "num_experts_per_tok": 2, "first_k_dense_replace": 1,
-           "n_group": 2, "topk_group": 1}
+    raw = {
+        "model_type": "deepseek_v3",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "vocab_size": 100,
+        "kv_lora_rank": 16,
+        "qk_nope_head_dim": 8,
+        "qk_rope_head_dim": 8,
+        "v_head_dim": 8,
+        "moe_intermediate_size": 16,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "first_k_dense_replace": 1,
+        "n_group": 2,
+        "topk_group": 1,
+    }
     parse_config(raw)
     with pytest.raises(MoeClusterError, match=message):
         parse_config(raw | change)

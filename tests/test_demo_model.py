@@ -33,8 +33,13 @@ def hf_fp32():
 
 def test_ships_as_package_data():
     names = {p.name for p in DEMO_MODEL_DIR.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "chat_template.jinja"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    } <= names
     assert (DEMO_MODEL_DIR / "model.safetensors").stat().st_size <= 25e6
 
 
@@ -56,18 +61,25 @@ def test_greedy_text_equals_transformers(dtype):
     prompt = engine.tokenizer.encode(DEMO_PROMPT)
     text, ours, _ = engine.generate(prompt, SamplingParams(max_tokens=40, ignore_eos=True))
     ref = AutoModelForCausalLM.from_pretrained(
-        DEMO_MODEL_DIR, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]).eval()
+        DEMO_MODEL_DIR, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    ).eval()
     with torch.inference_mode():
-        out = ref.generate(torch.tensor([prompt]), max_new_tokens=40, min_new_tokens=40, do_sample=False,
-                           eos_token_id=None, pad_token_id=0)
-    assert ours == out[0, len(prompt):].tolist()
+        out = ref.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=40,
+            min_new_tokens=40,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    assert ours == out[0, len(prompt) :].tolist()
     assert "\ufffd" not in text and len(text.split()) >= 5  # readable words, no broken characters
 
 
 def _routing(engine: Engine, text: str, chunks: int) -> RoutingStats:
     """Routing of `chunks` consecutive ~200-token prefixes' worth of the text (prefill, 1 token decoded)."""
     ids = engine.tokenizer.encode(text)
-    prompts = [engine.tokenizer.decode(ids[i * 200:(i + 1) * 200]) for i in range(chunks)]
+    prompts = [engine.tokenizer.decode(ids[i * 200 : (i + 1) * 200]) for i in range(chunks)]
     return profile(engine, prompts, 1)
 
 
@@ -101,21 +113,53 @@ def test_optimized_placement_beats_contiguous_on_real_routing(recorded_routing, 
 def test_eval_command_prints_perplexity(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(HELD_OUT.read_text()[:3000])
-    out = subprocess.run([sys.executable, "-m", "moecluster.cli", "eval", "--model", str(DEMO_MODEL_DIR),
-                          "--text", str(text), "--dtype", "fp32", "--window", "128"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moecluster.cli",
+            "eval",
+            "--model",
+            str(DEMO_MODEL_DIR),
+            "--text",
+            str(text),
+            "--dtype",
+            "fp32",
+            "--window",
+            "128",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     ppl = float(out.stdout.split("perplexity:")[1].split()[0])
     assert 1 < ppl < 1000
-    bad = subprocess.run([sys.executable, "-m", "moecluster.cli", "eval", "--model", str(DEMO_MODEL_DIR),
-                          "--text", str(tmp_path / "missing.txt")], capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moecluster.cli",
+            "eval",
+            "--model",
+            str(DEMO_MODEL_DIR),
+            "--text",
+            str(tmp_path / "missing.txt"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "not found" in bad.stderr
 
 
 @pytest.mark.multirank
 @pytest.mark.slow
 def test_demo_command_end_to_end():
-    out = subprocess.run([sys.executable, "-m", "moecluster.cli", "demo", "--max-tokens", "24"],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "moecluster.cli", "demo", "--max-tokens", "24"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "outputs identical: yes" in out.stderr
     assert "max/mean expert load" in out.stderr and "optimized" in out.stderr

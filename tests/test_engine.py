@@ -40,9 +40,15 @@ def test_greedy_tokens_match_transformers_generate(tiny_model):
     prompt = engine.tokenizer.encode("The quick brown fox jumps over")
     _, ours, _ = engine.generate(prompt, SamplingParams(max_tokens=32, ignore_eos=True))
     with torch.inference_mode():
-        out = ref.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                           eos_token_id=None, pad_token_id=0)
-    assert ours == out[0, len(prompt):].tolist()
+        out = ref.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=32,
+            min_new_tokens=32,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    assert ours == out[0, len(prompt) :].tolist()
 
 
 def test_cached_decode_equals_full_forward(tiny_model):
@@ -52,7 +58,7 @@ def test_cached_decode_equals_full_forward(tiny_model):
     with torch.inference_mode():
         full = model(ids, torch.tensor([0]))
         model(ids[:, :12], torch.tensor([0]))  # prefill, then one token at a time
-        steps = [model(ids[:, p:p + 1], torch.tensor([p])) for p in range(12, 20)]
+        steps = [model(ids[:, p : p + 1], torch.tensor([p])) for p in range(12, 20)]
     # fp32 rounding (~1e-7 relative per layer, the sums' order differs) grows through the layers: gpt-oss's
     # larger activations (biases everywhere) reach ~2e-5 on logits of ~6
     assert torch.allclose(torch.cat(steps, dim=1), full[:, 12:], atol=3e-5)
@@ -201,7 +207,7 @@ def test_stop_string_and_eos(tiny_dbrx):
     stop = text[5:8]
     assert stop and stop in text
     cut, _, stats = engine.generate(prompt, SamplingParams(max_tokens=24, ignore_eos=True, stop=[stop]))
-    assert cut == text[:text.find(stop)] and stats.finish_reason == "stop"
+    assert cut == text[: text.find(stop)] and stats.finish_reason == "stop"
     engine.tokenizer.eos_ids = [tokens[3]]  # pretend the 4th greedy token is EOS
     _, eos_tokens, stats = engine.generate(prompt, SamplingParams(max_tokens=24))
     assert eos_tokens == tokens[:4] and stats.finish_reason == "stop"
@@ -213,10 +219,17 @@ def test_chat_template_renders(tiny_dbrx):
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(max_tokens=0), "max_tokens"), (dict(temperature=-1), "temperature"), (dict(top_p=0.0), "top_p"),
-    (dict(top_k=-2), "top_k"), (dict(seed=-1), "seed"), (dict(stop=[""]), "stop"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(temperature=-1), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_k=-2), "top_k"),
+        (dict(seed=-1), "seed"),
+        (dict(stop=[""]), "stop"),
+    ],
+)
 def test_invalid_sampling_values(bad, message):
     with pytest.raises(MoeClusterError, match=message):
         SamplingParams(**bad).validate()
@@ -243,6 +256,15 @@ def test_unsupported_rope_scaling_is_refused():
     from moecluster.models.configs import parse_config
 
     with pytest.raises(MoeClusterError, match="rope_type"):
-        parse_config({"model_type": "mixtral", "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
-                                "vocab_size": 10, "intermediate_size": 8, "num_local_experts": 2,
-                                "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
+        parse_config(
+            {
+                "model_type": "mixtral",
+                "hidden_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 4,
+                "vocab_size": 10,
+                "intermediate_size": 8,
+                "num_local_experts": 2,
+                "rope_parameters": {"rope_type": "yarn", "factor": 4.0},
+            }
+        )

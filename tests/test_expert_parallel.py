@@ -42,8 +42,17 @@ def replicated_placement(path: Path, num_experts: int, num_layers: int, world_si
             layers.append([[e % (world_size - 1)] for e in range(num_experts)])
         else:
             layers.append([[e % world_size, (e + 1) % world_size] for e in range(num_experts)])
-    path.write_text(json.dumps({"format": "moecluster-placement/1", "num_experts": num_experts,
-                                "num_layers": num_layers, "world_size": world_size, "layers": layers}))
+    path.write_text(
+        json.dumps(
+            {
+                "format": "moecluster-placement/1",
+                "num_experts": num_experts,
+                "num_layers": num_layers,
+                "world_size": world_size,
+                "layers": layers,
+            }
+        )
+    )
     return str(path)
 
 
@@ -51,8 +60,9 @@ def run_jobs(jobs: list[dict], backend: str, world_size: int, tmp_path: Path) ->
     """Run every (model, placement) job in one launch of `world_size` ranks; rank 0's outputs by job name."""
     jobs_path = tmp_path / "jobs.json"
     jobs_path.write_text(json.dumps(jobs))
-    code = launch_local([sys.executable, WORKER, str(jobs_path), backend, str(tmp_path)], world_size, backend,
-                        timeout_s=120)
+    code = launch_local(
+        [sys.executable, WORKER, str(jobs_path), backend, str(tmp_path)], world_size, backend, timeout_s=120
+    )
     assert code == 0
     out = {}
     for job in jobs:
@@ -75,10 +85,14 @@ def test_distributed_bit_identical_to_single(backend, world_size, tiny_models, t
     jobs = []
     for arch, model_dir in archs.items():
         shape = read_config(model_dir)[1].shape()
-        replicated = replicated_placement(tmp_path / f"{arch}-replicated.json", shape.num_experts,
-                                          shape.num_moe_layers, world_size)
-        for name, placement in (("contiguous", "contiguous"), ("round-robin", "round-robin"),
-                                ("replicated", replicated)):
+        replicated = replicated_placement(
+            tmp_path / f"{arch}-replicated.json", shape.num_experts, shape.num_moe_layers, world_size
+        )
+        for name, placement in (
+            ("contiguous", "contiguous"),
+            ("round-robin", "round-robin"),
+            ("replicated", replicated),
+        ):
             jobs.append({"name": f"{arch}-{name}", "model": str(model_dir), "placement": placement})
     results = run_jobs(jobs, backend, world_size, tmp_path)
     for job in jobs:
@@ -88,19 +102,40 @@ def test_distributed_bit_identical_to_single(backend, world_size, tiny_models, t
         assert tokens == ref_tokens, job["name"]
 
 
-
-
 @pytest.mark.multirank
 @pytest.mark.slow
 def test_cli_generate_two_ranks_matches_one(tiny_mixtral, tmp_path):
     outs = []
     for nodes in (1, 2):
         report = tmp_path / f"r{nodes}.json"
-        res = subprocess.run([sys.executable, "-m", "moecluster.cli", "generate", "--model", str(tiny_mixtral),
-                              "--prompt", "Hello world", "--max-tokens", "16", "--ignore-eos", "--dtype", "fp32",
-                              "--nodes", str(nodes), "--placement", "round-robin", "--report", str(report),
-                              "--trace", str(tmp_path / f"t{nodes}.json")],
-                             capture_output=True, text=True, timeout=120)
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "moecluster.cli",
+                "generate",
+                "--model",
+                str(tiny_mixtral),
+                "--prompt",
+                "Hello world",
+                "--max-tokens",
+                "16",
+                "--ignore-eos",
+                "--dtype",
+                "fp32",
+                "--nodes",
+                str(nodes),
+                "--placement",
+                "round-robin",
+                "--report",
+                str(report),
+                "--trace",
+                str(tmp_path / f"t{nodes}.json"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert res.returncode == 0, res.stderr
         outs.append(json.loads(report.read_text()))
     assert outs[0]["tokens"] == outs[1]["tokens"] and outs[0]["text"] == outs[1]["text"]
@@ -127,10 +162,30 @@ def _rank_process(parent: psutil.Process, rank: int) -> psutil.Process | None:
 @pytest.mark.multirank
 @pytest.mark.slow
 def test_killed_rank_stops_the_others(tiny_dbrx, backend):
-    proc = subprocess.Popen([sys.executable, "-m", "moecluster.cli", "generate", "--model", str(tiny_dbrx),
-                             "--prompt", "Hello", "--max-tokens", "100000", "--ignore-eos", "--nodes", "2",
-                             "--backend", backend, "--timeout", "20"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "moecluster.cli",
+            "generate",
+            "--model",
+            str(tiny_dbrx),
+            "--prompt",
+            "Hello",
+            "--max-tokens",
+            "100000",
+            "--ignore-eos",
+            "--nodes",
+            "2",
+            "--backend",
+            backend,
+            "--timeout",
+            "20",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         proc.stdout.read(1)  # rank 0 has produced text: generation is under way
         victim = _rank_process(psutil.Process(proc.pid), 1)
@@ -159,9 +214,27 @@ def test_each_rank_holds_only_its_experts_in_memory(tmp_path):
     reports = {}
     for nodes in (1, 2):
         out = tmp_path / f"r{nodes}.json"
-        res = subprocess.run([sys.executable, "-m", "moecluster.cli", "generate", "--model", str(model), "--prompt",
-                              "Hello", "--max-tokens", "2", "--nodes", str(nodes), "--report", str(out)],
-                             capture_output=True, text=True, timeout=300)
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "moecluster.cli",
+                "generate",
+                "--model",
+                str(model),
+                "--prompt",
+                "Hello",
+                "--max-tokens",
+                "2",
+                "--nodes",
+                str(nodes),
+                "--report",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert res.returncode == 0, res.stderr
         reports[nodes] = json.loads(out.read_text())["ranks"]
     one = reports[1][0]

@@ -33,7 +33,7 @@ def test_sink_attention_matches_transformers_eager(num_kv_heads, masked):
         mask[..., -1] = True  # every query sees at least one key
     module = SimpleNamespace(num_key_value_groups=H // num_kv_heads, sinks=sinks, training=False)
     additive = None if mask is None else torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
-    want, _ = eager_attention_forward(module, q, k, v, additive, scaling=Hd ** -0.5)  # [B, T, H, Hd]
+    want, _ = eager_attention_forward(module, q, k, v, additive, scaling=Hd**-0.5)  # [B, T, H, Hd]
     got = sink_attention(q, k, v, sinks, mask)
     assert (got.transpose(1, 2) - want).abs().max().item() < 1e-6
 
@@ -42,8 +42,9 @@ def test_router_and_activation_match_transformers():
     from transformers import GptOssConfig
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts, GptOssTopKRouter
 
-    cfg = GptOssConfig(hidden_size=32, num_local_experts=8, num_experts_per_tok=3, intermediate_size=16,
-                       swiglu_limit=1.5)
+    cfg = GptOssConfig(
+        hidden_size=32, num_local_experts=8, num_experts_per_tok=3, intermediate_size=16, swiglu_limit=1.5
+    )
     router = GptOssTopKRouter(cfg)
     with torch.no_grad():
         router.weight.normal_(0, 1, generator=_gen(5))
@@ -95,9 +96,14 @@ def test_yarn_tables_match_transformers():
 @pytest.fixture(scope="module")
 def gpt_oss_window_128(tmp_path_factory):
     """Sliding window 128 on alternating layers (as the released models), 300-token prompts cross it."""
-    return build_tiny("gpt_oss", tmp_path_factory.mktemp("gpt_oss_w128"), sliding_window=128,
-                      max_position_embeddings=512, num_hidden_layers=2, layer_types=["sliding_attention",
-                                                                                     "full_attention"])
+    return build_tiny(
+        "gpt_oss",
+        tmp_path_factory.mktemp("gpt_oss_w128"),
+        sliding_window=128,
+        max_position_embeddings=512,
+        num_hidden_layers=2,
+        layer_types=["sliding_attention", "full_attention"],
+    )
 
 
 def test_300_tokens_across_a_window_of_128(gpt_oss_window_128):
@@ -115,7 +121,7 @@ def test_300_tokens_across_a_window_of_128(gpt_oss_window_128):
         assert (full - want).abs().max().item() <= 1e-4
         model(ids[:, :150], torch.tensor([0]))
         chunk = model(ids[:, 150:250], torch.tensor([150]))
-        steps = torch.cat([model(ids[:, p:p + 1], torch.tensor([p])) for p in range(250, 300)], dim=1)
+        steps = torch.cat([model(ids[:, p : p + 1], torch.tensor([p])) for p in range(250, 300)], dim=1)
         assert torch.allclose(torch.cat((chunk, steps), dim=1), full[:, 150:], atol=3e-5)
         # batched decode: slot 1 at position 300 (prefilled in one 300-token forward), slot 0 at position 5
         short = torch.tensor([[7, 8, 9, 10, 11]])
@@ -128,12 +134,30 @@ def test_300_tokens_across_a_window_of_128(gpt_oss_window_128):
     assert (both[0, -1] - alone_short[0]).abs().max().item() <= 1e-4
 
 
-GPT_OSS = {"model_type": "gpt_oss", "num_hidden_layers": 24, "num_local_experts": 32, "vocab_size": 201088,
-           "hidden_size": 2880, "intermediate_size": 2880, "head_dim": 64, "num_attention_heads": 64,
-           "num_key_value_heads": 8, "sliding_window": 128, "num_experts_per_tok": 4, "rope_theta": 150000,
-           "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0, "original_max_position_embeddings":
-                            4096, "rope_type": "yarn", "truncate": False},
-           "layer_types": ["sliding_attention", "full_attention"] * 12, "max_position_embeddings": 131072}
+GPT_OSS = {
+    "model_type": "gpt_oss",
+    "num_hidden_layers": 24,
+    "num_local_experts": 32,
+    "vocab_size": 201088,
+    "hidden_size": 2880,
+    "intermediate_size": 2880,
+    "head_dim": 64,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "sliding_window": 128,
+    "num_experts_per_tok": 4,
+    "rope_theta": 150000,
+    "rope_scaling": {
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "factor": 32.0,
+        "original_max_position_embeddings": 4096,
+        "rope_type": "yarn",
+        "truncate": False,
+    },
+    "layer_types": ["sliding_attention", "full_attention"] * 12,
+    "max_position_embeddings": 131072,
+}
 
 
 def test_config_of_the_released_20b_and_its_shape():
@@ -149,12 +173,15 @@ def test_config_of_the_released_20b_and_its_shape():
     assert shape.kv_bytes(10000) == (12 * 10000 + 12 * 128) * per_token
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda c: c.update(layer_types=["sliding_attention"] * 3), "layer_types has 3 entries"),
-    (lambda c: c.update(layer_types=["chunked_attention"] * 24), "sliding_attention or full_attention"),
-    (lambda c: c.update(rope_scaling={"rope_type": "longrope"}), "rope_type 'longrope'"),
-    (lambda c: c.update(rope_scaling={"rope_type": "yarn"}), "need factor"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c.update(layer_types=["sliding_attention"] * 3), "layer_types has 3 entries"),
+        (lambda c: c.update(layer_types=["chunked_attention"] * 24), "sliding_attention or full_attention"),
+        (lambda c: c.update(rope_scaling={"rope_type": "longrope"}), "rope_type 'longrope'"),
+        (lambda c: c.update(rope_scaling={"rope_type": "yarn"}), "need factor"),
+    ],
+)
 def test_bad_gpt_oss_configs_say_what_to_fix(edit, message):
     cfg = dict(GPT_OSS)
     edit(cfg)

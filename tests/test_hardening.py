@@ -105,18 +105,21 @@ def test_nan_logits_fail_only_that_request(served, engine):
     assert client.get("/health").status_code == 200 and scheduler.health()[0]
 
 
-@pytest.mark.parametrize("raw", [
-    "[" * 100_000 + "]" * 100_000,  # RecursionError in json
-    '{"a": ' * 40 + "1" + "}" * 40,  # deeper than MAX_JSON_DEPTH
-    '{"model": "tiny", "prompt": "\\ud800"}',
-    '{"model": "tiny", "prompt": "x", "max_tokens": ' + "9" * 5000 + "}",
-    '{"model": "tiny", "prompt": "x", "max_tokens": ' + "9" * 4000 + "}",
-    '{"model": "tiny", "prompt": "x", "temperature": NaN}',
-    '{"model": "tiny", "prompt": "x", "top_p": Infinity}',
-    '{"model": "tiny", "prompt": "x", "stop": "' + "s" * 1_000_000 + '"}',
-    '{"model": "tiny", "prompt": "x", "stop": ' + '["s"]' * 0 + str(["s"] * 100).replace("'", '"') + "}",
-    b'{"model": "tiny", "prompt": "\xff"}',
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "[" * 100_000 + "]" * 100_000,  # RecursionError in json
+        '{"a": ' * 40 + "1" + "}" * 40,  # deeper than MAX_JSON_DEPTH
+        '{"model": "tiny", "prompt": "\\ud800"}',
+        '{"model": "tiny", "prompt": "x", "max_tokens": ' + "9" * 5000 + "}",
+        '{"model": "tiny", "prompt": "x", "max_tokens": ' + "9" * 4000 + "}",
+        '{"model": "tiny", "prompt": "x", "temperature": NaN}',
+        '{"model": "tiny", "prompt": "x", "top_p": Infinity}',
+        '{"model": "tiny", "prompt": "x", "stop": "' + "s" * 1_000_000 + '"}',
+        '{"model": "tiny", "prompt": "x", "stop": ' + '["s"]' * 0 + str(["s"] * 100).replace("'", '"') + "}",
+        b'{"model": "tiny", "prompt": "\xff"}',
+    ],
+)
 def test_hostile_json_gets_400(served, raw):
     client, _ = served
     r = client.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"})
@@ -126,8 +129,11 @@ def test_hostile_json_gets_400(served, raw):
 
 def test_body_limit_while_reading(served):
     client, _ = served
-    r = client.post("/v1/completions", content=b"x", headers={"Content-Length": str(MAX_BODY_BYTES + 1),
-                                                              "Content-Type": "application/json"})
+    r = client.post(
+        "/v1/completions",
+        content=b"x",
+        headers={"Content-Length": str(MAX_BODY_BYTES + 1), "Content-Type": "application/json"},
+    )
     assert r.status_code == 413
 
     def chunks():  # no Content-Length: refused once the streamed bytes pass the limit
@@ -151,8 +157,14 @@ def test_fuzz_openapi_no_5xx(served):
     for result in schema.get_all_operations():
         op = result.ok()
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            @settings(max_examples=60, deadline=None, database=None, derandomize=True,
-                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+
+            @settings(
+                max_examples=60,
+                deadline=None,
+                database=None,
+                derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+            )
             @given(case=op.as_strategy(generation_mode=mode))
             def run(case):
                 body = case.body
@@ -195,23 +207,30 @@ def _variant(src, tmp_path, name, config=None, index=None, nan=False):
     return d
 
 
-@pytest.mark.parametrize("name, config, index, nan, message", [
-    ("config_list", lambda c: [c], None, False, "expected a JSON object"),
-    ("size_string", lambda c: {**c, "d_model": "big"}, None, False, "d_model must be an integer"),
-    ("size_float", lambda c: {**c, "vocab_size": 100.5}, None, False, "vocab_size must be an integer"),
-    ("nested_list", lambda c: {**c, "attn_config": [1]}, None, False, "attn_config must be a JSON object"),
-    ("huge_context", lambda c: {**c, "max_seq_len": 1e9}, None, False, "GiB of memory is available"),
-    ("index_garbage", None, "{not json", False, "index.json is malformed"),
-    ("index_list", None, '{"weight_map": [1]}', False, "index.json is malformed"),
-    ("nan_weights", None, None, True, "NaN/Inf values"),
-])
+@pytest.mark.parametrize(
+    "name, config, index, nan, message",
+    [
+        ("config_list", lambda c: [c], None, False, "expected a JSON object"),
+        ("size_string", lambda c: {**c, "d_model": "big"}, None, False, "d_model must be an integer"),
+        ("size_float", lambda c: {**c, "vocab_size": 100.5}, None, False, "vocab_size must be an integer"),
+        ("nested_list", lambda c: {**c, "attn_config": [1]}, None, False, "attn_config must be a JSON object"),
+        ("huge_context", lambda c: {**c, "max_seq_len": 1e9}, None, False, "GiB of memory is available"),
+        ("index_garbage", None, "{not json", False, "index.json is malformed"),
+        ("index_list", None, '{"weight_map": [1]}', False, "index.json is malformed"),
+        ("nan_weights", None, None, True, "NaN/Inf values"),
+    ],
+)
 def test_bad_checkpoints_one_error_line(tiny_dbrx, tmp_path, name, config, index, nan, message):
     import subprocess
     import sys
 
     d = _variant(tiny_dbrx, tmp_path, name, config, index, nan)
-    res = subprocess.run([sys.executable, "-m", "moecluster.cli", "generate", "--model", str(d), "--prompt", "hi",
-                          "--max-tokens", "2"], capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "moecluster.cli", "generate", "--model", str(d), "--prompt", "hi", "--max-tokens", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert message in res.stderr.strip().splitlines()[-1], res.stderr[-500:]
     if nan:  # the scan can be skipped; a NaN reaching the logits then fails the request, not the process
@@ -235,8 +254,9 @@ def _app_client(scheduler, **kw) -> TestClient:
 
 def test_content_type_host_cors_and_status_auth(served):
     client, scheduler = served
-    r = client.post("/v1/completions", content=b'{"model": "tiny", "prompt": "hi"}',
-                    headers={"Content-Type": "text/plain"})  # what a web page may send without a preflight
+    r = client.post(
+        "/v1/completions", content=b'{"model": "tiny", "prompt": "hi"}', headers={"Content-Type": "text/plain"}
+    )  # what a web page may send without a preflight
     assert r.status_code == 415 and "application/json" in r.json()["error"]["message"]
     assert client.post("/v1/completions", json=_body(), headers={"Host": "evil.example"}).status_code == 421
     assert client.get("/health", headers={"Host": "attacker.example:8000"}).status_code == 421
@@ -271,8 +291,9 @@ def test_idle_and_slow_connections_are_closed(served):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(scheduler, "tiny"), http=Fast, lifespan="off",
-                                           log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(scheduler, "tiny"), http=Fast, lifespan="off", log_level="warning")
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
@@ -290,8 +311,10 @@ def test_idle_and_slow_connections_are_closed(served):
         assert closed_after(b"") < 3
         assert closed_after(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n") < 3
         body = b'{"model": "tiny", "prompt": "Hello", "max_tokens": 200, "ignore_eos": true}'
-        request = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                   b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
+        request = (
+            b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
+        ) + body
         with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
             c.sendall(request)
             data = b""
@@ -336,14 +359,16 @@ def test_loopback_only_and_no_orphans_after_kill9(tiny_dbrx, tmp_path, backend):
         tree = psutil.Process(srv.proc.pid).children(recursive=True)
         listeners = _listeners({p.pid for p in tree} | {srv.proc.pid})
         assert listeners
-        exposed = [(addr, names) for addr, names in listeners if not addr.startswith(("127.", "[::1]"))
-                   and "mpiexec" not in names]
+        exposed = [
+            (addr, names)
+            for addr, names in listeners
+            if not addr.startswith(("127.", "[::1]")) and "mpiexec" not in names
+        ]
         assert not exposed, listeners
         srv.proc.send_signal(signal.SIGKILL)
         srv.proc.wait(10)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-                                                  for p in tree):
+        while time.monotonic() < deadline and any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tree):
             time.sleep(0.1)
         assert not [p.pid for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         deadline = time.monotonic() + 10  # "free within seconds": the kernel may take a moment after the exits
@@ -368,9 +393,28 @@ def test_trace_is_chrome_trace_events_one_track_per_rank(tiny_dbrx, tmp_path):
     import sys
 
     path = tmp_path / "trace.json"
-    res = subprocess.run([sys.executable, "-m", "moecluster.cli", "generate", "--model", str(tiny_dbrx), "--prompt",
-                          "hi", "--max-tokens", "4", "--nodes", "2", "--trace", str(path), "--quiet"],
-                         capture_output=True, text=True, timeout=180)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moecluster.cli",
+            "generate",
+            "--model",
+            str(tiny_dbrx),
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "4",
+            "--nodes",
+            "2",
+            "--trace",
+            str(path),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     trace = json.loads(path.read_text())
     assert trace["world_size"] == 2 and len(trace["ranks"]) == 2  # the summary, as before

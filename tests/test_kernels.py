@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 from moecluster import kernels
 
-needs_kernel = pytest.mark.skipif(not kernels.moe_gemv_available(),
-                                  reason=f"moe_gemv unavailable: {kernels.unavailable_reason}")
+needs_kernel = pytest.mark.skipif(
+    not kernels.moe_gemv_available(), reason=f"moe_gemv unavailable: {kernels.unavailable_reason}"
+)
 
 
 def reference(w_eRC, experts, x_kC):
@@ -30,11 +31,11 @@ def test_moe_gemv_equals_fp32_reference_rounded(E, R, C):
     out = kernels.moe_gemv(w, experts, x, torch.zeros(4, R, dtype=torch.bfloat16))
     # fp32 accumulation, then one rounding to bf16: at most one bf16 ulp from the fp32 reference
     ref = reference(w, experts, x)
-    assert torch.allclose(out.float(), ref.float(), rtol=2 ** -7, atol=1e-6)
+    assert torch.allclose(out.float(), ref.float(), rtol=2**-7, atol=1e-6)
     xs = torch.randn(4, C, generator=gen).bfloat16()
     out2 = torch.full((6, R), 7.0, dtype=torch.bfloat16)
     kernels.moe_gemv(w, experts, xs, out2, out_rows=[5, 0, 2, 3])
-    assert torch.allclose(out2[[5, 0, 2, 3]].float(), reference(w, experts, xs).float(), rtol=2 ** -7, atol=1e-6)
+    assert torch.allclose(out2[[5, 0, 2, 3]].float(), reference(w, experts, xs).float(), rtol=2**-7, atol=1e-6)
     assert (out2[[1, 4]] == 7.0).all(), "rows not named in out_rows must stay untouched"
 
 
@@ -91,10 +92,12 @@ def test_grouped_experts_decode_with_kernel_matches_torch_path():
 
 
 def test_kernels_can_be_switched_off():
-    code = ("import os; os.environ['MOECLUSTER_KERNELS'] = '0'\n"
-            "from moecluster import kernels\n"
-            "assert not kernels.moe_gemv_available()\n"
-            "assert 'MOECLUSTER_KERNELS=0' in kernels.unavailable_reason\n")
+    code = (
+        "import os; os.environ['MOECLUSTER_KERNELS'] = '0'\n"
+        "from moecluster import kernels\n"
+        "assert not kernels.moe_gemv_available()\n"
+        "assert 'MOECLUSTER_KERNELS=0' in kernels.unavailable_reason\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
@@ -114,7 +117,7 @@ def test_moe_gemm_pairs_equal_moe_gemv_alone(E, R, C):
         alone = kernels.moe_gemv(w, [expert_of[p]], X[x_rows[p]], torch.empty(1, R, dtype=torch.bfloat16))[0]
         assert torch.equal(out[out_rows[p]], alone), p
         ref = (w[expert_of[p]].float() @ X[x_rows[p]].float()).bfloat16()
-        assert torch.allclose(out[out_rows[p]].float(), ref.float(), rtol=2 ** -7, atol=1e-6), p
+        assert torch.allclose(out[out_rows[p]].float(), ref.float(), rtol=2**-7, atol=1e-6), p
     with pytest.raises(ValueError):
         kernels.moe_gemm(w, experts, [2, 6, 2], X, x_rows, out, out_rows)  # counts do not sum to the pairs
     with pytest.raises(ValueError):
@@ -137,5 +140,5 @@ def test_batched_decode_rows_equal_one_token_steps():
     mine = torch.rand(6, 3, generator=gen) < 0.7
     y, _ = experts.pairs(x, ids, mine)
     for n in range(6):
-        alone, _ = experts.pairs(x[n:n + 1], ids[n:n + 1], mine[n:n + 1])
+        alone, _ = experts.pairs(x[n : n + 1], ids[n : n + 1], mine[n : n + 1])
         assert torch.equal(y[n], alone[0]), n

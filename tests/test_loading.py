@@ -37,8 +37,11 @@ def every_dtype(tmp_path) -> Path:
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and \
-        torch.equal(a.reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+    )
 
 
 def test_reads_every_dtype_raw_converted_and_by_rows(every_dtype, monkeypatch):
@@ -58,12 +61,15 @@ def test_reads_every_dtype_raw_converted_and_by_rows(every_dtype, monkeypatch):
     reader.close()
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda b: b[: len(b) // 2], "truncated"),
-    (lambda b: b[:5], "truncated"),
-    (lambda b: (10**9).to_bytes(8, "little") + b[8:], "header length"),
-    (lambda b: b[:8] + b"X" + b[9:], "not JSON"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda b: b[: len(b) // 2], "truncated"),
+        (lambda b: b[:5], "truncated"),
+        (lambda b: (10**9).to_bytes(8, "little") + b[8:], "header length"),
+        (lambda b: b[:8] + b"X" + b[9:], "not JSON"),
+    ],
+)
 def test_damaged_shard_is_one_clear_error(every_dtype, damage, message):
     path = every_dtype / "model.safetensors"
     path.write_bytes(damage(path.read_bytes()))
@@ -88,8 +94,24 @@ def test_progress_line_on_a_terminal_only():
 
 
 def test_generate_prints_one_load_line_when_not_a_terminal(tiny_dbrx):
-    res = subprocess.run([sys.executable, "-m", "moecluster.cli", "generate", "--model", str(tiny_dbrx), "--prompt",
-                          "Hello", "--max-tokens", "2", "--quiet"], capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moecluster.cli",
+            "generate",
+            "--model",
+            str(tiny_dbrx),
+            "--prompt",
+            "Hello",
+            "--max-tokens",
+            "2",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     assert "\r" not in res.stderr and "loading:" not in res.stderr
     assert len([line for line in res.stderr.splitlines() if line.startswith("loaded ")]) == 1, res.stderr
@@ -97,9 +119,28 @@ def test_generate_prints_one_load_line_when_not_a_terminal(tiny_dbrx):
 
 
 def _generate_reports(model: Path, nodes: int, out: Path) -> list[dict]:
-    res = subprocess.run([sys.executable, "-m", "moecluster.cli", "generate", "--model", str(model), "--prompt",
-                          "Hello", "--max-tokens", "4", "--nodes", str(nodes), "--report", str(out), "--quiet"],
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moecluster.cli",
+            "generate",
+            "--model",
+            str(model),
+            "--prompt",
+            "Hello",
+            "--max-tokens",
+            "4",
+            "--nodes",
+            str(nodes),
+            "--report",
+            str(out),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     return json.loads(out.read_text())["ranks"]
 

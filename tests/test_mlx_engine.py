@@ -77,12 +77,34 @@ def test_rank_loads_only_its_experts(mlx_models):
     assert layers[0].gate_proj.weight.shape[0] == 8
 
 
-def run_cli(model_dir: Path, tmp_path: Path, nodes: int, placement: str, name: str, max_tokens: int = 10,
-            timeout: float = 60.0) -> dict:
+def run_cli(
+    model_dir: Path, tmp_path: Path, nodes: int, placement: str, name: str, max_tokens: int = 10, timeout: float = 60.0
+) -> dict:
     report = tmp_path / f"{name}.json"
-    cmd = [sys.executable, "-m", "moecluster.cli", "generate", "--engine", "mlx", "--model", str(model_dir),
-           "--prompt", PROMPT, "--max-tokens", str(max_tokens), "--ignore-eos", "--quiet", "--nodes", str(nodes),
-           "--placement", placement, "--timeout", "20", "--report", str(report)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "moecluster.cli",
+        "generate",
+        "--engine",
+        "mlx",
+        "--model",
+        str(model_dir),
+        "--prompt",
+        PROMPT,
+        "--max-tokens",
+        str(max_tokens),
+        "--ignore-eos",
+        "--quiet",
+        "--nodes",
+        str(nodes),
+        "--placement",
+        placement,
+        "--timeout",
+        "20",
+        "--report",
+        str(report),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(report.read_text())
@@ -121,9 +143,26 @@ def _rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
 @pytest.mark.multirank
 def test_killed_rank_is_named_and_job_ends_within_timeout(mlx_models):
     timeout = 15
-    cmd = [sys.executable, "-m", "moecluster.cli", "generate", "--engine", "mlx", "--model",
-           str(mlx_models["mixtral"]), "--prompt", PROMPT, "--max-tokens", "100000", "--ignore-eos", "--quiet",
-           "--nodes", "2", "--timeout", str(timeout)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "moecluster.cli",
+        "generate",
+        "--engine",
+        "mlx",
+        "--model",
+        str(mlx_models["mixtral"]),
+        "--prompt",
+        PROMPT,
+        "--max-tokens",
+        "100000",
+        "--ignore-eos",
+        "--quiet",
+        "--nodes",
+        "2",
+        "--timeout",
+        str(timeout),
+    ]
     launcher = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60

@@ -31,8 +31,15 @@ from moecluster.quant import quantize_mxfp4
 from moecluster.quant.experts import QuantizedRoutedExperts, QuantOptions
 
 # openai/gpt-oss-20b's quantization_config, verbatim
-MXFP4_CONFIG = {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
-                                           "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"}
+MXFP4_CONFIG = {
+    "modules_to_not_convert": [
+        "model.layers.*.self_attn",
+        "model.layers.*.mlp.router",
+        "model.embed_tokens",
+        "lm_head",
+    ],
+    "quant_method": "mxfp4",
+}
 IDS = torch.randint(0, VOCAB, (1, 64), generator=torch.Generator().manual_seed(11))
 E, D, F, LAYERS = 8, 64, 64, 3
 
@@ -93,18 +100,24 @@ def test_mxfp4_checkpoint_matches_transformers(gpt_oss_mxfp4):
         assert torch.equal(experts.w2_eDF.data, disk[f"{p}.down_proj_blocks"])
         # our exact dequantization is transformers' (its [E, D, 2F] interleaved, x @ W layout)
         hf = ref.model.layers[layer].mlp.experts
-        assert torch.equal(convert_moe_packed_tensors(disk[f"{p}.gate_up_proj_blocks"],
-                                                      disk[f"{p}.gate_up_proj_scales"], dtype=torch.float32),
-                           hf.gate_up_proj)
-        assert torch.equal(experts.w13_eGD.dequantize().transpose(1, 2)[..., gate_up_rows(F).argsort()],
-                           hf.gate_up_proj)
+        assert torch.equal(
+            convert_moe_packed_tensors(
+                disk[f"{p}.gate_up_proj_blocks"], disk[f"{p}.gate_up_proj_scales"], dtype=torch.float32
+            ),
+            hf.gate_up_proj,
+        )
+        assert torch.equal(
+            experts.w13_eGD.dequantize().transpose(1, 2)[..., gate_up_rows(F).argsort()], hf.gate_up_proj
+        )
         assert torch.equal(experts.w2_eDF.dequantize().transpose(1, 2), hf.down_proj)
     got = _logits(loaded.model)
     assert (got - want).abs().max().item() <= 1e-4
     fast = _logits(apply_kernels(load_model(mxfp4_dir, "fp32").model))
     rel_T = (fast - want).norm(dim=-1) / want.norm(dim=-1)
-    print(f"mxfp4 kernel vs transformers: relative L2 per position median {rel_T.median():.4f}, "
-          f"90% {rel_T.quantile(0.9):.4f}, max {rel_T.max():.4f}")
+    print(
+        f"mxfp4 kernel vs transformers: relative L2 per position median {rel_T.median():.4f}, "
+        f"90% {rel_T.quantile(0.9):.4f}, max {rel_T.max():.4f}"
+    )
     assert rel_T.median() < 0.01 and rel_T.quantile(0.9) < 0.02
 
 
@@ -137,8 +150,9 @@ def _dequantized(experts: QuantizedRoutedExperts) -> RoutedExperts:
     out.gemm = torch_moe_gemm  # empty_like keeps the quantized gemm
     for i in range(len(experts.expert_ids)):
         assert experts.b13_eG is not None and experts.b2_eD is not None
-        out.set_expert(i, experts.w13_eGD.dequantize(i), experts.w2_eDF.dequantize(i), experts.b13_eG[i],
-                       experts.b2_eD[i])
+        out.set_expert(
+            i, experts.w13_eGD.dequantize(i), experts.w2_eDF.dequantize(i), experts.b13_eG[i], experts.b2_eD[i]
+        )
     return out
 
 
@@ -175,8 +189,19 @@ def test_mxfp4_errors(gpt_oss_mxfp4, tiny_mixtral, tmp_path):
     fp8 = tmp_path / "gpt-oss-fp8"
     shutil.copytree(mxfp4_dir, fp8)
     cfg = json.loads((fp8 / "config.json").read_text())
-    (fp8 / "config.json").write_text(json.dumps(cfg | {"quantization_config": {
-        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}}))
+    (fp8 / "config.json").write_text(
+        json.dumps(
+            cfg
+            | {
+                "quantization_config": {
+                    "quant_method": "fp8",
+                    "fmt": "e4m3",
+                    "activation_scheme": "dynamic",
+                    "weight_block_size": [128, 128],
+                }
+            }
+        )
+    )
     with pytest.raises(MoeClusterError, match=r"quantized \(fp8\).*mxfp4"):
         load_model(fp8)
 
@@ -189,8 +214,10 @@ def test_two_ranks_bit_identical_to_one_with_mxfp4_experts(gpt_oss_mxfp4, tmp_pa
     from moecluster.engine.sampling import SamplingParams
 
     mxfp4_dir, float_dir = gpt_oss_mxfp4
-    jobs = [{"name": "mxfp4", "model": str(mxfp4_dir), "placement": "round-robin"},
-            {"name": "int4", "model": str(float_dir), "placement": "contiguous", "quantize": "int4"}]
+    jobs = [
+        {"name": "mxfp4", "model": str(mxfp4_dir), "placement": "round-robin"},
+        {"name": "int4", "model": str(float_dir), "placement": "contiguous", "quantize": "int4"},
+    ]
     results = run_jobs(jobs, "mpi", 2, tmp_path)
     torch.set_num_threads(1)  # as each rank runs
     for job in jobs:

@@ -29,30 +29,62 @@ def dbrx() -> ModelShape:
 
 def toy_node(**kw) -> NodeSpec:
     """1 MB/s memory, effectively infinite FLOPs: every term is bytes / 1e6."""
-    base = dict(name="toy", description="", memory_bytes=1e9, usable_memory_fraction=1.0,
-                mem_bandwidth=1e6, mem_efficiency=1.0, peak_flops=1e30, compute_efficiency=1.0,
-                price_usd=1000.0, runtime_overhead_bytes=0.0, exchange_overhead_s=0.0,
-                tcp_extra_latency_s=0.0)
+    base = dict(
+        name="toy",
+        description="",
+        memory_bytes=1e9,
+        usable_memory_fraction=1.0,
+        mem_bandwidth=1e6,
+        mem_efficiency=1.0,
+        peak_flops=1e30,
+        compute_efficiency=1.0,
+        price_usd=1000.0,
+        runtime_overhead_bytes=0.0,
+        exchange_overhead_s=0.0,
+        tcp_extra_latency_s=0.0,
+    )
     base.update(kw)
     return NodeSpec(**base)
 
 
 def toy_net(latency: float = 1e-3, bandwidth: float = 1e6, **kw) -> NetworkSpec:
-    base = dict(name="toynet", description="", transport="tcp", topology="switched",
-                algorithm="auto", latency_s=latency, bandwidth=bandwidth,
-                price_per_node_usd=100.0, price_per_link_usd=0.0)
+    base = dict(
+        name="toynet",
+        description="",
+        transport="tcp",
+        topology="switched",
+        algorithm="auto",
+        latency_s=latency,
+        bandwidth=bandwidth,
+        price_per_node_usd=100.0,
+        price_per_link_usd=0.0,
+    )
     base.update(kw)
     return NetworkSpec(**base)
 
 
 def toy_shape() -> ModelShape:
-    return ModelShape(name="toy", model_type="toy", num_layers=2, num_moe_layers=2, d_model=100,
-                      num_heads=1, num_experts=4, top_k=1, expert_ffn=100, vocab_size=1000,
-                      attn_params=40000, kv_elems_per_token=200, attn_score_dim=200,
-                      weight_bytes=1.0, act_bytes=1)
+    return ModelShape(
+        name="toy",
+        model_type="toy",
+        num_layers=2,
+        num_moe_layers=2,
+        d_model=100,
+        num_heads=1,
+        num_experts=4,
+        top_k=1,
+        expert_ffn=100,
+        vocab_size=1000,
+        attn_params=40000,
+        kv_elems_per_token=200,
+        attn_score_dim=200,
+        weight_bytes=1.0,
+        act_bytes=1,
+    )
 
 
 # -- shapes ---------------------------------------------------------------------------------
+
 
 def test_dbrx_counts_by_hand():
     s = dbrx()
@@ -77,11 +109,22 @@ def test_config_file_matches_preset_and_other_types(tmp_path):
     assert from_file.total_params / 1e9 == pytest.approx(46.7, abs=0.1)
     ds = load_model("deepseek-v3", PRESETS.models)
     assert ds.num_moe_layers == 58 and ds.total_params / 1e9 == pytest.approx(671, abs=1)
-    qwen2 = from_hf_config({"model_type": "qwen2_moe", "hidden_size": 64, "num_hidden_layers": 4,
-                            "num_attention_heads": 4, "num_key_value_heads": 2, "moe_intermediate_size": 32,
-                            "num_experts": 8, "num_experts_per_tok": 2, "vocab_size": 100,
-                            "shared_expert_intermediate_size": 128, "intermediate_size": 256,
-                            "mlp_only_layers": [0]})
+    qwen2 = from_hf_config(
+        {
+            "model_type": "qwen2_moe",
+            "hidden_size": 64,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "moe_intermediate_size": 32,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "vocab_size": 100,
+            "shared_expert_intermediate_size": 128,
+            "intermediate_size": 256,
+            "mlp_only_layers": [0],
+        }
+    )
     assert qwen2.num_moe_layers == 3 and qwen2.shared_ffn == 128 and qwen2.dense_ffn == 256
 
 
@@ -90,22 +133,50 @@ def test_param_counts_match_transformers():
     norms and gate scalars, so ours <= HF and within 0.5%; matrices must all be counted."""
     torch = pytest.importorskip("torch")
     tf = pytest.importorskip("transformers")
-    small = dict(num_hidden_layers=3, num_attention_heads=4, vocab_size=128, hidden_size=64,
-                 intermediate_size=128, num_experts_per_tok=2)
+    small = dict(
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_experts_per_tok=2,
+    )
     configs = [
-        tf.DbrxConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=128, max_seq_len=64,
-                      attn_config={"kv_n_heads": 2, "rope_theta": 10000.0},
-                      ffn_config={"moe_num_experts": 4, "moe_top_k": 2, "ffn_hidden_size": 32}),
+        tf.DbrxConfig(
+            d_model=64,
+            n_heads=4,
+            n_layers=2,
+            vocab_size=128,
+            max_seq_len=64,
+            attn_config={"kv_n_heads": 2, "rope_theta": 10000.0},
+            ffn_config={"moe_num_experts": 4, "moe_top_k": 2, "ffn_hidden_size": 32},
+        ),
         tf.MixtralConfig(**small, num_key_value_heads=2, num_local_experts=4),
         tf.OlmoeConfig(**small, num_key_value_heads=2, num_experts=8),
-        tf.Qwen2MoeConfig(**small, num_key_value_heads=2, moe_intermediate_size=32, num_experts=4,
-                          shared_expert_intermediate_size=48, mlp_only_layers=[1]),
-        tf.Qwen3MoeConfig(**small, num_key_value_heads=2, head_dim=24, moe_intermediate_size=32,
-                          num_experts=4),
-        tf.DeepseekV3Config(**small, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16,
-                            qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=8,
-                            moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
-                            n_group=1, topk_group=1),
+        tf.Qwen2MoeConfig(
+            **small,
+            num_key_value_heads=2,
+            moe_intermediate_size=32,
+            num_experts=4,
+            shared_expert_intermediate_size=48,
+            mlp_only_layers=[1],
+        ),
+        tf.Qwen3MoeConfig(**small, num_key_value_heads=2, head_dim=24, moe_intermediate_size=32, num_experts=4),
+        tf.DeepseekV3Config(
+            **small,
+            num_key_value_heads=4,
+            q_lora_rank=16,
+            kv_lora_rank=16,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=8,
+            v_head_dim=8,
+            n_routed_experts=8,
+            moe_intermediate_size=32,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+        ),
     ]
     for cfg in configs:
         with torch.device("meta"):
@@ -119,14 +190,23 @@ def test_bad_configs_raise():
     with pytest.raises(MoeClusterError, match="unsupported model_type"):
         from_hf_config({"model_type": "llama"})
     with pytest.raises(MoeClusterError, match="num_local_experts"):
-        from_hf_config({"model_type": "mixtral", "hidden_size": 8, "num_hidden_layers": 1,
-                        "num_attention_heads": 2, "intermediate_size": 4, "num_experts_per_tok": 1,
-                        "vocab_size": 10})
+        from_hf_config(
+            {
+                "model_type": "mixtral",
+                "hidden_size": 8,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "intermediate_size": 4,
+                "num_experts_per_tok": 1,
+                "vocab_size": 10,
+            }
+        )
     with pytest.raises(MoeClusterError, match="unknown model"):
         load_model("no-such-model", PRESETS.models)
 
 
 # -- routing --------------------------------------------------------------------------------
+
 
 def brute_force_max(num_experts: int, top_k: int, world: int) -> float:
     owner = [r for r, g in enumerate(routing.contiguous_groups(num_experts, world)) for _ in range(g)]
@@ -169,6 +249,7 @@ def test_batch_load_close_to_monte_carlo_and_monotone():
 
 # -- network --------------------------------------------------------------------------------
 
+
 def test_allreduce_arithmetic():
     m, a, b = 12288, 10e-6, 1e9
     t = algorithm_times(4, m, a, b)
@@ -192,6 +273,7 @@ def test_interpolate():
 
 
 # -- predictions ----------------------------------------------------------------------------
+
 
 def test_decode_step_by_hand():
     shape, node, wl = toy_shape(), toy_node(), Workload(batch=1, context=1, prompt=1)
@@ -222,14 +304,19 @@ def test_monotonicity():
     for batch in (1, 8):
         wl = Workload(batch=batch)
         for n in (2, 3, 4, 8):
-            lat = [predict(shape, node, toy_net(latency=x, bandwidth=1.25e9), n, wl).tokens_per_s
-                   for x in (1e-6, 1e-5, 1e-4, 1e-3)]
+            lat = [
+                predict(shape, node, toy_net(latency=x, bandwidth=1.25e9), n, wl).tokens_per_s
+                for x in (1e-6, 1e-5, 1e-4, 1e-3)
+            ]
             assert all(a >= b for a, b in zip(lat, lat[1:]))
-            bw = [predict(shape, node, toy_net(latency=1e-5, bandwidth=x), n, wl).tokens_per_s
-                  for x in (1e8, 1e9, 1e10, 1e11)]
+            bw = [
+                predict(shape, node, toy_net(latency=1e-5, bandwidth=x), n, wl).tokens_per_s
+                for x in (1e8, 1e9, 1e10, 1e11)
+            ]
             assert all(a <= b for a, b in zip(bw, bw[1:]))
-            mem = [predict(shape, replace(node, mem_efficiency=e), toy_net(), n, wl).tokens_per_s
-                   for e in (0.3, 0.6, 0.9)]
+            mem = [
+                predict(shape, replace(node, mem_efficiency=e), toy_net(), n, wl).tokens_per_s for e in (0.3, 0.6, 0.9)
+            ]
             assert all(a <= b for a, b in zip(mem, mem[1:]))
     for name in PRESETS.models:
         shape = load_model(name, PRESETS.models)
@@ -268,13 +355,21 @@ def test_expert_load_and_profile_overrides():
     assert heavier.step.experts > base.step.experts and heavier.load.distinct == 4.0
     with pytest.raises(MoeClusterError, match="MoE layers"):
         predict(shape, node, net, 2, expert_load_per_layer=[1.0, 2.0])
-    prof = profile_from_dict({
-        "format": "moecluster-profile", "version": 1, "network": "10gbe",
-        "times_s": {"attention_per_layer": [[1, 0.001], [4, 0.002]], "expert_eval": 0.0005,
-                    "head": 0.003, "sampling": 0.0001},
-        "memory_efficiency": 0.5,
-        "allreduce": {"2": [[1000, 1e-4], [100000, 2e-4]]},
-    })
+    prof = profile_from_dict(
+        {
+            "format": "moecluster-profile",
+            "version": 1,
+            "network": "10gbe",
+            "times_s": {
+                "attention_per_layer": [[1, 0.001], [4, 0.002]],
+                "expert_eval": 0.0005,
+                "head": 0.003,
+                "sampling": 0.0001,
+            },
+            "memory_efficiency": 0.5,
+            "allreduce": {"2": [[1000, 1e-4], [100000, 2e-4]]},
+        }
+    )
     p = predict(shape, node, net, 2, profile=prof)
     assert p.step.attention == pytest.approx(40 * 0.001)
     assert p.step.experts == pytest.approx(40 * base.load.distinct * 0.0005)
@@ -286,6 +381,7 @@ def test_expert_load_and_profile_overrides():
 
 
 # -- presets and profiles -------------------------------------------------------------------
+
 
 def test_every_preset_number_has_a_source():
     raw = json.loads(PRESETS_PATH.read_text())
@@ -325,24 +421,34 @@ def test_extra_presets_and_unknown_names(tmp_path):
         load_presets(extra)
 
 
-@pytest.mark.parametrize("data, match", [
-    ({"format": "x", "version": 1}, "format"),
-    ({"format": "moecluster-profile", "version": 9}, "version"),
-    ({"format": "moecluster-profile", "version": 1, "times_s": {"attn": 1}}, "unknown times_s"),
-    ({"format": "moecluster-profile", "version": 1, "times_s": {"head": -1}}, ">= 0"),
-    ({"format": "moecluster-profile", "version": 1, "times_s": {"head": [[1, 2, 3]]}}, r"\[x, seconds\]"),
-    ({"format": "moecluster-profile", "version": 1, "allreduce": {"2": [[1, 1e-5]]}}, "network"),
-    ({"format": "moecluster-profile", "version": 1, "network": "n", "allreduce": {"1": [[1, 1]]}}, "world size"),
-])
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({"format": "x", "version": 1}, "format"),
+        ({"format": "moecluster-profile", "version": 9}, "version"),
+        ({"format": "moecluster-profile", "version": 1, "times_s": {"attn": 1}}, "unknown times_s"),
+        ({"format": "moecluster-profile", "version": 1, "times_s": {"head": -1}}, ">= 0"),
+        ({"format": "moecluster-profile", "version": 1, "times_s": {"head": [[1, 2, 3]]}}, r"\[x, seconds\]"),
+        ({"format": "moecluster-profile", "version": 1, "allreduce": {"2": [[1, 1e-5]]}}, "network"),
+        ({"format": "moecluster-profile", "version": 1, "network": "n", "allreduce": {"1": [[1, 1]]}}, "world size"),
+    ],
+)
 def test_malformed_profiles(data, match):
     with pytest.raises(MoeClusterError, match=match):
         profile_from_dict(data)
 
 
 def test_profile_round_trip(tmp_path):
-    prof = profile_from_dict({"format": "moecluster-profile", "version": 1, "network": "10gbe",
-                              "model": "dbrx", "times_s": {"router_per_layer": 2e-5},
-                              "allreduce": {"2": [[10, 1e-5], [1000, 2e-5]]}})
+    prof = profile_from_dict(
+        {
+            "format": "moecluster-profile",
+            "version": 1,
+            "network": "10gbe",
+            "model": "dbrx",
+            "times_s": {"router_per_layer": 2e-5},
+            "allreduce": {"2": [[10, 1e-5], [1000, 2e-5]]},
+        }
+    )
     path = tmp_path / "prof.json"
     path.write_text(json.dumps(prof.to_dict()))
     again = load_profile(path)
@@ -354,6 +460,7 @@ def test_profile_round_trip(tmp_path):
 
 # -- CLI ------------------------------------------------------------------------------------
 
+
 def plan_args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     plan_cli.register(parser.add_subparsers())
@@ -361,15 +468,40 @@ def plan_args(*argv: str) -> argparse.Namespace:
 
 
 def test_plan_json_and_plots(tmp_path, capsys):
-    args = plan_args("--model", "dbrx", "--node", "m2-ultra-192", "--nodes", "1-4",
-                     "--network", "10gbe,rocev2-25g,ib-200g", "--compare", "8xh100:120:300000",
-                     "--plot-dir", str(tmp_path / "plots"), "--json")
+    args = plan_args(
+        "--model",
+        "dbrx",
+        "--node",
+        "m2-ultra-192",
+        "--nodes",
+        "1-4",
+        "--network",
+        "10gbe,rocev2-25g,ib-200g",
+        "--compare",
+        "8xh100:120:300000",
+        "--plot-dir",
+        str(tmp_path / "plots"),
+        "--json",
+    )
     assert plan_cli.run_plan(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert len(report["configs"]) == 12
     c = report["configs"][1]
-    for key in ("network", "nodes", "fits", "decode_tok_s", "breakdown_ms", "shares", "comm_share",
-                "memory_gb", "ttft_s", "price_usd", "tok_s_per_1000usd", "vs_reference", "notes"):
+    for key in (
+        "network",
+        "nodes",
+        "fits",
+        "decode_tok_s",
+        "breakdown_ms",
+        "shares",
+        "comm_share",
+        "memory_gb",
+        "ttft_s",
+        "price_usd",
+        "tok_s_per_1000usd",
+        "vs_reference",
+        "notes",
+    ):
         assert key in c
     assert report["compare"]["tok_s_per_1000usd"] == pytest.approx(0.4)
     assert len(report["plots"]) == 3
@@ -386,11 +518,17 @@ def test_plan_table_and_system_compare(capsys):
 
 def test_plan_with_profile_file(tmp_path, capsys):
     path = tmp_path / "profile.json"
-    path.write_text(json.dumps({
-        "format": "moecluster-profile", "version": 1, "network": "10gbe",
-        "times_s": {"attention_per_layer": 0.0004, "expert_eval": [[1, 0.00075], [4, 0.0008]]},
-        "allreduce": {"2": [[12288, 0.0006], [98304, 0.0007]]},
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "format": "moecluster-profile",
+                "version": 1,
+                "network": "10gbe",
+                "times_s": {"attention_per_layer": 0.0004, "expert_eval": [[1, 0.00075], [4, 0.0008]]},
+                "allreduce": {"2": [[12288, 0.0006], [98304, 0.0007]]},
+            }
+        )
+    )
     report = plan_cli.build_report(plan_args("--profile", str(path), "--nodes", "2,4", "--no-plots"))
     two, four = report["configs"]
     assert report["profile"] and two["network"] == "10gbe"  # network defaults to the profile's
@@ -423,6 +561,7 @@ def test_cli_wiring(capsys):
 
 
 # -- engines, stacks, parallelism (issue 18) ------------------------------------------------
+
 
 def test_engines_name_every_prediction_and_the_paper_stack_reproduces_the_paper():
     from moecluster.perfmodel.stackfit import PAPER_SCENARIO, fit_stack
@@ -479,9 +618,23 @@ def test_parallelism_by_hand():
 def test_plan_parallelism_compare_validate_and_plots(tmp_path, capsys):
     csv = tmp_path / "measured.csv"
     csv.write_text("nodes,tok_s,network,parallelism,batch,label\n2,6.1,10gbe,ep,1,paper\n4,7.0,,ep,,paper\n")
-    args = plan_args("--nodes", "1-4", "--parallelism", "ep,tp,pp,ep+tp", "--stack", "paper-python-grpc",
-                     "--compare", "8xh100", "--validate", str(csv), "--measured", str(csv),
-                     "--plot-dir", str(tmp_path / "plots"), "--json")
+    args = plan_args(
+        "--nodes",
+        "1-4",
+        "--parallelism",
+        "ep,tp,pp,ep+tp",
+        "--stack",
+        "paper-python-grpc",
+        "--compare",
+        "8xh100",
+        "--validate",
+        str(csv),
+        "--measured",
+        str(csv),
+        "--plot-dir",
+        str(tmp_path / "plots"),
+        "--json",
+    )
     assert plan_cli.run_plan(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["engine"]["name"] == "mlx-metal+paper-python-grpc" and report["engine"]["sources"]
@@ -494,8 +647,9 @@ def test_plan_parallelism_compare_validate_and_plots(tmp_path, capsys):
     assert [r["batch"] for r in ref["batches"]] == [1, 256] and "max_num_seqs" in ref["batch_source"]
     assert ref["batches"][1]["tok_s"] > ref["batches"][0]["tok_s"] and ref["cluster"]
     assert any(p.endswith("parallelism_10gbe.png") for p in report["plots"])
-    plan_cli.run_plan(plan_args("--nodes", "2", "--parallelism", "all", "--compare", "8xh100", "--no-plots",
-                                "--validate", str(csv)))
+    plan_cli.run_plan(
+        plan_args("--nodes", "2", "--parallelism", "all", "--compare", "8xh100", "--no-plots", "--validate", str(csv))
+    )
     out = capsys.readouterr().out
     assert "engine mlx-metal" in out and "validation" in out and "normally run at batch 256" in out
     csv.write_text("nodes,speed\n2,3\n")

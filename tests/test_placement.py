@@ -27,24 +27,41 @@ from moecluster.planning.planner import GB, Cluster, plan
 from moecluster.planning.routing_stats import RoutingStats, stats_from_trace, zipf_trace
 from moecluster.planning.sizes import ModelSizes
 
-DBRX_CONFIG = {"model_type": "dbrx", "d_model": 6144, "n_layers": 40, "n_heads": 48,
-               "vocab_size": 100352, "attn_config": {"kv_n_heads": 8},
-               "ffn_config": {"moe_num_experts": 16, "moe_top_k": 4, "ffn_hidden_size": 10752},
-               "torch_dtype": "bfloat16"}
-MIXTRAL_CONFIG = {"model_type": "mixtral", "hidden_size": 4096, "num_hidden_layers": 32,
-                  "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336,
-                  "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000,
-                  "torch_dtype": "bfloat16"}
+DBRX_CONFIG = {
+    "model_type": "dbrx",
+    "d_model": 6144,
+    "n_layers": 40,
+    "n_heads": 48,
+    "vocab_size": 100352,
+    "attn_config": {"kv_n_heads": 8},
+    "ffn_config": {"moe_num_experts": 16, "moe_top_k": 4, "ffn_hidden_size": 10752},
+    "torch_dtype": "bfloat16",
+}
+MIXTRAL_CONFIG = {
+    "model_type": "mixtral",
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "intermediate_size": 14336,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "vocab_size": 32000,
+    "torch_dtype": "bfloat16",
+}
 
 
 def random_ids(rng: random.Random, num_tokens: int, num_experts: int, top_k: int) -> list[list[int]]:
     return [rng.sample(range(num_experts), top_k) for _ in range(num_tokens)]
 
 
-def random_placement(rng: random.Random, num_layers: int, num_experts: int, world_size: int,
-                     speeds: list[float] | None = None) -> Placement:
-    holders = [[rng.sample(range(world_size), rng.randint(1, world_size))
-                for _ in range(num_experts)] for _ in range(num_layers)]
+def random_placement(
+    rng: random.Random, num_layers: int, num_experts: int, world_size: int, speeds: list[float] | None = None
+) -> Placement:
+    holders = [
+        [rng.sample(range(world_size), rng.randint(1, world_size)) for _ in range(num_experts)]
+        for _ in range(num_layers)
+    ]
     return Placement(holders, world_size, speeds)
 
 
@@ -148,9 +165,8 @@ def test_replay_matches_assign(batch: int) -> None:
         experts_NB, _ = replay.loads([p.holders(0, e) for e in range(16)])
         want = np.zeros_like(experts_NB)
         for b in range(len(ids) // batch):
-            chunk = ids[b * batch:(b + 1) * batch]
-            for r, _e in {(r, e) for row, rr in zip(chunk, p.assign(0, chunk))
-                          for e, r in zip(row, rr)}:
+            chunk = ids[b * batch : (b + 1) * batch]
+            for r, _e in {(r, e) for row, rr in zip(chunk, p.assign(0, chunk)) for e, r in zip(row, rr)}:
                 want[r, b] += 1
         assert np.array_equal(experts_NB, want)
 
@@ -173,15 +189,18 @@ def test_json_round_trip_and_compact_form(tmp_path) -> None:
     assert Placement.from_json(mixed).holders(1, 5) == (2,)
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"format": "x"}, "not a placement file"),
-    ({"default": [[0]] * 7}, "needs a list of 8"),
-    ({"default": [[0]] * 7 + [[]]}, "no holder"),
-    ({"default": [[0]] * 7 + [[3]]}, "not a rank index"),
-    ({"default": [[0]] * 7 + [[1, 1]]}, "twice"),
-    ({"speeds": [1.0, 0.0, 1.0]}, "speeds"),
-    ({"layers": [None]}, "must list 2 layers"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"format": "x"}, "not a placement file"),
+        ({"default": [[0]] * 7}, "needs a list of 8"),
+        ({"default": [[0]] * 7 + [[]]}, "no holder"),
+        ({"default": [[0]] * 7 + [[3]]}, "not a rank index"),
+        ({"default": [[0]] * 7 + [[1, 1]]}, "twice"),
+        ({"speeds": [1.0, 0.0, 1.0]}, "speeds"),
+        ({"layers": [None]}, "must list 2 layers"),
+    ],
+)
 def test_json_validation_errors(change: dict, message: str) -> None:
     data = {**make_placement("contiguous", 8, 2, 3).to_json(), **change}
     with pytest.raises(MoeClusterError, match=message):
@@ -213,15 +232,17 @@ def test_routing_stats_record_save_load(tmp_path) -> None:
         loaded.check_model(40, 16)
 
 
-@pytest.mark.parametrize("layer,message", [
-    ({"tokens": 1}, "needs"),
-    ({"tokens": 1, "counts": [1, 1, 1]}, "4 non-negative"),
-    ({"tokens": 1, "counts": [1, 1, 0, 0], "coactivation": [[1]]}, "4x4"),
-    ({"tokens": 1, "counts": [1, 1, 0, 0], "samples": [[0, 9]]}, "expert ids"),
-])
+@pytest.mark.parametrize(
+    "layer,message",
+    [
+        ({"tokens": 1}, "needs"),
+        ({"tokens": 1, "counts": [1, 1, 1]}, "4 non-negative"),
+        ({"tokens": 1, "counts": [1, 1, 0, 0], "coactivation": [[1]]}, "4x4"),
+        ({"tokens": 1, "counts": [1, 1, 0, 0], "samples": [[0, 9]]}, "expert ids"),
+    ],
+)
 def test_routing_stats_validation(layer: dict, message: str) -> None:
-    data = {"format": "moecluster-routing-stats/1", "num_layers": 1, "num_experts": 4,
-            "top_k": 2, "layers": [layer]}
+    data = {"format": "moecluster-routing-stats/1", "num_layers": 1, "num_experts": 4, "top_k": 2, "layers": [layer]}
     with pytest.raises(MoeClusterError, match=message):
         RoutingStats.from_json(data)
 
@@ -235,13 +256,19 @@ def test_zipf_trace_is_skewed_and_permuted() -> None:
 
 
 # ---- planner ----------------------------------------------------------------------------
-def dbrx_cluster(memory_gb: list[float] | None, speeds: list[float] | None = None,
-                 reserve_gb: float = 0.0) -> tuple[ModelSizes, Cluster]:
+def dbrx_cluster(
+    memory_gb: list[float] | None, speeds: list[float] | None = None, reserve_gb: float = 0.0
+) -> tuple[ModelSizes, Cluster]:
     sizes = ModelSizes.from_hf_config(DBRX_CONFIG)
     n = len(memory_gb or speeds)
-    cluster = Cluster(n, tuple(speeds or [1.0] * n),
-                      tuple(m * GB for m in memory_gb) if memory_gb else None,
-                      sizes.fixed_bytes, sizes.bytes_per_expert, reserve_gb * GB)
+    cluster = Cluster(
+        n,
+        tuple(speeds or [1.0] * n),
+        tuple(m * GB for m in memory_gb) if memory_gb else None,
+        sizes.fixed_bytes,
+        sizes.bytes_per_expert,
+        reserve_gb * GB,
+    )
     return sizes, cluster
 
 
@@ -323,8 +350,25 @@ def test_place_command_writes_loadable_placement(tmp_path, capsys) -> None:
     stats_path = tmp_path / "stats.json"
     stats_from_trace(zipf_trace(32, 8, 2, 256, seed=0), 8).save(str(stats_path))
     out = tmp_path / "placement.json"
-    assert run_place(["--model", str(tmp_path), "--nodes", "3", "--memory-gb", "64,32,16",
-                      "--speed", "1,1,0.5", "--stats", str(stats_path), "--out", str(out)]) == 0
+    assert (
+        run_place(
+            [
+                "--model",
+                str(tmp_path),
+                "--nodes",
+                "3",
+                "--memory-gb",
+                "64,32,16",
+                "--speed",
+                "1,1,0.5",
+                "--stats",
+                str(stats_path),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "optimized" in text and "contiguous" in text and "fits" in text
     p = make_placement(str(out), 8, 32, 3)

@@ -88,9 +88,23 @@ def test_two_rank_server_with_prefix_cache_equals_without(tiny_dbrx, tmp_path):
         srv = ServerProc(tiny_dbrx, tmp_path / f"server{len(extra)}.log", *extra)
         try:
             client = srv.client()
-            outputs.append([client.completions.create(model="tiny", prompt=p, max_tokens=8, temperature=t, seed=5,
-                                                      n=2, extra_body={"ignore_eos": True}).choices[1].text
-                            for p in prompts for t in (0.0, 0.9)])
+            outputs.append(
+                [
+                    client.completions.create(
+                        model="tiny",
+                        prompt=p,
+                        max_tokens=8,
+                        temperature=t,
+                        seed=5,
+                        n=2,
+                        extra_body={"ignore_eos": True},
+                    )
+                    .choices[1]
+                    .text
+                    for p in prompts
+                    for t in (0.0, 0.9)
+                ]
+            )
             out = client.completions.create(model="tiny", prompt=prompts[1], max_tokens=2)
             details = out.usage.prompt_tokens_details if out.usage else None
             cached.append(details.cached_tokens if details else 0)

@@ -26,13 +26,22 @@ from moecluster.quant import (
     quantize_int8,
 )
 
-needs_kernel = pytest.mark.skipif(not kernels.moe_gemm_q_available(),
-                                  reason=f"moe_gemm_q unavailable: {kernels.q_unavailable_reason}")
+needs_kernel = pytest.mark.skipif(
+    not kernels.moe_gemm_q_available(), reason=f"moe_gemm_q unavailable: {kernels.q_unavailable_reason}"
+)
 # (format, O, I, group): O not a multiple of 4; fp8 with a partial 128-block (160) and one the kernel leaves to
 # torch (200); mxfp4 with an odd number of 32-groups (96)
-SHAPES = [("int8", 37, 256, 64), ("int8", 64, 384, 128), ("int4", 37, 256, 128), ("int4", 64, 384, 64),
-          ("fp8", 37, 256, None), ("fp8", 130, 160, None), ("fp8", 12, 200, None),
-          ("mxfp4", 37, 256, None), ("mxfp4", 21, 96, None)]
+SHAPES = [
+    ("int8", 37, 256, 64),
+    ("int8", 64, 384, 128),
+    ("int4", 37, 256, 128),
+    ("int4", 64, 384, 64),
+    ("fp8", 37, 256, None),
+    ("fp8", 130, 160, None),
+    ("fp8", 12, 200, None),
+    ("mxfp4", 37, 256, None),
+    ("mxfp4", 21, 96, None),
+]
 
 
 def random_stack(fmt: str, e: int, O: int, I: int, group: int | None, seed: int = 0) -> QuantizedStack:
@@ -60,8 +69,9 @@ def pairs_reference(stack, local, counts, x_nI, x_rows) -> tuple[torch.Tensor, t
 
 
 def run(fn, stack, local, counts, x, x_rows, out_dtype=torch.float32):
-    return fn(stack, local, counts, x, x_rows, torch.zeros(len(x_rows), stack.O, dtype=out_dtype),
-              list(range(len(x_rows))))
+    return fn(
+        stack, local, counts, x, x_rows, torch.zeros(len(x_rows), stack.O, dtype=out_dtype), list(range(len(x_rows)))
+    )
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
@@ -103,8 +113,12 @@ def test_mxfp4_dequantization_matches_transformers():
 def test_quantization_config_formats_and_errors():
     assert format_from_quantization_config(None) is None
     assert format_from_quantization_config({"quant_method": "mxfp4"}) == "mxfp4"
-    assert format_from_quantization_config({"quant_method": "fp8", "weight_block_size": [128, 128], "fmt": "e4m3",
-                                            "activation_scheme": "dynamic"}) == "fp8"
+    assert (
+        format_from_quantization_config(
+            {"quant_method": "fp8", "weight_block_size": [128, 128], "fmt": "e4m3", "activation_scheme": "dynamic"}
+        )
+        == "fp8"
+    )
     for method in ("gptq", "awq", "bitsandbytes"):
         with pytest.raises(MoeClusterError, match=f"'{method}'.*not supported.*'fp8', 'mxfp4'"):
             format_from_quantization_config({"quant_method": method, "bits": 4})
@@ -146,8 +160,11 @@ def test_kernel_equals_reference(fmt, O, I, g):
         assert ((out.double() - ref).abs() <= 1e-5 * mag).all()
         # against the unquantized x: half a step of x per element, weighted by |w|
         exact, _ = pairs_reference(stack, local, counts, x, x_rows)
-        step_nI = (x.float().unflatten(-1, (-1, stack.group_size)).abs().amax(-1, keepdim=True) / 127
-                   ).expand(-1, -1, stack.group_size).flatten(-2)
+        step_nI = (
+            (x.float().unflatten(-1, (-1, stack.group_size)).abs().amax(-1, keepdim=True) / 127)
+            .expand(-1, -1, stack.group_size)
+            .flatten(-2)
+        )
         _, wabs = pairs_reference(stack, local, counts, step_nI / 2, x_rows)
         assert ((out.double() - exact).abs() <= wabs * (1 + 1e-4) + 1e-5 * mag).all()
     else:

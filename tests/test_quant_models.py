@@ -29,8 +29,10 @@ from moecluster.loading import load_model, read_config
 from moecluster.quant import dequantize_fp8_block, quantize_fp8_block
 from moecluster.quant.experts import QuantizedLinear, QuantizedRoutedExperts, QuantOptions
 
-WIDE = {"qwen3_moe": dict(hidden_size=128, moe_intermediate_size=128, intermediate_size=256, head_dim=32),
-        "mixtral": dict(hidden_size=128, intermediate_size=128)}
+WIDE = {
+    "qwen3_moe": dict(hidden_size=128, moe_intermediate_size=128, intermediate_size=256, head_dim=32),
+    "mixtral": dict(hidden_size=128, intermediate_size=128),
+}
 FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
 IDS = torch.randint(0, VOCAB, (1, 64), generator=torch.Generator().manual_seed(7))
 
@@ -183,8 +185,10 @@ def test_two_ranks_bit_identical_to_one_with_quantized_experts(wide_qwen, fp8_mo
 
     jobs = [{"name": "fp8", "model": str(fp8_model[1]), "placement": "round-robin"}]
     if fp8_model[0] == "qwen3_moe":  # int8/int4 once
-        jobs += [{"name": "int8", "model": str(wide_qwen), "placement": "round-robin", "quantize": "int8"},
-                 {"name": "int4", "model": str(wide_qwen), "placement": "contiguous", "quantize": "int4"}]
+        jobs += [
+            {"name": "int8", "model": str(wide_qwen), "placement": "round-robin", "quantize": "int8"},
+            {"name": "int4", "model": str(wide_qwen), "placement": "contiguous", "quantize": "int4"},
+        ]
     results = run_jobs(jobs, "mpi", 2, tmp_path)
     torch.set_num_threads(1)  # as each rank runs
     for job in jobs:
@@ -223,8 +227,27 @@ def test_cli_generate_quantize_and_errors(wide_qwen, tmp_path, capsys):
     from moecluster.cli import main
 
     report = tmp_path / "report.json"
-    assert main(["generate", "--model", str(wide_qwen), "--prompt", "hello", "--max-tokens", "4", "--quiet",
-                 "--quantize", "int4", "--quant-group-size", "64", "--report", str(report)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(wide_qwen),
+                "--prompt",
+                "hello",
+                "--max-tokens",
+                "4",
+                "--quiet",
+                "--quantize",
+                "int4",
+                "--quant-group-size",
+                "64",
+                "--report",
+                str(report),
+            ]
+        )
+        == 0
+    )
     rank = json.loads(report.read_text())["ranks"][0]
     n = 3 * 128 * 128  # one expert's weights; 8 experts x 2 MoE layers held as int4 + fp32 scales per 64
     assert rank["expert_bytes"] == 16 * (n // 2 + 4 * n // 64)

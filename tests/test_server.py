@@ -34,9 +34,27 @@ class ServerProc:
         self.port, self.model = free_port(), model
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        cmd = [sys.executable, "-m", "moecluster.cli", "serve", "--model", str(model), "--model-name", "tiny",
-               "--port", str(self.port), "--nodes", str(nodes), "--backend", backend, "--dtype", "fp32",
-               "--api-key", KEY, *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "moecluster.cli",
+            "serve",
+            "--model",
+            str(model),
+            "--model-name",
+            "tiny",
+            "--port",
+            str(self.port),
+            "--nodes",
+            str(nodes),
+            "--backend",
+            backend,
+            "--dtype",
+            "fp32",
+            "--api-key",
+            KEY,
+            *extra,
+        ]
         self.proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
@@ -64,8 +82,12 @@ class ServerProc:
                 env, cmd = child.environ(), " ".join(child.cmdline())
             except psutil.Error:
                 continue
-            if ("--rank-worker" in cmd and env.get("PMI_RANK", env.get("RANK")) == str(rank)
-                    and "mpiexec" not in cmd and "--wrap-rank" not in cmd):  # the rank, not its MPI wrapper
+            if (
+                "--rank-worker" in cmd
+                and env.get("PMI_RANK", env.get("RANK")) == str(rank)
+                and "mpiexec" not in cmd
+                and "--wrap-rank" not in cmd
+            ):  # the rank, not its MPI wrapper
                 return child
         raise AssertionError(f"rank {rank} not found")
 
@@ -84,15 +106,24 @@ class ServerProc:
 
 @pytest.fixture(scope="module")
 def server(tiny_dbrx, tmp_path_factory):
-    srv = ServerProc(tiny_dbrx, tmp_path_factory.mktemp("serve") / "server.log", "--max-batch", "4",
-                     "--max-queue", "2", "--timeout", "4")
+    srv = ServerProc(
+        tiny_dbrx,
+        tmp_path_factory.mktemp("serve") / "server.log",
+        "--max-batch",
+        "4",
+        "--max-queue",
+        "2",
+        "--timeout",
+        "4",
+    )
     yield srv
     srv.stop()
 
 
 def _complete(client: openai.OpenAI, prompt: str, max_tokens: int, **kw):
-    return client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                     extra_body={"ignore_eos": True}, **kw)
+    return client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True}, **kw
+    )
 
 
 def _assert_error(resp: httpx.Response, status: int, param: str | None = None, code: str | None = None) -> dict:
@@ -130,9 +161,13 @@ def test_models_completion_chat(server):
     out = _complete(client, "Hello world", 8)
     assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 8
     assert out.usage.prompt_tokens > 0 and out.object == "text_completion"
-    chat = client.chat.completions.create(model="tiny", messages=[{"role": "system", "content": "Be brief."},
-                                                                   {"role": "user", "content": "Hi"}],
-                                          max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        max_tokens=6,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 6
     assert chat.choices[0].finish_reason == "length"
 
@@ -146,10 +181,12 @@ def test_streaming_equals_non_streaming(server):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     msgs = [{"role": "user", "content": "Hi there"}]
-    ref = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, temperature=0,
-                                         extra_body={"ignore_eos": True})
-    stream = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, temperature=0, stream=True,
-                                            extra_body={"ignore_eos": True})
+    ref = client.chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=10, temperature=0, extra_body={"ignore_eos": True}
+    )
+    stream = client.chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=10, temperature=0, stream=True, extra_body={"ignore_eos": True}
+    )
     parts = list(stream)
     assert parts[0].choices[0].delta.role == "assistant"
     assert "".join(p.choices[0].delta.content or "" for p in parts) == ref.choices[0].message.content
@@ -161,8 +198,9 @@ def test_concurrent_equals_alone(server):
     client = server.client()
     lengths = [24, 9, 17, 30]
     alone = [_complete(client, p, n).choices[0].text for p, n in zip(PROMPTS, lengths)]
-    rows_before = (server.metric("moecluster_decode_batch_rows_sum")
-                   - server.metric("moecluster_decode_batch_rows_count"))
+    rows_before = server.metric("moecluster_decode_batch_rows_sum") - server.metric(
+        "moecluster_decode_batch_rows_count"
+    )
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         together = list(pool.map(lambda a: _complete(client, *a).choices[0].text, zip(PROMPTS, lengths)))
     assert together == alone
@@ -176,8 +214,9 @@ def test_concurrent_equals_alone(server):
 @pytest.mark.multirank
 def test_serve_cli_errors(server, tmp_path):
     def serve(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "moecluster.cli", "serve", *args], capture_output=True,
-                              text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "moecluster.cli", "serve", *args], capture_output=True, text=True, timeout=60
+        )
 
     res = serve("--model", str(tmp_path / "nope"))
     assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr
@@ -200,42 +239,78 @@ def test_stop_string(server):
     text = _complete(client, "The quick brown fox", 20).choices[0].text
     stop = text[6:9]
     out = _complete(client, "The quick brown fox", 20, stop=[stop])
-    assert out.choices[0].text == text[:text.find(stop)] and out.choices[0].finish_reason == "stop"
+    assert out.choices[0].text == text[: text.find(stop)] and out.choices[0].finish_reason == "stop"
 
 
-@pytest.mark.parametrize("path, body, status, param, code", [
-    ("/v1/completions", "{not json", 400, None, None),
-    ("/v1/completions", "[1, 2]", 400, None, None),
-    ("/v1/completions", {"model": "tiny"}, 400, "prompt", None),
-    ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": "5"}, 400, "max_tokens", None),
-    ("/v1/completions", {"model": "tiny", "prompt": "hi", "temperature": "hot"}, 400, "temperature", None),
-    ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens", None),
-    ("/v1/completions", {"model": "tiny", "prompt": "hi", "guided_json": {}}, 400, "guided_json",
-     "unsupported_parameter"),
-    ("/v1/completions", {"model": "tiny", "prompt": [5, 99999]}, 400, "prompt", None),
-    ("/v1/completions", {"model": "tiny", "prompt": ["a", "b"]}, 400, "prompt", None),
-    ("/v1/completions", {"model": "tiny", "prompt": ""}, 400, "prompt", None),
-    ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404, "model", "model_not_found"),
-    ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 300}, 400, "max_tokens",
-     "context_length_exceeded"),
-    ("/v1/completions", {"model": "tiny", "prompt": "hi " * 300}, 400, "max_tokens", "context_length_exceeded"),
-    ("/v1/completions", {"model": "tiny", "prompt": "hi", "n": 9}, 400, "n", None),
-    ("/v1/completions", {"model": "tiny", "prompt": "hi", "logprobs": 21}, 400, "logprobs", None),
-    ("/v1/completions", {"model": "tiny", "prompt": "hi", "echo": True}, 400, "echo", "unsupported_parameter"),
-    ("/v1/completions", {"model": "tiny", "prompt": "hi", "best_of": 3}, 400, "best_of", "unsupported_parameter"),
-    ("/v1/completions", {"model": "tiny", "prompt": "hi", "stop": [""]}, 400, "stop", None),
-    ("/v1/chat/completions", {"model": "tiny", "messages": "hi"}, 400, "messages", None),
-    ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages", None),
-    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, 400, None, None),
-    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
-     400, "top_logprobs", "unsupported_parameter"),
-    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
-                              "tools": [{"type": "function"}]}, 400, "tools[0]", None),
-    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, 400, "messages[0].content", None),
-    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
-                              "presence_penalty": 3.0}, 400, "presence_penalty", None),
-])
+@pytest.mark.parametrize(
+    "path, body, status, param, code",
+    [
+        ("/v1/completions", "{not json", 400, None, None),
+        ("/v1/completions", "[1, 2]", 400, None, None),
+        ("/v1/completions", {"model": "tiny"}, 400, "prompt", None),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": "5"}, 400, "max_tokens", None),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "temperature": "hot"}, 400, "temperature", None),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens", None),
+        (
+            "/v1/completions",
+            {"model": "tiny", "prompt": "hi", "guided_json": {}},
+            400,
+            "guided_json",
+            "unsupported_parameter",
+        ),
+        ("/v1/completions", {"model": "tiny", "prompt": [5, 99999]}, 400, "prompt", None),
+        ("/v1/completions", {"model": "tiny", "prompt": ["a", "b"]}, 400, "prompt", None),
+        ("/v1/completions", {"model": "tiny", "prompt": ""}, 400, "prompt", None),
+        ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404, "model", "model_not_found"),
+        (
+            "/v1/completions",
+            {"model": "tiny", "prompt": "hi", "max_tokens": 300},
+            400,
+            "max_tokens",
+            "context_length_exceeded",
+        ),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi " * 300}, 400, "max_tokens", "context_length_exceeded"),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "n": 9}, 400, "n", None),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "logprobs": 21}, 400, "logprobs", None),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "echo": True}, 400, "echo", "unsupported_parameter"),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "best_of": 3}, 400, "best_of", "unsupported_parameter"),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "stop": [""]}, 400, "stop", None),
+        ("/v1/chat/completions", {"model": "tiny", "messages": "hi"}, 400, "messages", None),
+        ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages", None),
+        ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, 400, None, None),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+            400,
+            "top_logprobs",
+            "unsupported_parameter",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+            400,
+            "tools[0]",
+            None,
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "model": "tiny",
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}],
+            },
+            400,
+            "messages[0].content",
+            None,
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "presence_penalty": 3.0},
+            400,
+            "presence_penalty",
+            None,
+        ),
+    ],
+)
 @pytest.mark.multirank
 def test_bad_requests(server, path, body, status, param, code):
     _assert_error(server.post(path, body), status, param, code)
@@ -243,8 +318,9 @@ def test_bad_requests(server, path, body, status, param, code):
 
 @pytest.mark.multirank
 def test_routing_and_auth_errors(server):
-    _assert_error(server.post("/v1/completions", {"model": "tiny", "prompt": "hi"}, key=None), 401,
-                  code="invalid_api_key")
+    _assert_error(
+        server.post("/v1/completions", {"model": "tiny", "prompt": "hi"}, key=None), 401, code="invalid_api_key"
+    )
     _assert_error(server.post("/v1/completions", {"model": "tiny", "prompt": "hi"}, key="wrong"), 401)
     _assert_error(httpx.get(server.url + "/v1/nothing", timeout=10), 404)
     _assert_error(httpx.get(server.url + "/v1/completions", timeout=10), 405)
@@ -256,9 +332,19 @@ def test_routing_and_auth_errors(server):
 
 def _open_stream(server: ServerProc, max_tokens: int = 240) -> httpx.Response:
     client = httpx.Client(timeout=30)
-    req = client.build_request("POST", server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
-                               json={"model": "tiny", "prompt": "Hello", "max_tokens": max_tokens, "stream": True,
-                                     "temperature": 0, "ignore_eos": True})
+    req = client.build_request(
+        "POST",
+        server.url + "/v1/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={
+            "model": "tiny",
+            "prompt": "Hello",
+            "max_tokens": max_tokens,
+            "stream": True,
+            "temperature": 0,
+            "ignore_eos": True,
+        },
+    )
     return client.send(req, stream=True)
 
 
@@ -296,10 +382,15 @@ def test_metrics_and_health(server):
     health = httpx.get(server.url + "/health", timeout=10)
     assert health.status_code == 200 and health.json()["world_size"] == 2
     text = httpx.get(server.url + "/metrics", timeout=10).text
-    for name in ("moecluster_requests_total", "moecluster_generation_tokens_total",
-                 "moecluster_time_to_first_token_seconds_bucket", "moecluster_time_per_output_token_seconds_bucket",
-                 'moecluster_layer_exchange_seconds_bucket{kind="decode",layer="2"',
-                 'moecluster_expert_load_imbalance{level="rank"}', 'moecluster_expert_load_imbalance{level="expert"}'):
+    for name in (
+        "moecluster_requests_total",
+        "moecluster_generation_tokens_total",
+        "moecluster_time_to_first_token_seconds_bucket",
+        "moecluster_time_per_output_token_seconds_bucket",
+        'moecluster_layer_exchange_seconds_bucket{kind="decode",layer="2"',
+        'moecluster_expert_load_imbalance{level="rank"}',
+        'moecluster_expert_load_imbalance{level="expert"}',
+    ):
         assert name in text, name
     assert server.metric("moecluster_time_to_first_token_seconds_count") > 0
     assert server.metric('moecluster_requests_total{endpoint="/v1/completions",status="400"}') > 0
@@ -349,8 +440,11 @@ def test_killed_rank_gives_503_and_health(tiny_dbrx, tmp_path, backend):
         assert error and error["code"] == "cluster_unavailable" and "rank 1" in error["message"], error
         health = httpx.get(srv.url + "/health", timeout=10)
         assert health.status_code == 503 and "rank 1" in health.json()["reason"]
-        _assert_error(srv.post("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2}), 503,
-                      code="cluster_unavailable")
+        _assert_error(
+            srv.post("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2}),
+            503,
+            code="cluster_unavailable",
+        )
         assert srv.proc.poll() is None, srv.log.read_text()
     finally:
         srv.stop()

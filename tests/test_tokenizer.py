@@ -21,22 +21,39 @@ from moecluster.errors import MoeClusterError
 from moecluster.tokenizer import IncrementalDecoder, Tokenizer
 
 SPECIAL = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "[INST]", "[/INST]"]
-CORPUS = ["The quick brown fox jumps over the lazy dog. Mixture of experts route every token to a few experts.",
-          "Café, naïve, résumé, déjà vu, señor, Über, façade. Hello world! How are you today?",
-          "你好世界，专家混合模型。こんにちは世界。 Emoji: 😀 🎉 🚀 👋🏽 and ✓ ✗ → ∑ ≠ ∞.",
-          "def f(x):\n    return {\"a\": [1, 2, 3]}  # code\n\ttabs and  double  spaces\n"] * 3
-TEXTS = CORPUS[:4] + ["", " ", "  leading spaces", "a\nb\n\nc", "🚀🚀🚀", "ünïcödé 你好 😀!", "<0x41> is not a byte",
-                      "x" * 50, "end with emoji 🎉", "\n\nnewlines first"]
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. Mixture of experts route every token to a few experts.",
+    "Café, naïve, résumé, déjà vu, señor, Über, façade. Hello world! How are you today?",
+    "你好世界，专家混合模型。こんにちは世界。 Emoji: 😀 🎉 🚀 👋🏽 and ✓ ✗ → ∑ ≠ ∞.",
+    'def f(x):\n    return {"a": [1, 2, 3]}  # code\n\ttabs and  double  spaces\n',
+] * 3
+TEXTS = CORPUS[:4] + [
+    "",
+    " ",
+    "  leading spaces",
+    "a\nb\n\nc",
+    "🚀🚀🚀",
+    "ünïcödé 你好 😀!",
+    "<0x41> is not a byte",
+    "x" * 50,
+    "end with emoji 🎉",
+    "\n\nnewlines first",
+]
 
 
 # ---- tokenizers trained on the spot ----
+
 
 def _bytelevel() -> HFTokenizer:
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=SPECIAL, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=420,
+        special_tokens=SPECIAL,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS, trainer=trainer)
     return tok
 
@@ -61,8 +78,9 @@ def _byte_fallback(style: str) -> HFTokenizer:
     if style == "metaspace":
         tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace("▁", prepend_scheme="first")])
     else:
-        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                         decoders.Strip(" ", 1, 0)])
+        tok.decoder = decoders.Sequence(
+            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        )
     return tok
 
 
@@ -81,12 +99,13 @@ def tokenizer(request, tmp_path_factory) -> Tokenizer:
 
 # ---- incremental detokenization ----
 
+
 def _stream(tok: Tokenizer, ids: list[int]) -> tuple[list[str], str]:
     """Deltas per token (checking that emitted text is never taken back) and the flushed tail."""
     detok, deltas = IncrementalDecoder(tok), []
     for k, token in enumerate(ids):
         deltas.append(detok.push(token))
-        assert tok.decode(ids[:k + 1]).startswith("".join(deltas)) or _has_open_run(tok, ids[:k + 1])
+        assert tok.decode(ids[: k + 1]).startswith("".join(deltas)) or _has_open_run(tok, ids[: k + 1])
     assert detok.text() == tok.decode(ids)
     return deltas, detok.flush()
 
@@ -283,13 +302,15 @@ QWEN3_LIKE = """{%- if tools %}
     {%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}
 {%- endif %}"""
 # Mixtral's, verbatim in spirit: one line, BOS/EOS from the special tokens, raise_exception on bad role order
-MISTRAL_LIKE = ("{{ bos_token }}{% for message in messages %}"
-                "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-                "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
-                "{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
-                "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
-                "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}"
-                "{% endfor %}")
+MISTRAL_LIKE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}"
+    "{% endfor %}"
+)
 # ChatML with indented block tags: exercises trim_blocks and lstrip_blocks
 CHATML_LIKE = """{% for message in messages %}
     {% if loop.first and message['role'] != 'system' %}
@@ -303,24 +324,49 @@ You are a helpful assistant.<|im_end|>
 <|im_start|>assistant
 {% endif %}"""
 
-TOOLS = [{"type": "function", "function": {
-    "name": "get_weather", "description": "Météo d'une ville",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Météo d'une ville",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
 CHATS = {
     "one": [{"role": "user", "content": "Hi 👋 ça va? <b>&</b>"}],
-    "multi": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
-              {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}],
-    "no_system": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                  {"role": "user", "content": "c"}],
+    "multi": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And 3+3?"},
+    ],
+    "no_system": [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+    ],
 }
 QWEN_CHATS = {
-    "tools": [{"role": "system", "content": "Use tools."}, {"role": "user", "content": "Weather in Zürich?"},
-              {"role": "assistant", "content": None, "reasoning_content": "Call the tool.",
-               "tool_calls": [{"type": "function", "function": {"name": "get_weather",
-                                                                "arguments": {"city": "Zürich"}}}]},
-              {"role": "tool", "content": "12°C, 雨"}, {"role": "tool", "content": "wind 5 km/h"}],
-    "thinking": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1", "reasoning": "r1"},
-                 {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2", "thinking": "r2"}],
+    "tools": [
+        {"role": "system", "content": "Use tools."},
+        {"role": "user", "content": "Weather in Zürich?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "reasoning_content": "Call the tool.",
+            "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Zürich"}}}],
+        },
+        {"role": "tool", "content": "12°C, 雨"},
+        {"role": "tool", "content": "wind 5 km/h"},
+    ],
+    "thinking": [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1", "reasoning": "r1"},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "a2", "thinking": "r2"},
+    ],
 }
 
 
@@ -328,17 +374,26 @@ def _save_with_transformers(template, out: Path):
     """A tokenizer saved by transformers itself: save_pretrained writes chat_template.jinja."""
     from transformers import PreTrainedTokenizerFast
 
-    hf = PreTrainedTokenizerFast(tokenizer_object=_bytelevel(), bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                 extra_special_tokens={"image_token": "<|im_start|>"})
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=_bytelevel(),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "<|im_start|>"},
+    )
     hf.chat_template = template
     hf.save_pretrained(out)
     return hf, Tokenizer.from_dir(out, SimpleNamespace(eos_token_ids=[], bos_token_id=None))
 
 
-@pytest.mark.parametrize("name, template, chats", [("qwen3", QWEN3_LIKE, {**CHATS, **QWEN_CHATS}),
-                                                   ("mistral", MISTRAL_LIKE, {"one": CHATS["one"],
-                                                                              "no_system": CHATS["no_system"]}),
-                                                   ("chatml", CHATML_LIKE, CHATS)])
+@pytest.mark.parametrize(
+    "name, template, chats",
+    [
+        ("qwen3", QWEN3_LIKE, {**CHATS, **QWEN_CHATS}),
+        ("mistral", MISTRAL_LIKE, {"one": CHATS["one"], "no_system": CHATS["no_system"]}),
+        ("chatml", CHATML_LIKE, CHATS),
+    ],
+)
 def test_saved_checkpoint_renders_like_transformers(tmp_path, name, template, chats):
     hf, ours = _save_with_transformers(template, tmp_path)
     assert (tmp_path / "chat_template.jinja").is_file() and ours.chat_template == template
@@ -354,11 +409,13 @@ def test_saved_checkpoint_renders_like_transformers(tmp_path, name, template, ch
 
 
 def test_special_tokens_and_tojson_reach_the_template(tmp_path):
-    template = ("{{ bos_token }}|{{ eos_token }}|{{ unk_token }}|{{ image_token }}|{{ pad_token is defined }}|"
-                "{{ messages | tojson }}|{{ tools }}|{{ documents }}|"
-                "{{ messages[0] | tojson(indent=1, sort_keys=true) }}")
+    template = (
+        "{{ bos_token }}|{{ eos_token }}|{{ unk_token }}|{{ image_token }}|{{ pad_token is defined }}|"
+        "{{ messages | tojson }}|{{ tools }}|{{ documents }}|"
+        "{{ messages[0] | tojson(indent=1, sort_keys=true) }}"
+    )
     hf, ours = _save_with_transformers(template, tmp_path)
-    messages = [{"role": "user", "content": "é<&>\"", "n": 1.5, "flags": [True, None], "name": None}]
+    messages = [{"role": "user", "content": 'é<&>"', "n": 1.5, "flags": [True, None], "name": None}]
     want = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert ours.apply_chat_template(messages) == want
     assert want.startswith("<s>|</s>|<unk>|<|im_start|>|False|") and "é<&>" in want and "|None|None|" in want
@@ -366,7 +423,7 @@ def test_special_tokens_and_tojson_reach_the_template(tmp_path):
 
 def test_strftime_now_and_dict(tmp_path):
     _, ours = _save_with_transformers("{{ strftime_now('%Y') }} {{ dict(a=1) | tojson }}", tmp_path)
-    assert ours.apply_chat_template(CHATS["one"]) == f"{datetime.datetime.now().year} {{\"a\": 1}}"
+    assert ours.apply_chat_template(CHATS["one"]) == f'{datetime.datetime.now().year} {{"a": 1}}'
 
 
 def test_bad_role_order_raises_one_clear_error(tmp_path):
@@ -380,13 +437,16 @@ def test_bad_role_order_raises_one_clear_error(tmp_path):
         ours.apply_chat_template(bad)
 
 
-@pytest.mark.parametrize("template, message", [
-    ("{% for m in messages %}{{ m.content }", "syntax error at line 1"),
-    ("{{ messages.append(1) }}", "SecurityError"),
-    ("{% set ns = namespace(_x=1) %}", "namespace attribute '_x'"),
-    ("{{ messages[5].content.upper() }}", "UndefinedError"),
-    ("{{ 1 + 'a' }}", "TypeError"),
-])
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        ("{% for m in messages %}{{ m.content }", "syntax error at line 1"),
+        ("{{ messages.append(1) }}", "SecurityError"),
+        ("{% set ns = namespace(_x=1) %}", "namespace attribute '_x'"),
+        ("{{ messages[5].content.upper() }}", "UndefinedError"),
+        ("{{ 1 + 'a' }}", "TypeError"),
+    ],
+)
 def test_template_errors_are_moecluster_errors(tmp_path, template, message):
     _, ours = _save_with_transformers(template, tmp_path)
     with pytest.raises(MoeClusterError, match=message):
@@ -405,7 +465,7 @@ def test_config_template_forms_and_precedence(tmp_path):
     (tmp_path / "list" / "chat_template.jinja").write_text("file:{{ messages | length }}")
     assert Tokenizer.from_dir(tmp_path / "list", args).apply_chat_template(CHATS["multi"]) == "file:4"
     nodefault = _load(hf, tmp_path / "nodefault", {"chat_template": listed[:1]})
-    with pytest.raises(MoeClusterError, match="none named \"default\""):
+    with pytest.raises(MoeClusterError, match='none named "default"'):
         nodefault.apply_chat_template(CHATS["one"])
     with pytest.raises(MoeClusterError, match="no chat template"):
         _load(hf, tmp_path / "none", {}).apply_chat_template(CHATS["one"])

@@ -35,22 +35,36 @@ MISTRAL_TOOLS = (
     "'id': call.id} | tojson }}{% if not loop.last %}, {% endif %}{% endfor %}]{{ eos_token }}"
     "{% elif message.role == 'assistant' %}{{ message.content }}{{ eos_token }}"
     "{% elif message.role == 'tool' %}[TOOL_RESULTS] {{ {'content': message.content, 'call_id': "
-    "message.tool_call_id} | tojson }}[/TOOL_RESULTS]{% endif %}{% endfor %}")
+    "message.tool_call_id} | tojson }}[/TOOL_RESULTS]{% endif %}{% endfor %}"
+)
 DEEPSEEK_V3_TOOLS = "{{ '<｜tool▁calls▁begin｜>' }}{{ '```json' }}"  # only what detect_format reads
 HARMONY = "{{ '<|start|>assistant<|channel|>final<|message|>' }}"
 
 SCRIPTED = {  # format -> (model output, content, calls)
-    "hermes": ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich", "days": 2}}\n'
-               '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>',
-               "Let me check.\n\n", [("get_weather", ARGS), ("get_time", {})]),
-    "mistral": ('[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Zürich", "days": 2}}, '
-                '{"name": "get_time", "arguments": {}}]', "", [("get_weather", ARGS), ("get_time", {})]),
-    "deepseek_v3": ("Sure<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n"
-                    '{"city": "Zürich", "days": 2}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>', "Sure",
-                    [("get_weather", ARGS)]),
-    "harmony": ("<|channel|>analysis<|message|>Need weather.<|end|><|start|>assistant<|channel|>commentary "
-                'to=functions.get_weather <|constrain|>json<|message|>{"city": "Zürich", "days": 2}<|call|>', "",
-                [("get_weather", ARGS)]),
+    "hermes": (
+        'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich", "days": 2}}\n'
+        '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>',
+        "Let me check.\n\n",
+        [("get_weather", ARGS), ("get_time", {})],
+    ),
+    "mistral": (
+        '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Zürich", "days": 2}}, '
+        '{"name": "get_time", "arguments": {}}]',
+        "",
+        [("get_weather", ARGS), ("get_time", {})],
+    ),
+    "deepseek_v3": (
+        "Sure<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n"
+        '{"city": "Zürich", "days": 2}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>',
+        "Sure",
+        [("get_weather", ARGS)],
+    ),
+    "harmony": (
+        "<|channel|>analysis<|message|>Need weather.<|end|><|start|>assistant<|channel|>commentary "
+        'to=functions.get_weather <|constrain|>json<|message|>{"city": "Zürich", "days": 2}<|call|>',
+        "",
+        [("get_weather", ARGS)],
+    ),
 }
 
 
@@ -66,35 +80,62 @@ def test_each_format_parses(fmt):
 
 
 def test_format_variants_and_garbage():
-    assert _calls(parse("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Zürich", "days": 2}')) == \
-        [("get_weather", ARGS)]
+    assert _calls(parse("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Zürich", "days": 2}')) == [
+        ("get_weather", ARGS)
+    ]
     v31 = '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_time<｜tool▁sep｜>{"tz": "UTC"}<｜tool▁call▁end｜>'
     assert _calls(parse("deepseek_v3", v31)) == [("get_time", {"tz": "UTC"})]
-    final = parse("harmony", "<|channel|>analysis<|message|>think<|end|><|start|>assistant<|channel|>final"
-                             "<|message|>Hi!<|return|>")
+    final = parse(
+        "harmony",
+        "<|channel|>analysis<|message|>think<|end|><|start|>assistant<|channel|>final<|message|>Hi!<|return|>",
+    )
     assert (final.content, final.reasoning, final.calls) == ("Hi!", "think", [])
-    for fmt, bad in [("hermes", "<tool_call>\n{\"name\": \"f\", \"argu"), ("hermes", "<tool_call>[1]</tool_call>"),
-                     ("mistral", "[TOOL_CALLS][{\"nam"), ("deepseek_v3", "<｜tool▁calls▁begin｜>junk"),
-                     ("harmony", "<|channel|>commentary to=functions.f<|message|>{oops")]:
+    for fmt, bad in [
+        ("hermes", '<tool_call>\n{"name": "f", "argu'),
+        ("hermes", "<tool_call>[1]</tool_call>"),
+        ("mistral", '[TOOL_CALLS][{"nam'),
+        ("deepseek_v3", "<｜tool▁calls▁begin｜>junk"),
+        ("harmony", "<|channel|>commentary to=functions.f<|message|>{oops"),
+    ]:
         assert parse(fmt, bad).content == bad and not parse(fmt, bad).calls, (fmt, bad)
     assert parse("hermes", "no calls here").content == "no calls here"
 
 
 def test_detect_format_and_call_prefixes():
-    assert [detect_format(t) for t in (QWEN3_LIKE, MISTRAL_TOOLS, DEEPSEEK_V3_TOOLS, HARMONY)] == \
-        ["hermes", "mistral", "deepseek_v3", "harmony"]
-    for fmt, template in [("hermes", QWEN3_LIKE), ("mistral", MISTRAL_TOOLS), ("deepseek_v3", DEEPSEEK_V3_TOOLS),
-                          ("harmony", HARMONY)]:  # a named call's opening plus what the model writes parses
-        rest = '{"city": "Zürich", "days": 2}' + {"hermes": "}\n</tool_call>", "mistral": "}]",
-                                                  "deepseek_v3": "\n```<｜tool▁call▁end｜>", "harmony": ""}[fmt]
+    assert [detect_format(t) for t in (QWEN3_LIKE, MISTRAL_TOOLS, DEEPSEEK_V3_TOOLS, HARMONY)] == [
+        "hermes",
+        "mistral",
+        "deepseek_v3",
+        "harmony",
+    ]
+    for fmt, template in [
+        ("hermes", QWEN3_LIKE),
+        ("mistral", MISTRAL_TOOLS),
+        ("deepseek_v3", DEEPSEEK_V3_TOOLS),
+        ("harmony", HARMONY),
+    ]:  # a named call's opening plus what the model writes parses
+        rest = (
+            '{"city": "Zürich", "days": 2}'
+            + {"hermes": "}\n</tool_call>", "mistral": "}]", "deepseek_v3": "\n```<｜tool▁call▁end｜>", "harmony": ""}[
+                fmt
+            ]
+        )
         assert _calls(parse(fmt, call_prefix(fmt, template, "get_weather") + rest)) == [("get_weather", ARGS)], fmt
 
 
 OPENAI_CHAT = [  # what an OpenAI client sends back after a tool call: arguments as a JSON string
-    {"role": "system", "content": "Use tools."}, {"role": "user", "content": "Weather in Zürich?"},
-    {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "abcdefghi", "type": "function", "function": {"name": "get_weather", "arguments": json.dumps(ARGS)}}]},
-    {"role": "tool", "tool_call_id": "abcdefghi", "content": "12°C"}, {"role": "user", "content": "Thanks"}]
+    {"role": "system", "content": "Use tools."},
+    {"role": "user", "content": "Weather in Zürich?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "abcdefghi", "type": "function", "function": {"name": "get_weather", "arguments": json.dumps(ARGS)}}
+        ],
+    },
+    {"role": "tool", "tool_call_id": "abcdefghi", "content": "12°C"},
+    {"role": "user", "content": "Thanks"},
+]
 
 
 @pytest.mark.parametrize("template", [QWEN3_LIKE, MISTRAL_TOOLS], ids=["qwen3", "mistral"])
@@ -109,8 +150,12 @@ def test_tools_and_calls_render_like_transformers(tmp_path, template):
     chat = OPENAI_CHAT if "[INST]" not in template else OPENAI_CHAT[1:]
     messages = [T.template_message(m, i) for i, m in enumerate(chat)]
     assert messages[-3]["tool_calls"][0]["function"]["arguments"] == ARGS and "content" not in messages[-3]
-    want = hf.apply_chat_template(messages, tools=TOOLS, tokenize=False,  # type: ignore[arg-type]
-                                  add_generation_prompt=True)
+    want = hf.apply_chat_template(
+        messages,
+        tools=TOOLS,
+        tokenize=False,  # type: ignore[arg-type]
+        add_generation_prompt=True,
+    )
     got = ours.apply_chat_template(messages, tools=TOOLS)
     assert got == want and "get_weather" in got and "12°C" in got
 
@@ -128,14 +173,24 @@ def test_bad_tools_and_choices_get_400():
 # ---- end to end: the openai client against the app, the tiny model scripted to write given text ----
 
 SHORT_TOOLS = [{"type": "function", "function": {"name": "f"}}]  # the tiny model's context is 256 tokens
-E2E_CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "tool_calls": [
-    {"id": "abcdefghi", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
-    {"role": "tool", "tool_call_id": "abcdefghi", "content": "12"}]
-E2E = {"hermes": ('Ok<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>', "Ok"),
-       "mistral": ('[TOOL_CALLS][{"name": "f", "arguments": {"a": 1}}]', ""),
-       "deepseek_v3": ("<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n```json\n{\"a\": 1}\n```"
-                       "<｜tool▁call▁end｜><｜tool▁calls▁end｜>", ""),
-       "harmony": ('<|channel|>commentary to=functions.f <|constrain|>json<|message|>{"a": 1}<|call|>', "")}
+E2E_CHAT = [
+    {"role": "user", "content": "Hi"},
+    {
+        "role": "assistant",
+        "tool_calls": [{"id": "abcdefghi", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+    },
+    {"role": "tool", "tool_call_id": "abcdefghi", "content": "12"},
+]
+E2E = {
+    "hermes": ('Ok<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>', "Ok"),
+    "mistral": ('[TOOL_CALLS][{"name": "f", "arguments": {"a": 1}}]', ""),
+    "deepseek_v3": (
+        '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n```json\n{"a": 1}\n```'
+        "<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
+        "",
+    ),
+    "harmony": ('<|channel|>commentary to=functions.f <|constrain|>json<|message|>{"a": 1}<|call|>', ""),
+}
 SCRIPT: list[int] = []  # token ids the next request generates (then EOS)
 
 
@@ -167,8 +222,9 @@ def app_client(tiny_dbrx):
     scheduler = Scheduler(engine, max_batch=2, max_queue=8)
     scheduler.start()
     try:
-        with TestClient(create_app(scheduler, "tiny", allowed_hosts=("testserver",)),
-                        raise_server_exceptions=False) as client:
+        with TestClient(
+            create_app(scheduler, "tiny", allowed_hosts=("testserver",)), raise_server_exceptions=False
+        ) as client:
             yield client, tok
     finally:
         scheduler.stop()
@@ -180,8 +236,10 @@ def _use(tok, template: str, output: str) -> None:
     SCRIPT[:] = tok.encode(output, add_special=False)
 
 
-@pytest.mark.parametrize("fmt, template", [("hermes", QWEN3_LIKE), ("mistral", MISTRAL_TOOLS),
-                                           ("deepseek_v3", DEEPSEEK_V3_TOOLS), ("harmony", HARMONY)])
+@pytest.mark.parametrize(
+    "fmt, template",
+    [("hermes", QWEN3_LIKE), ("mistral", MISTRAL_TOOLS), ("deepseek_v3", DEEPSEEK_V3_TOOLS), ("harmony", HARMONY)],
+)
 def test_openai_client_gets_tool_calls(app_client, fmt, template):
     http, tok = app_client
     client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0)
@@ -196,13 +254,21 @@ def test_openai_client_gets_tool_calls(app_client, fmt, template):
     assert got == calls
     assert choice.message.content == (content.strip() or None)
     # streamed: content deltas before the call, then one tool_calls delta per call with the whole arguments
-    chunks = list(client.chat.completions.create(model="tiny", messages=chat, tools=SHORT_TOOLS, temperature=0,  # type: ignore[arg-type]
-                                                 stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=chat,
+            tools=SHORT_TOOLS,
+            temperature=0,  # type: ignore[arg-type]
+            stream=True,
+        )
+    )
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
     assert streamed.strip() == content.strip()
-    assert [(d.index, d.function.name, json.loads(d.function.arguments)) for d in deltas] == \
-        [(i, n, a) for i, (n, a) in enumerate(calls)]  # type: ignore[union-attr, arg-type]
+    assert [(d.index, d.function.name, json.loads(d.function.arguments)) for d in deltas] == [
+        (i, n, a) for i, (n, a) in enumerate(calls)
+    ]  # type: ignore[union-attr, arg-type]
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
@@ -212,8 +278,12 @@ def test_tool_choice_named_required_and_none(app_client):
     user = [{"role": "user", "content": "Weather?"}]
     TOOLS = [{"type": "function", "function": {"name": "get_weather"}}]  # noqa: N806
     _use(tok, QWEN3_LIKE, '{"city": "Zürich", "days": 2}}\n</tool_call>')  # continues the named call's opening
-    r = client.chat.completions.create(model="tiny", messages=user, tools=TOOLS,  # type: ignore[arg-type]
-                                       tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    r = client.chat.completions.create(
+        model="tiny",
+        messages=user,
+        tools=TOOLS,  # type: ignore[arg-type]
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
     assert r.choices[0].message.tool_calls[0].function.name == "get_weather"  # type: ignore[index]
     _use(tok, QWEN3_LIKE, '{"name": "get_weather", "arguments": {"city": "Zürich", "days": 2}}\n</tool_call>')
     r = client.chat.completions.create(model="tiny", messages=user, tools=TOOLS, tool_choice="required")  # type: ignore[arg-type]

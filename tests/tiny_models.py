@@ -10,53 +10,154 @@ import torch
 from moecluster.builtin import write_tokenizer
 
 VOCAB = 384
-ARCHES = ("dbrx", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe", "deepseek_v3", "deepseek_v2",
-          "gpt_oss")
-COMMON = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-              max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+ARCHES = ("dbrx", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe", "deepseek_v3", "deepseek_v2", "gpt_oss")
+COMMON = dict(
+    hidden_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=256,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+)
 # each exercises its family's options: dense layers, renormalized top-k, shared expert, q/k norms, clipping
 HF_COMMON = {
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
-                  dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, intermediate_size=80,
-                       head_dim=24, mlp_only_layers=[1], norm_topk_prob=True)),
-    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
-                  dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, intermediate_size=80,
-                       shared_expert_intermediate_size=40, decoder_sparse_step=1, mlp_only_layers=[0])),
-    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
-              dict(num_experts=8, num_experts_per_tok=2, intermediate_size=48, clip_qkv=6.0, pad_token_id=0,
-                   eos_token_id=1)),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            intermediate_size=80,
+            head_dim=24,
+            mlp_only_layers=[1],
+            norm_topk_prob=True,
+        ),
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            intermediate_size=80,
+            shared_expert_intermediate_size=40,
+            decoder_sparse_step=1,
+            mlp_only_layers=[0],
+        ),
+    ),
+    "olmoe": (
+        "OlmoeConfig",
+        "OlmoeForCausalLM",
+        dict(num_experts=8, num_experts_per_tok=2, intermediate_size=48, clip_qkv=6.0, pad_token_id=0, eos_token_id=1),
+    ),
     # dense first layer, group-limited sigmoid routing with a correction bias (randomized in hf_model),
     # renormalized and scaled weights, shared experts, partial rotary, q/k norm, attention bias
-    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM",
-                 dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, intermediate_size=80,
-                      n_shared_experts=2, first_k_dense_replace=1, n_group=4, topk_group=2, norm_topk_prob=True,
-                      routed_scaling_factor=2.5, use_qk_norm=True, attention_bias=True, head_dim=32,
-                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
+    "glm4_moe": (
+        "Glm4MoeConfig",
+        "Glm4MoeForCausalLM",
+        dict(
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            intermediate_size=80,
+            n_shared_experts=2,
+            first_k_dense_replace=1,
+            n_group=4,
+            topk_group=2,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            use_qk_norm=True,
+            attention_bias=True,
+            head_dim=32,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        ),
+    ),
     # MLA with q_lora_rank, YaRN (attention factor != 1 and mscale_all_dim), interleaved RoPE, noaux_tc routing
     # with 4 groups and a random correction bias, dense first layer, 2 shared experts
-    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
-                    dict(num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=24,
-                         qk_rope_head_dim=16, v_head_dim=20, n_routed_experts=8, num_experts_per_tok=2,
-                         moe_intermediate_size=48, intermediate_size=80, n_shared_experts=2, first_k_dense_replace=1,
-                         n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
-                         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-                                          "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
-                                          "mscale": 1.0, "mscale_all_dim": 0.8})),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(
+            num_key_value_heads=4,
+            q_lora_rank=48,
+            kv_lora_rank=32,
+            qk_nope_head_dim=24,
+            qk_rope_head_dim=16,
+            v_head_dim=20,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            intermediate_size=80,
+            n_shared_experts=2,
+            first_k_dense_replace=1,
+            n_group=4,
+            topk_group=2,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+                "beta_fast": 32,
+                "beta_slow": 1,
+                "mscale": 1.0,
+                "mscale_all_dim": 0.8,
+            },
+        ),
+    ),
     # MLA without q_lora_rank (plain q_proj), attention biases, group_limited_greedy softmax routing, scaled
     # weights, dense first layer, 1 shared expert
-    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
-                    dict(num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16,
-                         qk_rope_head_dim=8, v_head_dim=24, n_routed_experts=8, num_experts_per_tok=2,
-                         moe_intermediate_size=48, intermediate_size=80, n_shared_experts=1, first_k_dense_replace=1,
-                         topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.5,
-                         attention_bias=True)),
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        dict(
+            num_key_value_heads=4,
+            q_lora_rank=None,
+            kv_lora_rank=32,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=24,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            intermediate_size=80,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            topk_method="group_limited_greedy",
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=1.5,
+            attention_bias=True,
+        ),
+    ),
     # sinks, sliding window 8 on layers 0 and 2 (the 64-token tests cross it), YaRN whose ramp falls inside
     # head_dim, biases everywhere, a SwiGLU limit low enough that the clamps act
-    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
-                dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=48, head_dim=16, sliding_window=8,
-                     layer_types=["sliding_attention", "full_attention", "sliding_attention"], swiglu_limit=2.0,
-                     rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0, "beta_fast": 32.0,
-                                      "beta_slow": 1.0, "original_max_position_embeddings": 128, "truncate": False})),
+    "gpt_oss": (
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        dict(
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            intermediate_size=48,
+            head_dim=16,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            swiglu_limit=2.0,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 2.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "original_max_position_embeddings": 128,
+                "truncate": False,
+            },
+        ),
+    ),
 }
 
 
@@ -66,17 +167,36 @@ def hf_model(arch: str, seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     if arch == "dbrx":
-        cfg = tf.DbrxConfig(d_model=64, n_heads=4, n_layers=3, max_seq_len=256, vocab_size=VOCAB,
-                         attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
-                         ffn_config={"moe_num_experts": 8, "moe_top_k": 2, "ffn_hidden_size": 48},
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **overrides)
+        cfg = tf.DbrxConfig(
+            d_model=64,
+            n_heads=4,
+            n_layers=3,
+            max_seq_len=256,
+            vocab_size=VOCAB,
+            attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+            ffn_config={"moe_num_experts": 8, "moe_top_k": 2, "ffn_hidden_size": 48},
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            **overrides,
+        )
         model = tf.DbrxForCausalLM(cfg)
     elif arch == "mixtral":
-        cfg = tf.MixtralConfig(**(dict(hidden_size=64, intermediate_size=48, num_hidden_layers=3,
-                                       num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
-                                       num_experts_per_tok=2, vocab_size=VOCAB, max_position_embeddings=256,
-                                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-                                  | overrides))
+        cfg = tf.MixtralConfig(
+            **(
+                dict(
+                    hidden_size=64,
+                    intermediate_size=48,
+                    num_hidden_layers=3,
+                    num_attention_heads=4,
+                    num_key_value_heads=2,
+                    num_local_experts=8,
+                    num_experts_per_tok=2,
+                    vocab_size=VOCAB,
+                    max_position_embeddings=256,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                )
+                | overrides
+            )
+        )
         model = tf.MixtralForCausalLM(cfg)
     elif arch in HF_COMMON:
         config_class, model_class, kwargs = HF_COMMON[arch]

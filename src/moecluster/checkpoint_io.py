@@ -27,13 +27,29 @@ from moecluster.errors import MoeClusterError
 
 # safetensors dtype names -> torch dtypes this torch has (float4/complex names only on newer torch)
 _DTYPE_NAMES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
-    "I16": "int16", "I8": "int8", "U8": "uint8", "U16": "uint16", "U32": "uint32", "U64": "uint64",
-    "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E4M3FNUZ": "float8_e4m3fnuz",
-    "F8_E5M2FNUZ": "float8_e5m2fnuz", "F8_E8M0": "float8_e8m0fnu", "C64": "complex64",
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "U16": "uint16",
+    "U32": "uint32",
+    "U64": "uint64",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "F8_E8M0": "float8_e8m0fnu",
+    "C64": "complex64",
 }  # not F4 (two values per byte; gpt-oss ships MXFP4 as U8 blocks instead)
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    k: getattr(torch, v) for k, v in _DTYPE_NAMES.items() if isinstance(getattr(torch, v, None), torch.dtype)}
+    k: getattr(torch, v) for k, v in _DTYPE_NAMES.items() if isinstance(getattr(torch, v, None), torch.dtype)
+}
 MAX_HEADER = 100 << 20  # the format's own limit on the JSON header
 CHUNK = 64 << 20  # bytes per read call: progress updates, and well under Linux's 2 GiB per-call limit
 BOUNCE = 8 << 20  # bytes of on-disk data converted per step when dtypes differ
@@ -77,13 +93,18 @@ def parse_header(path: Path) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         try:
-            dtype_name, shape, (begin, end) = entry["dtype"], tuple(int(s) for s in entry["shape"]), \
-                entry["data_offsets"]
+            dtype_name, shape, (begin, end) = (
+                entry["dtype"],
+                tuple(int(s) for s in entry["shape"]),
+                entry["data_offsets"],
+            )
         except (KeyError, TypeError, ValueError):
             raise bad(f"malformed entry for {name}") from None
         if dtype_name not in SAFETENSORS_DTYPES:
-            raise MoeClusterError(f"tensor {name} in {path.name} has dtype {dtype_name}, which this torch cannot "
-                                  f"hold (supported: {', '.join(SAFETENSORS_DTYPES)})")
+            raise MoeClusterError(
+                f"tensor {name} in {path.name} has dtype {dtype_name}, which this torch cannot "
+                f"hold (supported: {', '.join(SAFETENSORS_DTYPES)})"
+            )
         dtype = SAFETENSORS_DTYPES[dtype_name]
         nbytes = math.prod(shape) * dtype.itemsize
         if end - begin != nbytes or begin < 0:
@@ -118,8 +139,9 @@ class CheckpointReader:
         for shard in shards:
             path = model_dir / shard
             if not path.is_file():
-                raise MoeClusterError(f"weight shard {shard} listed in the index is missing from {model_dir}; "
-                                      "re-download the checkpoint")
+                raise MoeClusterError(
+                    f"weight shard {shard} listed in the index is missing from {model_dir}; re-download the checkpoint"
+                )
             for name, info in parse_header(path).items():
                 self.files[name], self.shapes[name], self.info[name] = path, info.shape, info
 
@@ -150,9 +172,9 @@ class CheckpointReader:
             step = max(1, BOUNCE // info.dtype.itemsize)
             bounce = torch.empty(min(step, flat.numel()), dtype=info.dtype)
             for first in range(0, flat.numel(), step):
-                chunk = bounce[:min(step, flat.numel() - first)]
+                chunk = bounce[: min(step, flat.numel() - first)]
                 self._pread_into(fd, info.path, _bytes_of(chunk), offset + first * info.dtype.itemsize)
-                flat[first:first + chunk.numel()].copy_(chunk)
+                flat[first : first + chunk.numel()].copy_(chunk)
         if self.progress is not None:
             self.progress.tensor_done()
         return out
@@ -161,12 +183,13 @@ class CheckpointReader:
         done = 0
         while done < len(buf):
             try:
-                n = os.preadv(fd, [buf[done:done + CHUNK]], offset + done)
+                n = os.preadv(fd, [buf[done : done + CHUNK]], offset + done)
             except OSError as e:
                 raise MoeClusterError(f"weight shard {path.name} is unreadable ({e}); re-download it") from None
             if n <= 0:
-                raise MoeClusterError(f"weight shard {path.name} is truncated (ends before byte {offset + done}); "
-                                      "re-download it")
+                raise MoeClusterError(
+                    f"weight shard {path.name} is truncated (ends before byte {offset + done}); re-download it"
+                )
             done += n
             self.bytes_read += n
             if self.progress is not None:
@@ -234,8 +257,14 @@ class LoadProgress:
     """Tensors and bytes read, GB/s and ETA: a live line on a terminal (at most `hz` updates a second, erased
     when loading ends); `summary()` is the one line every command prints when loading succeeded."""
 
-    def __init__(self, total_bytes: int, prefix: str = "", live: bool | None = None, stream: TextIO | None = None,
-                 hz: float = 4.0):
+    def __init__(
+        self,
+        total_bytes: int,
+        prefix: str = "",
+        live: bool | None = None,
+        stream: TextIO | None = None,
+        hz: float = 4.0,
+    ):
         self.stream = stream or sys.stderr
         self.live = self.stream.isatty() if live is None else live
         self.total, self.prefix, self.period = total_bytes, prefix, 1.0 / hz
@@ -263,8 +292,10 @@ class LoadProgress:
         rate = self.bytes / max(now - self.t_first, 1e-9)
         eta = max(self.total - self.bytes, 0) / rate if rate > 0 else 0.0
         pct = 100.0 * self.bytes / self.total if self.total else 0.0
-        self.stream.write(f"\r\x1b[K{self.prefix}loading: {self.tensors} tensors, {self.bytes / 1e9:.2f} of "
-                          f"{self.total / 1e9:.2f} GB ({pct:.0f}%), {rate / 1e9:.2f} GB/s, ETA {eta:.0f} s")
+        self.stream.write(
+            f"\r\x1b[K{self.prefix}loading: {self.tensors} tensors, {self.bytes / 1e9:.2f} of "
+            f"{self.total / 1e9:.2f} GB ({pct:.0f}%), {rate / 1e9:.2f} GB/s, ETA {eta:.0f} s"
+        )
         self.stream.flush()
         self._shown = True
 

@@ -52,8 +52,9 @@ def read_config(model_dir: str | Path) -> tuple[dict, ArchConfig]:
     """Parse config.json into its architecture's config (checked), and check the engine can run it."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise MoeClusterError(f"model directory {str(model_dir)!r} does not exist; "
-                              "pass --model DIR with a HF checkpoint")
+        raise MoeClusterError(
+            f"model directory {str(model_dir)!r} does not exist; pass --model DIR with a HF checkpoint"
+        )
     path = model_dir / "config.json"
     if not path.is_file():
         raise MoeClusterError(f"{path} not found; a HF checkpoint directory needs config.json")
@@ -72,8 +73,10 @@ def checkpoint_format(raw: dict, cfg: ArchConfig) -> str | None:
     otherwise. mxfp4 is gpt-oss's own layout: read where the architecture has a `read_expert_mxfp4`."""
     fmt = format_from_quantization_config(raw.get("quantization_config"))
     if fmt == "mxfp4" and _mxfp4_reader(architecture(cfg)[1]) is None:
-        raise MoeClusterError(f"mxfp4 checkpoints are read for gpt-oss (the layout it ships), not for model_type "
-                              f"{cfg.model_type!r}; use an fp8 or unquantized checkpoint")
+        raise MoeClusterError(
+            f"mxfp4 checkpoints are read for gpt-oss (the layout it ships), not for model_type "
+            f"{cfg.model_type!r}; use an fp8 or unquantized checkpoint"
+        )
     return fmt
 
 
@@ -108,26 +111,39 @@ def _check_names(reader: CheckpointReader, arch, cfg: ArchConfig, fmt: str | Non
         expected |= _fp8_scale_names(reader, arch, cfg)
     missing = sorted(set(expected) - set(reader.shapes))
     if missing:
-        raise MoeClusterError(f"checkpoint is missing {len(missing)} tensors (first: {missing[0]}); "
-                              "a shard may be missing or the config may not match the weights")
+        raise MoeClusterError(
+            f"checkpoint is missing {len(missing)} tensors (first: {missing[0]}); "
+            "a shard may be missing or the config may not match the weights"
+        )
     ignored = getattr(arch, "ignored_on_disk", None)
     extra = set(reader.shapes) - set(expected)
     skipped = sorted(n for n in extra if ignored is not None and ignored(cfg, n))
     if skipped:
-        log.warning("not loading %d checkpoint tensors the model does not run (%s, ...: the multi-token-prediction "
-                    "layer)", len(skipped), skipped[0])
+        log.warning(
+            "not loading %d checkpoint tensors the model does not run (%s, ...: the multi-token-prediction layer)",
+            len(skipped),
+            skipped[0],
+        )
     unexpected = sorted(extra - set(skipped))
     if unexpected:
-        raise MoeClusterError(f"checkpoint has {len(unexpected)} unexpected tensors (first: {unexpected[0]}); "
-                              "config.json does not describe these weights")
+        raise MoeClusterError(
+            f"checkpoint has {len(unexpected)} unexpected tensors (first: {unexpected[0]}); "
+            "config.json does not describe these weights"
+        )
     for name, shape in expected.items():
         if shape:
             check_dims(name, reader.shapes[name], shape)
 
 
-def load_model(model_dir: str | Path, dtype: str | None = None, expert_filter: ExpertFilter | None = None,
-               num_threads: int | None = None, quant: QuantOptions | None = None,
-               progress: str | None = None, check_weights: bool = True) -> LoadedModel:
+def load_model(
+    model_dir: str | Path,
+    dtype: str | None = None,
+    expert_filter: ExpertFilter | None = None,
+    num_threads: int | None = None,
+    quant: QuantOptions | None = None,
+    progress: str | None = None,
+    check_weights: bool = True,
+) -> LoadedModel:
     """Load a HF checkpoint. `expert_filter(moe_layer)` gives the experts to hold (default: all); `quant`
     quantizes a bf16/fp32 checkpoint's experts on load (an fp8 checkpoint's experts stay fp8 regardless).
     progress: None (silent) or a line prefix; then a live progress line on a terminal stderr, and
@@ -149,8 +165,10 @@ def load_model(model_dir: str | Path, dtype: str | None = None, expert_filter: E
     model_class, arch = architecture(cfg)
     shape = cfg.shape(model_dir.name, str(model_dir))
     reader = CheckpointReader(model_dir, torch_dtype)
-    held = [list(range(shape.num_experts)) if expert_filter is None else sorted(expert_filter(index))
-            for index in range(len(cfg.moe_layer_ids()))]
+    held = [
+        list(range(shape.num_experts)) if expert_filter is None else sorted(expert_filter(index))
+        for index in range(len(cfg.moe_layer_ids()))
+    ]
     threads = torch.get_num_threads()
     try:
         _check_names(reader, arch, cfg, fmt)
@@ -171,8 +189,9 @@ def load_model(model_dir: str | Path, dtype: str | None = None, expert_filter: E
             if fmt is None:
                 moe.experts = _load_experts(reader, arch, cfg, moe.experts, layer, index, experts, torch_dtype)
             else:
-                moe.experts = _load_quantized_experts(reader, arch, cfg, moe.experts, layer, index, experts,
-                                                      fmt, quant.group_size)
+                moe.experts = _load_quantized_experts(
+                    reader, arch, cfg, moe.experts, layer, index, experts, fmt, quant.group_size
+                )
             moe.index = index
     finally:
         torch.set_num_threads(threads)
@@ -185,8 +204,9 @@ def load_model(model_dir: str | Path, dtype: str | None = None, expert_filter: E
     return LoadedModel(model, cfg, shape, tokenizer, raw, torch_dtype, model_dir, meter)
 
 
-def _read_plan(reader: CheckpointReader, read_expert: Callable, arch, cfg: ArchConfig, held: list[list[int]]
-               ) -> list[tuple[Path, int, int]]:
+def _read_plan(
+    reader: CheckpointReader, read_expert: Callable, arch, cfg: ArchConfig, held: list[list[int]]
+) -> list[tuple[Path, int, int]]:
     """The byte ranges this load reads, in order (dense tensors, then each held expert's rows), found by running
     the architecture's read_expert on meta tensors: for the page-cache prefetch and the progress total."""
     plan = [reader.byte_range(n) for names, _ in arch.dense_weights(cfg).values() for n in names]
@@ -212,19 +232,29 @@ def _load_dense(model: DecoderModel, reader: CheckpointReader, arch, cfg: ArchCo
         check_dims(names[0] if len(names) == 1 else "+".join(names), tuple(t.shape), shape)
         state[ours] = t
     result = model.load_state_dict(state, strict=False, assign=True)
-    still_meta = [n for n, p in [*model.named_parameters(), *model.named_buffers()]
-                  if p.is_meta and ".experts." not in n]
+    still_meta = [
+        n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta and ".experts." not in n
+    ]
     if still_meta:
         raise MoeClusterError(f"internal: parameters not loaded: {still_meta[:3]} ({result})")
 
 
-def _load_experts(reader: CheckpointReader, arch, cfg: ArchConfig, template: RoutedExperts, layer: int, index: int,
-                  experts: list[int], dtype: torch.dtype) -> RoutedExperts:
+def _load_experts(
+    reader: CheckpointReader,
+    arch,
+    cfg: ArchConfig,
+    template: RoutedExperts,
+    layer: int,
+    index: int,
+    experts: list[int],
+    dtype: torch.dtype,
+) -> RoutedExperts:
     """Prestack the held experts of one MoE layer into contiguous w13_eGD / w2_eDF, one expert at a time."""
     bad = [e for e in experts if not 0 <= e < template.num_experts]
     if bad:
-        raise MoeClusterError(f"placement names experts {bad} in MoE layer {index}, but the model has "
-                              f"{template.num_experts}")
+        raise MoeClusterError(
+            f"placement names experts {bad} in MoE layer {index}, but the model has {template.num_experts}"
+        )
     module = template.empty_like(experts, dtype)
     for i, expert in enumerate(experts):
         # (w13_GD, w2_DF), or (w13_GD, w2_DF, b13_G, b2_D) for experts with biases (gpt-oss)
@@ -253,8 +283,10 @@ def _fp8_scale_names(reader: CheckpointReader, arch, cfg: ArchConfig) -> dict[st
             out[f"{name}_scale_inv"] = (-(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK))
     missing = sorted(n for n in out if n not in reader.shapes)
     if missing:
-        raise MoeClusterError(f"fp8 checkpoint is missing {len(missing)} weight_scale_inv tensors (first: "
-                              f"{missing[0]}); every expert weight needs its block scales")
+        raise MoeClusterError(
+            f"fp8 checkpoint is missing {len(missing)} weight_scale_inv tensors (first: "
+            f"{missing[0]}); every expert weight needs its block scales"
+        )
     return out
 
 
@@ -264,8 +296,10 @@ def _fp8_readers(reader: CheckpointReader, hidden: int) -> tuple[ReadRows, ReadR
     The architecture's read_expert concatenates row ranges and transposes; applied to the scales with row
     ranges divided by 128, the same steps give the scales of the result, when ranges fall on block edges."""
     if hidden % FP8_BLOCK:
-        raise MoeClusterError(f"fp8 experts need a hidden size that is a multiple of {FP8_BLOCK} so gate and up "
-                              f"blocks stack; this model has {hidden}")
+        raise MoeClusterError(
+            f"fp8 experts need a hidden size that is a multiple of {FP8_BLOCK} so gate and up "
+            f"blocks stack; this model has {hidden}"
+        )
 
     def weights(name: str, start: int, end: int) -> torch.Tensor:
         return reader.read_rows(name, start, end, None)  # as on disk (float8_e4m3fn)
@@ -274,7 +308,7 @@ def _fp8_readers(reader: CheckpointReader, hidden: int) -> tuple[ReadRows, ReadR
         rows = reader.shapes[name][0]
         if start % FP8_BLOCK or (end % FP8_BLOCK and end != rows):
             raise MoeClusterError(f"fp8 tensor {name}: rows {start}:{end} do not fall on {FP8_BLOCK}-row blocks")
-        return reader.read(f"{name}_scale_inv", torch.float32)[start // FP8_BLOCK:-(-end // FP8_BLOCK)]
+        return reader.read(f"{name}_scale_inv", torch.float32)[start // FP8_BLOCK : -(-end // FP8_BLOCK)]
 
     return weights, scales
 
@@ -294,17 +328,28 @@ def _mxfp4_rows(reader: CheckpointReader) -> ReadRows:
     return read
 
 
-def _load_quantized_experts(reader: CheckpointReader, arch, cfg: ArchConfig, template: RoutedExperts, layer: int,
-                            index: int, experts: list[int], fmt: str, group_size: int) -> QuantizedRoutedExperts:
+def _load_quantized_experts(
+    reader: CheckpointReader,
+    arch,
+    cfg: ArchConfig,
+    template: RoutedExperts,
+    layer: int,
+    index: int,
+    experts: list[int],
+    fmt: str,
+    group_size: int,
+) -> QuantizedRoutedExperts:
     """The held experts of one MoE layer in `fmt`, one expert at a time: fp8 and mxfp4 copied as shipped
     (weights and scales), int8/int4 quantized from the checkpoint's floats (peak: the stacks + one expert);
     biases, where the experts have them, in the compute dtype."""
     bad = [e for e in experts if not 0 <= e < template.num_experts]
     if bad:
-        raise MoeClusterError(f"placement names experts {bad} in MoE layer {index}, but the model has "
-                              f"{template.num_experts}")
-    module = QuantizedRoutedExperts.like(template, experts, fmt, None if fmt in ("fp8", "mxfp4") else group_size,
-                                         reader.dtype)
+        raise MoeClusterError(
+            f"placement names experts {bad} in MoE layer {index}, but the model has {template.num_experts}"
+        )
+    module = QuantizedRoutedExperts.like(
+        template, experts, fmt, None if fmt in ("fp8", "mxfp4") else group_size, reader.dtype
+    )
     fp8 = _fp8_readers(reader, template.hidden) if fmt == "fp8" else None
     mxfp4 = _mxfp4_rows(reader) if fmt == "mxfp4" else None
     for i, expert in enumerate(experts):
@@ -347,5 +392,7 @@ def check_finite(model: torch.nn.Module, chunk: int = 1 << 20) -> None:
         for part in p.detach().reshape(-1).split(chunk):
             if not bool(torch.isfinite(part).all()):
                 bad = sum(int((~torch.isfinite(q)).sum()) for q in p.detach().reshape(-1).split(chunk))
-                raise MoeClusterError(f"weight {name} has {bad} NaN/Inf values: the checkpoint is corrupt "
-                                      "(re-download it), or pass --no-check-weights to load it anyway")
+                raise MoeClusterError(
+                    f"weight {name} has {bad} NaN/Inf values: the checkpoint is corrupt "
+                    "(re-download it), or pass --no-check-weights to load it anyway"
+                )

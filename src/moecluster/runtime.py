@@ -17,24 +17,41 @@ from moecluster.quant.experts import QuantOptions
 from moecluster.tracing import TRACER
 
 
-def open_engine(model_dir: str | Path, dtype: str | None = None, comm=None, placement_spec: str = "contiguous",
-                num_slots: int = 1, max_seq_len: int | None = None,
-                exchange: str = "exact", quant: QuantOptions | None = None,
-                check_weights: bool = True) -> tuple[Engine, Placement | None]:
+def open_engine(
+    model_dir: str | Path,
+    dtype: str | None = None,
+    comm=None,
+    placement_spec: str = "contiguous",
+    num_slots: int = 1,
+    max_seq_len: int | None = None,
+    exchange: str = "exact",
+    quant: QuantOptions | None = None,
+    check_weights: bool = True,
+) -> tuple[Engine, Placement | None]:
     """Load the model (only this rank's experts; `quant`: quantize on load), apply expert parallelism when
     world_size > 1. Starts this process's memory sampler; a live progress line on rank 0's terminal while
     loading (`load_summary` is the line to print once the command has checked its inputs)."""
     SAMPLER.start()
     if comm is None or comm.world_size == 1:
-        return Engine(load_model(model_dir, dtype, quant=quant, progress="",
-                                  check_weights=check_weights), comm, num_slots, max_seq_len), None
+        return Engine(
+            load_model(model_dir, dtype, quant=quant, progress="", check_weights=check_weights),
+            comm,
+            num_slots,
+            max_seq_len,
+        ), None
     from moecluster.parallel.expert_parallel import apply_expert_parallel
 
     _, cfg = read_config(model_dir)
     shape = cfg.shape()
     placement = make_placement(placement_spec, shape.num_experts, shape.num_moe_layers, comm.world_size)
-    loaded = load_model(model_dir, dtype, expert_filter=lambda layer: placement.experts_of(comm.rank, layer),
-                        quant=quant, progress=f"rank {comm.rank}: ", check_weights=check_weights)
+    loaded = load_model(
+        model_dir,
+        dtype,
+        expert_filter=lambda layer: placement.experts_of(comm.rank, layer),
+        quant=quant,
+        progress=f"rank {comm.rank}: ",
+        check_weights=check_weights,
+    )
     if loaded.load is not None and comm.rank != 0:
         loaded.load.live = False  # one live line on a shared terminal; every rank prints its summary
     apply_expert_parallel(loaded.model, comm, placement, exchange)
@@ -49,8 +66,9 @@ def load_summary(engine: Engine) -> str | None:
 def held_bytes(model) -> int:
     """Bytes this process holds for the model: parameters, buffers (KV cache included), RoPE tables."""
     tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()] if not t.is_meta}
-    tensors |= {t.data_ptr(): t for t in (getattr(model, "rope_cos", None), getattr(model, "rope_sin", None))
-                if t is not None}  # tied weights count once
+    tensors |= {
+        t.data_ptr(): t for t in (getattr(model, "rope_cos", None), getattr(model, "rope_sin", None)) if t is not None
+    }  # tied weights count once
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
@@ -67,8 +85,8 @@ def rank_report(engine: Engine, stats) -> dict:
         "experts_layer0": held[0],
         "expert_copies": sum(len(h) for h in held),
         "expert_bytes": expert_bytes,
-        "weight_bytes": expert_bytes + sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                                           if ".experts." not in n),
+        "weight_bytes": expert_bytes
+        + sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." not in n),
         "held_bytes": held_bytes(model),
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_anon_bytes": peaks.anon_bytes,
@@ -92,11 +110,15 @@ def gather_reports(comm, report: dict) -> list[dict]:
 
 
 def format_rank_table(reports: list[dict]) -> str:
-    lines = [f"{'rank':>4} {'experts (layer 0)':<28} {'weights GB':>10} {'held GB':>8} {'peak anon GB':>12} "
-             f"{'peak file GB':>12} {'read/token MB':>13}"]
+    lines = [
+        f"{'rank':>4} {'experts (layer 0)':<28} {'weights GB':>10} {'held GB':>8} {'peak anon GB':>12} "
+        f"{'peak file GB':>12} {'read/token MB':>13}"
+    ]
     for r in reports:
         experts = ",".join(map(str, r["experts_layer0"]))
-        lines.append(f"{r['rank']:>4} {experts:<28} {r['weight_bytes'] / 1e9:>10.3f} {r['held_bytes'] / 1e9:>8.3f} "
-                     f"{r['peak_anon_bytes'] / 1e9:>12.3f} {r['peak_file_bytes'] / 1e9:>12.3f} "
-                     f"{r['bytes_per_token'] / 1e6:>13.1f}")
+        lines.append(
+            f"{r['rank']:>4} {experts:<28} {r['weight_bytes'] / 1e9:>10.3f} {r['held_bytes'] / 1e9:>8.3f} "
+            f"{r['peak_anon_bytes'] / 1e9:>12.3f} {r['peak_file_bytes'] / 1e9:>12.3f} "
+            f"{r['bytes_per_token'] / 1e6:>13.1f}"
+        )
     return "\n".join(lines)

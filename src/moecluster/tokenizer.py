@@ -65,11 +65,14 @@ def load_chat_templates(model_dir: Path, config: dict) -> tuple[dict[str, str], 
         return {}, source
     if isinstance(value, str):
         return {"default": value}, source
-    if isinstance(value, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
-                                       and isinstance(t.get("template"), str) for t in value):
+    if isinstance(value, list) and all(
+        isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str) for t in value
+    ):
         return {t["name"]: t["template"] for t in value}, source
-    raise MoeClusterError(f"{source}: chat_template must be a string or a list of {{\"name\", \"template\"}} "
-                          f"objects, not {type(value).__name__}")
+    raise MoeClusterError(
+        f'{source}: chat_template must be a string or a list of {{"name", "template"}} '
+        f"objects, not {type(value).__name__}"
+    )
 
 
 def special_tokens_map(config: dict, legacy: dict) -> dict[str, str]:
@@ -86,9 +89,16 @@ def special_tokens_map(config: dict, legacy: dict) -> dict[str, str]:
 class Tokenizer:
     """A tokenizers.Tokenizer plus what tokenizer_config.json adds: BOS/EOS, special tokens, chat templates."""
 
-    def __init__(self, tok: HFTokenizer, config: dict, eos_ids: list[int], bos_id: int | None,
-                 chat_templates: dict[str, str] | None = None, template_source: str = "tokenizer_config.json",
-                 special_tokens: dict[str, str] | None = None):
+    def __init__(
+        self,
+        tok: HFTokenizer,
+        config: dict,
+        eos_ids: list[int],
+        bos_id: int | None,
+        chat_templates: dict[str, str] | None = None,
+        template_source: str = "tokenizer_config.json",
+        special_tokens: dict[str, str] | None = None,
+    ):
         self.tok = tok
         self.config = config
         if chat_templates is None:
@@ -137,9 +147,14 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            tools: list[dict] | None = None, documents: list[dict] | None = None,
-                            **template_vars: Any) -> str:
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        documents: list[dict] | None = None,
+        **template_vars: Any,
+    ) -> str:
         """Render messages with the checkpoint's Jinja chat template as transformers'
         `apply_chat_template(..., tokenize=False)` does; extra keyword args (enable_thinking=...) reach the template."""
         template = self._pick_template(tools)
@@ -155,28 +170,38 @@ class Tokenizer:
         variables = _plain({**self.special_tokens, **template_vars})  # explicit variables win over special tokens
         compiled = _compile(template, self.template_source)
         try:
-            return compiled.render(messages=chat, tools=_plain(tools), documents=_plain(documents),
-                                   add_generation_prompt=add_generation_prompt, **variables)
+            return compiled.render(
+                messages=chat,
+                tools=_plain(tools),
+                documents=_plain(documents),
+                add_generation_prompt=add_generation_prompt,
+                **variables,
+            )
         except _TemplateRaised as e:  # the template's own check of the messages, e.g. role order
             raise MoeClusterError(f"chat template rejected the messages: {e.message}") from None
         except Exception as e:  # TemplateError, SecurityError, or a Python error inside a template expression
-            raise MoeClusterError(f"chat template from {self.template_source} failed: "
-                                  f"{type(e).__name__}: {e}") from None
+            raise MoeClusterError(
+                f"chat template from {self.template_source} failed: {type(e).__name__}: {e}"
+            ) from None
 
     def _pick_template(self, tools) -> str:
         """The default template, or "tool_use" when tools are given and the checkpoint has one (as transformers)."""
         if not self.chat_templates:
-            raise MoeClusterError("this tokenizer has no chat template (no chat_template.jinja and no chat_template "
-                                  "in tokenizer_config.json); use a plain prompt instead of --chat")
+            raise MoeClusterError(
+                "this tokenizer has no chat template (no chat_template.jinja and no chat_template "
+                "in tokenizer_config.json); use a plain prompt instead of --chat"
+            )
         if tools is not None and "tool_use" in self.chat_templates:
             return self.chat_templates["tool_use"]
         if "default" not in self.chat_templates:
-            raise MoeClusterError(f"{self.template_source} has chat templates {sorted(self.chat_templates)} but none "
-                                  "named \"default\"")
+            raise MoeClusterError(
+                f'{self.template_source} has chat templates {sorted(self.chat_templates)} but none named "default"'
+            )
         return self.chat_templates["default"]
 
 
 # ---- the sandboxed Jinja environment of transformers' chat templates (utils/chat_template_utils.py) ----
+
 
 class _TemplateRaised(jinja2.TemplateError):
     """raise_exception() called by a template."""
@@ -242,16 +267,19 @@ class _GenerationTag(jinja2.ext.Extension):
 
 @lru_cache(maxsize=16)
 def _compile(template: str, source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = _tojson
-    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_TemplateDict(),
-                       namespace=_Namespace)
+    env.globals.update(
+        raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_TemplateDict(), namespace=_Namespace
+    )
     try:
         return env.from_string(template)
     except jinja2.TemplateSyntaxError as e:
-        raise MoeClusterError(f"chat template from {source} has a syntax error at line {e.lineno}: {e.message}") \
-            from None
+        raise MoeClusterError(
+            f"chat template from {source} has a syntax error at line {e.lineno}: {e.message}"
+        ) from None
 
 
 def _plain(value: Any) -> Any:
@@ -340,7 +368,7 @@ class IncrementalDecoder:
             return ""  # the usual case: nothing held back
         full = self.tokenizer.decode(self.ids)  # once per stream, so a full decode is affordable here
         done = "".join(self._parts) if self._stream is not None else self._last
-        tail = full[len(done):] if full.startswith(done) else ""
+        tail = full[len(done) :] if full.startswith(done) else ""
         if self._stream is not None:
             # restart the stream after everything flushed; a short context keeps later deltas consistent
             self._stream = DecodeStream(ids=self.ids[-STREAM_CONTEXT:], skip_special_tokens=True)
@@ -360,6 +388,6 @@ class IncrementalDecoder:
         text = self.tokenizer.decode(self.ids)
         if text.endswith("\ufffd"):
             return ""
-        delta = text[len(self._last):] if text.startswith(self._last) else ""
+        delta = text[len(self._last) :] if text.startswith(self._last) else ""
         self._last = text
         return delta

@@ -32,8 +32,14 @@ class Tracer:
 
     def begin_step(self, kind: str, num_tokens: int) -> None:
         if self.enabled:
-            self._cur = {"kind": kind, "tokens": num_tokens, "t0": now(), "layers": defaultdict(dict), "evals": {},
-                         "events": []}
+            self._cur = {
+                "kind": kind,
+                "tokens": num_tokens,
+                "t0": now(),
+                "layers": defaultdict(dict),
+                "evals": {},
+                "events": [],
+            }
 
     def add(self, layer: int, phase: str, seconds: float) -> None:
         """A phase of a layer (-1: outside the layers) that ended just now and took `seconds`."""
@@ -71,10 +77,15 @@ class Tracer:
         mean = {p: t / n for p, t in totals.items()}
         mean["other"] = max(0.0, step_time - sum(mean.values()))
         evals = sum(sum(s["evals"].values()) for s in steps) / n
-        return {"steps": n, "step_time": step_time, "per_step": mean, "num_layers": n_layers,
-                "per_layer": {p: v / n_layers for p, v in mean.items() if p not in ("head", "sample_bcast", "other")},
-                "share": {p: (v / step_time if step_time else 0.0) for p, v in mean.items()},
-                "expert_evals_per_step": evals}
+        return {
+            "steps": n,
+            "step_time": step_time,
+            "per_step": mean,
+            "num_layers": n_layers,
+            "per_layer": {p: v / n_layers for p, v in mean.items() if p not in ("head", "sample_bcast", "other")},
+            "share": {p: (v / step_time if step_time else 0.0) for p, v in mean.items()},
+            "expert_evals_per_step": evals,
+        }
 
 
 TRACER = Tracer()
@@ -89,18 +100,39 @@ def trace_events(ranks: list[dict]) -> list[dict]:
     out: list[dict] = []
     for r in ranks:
         pid = r["rank"]
-        out += [{"ph": "M", "name": "process_name", "pid": pid, "args": {"name": f"rank {pid}"}},
-                {"ph": "M", "name": "thread_name", "pid": pid, "tid": 0, "args": {"name": "steps"}},
-                {"ph": "M", "name": "thread_name", "pid": pid, "tid": 1, "args": {"name": "layers"}}]
+        out += [
+            {"ph": "M", "name": "process_name", "pid": pid, "args": {"name": f"rank {pid}"}},
+            {"ph": "M", "name": "thread_name", "pid": pid, "tid": 0, "args": {"name": "steps"}},
+            {"ph": "M", "name": "thread_name", "pid": pid, "tid": 1, "args": {"name": "layers"}},
+        ]
         for i, step in enumerate(r["steps"]):
             if "start" not in step:
                 continue
-            out.append({"ph": "X", "name": f"{step['kind']} ({step['tokens']} tok)", "pid": pid, "tid": 0,
-                        "ts": (step["start"] - t0) * 1e6, "dur": step["total"] * 1e6, "args": {"step": i}})
+            out.append(
+                {
+                    "ph": "X",
+                    "name": f"{step['kind']} ({step['tokens']} tok)",
+                    "pid": pid,
+                    "tid": 0,
+                    "ts": (step["start"] - t0) * 1e6,
+                    "dur": step["total"] * 1e6,
+                    "args": {"step": i},
+                }
+            )
             for layer, phase, start, seconds in step.get("events", []):
                 name = phase if layer < 0 else f"{phase} L{layer}"
-                out.append({"ph": "X", "name": name, "cat": phase, "pid": pid, "tid": 1, "ts": (start - t0) * 1e6,
-                            "dur": seconds * 1e6, "args": {"layer": layer, "step": i}})
+                out.append(
+                    {
+                        "ph": "X",
+                        "name": name,
+                        "cat": phase,
+                        "pid": pid,
+                        "tid": 1,
+                        "ts": (start - t0) * 1e6,
+                        "dur": seconds * 1e6,
+                        "args": {"layer": layer, "step": i},
+                    }
+                )
     return out
 
 
@@ -111,8 +143,9 @@ def format_breakdown(rows: list[tuple[str, dict]]) -> str:
     for name, s in rows:
         if not s.get("steps"):
             continue
-        cells = " ".join(f"{s['per_step'][p] * 1e3:7.2f} {s['share'][p] * 100:4.0f}%" + " "
-                         for p in PHASES + ("other",))
+        cells = " ".join(
+            f"{s['per_step'][p] * 1e3:7.2f} {s['share'][p] * 100:4.0f}%" + " " for p in PHASES + ("other",)
+        )
         lines.append(f"{name:>6} {s['step_time'] * 1e3:8.2f} {cells} {s['expert_evals_per_step']:10.1f}")
     return "\n".join(lines)
 

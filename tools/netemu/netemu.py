@@ -41,8 +41,10 @@ _LIVE: list[EmulatedLink] = []
 def require_root() -> None:
     """Raise (with what to do) unless this process may create namespaces and TAP devices."""
     if os.geteuid() != 0:
-        raise MoeClusterError("emulated links need root (network namespaces and TAP devices); "
-                              "run as root, e.g. sudo -E .venv/bin/python ...")
+        raise MoeClusterError(
+            "emulated links need root (network namespaces and TAP devices); "
+            "run as root, e.g. sudo -E .venv/bin/python ..."
+        )
     if not os.path.exists("/dev/net/tun"):
         raise MoeClusterError("/dev/net/tun is missing: load the tun module (modprobe tun)")
 
@@ -75,7 +77,7 @@ def cleanup_leftovers() -> list[str]:
     """Delete namespaces left by EmulatedLinks whose process is gone (crash, SIGKILL); their names."""
     removed = []
     for name in list_namespaces():
-        pid_part = name[len(PREFIX):].split("h")[0]
+        pid_part = name[len(PREFIX) :].split("h")[0]
         if pid_part.isdigit() and not _pid_alive(int(pid_part)):
             _ip("netns", "delete", name, check=False)
             removed.append(name)
@@ -92,8 +94,9 @@ def forwarder_binary() -> Path:
     root.mkdir(parents=True, exist_ok=True)
     tmp = exe.with_suffix(f".tmp{os.getpid()}")
     try:
-        res = subprocess.run(["gcc", "-O2", "-Wall", "-o", str(tmp), str(C_SOURCE)],
-                             capture_output=True, text=True, timeout=60)
+        res = subprocess.run(
+            ["gcc", "-O2", "-Wall", "-o", str(tmp), str(C_SOURCE)], capture_output=True, text=True, timeout=60
+        )
     except FileNotFoundError:
         raise MoeClusterError("emulated links need a C compiler: install gcc (apt-get install gcc)") from None
     if res.returncode != 0:
@@ -138,8 +141,12 @@ class EmulatedLink:
             for name in self.names:
                 _ip("netns", "add", name)
             paths = [f"/var/run/netns/{n}" for n in self.names]
-            self.forwarder = subprocess.Popen([str(exe), *paths, TAP, str(int(self.delay_us * 1000))],
-                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            self.forwarder = subprocess.Popen(
+                [str(exe), *paths, TAP, str(int(self.delay_us * 1000))],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             self.scheduling = self._wait_ready()
             for i, name in enumerate(self.names):
                 _ip("-n", name, "link", "set", "lo", "up")
@@ -180,7 +187,6 @@ class EmulatedLink:
         if self in _LIVE:
             _LIVE.remove(self)
 
-
     # -- running the ranks of one job on the two hosts ------------------------------------------
 
     def mpi_command(self, cmd: list[str], workdir: str | Path) -> list[str]:
@@ -196,15 +202,31 @@ class EmulatedLink:
         script.write_text(LAUNCHER.format(cases=cases))
         script.chmod(0o755)
         pin = ["sh", "-c", 'exec taskset -c "$((PMI_RANK % $(nproc)))" "$@"', "pin"]
-        return self.netns_cmd(0, [find_mpiexec(), "-launcher", "ssh", "-launcher-exec", str(script),
-                                  "-hosts", f"{self.addr(0)},{self.addr(1)}", "-localhost", self.addr(0),
-                                  "-n", "2", "-ppn", "1", *pin, *cmd])
+        return self.netns_cmd(
+            0,
+            [
+                find_mpiexec(),
+                "-launcher",
+                "ssh",
+                "-launcher-exec",
+                str(script),
+                "-hosts",
+                f"{self.addr(0)},{self.addr(1)}",
+                "-localhost",
+                self.addr(0),
+                "-n",
+                "2",
+                "-ppn",
+                "1",
+                *pin,
+                *cmd,
+            ],
+        )
 
     def torch_commands(self, cmd: list[str], port: int = 29731) -> list[tuple[list[str], dict]]:
         """(argv, extra env) of rank 0 and rank 1 for torch.distributed over the link, pinned."""
         env = {"WORLD_SIZE": "2", "MASTER_ADDR": self.addr(0), "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": TAP}
-        return [(self.netns_cmd(r, _taskset(r) + cmd), {**env, "RANK": str(r), "LOCAL_RANK": "0"})
-                for r in range(2)]
+        return [(self.netns_cmd(r, _taskset(r) + cmd), {**env, "RANK": str(r), "LOCAL_RANK": "0"}) for r in range(2)]
 
 
 LAUNCHER = """#!/bin/sh
@@ -223,8 +245,10 @@ MPI_ENV = {"UCX_TLS": "tcp,self", "UCX_RNDV_THRESH": "inf"}  # over the link; ea
 def run_job(jobs: list[tuple[list[str], dict]], timeout_s: float) -> int:
     """Run processes (argv, extra env) together; 0 if all succeed. On the first failure or the
     timeout every process group is killed, so nothing is left behind."""
-    procs = [subprocess.Popen(argv, env={**os.environ, **env}, start_new_session=True,
-                              stdin=subprocess.DEVNULL) for argv, env in jobs]
+    procs = [
+        subprocess.Popen(argv, env={**os.environ, **env}, start_new_session=True, stdin=subprocess.DEVNULL)
+        for argv, env in jobs
+    ]
     deadline, code = time.monotonic() + timeout_s, 0
     try:
         while any(p.poll() is None for p in procs):
@@ -352,8 +376,13 @@ def measure_rtt(link: EmulatedLink, rounds: int = 2000) -> dict:
             srv.kill()
             srv.wait(timeout=5)
     us = [r * 1e6 for r in rtts]
-    return {"median_us": statistics.median(us), "p10_us": us[len(us) // 10],
-            "p90_us": us[len(us) * 9 // 10], "min_us": us[0], "rounds": len(us)}
+    return {
+        "median_us": statistics.median(us),
+        "p10_us": us[len(us) // 10],
+        "p90_us": us[len(us) * 9 // 10],
+        "min_us": us[0],
+        "rounds": len(us),
+    }
 
 
 def _python_in(link: EmulatedLink, host: int, call: str) -> list[str]:

@@ -26,8 +26,9 @@ class Variant(NamedTuple):
     setup: Callable[[], object] | None = None
 
 
-def measure_interleaved(comm: Comm, variants: list[Variant], iters: int = 1000,
-                        warmup: int = 100, block: int = 50, settle: int = 5) -> list[dict]:
+def measure_interleaved(
+    comm: Comm, variants: list[Variant], iters: int = 1000, warmup: int = 100, block: int = 50, settle: int = 5
+) -> list[dict]:
     """Time the variants in alternating blocks of `block` calls, so drift and neighbours' load
     hit all alike; the first `settle` calls of a block (untimed) absorb the ranks' skew left by
     the previous variant.
@@ -59,25 +60,39 @@ def measure_interleaved(comm: Comm, variants: list[Variant], iters: int = 1000,
     iters = t_VI.shape[1]
     rows = []
     for v, var in enumerate(variants):
-        mine = [float(np.median(t_VI[v])), float(np.percentile(t_VI[v], 99)),
-                float(t_VI[v].max()), float(t_VI[v].min())]
+        mine = [
+            float(np.median(t_VI[v])),
+            float(np.percentile(t_VI[v], 99)),
+            float(t_VI[v].max()),
+            float(t_VI[v].min()),
+        ]
         stats_R4 = np.array(comm.gather_floats(mine) or [mine])
-        rows.append({
-            "variant": var.name, "size_bytes": int(var.x_N.nbytes),
-            "dtype": str(var.x_N.dtype).removeprefix("torch."),
-            "num_values": int(var.x_N.numel()), "iters": iters, "ranks": comm.world_size,
-            "median_us": round(float(stats_R4[:, 0].mean()), 2),
-            "p99_us": round(float(stats_R4[:, 1].max()), 2),
-            "max_us": round(float(stats_R4[:, 2].max()), 2),
-            "min_us": round(float(stats_R4[:, 3].min()), 2),
-        })
+        rows.append(
+            {
+                "variant": var.name,
+                "size_bytes": int(var.x_N.nbytes),
+                "dtype": str(var.x_N.dtype).removeprefix("torch."),
+                "num_values": int(var.x_N.numel()),
+                "iters": iters,
+                "ranks": comm.world_size,
+                "median_us": round(float(stats_R4[:, 0].mean()), 2),
+                "p99_us": round(float(stats_R4[:, 1].max()), 2),
+                "max_us": round(float(stats_R4[:, 2].max()), 2),
+                "min_us": round(float(stats_R4[:, 3].min()), 2),
+            }
+        )
     return rows
 
 
-def measure_allreduce(comm: Comm, sizes_bytes: list[int] | None = None, iters: int = 1000, *,
-                      dtype: torch.dtype = torch.float32,
-                      op: Callable[[torch.Tensor], object] | None = None,
-                      warmup: int = 100) -> list[dict]:
+def measure_allreduce(
+    comm: Comm,
+    sizes_bytes: list[int] | None = None,
+    iters: int = 1000,
+    *,
+    dtype: torch.dtype = torch.float32,
+    op: Callable[[torch.Tensor], object] | None = None,
+    warmup: int = 100,
+) -> list[dict]:
     """Latency of `op(x_N)` (default comm.all_reduce_sum) per message size (bytes), every rank.
 
     Rows as measure_interleaved (variant "all_reduce_sum"); zeros, so sums never overflow.

@@ -17,18 +17,57 @@ from typing import Any
 from moecluster.errors import MoeClusterError
 
 
-def worker_argv(args: argparse.Namespace, phase: str, result: str, *, ar_sizes: list[int],
-                ar_dtype: str = "bfloat16", backend: str | None = None, trace: bool = True) -> list[str]:
+def worker_argv(
+    args: argparse.Namespace,
+    phase: str,
+    result: str,
+    *,
+    ar_sizes: list[int],
+    ar_dtype: str = "bfloat16",
+    backend: str | None = None,
+    trace: bool = True,
+) -> list[str]:
     """Command line of one calibration rank (what launchers start on every rank)."""
-    argv = [sys.executable, "-m", "moecluster.cli", "calibrate", "--model", str(args.model),
-            "--backend", backend or args.backend, "--batch", str(args.batch), "--steps", str(args.steps),
-            "--warmup", str(args.warmup), "--prompt-len", str(args.prompt_len), "--placement", args.placement,
-            "--exchange", args.exchange, "--ar-iters", str(args.ar_iters), "--timeout", str(args.timeout),
-            "--phase", phase, "--result", result, "--ar-sizes", ",".join(map(str, ar_sizes)),
-            "--ar-dtype", ar_dtype, "--rank-worker"]
-    quant = ["--quant-group-size", str(args.quant_group_size)] + (["--quantize", args.quantize] if args.quantize
-                                                                   else []) + (["--quantize-dense"]
-                                                                               if args.quantize_dense else [])
+    argv = [
+        sys.executable,
+        "-m",
+        "moecluster.cli",
+        "calibrate",
+        "--model",
+        str(args.model),
+        "--backend",
+        backend or args.backend,
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--prompt-len",
+        str(args.prompt_len),
+        "--placement",
+        args.placement,
+        "--exchange",
+        args.exchange,
+        "--ar-iters",
+        str(args.ar_iters),
+        "--timeout",
+        str(args.timeout),
+        "--phase",
+        phase,
+        "--result",
+        result,
+        "--ar-sizes",
+        ",".join(map(str, ar_sizes)),
+        "--ar-dtype",
+        ar_dtype,
+        "--rank-worker",
+    ]
+    quant = (
+        ["--quant-group-size", str(args.quant_group_size)]
+        + (["--quantize", args.quantize] if args.quantize else [])
+        + (["--quantize-dense"] if args.quantize_dense else [])
+    )
     return argv + (["--dtype", args.dtype] if args.dtype else []) + quant + ([] if trace else ["--no-trace"])
 
 
@@ -42,8 +81,9 @@ def launch_job(args: argparse.Namespace, phase: str, world_size: int, tmp: str, 
     print(f"calibrate: {phase} on {world_size} rank(s) ...", file=sys.stderr, flush=True)
     code = launch_local(cmd, world_size, backend, pin=world_size > 1, timeout_s=args.timeout)
     if code != 0 or not Path(result).is_file():
-        raise MoeClusterError(f"calibration {phase} job on {world_size} ranks failed (exit {code}); "
-                              "see the messages above")
+        raise MoeClusterError(
+            f"calibration {phase} job on {world_size} ranks failed (exit {code}); see the messages above"
+        )
     return json.loads(Path(result).read_text())
 
 
@@ -53,6 +93,7 @@ def run_jobs(args: argparse.Namespace, sizes: list[int]) -> tuple[list[dict], di
         engines = [launch_job(args, "engine", args.nodes, tmp, ar_sizes=sizes) for _ in range(args.repeats)]
         tables = {args.nodes: [r for e in engines for r in e["allreduce"]]} if args.nodes > 1 else {}
         for w in range(2, args.nodes):
-            tables[w] = launch_job(args, "allreduce", w, tmp, ar_sizes=sizes,
-                                ar_dtype=engines[0]["model"]["exchange_dtype"])["allreduce"]
+            tables[w] = launch_job(
+                args, "allreduce", w, tmp, ar_sizes=sizes, ar_dtype=engines[0]["model"]["exchange_dtype"]
+            )["allreduce"]
     return engines, tables

@@ -54,8 +54,7 @@ def _sample_and_broadcast(engine, sampler: Sampler, logits_BV: torch.Tensor) -> 
     return tokens_B, t1 - t0, now() - t1
 
 
-def decode_probe(engine, batch: int, steps: int, warmup: int = 3, prompt_len: int = 16,
-                 trace: bool = True) -> dict:
+def decode_probe(engine, batch: int, steps: int, warmup: int = 3, prompt_len: int = 16, trace: bool = True) -> dict:
     """Decode `steps` (+ `warmup` untimed) steps of B rows in lockstep; this rank's measurements.
 
     Returns per-step seconds (whole step, sampling, broadcast) and, with trace, the tracer's
@@ -64,15 +63,18 @@ def decode_probe(engine, batch: int, steps: int, warmup: int = 3, prompt_len: in
     if batch < 1 or batch > engine.model.num_slots:
         raise MoeClusterError(f"batch {batch} needs 1..{engine.model.num_slots} cache slots")
     if prompt_len + warmup + steps + 1 > engine.max_seq_len:
-        raise MoeClusterError(f"{prompt_len} prompt + {warmup + steps} decode positions exceed the "
-                              f"context of {engine.max_seq_len}; use fewer --steps")
+        raise MoeClusterError(
+            f"{prompt_len} prompt + {warmup + steps} decode positions exceed the "
+            f"context of {engine.max_seq_len}; use fewer --steps"
+        )
     sampler = Sampler(SamplingParams(temperature=0.0))
     slots_B = torch.arange(batch)
     TRACER.reset(enabled=False)
     with torch.inference_mode():
-        logits = [engine.step(torch.tensor([ids]), torch.tensor([0]), slots_B[b:b + 1])[0]
-                  for b, ids in enumerate(prompt_ids(engine.tokenizer, batch, prompt_len,
-                                                     engine.loaded.shape.vocab_size))]
+        logits = [
+            engine.step(torch.tensor([ids]), torch.tensor([0]), slots_B[b : b + 1])[0]
+            for b, ids in enumerate(prompt_ids(engine.tokenizer, batch, prompt_len, engine.loaded.shape.vocab_size))
+        ]
     tokens_B, _, _ = _sample_and_broadcast(engine, sampler, torch.stack(logits))
     pos_B = torch.full((batch,), prompt_len, dtype=torch.int64)
     step_s, sample_s, bcast_s = [], [], []
@@ -89,8 +91,14 @@ def decode_probe(engine, batch: int, steps: int, warmup: int = 3, prompt_len: in
             step_s.append(now() - t0)
             sample_s.append(ts)
             bcast_s.append(tb)
-    out = {"batch": batch, "steps": steps, "context_mean": prompt_len + warmup + (steps + 1) / 2,
-           "step_s": step_s, "sample_s": sample_s, "bcast_s": bcast_s}
+    out = {
+        "batch": batch,
+        "steps": steps,
+        "context_mean": prompt_len + warmup + (steps + 1) / 2,
+        "step_s": step_s,
+        "sample_s": sample_s,
+        "bcast_s": bcast_s,
+    }
     if trace:
         out.update(_trace_lists(len(engine.model.layers)))
     TRACER.reset(enabled=False)
@@ -130,14 +138,24 @@ def _model_summary(engine, exchange: str) -> dict:
     a = engine.loaded.shape
     dtype = engine.model.embed.weight.dtype
     elem = torch.empty(0, dtype=dtype).element_size()
-    expert_bytes = next((moe.experts.expert_bytes() for moe in engine.model.moe_layers()
-                         if moe.experts.expert_bytes()), 0)
+    expert_bytes = next(
+        (moe.experts.expert_bytes() for moe in engine.model.moe_layers() if moe.experts.expert_bytes()), 0
+    )
     per_token = a.top_k * a.d_model * elem if exchange == "exact" else a.d_model * 4
-    return {"arch": a.model_type, "d_model": a.d_model, "layers": a.num_layers, "moe_layers": a.num_moe_layers,
-            "experts": a.num_experts,
-            "top_k": a.top_k, "vocab": a.vocab_size, "dtype": "fp32" if dtype == torch.float32 else "bf16",
-            "expert_bytes": expert_bytes, "exchange": exchange, "exchange_bytes_per_token": per_token,
-            "exchange_dtype": str(dtype if exchange == "exact" else torch.float32).removeprefix("torch.")}
+    return {
+        "arch": a.model_type,
+        "d_model": a.d_model,
+        "layers": a.num_layers,
+        "moe_layers": a.num_moe_layers,
+        "experts": a.num_experts,
+        "top_k": a.top_k,
+        "vocab": a.vocab_size,
+        "dtype": "fp32" if dtype == torch.float32 else "bf16",
+        "expert_bytes": expert_bytes,
+        "exchange": exchange,
+        "exchange_bytes_per_token": per_token,
+        "exchange_dtype": str(dtype if exchange == "exact" else torch.float32).removeprefix("torch."),
+    }
 
 
 def _allreduce_rows(comm, sizes: list[int], iters: int, dtype: str) -> list[dict]:
@@ -189,8 +207,12 @@ def run_worker(args) -> int:
 
     comm = init_comm(args.backend, timeout_s=args.timeout)
     with comm:
-        result: dict = {"world_size": comm.world_size, "backend": args.backend,
-                        "threads": torch.get_num_threads(), "phase": args.phase}
+        result: dict = {
+            "world_size": comm.world_size,
+            "backend": args.backend,
+            "threads": torch.get_num_threads(),
+            "phase": args.phase,
+        }
         if args.phase == "engine":
             result.update(_engine_phase(args, comm, gather_reports))
         else:
@@ -220,8 +242,16 @@ def _engine_phase(args, comm, gather_reports) -> dict:
         from moecluster.quant.experts import QuantOptions
 
         quant = QuantOptions(args.quantize, args.quant_group_size, args.quantize_dense)
-    engine, _ = open_engine(args.model, args.dtype, comm, args.placement, num_slots=max(batches),
-                            max_seq_len=max_len, exchange=args.exchange, quant=quant)
+    engine, _ = open_engine(
+        args.model,
+        args.dtype,
+        comm,
+        args.placement,
+        num_slots=max(batches),
+        max_seq_len=max_len,
+        exchange=args.exchange,
+        quant=quant,
+    )
     out: dict = {"model": _model_summary(engine, args.exchange), "placement": args.placement}
     bandwidth = streaming_bandwidth_gbs(comm if comm.world_size > 1 else None)
     out["bandwidth_gbs"] = [r["gbs"] for r in gather_reports(comm, {"gbs": bandwidth})]
@@ -230,9 +260,11 @@ def _engine_phase(args, comm, gather_reports) -> dict:
         mine = decode_probe(engine, b, args.steps, args.warmup, args.prompt_len, trace=not args.no_trace)
         ranks = gather_reports(comm, mine)
         step = ranks[0]["step_s"]
-        out["batches"][str(b)] = {"ranks": ranks, "tok_s_median": b / statistics.median(step),
-                                  "tok_s_mean": b * len(step) / sum(step)}
+        out["batches"][str(b)] = {
+            "ranks": ranks,
+            "tok_s_median": b / statistics.median(step),
+            "tok_s_mean": b * len(step) / sum(step),
+        }
     if comm.world_size > 1 and args.ar_iters > 0:
-        out["allreduce"] = _allreduce_rows(comm, _sizes(args.ar_sizes), args.ar_iters,
-                                           out["model"]["exchange_dtype"])
+        out["allreduce"] = _allreduce_rows(comm, _sizes(args.ar_sizes), args.ar_iters, out["model"]["exchange_dtype"])
     return out

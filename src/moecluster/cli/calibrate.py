@@ -30,18 +30,27 @@ from moecluster.perfmodel.presets import load_presets
 def register(subparsers: Any) -> None:
     """Add the `calibrate` subcommand."""
     p = subparsers.add_parser(
-        "calibrate", help="measure this cluster into a profile JSON for `plan --profile`",
+        "calibrate",
+        help="measure this cluster into a profile JSON for `plan --profile`",
         description="Run the engine on N local ranks with tracing and time all-reduce against "
-        "message size; write the per-term times as a profile for `moecluster plan --profile`.")
+        "message size; write the per-term times as a profile for `moecluster plan --profile`.",
+    )
     p.add_argument("--model", required=True, help="HF checkpoint directory (moecluster can run it)")
     p.add_argument("--nodes", type=int, default=1, help="ranks to run, one per node (default 1)")
     p.add_argument("--backend", choices=["mpi", "torch", "single"], default="mpi", help="collective backend")
     p.add_argument("--out", default="profile.json", help="profile file to write (default profile.json)")
-    p.add_argument("--network", default=None, help="network preset this cluster's interconnect is (plan uses "
-                   "it for price and for node counts not measured); default: local (ranks on this machine, "
-                   "sharing its memory); required with --from-results of several hosts")
-    p.add_argument("--node", default="linux-2core", help="node preset of these machines (label and "
-                   "self-check; default linux-2core)")
+    p.add_argument(
+        "--network",
+        default=None,
+        help="network preset this cluster's interconnect is (plan uses "
+        "it for price and for node counts not measured); default: local (ranks on this machine, "
+        "sharing its memory); required with --from-results of several hosts",
+    )
+    p.add_argument(
+        "--node",
+        default="linux-2core",
+        help="node preset of these machines (label and self-check; default linux-2core)",
+    )
     p.add_argument("--batch", default="1,4", help="decode batch sizes to time (default 1,4)")
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per batch size (default 32)")
     p.add_argument("--warmup", type=int, default=3, help="untimed decode steps first (default 3)")
@@ -50,13 +59,22 @@ def register(subparsers: Any) -> None:
     p.add_argument("--placement", default="contiguous", help="expert placement (see `moecluster place`)")
     add_quant_args(p)
     p.add_argument("--exchange", choices=["exact", "sum"], default="exact", help="expert-parallel exchange")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="engine runs (new processes) whose per-term medians make the profile (default 1)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="engine runs (new processes) whose per-term medians make the profile (default 1)",
+    )
     p.add_argument("--ar-iters", type=int, default=400, help="all-reduce calls per message size (default 400)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds any rank may wait for another")
-    p.add_argument("--from-results", nargs="+", default=None, metavar="FILE",
-                   help="build the profile from rank-0 result files of jobs started by hand (multi-host: "
-                   "mpiexec ... calibrate --rank-worker --result FILE) instead of running local ranks")
+    p.add_argument(
+        "--from-results",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="build the profile from rank-0 result files of jobs started by hand (multi-host: "
+        "mpiexec ... calibrate --rank-worker --result FILE) instead of running local ranks",
+    )
     p.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--phase", choices=["engine", "allreduce"], default="engine", help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
@@ -98,8 +116,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
     profile = build_profile(engines, tables, args.network, args.node)
     Path(args.out).write_text(json.dumps(profile, indent=1))
     print(format_summary(profile, self_check(profile, args.model, args.node, engine["world_size"])))
-    print(f"wrote {args.out}: use it with  moecluster plan --model {args.model} --node {args.node} "
-          f"--profile {args.out}")
+    print(
+        f"wrote {args.out}: use it with  moecluster plan --model {args.model} --node {args.node} --profile {args.out}"
+    )
     return 0
 
 
@@ -107,32 +126,41 @@ def format_summary(profile: dict, check: list[dict]) -> str:
     """Per batch: measured step breakdown and tok/s; then the model's prediction of each measured
     configuration from this profile, per term, with a warning for each term off by more than 15%."""
     m = profile["measured"]
-    lines = [f"calibrated on {m['ranks']} rank(s), {m['backend']}, {m['threads']} thread(s) per rank, network "
-             f"{profile['network']!r}" + (" (one machine: the ranks share its memory bandwidth and cores)"
-                                          if profile["network"] == "local" else "")
-             + f"; memory bandwidth {profile['memory_bandwidth_gbs']:.1f} GB/s per rank (all ranks reading at once)",
-             f"{'batch':>5} {'attn/L ms':>9} {'router/L':>9} {'eval ms':>8} {'tok/exp':>7} {'head ms':>8} "
-             f"{'sample':>7} {'tok/s':>7} {'model':>7}"]
+    lines = [
+        f"calibrated on {m['ranks']} rank(s), {m['backend']}, {m['threads']} thread(s) per rank, network "
+        f"{profile['network']!r}"
+        + (" (one machine: the ranks share its memory bandwidth and cores)" if profile["network"] == "local" else "")
+        + f"; memory bandwidth {profile['memory_bandwidth_gbs']:.1f} GB/s per rank (all ranks reading at once)",
+        f"{'batch':>5} {'attn/L ms':>9} {'router/L':>9} {'eval ms':>8} {'tok/exp':>7} {'head ms':>8} "
+        f"{'sample':>7} {'tok/s':>7} {'model':>7}",
+    ]
     pred = {c["batch"]: c["predicted_tok_s"] for c in check}
     for b, t in sorted(m["batches"].items(), key=lambda kv: int(kv[0])):
-        lines.append(f"{b:>5} {t['attention_per_layer'] * 1e3:>9.3f} {t['router_per_layer'] * 1e3:>9.3f} "
-                     f"{t['expert_eval'] * 1e3:>8.3f} {t['tokens_per_expert']:>7.2f} {t['head'] * 1e3:>8.3f} "
-                     f"{t['sampling'] * 1e3:>7.3f} {t['tok_s']:>7.2f} {pred.get(int(b), 0.0):>7.2f}")
+        lines.append(
+            f"{b:>5} {t['attention_per_layer'] * 1e3:>9.3f} {t['router_per_layer'] * 1e3:>9.3f} "
+            f"{t['expert_eval'] * 1e3:>8.3f} {t['tokens_per_expert']:>7.2f} {t['head'] * 1e3:>8.3f} "
+            f"{t['sampling'] * 1e3:>7.3f} {t['tok_s']:>7.2f} {pred.get(int(b), 0.0):>7.2f}"
+        )
     for w, rows in profile["allreduce"].items():
-        cells = " ".join(f"{int(s) // 1024 if s >= 1024 else int(s)}{'K' if s >= 1024 else 'B'}:{t * 1e6:.0f}"
-                         for s, t in rows)
+        cells = " ".join(
+            f"{int(s) // 1024 if s >= 1024 else int(s)}{'K' if s >= 1024 else 'B'}:{t * 1e6:.0f}" for s, t in rows
+        )
         lines.append(f"all-reduce on {w} ranks, us: {cells}")
     if profile.get("exchange_overhead_s"):
-        lines.append(f"in-engine exchange costs {profile['exchange_overhead_s'] * 1e6:.0f} us more than the bare "
-                     "all-reduce (cold caches after streaming weights); the profile adds it to every exchange")
+        lines.append(
+            f"in-engine exchange costs {profile['exchange_overhead_s'] * 1e6:.0f} us more than the bare "
+            "all-reduce (cold caches after streaming weights); the profile adds it to every exchange"
+        )
     lines.append("self-check, ms per step (measured / predicted from this profile):")
     for c in check:
         cells = "  ".join(f"{t} {c['measured'][t] * 1e3:.3f}/{c['predicted'][t] * 1e3:.3f}" for t in c["measured"])
         lines.append(f"  batch {c['batch']}: {cells}")
         for t in c["warnings"]:
             mt, pt = c["measured"][t], c["predicted"][t]
-            lines.append(f"  WARNING batch {c['batch']}: {t} predicted {pt * 1e3:.3f} ms vs measured {mt * 1e3:.3f} ms "
-                         f"({100 * (pt / mt - 1) if mt else float('inf'):+.0f}%, "
-                         f"{100 * mt / c['measured']['step']:.0f}% "
-                         "of the measured step)")
+            lines.append(
+                f"  WARNING batch {c['batch']}: {t} predicted {pt * 1e3:.3f} ms vs measured {mt * 1e3:.3f} ms "
+                f"({100 * (pt / mt - 1) if mt else float('inf'):+.0f}%, "
+                f"{100 * mt / c['measured']['step']:.0f}% "
+                "of the measured step)"
+            )
     return "\n".join(lines)

@@ -11,27 +11,49 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that can run on several ranks."""
     p.add_argument("--nodes", type=int, default=1, help="number of ranks (local processes) to run")
     p.add_argument("--backend", choices=["mpi", "torch"], default="mpi", help="collective backend")
-    p.add_argument("--placement", default="contiguous",
-                   help="contiguous | round-robin | groups | FILE.json (see `moecluster place`)")
-    p.add_argument("--exchange", choices=["exact", "sum"], default="exact",
-                   help="exact: all-reduce per-expert outputs (output bit-identical to 1 rank); "
-                        "sum: all-reduce fp32 partial sums (smallest message)")
+    p.add_argument(
+        "--placement",
+        default="contiguous",
+        help="contiguous | round-robin | groups | FILE.json (see `moecluster place`)",
+    )
+    p.add_argument(
+        "--exchange",
+        choices=["exact", "sum"],
+        default="exact",
+        help="exact: all-reduce per-expert outputs (output bit-identical to 1 rank); "
+        "sum: all-reduce fp32 partial sums (smallest message)",
+    )
     p.add_argument("--timeout", type=float, default=30.0, help="seconds any rank may wait for another")
-    p.add_argument("--iface", default=None, metavar="NAME",
-                   help="network interface for the ranks' traffic across machines (e.g. eth1 on a private "
-                        "network); a one-machine job always uses loopback")
+    p.add_argument(
+        "--iface",
+        default=None,
+        metavar="NAME",
+        help="network interface for the ranks' traffic across machines (e.g. eth1 on a private "
+        "network); a one-machine job always uses loopback",
+    )
     p.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)
 
 
 def add_quant_args(p: argparse.ArgumentParser) -> None:
     """Options of commands that load a model: quantize a bf16/fp32 checkpoint's experts on load."""
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                   help="hold the routed experts as int8 or int4 (group-wise, fp32 scales), quantized while "
-                        "loading; fp8 checkpoints are read as fp8 without this")
-    p.add_argument("--quant-group-size", type=int, default=128,
-                   help="inputs per int8/int4 scale, a multiple of 64 dividing the model's dims (default 128)")
-    p.add_argument("--quantize-dense", action="store_true",
-                   help="with --quantize: also hold attention and dense / shared MLP weights as int8")
+    p.add_argument(
+        "--quantize",
+        choices=["int8", "int4"],
+        default=None,
+        help="hold the routed experts as int8 or int4 (group-wise, fp32 scales), quantized while "
+        "loading; fp8 checkpoints are read as fp8 without this",
+    )
+    p.add_argument(
+        "--quant-group-size",
+        type=int,
+        default=128,
+        help="inputs per int8/int4 scale, a multiple of 64 dividing the model's dims (default 128)",
+    )
+    p.add_argument(
+        "--quantize-dense",
+        action="store_true",
+        help="with --quantize: also hold attention and dense / shared MLP weights as int8",
+    )
 
 
 def quant_options(args):

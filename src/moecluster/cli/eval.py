@@ -13,14 +13,18 @@ MAX_DEFAULT_WINDOW = 2048  # long-context models: windows past this cost memory,
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="perplexity of a checkpoint on a text file",
-                       description="Token-level perplexity over sliding windows: windows of the model's context "
-                                   f"(at most {MAX_DEFAULT_WINDOW} unless --window), every window/2 tokens; each "
-                                   "token is scored once with at least window/2 tokens of context.")
+    p = sub.add_parser(
+        "eval",
+        help="perplexity of a checkpoint on a text file",
+        description="Token-level perplexity over sliding windows: windows of the model's context "
+        f"(at most {MAX_DEFAULT_WINDOW} unless --window), every window/2 tokens; each "
+        "token is scored once with at least window/2 tokens of context.",
+    )
     p.add_argument("--model", required=True, help="HF checkpoint directory")
     p.add_argument("--text", required=True, help="UTF-8 text file")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
-                   help="default: bf16 unless the checkpoint is fp32")
+    p.add_argument(
+        "--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 unless the checkpoint is fp32"
+    )
     p.add_argument("--window", type=int, default=None, help="tokens per window (default: the model's context)")
     p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: window/2)")
     p.add_argument("--batch", type=int, default=8, help="windows per forward pass")
@@ -54,13 +58,26 @@ def run_eval(args) -> int:
     seconds = time.perf_counter() - t0
     dtype = "bf16" if str(loaded.dtype) == "torch.bfloat16" else "fp32"
     if args.json:
-        print(json.dumps({"model": str(args.model), "text": str(args.text), "dtype": dtype,
-                          "perplexity": result.perplexity, "nll_per_token": result.nll_per_token,
-                          "tokens_scored": result.tokens_scored, "window": result.window,
-                          "stride": result.stride, "seconds": seconds}))
+        print(
+            json.dumps(
+                {
+                    "model": str(args.model),
+                    "text": str(args.text),
+                    "dtype": dtype,
+                    "perplexity": result.perplexity,
+                    "nll_per_token": result.nll_per_token,
+                    "tokens_scored": result.tokens_scored,
+                    "window": result.window,
+                    "stride": result.stride,
+                    "seconds": seconds,
+                }
+            )
+        )
     else:
         print(f"perplexity: {result.perplexity:.3f}")
-        print(f"{result.tokens_scored} tokens scored ({len(text)} chars), {dtype}, window {result.window}, "
-              f"stride {result.stride}, mean NLL {result.nll_per_token:.4f} nats/token, {seconds:.1f} s",
-              file=sys.stderr)
+        print(
+            f"{result.tokens_scored} tokens scored ({len(text)} chars), {dtype}, window {result.window}, "
+            f"stride {result.stride}, mean NLL {result.nll_per_token:.4f} nats/token, {seconds:.1f} s",
+            file=sys.stderr,
+        )
     return 0

@@ -26,20 +26,25 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
-                   help="default: bf16 unless the checkpoint is fp32")
+    p.add_argument(
+        "--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 unless the checkpoint is fp32"
+    )
     p.add_argument("--chat", action="store_true", help="wrap the prompt with the tokenizer's chat template")
     p.add_argument("--trace", default=None, help="write the per-step, per-layer, per-rank trace to this JSON file")
     p.add_argument("--report", default=None, help=argparse.SUPPRESS)  # JSON result, used by demo and tests
     p.add_argument("--quiet", action="store_true", help="do not stream text (stats only)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="intra-op threads (default: all cores on 1 rank, 1 per rank)")
-    p.add_argument("--engine", choices=["torch", "mlx"], default=default_engine(),
-                   help="torch (default on Linux) or mlx (Apple Silicon, default on macOS arm64; on Linux CPU for "
-                        "correctness only); --nodes N with mlx runs N local ranks on MLX's ring backend")
+    p.add_argument(
+        "--threads", type=int, default=None, help="intra-op threads (default: all cores on 1 rank, 1 per rank)"
+    )
+    p.add_argument(
+        "--engine",
+        choices=["torch", "mlx"],
+        default=default_engine(),
+        help="torch (default on Linux) or mlx (Apple Silicon, default on macOS arm64; on Linux CPU for "
+        "correctness only); --nodes N with mlx runs N local ranks on MLX's ring backend",
+    )
     add_quant_args(p)
-    p.add_argument("--no-check-weights", action="store_true",
-                   help="skip the NaN/Inf scan of the weights while loading")
+    p.add_argument("--no-check-weights", action="store_true", help="skip the NaN/Inf scan of the weights while loading")
     add_cluster_args(p)
     p.set_defaults(func=run_generate)
 
@@ -50,9 +55,15 @@ def default_engine() -> str:
 
 
 def sampling_from_args(args) -> SamplingParams:
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, seed=args.seed, stop=list(args.stop),
-                          ignore_eos=args.ignore_eos).validate()
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=list(args.stop),
+        ignore_eos=args.ignore_eos,
+    ).validate()
 
 
 def run_generate(args) -> int:
@@ -81,8 +92,15 @@ def run_generate(args) -> int:
 def _generate_on_rank(args, params: SamplingParams, comm) -> int:
     from moecluster.runtime import gather_reports, load_summary, open_engine, rank_report
 
-    engine, placement = open_engine(args.model, args.dtype, comm, args.placement, exchange=args.exchange,
-                                    quant=quant_options(args), check_weights=not args.no_check_weights)
+    engine, placement = open_engine(
+        args.model,
+        args.dtype,
+        comm,
+        args.placement,
+        exchange=args.exchange,
+        quant=quant_options(args),
+        check_weights=not args.no_check_weights,
+    )
     rank0 = engine.rank == 0
     text = args.prompt
     if args.chat:
@@ -106,8 +124,14 @@ def _generate_on_rank(args, params: SamplingParams, comm) -> int:
     reports = gather_reports(comm, rank_report(engine, stats))
     if rank0:
         _print_stats(stats, reports, engine.world_size)
-        result = {"text": "".join(out), "tokens": tokens, "stats": stats.to_dict(), "ranks": reports,
-                  "world_size": engine.world_size, "placement": placement.to_json() if placement else None}
+        result = {
+            "text": "".join(out),
+            "tokens": tokens,
+            "stats": stats.to_dict(),
+            "ranks": reports,
+            "world_size": engine.world_size,
+            "placement": placement.to_json() if placement else None,
+        }
         if args.report:
             Path(args.report).write_text(json.dumps(result))
     if args.trace:
@@ -119,17 +143,30 @@ def _print_stats(stats, reports: list[dict], world_size: int) -> None:
     from moecluster.runtime import format_rank_table
 
     err = sys.stderr
-    print(f"prompt tokens: {stats.prompt_tokens}  generated: {stats.generated_tokens} ({stats.finish_reason})",
-          file=err)
-    print(f"time to first token: {stats.ttft_s * 1e3:.1f} ms  prefill: {stats.prefill_tok_s:.1f} tok/s  "
-          f"decode: {stats.decode_tok_s:.2f} tok/s", file=err)
+    print(
+        f"prompt tokens: {stats.prompt_tokens}  generated: {stats.generated_tokens} ({stats.finish_reason})", file=err
+    )
+    print(
+        f"time to first token: {stats.ttft_s * 1e3:.1f} ms  prefill: {stats.prefill_tok_s:.1f} tok/s  "
+        f"decode: {stats.decode_tok_s:.2f} tok/s",
+        file=err,
+    )
     read = max(r["bytes_per_token"] for r in reports)
-    print(f"weights read per decode token: {read / 1e6:.1f} MB (slowest rank) -> "
-          f"{read * stats.decode_tok_s / 1e9:.2f} GB/s", file=err)
+    print(
+        f"weights read per decode token: {read / 1e6:.1f} MB (slowest rank) -> "
+        f"{read * stats.decode_tok_s / 1e9:.2f} GB/s",
+        file=err,
+    )
     print("peak RSS: " + ", ".join(f"rank {r['rank']} {r['peak_rss_bytes'] / 1e9:.2f} GB" for r in reports), file=err)
-    print("memory (GB; held = weights + KV cache; peaks sampled during load and decode): " + ", ".join(
-        f"rank {r['rank']} held {r['held_bytes'] / 1e9:.2f} peak anon {r['peak_anon_bytes'] / 1e9:.2f} "
-        f"file {r['peak_file_bytes'] / 1e9:.2f}" for r in reports), file=err)
+    print(
+        "memory (GB; held = weights + KV cache; peaks sampled during load and decode): "
+        + ", ".join(
+            f"rank {r['rank']} held {r['held_bytes'] / 1e9:.2f} peak anon {r['peak_anon_bytes'] / 1e9:.2f} "
+            f"file {r['peak_file_bytes'] / 1e9:.2f}"
+            for r in reports
+        ),
+        file=err,
+    )
     if world_size > 1:
         print(format_rank_table(reports), file=err)
     print("time per decode step (mean ms, share):", file=err)
@@ -148,5 +185,8 @@ def _write_trace(path: str, engine, comm) -> None:
         for r in ranks:
             for step in r["steps"]:
                 step.pop("events", None)  # in traceEvents
-        Path(path).write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms",
-                                          "world_size": engine.world_size, "ranks": ranks}))
+        Path(path).write_text(
+            json.dumps(
+                {"traceEvents": events, "displayTimeUnit": "ms", "world_size": engine.world_size, "ranks": ranks}
+            )
+        )

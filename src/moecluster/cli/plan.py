@@ -32,7 +32,8 @@ def parse_nodes(spec: str) -> list[int]:
                 lo = hi = int(part)
         except ValueError:
             raise MoeClusterError(
-                f"bad --nodes {spec!r}: use a count, a range like 1-8, or a list like 2,4,8") from None
+                f"bad --nodes {spec!r}: use a count, a range like 1-8, or a list like 2,4,8"
+            ) from None
         if lo < 1 or hi < lo or hi > MAX_NODES:
             raise MoeClusterError(f"bad --nodes range {part!r}: need 1 <= low <= high <= {MAX_NODES}")
         out.update(range(lo, hi + 1))
@@ -79,16 +80,27 @@ def _reference(ref: dict[str, Any], presets: Presets, shape: ModelShape, wl: Wor
         if batch == sys.typical_batch == 1:
             break
     return {
-        "name": sys.name, "source": f"predicted: {sys.nodes} x {sys.node} on {sys.network}, engine {node.engine}",
-        "tok_s": rows[0]["tok_s"], "price_usd": sys.price_usd, "fits": rows[0]["fits"],
-        "tok_s_per_1000usd": rows[0]["tok_s_per_1000usd"], "price_source": sys.sources.get("price_usd", ""),
-        "typical_batch": sys.typical_batch, "batch_source": sys.sources.get("typical_batch", ""), "batches": rows,
+        "name": sys.name,
+        "source": f"predicted: {sys.nodes} x {sys.node} on {sys.network}, engine {node.engine}",
+        "tok_s": rows[0]["tok_s"],
+        "price_usd": sys.price_usd,
+        "fits": rows[0]["fits"],
+        "tok_s_per_1000usd": rows[0]["tok_s_per_1000usd"],
+        "price_source": sys.sources.get("price_usd", ""),
+        "typical_batch": sys.typical_batch,
+        "batch_source": sys.sources.get("typical_batch", ""),
+        "batches": rows,
     }
 
 
 def _rated(pred: Prediction) -> dict[str, Any]:
-    return {"batch": pred.workload.batch, "per_user_tok_s": 1 / pred.step.total, "tok_s": pred.tokens_per_s,
-            "tok_s_per_1000usd": pred.tokens_per_s_per_1000usd, "fits": pred.memory.fits}
+    return {
+        "batch": pred.workload.batch,
+        "per_user_tok_s": 1 / pred.step.total,
+        "tok_s": pred.tokens_per_s,
+        "tok_s_per_1000usd": pred.tokens_per_s_per_1000usd,
+        "fits": pred.memory.fits,
+    }
 
 
 def max_batch(shape: ModelShape, node: NodeSpec, net: Any, nodes: int, wl: Workload, layout: Any = None) -> int:
@@ -101,8 +113,9 @@ def max_batch(shape: ModelShape, node: NodeSpec, net: Any, nodes: int, wl: Workl
     return max(0, int(free // one.kv_cache)) if one.kv_cache > 0 else 1
 
 
-def _cluster_batches(report: dict[str, Any], shape: ModelShape, node: NodeSpec, nets: dict[str, Any],
-                     wl: Workload, batch: int) -> list[dict[str, Any]]:
+def _cluster_batches(
+    report: dict[str, Any], shape: ModelShape, node: NodeSpec, nets: dict[str, Any], wl: Workload, batch: int
+) -> list[dict[str, Any]]:
     """The best layout of each (network, nodes) at batch 1 and at the largest batch its memory allows
     (up to the reference's batch)."""
     out = []
@@ -112,10 +125,19 @@ def _cluster_batches(report: dict[str, Any], shape: ModelShape, node: NodeSpec, 
         lay = next(x for x in layouts([k for k in KIND_OF], c["nodes"]) if x.name == c["parallelism"])
         room = max_batch(shape, node, nets[c["network"]], c["nodes"], wl, lay)
         top = min(batch, room)
-        rows = [_rated(predict_layout(shape, node, nets[c["network"]], lay, replace(wl, batch=b)))
-                for b in sorted({1, max(1, top)})]
-        out.append({"network": c["network"], "nodes": c["nodes"], "parallelism": c["parallelism"],
-                    "max_batch": room, "batches": rows})
+        rows = [
+            _rated(predict_layout(shape, node, nets[c["network"]], lay, replace(wl, batch=b)))
+            for b in sorted({1, max(1, top)})
+        ]
+        out.append(
+            {
+                "network": c["network"],
+                "nodes": c["nodes"],
+                "parallelism": c["parallelism"],
+                "max_batch": room,
+                "batches": rows,
+            }
+        )
     return out
 
 
@@ -134,22 +156,43 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
     wl = Workload(batch=args.batch, context=args.context, prompt=min(args.prompt, args.context))
     kinds = parse_parallelism(args.parallelism)
     preds: list[Prediction] = [
-        predict_layout(shape, node, net, lay, wl, profile, expert_load_per_layer=args.expert_load,
-                       expert_distinct_per_layer=args.expert_distinct)
-        if lay.pp == 1 and lay.tp == 1 else predict_layout(shape, node, net, lay, wl, profile)
-        for net in net_specs for n in parse_nodes(args.nodes) for lay in layouts(kinds, n)
+        predict_layout(
+            shape,
+            node,
+            net,
+            lay,
+            wl,
+            profile,
+            expert_load_per_layer=args.expert_load,
+            expert_distinct_per_layer=args.expert_distinct,
+        )
+        if lay.pp == 1 and lay.tp == 1
+        else predict_layout(shape, node, net, lay, wl, profile)
+        for net in net_specs
+        for n in parse_nodes(args.nodes)
+        for lay in layouts(kinds, n)
     ]
-    engine_spec = presets.stack(args.stack) if args.stack else (
-        presets.engine(node.engine) if node.engine in presets.engines else None)
+    engine_spec = (
+        presets.stack(args.stack)
+        if args.stack
+        else (presets.engine(node.engine) if node.engine in presets.engines else None)
+    )
     report: dict[str, Any] = {
         "model": shape.summary(),
-        "node": {"name": node.name, "description": node.description,
-                 "usable_memory_gb": node.usable_memory_bytes / 1e9, "price_usd": node.price_usd},
-        "engine": {"name": node.engine or "preset", "mem_efficiency": node.mem_efficiency,
-                   "compute_efficiency": node.compute_efficiency,
-                   "exchange_overhead_us": node.exchange_overhead_s * 1e6,
-                   "per_expert_overhead_us": node.per_expert_overhead_s * 1e6,
-                   "sources": engine_spec.source_lines(base) if engine_spec else []},
+        "node": {
+            "name": node.name,
+            "description": node.description,
+            "usable_memory_gb": node.usable_memory_bytes / 1e9,
+            "price_usd": node.price_usd,
+        },
+        "engine": {
+            "name": node.engine or "preset",
+            "mem_efficiency": node.mem_efficiency,
+            "compute_efficiency": node.compute_efficiency,
+            "exchange_overhead_us": node.exchange_overhead_s * 1e6,
+            "per_expert_overhead_us": node.per_expert_overhead_s * 1e6,
+            "sources": engine_spec.source_lines(base) if engine_spec else [],
+        },
         "networks": {n.name: n.description for n in net_specs},
         "parallelism": kinds,
         "workload": {"batch": wl.batch, "context": wl.context, "prompt": wl.prompt},
@@ -196,35 +239,56 @@ def read_measured(path: str) -> list[dict[str, Any]]:
             nodes, toks = int(row["nodes"]), float(row["tok_s"])
             batch = int(row.get("batch") or 0) or None
         except (KeyError, TypeError, ValueError):
-            raise MoeClusterError(f"{path} line {i}: need integer 'nodes' and number 'tok_s' columns "
-                                  "(optional: network, parallelism, batch, label)") from None
+            raise MoeClusterError(
+                f"{path} line {i}: need integer 'nodes' and number 'tok_s' columns "
+                "(optional: network, parallelism, batch, label)"
+            ) from None
         if nodes < 1 or toks <= 0:
             raise MoeClusterError(f"{path} line {i}: nodes must be >= 1 and tok_s > 0")
-        out.append({"nodes": nodes, "tok_s": toks, "batch": batch, "network": (row.get("network") or "").strip(),
-                    "parallelism": (row.get("parallelism") or "ep").strip(), "label": (row.get("label") or "").strip()})
+        out.append(
+            {
+                "nodes": nodes,
+                "tok_s": toks,
+                "batch": batch,
+                "network": (row.get("network") or "").strip(),
+                "parallelism": (row.get("parallelism") or "ep").strip(),
+                "label": (row.get("label") or "").strip(),
+            }
+        )
     if not out:
         raise MoeClusterError(f"{path}: no rows; expected a header 'nodes,tok_s[,network,parallelism,batch,label]'")
     return out
 
 
-def validate(rows: list[dict[str, Any]], shape: ModelShape, node: NodeSpec, nets: list[Any], wl: Workload,
-             profile: Any) -> list[dict[str, Any]]:
+def validate(
+    rows: list[dict[str, Any]], shape: ModelShape, node: NodeSpec, nets: list[Any], wl: Workload, profile: Any
+) -> list[dict[str, Any]]:
     """Prediction vs measurement per measured row (network default: the first --network)."""
     by_name = {n.name: n for n in nets}
     out = []
     for r in rows:
         net = by_name.get(r["network"] or nets[0].name)
         if net is None:
-            raise MoeClusterError(f"measured row network {r['network']!r} is not in --network "
-                                  f"({', '.join(by_name)}); add it there")
+            raise MoeClusterError(
+                f"measured row network {r['network']!r} is not in --network ({', '.join(by_name)}); add it there"
+            )
         lay = next((x for x in layouts(list(KIND_OF), r["nodes"]) if x.name == r["parallelism"]), None)
         if lay is None:
             names = sorted({x.name for x in layouts(list(KIND_OF), r["nodes"])})
-            raise MoeClusterError(f"measured row parallelism {r['parallelism']!r} is not a layout of "
-                                  f"{r['nodes']} nodes; use one of {', '.join(names)}")
+            raise MoeClusterError(
+                f"measured row parallelism {r['parallelism']!r} is not a layout of "
+                f"{r['nodes']} nodes; use one of {', '.join(names)}"
+            )
         pred = predict_layout(shape, node, net, lay, replace(wl, batch=r["batch"] or wl.batch), profile)
-        out.append({**r, "network": net.name, "batch": pred.workload.batch, "predicted_tok_s": pred.tokens_per_s,
-                    "error": pred.tokens_per_s / r["tok_s"] - 1})
+        out.append(
+            {
+                **r,
+                "network": net.name,
+                "batch": pred.workload.batch,
+                "predicted_tok_s": pred.tokens_per_s,
+                "error": pred.tokens_per_s / r["tok_s"] - 1,
+            }
+        )
     return out
 
 
@@ -232,29 +296,37 @@ def format_table(report: dict[str, Any]) -> str:
     """Human-readable table: one row per configuration (* = fastest that fits per network and node
     count), the reference, the validation, then notes."""
     m, wl, node, eng = report["model"], report["workload"], report["node"], report["engine"]
-    lines = [
-        f"model {m['name']}: {m['total_params_b']:.1f}B params ({m['active_params_b']:.1f}B active), "
-        f"{m['weight_bytes_per_param']:g} bytes/param (experts {m['expert_bytes_per_param']:.4g}); "
-        f"replicated {m['replicated_gb']:.1f} GB/node, "
-        f"{m['expert_gb_each']:.3f} GB per expert x {m['experts']} experts x {m['moe_layers']} layers",
-        f"node {node['name']}: {node['usable_memory_gb']:.1f} GB usable, ${node['price_usd']:,.0f}; "
-        f"batch {wl['batch']}, context {wl['context']}, prompt {wl['prompt']}"
-        + (f"; profile {report['profile']}" if report["profile"] else ""),
-        f"engine {eng['name']}: memory efficiency {eng['mem_efficiency']:.2f}, compute efficiency "
-        f"{eng['compute_efficiency']:.2f}, {eng['exchange_overhead_us']:.0f} us per exchange, "
-        f"{eng['per_expert_overhead_us']:.0f} us per expert evaluated",
-    ] + [f"  {line}" for line in eng["sources"]] + [""]
+    lines = (
+        [
+            f"model {m['name']}: {m['total_params_b']:.1f}B params ({m['active_params_b']:.1f}B active), "
+            f"{m['weight_bytes_per_param']:g} bytes/param (experts {m['expert_bytes_per_param']:.4g}); "
+            f"replicated {m['replicated_gb']:.1f} GB/node, "
+            f"{m['expert_gb_each']:.3f} GB per expert x {m['experts']} experts x {m['moe_layers']} layers",
+            f"node {node['name']}: {node['usable_memory_gb']:.1f} GB usable, ${node['price_usd']:,.0f}; "
+            f"batch {wl['batch']}, context {wl['context']}, prompt {wl['prompt']}"
+            + (f"; profile {report['profile']}" if report["profile"] else ""),
+            f"engine {eng['name']}: memory efficiency {eng['mem_efficiency']:.2f}, compute efficiency "
+            f"{eng['compute_efficiency']:.2f}, {eng['exchange_overhead_us']:.0f} us per exchange, "
+            f"{eng['per_expert_overhead_us']:.0f} us per expert evaluated",
+        ]
+        + [f"  {line}" for line in eng["sources"]]
+        + [""]
+    )
     ref = report["compare"]
-    head = (f"{'network':<11}{'nodes':>5} {'layout':<9}{'fits':>4} {'tok/s':>7} {'ms/step':>8} {'attn%':>6} "
-            f"{'exp%':>5} {'comm%':>6} {'head%':>6} {'GB/node':>8} {'TTFT s':>7} {'price $':>9} {'tok/s/$1k':>9}")
+    head = (
+        f"{'network':<11}{'nodes':>5} {'layout':<9}{'fits':>4} {'tok/s':>7} {'ms/step':>8} {'attn%':>6} "
+        f"{'exp%':>5} {'comm%':>6} {'head%':>6} {'GB/node':>8} {'TTFT s':>7} {'price $':>9} {'tok/s/$1k':>9}"
+    )
     lines += [head + (f" {'x ref':>6}" if ref else ""), "-" * (len(head) + (7 if ref else 0))]
     for c in report["configs"]:
         s = c["shares"]
-        row = (f"{c['network']:<11}{c['nodes']:>5} {c['parallelism'] + ('*' if c.get('best') else ''):<9}"
-               f"{'yes' if c['fits'] else 'NO':>4} {c['decode_tok_s']:>7.2f} "
-               f"{c['step_ms']:>8.1f} {100 * s['attention']:>6.1f} {100 * s['experts']:>5.1f} "
-               f"{100 * s['exchange']:>6.1f} {100 * (s['head'] + s['sampling']):>6.1f} "
-               f"{c['memory_gb']['total']:>8.1f} {c['ttft_s']:>7.2f} {c['price_usd']:>9,.0f} ")
+        row = (
+            f"{c['network']:<11}{c['nodes']:>5} {c['parallelism'] + ('*' if c.get('best') else ''):<9}"
+            f"{'yes' if c['fits'] else 'NO':>4} {c['decode_tok_s']:>7.2f} "
+            f"{c['step_ms']:>8.1f} {100 * s['attention']:>6.1f} {100 * s['experts']:>5.1f} "
+            f"{100 * s['exchange']:>6.1f} {100 * (s['head'] + s['sampling']):>6.1f} "
+            f"{c['memory_gb']['total']:>8.1f} {c['ttft_s']:>7.2f} {c['price_usd']:>9,.0f} "
+        )
         # a configuration that does not fit delivers nothing per dollar
         row += f"{c['tok_s_per_1000usd']:>9.3f}" if c["fits"] else f"{'-':>9}"
         if ref and c.get("vs_reference"):
@@ -279,37 +351,58 @@ def _format_reference(ref: dict[str, Any] | None) -> list[str]:
     if not ref:
         return []
     if "batches" not in ref:
-        return ["", f"reference {ref['name']}: {ref['tok_s']:.2f} tok/s, ${ref['price_usd']:,.0f}, "
-                    f"{ref['tok_s_per_1000usd']:.3f} tok/s per $1000 ({ref['source']})"]
-    lines = ["", f"reference {ref['name']} ({ref['source']}), ${ref['price_usd']:,.0f}"
-             + ("" if ref.get("fits", True) else "; model does NOT fit on it"),
-             f"  normally run at batch {ref['typical_batch']}: {ref['batch_source']}",
-             f"  {'system':<26}{'batch':>6} {'per-user tok/s':>15} {'aggregate tok/s':>16} {'tok/s/$1k':>10}"]
+        return [
+            "",
+            f"reference {ref['name']}: {ref['tok_s']:.2f} tok/s, ${ref['price_usd']:,.0f}, "
+            f"{ref['tok_s_per_1000usd']:.3f} tok/s per $1000 ({ref['source']})",
+        ]
+    lines = [
+        "",
+        f"reference {ref['name']} ({ref['source']}), ${ref['price_usd']:,.0f}"
+        + ("" if ref.get("fits", True) else "; model does NOT fit on it"),
+        f"  normally run at batch {ref['typical_batch']}: {ref['batch_source']}",
+        f"  {'system':<26}{'batch':>6} {'per-user tok/s':>15} {'aggregate tok/s':>16} {'tok/s/$1k':>10}",
+    ]
     for r in ref["batches"]:
         name = f"{ref['name']} {r['parallelism']}"
-        lines.append(f"  {name:<26}{r['batch']:>6} {r['per_user_tok_s']:>15.2f} {r['tok_s']:>16.1f} "
-                     f"{r['tok_s_per_1000usd']:>10.3f}")
+        lines.append(
+            f"  {name:<26}{r['batch']:>6} {r['per_user_tok_s']:>15.2f} {r['tok_s']:>16.1f} "
+            f"{r['tok_s_per_1000usd']:>10.3f}"
+        )
     for c in ref.get("cluster", []):
         name = f"{c['network']} x{c['nodes']} {c['parallelism']}"
         for r in c["batches"]:
-            why = ("  (largest batch its memory allows)" if r["batch"] == c["max_batch"] > 1
-                   else f"  (memory allows {c['max_batch']})" if r["batch"] > 1 else "")
-            lines.append(f"  {name:<26}{r['batch']:>6} {r['per_user_tok_s']:>15.2f} {r['tok_s']:>16.1f} "
-                         f"{r['tok_s_per_1000usd']:>10.3f}{why}")
+            why = (
+                "  (largest batch its memory allows)"
+                if r["batch"] == c["max_batch"] > 1
+                else f"  (memory allows {c['max_batch']})"
+                if r["batch"] > 1
+                else ""
+            )
+            lines.append(
+                f"  {name:<26}{r['batch']:>6} {r['per_user_tok_s']:>15.2f} {r['tok_s']:>16.1f} "
+                f"{r['tok_s_per_1000usd']:>10.3f}{why}"
+            )
     return lines
 
 
 def _format_validation(rows: list[dict[str, Any]] | None) -> list[str]:
     if not rows:
         return []
-    lines = ["", f"validation: {'network':<11}{'nodes':>5} {'layout':<9}{'batch':>5} {'measured':>9} "
-                 f"{'predicted':>10} {'error %':>8}  label"]
+    lines = [
+        "",
+        f"validation: {'network':<11}{'nodes':>5} {'layout':<9}{'batch':>5} {'measured':>9} "
+        f"{'predicted':>10} {'error %':>8}  label",
+    ]
     for r in rows:
-        lines.append(f"            {r['network']:<11}{r['nodes']:>5} {r['parallelism']:<9}{r['batch']:>5} "
-                     f"{r['tok_s']:>9.2f} {r['predicted_tok_s']:>10.2f} {100 * r['error']:>+8.1f}  {r['label']}")
+        lines.append(
+            f"            {r['network']:<11}{r['nodes']:>5} {r['parallelism']:<9}{r['batch']:>5} "
+            f"{r['tok_s']:>9.2f} {r['predicted_tok_s']:>10.2f} {100 * r['error']:>+8.1f}  {r['label']}"
+        )
     errs = sorted(abs(r["error"]) for r in rows)
-    lines.append(f"            {len(rows)} rows: median |error| {100 * errs[len(errs) // 2]:.1f}%, "
-                 f"max {100 * errs[-1]:.1f}%")
+    lines.append(
+        f"            {len(rows)} rows: median |error| {100 * errs[len(errs) // 2]:.1f}%, max {100 * errs[-1]:.1f}%"
+    )
     return lines
 
 
@@ -354,22 +447,45 @@ def register(subparsers: Any) -> None:
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
     p.add_argument("--context", type=int, default=2048, help="KV-cache tokens per sequence (default 2048)")
     p.add_argument("--prompt", type=int, default=512, help="prompt tokens for prefill/TTFT (default 512)")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPE_BYTES),
-                   help="weight format: bf16, fp16, q8, q4 (all weights) or the engine's expert formats int8, "
-                        "int4, fp8, mxfp4 (routed experts, scales included; the rest bf16). Default: the "
-                        "checkpoint's quantization_config format for experts, else bf16")
-    p.add_argument("--expert-load", type=float, default=None,
-                   help="expected max-rank (token, expert) evaluations per MoE layer (from a placement); "
-                   "default: uniform routing, contiguous placement")
-    p.add_argument("--expert-distinct", type=float, default=None,
-                   help="expected max-rank distinct experts per MoE layer (from a placement)")
-    p.add_argument("--engine", default=None, help="engine whose efficiency terms to use (torch-cpu, mlx-metal, "
-                   "llama-cpp-metal, cuda-vllm; default: the node preset's)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=sorted(DTYPE_BYTES),
+        help="weight format: bf16, fp16, q8, q4 (all weights) or the engine's expert formats int8, "
+        "int4, fp8, mxfp4 (routed experts, scales included; the rest bf16). Default: the "
+        "checkpoint's quantization_config format for experts, else bf16",
+    )
+    p.add_argument(
+        "--expert-load",
+        type=float,
+        default=None,
+        help="expected max-rank (token, expert) evaluations per MoE layer (from a placement); "
+        "default: uniform routing, contiguous placement",
+    )
+    p.add_argument(
+        "--expert-distinct",
+        type=float,
+        default=None,
+        help="expected max-rank distinct experts per MoE layer (from a placement)",
+    )
+    p.add_argument(
+        "--engine",
+        default=None,
+        help="engine whose efficiency terms to use (torch-cpu, mlx-metal, "
+        "llama-cpp-metal, cuda-vllm; default: the node preset's)",
+    )
     p.add_argument("--stack", default=None, help="a published system's software stack (e.g. paper-python-grpc)")
-    p.add_argument("--parallelism", default="ep", help="layouts to compare: comma list of ep, tp, pp, ep+tp, "
-                   "pp+ep, or all (default ep)")
-    p.add_argument("--validate", default=None, metavar="CSV",
-                   help="measured CSV (nodes,tok_s[,network,parallelism,batch,label]): error per row")
+    p.add_argument(
+        "--parallelism",
+        default="ep",
+        help="layouts to compare: comma list of ep, tp, pp, ep+tp, pp+ep, or all (default ep)",
+    )
+    p.add_argument(
+        "--validate",
+        default=None,
+        metavar="CSV",
+        help="measured CSV (nodes,tok_s[,network,parallelism,batch,label]): error per row",
+    )
     p.add_argument("--measured", default=None, metavar="CSV", help="overlay measured points on the plots")
     p.add_argument("--profile", default=None, help="measured profile JSON (from moecluster calibrate)")
     p.add_argument("--compare", default=None, help="reference: NAME:TOKENS_PER_S:PRICE_USD or a system preset (8xh100)")

@@ -15,8 +15,9 @@ from moecluster.loading import load_model
 def register(sub) -> None:
     p = sub.add_parser("profile-routing", help="record per-layer expert activation statistics over prompts")
     p.add_argument("--model", required=True, help="HF checkpoint directory")
-    p.add_argument("--prompts", required=True,
-                   help="text file with one prompt per line, or .jsonl with {\"prompt\": ...} per line")
+    p.add_argument(
+        "--prompts", required=True, help='text file with one prompt per line, or .jsonl with {"prompt": ...} per line'
+    )
     p.add_argument("--out", default="stats.json")
     p.add_argument("--max-tokens", type=int, default=16, help="tokens generated per prompt (their routing counts too)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None)
@@ -32,7 +33,7 @@ def read_prompts(path: str) -> list[str]:
         try:
             lines = [json.loads(line)["prompt"] for line in lines]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise MoeClusterError(f"{path}: every line must be a JSON object with a \"prompt\" ({e})") from None
+            raise MoeClusterError(f'{path}: every line must be a JSON object with a "prompt" ({e})') from None
     if not lines:
         raise MoeClusterError(f"prompts file {path!r} has no prompts")
     return lines

@@ -21,24 +21,41 @@ def register(sub) -> None:
     p.add_argument("--model-name", default=None, help="model id clients send (default: the directory name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' (default: $MOECLUSTER_API_KEY, else no key; "
-                        "prefer the variable or --api-key-file: a command line is visible to every user)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' (default: $MOECLUSTER_API_KEY, else no key; "
+        "prefer the variable or --api-key-file: a command line is visible to every user)",
+    )
     p.add_argument("--api-key-file", default=None, help="read the API key from this file (first line)")
-    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
-                   help="accept this Host name (repeatable; IP addresses and localhost always; '*': any)")
-    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
-                   help="let web pages from ORIGIN (e.g. https://app.example) call the API; default: none")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="accept this Host name (repeatable; IP addresses and localhost always; '*': any)",
+    )
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="let web pages from ORIGIN (e.g. https://app.example) call the API; default: none",
+    )
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together in one step")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 429")
-    p.add_argument("--prefix-cache-gb", type=float, default=0.0,
-                   help="keep the KV of prompt prefixes (16-token blocks, LRU) in up to this much memory (default off)")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
-                   help="default: bf16 unless the checkpoint is fp32")
+    p.add_argument(
+        "--prefix-cache-gb",
+        type=float,
+        default=0.0,
+        help="keep the KV of prompt prefixes (16-token blocks, LRU) in up to this much memory (default off)",
+    )
+    p.add_argument(
+        "--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 unless the checkpoint is fp32"
+    )
     p.add_argument("--max-seq-len", type=int, default=None, help="context per sequence (default: the model's)")
     add_quant_args(p)
-    p.add_argument("--no-check-weights", action="store_true",
-                   help="skip the NaN/Inf scan of the weights while loading")
+    p.add_argument("--no-check-weights", action="store_true", help="skip the NaN/Inf scan of the weights while loading")
     add_cluster_args(p)
     p.set_defaults(func=run_serve, timeout=20.0)  # a dead rank fails requests within 30 s
 
@@ -112,8 +129,9 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind(addr)
     except OSError as e:
         sock.close()
-        raise MoeClusterError(f"cannot listen on {host}:{port} ({e.strerror}); is another server running? "
-                              "pass --port with a free port") from None
+        raise MoeClusterError(
+            f"cannot listen on {host}:{port} ({e.strerror}); is another server running? pass --port with a free port"
+        ) from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
@@ -129,8 +147,9 @@ def run_serve(args) -> int:
         env = {"MOECLUSTER_API_KEY": args.api_key} if args.api_key is not None else None  # never in argv
         # A dead rank must not end the job (MPI: keep_survivors): rank 0 answers 503 until it exits,
         # FAILED_LINGER_S after noticing; the launcher kills ranks still running this long after one died.
-        return launch_local(cmd, args.nodes, args.backend, timeout_s=args.timeout + FAILED_LINGER_S + 10,
-                            keep_survivors=True, env=env)
+        return launch_local(
+            cmd, args.nodes, args.backend, timeout_s=args.timeout + FAILED_LINGER_S + 10, keep_survivors=True, env=env
+        )
     return run_on_rank(args, lambda comm: _serve_on_rank(args, comm))
 
 
@@ -144,9 +163,17 @@ def _serve_on_rank(args, comm) -> int:
         import uvicorn  # noqa: F401 - import before loading so that a missing extra fails fast
 
         from moecluster.server.app import create_app  # noqa: F401
-    engine, placement = open_engine(args.model, args.dtype, comm, args.placement, num_slots=args.max_batch,
-                                    max_seq_len=args.max_seq_len, exchange=args.exchange, quant=quant_options(args),
-                                    check_weights=not args.no_check_weights)
+    engine, placement = open_engine(
+        args.model,
+        args.dtype,
+        comm,
+        args.placement,
+        num_slots=args.max_batch,
+        max_seq_len=args.max_seq_len,
+        exchange=args.exchange,
+        quant=quant_options(args),
+        check_weights=not args.no_check_weights,
+    )
     if (summary := load_summary(engine)) and (rank == 0 or engine.world_size > 1):
         print(summary, file=sys.stderr, flush=True)
     if rank != 0:
@@ -166,20 +193,38 @@ def _serve_http(args, engine, placement, sock: socket.socket) -> int:
 
     TRACER.reset(enabled=True)  # per-layer exchange times for /metrics (the scheduler keeps no history)
     metrics = Metrics(engine.model, placement, engine.world_size)
-    scheduler = Scheduler(engine, args.max_batch, args.max_queue, observer=metrics,
-                          prefix_cache_bytes=int(args.prefix_cache_gb * 2**30))
+    scheduler = Scheduler(
+        engine, args.max_batch, args.max_queue, observer=metrics, prefix_cache_bytes=int(args.prefix_cache_gb * 2**30)
+    )
     name = args.model_name or Path(args.model).resolve().name
     from moecluster.server.connections import KEEP_ALIVE_S, ReapingH11Protocol
 
     # /health and /metrics stay open on loopback binds (local probes); elsewhere they need the key
-    app = create_app(scheduler, name, args.api_key, metrics, allowed_hosts=args.allowed_host,
-                     cors_origins=args.cors_origin, open_status=is_loopback(args.host))
+    app = create_app(
+        scheduler,
+        name,
+        args.api_key,
+        metrics,
+        allowed_hosts=args.allowed_host,
+        cors_origins=args.cors_origin,
+        open_status=is_loopback(args.host),
+    )
     if args.api_key is None and not is_loopback(args.host):
-        print(f"moecluster: warning: serving on {args.host} without an API key: anyone who can reach this "
-              "address can use the model (set MOECLUSTER_API_KEY or --api-key-file)", file=sys.stderr)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
-                            lifespan="off", http=ReapingH11Protocol, timeout_keep_alive=KEEP_ALIVE_S,
-                            h11_max_incomplete_event_size=64 * 1024)
+        print(
+            f"moecluster: warning: serving on {args.host} without an API key: anyone who can reach this "
+            "address can use the model (set MOECLUSTER_API_KEY or --api-key-file)",
+            file=sys.stderr,
+        )
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        lifespan="off",
+        http=ReapingH11Protocol,
+        timeout_keep_alive=KEEP_ALIVE_S,
+        h11_max_incomplete_event_size=64 * 1024,
+    )
     server = uvicorn.Server(config)
 
     def exit_later(reason: str) -> None:
@@ -190,11 +235,18 @@ def _serve_http(args, engine, placement, sock: socket.socket) -> int:
     scheduler.on_failure = exit_later
     scheduler.start()
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"moecluster: serving {name!r} on http://{host}:{args.port}/v1 ({engine.world_size} rank"
-          f"{'s' if engine.world_size > 1 else ''}, batch {args.max_batch}, context {engine.max_seq_len})",
-          file=sys.stderr, flush=True)
-    print(f"moecluster: KV cache: {kv_cache_bytes(engine.model) / 2**30:.3f} GiB reserved per rank "
-          f"({args.max_batch} slots x {engine.max_seq_len} positions)", file=sys.stderr, flush=True)
+    print(
+        f"moecluster: serving {name!r} on http://{host}:{args.port}/v1 ({engine.world_size} rank"
+        f"{'s' if engine.world_size > 1 else ''}, batch {args.max_batch}, context {engine.max_seq_len})",
+        file=sys.stderr,
+        flush=True,
+    )
+    print(
+        f"moecluster: KV cache: {kv_cache_bytes(engine.model) / 2**30:.3f} GiB reserved per rank "
+        f"({args.max_batch} slots x {engine.max_seq_len} positions)",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         server.run(sockets=[sock])
     finally:

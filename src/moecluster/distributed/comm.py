@@ -164,14 +164,12 @@ def _ranks(ranks: list[int]) -> str:
     return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
 
 
-def missing_message(what: str, timeout_s: float, missing: list[int], notes: list[str],
-                    error: str = "") -> str:
+def missing_message(what: str, timeout_s: float, missing: list[int], notes: list[str], error: str = "") -> str:
     """The CommError text: which ranks did not join `what`, and what the others were doing."""
     if missing and error:
         msg = f"{_ranks(missing)} did not join {what} ({error}; it may have died)"
     elif missing:
-        msg = f"{_ranks(missing)} did not join {what} within {timeout_s:.1f} s " \
-              f"(it may have died or hung)"
+        msg = f"{_ranks(missing)} did not join {what} within {timeout_s:.1f} s (it may have died or hung)"
     elif error:
         msg = f"{what} failed: {error}"
     else:
@@ -221,8 +219,10 @@ def _init_mpi(timeout_s: float) -> tuple[Comm, int]:
     try:
         from mpi4py import MPI
     except ImportError as e:
-        raise MoeClusterError("backend 'mpi' needs mpi4py and an MPI library: pip install "
-                              "'moecluster[mpi]' (mpi4py + mpich), or use --backend torch") from e
+        raise MoeClusterError(
+            "backend 'mpi' needs mpi4py and an MPI library: pip install "
+            "'moecluster[mpi]' (mpi4py + mpich), or use --backend torch"
+        ) from e
     world = MPI.COMM_WORLD
     if world.Get_size() == 1:
         return SingleComm(timeout_s), 0
@@ -257,8 +257,10 @@ def _env_int(name: str, default: int | None = None) -> int:
     if value is None and default is not None:
         return default
     if value is None:
-        raise MoeClusterError(f"backend 'torch' needs the environment variable {name} "
-                              f"(start the ranks with torchrun or moecluster's launcher)")
+        raise MoeClusterError(
+            f"backend 'torch' needs the environment variable {name} "
+            f"(start the ranks with torchrun or moecluster's launcher)"
+        )
     try:
         return int(value)
     except ValueError as e:
@@ -273,15 +275,24 @@ def _init_torch(timeout_s: float, device: str) -> tuple[Comm, int]:
     local_rank = _env_int("LOCAL_RANK", rank)
     addr = os.environ.get("MASTER_ADDR")
     if not addr:
-        raise MoeClusterError("backend 'torch' needs MASTER_ADDR and MASTER_PORT "
-                              "(start the ranks with torchrun or moecluster's launcher)")
+        raise MoeClusterError(
+            "backend 'torch' needs MASTER_ADDR and MASTER_PORT (start the ranks with torchrun or moecluster's launcher)"
+        )
     agent_store = None  # torchrun's agent serves the store on MASTER_PORT already
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         agent_store = f"/moecluster/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     from moecluster.distributed.comm_torch import TorchComm
 
-    comm = TorchComm(rank, world_size, addr, _env_int("MASTER_PORT"), timeout_s,
-                     device=device, local_rank=local_rank, agent_store=agent_store)
+    comm = TorchComm(
+        rank,
+        world_size,
+        addr,
+        _env_int("MASTER_PORT"),
+        timeout_s,
+        device=device,
+        local_rank=local_rank,
+        agent_store=agent_store,
+    )
     return comm, local_rank
 
 
@@ -291,8 +302,7 @@ def use_interface(iface: str) -> None:
         os.environ[name] = iface
 
 
-def init_comm(backend: str = "mpi", timeout_s: float = 30.0, *, device: str = "cpu",
-              iface: str | None = None) -> Comm:
+def init_comm(backend: str = "mpi", timeout_s: float = 30.0, *, device: str = "cpu", iface: str | None = None) -> Comm:
     """Join the job this process was started in (mpiexec, torchrun, moecluster's launcher).
 
     The only place that reads launcher environment variables. "single", or a job of one rank,
@@ -312,7 +322,6 @@ def init_comm(backend: str = "mpi", timeout_s: float = 30.0, *, device: str = "c
     elif backend == "torch":
         comm, local_rank = _init_torch(timeout_s, device)
     else:
-        raise MoeClusterError(f"unknown communication backend {backend!r}: "
-                              f"use 'mpi', 'torch' or 'single'")
+        raise MoeClusterError(f"unknown communication backend {backend!r}: use 'mpi', 'torch' or 'single'")
     _apply_cpu_settings(local_rank, comm.world_size)
     return comm

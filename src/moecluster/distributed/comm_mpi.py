@@ -53,8 +53,9 @@ def native_bf16_type(MPI):
             return None
         a_2 = torch.tensor([1.0, 2.5], dtype=torch.bfloat16)
         b_2 = torch.tensor([1.0, 0.25], dtype=torch.bfloat16)
-        MPI.SUM.Reduce_local([MPI.buffer.fromaddress(a_2.data_ptr(), 4), dtype],
-                             [MPI.buffer.fromaddress(b_2.data_ptr(), 4), dtype])
+        MPI.SUM.Reduce_local(
+            [MPI.buffer.fromaddress(a_2.data_ptr(), 4), dtype], [MPI.buffer.fromaddress(b_2.data_ptr(), 4), dtype]
+        )
         return dtype if b_2.tolist() == [2.0, 2.75] else None
     except Exception:  # noqa: BLE001 - any failure means: not supported here, use a fallback
         return None
@@ -107,13 +108,17 @@ class MPIComm(Comm):
         if mode not in ("auto", "native", "op", "fp32"):
             raise ValueError(f"bf16_mode must be auto, native, op or fp32, got {mode!r}")
         if mode == "native" and self._bf16_native is None:
-            raise CommError(f"this MPI ({self._MPI.Get_library_version().splitlines()[0]}) "
-                            f"cannot sum bf16 natively: use bf16_mode 'op' or 'fp32'")
+            raise CommError(
+                f"this MPI ({self._MPI.Get_library_version().splitlines()[0]}) "
+                f"cannot sum bf16 natively: use bf16_mode 'op' or 'fp32'"
+            )
         MPI, unlimited = self._MPI, sys.maxsize
         # dtype -> (MPI type, largest message for the fast path); others go _all_reduce_other.
-        self._sum_types = {torch.float32: (MPI.FLOAT, unlimited),
-                           torch.float64: (MPI.DOUBLE, unlimited),
-                           torch.int64: (MPI.INT64_T, unlimited)}
+        self._sum_types = {
+            torch.float32: (MPI.FLOAT, unlimited),
+            torch.float64: (MPI.DOUBLE, unlimited),
+            torch.int64: (MPI.INT64_T, unlimited),
+        }
         if mode in ("auto", "native") and self._bf16_native is not None:
             limit = NATIVE_BF16_MAX_BYTES if mode == "auto" else unlimited
             self._sum_types[torch.bfloat16] = (self._bf16_native, limit)
@@ -234,8 +239,7 @@ class MPIComm(Comm):
                     self._wait_slow(req, op_code, t0)
                     return
         except self._MPI.Exception as e:  # e.g. a peer's host vanished (if MPI reports it)
-            self._fail(f"{OPS[op_code]} (collective #{self._num_ops}) failed: "
-                       f"{e.Get_error_string()}; stopping")
+            self._fail(f"{OPS[op_code]} (collective #{self._num_ops}) failed: {e.Get_error_string()}; stopping")
 
     def _wait_slow(self, req, op_code: int, t0: float) -> None:
         """Past SPIN_S: Test + sched_yield (a pinned rank returns at once, a shared core is
@@ -299,5 +303,4 @@ class MPIComm(Comm):
             where = "between collectives" if code == 0 else f"{OPS[code]} (collective #{n})"
             odd = " - the ranks' call sequences differ (a bug)" if n == num and code else ""
             notes.append(f"rank {r} answered from {where}{odd}")
-        return missing_message(f"{OPS[op_code]} (collective #{num})", self.timeout_s, missing,
-                               notes)
+        return missing_message(f"{OPS[op_code]} (collective #{num})", self.timeout_s, missing, notes)

@@ -48,9 +48,18 @@ class TorchComm(Comm):
 
     backend = "torch"
 
-    def __init__(self, rank: int, world_size: int, addr: str, port: int, timeout_s: float = 30.0,
-                 *, device: str = "cpu", local_rank: int = 0, agent_store: str | None = None
-                 ) -> None:
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        addr: str,
+        port: int,
+        timeout_s: float = 30.0,
+        *,
+        device: str = "cpu",
+        local_rank: int = 0,
+        agent_store: str | None = None,
+    ) -> None:
         """agent_store: torchrun's agent already serves the store at addr:port; our keys go under
         this prefix (else rank 0 hosts the store)."""
         import torch.distributed as dist
@@ -67,8 +76,7 @@ class TorchComm(Comm):
         self._listener = _listen(addr, port) if is_master else None
         try:
             fd = self._listener.fileno() if self._listener is not None else None
-            self._store = TCPStore(addr, port, world_size, timeout=timeout, is_master=is_master,
-                                   master_listen_fd=fd)
+            self._store = TCPStore(addr, port, world_size, timeout=timeout, is_master=is_master, master_listen_fd=fd)
             if agent_store is not None:
                 self._store = PrefixStore(agent_store, self._store)
             self._store_host = "rank 0" if agent_store is None else "torchrun's agent"
@@ -76,13 +84,19 @@ class TorchComm(Comm):
             if self.device.type == "cuda":
                 torch.cuda.set_device(local_rank)
             # gloo's own timeout is a backstop behind ours, so our named message comes first.
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
-                                    store=self._store, rank=rank, world_size=world_size,
-                                    timeout=timeout + datetime.timedelta(seconds=10))
+            dist.init_process_group(
+                "nccl" if self.device.type == "cuda" else "gloo",
+                store=self._store,
+                rank=rank,
+                world_size=world_size,
+                timeout=timeout + datetime.timedelta(seconds=10),
+            )
         except (RuntimeError, ValueError) as e:
-            raise CommError(f"rank {rank}: could not join the {world_size} ranks at {addr}:{port}"
-                            f" within {timeout_s:.1f} s ({_short(e)}); check that "
-                            f"every rank started and MASTER_ADDR/MASTER_PORT agree") from e
+            raise CommError(
+                f"rank {rank}: could not join the {world_size} ranks at {addr}:{port}"
+                f" within {timeout_s:.1f} s ({_short(e)}); check that "
+                f"every rank started and MASTER_ADDR/MASTER_PORT agree"
+            ) from e
 
     def _hb_key(self, rank: int) -> str:
         return f"moecluster/hb/{rank}"
@@ -167,9 +181,12 @@ class TorchComm(Comm):
                     break
                 time.sleep(0.05)
         except RuntimeError:
-            self._fail(f"{what} failed and the rendezvous store of {self._store_host} is "
-                       f"unreachable: {self._store_host} may have died"
-                       + (f" ({_short(error)})" if error else "") + "; stopping")
+            self._fail(
+                f"{what} failed and the rendezvous store of {self._store_host} is "
+                f"unreachable: {self._store_host} may have died"
+                + (f" ({_short(error)})" if error else "")
+                + "; stopping"
+            )
         notes = _waiting_note([r for r in seen if r not in missing])
         notes += [f"rank {r} last waited in collective #{seen[r]}" for r in missing if seen[r]]
         self._fail(missing_message(what, self.timeout_s, missing, notes, _short(error)))

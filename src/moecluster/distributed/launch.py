@@ -30,8 +30,12 @@ from moecluster.errors import MoeClusterError
 
 LAUNCHER_PID_ENV = "MOECLUSTER_LAUNCHER_PID"  # "pid:start time" of the launcher, for watch_launcher
 LOOPBACK_ENV = {  # a one-machine job talks over loopback only, whatever MPI transport is built in
-    "UCX_NET_DEVICES": "lo", "FI_TCP_IFACE": "lo", "FI_SOCKETS_IFACE": "lo",
-    "MPIR_CVAR_CH3_INTERFACE_HOSTNAME": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
+    "UCX_NET_DEVICES": "lo",
+    "FI_TCP_IFACE": "lo",
+    "FI_SOCKETS_IFACE": "lo",
+    "MPIR_CVAR_CH3_INTERFACE_HOSTNAME": "127.0.0.1",
+    "GLOO_SOCKET_IFNAME": "lo",
+}
 WATCH_S = 0.5  # how often a rank checks that its launcher is alive
 POLL_S = 0.02
 SCAN_S = 0.5  # between scans of the process tree (each costs ~1.5 ms of CPU the ranks may need)
@@ -57,8 +61,7 @@ def find_mpiexec() -> str:
     for d in os.environ.get("PATH", "").split(os.pathsep):
         if d and os.access(Path(d) / "mpiexec", os.X_OK):
             return str(Path(d) / "mpiexec")
-    raise MoeClusterError("backend 'mpi' needs mpiexec: pip install 'moecluster[mpi]' (mpich), "
-                          "or use --backend torch")
+    raise MoeClusterError("backend 'mpi' needs mpiexec: pip install 'moecluster[mpi]' (mpich), or use --backend torch")
 
 
 def describe_exit(code: int) -> str:
@@ -161,8 +164,8 @@ class _Job:
         _kill_procs(list(self.seen.values()), signal.SIGTERM)
         deadline = time.monotonic() + (TERM_GRACE_S if alive or self.seen else 0)
         while time.monotonic() < deadline and (
-                any(p.poll() is None for p in self.popens) or
-                any(_running(q) for q in self.seen.values())):
+            any(p.poll() is None for p in self.popens) or any(_running(q) for q in self.seen.values())
+        ):
             time.sleep(POLL_S)
         for p in self.popens:
             _kill_group(p.pid, signal.SIGKILL)
@@ -183,8 +186,15 @@ def _running(p: psutil.Process) -> bool:
 
 def _rank_env(base: dict, rank: int, world_size: int, port: int) -> dict:
     env = dict(base)
-    env.update(RANK=str(rank), MLX_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-               LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env.update(
+        RANK=str(rank),
+        MLX_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     return env
 
 
@@ -212,8 +222,10 @@ def _watch_torch(job: _Job, timeout_s: float) -> tuple[int, str]:
             left = [r for r, c in enumerate(codes) if c is None]
             job.stop()
             was = "was" if len(left) == 1 else "were"
-            return _code(first[1]), (f"rank {first[0]} {describe_exit(first[1])}; {_plural(left)} "
-                                     f"{was} still running {timeout_s:.1f} s later and {was} killed")
+            return _code(first[1]), (
+                f"rank {first[0]} {describe_exit(first[1])}; {_plural(left)} "
+                f"{was} still running {timeout_s:.1f} s later and {was} killed"
+            )
         job.remember_descendants(SCAN_S)
         time.sleep(POLL_S)
     if first is None:
@@ -277,21 +289,29 @@ def _watch_mpi(job: _Job, links: RankLinks, timeout_s: float) -> tuple[int, str]
             deadline = time.monotonic() + timeout_s
         if deadline is not None and time.monotonic() > deadline:
             job.stop()
-            return 1, (f"rank {links.stopped[0]} stopped first; mpiexec did not end the job "
-                       f"within {timeout_s:.1f} s, so every rank was killed")
+            return 1, (
+                f"rank {links.stopped[0]} stopped first; mpiexec did not end the job "
+                f"within {timeout_s:.1f} s, so every rank was killed"
+            )
         links.wait(POLL_S)
     code = proc.returncode
     if code == 0:
         return 0, ""
     links.wait(0)  # links closed just before mpiexec ended
-    who = f"; rank {links.stopped[0]} stopped first" if links.stopped else \
-        " (see the ranks' errors above)"
+    who = f"; rank {links.stopped[0]} stopped first" if links.stopped else " (see the ranks' errors above)"
     return _code(code), f"mpiexec {describe_exit(code)}{who}"
 
 
-def launch_local(cmd: list[str], world_size: int, backend: str, *, pin: bool = True,
-                 timeout_s: float = 30.0, env: dict | None = None,
-                 keep_survivors: bool = False) -> int:
+def launch_local(
+    cmd: list[str],
+    world_size: int,
+    backend: str,
+    *,
+    pin: bool = True,
+    timeout_s: float = 30.0,
+    env: dict | None = None,
+    keep_survivors: bool = False,
+) -> int:
     """Run `cmd` as world_size local ranks of one job; 0 if every rank succeeded.
 
     backend "mpi": `mpiexec -n N cmd`; "torch": N processes with RANK/WORLD_SIZE/LOCAL_RANK/
@@ -313,8 +333,11 @@ def launch_local(cmd: list[str], world_size: int, backend: str, *, pin: bool = T
     base[LAUNCHER_PID_ENV] = _launcher_id()
     if pin and hasattr(os, "sched_getaffinity") and world_size <= len(os.sched_getaffinity(0)):  # macOS: no pinning
         base["MOECLUSTER_PIN"] = "1"
-    popen: dict[str, Any] = dict(stdin=subprocess.DEVNULL, start_new_session=True,  # own group: killable whole
-                                 preexec_fn=_die_with_parent_fn())
+    popen: dict[str, Any] = dict(
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,  # own group: killable whole
+        preexec_fn=_die_with_parent_fn(),
+    )
     previous = _install_sigterm()
     job, links, tmp = _Job([]), None, ""
     try:
@@ -325,19 +348,29 @@ def launch_local(cmd: list[str], world_size: int, backend: str, *, pin: bool = T
             # interface: HYDU_sock_listen binds INADDR_ANY, see README)
             full = [find_mpiexec(), "-localhost", "127.0.0.1", "-n", str(world_size), *cmd]
             if keep_survivors:  # see _wrap_rank
-                full = [full[0], "-localhost", "127.0.0.1", "-disable-auto-cleanup", "-n", str(world_size),
-                        sys.executable,
-                        "-m", "moecluster.distributed.launch", WRAP_RANK, *cmd]
-            job.popens = [subprocess.Popen(full, env=dict(base, MOECLUSTER_LAUNCH_SOCKET=links.path),
-                                           **popen)]
+                full = [
+                    full[0],
+                    "-localhost",
+                    "127.0.0.1",
+                    "-disable-auto-cleanup",
+                    "-n",
+                    str(world_size),
+                    sys.executable,
+                    "-m",
+                    "moecluster.distributed.launch",
+                    WRAP_RANK,
+                    *cmd,
+                ]
+            job.popens = [subprocess.Popen(full, env=dict(base, MOECLUSTER_LAUNCH_SOCKET=links.path), **popen)]
             code, line = _watch_mpi(job, links, timeout_s)
         else:
             port = free_port()
             if backend == "mlx":  # MLX's ring backend: a hostfile of one listening address per rank
                 tmp = tempfile.mkdtemp(prefix="moecluster-")
                 base = dict(base, MLX_HOSTFILE=_mlx_hostfile(tmp, world_size))
-            job.popens = [subprocess.Popen(cmd, env=_rank_env(base, r, world_size, port), **popen)
-                          for r in range(world_size)]
+            job.popens = [
+                subprocess.Popen(cmd, env=_rank_env(base, r, world_size, port), **popen) for r in range(world_size)
+            ]
             code, line = _watch_torch(job, timeout_s)
     except _Terminated:
         code, line = 128 + signal.SIGTERM, "launcher received SIGTERM; stopped every rank"

@@ -129,8 +129,9 @@ def execute_step(engine: Engine, msg: dict) -> StepOutput:
         # chunks of BLOCK positions aligned to 0 (chunked prefill): every chunk is the same forward with or without
         # a restored prefix, so prefix caching changes no bit of the output
         for chunk in range(start, len(ids), BLOCK):
-            logits_V = engine.step(torch.tensor([ids[chunk:chunk + BLOCK]]), torch.tensor([chunk]),
-                                   torch.tensor([adm["slot"]]))[0]
+            logits_V = engine.step(
+                torch.tensor([ids[chunk : chunk + BLOCK]]), torch.tensor([chunk]), torch.tensor([adm["slot"]])
+            )[0]
         out.prefill_logits.append(logits_V)  # pyright: ignore[reportPossiblyUnboundVariable] - len(ids) > start
         if "store" in adm:
             store = _prefix_store(engine)
@@ -143,8 +144,9 @@ def execute_step(engine: Engine, msg: dict) -> StepOutput:
     if msg["slots"]:
         t0 = now()
         TRACER.begin_step("decode", len(msg["slots"]))
-        out.decode_logits_BV = engine.step(torch.tensor(msg["tokens"])[:, None], torch.tensor(msg["pos"]),
-                                           torch.tensor(msg["slots"]))
+        out.decode_logits_BV = engine.step(
+            torch.tensor(msg["tokens"])[:, None], torch.tensor(msg["pos"]), torch.tensor(msg["slots"])
+        )
         out.decode_seconds = now() - t0
         out.decode_bytes = engine.dense_bytes + engine.expert_bytes_last_step()
         out.decode_trace = _take_trace()
@@ -217,12 +219,19 @@ def _describe(exc: Exception) -> str:
 class Scheduler:
     """Rank 0: admits, batches, samples and finishes requests; runs in its own thread (`start`)."""
 
-    def __init__(self, engine: Engine, max_batch: int = 8, max_queue: int = 64,
-                 observer: StepObserver | None = None, on_failure: Callable[[str], None] | None = None,
-                 prefix_cache_bytes: int = 0):
+    def __init__(
+        self,
+        engine: Engine,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        observer: StepObserver | None = None,
+        on_failure: Callable[[str], None] | None = None,
+        prefix_cache_bytes: int = 0,
+    ):
         if not 1 <= max_batch <= engine.model.num_slots:
-            raise MoeClusterError(f"max batch {max_batch} must be between 1 and the engine's "
-                                  f"{engine.model.num_slots} cache slots")
+            raise MoeClusterError(
+                f"max batch {max_batch} must be between 1 and the engine's {engine.model.num_slots} cache slots"
+            )
         if max_queue < 0:
             raise MoeClusterError(f"the queue length must be >= 0, got {max_queue}")
         self.engine, self.comm = engine, engine.comm
@@ -232,8 +241,11 @@ class Scheduler:
         self.prefix = PrefixIndex(engine.model, prefix_cache_bytes)
         engine.prefix_store = None  # pyright: ignore[reportAttributeAccessIssue] - entries of an earlier scheduler
         if prefix_cache_bytes > 0 and not self.prefix.enabled:
-            print("moecluster: prefix caching is off: this model's attention caches are not plain KV caches",
-                  file=sys.stderr, flush=True)
+            print(
+                "moecluster: prefix caching is off: this model's attention caches are not plain KV caches",
+                file=sys.stderr,
+                flush=True,
+            )
         self.failed_reason: str | None = None
         self.last_progress = now()
         self._cond = threading.Condition()
@@ -258,8 +270,7 @@ class Scheduler:
             if n > self.max_batch:
                 raise MoeClusterError(f"n = {n} choices exceed the {self.max_batch} sequences that run at once")
             if self._num_in_system + n > self.max_batch + self.max_queue:
-                raise QueueFull(f"{self.max_batch} sequences are running and {self.max_queue} are waiting; "
-                                "retry later")
+                raise QueueFull(f"{self.max_batch} sequences are running and {self.max_queue} are waiting; retry later")
             self._num_in_system += n
             self._inbox.append(request)
             self._cond.notify()
@@ -347,8 +358,13 @@ class Scheduler:
                     admit[0]["copies"] = [s.slot for s in seqs[1:]]
         if not admit and not rows:
             return None
-        return {"op": "step", "admit": admit, "tokens": [s.next_token for s in rows],
-                "slots": [s.slot for s in rows], "pos": [s.pos for s in rows]}
+        return {
+            "op": "step",
+            "admit": admit,
+            "tokens": [s.next_token for s in rows],
+            "slots": [s.slot for s in rows],
+            "pos": [s.pos for s in rows],
+        }
 
     def _prefix_plan(self, ids: list[int]) -> dict:
         """The admit fields of prefix caching: what to restore, store and evict."""
@@ -365,9 +381,18 @@ class Scheduler:
         """The n sequences of an admitted request; none (request failed, slots kept free) if it cannot start."""
         try:
             max_new = min(req.params.max_tokens, self.engine.max_seq_len - len(req.prompt_ids))
-            return [_Sequence(req, slot, max_new, TextTracker(self.engine.tokenizer, req.params),
-                              Sampler(req.params, req.prompt_ids, i), pos=len(req.prompt_ids), index=i)
-                    for i, slot in enumerate(slots)]
+            return [
+                _Sequence(
+                    req,
+                    slot,
+                    max_new,
+                    TextTracker(self.engine.tokenizer, req.params),
+                    Sampler(req.params, req.prompt_ids, i),
+                    pos=len(req.prompt_ids),
+                    index=i,
+                )
+                for i, slot in enumerate(slots)
+            ]
         except Exception as e:  # noqa: BLE001 - one bad request must not stop the others
             self._free.extend(slots)
             self._done_waiting(req, Event(finish_reason="error", error=_describe(e), status=500))
@@ -375,8 +400,7 @@ class Scheduler:
 
     def _finish_step(self, msg: dict, out: StepOutput) -> None:
         """Sample every row, emit its text, finish the sequences that stopped."""
-        for adm, logits_V, sec, trace in zip(msg["admit"], out.prefill_logits, out.prefill_seconds,
-                                             out.prefill_traces):
+        for adm, logits_V, sec, trace in zip(msg["admit"], out.prefill_logits, out.prefill_seconds, out.prefill_traces):
             self.observer.on_step("prefill", 1, sec, 0, trace)
             for slot in [adm["slot"], *adm.get("copies", [])]:
                 if slot in self._active:  # a failed choice may have failed the others
@@ -388,8 +412,7 @@ class Scheduler:
                     continue
                 seq.pos += 1
                 self._advance_or_fail(seq, logits_V)
-            self.observer.on_step("decode", len(msg["slots"]), out.decode_seconds, out.decode_bytes,
-                                  out.decode_trace)
+            self.observer.on_step("decode", len(msg["slots"]), out.decode_seconds, out.decode_bytes, out.decode_trace)
         self.last_progress = self._last_collective = now()
 
     def _advance_or_fail(self, seq: _Sequence, logits_V: torch.Tensor) -> None:
@@ -413,8 +436,17 @@ class Scheduler:
         if reason == "length":
             text += seq.tracker.flush()
         if reason is None:
-            self._emit(seq.request, Event(text, token, completion_tokens=seq.generated,
-                                          prompt_tokens=len(seq.request.prompt_ids), index=seq.index, sample=sample))
+            self._emit(
+                seq.request,
+                Event(
+                    text,
+                    token,
+                    completion_tokens=seq.generated,
+                    prompt_tokens=len(seq.request.prompt_ids),
+                    index=seq.index,
+                    sample=sample,
+                ),
+            )
         else:
             self._release(seq, reason, Event(text, token, sample=sample))
 

@@ -32,8 +32,9 @@ def window_starts(num_tokens: int, window: int, stride: int) -> list[int]:
 
 
 @torch.inference_mode()
-def perplexity(model: DecoderModel, ids: list[int], window: int, stride: int | None = None,
-               batch: int = 8) -> Perplexity:
+def perplexity(
+    model: DecoderModel, ids: list[int], window: int, stride: int | None = None, batch: int = 8
+) -> Perplexity:
     """exp(mean NLL) of ids[1:] given what precedes them. Windows of `window` tokens start every `stride`
     (default window // 2); each token is scored once, in the first window that holds it and its left
     neighbour, so every token after the first window sees at least window - stride tokens of context."""
@@ -48,13 +49,13 @@ def perplexity(model: DecoderModel, ids: list[int], window: int, stride: int | N
     model.setup_cache(min(batch, len(starts)), window)
     nll, count, scored = 0.0, 0, 1  # tokens [0, scored) are already counted (token 0 never is)
     for b in range(0, len(starts), batch):
-        group = starts[b:b + batch]
-        x_BT = torch.stack([ids_t[s:s + window] for s in group])
+        group = starts[b : b + batch]
+        x_BT = torch.stack([ids_t[s : s + window] for s in group])
         logp_BTV = torch.log_softmax(model(x_BT, torch.zeros(len(group), dtype=torch.long)), dim=-1)
         for row, s in enumerate(group):
             first = max(scored, s + 1)
-            targets = ids_t[first:s + window]
-            nll -= logp_BTV[row, first - s - 1:window - 1].gather(-1, targets[:, None]).sum().item()
+            targets = ids_t[first : s + window]
+            nll -= logp_BTV[row, first - s - 1 : window - 1].gather(-1, targets[:, None]).sum().item()
             count += targets.numel()
             scored = max(scored, s + window)
     return Perplexity(math.exp(nll / count), nll / count, count, window, stride)

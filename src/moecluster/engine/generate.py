@@ -103,16 +103,16 @@ class TextTracker:
                     break
         if cut >= 0:
             end = max(cut, self.sent)
-            delta, self.sent = self.text[self.sent:end], len(self.text)
+            delta, self.sent = self.text[self.sent : end], len(self.text)
             return delta, True
         hold = max((m.state for m in self.matchers), default=0)
         end = max(len(self.text) - hold, self.sent)
-        delta, self.sent = self.text[self.sent:end], end
+        delta, self.sent = self.text[self.sent : end], end
         return delta, False
 
     def flush(self) -> str:
         self.text += self.detok.flush()  # text the decoder held back (an unfinished character or byte run)
-        delta, self.sent = self.text[self.sent:], len(self.text)
+        delta, self.sent = self.text[self.sent :], len(self.text)
         return delta
 
 
@@ -153,12 +153,14 @@ class Engine:
         if not prompt_ids:
             raise MoeClusterError("the prompt is empty; give at least one token")
         if len(prompt_ids) >= self.max_seq_len:
-            raise MoeClusterError(f"prompt has {len(prompt_ids)} tokens but the context holds {self.max_seq_len}; "
-                                  "shorten the prompt")
+            raise MoeClusterError(
+                f"prompt has {len(prompt_ids)} tokens but the context holds {self.max_seq_len}; shorten the prompt"
+            )
         bad = [t for t in prompt_ids if not 0 <= t < self.loaded.shape.vocab_size]
         if bad:
-            raise MoeClusterError(f"prompt token ids {bad[:3]} are outside the vocabulary of "
-                                  f"{self.loaded.shape.vocab_size}")
+            raise MoeClusterError(
+                f"prompt token ids {bad[:3]} are outside the vocabulary of {self.loaded.shape.vocab_size}"
+            )
 
     def stream(self, prompt_ids: list[int], params: SamplingParams, slot: int = 0) -> Iterator[Delta]:
         """Prefill then decode one sequence, yielding text deltas; the last delta carries stats."""
@@ -230,17 +232,21 @@ def check_cache(model, num_slots: int, max_seq_len: int | None) -> None:
     (sized on the meta device: nothing is allocated)."""
     limit = int(model.max_seq_len)
     if max_seq_len is not None and max_seq_len > limit:
-        raise MoeClusterError(f"a context of {max_seq_len} positions (--max-seq-len) is above this model's limit "
-                              f"of {limit} (max_position_embeddings); ask for at most {limit}")
+        raise MoeClusterError(
+            f"a context of {max_seq_len} positions (--max-seq-len) is above this model's limit "
+            f"of {limit} (max_position_embeddings); ask for at most {limit}"
+        )
     with torch.device("meta"):
         model.setup_cache(num_slots, max_seq_len)
     need = sum(b.numel() * b.element_size() for b in model.buffers() if b.is_meta)
     available = psutil.virtual_memory().available
     if need > available:
         seq = model.cache_len
-        raise MoeClusterError(f"a KV cache of {num_slots} sequence(s) x {seq} positions needs {need / 2**30:.1f} GiB, "
-                              f"but {available / 2**30:.1f} GiB of memory is available; pass --max-seq-len (and "
-                              "--max-batch) small enough, or fix max_position_embeddings/max_seq_len in config.json")
+        raise MoeClusterError(
+            f"a KV cache of {num_slots} sequence(s) x {seq} positions needs {need / 2**30:.1f} GiB, "
+            f"but {available / 2**30:.1f} GiB of memory is available; pass --max-seq-len (and "
+            "--max-batch) small enough, or fix max_position_embeddings/max_seq_len in config.json"
+        )
 
 
 def dense_bytes_per_token(model) -> int:

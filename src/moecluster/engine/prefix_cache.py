@@ -28,8 +28,7 @@ def kv_caches(model) -> list[KVCache] | None:
         if isinstance(cache, torch.nn.Module):
             found.setdefault(id(cache), cache)
     caches = list(found.values())
-    return [c for c in caches if isinstance(c, KVCache)] if caches and all(type(c) is KVCache for c in caches) \
-        else None
+    return [c for c in caches if isinstance(c, KVCache)] if caches and all(type(c) is KVCache for c in caches) else None
 
 
 class PrefixStore:

@@ -113,8 +113,10 @@ class Sampler:
         """Raises SamplingError on NaN/Inf logits; finite for every temperature > 0 and top_p > 0."""
         if not bool(torch.isfinite(logits_V).all()):
             bad = int((~torch.isfinite(logits_V)).sum())
-            raise SamplingError(f"the model produced {bad} NaN/Inf logits (broken weights or an overflow); "
-                                "this request cannot be sampled")
+            raise SamplingError(
+                f"the model produced {bad} NaN/Inf logits (broken weights or an overflow); "
+                "this request cannot be sampled"
+            )
         token = self._choose(self._process(logits_V.double()))  # fp64: a temperature of 1e-300 is not 0 here
         out = Sample(token)
         if self.params.logprobs is not None:

@@ -100,8 +100,9 @@ def moe_gemv_available() -> bool:
     return _get() is not None
 
 
-def moe_gemv(w_eRC: torch.Tensor, experts: list[int], x_kC: torch.Tensor, out_nR: torch.Tensor,
-             out_rows: list[int] | None = None) -> torch.Tensor:
+def moe_gemv(
+    w_eRC: torch.Tensor, experts: list[int], x_kC: torch.Tensor, out_nR: torch.Tensor, out_rows: list[int] | None = None
+) -> torch.Tensor:
     """out_nR[out_rows[k]] = w_eRC[experts[k]] @ x_kC[k] for each k (x_kC of one row: the same x for all).
 
     All bf16; w_eRC contiguous; rows of x_kC and out_nR contiguous. Call only if moe_gemv_available()."""
@@ -111,8 +112,15 @@ def moe_gemv(w_eRC: torch.Tensor, experts: list[int], x_kC: torch.Tensor, out_nR
     return moe_gemm(w_eRC, experts, [1] * K, x_kC, x_rows, out_nR, list(range(K)) if out_rows is None else out_rows)
 
 
-def moe_gemm(w_eRC: torch.Tensor, experts: list[int], counts: list[int], x_nC: torch.Tensor, x_rows: list[int],
-             out_mR: torch.Tensor, out_rows: list[int]) -> torch.Tensor:
+def moe_gemm(
+    w_eRC: torch.Tensor,
+    experts: list[int],
+    counts: list[int],
+    x_nC: torch.Tensor,
+    x_rows: list[int],
+    out_mR: torch.Tensor,
+    out_rows: list[int],
+) -> torch.Tensor:
     """Pairs grouped by expert: the first counts[0] pairs use experts[0], the next counts[1] experts[1], ...;
     pair p computes out_mR[out_rows[p]] = w_eRC[expert of p] @ x_nC[x_rows[p]]. Each expert's weights are
     read once for all its pairs; every output equals what moe_gemv gives for that pair alone (same bits)."""
@@ -124,19 +132,44 @@ def moe_gemm(w_eRC: torch.Tensor, experts: list[int], counts: list[int], x_nC: t
     if not K:
         return out_mR
     bad = [t for t in (w_eRC, x_nC, out_mR) if t.dtype != torch.bfloat16 or t.device.type != "cpu" or t.dim() < 2]
-    if bad or not w_eRC.is_contiguous() or x_nC.stride(-1) != 1 or out_mR.stride(-1) != 1 \
-            or x_nC.shape[-1] != C or out_mR.shape[-1] != R or len(counts) != K or sum(counts) != P \
-            or len(out_rows) != P or min(counts) < 0 or not all(0 <= e < E for e in experts) \
-            or not all(0 <= r < x_nC.shape[0] for r in x_rows) or not all(0 <= r < out_mR.shape[0] for r in out_rows):
-        raise ValueError("moe_gemm: needs bf16 CPU tensors w [E, R, C] contiguous, x [n, C] and out [m, R] with "
-                         "contiguous rows, counts summing to the number of pairs, and valid indices")
+    if (
+        bad
+        or not w_eRC.is_contiguous()
+        or x_nC.stride(-1) != 1
+        or out_mR.stride(-1) != 1
+        or x_nC.shape[-1] != C
+        or out_mR.shape[-1] != R
+        or len(counts) != K
+        or sum(counts) != P
+        or len(out_rows) != P
+        or min(counts) < 0
+        or not all(0 <= e < E for e in experts)
+        or not all(0 <= r < x_nC.shape[0] for r in x_rows)
+        or not all(0 <= r < out_mR.shape[0] for r in out_rows)
+    ):
+        raise ValueError(
+            "moe_gemm: needs bf16 CPU tensors w [E, R, C] contiguous, x [n, C] and out [m, R] with "
+            "contiguous rows, counts summing to the number of pairs, and valid indices"
+        )
     starts = [0]
     for c in counts:
         starts.append(starts[-1] + c)
     arr = ctypes.c_int64
-    fn.moe_gemm_bf16(w_eRC.data_ptr(), R * C, (arr * K)(*experts), K, (arr * (K + 1))(*starts), R, C,
-                     x_nC.data_ptr(), x_nC.stride(0), (arr * P)(*x_rows), out_mR.data_ptr(), out_mR.stride(0),
-                     (arr * P)(*out_rows))
+    fn.moe_gemm_bf16(
+        w_eRC.data_ptr(),
+        R * C,
+        (arr * K)(*experts),
+        K,
+        (arr * (K + 1))(*starts),
+        R,
+        C,
+        x_nC.data_ptr(),
+        x_nC.stride(0),
+        (arr * P)(*x_rows),
+        out_mR.data_ptr(),
+        out_mR.stride(0),
+        (arr * P)(*out_rows),
+    )
     return out_mR
 
 
@@ -153,14 +186,36 @@ def _build_q():
     """Compile moe_gemm_q.c like moe_gemv.c (cached by source hash, linked to torch's OpenMP runtime)."""
     global q_unavailable_reason
     # -ffp-contract=off: no fused multiply-adds beyond the written ones, so every path rounds alike
-    so, q_unavailable_reason = _compile(_Q_SOURCE, _Q_REQUIRED_FLAGS, [
-        "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vnni", "-ffp-contract=off"])
+    so, q_unavailable_reason = _compile(
+        _Q_SOURCE,
+        _Q_REQUIRED_FLAGS,
+        ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vnni", "-ffp-contract=off"],
+    )
     if so is None:
         return None
     lib = ctypes.CDLL(str(so))
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.moe_gemm_q.argtypes = [cint, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ptr, cint, i64, i64, ptr,
-                               ptr, cint, i64, ptr, ptr]
+    lib.moe_gemm_q.argtypes = [
+        cint,
+        ptr,
+        ptr,
+        i64,
+        i64,
+        i64,
+        ptr,
+        i64,
+        ptr,
+        ptr,
+        cint,
+        i64,
+        i64,
+        ptr,
+        ptr,
+        cint,
+        i64,
+        ptr,
+        ptr,
+    ]
     lib.moe_gemm_q.restype = cint
     lib.moe_gemm_q_scratch_row_bytes.argtypes = [cint, i64, i64]
     lib.moe_gemm_q_scratch_row_bytes.restype = i64
@@ -192,8 +247,9 @@ def _kernel_takes(stack) -> bool:
 
 def _check_q_args(stack, local, counts, x_nI, x_rows, out_nO, out_rows) -> None:
     def fail(what: str):
-        raise ValueError(f"moe_gemm_q ({stack.fmt} stack of {stack.num_experts} experts [{stack.O}, {stack.I}]): "
-                         f"{what}")
+        raise ValueError(
+            f"moe_gemm_q ({stack.fmt} stack of {stack.num_experts} experts [{stack.O}, {stack.I}]): {what}"
+        )
 
     if stack.fmt not in _Q_FORMAT_IDS:
         fail(f"unknown format {stack.fmt!r}; known: {', '.join(_Q_FORMAT_IDS)}")
@@ -206,16 +262,25 @@ def _check_q_args(stack, local, counts, x_nI, x_rows, out_nO, out_rows) -> None:
             fail(f"{name} must have contiguous rows of {n}, got shape {list(t.shape)} strides {t.stride()}")
     P = len(x_rows)
     if len(counts) != len(local) or sum(counts) != P or len(out_rows) != P or (counts and min(counts) < 0):
-        fail(f"counts ({len(counts)}, summing to {sum(counts)}) must give each of the {len(local)} experts its "
-             f"pairs; x_rows and out_rows ({P}, {len(out_rows)}) one entry per pair")
+        fail(
+            f"counts ({len(counts)}, summing to {sum(counts)}) must give each of the {len(local)} experts its "
+            f"pairs; x_rows and out_rows ({P}, {len(out_rows)}) one entry per pair"
+        )
     if local and (min(local) < 0 or max(local) >= stack.num_experts):
         fail(f"local expert indices {local} out of range 0..{stack.num_experts - 1}")
     if P and (min(x_rows) < 0 or max(x_rows) >= x_nI.shape[0] or min(out_rows) < 0 or max(out_rows) >= out_nO.shape[0]):
         fail("x_rows / out_rows index past the rows of x / out")
 
 
-def moe_gemm_q(stack, local: list[int], counts: list[int], x_nI: torch.Tensor, x_rows: list[int],
-               out_nO: torch.Tensor, out_rows: list[int]) -> torch.Tensor:
+def moe_gemm_q(
+    stack,
+    local: list[int],
+    counts: list[int],
+    x_nI: torch.Tensor,
+    x_rows: list[int],
+    out_nO: torch.Tensor,
+    out_rows: list[int],
+) -> torch.Tensor:
     """moe_gemm for a moecluster.quant.QuantizedStack: pairs grouped by expert, the first counts[0] use local
     expert local[0], ...; pair p computes out_nO[out_rows[p]] = W[local of p] @ x_nI[x_rows[p]] (fp32
     accumulation, out bf16 or fp32). x_nI [n, I] and out_nO [m, O] bf16 or fp32 with contiguous rows.
@@ -238,25 +303,48 @@ def moe_gemm_q(stack, local: list[int], counts: list[int], x_nI: torch.Tensor, x
     for c in counts:
         starts.append(starts[-1] + c)
     arr = ctypes.c_int64
-    rc = lib.moe_gemm_q(fmt, stack.data.data_ptr(), stack.scales.data_ptr(), stack.O, stack.I, stack.group_size,
-                        (arr * K)(*local), K, (arr * (K + 1))(*starts), x_nI.data_ptr(),
-                        int(x_nI.dtype == torch.float32), x_nI.stride(0), n_x, (arr * P)(*x_rows),
-                        out_nO.data_ptr(), int(out_nO.dtype == torch.float32), out_nO.stride(0),
-                        (arr * P)(*out_rows), base)
+    rc = lib.moe_gemm_q(
+        fmt,
+        stack.data.data_ptr(),
+        stack.scales.data_ptr(),
+        stack.O,
+        stack.I,
+        stack.group_size,
+        (arr * K)(*local),
+        K,
+        (arr * (K + 1))(*starts),
+        x_nI.data_ptr(),
+        int(x_nI.dtype == torch.float32),
+        x_nI.stride(0),
+        n_x,
+        (arr * P)(*x_rows),
+        out_nO.data_ptr(),
+        int(out_nO.dtype == torch.float32),
+        out_nO.stride(0),
+        (arr * P)(*out_rows),
+        base,
+    )
     if rc != 0:
         raise RuntimeError(f"moe_gemm_q failed with code {rc}")
     return out_nO
 
 
-def moe_gemm_q_torch(stack, local: list[int], counts: list[int], x_nI: torch.Tensor, x_rows: list[int],
-                     out_nO: torch.Tensor, out_rows: list[int]) -> torch.Tensor:
+def moe_gemm_q_torch(
+    stack,
+    local: list[int],
+    counts: list[int],
+    x_nI: torch.Tensor,
+    x_rows: list[int],
+    out_nO: torch.Tensor,
+    out_rows: list[int],
+) -> torch.Tensor:
     """The torch path of moe_gemm_q (same arguments): each selected expert dequantized exactly to fp32 and
     applied to its pairs' rows in fp32. Slow (it writes the fp32 weights); for CPUs without the kernel."""
     _check_q_args(stack, local, counts, x_nI, x_rows, out_nO, out_rows)
     start = 0
     for e, c in zip(local, counts):
         if c:
-            xs = x_nI[x_rows[start:start + c]].float()
-            out_nO[out_rows[start:start + c]] = (xs @ stack.dequantize(e).T).to(out_nO.dtype)
+            xs = x_nI[x_rows[start : start + c]].float()
+            out_nO[out_rows[start : start + c]] = (xs @ stack.dequantize(e).T).to(out_nO.dtype)
         start += c
     return out_nO

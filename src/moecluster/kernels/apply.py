@@ -25,11 +25,17 @@ SMALL_ROWS = 16  # up to this many rows, w @ x.T streams weights faster than F.l
 def fast_linear(x: torch.Tensor, w_OI: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T (+ bias), with the kernel that streams the weights fastest for the number of rows."""
     rows = x.numel() // x.shape[-1]
-    if rows <= SMALL_ROWS and w_OI.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 \
-            and w_OI.is_contiguous() and kernels.moe_gemv_available():  # weights read once for all rows
+    if (
+        rows <= SMALL_ROWS
+        and w_OI.dtype == torch.bfloat16
+        and x.dtype == torch.bfloat16
+        and w_OI.is_contiguous()
+        and kernels.moe_gemv_available()
+    ):  # weights read once for all rows
         x_nI = x.reshape(rows, -1).contiguous()
-        out = kernels.moe_gemm(w_OI[None], [0], [rows], x_nI, list(range(rows)),
-                               x_nI.new_empty(rows, w_OI.shape[0]), list(range(rows))).view(*x.shape[:-1], -1)
+        out = kernels.moe_gemm(
+            w_OI[None], [0], [rows], x_nI, list(range(rows)), x_nI.new_empty(rows, w_OI.shape[0]), list(range(rows))
+        ).view(*x.shape[:-1], -1)
     elif rows == 1:
         out = torch.mv(w_OI, x.reshape(-1)).view(*x.shape[:-1], w_OI.shape[0])
     elif rows <= SMALL_ROWS:
@@ -39,12 +45,25 @@ def fast_linear(x: torch.Tensor, w_OI: torch.Tensor, bias: torch.Tensor | None =
     return out if bias is None else out + bias
 
 
-def fast_moe_gemm(w_eOI: torch.Tensor, local: list[int], counts: list[int], x_nI: torch.Tensor, x_rows: list[int],
-                  out_mO: torch.Tensor, out_rows: list[int]) -> torch.Tensor:
+def fast_moe_gemm(
+    w_eOI: torch.Tensor,
+    local: list[int],
+    counts: list[int],
+    x_nI: torch.Tensor,
+    x_rows: list[int],
+    out_mO: torch.Tensor,
+    out_rows: list[int],
+) -> torch.Tensor:
     """torch_moe_gemm's contract; the compiled kernel when every expert has few pairs (decode): each expert's
     weights read once for all its pairs, each pair's bits independent of the others in the call."""
-    if counts and max(counts) <= SMALL_ROWS and w_eOI.dtype == torch.bfloat16 and x_nI.dtype == torch.bfloat16 \
-            and out_mO.is_contiguous() and kernels.moe_gemv_available():
+    if (
+        counts
+        and max(counts) <= SMALL_ROWS
+        and w_eOI.dtype == torch.bfloat16
+        and x_nI.dtype == torch.bfloat16
+        and out_mO.is_contiguous()
+        and kernels.moe_gemv_available()
+    ):
         return kernels.moe_gemm(w_eOI, local, counts, x_nI.contiguous(), x_rows, out_mO, out_rows)
     return torch_moe_gemm(w_eOI, local, counts, x_nI, x_rows, out_mO, out_rows)
 

@@ -40,8 +40,10 @@ def checkpoint_format(cfg: dict[str, Any]) -> str | None:
     if not qc:
         return None
     if method not in ("fp8", "mxfp4"):
-        raise MoeClusterError(f"quantization method {method or '(missing)'!r} is not supported; supported "
-                              "checkpoint formats: 'fp8', 'mxfp4' (or pass --dtype to size the model)")
+        raise MoeClusterError(
+            f"quantization method {method or '(missing)'!r} is not supported; supported "
+            "checkpoint formats: 'fp8', 'mxfp4' (or pass --dtype to size the model)"
+        )
     return method
 
 
@@ -109,9 +111,14 @@ class ModelShape:
         """Params every rank holds: embeddings, attention, norms, router, shared/dense MLP, head."""
         per_layer = self.attn_params + 2 * self.d_model
         moe = self.router_params + self.shared_params
-        return (self.num_layers * per_layer + self.num_moe_layers * moe
-                + self.num_dense_layers * self.dense_mlp_params + self.embed_params
-                + (0 if self.tie_embeddings else self.head_params) + self.d_model)
+        return (
+            self.num_layers * per_layer
+            + self.num_moe_layers * moe
+            + self.num_dense_layers * self.dense_mlp_params
+            + self.embed_params
+            + (0 if self.tie_embeddings else self.head_params)
+            + self.d_model
+        )
 
     @property
     def expert_params_total(self) -> int:
@@ -130,8 +137,9 @@ class ModelShape:
     @property
     def expert_bytes(self) -> float:
         """Bytes of one expert in one layer (scales included)."""
-        return self.expert_params * (self.weight_bytes if self.expert_weight_bytes is None
-                                     else self.expert_weight_bytes)
+        return self.expert_params * (
+            self.weight_bytes if self.expert_weight_bytes is None else self.expert_weight_bytes
+        )
 
     @property
     def replicated_bytes(self) -> float:
@@ -169,14 +177,22 @@ class ModelShape:
     def summary(self) -> dict[str, Any]:
         """JSON-friendly summary of sizes (bytes in GB = 1e9)."""
         return {
-            "name": self.name, "model_type": self.model_type, "layers": self.num_layers,
-            "moe_layers": self.num_moe_layers, "d_model": self.d_model, "experts": self.num_experts,
-            "top_k": self.top_k, "total_params_b": self.total_params / 1e9,
-            "active_params_b": self.active_params / 1e9, "weight_bytes_per_param": self.weight_bytes,
-            "replicated_gb": self.replicated_bytes / 1e9, "expert_gb_each": self.expert_bytes / 1e9,
+            "name": self.name,
+            "model_type": self.model_type,
+            "layers": self.num_layers,
+            "moe_layers": self.num_moe_layers,
+            "d_model": self.d_model,
+            "experts": self.num_experts,
+            "top_k": self.top_k,
+            "total_params_b": self.total_params / 1e9,
+            "active_params_b": self.active_params / 1e9,
+            "weight_bytes_per_param": self.weight_bytes,
+            "replicated_gb": self.replicated_bytes / 1e9,
+            "expert_gb_each": self.expert_bytes / 1e9,
             "experts_total_gb": self.num_moe_layers * self.num_experts * self.expert_bytes / 1e9,
             "expert_bytes_per_param": self.expert_bytes / self.expert_params if self.expert_params else 0.0,
-            "kv_bytes_per_token": self.kv_bytes_per_token, "exchange_bytes_per_token": self.exchange_bytes(1),
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+            "exchange_bytes_per_token": self.exchange_bytes(1),
             "source": self.source,
         }
 
@@ -200,8 +216,9 @@ def rope_theta_of(rope_parameters: dict | None, *fallbacks: float | None, defaul
     params = rope_parameters or {}
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type != "default":
-        raise MoeClusterError(f"config: rope_type {rope_type!r} is not supported for this architecture "
-                              "(only default RoPE)")
+        raise MoeClusterError(
+            f"config: rope_type {rope_type!r} is not supported for this architecture (only default RoPE)"
+        )
     for value in (params.get("rope_theta"), *fallbacks):
         if value is not None:
             return float(value)
@@ -240,8 +257,10 @@ class ArchConfig:
             if f.name in cfg and cfg[f.name] is not None:
                 kwargs[f.name] = _typed(cls.model_type, f.name, cfg[f.name], str(f.type))
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise MoeClusterError(f"config: required key {f.name!r} for model_type {cls.model_type!r} is "
-                                      "missing from config.json; is this a complete HF config?")
+                raise MoeClusterError(
+                    f"config: required key {f.name!r} for model_type {cls.model_type!r} is "
+                    "missing from config.json; is this a complete HF config?"
+                )
         out = cls(**kwargs)
         out.validate()
         return out
@@ -329,8 +348,9 @@ class DbrxConfig(ArchConfig):
 
     @property
     def rope_theta(self) -> float:
-        return rope_theta_of(self.rope_parameters, self.rope_theta_, self.attn_config.get("rope_theta"),
-                             default=500000.0)
+        return rope_theta_of(
+            self.rope_parameters, self.rope_theta_, self.attn_config.get("rope_theta"), default=500000.0
+        )
 
     @property
     def max_seq_len(self) -> int:
@@ -342,15 +362,22 @@ class DbrxConfig(ArchConfig):
 
     def validate(self) -> None:
         act = (self.ffn_config.get("ffn_act_fn") or {"name": "silu"}).get("name", "silu")
-        self._check([
-            (act == "silu", f"ffn_act_fn {act!r} is not supported (only silu)"),
-            (self.n_layers > 0, f"n_layers must be positive, got {self.n_layers}"),
-            (self.d_model % self.n_heads == 0, f"d_model {self.d_model} is not divisible by {self.n_heads} heads"),
-            (self.n_heads % self.kv_n_heads == 0, f"{self.n_heads} heads are not a multiple of "
-                                                  f"{self.kv_n_heads} kv heads"),
-            (0 < self.top_k <= self.num_experts, f"top-k (moe_top_k) {self.top_k} must be in 1..{self.num_experts}"),
-            (self.head_dim % 2 == 0, f"head dim {self.head_dim} must be even for rotary embeddings"),
-        ])
+        self._check(
+            [
+                (act == "silu", f"ffn_act_fn {act!r} is not supported (only silu)"),
+                (self.n_layers > 0, f"n_layers must be positive, got {self.n_layers}"),
+                (self.d_model % self.n_heads == 0, f"d_model {self.d_model} is not divisible by {self.n_heads} heads"),
+                (
+                    self.n_heads % self.kv_n_heads == 0,
+                    f"{self.n_heads} heads are not a multiple of {self.kv_n_heads} kv heads",
+                ),
+                (
+                    0 < self.top_k <= self.num_experts,
+                    f"top-k (moe_top_k) {self.top_k} must be in 1..{self.num_experts}",
+                ),
+                (self.head_dim % 2 == 0, f"head dim {self.head_dim} must be even for rotary embeddings"),
+            ]
+        )
         _ = self.rope_theta
 
     def moe_layer_ids(self) -> list[int]:
@@ -358,11 +385,23 @@ class DbrxConfig(ArchConfig):
 
     def shape(self, name: str = "model", source: str = "") -> ModelShape:
         a, kv_e, sd = _gqa(self.d_model, self.n_heads, self.kv_n_heads, self.head_dim)
-        return ModelShape(name=name, model_type=self.model_type, source=source, num_layers=self.n_layers,
-                          num_moe_layers=self.n_layers, d_model=self.d_model, num_heads=self.n_heads,
-                          num_experts=self.num_experts, top_k=self.top_k, expert_ffn=self.ffn_hidden_size,
-                          vocab_size=self.vocab_size, attn_params=a, kv_elems_per_token=kv_e, attn_score_dim=sd,
-                          tie_embeddings=self.tie_word_embeddings)
+        return ModelShape(
+            name=name,
+            model_type=self.model_type,
+            source=source,
+            num_layers=self.n_layers,
+            num_moe_layers=self.n_layers,
+            d_model=self.d_model,
+            num_heads=self.n_heads,
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            expert_ffn=self.ffn_hidden_size,
+            vocab_size=self.vocab_size,
+            attn_params=a,
+            kv_elems_per_token=kv_e,
+            attn_score_dim=sd,
+            tie_embeddings=self.tie_word_embeddings,
+        )
 
 
 @dataclass
@@ -416,20 +455,30 @@ class _HFDecoderConfig(ArchConfig):
         raise NotImplementedError
 
     def validate(self) -> None:
-        self._check([
-            (self.hidden_act == "silu", f"hidden_act {self.hidden_act!r} is not supported (only silu)"),
-            (self.num_hidden_layers > 0, f"num_hidden_layers must be positive, got {self.num_hidden_layers}"),
-            (self.head_dim is not None or self.hidden_size % self.num_attention_heads == 0,
-             f"hidden_size {self.hidden_size} is not divisible by {self.num_attention_heads} heads "
-             "and no head_dim is given"),
-            (self.num_attention_heads % self.kv_heads == 0,
-             f"{self.num_attention_heads} attention heads are not a multiple of {self.kv_heads} kv heads"),
-            (0 < self.num_experts_per_tok <= self.routed_experts,
-             f"top-k (num_experts_per_tok) {self.num_experts_per_tok} must be in 1..{self.routed_experts}"),
-            (self.dim_per_head % 2 == 0, f"head dim {self.dim_per_head} must be even for rotary embeddings"),
-            (self.vocab_size > 0 and self.max_position_embeddings > 0,
-             "vocab_size and max_position_embeddings must be positive"),
-        ])
+        self._check(
+            [
+                (self.hidden_act == "silu", f"hidden_act {self.hidden_act!r} is not supported (only silu)"),
+                (self.num_hidden_layers > 0, f"num_hidden_layers must be positive, got {self.num_hidden_layers}"),
+                (
+                    self.head_dim is not None or self.hidden_size % self.num_attention_heads == 0,
+                    f"hidden_size {self.hidden_size} is not divisible by {self.num_attention_heads} heads "
+                    "and no head_dim is given",
+                ),
+                (
+                    self.num_attention_heads % self.kv_heads == 0,
+                    f"{self.num_attention_heads} attention heads are not a multiple of {self.kv_heads} kv heads",
+                ),
+                (
+                    0 < self.num_experts_per_tok <= self.routed_experts,
+                    f"top-k (num_experts_per_tok) {self.num_experts_per_tok} must be in 1..{self.routed_experts}",
+                ),
+                (self.dim_per_head % 2 == 0, f"head dim {self.dim_per_head} must be even for rotary embeddings"),
+                (
+                    self.vocab_size > 0 and self.max_position_embeddings > 0,
+                    "vocab_size and max_position_embeddings must be positive",
+                ),
+            ]
+        )
         _ = self.rope_base
 
     def moe_layer_ids(self) -> list[int]:
@@ -438,13 +487,25 @@ class _HFDecoderConfig(ArchConfig):
     def _shape(self, name: str, source: str, shared_ffn: int = 0, dense_ffn: int = 0) -> ModelShape:
         a, kv_e, sd = _gqa(self.hidden_size, self.num_attention_heads, self.kv_heads, self.dim_per_head)
         moe = self.moe_layer_ids()
-        return ModelShape(name=name, model_type=self.model_type, source=source,
-                          num_layers=self.num_hidden_layers, num_moe_layers=len(moe), d_model=self.hidden_size,
-                          num_heads=self.num_attention_heads, num_experts=self.routed_experts,
-                          top_k=self.num_experts_per_tok, expert_ffn=self.expert_hidden, vocab_size=self.vocab_size,
-                          attn_params=a, kv_elems_per_token=kv_e, attn_score_dim=sd, shared_ffn=shared_ffn,
-                          dense_ffn=dense_ffn if len(moe) < self.num_hidden_layers else 0,
-                          tie_embeddings=self.tie_word_embeddings)
+        return ModelShape(
+            name=name,
+            model_type=self.model_type,
+            source=source,
+            num_layers=self.num_hidden_layers,
+            num_moe_layers=len(moe),
+            d_model=self.hidden_size,
+            num_heads=self.num_attention_heads,
+            num_experts=self.routed_experts,
+            top_k=self.num_experts_per_tok,
+            expert_ffn=self.expert_hidden,
+            vocab_size=self.vocab_size,
+            attn_params=a,
+            kv_elems_per_token=kv_e,
+            attn_score_dim=sd,
+            shared_ffn=shared_ffn,
+            dense_ffn=dense_ffn if len(moe) < self.num_hidden_layers else 0,
+            tie_embeddings=self.tie_word_embeddings,
+        )
 
     def shape(self, name: str = "model", source: str = "") -> ModelShape:
         return self._shape(name, source)
@@ -510,11 +571,13 @@ class _QwenMoeConfig(_HFDecoderConfig):
     def validate(self) -> None:
         super().validate()
         dense = len(self.moe_layer_ids()) < self.num_hidden_layers
-        self._check([
-            (self.moe_intermediate_size > 0, "moe_intermediate_size must be positive"),
-            (not dense or self.intermediate_size > 0, "intermediate_size (the dense layers' MLP) must be positive"),
-            (bool(self.moe_layer_ids()), "no layer is an MoE layer (mlp_only_layers / decoder_sparse_step)"),
-        ])
+        self._check(
+            [
+                (self.moe_intermediate_size > 0, "moe_intermediate_size must be positive"),
+                (not dense or self.intermediate_size > 0, "intermediate_size (the dense layers' MLP) must be positive"),
+                (bool(self.moe_layer_ids()), "no layer is an MoE layer (mlp_only_layers / decoder_sparse_step)"),
+            ]
+        )
 
     def shape(self, name: str = "model", source: str = "") -> ModelShape:
         return self._shape(name, source, shared_ffn=self.shared_hidden, dense_ffn=self.intermediate_size)
@@ -612,21 +675,31 @@ class Glm4MoeConfig(_HFDecoderConfig):
     def validate(self) -> None:
         super().validate()
         E, groups = self.routed_experts, max(1, int(self.n_group))
-        self._check([
-            (self.moe_intermediate_size > 0, "moe_intermediate_size must be positive"),
-            (self.first_k_dense_replace == 0 or self.intermediate_size > 0,
-             "intermediate_size (the dense layers' MLP) must be positive"),
-            (bool(self.moe_layer_ids()), f"first_k_dense_replace {self.first_k_dense_replace} leaves no MoE layer"),
-            (E % groups == 0 and E // groups >= 2,
-             f"n_routed_experts {E} must split into n_group {groups} groups of at least 2 experts"),
-            (0 < self.topk_group <= groups, f"topk_group {self.topk_group} must be in 1..{groups} (n_group)"),
-            (self.num_experts_per_tok <= self.topk_group * (E // groups),
-             f"num_experts_per_tok {self.num_experts_per_tok} exceeds the experts of topk_group "
-             f"{self.topk_group} groups ({self.topk_group * (E // groups)})"),
-            (0 < self.rotary_dim <= self.dim_per_head and self.rotary_dim % 2 == 0,
-             f"partial_rotary_factor gives rotary dim {self.rotary_dim}; it must be even and in "
-             f"2..{self.dim_per_head} (head_dim)"),
-        ])
+        self._check(
+            [
+                (self.moe_intermediate_size > 0, "moe_intermediate_size must be positive"),
+                (
+                    self.first_k_dense_replace == 0 or self.intermediate_size > 0,
+                    "intermediate_size (the dense layers' MLP) must be positive",
+                ),
+                (bool(self.moe_layer_ids()), f"first_k_dense_replace {self.first_k_dense_replace} leaves no MoE layer"),
+                (
+                    E % groups == 0 and E // groups >= 2,
+                    f"n_routed_experts {E} must split into n_group {groups} groups of at least 2 experts",
+                ),
+                (0 < self.topk_group <= groups, f"topk_group {self.topk_group} must be in 1..{groups} (n_group)"),
+                (
+                    self.num_experts_per_tok <= self.topk_group * (E // groups),
+                    f"num_experts_per_tok {self.num_experts_per_tok} exceeds the experts of topk_group "
+                    f"{self.topk_group} groups ({self.topk_group * (E // groups)})",
+                ),
+                (
+                    0 < self.rotary_dim <= self.dim_per_head and self.rotary_dim % 2 == 0,
+                    f"partial_rotary_factor gives rotary dim {self.rotary_dim}; it must be even and in "
+                    f"2..{self.dim_per_head} (head_dim)",
+                ),
+            ]
+        )
 
     def shape(self, name: str = "model", source: str = "") -> ModelShape:
         return self._shape(name, source, shared_ffn=self.shared_hidden, dense_ffn=self.intermediate_size)
@@ -660,8 +733,14 @@ class GptOssConfig(_HFDecoderConfig):
     rope_scaling: dict | None = None
     quantization_config: dict | None = None
 
-    YARN_DEFAULT: ClassVar[dict] = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
-                                    "truncate": False, "original_max_position_embeddings": 4096}
+    YARN_DEFAULT: ClassVar[dict] = {
+        "rope_type": "yarn",
+        "factor": 32.0,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "truncate": False,
+        "original_max_position_embeddings": 4096,
+    }
 
     @property
     def routed_experts(self) -> int:
@@ -686,29 +765,43 @@ class GptOssConfig(_HFDecoderConfig):
     @property
     def sliding_layers(self) -> list[bool]:
         """Per layer: sliding-window attention? (transformers' default: even layers slide, odd are full.)"""
-        types = self.layer_types or ["sliding_attention" if i % 2 == 0 else "full_attention"
-                                     for i in range(self.num_hidden_layers)]
+        types = self.layer_types or [
+            "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(self.num_hidden_layers)
+        ]
         return [t == "sliding_attention" and bool(self.sliding_window) for t in types]
 
     def validate(self) -> None:
         rope = self.rope
-        self._check([
-            (rope["rope_type"] in ("default", "yarn"), f"rope_type {rope['rope_type']!r} is not supported "
-                                                       "(gpt-oss: yarn or default)"),
-            (rope["rope_type"] != "yarn" or ("factor" in rope and "original_max_position_embeddings" in rope),
-             "yarn rope_parameters need factor and original_max_position_embeddings"),
-            (self.layer_types is None or len(self.layer_types) == self.num_hidden_layers,
-             f"layer_types has {len(self.layer_types or [])} entries for {self.num_hidden_layers} layers"),
-            (not set(self.layer_types or []) - {"sliding_attention", "full_attention"},
-             f"layer_types {sorted(set(self.layer_types or []))} must be sliding_attention or full_attention"),
-            (self.sliding_window is None or self.sliding_window > 0, "sliding_window must be positive"),
-            (self.intermediate_size > 0, "intermediate_size must be positive"),
-        ])
+        self._check(
+            [
+                (
+                    rope["rope_type"] in ("default", "yarn"),
+                    f"rope_type {rope['rope_type']!r} is not supported (gpt-oss: yarn or default)",
+                ),
+                (
+                    rope["rope_type"] != "yarn" or ("factor" in rope and "original_max_position_embeddings" in rope),
+                    "yarn rope_parameters need factor and original_max_position_embeddings",
+                ),
+                (
+                    self.layer_types is None or len(self.layer_types) == self.num_hidden_layers,
+                    f"layer_types has {len(self.layer_types or [])} entries for {self.num_hidden_layers} layers",
+                ),
+                (
+                    not set(self.layer_types or []) - {"sliding_attention", "full_attention"},
+                    f"layer_types {sorted(set(self.layer_types or []))} must be sliding_attention or full_attention",
+                ),
+                (self.sliding_window is None or self.sliding_window > 0, "sliding_window must be positive"),
+                (self.intermediate_size > 0, "intermediate_size must be positive"),
+            ]
+        )
         super().validate()
 
     def shape(self, name: str = "model", source: str = "") -> ModelShape:
-        return replace(self._shape(name, source), num_sliding_layers=sum(self.sliding_layers),
-                       sliding_window=int(self.sliding_window or 0))
+        return replace(
+            self._shape(name, source),
+            num_sliding_layers=sum(self.sliding_layers),
+            sliding_window=int(self.sliding_window or 0),
+        )
 
 
 @dataclass
@@ -801,29 +894,43 @@ class DeepseekV3Config(ArchConfig):
         topk_group = int(self.topk_group or groups)
         methods = {"noaux_tc": "sigmoid", "greedy": "softmax", "group_limited_greedy": "softmax"}
         rope_type = self.rope["rope_type"]
-        self._check([
-            (self.hidden_act == "silu", f"hidden_act {self.hidden_act!r} is not supported (only silu)"),
-            (not self.mlp_bias, "mlp_bias is not supported"),
-            (self.num_hidden_layers > 0, f"num_hidden_layers must be positive, got {self.num_hidden_layers}"),
-            (0 < K <= E, f"num_experts_per_tok {K} must be in 1..{E}"),
-            (self.topk_method in methods, f"topk_method {self.topk_method!r} is not one of {', '.join(methods)}"),
-            (self.scoring_func in (None, methods.get(self.topk_method)),
-             f"scoring_func {self.scoring_func!r} does not go with topk_method {self.topk_method!r}"),
-            (E % groups == 0, f"n_routed_experts {E} must split into n_group {groups} equal groups"),
-            (self.topk_method != "noaux_tc" or groups == 1 or E // groups >= 2,
-             f"noaux_tc scores a group by its two best experts: n_group {groups} leaves fewer than 2 per group"),
-            (0 < topk_group <= groups, f"topk_group {topk_group} must be in 1..{groups} (n_group)"),
-            (self.topk_method == "greedy" or K <= topk_group * (E // groups),
-             f"num_experts_per_tok {K} exceeds the experts of topk_group {topk_group} groups"),
-            (self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
-             f"qk_rope_head_dim {self.qk_rope_head_dim} must be positive and even"),
-            (rope_type in ("default", "yarn"), f"rope_type {rope_type!r} is not supported (default or yarn)"),
-            (bool(self.moe_layer_ids()),
-             f"first_k_dense_replace {self.first_k_dense_replace} / moe_layer_freq {self.moe_layer_freq} leave no "
-             "MoE layer"),
-            (len(self.moe_layer_ids()) == self.num_hidden_layers or self.intermediate_size > 0,
-             "intermediate_size (the dense layers' MLP) must be positive"),
-        ])
+        self._check(
+            [
+                (self.hidden_act == "silu", f"hidden_act {self.hidden_act!r} is not supported (only silu)"),
+                (not self.mlp_bias, "mlp_bias is not supported"),
+                (self.num_hidden_layers > 0, f"num_hidden_layers must be positive, got {self.num_hidden_layers}"),
+                (0 < K <= E, f"num_experts_per_tok {K} must be in 1..{E}"),
+                (self.topk_method in methods, f"topk_method {self.topk_method!r} is not one of {', '.join(methods)}"),
+                (
+                    self.scoring_func in (None, methods.get(self.topk_method)),
+                    f"scoring_func {self.scoring_func!r} does not go with topk_method {self.topk_method!r}",
+                ),
+                (E % groups == 0, f"n_routed_experts {E} must split into n_group {groups} equal groups"),
+                (
+                    self.topk_method != "noaux_tc" or groups == 1 or E // groups >= 2,
+                    f"noaux_tc scores a group by its two best experts: n_group {groups} leaves fewer than 2 per group",
+                ),
+                (0 < topk_group <= groups, f"topk_group {topk_group} must be in 1..{groups} (n_group)"),
+                (
+                    self.topk_method == "greedy" or K <= topk_group * (E // groups),
+                    f"num_experts_per_tok {K} exceeds the experts of topk_group {topk_group} groups",
+                ),
+                (
+                    self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
+                    f"qk_rope_head_dim {self.qk_rope_head_dim} must be positive and even",
+                ),
+                (rope_type in ("default", "yarn"), f"rope_type {rope_type!r} is not supported (default or yarn)"),
+                (
+                    bool(self.moe_layer_ids()),
+                    f"first_k_dense_replace {self.first_k_dense_replace} / moe_layer_freq {self.moe_layer_freq} "
+                    "leave no MoE layer",
+                ),
+                (
+                    len(self.moe_layer_ids()) == self.num_hidden_layers or self.intermediate_size > 0,
+                    "intermediate_size (the dense layers' MLP) must be positive",
+                ),
+            ]
+        )
 
     def moe_layer_ids(self) -> list[int]:
         freq = max(1, int(self.moe_layer_freq))
@@ -837,14 +944,25 @@ class DeepseekV3Config(ArchConfig):
         kv_params = d * (self.kv_lora_rank + rope) + self.kv_lora_rank * heads * (nope + v_dim)
         attn = q_params + kv_params + heads * v_dim * d
         moe = self.moe_layer_ids()
-        return ModelShape(name=name, model_type=self.model_type, source=source,
-                          num_layers=self.num_hidden_layers, num_moe_layers=len(moe), d_model=d, num_heads=heads,
-                          num_experts=self.n_routed_experts, top_k=self.num_experts_per_tok,
-                          expert_ffn=self.moe_intermediate_size, vocab_size=self.vocab_size, attn_params=attn,
-                          kv_elems_per_token=self.kv_lora_rank + rope, attn_score_dim=qk + v_dim,
-                          shared_ffn=self.n_shared_experts * self.moe_intermediate_size,
-                          dense_ffn=self.intermediate_size if len(moe) < self.num_hidden_layers else 0,
-                          tie_embeddings=self.tie_word_embeddings)
+        return ModelShape(
+            name=name,
+            model_type=self.model_type,
+            source=source,
+            num_layers=self.num_hidden_layers,
+            num_moe_layers=len(moe),
+            d_model=d,
+            num_heads=heads,
+            num_experts=self.n_routed_experts,
+            top_k=self.num_experts_per_tok,
+            expert_ffn=self.moe_intermediate_size,
+            vocab_size=self.vocab_size,
+            attn_params=attn,
+            kv_elems_per_token=self.kv_lora_rank + rope,
+            attn_score_dim=qk + v_dim,
+            shared_ffn=self.n_shared_experts * self.moe_intermediate_size,
+            dense_ffn=self.intermediate_size if len(moe) < self.num_hidden_layers else 0,
+            tie_embeddings=self.tie_word_embeddings,
+        )
 
 
 @dataclass
@@ -868,9 +986,20 @@ class DeepseekV2Config(DeepseekV3Config):
         return True
 
 
-CONFIGS: dict[str, type[ArchConfig]] = {c.model_type: c for c in (
-    DbrxConfig, MixtralConfig, Qwen3MoeConfig, Qwen2MoeConfig, OlmoeConfig, Glm4MoeConfig, GptOssConfig,
-    DeepseekV3Config, DeepseekV2Config)}
+CONFIGS: dict[str, type[ArchConfig]] = {
+    c.model_type: c
+    for c in (
+        DbrxConfig,
+        MixtralConfig,
+        Qwen3MoeConfig,
+        Qwen2MoeConfig,
+        OlmoeConfig,
+        Glm4MoeConfig,
+        GptOssConfig,
+        DeepseekV3Config,
+        DeepseekV2Config,
+    )
+}
 
 
 def parse_config(cfg: dict[str, Any], where: str = "config.json") -> ArchConfig:
@@ -879,8 +1008,9 @@ def parse_config(cfg: dict[str, Any], where: str = "config.json") -> ArchConfig:
         raise MoeClusterError(f"{where}: expected a JSON object (an HF config.json)")
     model_type = cfg.get("model_type")
     if model_type not in CONFIGS:
-        raise MoeClusterError(f"unsupported model_type {model_type!r} in {where}; supported: "
-                              f"{', '.join(sorted(CONFIGS))}")
+        raise MoeClusterError(
+            f"unsupported model_type {model_type!r} in {where}; supported: {', '.join(sorted(CONFIGS))}"
+        )
     return CONFIGS[str(model_type)].from_dict(cfg)
 
 

@@ -28,9 +28,16 @@ class DbrxForCausalLM(DecoderModel):
             moe = MoE(Router(D, E, score), RoutedExperts(E, D, cfg.ffn_hidden_size, list(range(E)), device="meta"))
             return PreNormBlock(layer_norm(D), attn, layer_norm(D), moe)
 
-        super().__init__(cfg.vocab_size, D, [block() for _ in range(cfg.n_layers)], layer_norm(D),
-                         head_dim=cfg.head_dim, rope_theta=cfg.rope_theta, max_seq_len=cfg.max_seq_len,
-                         tie_embeddings=cfg.tie_word_embeddings)
+        super().__init__(
+            cfg.vocab_size,
+            D,
+            [block() for _ in range(cfg.n_layers)],
+            layer_norm(D),
+            head_dim=cfg.head_dim,
+            rope_theta=cfg.rope_theta,
+            max_seq_len=cfg.max_seq_len,
+            tie_embeddings=cfg.tie_word_embeddings,
+        )
 
 
 def _blk(i: int) -> str:
@@ -40,8 +47,9 @@ def _blk(i: int) -> str:
 def dense_weights(cfg: DbrxConfig) -> DenseMap:
     """Our parameter name -> (on-disk names concatenated along dim 0, our shape)."""
     D, qkv = cfg.d_model, (cfg.n_heads + 2 * cfg.kv_n_heads) * cfg.head_dim
-    out = embed_norm_head(cfg.vocab_size, D, cfg.tie_word_embeddings, embed="transformer.wte.weight",
-                          norm="transformer.norm_f.weight")
+    out = embed_norm_head(
+        cfg.vocab_size, D, cfg.tie_word_embeddings, embed="transformer.wte.weight", norm="transformer.norm_f.weight"
+    )
     for i in range(cfg.n_layers):
         b = f"{_blk(i)}.norm_attn_norm"
         out |= {

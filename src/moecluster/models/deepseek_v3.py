@@ -76,7 +76,7 @@ class LatentCache(nn.Module):
             self.kv[rows.slots_t, rows.pos_t] = kv_BTC[:, 0]
         else:
             for b, (slot, pos) in enumerate(zip(rows.slots, rows.pos, strict=True)):
-                self.kv[slot, pos:pos + num_tokens] = kv_BTC[b]
+                self.kv[slot, pos : pos + num_tokens] = kv_BTC[b]
         return self.kv[rows.index, :span]
 
 
@@ -90,9 +90,20 @@ def interleaved_rope(x_BHTr: torch.Tensor, cos_BTr: torch.Tensor, sin_BTr: torch
 class MLAttention(nn.Module):
     """Multi-head latent attention with a latent cache; the module names are transformers'."""
 
-    def __init__(self, dim: int, n_heads: int, *, q_lora_rank: int | None, kv_lora_rank: int, qk_nope_head_dim: int,
-                 qk_rope_head_dim: int, v_head_dim: int, softmax_scale: float, bias: bool = False,
-                 interleaved: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        *,
+        q_lora_rank: int | None,
+        kv_lora_rank: int,
+        qk_nope_head_dim: int,
+        qk_rope_head_dim: int,
+        v_head_dim: int,
+        softmax_scale: float,
+        bias: bool = False,
+        interleaved: bool = True,
+    ):
         super().__init__()
         self.n_heads, self.kv_lora_rank, self.scale = n_heads, kv_lora_rank, softmax_scale
         self.nope, self.rope, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
@@ -126,25 +137,27 @@ class MLAttention(nn.Module):
         k_pe_BTr = rope(k_pe_BTr[:, None], step.cos_BTHd, step.sin_BTHd)[:, 0]
         if self.cache is None:
             raise MoeClusterError("internal: call model.setup_cache() before forward")
-        kv_BSC = self.cache.update(step.rows, torch.cat((self.kv_a_layernorm(latent_BTc), k_pe_BTr), dim=-1),
-                                   step.span)
+        kv_BSC = self.cache.update(step.rows, torch.cat((self.kv_a_layernorm(latent_BTc), k_pe_BTr), dim=-1), step.span)
         attend = self.absorbed if (T == 1 if absorb is None else absorb) else self.expanded
         out_BHTv = attend(q_nope, q_pe, kv_BSC, step.mask_B1TS)
         return self.o_proj(out_BHTv.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
-    def expanded(self, q_nope_BHTn: torch.Tensor, q_pe_BHTr: torch.Tensor, kv_BSC: torch.Tensor,
-                 mask_B1TS: torch.Tensor | None) -> torch.Tensor:
+    def expanded(
+        self, q_nope_BHTn: torch.Tensor, q_pe_BHTr: torch.Tensor, kv_BSC: torch.Tensor, mask_B1TS: torch.Tensor | None
+    ) -> torch.Tensor:
         """Keys and values per head from the cached latents (kv_b_proj), then attention: out_BHTv."""
         B, S, _ = kv_BSC.shape
         H, n, c = self.n_heads, self.nope, self.kv_lora_rank
-        k_nope, v_BHSv = self.kv_b_proj(kv_BSC[..., :c]).view(B, S, H, n + self.v_dim).transpose(1, 2).split(
-            [n, self.v_dim], dim=-1)
+        k_nope, v_BHSv = (
+            self.kv_b_proj(kv_BSC[..., :c]).view(B, S, H, n + self.v_dim).transpose(1, 2).split([n, self.v_dim], dim=-1)
+        )
         k_BHSd = torch.cat((k_nope, kv_BSC[:, None, :, c:].expand(B, H, S, self.rope)), dim=-1)
         q_BHTd = torch.cat((q_nope_BHTn, q_pe_BHTr), dim=-1)
         return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSv, attn_mask=mask_B1TS, scale=self.scale)
 
-    def absorbed(self, q_nope_BHTn: torch.Tensor, q_pe_BHTr: torch.Tensor, kv_BSC: torch.Tensor,
-                 mask_B1TS: torch.Tensor | None) -> torch.Tensor:
+    def absorbed(
+        self, q_nope_BHTn: torch.Tensor, q_pe_BHTr: torch.Tensor, kv_BSC: torch.Tensor, mask_B1TS: torch.Tensor | None
+    ) -> torch.Tensor:
         """W_UK folded into the query, W_UV applied after attention: all heads attend over the latent cache
         as one shared key/value head, so it is read once. out_BHTv."""
         B, H, T, _ = q_nope_BHTn.shape
@@ -170,10 +183,20 @@ def mla_rope_tables(cfg: DeepseekV3Config, max_seq_len: int, dtype: torch.dtype)
     attention_factor = rope.get("attention_factor")
     if attention_factor is None:
         mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
-        attention_factor = (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
-                            if mscale and mscale_all_dim else yarn_mscale(factor))
-    inv_freq = yarn_inv_freq(dim, rope["rope_theta"], factor, rope["original_max_position_embeddings"],
-                             rope.get("beta_fast") or 32, rope.get("beta_slow") or 1, rope.get("truncate", True))
+        attention_factor = (
+            yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+            if mscale and mscale_all_dim
+            else yarn_mscale(factor)
+        )
+    inv_freq = yarn_inv_freq(
+        dim,
+        rope["rope_theta"],
+        factor,
+        rope["original_max_position_embeddings"],
+        rope.get("beta_fast") or 32,
+        rope.get("beta_slow") or 1,
+        rope.get("truncate", True),
+    )
     return rope_tables(dim, max_seq_len, rope["rope_theta"], dtype, inv_freq=inv_freq, scale=float(attention_factor))
 
 
@@ -182,10 +205,21 @@ def router_score(cfg: DeepseekV3Config) -> ScoreFn:
     k, groups = cfg.num_experts_per_tok, cfg.groups
     topk_group = int(cfg.topk_group or groups)
     if cfg.topk_method == "noaux_tc":
-        return partial(sigmoid_group_topk, k=k, n_group=groups, topk_group=topk_group, renorm=cfg.norm_topk_prob,
-                       scale=cfg.routed_scaling_factor)
-    return partial(softmax_group_topk, k=k, n_group=groups if cfg.topk_method == "group_limited_greedy" else 1,
-                   topk_group=topk_group, scale=cfg.routed_scaling_factor)
+        return partial(
+            sigmoid_group_topk,
+            k=k,
+            n_group=groups,
+            topk_group=topk_group,
+            renorm=cfg.norm_topk_prob,
+            scale=cfg.routed_scaling_factor,
+        )
+    return partial(
+        softmax_group_topk,
+        k=k,
+        n_group=groups if cfg.topk_method == "group_limited_greedy" else 1,
+        topk_group=topk_group,
+        scale=cfg.routed_scaling_factor,
+    )
 
 
 class DeepseekV3ForCausalLM(DecoderModel):
@@ -195,10 +229,18 @@ class DeepseekV3ForCausalLM(DecoderModel):
         moe_layers = set(cfg.moe_layer_ids())
 
         def block(i: int) -> PreNormBlock:
-            attn = MLAttention(D, cfg.num_attention_heads, q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank,
-                               qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
-                               v_head_dim=cfg.v_head_dim, softmax_scale=cfg.softmax_scale, bias=cfg.attention_bias,
-                               interleaved=cfg.interleaved_rope)
+            attn = MLAttention(
+                D,
+                cfg.num_attention_heads,
+                q_lora_rank=cfg.q_lora_rank,
+                kv_lora_rank=cfg.kv_lora_rank,
+                qk_nope_head_dim=cfg.qk_nope_head_dim,
+                qk_rope_head_dim=cfg.qk_rope_head_dim,
+                v_head_dim=cfg.v_head_dim,
+                softmax_scale=cfg.softmax_scale,
+                bias=cfg.attention_bias,
+                interleaved=cfg.interleaved_rope,
+            )
             mlp: nn.Module = GatedMLP(D, cfg.intermediate_size)
             if i in moe_layers:
                 experts = RoutedExperts(E, D, cfg.moe_intermediate_size, list(range(E)), device="meta")
@@ -207,17 +249,28 @@ class DeepseekV3ForCausalLM(DecoderModel):
                 mlp = MoE(Router(D, E, score, correction_bias=cfg.topk_method == "noaux_tc"), experts, shared)
             return PreNormBlock(RMSNorm(D, eps), attn, RMSNorm(D, eps), mlp)
 
-        super().__init__(cfg.vocab_size, D, [block(i) for i in range(cfg.num_hidden_layers)], RMSNorm(D, eps),
-                         head_dim=cfg.qk_rope_head_dim, rope_theta=cfg.rope["rope_theta"], max_seq_len=cfg.max_seq_len,
-                         tie_embeddings=cfg.tie_word_embeddings, rope=partial(mla_rope_tables, cfg))
+        super().__init__(
+            cfg.vocab_size,
+            D,
+            [block(i) for i in range(cfg.num_hidden_layers)],
+            RMSNorm(D, eps),
+            head_dim=cfg.qk_rope_head_dim,
+            rope_theta=cfg.rope["rope_theta"],
+            max_seq_len=cfg.max_seq_len,
+            tie_embeddings=cfg.tie_word_embeddings,
+            rope=partial(mla_rope_tables, cfg),
+        )
 
 
 def _attention_weights(cfg: DeepseekV3Config, ours: str, disk: str) -> DenseMap:
     D, H = cfg.hidden_size, cfg.num_attention_heads
     qk, c, r = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.qk_rope_head_dim
     shapes: dict[str, tuple[int, ...]] = {
-        "kv_a_proj_with_mqa.weight": (c + r, D), "kv_a_layernorm.weight": (c,),
-        "kv_b_proj.weight": (H * (cfg.qk_nope_head_dim + cfg.v_head_dim), c), "o_proj.weight": (D, H * cfg.v_head_dim)}
+        "kv_a_proj_with_mqa.weight": (c + r, D),
+        "kv_a_layernorm.weight": (c,),
+        "kv_b_proj.weight": (H * (cfg.qk_nope_head_dim + cfg.v_head_dim), c),
+        "o_proj.weight": (D, H * cfg.v_head_dim),
+    }
     if cfg.q_lora_rank is None:
         shapes["q_proj.weight"] = (H * qk, D)
     else:
@@ -238,8 +291,10 @@ def dense_weights(cfg: DeepseekV3Config) -> DenseMap:
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}"
         out |= _attention_weights(cfg, f"layers.{i}.attn", f"{p}.self_attn")
-        out |= {f"layers.{i}.attn_norm.weight": ([f"{p}.input_layernorm.weight"], (D,)),
-                f"layers.{i}.mlp_norm.weight": ([f"{p}.post_attention_layernorm.weight"], (D,))}
+        out |= {
+            f"layers.{i}.attn_norm.weight": ([f"{p}.input_layernorm.weight"], (D,)),
+            f"layers.{i}.mlp_norm.weight": ([f"{p}.post_attention_layernorm.weight"], (D,)),
+        }
         if i not in moe_layers:
             out |= hf_gated_mlp(f"layers.{i}.mlp", f"{p}.mlp", D, cfg.intermediate_size)
             continue
@@ -247,8 +302,9 @@ def dense_weights(cfg: DeepseekV3Config) -> DenseMap:
         if cfg.topk_method == "noaux_tc":
             out[f"layers.{i}.mlp.router.e_score_correction_bias"] = ([f"{p}.mlp.gate.e_score_correction_bias"], (E,))
         if cfg.n_shared_experts:
-            out |= hf_gated_mlp(f"layers.{i}.mlp.shared", f"{p}.mlp.shared_experts", D,
-                                cfg.n_shared_experts * cfg.moe_intermediate_size)
+            out |= hf_gated_mlp(
+                f"layers.{i}.mlp.shared", f"{p}.mlp.shared_experts", D, cfg.n_shared_experts * cfg.moe_intermediate_size
+            )
     return out
 
 
@@ -261,12 +317,15 @@ def ignored_on_disk(cfg: DeepseekV3Config, name: str) -> bool:
 
 def expert_weights(cfg: DeepseekV3Config, layer: int) -> dict[str, tuple[int, ...]]:
     """On-disk expert tensors of one MoE layer with their shapes."""
-    return per_expert_tensors(f"model.layers.{layer}.mlp.experts", cfg.n_routed_experts, cfg.hidden_size,
-                              cfg.moe_intermediate_size)
+    return per_expert_tensors(
+        f"model.layers.{layer}.mlp.experts", cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    )
 
 
-def read_expert(read_rows: ReadRows, cfg: DeepseekV3Config, layer: int, expert: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def read_expert(
+    read_rows: ReadRows, cfg: DeepseekV3Config, layer: int, expert: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One expert's (w13_GD, w2_DF)."""
-    return read_per_expert(read_rows, f"model.layers.{layer}.mlp.experts", expert, cfg.hidden_size,
-                           cfg.moe_intermediate_size)
+    return read_per_expert(
+        read_rows, f"model.layers.{layer}.mlp.experts", expert, cfg.hidden_size, cfg.moe_intermediate_size
+    )

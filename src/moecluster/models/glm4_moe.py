@@ -34,13 +34,26 @@ from moecluster.models.moe import MoE, RoutedExperts, Router, sigmoid_group_topk
 class Glm4MoeForCausalLM(DecoderModel):
     def __init__(self, cfg: Glm4MoeConfig):
         D, E, eps = cfg.hidden_size, cfg.routed_experts, cfg.rms_norm_eps
-        score = partial(sigmoid_group_topk, k=cfg.num_experts_per_tok, n_group=cfg.n_group,
-                        topk_group=cfg.topk_group, renorm=cfg.norm_topk_prob, scale=cfg.routed_scaling_factor)
+        score = partial(
+            sigmoid_group_topk,
+            k=cfg.num_experts_per_tok,
+            n_group=cfg.n_group,
+            topk_group=cfg.topk_group,
+            renorm=cfg.norm_topk_prob,
+            scale=cfg.routed_scaling_factor,
+        )
         moe_layers = set(cfg.moe_layer_ids())
 
         def block(i: int) -> PreNormBlock:
-            attn = Attention(D, cfg.num_attention_heads, cfg.kv_heads, cfg.dim_per_head, qkv_bias=cfg.attention_bias,
-                             qk_norm="head" if cfg.use_qk_norm else None, norm_eps=eps)
+            attn = Attention(
+                D,
+                cfg.num_attention_heads,
+                cfg.kv_heads,
+                cfg.dim_per_head,
+                qkv_bias=cfg.attention_bias,
+                qk_norm="head" if cfg.use_qk_norm else None,
+                norm_eps=eps,
+            )
             mlp: nn.Module = GatedMLP(D, cfg.intermediate_size)
             if i in moe_layers:
                 experts = RoutedExperts(E, D, cfg.expert_hidden, list(range(E)), device="meta")
@@ -48,9 +61,17 @@ class Glm4MoeForCausalLM(DecoderModel):
                 mlp = MoE(Router(D, E, score, correction_bias=True), experts, shared)
             return PreNormBlock(RMSNorm(D, eps), attn, RMSNorm(D, eps), mlp)
 
-        super().__init__(cfg.vocab_size, D, [block(i) for i in range(cfg.num_hidden_layers)], RMSNorm(D, eps),
-                         head_dim=cfg.dim_per_head, rope_theta=cfg.rope_base, max_seq_len=cfg.max_seq_len,
-                         tie_embeddings=cfg.tie_word_embeddings, rotary_dim=cfg.rotary_dim)
+        super().__init__(
+            cfg.vocab_size,
+            D,
+            [block(i) for i in range(cfg.num_hidden_layers)],
+            RMSNorm(D, eps),
+            head_dim=cfg.dim_per_head,
+            rope_theta=cfg.rope_base,
+            max_seq_len=cfg.max_seq_len,
+            tie_embeddings=cfg.tie_word_embeddings,
+            rotary_dim=cfg.rotary_dim,
+        )
 
 
 def dense_weights(cfg: Glm4MoeConfig) -> DenseMap:
@@ -60,10 +81,20 @@ def dense_weights(cfg: Glm4MoeConfig) -> DenseMap:
     out = embed_norm_head(cfg.vocab_size, D, cfg.tie_word_embeddings)
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}"
-        out |= hf_attention(f"layers.{i}.attn", f"{p}.self_attn", D, cfg.num_attention_heads, cfg.kv_heads,
-                            cfg.dim_per_head, bias=cfg.attention_bias, qk_norm="head" if cfg.use_qk_norm else None)
-        out |= {f"layers.{i}.attn_norm.weight": ([f"{p}.input_layernorm.weight"], (D,)),
-                f"layers.{i}.mlp_norm.weight": ([f"{p}.post_attention_layernorm.weight"], (D,))}
+        out |= hf_attention(
+            f"layers.{i}.attn",
+            f"{p}.self_attn",
+            D,
+            cfg.num_attention_heads,
+            cfg.kv_heads,
+            cfg.dim_per_head,
+            bias=cfg.attention_bias,
+            qk_norm="head" if cfg.use_qk_norm else None,
+        )
+        out |= {
+            f"layers.{i}.attn_norm.weight": ([f"{p}.input_layernorm.weight"], (D,)),
+            f"layers.{i}.mlp_norm.weight": ([f"{p}.post_attention_layernorm.weight"], (D,)),
+        }
         if i not in moe_layers:
             out |= hf_gated_mlp(f"layers.{i}.mlp", f"{p}.mlp", D, cfg.intermediate_size)
             continue
@@ -84,8 +115,9 @@ def ignored_on_disk(cfg: Glm4MoeConfig, name: str) -> bool:
 
 def expert_weights(cfg: Glm4MoeConfig, layer: int) -> dict[str, tuple[int, ...]]:
     """On-disk expert tensors of one MoE layer with their shapes."""
-    return per_expert_tensors(f"model.layers.{layer}.mlp.experts", cfg.routed_experts, cfg.hidden_size,
-                              cfg.expert_hidden)
+    return per_expert_tensors(
+        f"model.layers.{layer}.mlp.experts", cfg.routed_experts, cfg.hidden_size, cfg.expert_hidden
+    )
 
 
 def read_expert(read_rows: ReadRows, cfg: Glm4MoeConfig, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,8 +47,9 @@ from moecluster.models.layers import (
 from moecluster.models.moe import MoE, RoutedExperts, Router, clamped_swiglu, topk_softmax
 
 
-def yarn_rope_tables(head_dim: int, max_seq_len: int, rope: dict, dtype: torch.dtype
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def yarn_rope_tables(
+    head_dim: int, max_seq_len: int, rope: dict, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos_SHd, sin_SHd with YaRN frequencies (transformers' _compute_yarn_parameters): per frequency, a linear
     ramp between the original (extrapolated) and the `factor`-interpolated one over the dims between the
     beta_fast and beta_slow rotation counts; cos/sin scaled by the attention factor (0.1 ln(factor) + 1).
@@ -62,8 +63,9 @@ def yarn_rope_tables(head_dim: int, max_seq_len: int, rope: dict, dtype: torch.d
         def get_mscale(scale: float, m: float = 1.0) -> float:
             return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
 
-        attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all) if mscale and mscale_all \
-            else get_mscale(factor)
+        attention_factor = (
+            get_mscale(factor, mscale) / get_mscale(factor, mscale_all) if mscale and mscale_all else get_mscale(factor)
+        )
     beta_fast, beta_slow = float(rope.get("beta_fast") or 32), float(rope.get("beta_slow") or 1)
 
     def correction_dim(rotations: float) -> float:  # the dim whose wavelength fits `rotations` times
@@ -88,8 +90,9 @@ class GptOssAttention(Attention):
     """Attention with q/k/v/o biases and sinks; `sliding_window` None: full attention over the slot cache,
     else a ring cache of the window only."""
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, *, bias: bool,
-                 sliding_window: int | None):
+    def __init__(
+        self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, *, bias: bool, sliding_window: int | None
+    ):
         super().__init__(dim, n_heads, n_kv_heads, head_dim, qkv_bias=bias)
         self.wo = Linear(n_heads * head_dim, dim, bias=bias)
         self.sinks = nn.Parameter(torch.empty(n_heads))
@@ -100,8 +103,9 @@ class GptOssAttention(Attention):
         if self.sliding_window is None:
             super().make_cache(num_slots, max_seq_len, dtype)
         else:  # a window longer than the cache: the ring holds every position the cache can
-            self.ring = SlidingKVCache(num_slots, self.n_kv_heads, min(self.sliding_window, max_seq_len),
-                                       self.head_dim, dtype)
+            self.ring = SlidingKVCache(
+                num_slots, self.n_kv_heads, min(self.sliding_window, max_seq_len), self.head_dim, dtype
+            )
 
     def forward(self, x_BTD: torch.Tensor, step: Step) -> torch.Tensor:
         B, T, _ = x_BTD.shape
@@ -129,17 +133,30 @@ class GptOssForCausalLM(DecoderModel):
         sliding = cfg.sliding_layers
 
         def block(i: int) -> PreNormBlock:
-            attn = GptOssAttention(D, cfg.num_attention_heads, cfg.kv_heads, cfg.dim_per_head,
-                                   bias=cfg.attention_bias, sliding_window=cfg.sliding_window if sliding[i] else None)
+            attn = GptOssAttention(
+                D,
+                cfg.num_attention_heads,
+                cfg.kv_heads,
+                cfg.dim_per_head,
+                bias=cfg.attention_bias,
+                sliding_window=cfg.sliding_window if sliding[i] else None,
+            )
             experts = RoutedExperts(E, D, cfg.expert_hidden, list(range(E)), device="meta", bias=True, activation=act)
             return PreNormBlock(RMSNorm(D, eps), attn, RMSNorm(D, eps), MoE(Router(D, E, score, bias=True), experts))
 
         rope = cfg.rope
         yarn = partial(yarn_rope_tables, cfg.dim_per_head, rope=rope) if rope["rope_type"] == "yarn" else None
-        super().__init__(cfg.vocab_size, D, [block(i) for i in range(cfg.num_hidden_layers)], RMSNorm(D, eps),
-                         head_dim=cfg.dim_per_head, rope_theta=cfg.rope_base, max_seq_len=cfg.max_seq_len,
-                         tie_embeddings=cfg.tie_word_embeddings,
-                         rope=None if yarn is None else lambda seq, dtype: yarn(seq, dtype=dtype))
+        super().__init__(
+            cfg.vocab_size,
+            D,
+            [block(i) for i in range(cfg.num_hidden_layers)],
+            RMSNorm(D, eps),
+            head_dim=cfg.dim_per_head,
+            rope_theta=cfg.rope_base,
+            max_seq_len=cfg.max_seq_len,
+            tie_embeddings=cfg.tie_word_embeddings,
+            rope=None if yarn is None else lambda seq, dtype: yarn(seq, dtype=dtype),
+        )
 
 
 def dense_weights(cfg: GptOssConfig) -> DenseMap:
@@ -148,15 +165,18 @@ def dense_weights(cfg: GptOssConfig) -> DenseMap:
     out = embed_norm_head(cfg.vocab_size, D, cfg.tie_word_embeddings)
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}"
-        out |= hf_attention(f"layers.{i}.attn", f"{p}.self_attn", D, H, cfg.kv_heads, cfg.dim_per_head,
-                            bias=cfg.attention_bias)
+        out |= hf_attention(
+            f"layers.{i}.attn", f"{p}.self_attn", D, H, cfg.kv_heads, cfg.dim_per_head, bias=cfg.attention_bias
+        )
         out[f"layers.{i}.attn.sinks"] = ([f"{p}.self_attn.sinks"], (H,))
         if cfg.attention_bias:
             out[f"layers.{i}.attn.wo.bias"] = ([f"{p}.self_attn.o_proj.bias"], (D,))
-        out |= {f"layers.{i}.attn_norm.weight": ([f"{p}.input_layernorm.weight"], (D,)),
-                f"layers.{i}.mlp_norm.weight": ([f"{p}.post_attention_layernorm.weight"], (D,)),
-                f"layers.{i}.mlp.router.gate.weight": ([f"{p}.mlp.router.weight"], (E, D)),
-                f"layers.{i}.mlp.router.gate.bias": ([f"{p}.mlp.router.bias"], (E,))}
+        out |= {
+            f"layers.{i}.attn_norm.weight": ([f"{p}.input_layernorm.weight"], (D,)),
+            f"layers.{i}.mlp_norm.weight": ([f"{p}.post_attention_layernorm.weight"], (D,)),
+            f"layers.{i}.mlp.router.gate.weight": ([f"{p}.mlp.router.weight"], (E, D)),
+            f"layers.{i}.mlp.router.gate.bias": ([f"{p}.mlp.router.bias"], (E,)),
+        }
     return out
 
 
@@ -166,12 +186,16 @@ def is_mxfp4(cfg: GptOssConfig) -> bool:
         return False
     method = str(cfg.quantization_config.get("quant_method", "?")).lower()
     if method != "mxfp4":
-        raise MoeClusterError(f"this gpt-oss checkpoint is quantized ({method}); the engine reads gpt-oss as "
-                              "the Hub ships it (mxfp4) or unquantized (bf16/fp32)")
+        raise MoeClusterError(
+            f"this gpt-oss checkpoint is quantized ({method}); the engine reads gpt-oss as "
+            "the Hub ships it (mxfp4) or unquantized (bf16/fp32)"
+        )
     D, F = cfg.hidden_size, cfg.expert_hidden
     if D % 32 or F % 32:
-        raise MoeClusterError(f"mxfp4 experts need hidden_size and intermediate_size to be multiples of 32 "
-                              f"(groups of 32 inputs); this config has {D} and {F}")
+        raise MoeClusterError(
+            f"mxfp4 experts need hidden_size and intermediate_size to be multiples of 32 "
+            f"(groups of 32 inputs); this config has {D} and {F}"
+        )
     return True
 
 
@@ -181,9 +205,12 @@ def expert_weights(cfg: GptOssConfig, layer: int) -> dict[str, tuple[int, ...]]:
     p = f"model.layers.{layer}.mlp.experts"
     biases = {f"{p}.gate_up_proj_bias": (E, 2 * F), f"{p}.down_proj_bias": (E, D)}
     if is_mxfp4(cfg):
-        return biases | {f"{p}.gate_up_proj_blocks": (E, 2 * F, D // 32, 16), f"{p}.gate_up_proj_scales":
-                         (E, 2 * F, D // 32), f"{p}.down_proj_blocks": (E, D, F // 32, 16),
-                         f"{p}.down_proj_scales": (E, D, F // 32)}
+        return biases | {
+            f"{p}.gate_up_proj_blocks": (E, 2 * F, D // 32, 16),
+            f"{p}.gate_up_proj_scales": (E, 2 * F, D // 32),
+            f"{p}.down_proj_blocks": (E, D, F // 32, 16),
+            f"{p}.down_proj_scales": (E, D, F // 32),
+        }
     return biases | {f"{p}.gate_up_proj": (E, D, 2 * F), f"{p}.down_proj": (E, F, D)}
 
 
@@ -198,8 +225,9 @@ def _read_biases(read_rows: ReadRows, cfg: GptOssConfig, layer: int, e: int) -> 
     return b13_G, read_rows(f"{p}.down_proj_bias", e, e + 1)[0]
 
 
-def read_expert(read_rows: ReadRows, cfg: GptOssConfig, layer: int, expert: int
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def read_expert(
+    read_rows: ReadRows, cfg: GptOssConfig, layer: int, expert: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One expert's (w13_GD, w2_DF, b13_G, b2_D) from a bf16/fp32 checkpoint."""
     if is_mxfp4(cfg):
         raise MoeClusterError("internal: an mxfp4 gpt-oss checkpoint is read by read_expert_mxfp4")
@@ -209,9 +237,9 @@ def read_expert(read_rows: ReadRows, cfg: GptOssConfig, layer: int, expert: int
     return w13_GD, w2_DF, *_read_biases(read_rows, cfg, layer, e)
 
 
-def read_expert_mxfp4(read_rows: ReadRows, cfg: GptOssConfig, layer: int, expert: int
-                      ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], torch.Tensor,
-                                 torch.Tensor]:
+def read_expert_mxfp4(
+    read_rows: ReadRows, cfg: GptOssConfig, layer: int, expert: int
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]:
     """One expert of an mxfp4 checkpoint, as shipped (read_rows gives blocks and scales as uint8, the biases in
     the compute dtype): ((blocks13 [G, D/32, 16], scales13 [G, D/32]), (blocks2 [D, F/32, 16],
     scales2 [D, F/32]), b13_G, b2_D); the 2F rows de-interleaved (gate rows, then up rows) by a row permutation."""

@@ -17,15 +17,33 @@ ReadRows = Callable[[str, int, int], torch.Tensor]
 DenseMap = dict[str, tuple[list[str], tuple[int, ...]]]
 
 
-def embed_norm_head(vocab: int, dim: int, tie: bool, embed: str = "model.embed_tokens.weight",
-                    norm: str = "model.norm.weight", head: str = "lm_head.weight") -> DenseMap:
+def embed_norm_head(
+    vocab: int,
+    dim: int,
+    tie: bool,
+    embed: str = "model.embed_tokens.weight",
+    norm: str = "model.norm.weight",
+    head: str = "lm_head.weight",
+) -> DenseMap:
     """Embeddings, final norm and lm_head (tied: the head reads the embedding matrix)."""
-    return {"embed.weight": ([embed], (vocab, dim)), "norm.weight": ([norm], (dim,)),
-            "lm_head.weight": ([embed if tie else head], (vocab, dim))}
+    return {
+        "embed.weight": ([embed], (vocab, dim)),
+        "norm.weight": ([norm], (dim,)),
+        "lm_head.weight": ([embed if tie else head], (vocab, dim)),
+    }
 
 
-def hf_attention(ours: str, disk: str, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, *,
-                 bias: bool = False, qk_norm: str | None = None) -> DenseMap:
+def hf_attention(
+    ours: str,
+    disk: str,
+    dim: int,
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    *,
+    bias: bool = False,
+    qk_norm: str | None = None,
+) -> DenseMap:
     """q/k/v/o_proj (+ biases, + q_norm/k_norm) of one layer -> our fused wqkv and wo."""
     qkv_rows = (n_heads + 2 * n_kv_heads) * head_dim
     out: DenseMap = {
@@ -35,37 +53,56 @@ def hf_attention(ours: str, disk: str, dim: int, n_heads: int, n_kv_heads: int, 
     if bias:
         out[f"{ours}.wqkv.bias"] = ([f"{disk}.{w}_proj.bias" for w in "qkv"], (qkv_rows,))
     if qk_norm == "head":
-        out |= {f"{ours}.q_norm.weight": ([f"{disk}.q_norm.weight"], (head_dim,)),
-                f"{ours}.k_norm.weight": ([f"{disk}.k_norm.weight"], (head_dim,))}
+        out |= {
+            f"{ours}.q_norm.weight": ([f"{disk}.q_norm.weight"], (head_dim,)),
+            f"{ours}.k_norm.weight": ([f"{disk}.k_norm.weight"], (head_dim,)),
+        }
     elif qk_norm == "full":
-        out |= {f"{ours}.q_norm.weight": ([f"{disk}.q_norm.weight"], (n_heads * head_dim,)),
-                f"{ours}.k_norm.weight": ([f"{disk}.k_norm.weight"], (n_kv_heads * head_dim,))}
+        out |= {
+            f"{ours}.q_norm.weight": ([f"{disk}.q_norm.weight"], (n_heads * head_dim,)),
+            f"{ours}.k_norm.weight": ([f"{disk}.k_norm.weight"], (n_kv_heads * head_dim,)),
+        }
     return out
 
 
-def hf_gated_mlp(ours: str, disk: str, dim: int, hidden: int,
-                 names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")) -> DenseMap:
+def hf_gated_mlp(
+    ours: str, disk: str, dim: int, hidden: int, names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+) -> DenseMap:
     """gate/up/down projections -> our GatedMLP's w13 (gate rows, then up rows) and w2."""
     gate, up, down = names
-    return {f"{ours}.w13.weight": ([f"{disk}.{gate}.weight", f"{disk}.{up}.weight"], (2 * hidden, dim)),
-            f"{ours}.w2.weight": ([f"{disk}.{down}.weight"], (dim, hidden))}
+    return {
+        f"{ours}.w13.weight": ([f"{disk}.{gate}.weight", f"{disk}.{up}.weight"], (2 * hidden, dim)),
+        f"{ours}.w2.weight": ([f"{disk}.{down}.weight"], (dim, hidden)),
+    }
 
 
-def per_expert_tensors(prefix: str, num_experts: int, dim: int, hidden: int,
-                       names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
-                       ) -> dict[str, tuple[int, ...]]:
+def per_expert_tensors(
+    prefix: str,
+    num_experts: int,
+    dim: int,
+    hidden: int,
+    names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+) -> dict[str, tuple[int, ...]]:
     """On-disk names and shapes of per-expert tensors `{prefix}.{e}.{name}.weight` (Mixtral, Qwen, OLMoE)."""
     gate, up, down = names
     out: dict[str, tuple[int, ...]] = {}
     for e in range(num_experts):
-        out |= {f"{prefix}.{e}.{gate}.weight": (hidden, dim), f"{prefix}.{e}.{up}.weight": (hidden, dim),
-                f"{prefix}.{e}.{down}.weight": (dim, hidden)}
+        out |= {
+            f"{prefix}.{e}.{gate}.weight": (hidden, dim),
+            f"{prefix}.{e}.{up}.weight": (hidden, dim),
+            f"{prefix}.{e}.{down}.weight": (dim, hidden),
+        }
     return out
 
 
-def read_per_expert(read_rows: ReadRows, prefix: str, expert: int, dim: int, hidden: int,
-                    names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def read_per_expert(
+    read_rows: ReadRows,
+    prefix: str,
+    expert: int,
+    dim: int,
+    hidden: int,
+    names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One expert's (w13_GD, w2_DF) from per-expert tensors."""
     gate, up, down = names
     p = f"{prefix}.{expert}"

@@ -61,8 +61,15 @@ def layer_norm(dim: int, eps: float = 1e-5) -> nn.Module:
     return nn.LayerNorm(dim, eps=eps, bias=False)
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float, dtype: torch.dtype, *,
-                inv_freq: torch.Tensor | None = None, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    head_dim: int,
+    max_seq_len: int,
+    theta: float,
+    dtype: torch.dtype,
+    *,
+    inv_freq: torch.Tensor | None = None,
+    scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos_SHd, sin_SHd for positions 0..S-1 (computed in fp32, stored in the model dtype like HF).
     inv_freq: the Hd/2 frequencies (default: theta ** (-2i / Hd)); scale multiplies cos and sin (YaRN's
     attention factor, as transformers applies it)."""
@@ -78,11 +85,19 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-def yarn_inv_freq(dim: int, theta: float, factor: float, original_max_len: int, beta_fast: float = 32.0,
-                  beta_slow: float = 1.0, truncate: bool = True) -> torch.Tensor:
+def yarn_inv_freq(
+    dim: int,
+    theta: float,
+    factor: float,
+    original_max_len: int,
+    beta_fast: float = 32.0,
+    beta_slow: float = 1.0,
+    truncate: bool = True,
+) -> torch.Tensor:
     """YaRN inverse frequencies [dim/2] (transformers' _compute_yarn_parameters): high-frequency dims (more
     than beta_fast rotations over original_max_len) keep theta's frequency, low-frequency ones (fewer than
     beta_slow) are divided by `factor`, with a linear ramp between."""
+
     def correction_dim(rotations: float) -> float:
         return dim * math.log(original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
@@ -122,8 +137,13 @@ class CacheRows(NamedTuple):
     def of(cls, slots_B: torch.Tensor, pos_B: torch.Tensor) -> CacheRows:
         slots = slots_B.tolist()
         consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
-        return cls(slots, pos_B.tolist(), slice(slots[0], slots[0] + len(slots)) if consecutive else slots_B,
-                   slots_B.long(), pos_B.long())
+        return cls(
+            slots,
+            pos_B.tolist(),
+            slice(slots[0], slots[0] + len(slots)) if consecutive else slots_B,
+            slots_B.long(),
+            pos_B.long(),
+        )
 
 
 class Step(NamedTuple):
@@ -148,8 +168,9 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
 
-    def update(self, rows: CacheRows, k_BHkTHd: torch.Tensor, v_BHkTHd: torch.Tensor,
-               span: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, rows: CacheRows, k_BHkTHd: torch.Tensor, v_BHkTHd: torch.Tensor, span: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write new keys/values at each row's positions; return the first `span` cached positions."""
         num_tokens = k_BHkTHd.shape[2]
         if num_tokens == 1 and len(rows.slots) > 1:  # batched decode: one scatter per tensor
@@ -157,8 +178,8 @@ class KVCache(nn.Module):
             self.v[rows.slots_t, :, rows.pos_t] = v_BHkTHd[:, :, 0]
             return self.k[rows.index, :, :span], self.v[rows.index, :, :span]
         for b, (slot, pos) in enumerate(zip(rows.slots, rows.pos, strict=True)):
-            self.k[slot, :, pos:pos + num_tokens] = k_BHkTHd[b]
-            self.v[slot, :, pos:pos + num_tokens] = v_BHkTHd[b]
+            self.k[slot, :, pos : pos + num_tokens] = k_BHkTHd[b]
+            self.v[slot, :, pos : pos + num_tokens] = v_BHkTHd[b]
         return self.k[rows.index, :, :span], self.v[rows.index, :, :span]
 
 
@@ -179,8 +200,9 @@ class SlidingKVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
 
-    def update(self, rows: CacheRows, k_BHkTHd: torch.Tensor, v_BHkTHd: torch.Tensor, window: int
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def update(
+        self, rows: CacheRows, k_BHkTHd: torch.Tensor, v_BHkTHd: torch.Tensor, window: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(k_BHkSHd, v_BHkSHd, mask_B1TS) with S = size + T: ring keys first, then the T new ones."""
         T, R = k_BHkTHd.shape[2], self.size
         k_all = torch.cat((self.k[rows.index], k_BHkTHd), dim=2)  # a copy: the ring can be overwritten below
@@ -197,13 +219,19 @@ class SlidingKVCache(nn.Module):
             keep = min(T, R)  # a prefill longer than the ring keeps its last R positions
             for b, (slot, pos) in enumerate(zip(rows.slots, rows.pos, strict=True)):
                 idx = torch.arange(pos + T - keep, pos + T) % R
-                self.k[slot, :, idx] = k_BHkTHd[b, :, T - keep:]
-                self.v[slot, :, idx] = v_BHkTHd[b, :, T - keep:]
+                self.k[slot, :, idx] = k_BHkTHd[b, :, T - keep :]
+                self.v[slot, :, idx] = v_BHkTHd[b, :, T - keep :]
         return k_all, v_all, mask_BTS[:, None]
 
 
-def sink_attention(q_BHTHd: torch.Tensor, k_BHkSHd: torch.Tensor, v_BHkSHd: torch.Tensor, sinks_H: torch.Tensor,
-                   mask_B1TS: torch.Tensor | None, scale: float | None = None) -> torch.Tensor:
+def sink_attention(
+    q_BHTHd: torch.Tensor,
+    k_BHkSHd: torch.Tensor,
+    v_BHkSHd: torch.Tensor,
+    sinks_H: torch.Tensor,
+    mask_B1TS: torch.Tensor | None,
+    scale: float | None = None,
+) -> torch.Tensor:
     """Grouped-query attention with attention sinks (gpt-oss): a learned logit per head joins each softmax's
     denominator (and no value), so a query may attend to "nothing". SDPA takes no sinks, hence explicit.
     mask_B1TS: True where a query sees a key (None: every key). Softmax in fp32. -> out_BHTHd."""
@@ -211,7 +239,7 @@ def sink_attention(q_BHTHd: torch.Tensor, k_BHkSHd: torch.Tensor, v_BHkSHd: torc
     Hk, S = k_BHkSHd.shape[1], k_BHkSHd.shape[2]
     G = H // Hk  # query heads per kv head: heads g*G..g*G+G-1 read kv head g, without repeating k and v
     scores = q_BHTHd.reshape(B, Hk, G * T, Hd) @ k_BHkSHd.transpose(-1, -2)
-    scores_BHTS = scores.view(B, H, T, S).float() * (Hd ** -0.5 if scale is None else scale)
+    scores_BHTS = scores.view(B, H, T, S).float() * (Hd**-0.5 if scale is None else scale)
     if mask_B1TS is not None:
         scores_BHTS = scores_BHTS.masked_fill(~mask_B1TS, float("-inf"))
     sinks_BHT1 = sinks_H.float().view(1, H, 1, 1).expand(B, H, T, 1)
@@ -226,8 +254,18 @@ class Attention(nn.Module):
     qk_norm: None; "head" (RMSNorm over each head's Hd, Qwen3); "full" (RMSNorm over the whole q / k
     projection, OLMoE). clip_qkv clamps q, k, v (DBRX, OLMoE: after the q/k norm)."""
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, *, qkv_bias: bool = False,
-                 qk_norm: str | None = None, norm_eps: float = 1e-6, clip_qkv: float | None = None):
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        *,
+        qkv_bias: bool = False,
+        qk_norm: str | None = None,
+        norm_eps: float = 1e-6,
+        clip_qkv: float | None = None,
+    ):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.clip_qkv = clip_qkv
@@ -280,9 +318,17 @@ def decode_rows_attention(q_BH1Hd: torch.Tensor, cache: KVCache, rows: CacheRows
     """Batched decode attention, one unmasked SDPA per row over exactly its own cached positions: the call a
     row makes when it decodes alone (B = 1, no mask), so its bits do not depend on the rest of the batch
     (a masked SDPA over the batch's longest span rounds differently). -> out_BH1Hd."""
-    return torch.cat([F.scaled_dot_product_attention(q_BH1Hd[b:b + 1], cache.k[slot:slot + 1, :, :pos + 1],
-                                                     cache.v[slot:slot + 1, :, :pos + 1], enable_gqa=gqa)
-                      for b, (slot, pos) in enumerate(zip(rows.slots, rows.pos, strict=True))])
+    return torch.cat(
+        [
+            F.scaled_dot_product_attention(
+                q_BH1Hd[b : b + 1],
+                cache.k[slot : slot + 1, :, : pos + 1],
+                cache.v[slot : slot + 1, :, : pos + 1],
+                enable_gqa=gqa,
+            )
+            for b, (slot, pos) in enumerate(zip(rows.slots, rows.pos, strict=True))
+        ]
+    )
 
 
 class GatedMLP(nn.Module):
@@ -309,9 +355,20 @@ class DecoderModel(nn.Module):
     layers: Any  # nn.ModuleList of blocks (each with .attn and .mlp)
     lm_head: Any  # a Linear, or a transformation's wrapper of one
 
-    def __init__(self, vocab_size: int, dim: int, blocks: list[nn.Module], norm: nn.Module, *, head_dim: int,
-                 rope_theta: float, max_seq_len: int, tie_embeddings: bool = False, rotary_dim: int | None = None,
-                 rope: RopeTables | None = None):
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        blocks: list[nn.Module],
+        norm: nn.Module,
+        *,
+        head_dim: int,
+        rope_theta: float,
+        max_seq_len: int,
+        tie_embeddings: bool = False,
+        rotary_dim: int | None = None,
+        rope: RopeTables | None = None,
+    ):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, dim)
         self.layers = nn.ModuleList(blocks)
@@ -338,11 +395,13 @@ class DecoderModel(nn.Module):
         for block in self.layers:
             block.attn.make_cache(num_slots, seq, dtype)
         self.num_slots, self.cache_len = num_slots, seq
-        self.rope_cos, self.rope_sin = (rope_tables(self.rotary_dim, seq, self.rope_theta, dtype) if self.rope is None
-                                        else self.rope(seq, dtype))
+        self.rope_cos, self.rope_sin = (
+            rope_tables(self.rotary_dim, seq, self.rope_theta, dtype) if self.rope is None else self.rope(seq, dtype)
+        )
 
-    def forward(self, tokens_BT: torch.Tensor, pos_B: torch.Tensor, slots_B: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self, tokens_BT: torch.Tensor, pos_B: torch.Tensor, slots_B: torch.Tensor | None = None, last_only: bool = False
+    ) -> torch.Tensor:
         """fp32 logits_BTV for tokens_BT (or logits_B1V with last_only), row b starting at position
         pos_B[b] in cache slot slots_B[b]."""
         B, T = tokens_BT.shape
@@ -381,5 +440,7 @@ class PreNormBlock(nn.Module):
 
 def check_dims(name: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
     if tuple(shape) != tuple(expected):
-        raise MoeClusterError(f"checkpoint tensor {name} has shape {list(shape)}, config implies {list(expected)}; "
-                              "config.json and the weights disagree")
+        raise MoeClusterError(
+            f"checkpoint tensor {name} has shape {list(shape)}, config implies {list(expected)}; "
+            "config.json and the weights disagree"
+        )

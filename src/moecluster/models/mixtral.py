@@ -29,9 +29,16 @@ class MixtralForCausalLM(DecoderModel):
             moe = MoE(Router(D, E, score), RoutedExperts(E, D, cfg.expert_hidden, list(range(E)), device="meta"))
             return PreNormBlock(RMSNorm(D, eps), attn, RMSNorm(D, eps), moe)
 
-        super().__init__(cfg.vocab_size, D, [block() for _ in range(cfg.num_hidden_layers)], RMSNorm(D, eps),
-                         head_dim=cfg.dim_per_head, rope_theta=cfg.rope_base, max_seq_len=cfg.max_seq_len,
-                         tie_embeddings=cfg.tie_word_embeddings)
+        super().__init__(
+            cfg.vocab_size,
+            D,
+            [block() for _ in range(cfg.num_hidden_layers)],
+            RMSNorm(D, eps),
+            head_dim=cfg.dim_per_head,
+            rope_theta=cfg.rope_base,
+            max_seq_len=cfg.max_seq_len,
+            tie_embeddings=cfg.tie_word_embeddings,
+        )
 
 
 def dense_weights(cfg: MixtralConfig) -> DenseMap:
@@ -40,21 +47,35 @@ def dense_weights(cfg: MixtralConfig) -> DenseMap:
     out = embed_norm_head(cfg.vocab_size, D, cfg.tie_word_embeddings)
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}"
-        out |= hf_attention(f"layers.{i}.attn", f"{p}.self_attn", D, cfg.num_attention_heads, cfg.kv_heads,
-                            cfg.dim_per_head)
-        out |= {f"layers.{i}.attn_norm.weight": ([f"{p}.input_layernorm.weight"], (D,)),
-                f"layers.{i}.mlp_norm.weight": ([f"{p}.post_attention_layernorm.weight"], (D,)),
-                f"layers.{i}.mlp.router.gate.weight": ([f"{p}.block_sparse_moe.gate.weight"], (cfg.routed_experts, D))}
+        out |= hf_attention(
+            f"layers.{i}.attn", f"{p}.self_attn", D, cfg.num_attention_heads, cfg.kv_heads, cfg.dim_per_head
+        )
+        out |= {
+            f"layers.{i}.attn_norm.weight": ([f"{p}.input_layernorm.weight"], (D,)),
+            f"layers.{i}.mlp_norm.weight": ([f"{p}.post_attention_layernorm.weight"], (D,)),
+            f"layers.{i}.mlp.router.gate.weight": ([f"{p}.block_sparse_moe.gate.weight"], (cfg.routed_experts, D)),
+        }
     return out
 
 
 def expert_weights(cfg: MixtralConfig, layer: int) -> dict[str, tuple[int, ...]]:
     """On-disk expert tensors of one layer with their shapes."""
-    return per_expert_tensors(f"model.layers.{layer}.block_sparse_moe.experts", cfg.routed_experts,
-                              cfg.hidden_size, cfg.expert_hidden, EXPERT_NAMES)
+    return per_expert_tensors(
+        f"model.layers.{layer}.block_sparse_moe.experts",
+        cfg.routed_experts,
+        cfg.hidden_size,
+        cfg.expert_hidden,
+        EXPERT_NAMES,
+    )
 
 
 def read_expert(read_rows: ReadRows, cfg: MixtralConfig, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One expert's (w13_GD, w2_DF)."""
-    return read_per_expert(read_rows, f"model.layers.{layer}.block_sparse_moe.experts", expert, cfg.hidden_size,
-                           cfg.expert_hidden, EXPERT_NAMES)
+    return read_per_expert(
+        read_rows,
+        f"model.layers.{layer}.block_sparse_moe.experts",
+        expert,
+        cfg.hidden_size,
+        cfg.expert_hidden,
+        EXPERT_NAMES,
+    )

@@ -23,8 +23,7 @@ from moecluster.errors import MoeClusterError
 from moecluster.models.layers import GatedMLP, Linear
 
 # gemm(w_eOI, local experts, pairs per expert, x_nI, x row of each pair, out_mO, out row of each pair) -> out
-MoEGemm = Callable[[torch.Tensor, list[int], list[int], torch.Tensor, list[int], torch.Tensor, list[int]],
-                   torch.Tensor]
+MoEGemm = Callable[[torch.Tensor, list[int], list[int], torch.Tensor, list[int], torch.Tensor, list[int]], torch.Tensor]
 # score function: router logits_NE -> (ids_NK, fp32 weights_NK)
 ScoreFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 # gated activation: (gate_PF, up_PF) -> h_PF, elementwise, each pair's bits independent of the others. ATen's
@@ -38,8 +37,9 @@ def silu_glu(gate_PF: torch.Tensor, up_PF: torch.Tensor) -> torch.Tensor:
     return F.silu(gate_PF) * up_PF
 
 
-def clamped_swiglu(gate_PF: torch.Tensor, up_PF: torch.Tensor, *, alpha: float = 1.702,
-                   limit: float = 7.0) -> torch.Tensor:
+def clamped_swiglu(
+    gate_PF: torch.Tensor, up_PF: torch.Tensor, *, alpha: float = 1.702, limit: float = 7.0
+) -> torch.Tensor:
     """gpt-oss: gate clamped above at `limit`, up clamped to +-limit, then (up + 1) * gate * sigmoid(alpha * gate)."""
     gate_PF = gate_PF.clamp(max=limit)
     up_PF = up_PF.clamp(-limit, limit)
@@ -50,8 +50,9 @@ def clamped_swiglu(gate_PF: torch.Tensor, up_PF: torch.Tensor, *, alpha: float =
     return (up_PF + 1) * (gate_PF * sig_PF)
 
 
-def softmax_topk(logits_NE: torch.Tensor, k: int, *, renorm_p: float | None = None,
-                 fp32: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def softmax_topk(
+    logits_NE: torch.Tensor, k: int, *, renorm_p: float | None = None, fp32: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over all experts, then top-k; optionally renormalize the k weights by their p-norm
     (p = 1: they sum to 1). fp32=False runs the softmax in the logits' dtype (DBRX)."""
     probs_NE = torch.softmax(logits_NE.float() if fp32 else logits_NE, dim=-1)
@@ -67,9 +68,16 @@ def topk_softmax(logits_NE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     return ids_NK, torch.softmax(top_NK, dim=-1)
 
 
-def sigmoid_group_topk(logits_NE: torch.Tensor, k: int, *, bias_E: torch.Tensor, n_group: int = 1,
-                       topk_group: int = 1, renorm: bool = True, scale: float = 1.0
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def sigmoid_group_topk(
+    logits_NE: torch.Tensor,
+    k: int,
+    *,
+    bias_E: torch.Tensor,
+    n_group: int = 1,
+    topk_group: int = 1,
+    renorm: bool = True,
+    scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V3 / GLM-4.5 routing ("noaux_tc"): scores = sigmoid(logits) in fp32; experts are chosen by
     scores + bias_E (the correction bias), only within the `topk_group` best of `n_group` expert groups
     (a group scores the sum of its two best biased scores); the weights are the chosen experts' unbiased
@@ -80,7 +88,8 @@ def sigmoid_group_topk(logits_NE: torch.Tensor, k: int, *, bias_E: torch.Tensor,
         N, E = choice_NE.shape
         group_NG = choice_NE.view(N, n_group, E // n_group).topk(2, dim=-1)[0].sum(dim=-1)
         best_NG = torch.zeros_like(group_NG, dtype=torch.bool).scatter_(
-            1, torch.topk(group_NG, topk_group, dim=-1)[1], True)
+            1, torch.topk(group_NG, topk_group, dim=-1)[1], True
+        )
         choice_NE = choice_NE.masked_fill(~best_NG.repeat_interleave(E // n_group, dim=1), float("-inf"))
     ids_NK = torch.topk(choice_NE, k, dim=-1)[1]
     weights_NK = scores_NE.gather(1, ids_NK)
@@ -89,8 +98,9 @@ def sigmoid_group_topk(logits_NE: torch.Tensor, k: int, *, bias_E: torch.Tensor,
     return ids_NK, weights_NK * scale
 
 
-def softmax_group_topk(logits_NE: torch.Tensor, k: int, *, n_group: int = 1, topk_group: int = 1,
-                       scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def softmax_group_topk(
+    logits_NE: torch.Tensor, k: int, *, n_group: int = 1, topk_group: int = 1, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V2 routing: softmax over all experts in fp32, top-k, weights times `scale`
     (routed_scaling_factor), not renormalized. n_group > 1 ("group_limited_greedy"): only experts in the
     `topk_group` of `n_group` groups with the highest single-expert score compete; n_group 1: "greedy"."""
@@ -99,7 +109,8 @@ def softmax_group_topk(logits_NE: torch.Tensor, k: int, *, n_group: int = 1, top
         N, E = scores_NE.shape
         group_NG = scores_NE.view(N, n_group, E // n_group).amax(dim=-1)
         best_NG = torch.zeros_like(group_NG, dtype=torch.bool).scatter_(
-            1, torch.topk(group_NG, topk_group, dim=-1)[1], True)
+            1, torch.topk(group_NG, topk_group, dim=-1)[1], True
+        )
         scores_NE = scores_NE.masked_fill(~best_NG.repeat_interleave(E // n_group, dim=1), 0.0)
     weights_NK, ids_NK = torch.topk(scores_NE, k, dim=-1)
     return ids_NK, weights_NK * scale
@@ -111,13 +122,15 @@ class Router(nn.Module):
     correction_bias: an fp32 per-expert buffer `e_score_correction_bias` (loaded from the checkpoint) passed
     to the score function as `bias_E=` (sigmoid_group_topk). bias: the gate projection has a bias (gpt-oss)."""
 
-    def __init__(self, dim: int, num_experts: int, score: ScoreFn, *, correction_bias: bool = False,
-                 bias: bool = False):
+    def __init__(
+        self, dim: int, num_experts: int, score: ScoreFn, *, correction_bias: bool = False, bias: bool = False
+    ):
         super().__init__()
         self.gate = Linear(dim, num_experts, bias=bias)
         self.score = score
-        self.register_buffer("e_score_correction_bias",
-                             torch.zeros(num_experts, dtype=torch.float32) if correction_bias else None)
+        self.register_buffer(
+            "e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32) if correction_bias else None
+        )
 
     def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.e_score_correction_bias is not None:
@@ -125,14 +138,21 @@ class Router(nn.Module):
         return self.score(self.gate(x_ND))
 
 
-def torch_moe_gemm(w_eOI: torch.Tensor, local: list[int], counts: list[int], x_nI: torch.Tensor,
-                   x_rows: list[int], out_mO: torch.Tensor, out_rows: list[int]) -> torch.Tensor:
+def torch_moe_gemm(
+    w_eOI: torch.Tensor,
+    local: list[int],
+    counts: list[int],
+    x_nI: torch.Tensor,
+    x_rows: list[int],
+    out_mO: torch.Tensor,
+    out_rows: list[int],
+) -> torch.Tensor:
     """out_mO[out_rows[p]] = w_eOI[local expert of p] @ x_nI[x_rows[p]], pairs grouped by expert (plain torch)."""
     start = 0
     for i, count in zip(local, counts, strict=True):
         if count:
-            xs = torch.tensor(x_rows[start:start + count])
-            outs = torch.tensor(out_rows[start:start + count])
+            xs = torch.tensor(x_rows[start : start + count])
+            outs = torch.tensor(out_rows[start : start + count])
             out_mO[outs] = F.linear(x_nI[xs], w_eOI[i])
         start += count
     return out_mO
@@ -157,9 +177,18 @@ class RoutedExperts(nn.Module):
     b13_eG: nn.Parameter | None
     b2_eD: nn.Parameter | None
 
-    def __init__(self, num_experts: int, dim: int, hidden: int, expert_ids: list[int],
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *, bias: bool = False,
-                 activation: GluFn = silu_glu):
+    def __init__(
+        self,
+        num_experts: int,
+        dim: int,
+        hidden: int,
+        expert_ids: list[int],
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        *,
+        bias: bool = False,
+        activation: GluFn = silu_glu,
+    ):
         super().__init__()
         self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
         self.expert_ids = list(expert_ids)
@@ -173,8 +202,7 @@ class RoutedExperts(nn.Module):
         self.gemm: MoEGemm = torch_moe_gemm
         self.last_num_evaluated = 0
 
-    def make_biases(self, dtype: torch.dtype, device: str | torch.device = "cpu"
-                    ) -> tuple[nn.Parameter, nn.Parameter]:
+    def make_biases(self, dtype: torch.dtype, device: str | torch.device = "cpu") -> tuple[nn.Parameter, nn.Parameter]:
         """Uninitialised b13_eG, b2_eD for the held experts (the quantized experts' biases too)."""
         e = len(self.expert_ids)
         return _frozen(e, 2 * self.hidden, dtype=dtype, device=device), _frozen(e, self.dim, dtype=dtype, device=device)
@@ -189,18 +217,34 @@ class RoutedExperts(nn.Module):
         """Bytes of one expert's weights (gate, up and down, and their biases)."""
         if not self.expert_ids:
             return 0
-        return sum(p[0].numel() * p.element_size() for p in (self.w13_eGD, self.w2_eDF, self.b13_eG, self.b2_eD)
-                   if p is not None)
+        return sum(
+            p[0].numel() * p.element_size()
+            for p in (self.w13_eGD, self.w2_eDF, self.b13_eG, self.b2_eD)
+            if p is not None
+        )
 
     def empty_like(self, expert_ids: list[int], dtype: torch.dtype) -> RoutedExperts:
         """Uninitialised RoutedExperts for `expert_ids` with this one's sizes, biases, activation and gemm."""
-        out = RoutedExperts(self.num_experts, self.dim, self.hidden, expert_ids, dtype=dtype,
-                            bias=self.b13_eG is not None, activation=self.activation)
+        out = RoutedExperts(
+            self.num_experts,
+            self.dim,
+            self.hidden,
+            expert_ids,
+            dtype=dtype,
+            bias=self.b13_eG is not None,
+            activation=self.activation,
+        )
         out.gemm = self.gemm
         return out
 
-    def set_expert(self, i: int, w13_GD: torch.Tensor, w2_DF: torch.Tensor, b13_G: torch.Tensor | None = None,
-                   b2_D: torch.Tensor | None = None) -> None:
+    def set_expert(
+        self,
+        i: int,
+        w13_GD: torch.Tensor,
+        w2_DF: torch.Tensor,
+        b13_G: torch.Tensor | None = None,
+        b2_D: torch.Tensor | None = None,
+    ) -> None:
         """Copy one expert's weights (as an architecture's read_expert returns them) into local row i."""
         self.w13_eGD[i].copy_(w13_GD)
         self.w2_eDF[i].copy_(w2_DF)
@@ -228,8 +272,13 @@ class RoutedExperts(nn.Module):
         y_NKD, self.last_num_evaluated = self.pairs(x_ND, ids_NK)
         return combine(y_NKD, weights_NK, x_ND.dtype)
 
-    def pairs(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, mine_NK: torch.Tensor | None = None,
-              out_NKD: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    def pairs(
+        self,
+        x_ND: torch.Tensor,
+        ids_NK: torch.Tensor,
+        mine_NK: torch.Tensor | None = None,
+        out_NKD: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, int]:
         """Each selected expert's output per (token, k) pair, y_NKD; pairs not in `mine_NK` stay zero.
 
         Returns y_NKD and the number of distinct experts evaluated. Pairs are kept apart (not yet weighted
@@ -249,8 +298,9 @@ class RoutedExperts(nn.Module):
         experts, counts = torch.unique_consecutive(flat_ids[pair_order], return_counts=True)
         return self._run(x_ND, y_NKD, pair_order.tolist(), experts.tolist(), counts.tolist())
 
-    def _run(self, x_ND: torch.Tensor, y_NKD: torch.Tensor, pairs: list[int], experts: list[int],
-             counts: list[int]) -> tuple[torch.Tensor, int]:
+    def _run(
+        self, x_ND: torch.Tensor, y_NKD: torch.Tensor, pairs: list[int], experts: list[int], counts: list[int]
+    ) -> tuple[torch.Tensor, int]:
         """Every expert's weights read once for all its pairs (`pairs` = flat (token, k) indices grouped
         by expert, `counts` per expert), two gemm calls for the whole layer."""
         K, D = y_NKD.shape[1], y_NKD.shape[2]
@@ -258,8 +308,15 @@ class RoutedExperts(nn.Module):
             return y_NKD, 0
         local = [self._local(e) for e in experts]
         P = len(pairs)
-        h_PG = self.gemm(self.w13_eGD, local, counts, x_ND.contiguous(), [p // K for p in pairs],
-                         x_ND.new_empty(P, 2 * self.hidden), list(range(P)))
+        h_PG = self.gemm(
+            self.w13_eGD,
+            local,
+            counts,
+            x_ND.contiguous(),
+            [p // K for p in pairs],
+            x_ND.new_empty(P, 2 * self.hidden),
+            list(range(P)),
+        )
         local_P: torch.Tensor | None = None  # local expert row of each pair (for the biases)
         if self.b13_eG is not None:
             local_P = torch.tensor(local).repeat_interleave(torch.tensor(counts))
@@ -292,8 +349,9 @@ class MoE(nn.Module):
     recorder: Any
     index: int
 
-    def __init__(self, router: Router, experts: RoutedExperts, shared: GatedMLP | None = None,
-                 shared_gate: Linear | None = None):
+    def __init__(
+        self, router: Router, experts: RoutedExperts, shared: GatedMLP | None = None, shared_gate: Linear | None = None
+    ):
         super().__init__()
         self.router, self.experts, self.shared, self.shared_gate = router, experts, shared, shared_gate
         self.index = 0  # position among the model's MoE layers (placement's layer id); set by the loader

@@ -24,14 +24,29 @@ class OlmoeForCausalLM(DecoderModel):
         score = partial(softmax_topk, k=cfg.num_experts_per_tok, renorm_p=1.0 if cfg.norm_topk_prob else None)
 
         def block() -> PreNormBlock:
-            attn = Attention(D, cfg.num_attention_heads, cfg.kv_heads, cfg.dim_per_head, qkv_bias=cfg.attention_bias,
-                             qk_norm="full", norm_eps=eps, clip_qkv=cfg.clip_qkv)
+            attn = Attention(
+                D,
+                cfg.num_attention_heads,
+                cfg.kv_heads,
+                cfg.dim_per_head,
+                qkv_bias=cfg.attention_bias,
+                qk_norm="full",
+                norm_eps=eps,
+                clip_qkv=cfg.clip_qkv,
+            )
             moe = MoE(Router(D, E, score), RoutedExperts(E, D, cfg.expert_hidden, list(range(E)), device="meta"))
             return PreNormBlock(RMSNorm(D, eps), attn, RMSNorm(D, eps), moe)
 
-        super().__init__(cfg.vocab_size, D, [block() for _ in range(cfg.num_hidden_layers)], RMSNorm(D, eps),
-                         head_dim=cfg.dim_per_head, rope_theta=cfg.rope_base, max_seq_len=cfg.max_seq_len,
-                         tie_embeddings=cfg.tie_word_embeddings)
+        super().__init__(
+            cfg.vocab_size,
+            D,
+            [block() for _ in range(cfg.num_hidden_layers)],
+            RMSNorm(D, eps),
+            head_dim=cfg.dim_per_head,
+            rope_theta=cfg.rope_base,
+            max_seq_len=cfg.max_seq_len,
+            tie_embeddings=cfg.tie_word_embeddings,
+        )
 
 
 def dense_weights(cfg: OlmoeConfig) -> DenseMap:
@@ -40,18 +55,29 @@ def dense_weights(cfg: OlmoeConfig) -> DenseMap:
     out = embed_norm_head(cfg.vocab_size, D, cfg.tie_word_embeddings)
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}"
-        out |= hf_attention(f"layers.{i}.attn", f"{p}.self_attn", D, cfg.num_attention_heads, cfg.kv_heads,
-                            cfg.dim_per_head, bias=cfg.attention_bias, qk_norm="full")
-        out |= {f"layers.{i}.attn_norm.weight": ([f"{p}.input_layernorm.weight"], (D,)),
-                f"layers.{i}.mlp_norm.weight": ([f"{p}.post_attention_layernorm.weight"], (D,)),
-                f"layers.{i}.mlp.router.gate.weight": ([f"{p}.mlp.gate.weight"], (cfg.routed_experts, D))}
+        out |= hf_attention(
+            f"layers.{i}.attn",
+            f"{p}.self_attn",
+            D,
+            cfg.num_attention_heads,
+            cfg.kv_heads,
+            cfg.dim_per_head,
+            bias=cfg.attention_bias,
+            qk_norm="full",
+        )
+        out |= {
+            f"layers.{i}.attn_norm.weight": ([f"{p}.input_layernorm.weight"], (D,)),
+            f"layers.{i}.mlp_norm.weight": ([f"{p}.post_attention_layernorm.weight"], (D,)),
+            f"layers.{i}.mlp.router.gate.weight": ([f"{p}.mlp.gate.weight"], (cfg.routed_experts, D)),
+        }
     return out
 
 
 def expert_weights(cfg: OlmoeConfig, layer: int) -> dict[str, tuple[int, ...]]:
     """On-disk expert tensors of one layer with their shapes."""
-    return per_expert_tensors(f"model.layers.{layer}.mlp.experts", cfg.routed_experts, cfg.hidden_size,
-                              cfg.expert_hidden)
+    return per_expert_tensors(
+        f"model.layers.{layer}.mlp.experts", cfg.routed_experts, cfg.hidden_size, cfg.expert_hidden
+    )
 
 
 def read_expert(read_rows: ReadRows, cfg: OlmoeConfig, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:

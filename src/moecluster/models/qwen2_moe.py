@@ -43,9 +43,16 @@ class Qwen2MoeForCausalLM(DecoderModel):
                 mlp = MoE(Router(D, E, score), experts, shared, Linear(D, 1) if shared is not None else None)
             return PreNormBlock(RMSNorm(D, eps), attn, RMSNorm(D, eps), mlp)
 
-        super().__init__(cfg.vocab_size, D, [block(i) for i in range(cfg.num_hidden_layers)], RMSNorm(D, eps),
-                         head_dim=cfg.dim_per_head, rope_theta=cfg.rope_base, max_seq_len=cfg.max_seq_len,
-                         tie_embeddings=cfg.tie_word_embeddings)
+        super().__init__(
+            cfg.vocab_size,
+            D,
+            [block(i) for i in range(cfg.num_hidden_layers)],
+            RMSNorm(D, eps),
+            head_dim=cfg.dim_per_head,
+            rope_theta=cfg.rope_base,
+            max_seq_len=cfg.max_seq_len,
+            tie_embeddings=cfg.tie_word_embeddings,
+        )
 
 
 def dense_weights(cfg: Qwen2MoeConfig) -> DenseMap:
@@ -55,10 +62,19 @@ def dense_weights(cfg: Qwen2MoeConfig) -> DenseMap:
     out = embed_norm_head(cfg.vocab_size, D, cfg.tie_word_embeddings)
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}"
-        out |= hf_attention(f"layers.{i}.attn", f"{p}.self_attn", D, cfg.num_attention_heads, cfg.kv_heads,
-                            cfg.dim_per_head, bias=cfg.qkv_bias)
-        out |= {f"layers.{i}.attn_norm.weight": ([f"{p}.input_layernorm.weight"], (D,)),
-                f"layers.{i}.mlp_norm.weight": ([f"{p}.post_attention_layernorm.weight"], (D,))}
+        out |= hf_attention(
+            f"layers.{i}.attn",
+            f"{p}.self_attn",
+            D,
+            cfg.num_attention_heads,
+            cfg.kv_heads,
+            cfg.dim_per_head,
+            bias=cfg.qkv_bias,
+        )
+        out |= {
+            f"layers.{i}.attn_norm.weight": ([f"{p}.input_layernorm.weight"], (D,)),
+            f"layers.{i}.mlp_norm.weight": ([f"{p}.post_attention_layernorm.weight"], (D,)),
+        }
         if i not in moe_layers:
             out |= hf_gated_mlp(f"layers.{i}.mlp", f"{p}.mlp", D, cfg.intermediate_size)
             continue
@@ -71,8 +87,9 @@ def dense_weights(cfg: Qwen2MoeConfig) -> DenseMap:
 
 def expert_weights(cfg: Qwen2MoeConfig, layer: int) -> dict[str, tuple[int, ...]]:
     """On-disk expert tensors of one MoE layer with their shapes."""
-    return per_expert_tensors(f"model.layers.{layer}.mlp.experts", cfg.routed_experts, cfg.hidden_size,
-                              cfg.expert_hidden)
+    return per_expert_tensors(
+        f"model.layers.{layer}.mlp.experts", cfg.routed_experts, cfg.hidden_size, cfg.expert_hidden
+    )
 
 
 def read_expert(read_rows: ReadRows, cfg: Qwen2MoeConfig, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,16 +34,30 @@ class Qwen3MoeForCausalLM(DecoderModel):
         moe_layers = set(cfg.moe_layer_ids())
 
         def block(i: int) -> PreNormBlock:
-            attn = Attention(D, cfg.num_attention_heads, cfg.kv_heads, cfg.dim_per_head, qkv_bias=cfg.attention_bias,
-                             qk_norm="head", norm_eps=eps)
+            attn = Attention(
+                D,
+                cfg.num_attention_heads,
+                cfg.kv_heads,
+                cfg.dim_per_head,
+                qkv_bias=cfg.attention_bias,
+                qk_norm="head",
+                norm_eps=eps,
+            )
             mlp: nn.Module = GatedMLP(D, cfg.intermediate_size)
             if i in moe_layers:
                 mlp = MoE(Router(D, E, score), RoutedExperts(E, D, cfg.expert_hidden, list(range(E)), device="meta"))
             return PreNormBlock(RMSNorm(D, eps), attn, RMSNorm(D, eps), mlp)
 
-        super().__init__(cfg.vocab_size, D, [block(i) for i in range(cfg.num_hidden_layers)], RMSNorm(D, eps),
-                         head_dim=cfg.dim_per_head, rope_theta=cfg.rope_base, max_seq_len=cfg.max_seq_len,
-                         tie_embeddings=cfg.tie_word_embeddings)
+        super().__init__(
+            cfg.vocab_size,
+            D,
+            [block(i) for i in range(cfg.num_hidden_layers)],
+            RMSNorm(D, eps),
+            head_dim=cfg.dim_per_head,
+            rope_theta=cfg.rope_base,
+            max_seq_len=cfg.max_seq_len,
+            tie_embeddings=cfg.tie_word_embeddings,
+        )
 
 
 def dense_weights(cfg: Qwen3MoeConfig) -> DenseMap:
@@ -53,10 +67,20 @@ def dense_weights(cfg: Qwen3MoeConfig) -> DenseMap:
     out = embed_norm_head(cfg.vocab_size, D, cfg.tie_word_embeddings)
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}"
-        out |= hf_attention(f"layers.{i}.attn", f"{p}.self_attn", D, cfg.num_attention_heads, cfg.kv_heads,
-                            cfg.dim_per_head, bias=cfg.attention_bias, qk_norm="head")
-        out |= {f"layers.{i}.attn_norm.weight": ([f"{p}.input_layernorm.weight"], (D,)),
-                f"layers.{i}.mlp_norm.weight": ([f"{p}.post_attention_layernorm.weight"], (D,))}
+        out |= hf_attention(
+            f"layers.{i}.attn",
+            f"{p}.self_attn",
+            D,
+            cfg.num_attention_heads,
+            cfg.kv_heads,
+            cfg.dim_per_head,
+            bias=cfg.attention_bias,
+            qk_norm="head",
+        )
+        out |= {
+            f"layers.{i}.attn_norm.weight": ([f"{p}.input_layernorm.weight"], (D,)),
+            f"layers.{i}.mlp_norm.weight": ([f"{p}.post_attention_layernorm.weight"], (D,)),
+        }
         if i in moe_layers:
             out[f"layers.{i}.mlp.router.gate.weight"] = ([f"{p}.mlp.gate.weight"], (cfg.routed_experts, D))
         else:
@@ -66,8 +90,9 @@ def dense_weights(cfg: Qwen3MoeConfig) -> DenseMap:
 
 def expert_weights(cfg: Qwen3MoeConfig, layer: int) -> dict[str, tuple[int, ...]]:
     """On-disk expert tensors of one MoE layer with their shapes."""
-    return per_expert_tensors(f"model.layers.{layer}.mlp.experts", cfg.routed_experts, cfg.hidden_size,
-                              cfg.expert_hidden)
+    return per_expert_tensors(
+        f"model.layers.{layer}.mlp.experts", cfg.routed_experts, cfg.hidden_size, cfg.expert_hidden
+    )
 
 
 def read_expert(read_rows: ReadRows, cfg: Qwen3MoeConfig, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:

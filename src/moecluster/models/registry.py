@@ -36,6 +36,8 @@ def architecture(cfg: ArchConfig) -> tuple[ModelClass, ModuleType]:
     if cfg.model_type not in ARCHITECTURES:
         runnable = ", ".join(sorted(ARCHITECTURES))
         plan_only = ", ".join(sorted(set(CONFIGS) - set(ARCHITECTURES)))
-        raise MoeClusterError(f"model_type {cfg.model_type!r} is not supported by the engine yet (it runs: "
-                              f"{runnable}); `moecluster plan` and `place` also know {plan_only}")
+        raise MoeClusterError(
+            f"model_type {cfg.model_type!r} is not supported by the engine yet (it runs: "
+            f"{runnable}); `moecluster plan` and `place` also know {plan_only}"
+        )
     return ARCHITECTURES[cfg.model_type]

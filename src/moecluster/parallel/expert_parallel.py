@@ -27,8 +27,9 @@ class ExpertParallelExperts(nn.Module, SelfTimed):
     """This rank's share of one MoE layer's routed experts + the one exchange. forward(x_ND, ids_NK,
     weights_NK) -> out_ND, like the RoutedExperts it replaces."""
 
-    def __init__(self, local: RoutedExperts, comm, placement: Placement, index: int, layer_id: int,
-                 exchange: str = "exact"):
+    def __init__(
+        self, local: RoutedExperts, comm, placement: Placement, index: int, layer_id: int, exchange: str = "exact"
+    ):
         super().__init__()
         self.local = local
         self.comm, self.placement, self.exchange = comm, placement, exchange
@@ -84,12 +85,12 @@ def apply_expert_parallel(model: DecoderModel, comm, placement: Placement, excha
         raise MoeClusterError(f"exchange {exchange!r} unknown; use one of {', '.join(EXCHANGES)}")
     moes = model.moe_layers()
     num_experts = moes[0].experts.num_experts if moes else 0
-    if (placement.num_experts, placement.num_layers, placement.world_size) != (num_experts, len(moes),
-                                                                               comm.world_size):
+    if (placement.num_experts, placement.num_layers, placement.world_size) != (num_experts, len(moes), comm.world_size):
         raise MoeClusterError(
             f"placement is for {placement.num_experts} experts x {placement.num_layers} MoE layers on "
             f"{placement.world_size} ranks, but the model has {num_experts} x {len(moes)} "
-            f"and the job has {comm.world_size} ranks; make a placement for this model and rank count")
+            f"and the job has {comm.world_size} ranks; make a placement for this model and rank count"
+        )
     layer_of = {id(block.mlp): i for i, block in enumerate(model.layers)}
     for index, moe in enumerate(moes):
         experts = moe.experts
@@ -99,8 +100,10 @@ def apply_expert_parallel(model: DecoderModel, comm, placement: Placement, excha
         if experts.expert_ids != want:
             missing = sorted(set(want) - set(experts.expert_ids))
             if missing:
-                raise MoeClusterError(f"rank {comm.rank} must hold experts {missing} of MoE layer {index} "
-                                      "but did not load them; load with the placement's expert filter")
+                raise MoeClusterError(
+                    f"rank {comm.rank} must hold experts {missing} of MoE layer {index} "
+                    "but did not load them; load with the placement's expert filter"
+                )
             experts = experts.subset(want)
         moe.experts = ExpertParallelExperts(experts, comm, placement, index, layer_of[id(moe)], exchange)
     return model

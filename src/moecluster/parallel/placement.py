@@ -53,16 +53,14 @@ def round_robin_holders(num_experts: int, world_size: int) -> list[list[int]]:
     return [[e % world_size] for e in range(num_experts)]
 
 
-def groups_holders(num_experts: int, world_size: int, num_groups: int | None = None
-                   ) -> list[list[int]]:
+def groups_holders(num_experts: int, world_size: int, num_groups: int | None = None) -> list[list[int]]:
     """Experts split into G contiguous groups; rank r serves group r % G, so each group is
     replicated on about N/G ranks. Default G = ceil(N/2): every expert on about 2 ranks."""
     g = num_groups or max(1, math.ceil(world_size / 2))
     g = min(g, world_size, num_experts)
     if g < 1:
         raise MoeClusterError(f"groups: the number of groups must be >= 1, got {num_groups}")
-    return [[r for r in range(world_size) if r % g == e * g // num_experts]
-            for e in range(num_experts)]
+    return [[r for r in range(world_size) if r % g == e * g // num_experts] for e in range(num_experts)]
 
 
 def _check_not_more_ranks(num_experts: int, world_size: int, name: str) -> None:
@@ -70,17 +68,28 @@ def _check_not_more_ranks(num_experts: int, world_size: int, name: str) -> None:
         raise MoeClusterError(
             f"{name} placement with {world_size} ranks but only {num_experts} experts would leave "
             f"ranks without experts; use the groups strategy (`--placement groups`, or "
-            f"`moecluster place --strategy groups`), which replicates experts across ranks")
+            f"`moecluster place --strategy groups`), which replicates experts across ranks"
+        )
 
 
 class Placement:
     """Immutable map (layer, expert) -> holder ranks, plus per-rank speeds for balancing."""
 
-    __slots__ = ("world_size", "num_experts", "num_layers", "speeds", "_holders_LE",
-                 "_owner_LE", "_replicated_L", "_experts_NL", "_inv_speed_N")
+    __slots__ = (
+        "world_size",
+        "num_experts",
+        "num_layers",
+        "speeds",
+        "_holders_LE",
+        "_owner_LE",
+        "_replicated_L",
+        "_experts_NL",
+        "_inv_speed_N",
+    )
 
-    def __init__(self, holders_LE: Sequence[Sequence[Sequence[int]]], world_size: int,
-                 speeds: Sequence[float] | None = None) -> None:
+    def __init__(
+        self, holders_LE: Sequence[Sequence[Sequence[int]]], world_size: int, speeds: Sequence[float] | None = None
+    ) -> None:
         """holders_LE[layer][expert] = ranks holding that expert (>= 1, each in 0..N-1)."""
         if world_size < 1:
             raise MoeClusterError(f"world_size must be >= 1, got {world_size}")
@@ -92,11 +101,14 @@ class Placement:
         num_experts = len(holders_LE[0])
         holders = tuple(
             tuple(_clean_holders(hs, layer, e, world_size) for e, hs in enumerate(layer_h))
-            for layer, layer_h in enumerate(holders_LE))
+            for layer, layer_h in enumerate(holders_LE)
+        )
         for layer, layer_h in enumerate(holders):
             if len(layer_h) != num_experts:
-                raise MoeClusterError(f"layer {layer} lists {len(layer_h)} experts, layer 0 lists "
-                                      f"{num_experts}: every layer needs one entry per expert")
+                raise MoeClusterError(
+                    f"layer {layer} lists {len(layer_h)} experts, layer 0 lists "
+                    f"{num_experts}: every layer needs one entry per expert"
+                )
         s = object.__setattr__
         s(self, "world_size", world_size)
         s(self, "num_experts", num_experts)
@@ -104,27 +116,34 @@ class Placement:
         s(self, "speeds", speeds)
         s(self, "_holders_LE", holders)
         # Owner rank of single-holder experts, -1 for replicated ones (the fast path of assign).
-        s(self, "_owner_LE", tuple(tuple(hs[0] if len(hs) == 1 else -1 for hs in lh)
-                                   for lh in holders))
+        s(self, "_owner_LE", tuple(tuple(hs[0] if len(hs) == 1 else -1 for hs in lh) for lh in holders))
         s(self, "_replicated_L", tuple(any(len(hs) > 1 for hs in lh) for lh in holders))
-        s(self, "_experts_NL", tuple(
-            tuple(tuple(e for e, hs in enumerate(lh) if r in hs) for lh in holders)
-            for r in range(world_size)))
+        s(
+            self,
+            "_experts_NL",
+            tuple(tuple(tuple(e for e, hs in enumerate(lh) if r in hs) for lh in holders) for r in range(world_size)),
+        )
         s(self, "_inv_speed_N", tuple(1.0 / x for x in speeds))
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("Placement is immutable")
 
     def __eq__(self, other: object) -> bool:
-        return (isinstance(other, Placement) and self.world_size == other.world_size
-                and self.speeds == other.speeds and self._holders_LE == other._holders_LE)
+        return (
+            isinstance(other, Placement)
+            and self.world_size == other.world_size
+            and self.speeds == other.speeds
+            and self._holders_LE == other._holders_LE
+        )
 
     def __hash__(self) -> int:
         return hash((self.world_size, self.speeds, self._holders_LE))
 
     def __repr__(self) -> str:
-        return (f"Placement(world_size={self.world_size}, num_experts={self.num_experts}, "
-                f"num_layers={self.num_layers}, replicas={self.num_replicas()})")
+        return (
+            f"Placement(world_size={self.world_size}, num_experts={self.num_experts}, "
+            f"num_layers={self.num_layers}, replicas={self.num_replicas()})"
+        )
 
     # ---- queries -------------------------------------------------------------------------
     def holders(self, layer: int, expert: int) -> tuple[int, ...]:
@@ -206,8 +225,7 @@ class Placement:
         return out
 
     @staticmethod
-    def _map_split(ids_TK: list[list[int]], chosen: dict[int, int],
-                   split: dict[int, list[int]]) -> list[list[int]]:
+    def _map_split(ids_TK: list[list[int]], chosen: dict[int, int], split: dict[int, list[int]]) -> list[list[int]]:
         used = {e: 0 for e in split}
         rank_TK = []
         for row in ids_TK:
@@ -224,9 +242,13 @@ class Placement:
     # ---- JSON ----------------------------------------------------------------------------
     def to_json(self) -> dict:
         """The documented JSON form (compact "default" when all layers are the same)."""
-        data: dict = {"format": FORMAT, "num_experts": self.num_experts,
-                      "num_layers": self.num_layers, "world_size": self.world_size,
-                      "speeds": list(self.speeds)}
+        data: dict = {
+            "format": FORMAT,
+            "num_experts": self.num_experts,
+            "num_layers": self.num_layers,
+            "world_size": self.world_size,
+            "speeds": list(self.speeds),
+        }
         first = self._holders_LE[0]
         if all(lh == first for lh in self._holders_LE):
             data["default"] = [list(hs) for hs in first]
@@ -238,39 +260,46 @@ class Placement:
     def from_json(cls, data: dict) -> Placement:
         """Parse the documented JSON form; raises MoeClusterError saying what is wrong."""
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise MoeClusterError(f"not a placement file: expected \"format\": \"{FORMAT}\" "
-                                  f"(write one with `moecluster place`)")
+            raise MoeClusterError(
+                f'not a placement file: expected "format": "{FORMAT}" (write one with `moecluster place`)'
+            )
         try:
             num_experts, num_layers = int(data["num_experts"]), int(data["num_layers"])
             world_size = int(data["world_size"])
         except (KeyError, TypeError, ValueError) as e:
-            raise MoeClusterError(f"placement JSON needs integer num_experts, num_layers and "
-                                  f"world_size ({e})") from None
+            raise MoeClusterError(
+                f"placement JSON needs integer num_experts, num_layers and world_size ({e})"
+            ) from None
         default, layers = data.get("default"), data.get("layers")
         if layers is None:
             layers = [None] * num_layers
         if not isinstance(layers, list) or len(layers) != num_layers:
-            raise MoeClusterError(f"placement JSON: \"layers\" must list {num_layers} layers")
+            raise MoeClusterError(f'placement JSON: "layers" must list {num_layers} layers')
         holders_LE = []
         for layer, lh in enumerate(layers):
             lh = default if lh is None else lh
             if not isinstance(lh, list) or len(lh) != num_experts:
                 raise MoeClusterError(
                     f"placement JSON: layer {layer} needs a list of {num_experts} holder lists "
-                    f"(give \"default\" or an entry in \"layers\")")
+                    f'(give "default" or an entry in "layers")'
+                )
             holders_LE.append(lh)
         return cls(holders_LE, world_size, data.get("speeds"))
 
 
 def _clean_holders(hs: Sequence[int], layer: int, expert: int, world_size: int) -> tuple[int, ...]:
     if isinstance(hs, (str, bytes)) or not isinstance(hs, Sequence) or len(hs) == 0:
-        raise MoeClusterError(f"layer {layer} expert {expert} has no holder rank: every expert "
-                              f"needs at least one rank in 0..{world_size - 1}")
+        raise MoeClusterError(
+            f"layer {layer} expert {expert} has no holder rank: every expert "
+            f"needs at least one rank in 0..{world_size - 1}"
+        )
     out = []
     for r in hs:
         if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < world_size:
-            raise MoeClusterError(f"layer {layer} expert {expert}: holder {r!r} is not a rank "
-                                  f"index in 0..{world_size - 1}; re-plan for {world_size} ranks")
+            raise MoeClusterError(
+                f"layer {layer} expert {expert}: holder {r!r} is not a rank "
+                f"index in 0..{world_size - 1}; re-plan for {world_size} ranks"
+            )
         out.append(r)
     if len(set(out)) != len(out):
         raise MoeClusterError(f"layer {layer} expert {expert} lists a rank twice: {list(hs)}")
@@ -300,11 +329,12 @@ def make_placement(spec: str, num_experts: int, num_layers: int, world_size: int
             num_groups = int(spec.split(":", 1)[1]) if ":" in spec else None
         except ValueError:
             raise MoeClusterError(f"--placement {spec!r}: write groups:G with G an integer") from None
-        return Placement([groups_holders(num_experts, world_size, num_groups)] * num_layers,
-                         world_size)
+        return Placement([groups_holders(num_experts, world_size, num_groups)] * num_layers, world_size)
     if not os.path.exists(spec):
-        raise MoeClusterError(f"--placement {spec!r}: expected contiguous, round-robin, groups, "
-                              f"groups:G or an existing placement JSON file")
+        raise MoeClusterError(
+            f"--placement {spec!r}: expected contiguous, round-robin, groups, "
+            f"groups:G or an existing placement JSON file"
+        )
     placement = load_placement_file(spec)
     got = (placement.num_experts, placement.num_layers, placement.world_size)
     want = (num_experts, num_layers, world_size)
@@ -312,5 +342,6 @@ def make_placement(spec: str, num_experts: int, num_layers: int, world_size: int
         raise MoeClusterError(
             f"placement {spec} is for {got[0]} experts, {got[1]} layers, {got[2]} ranks but this "
             f"run has {want[0]} experts, {want[1]} layers, {want[2]} ranks; re-run "
-            f"`moecluster place --nodes {world_size}` for this model")
+            f"`moecluster place --nodes {world_size}` for this model"
+        )
     return placement

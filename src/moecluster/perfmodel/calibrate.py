@@ -42,8 +42,9 @@ def message_sizes(model_dir: str, batches: list[int], exchange: str, dtype: str 
     """All-reduce sizes to time: a spread, the engine's exchange for each B, the token broadcasts."""
     shape = load_model(model_dir, {})
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    fp32 = (dtype or ("fp32" if str(cfg.get("dtype") or cfg.get("torch_dtype")) in ("float32", "fp32")
-                      else "bf16")) == "fp32"
+    fp32 = (
+        dtype or ("fp32" if str(cfg.get("dtype") or cfg.get("torch_dtype")) in ("float32", "fp32") else "bf16")
+    ) == "fp32"
     per_token = shape.d_model * 4 if exchange == "sum" or fp32 else shape.top_k * shape.d_model * 2
     return sorted(set(BASE_SIZES + [b * per_token for b in batches] + [8 * (b + 1) for b in batches]))
 
@@ -64,11 +65,16 @@ def batch_terms(res: dict, layers: int, top_k: int) -> dict[str, float]:
         return statistics.fmean(_median([sum(row) for row in r[key]]) for r in ranks) / layers
 
     evals = sum(sum(sum(row) for row in r["evals_SL"]) for r in ranks)
-    per_eval = [e / n for r in ranks for es, ns in zip(r["experts_SL"], r["evals_SL"])
-                for e, n in [(sum(es), sum(ns))] if n]
+    per_eval = [
+        e / n for r in ranks for es, ns in zip(r["experts_SL"], r["evals_SL"]) for e, n in [(sum(es), sum(ns))] if n
+    ]
     r0 = ranks[0]
-    traced = [sum(map(sum, rows)) + h for rows, h in
-              zip(zip(r0["attention_SL"], r0["router_SL"], r0["experts_SL"], r0["all_reduce_SL"]), r0["head_s"])]
+    traced = [
+        sum(map(sum, rows)) + h
+        for rows, h in zip(
+            zip(r0["attention_SL"], r0["router_SL"], r0["experts_SL"], r0["all_reduce_SL"]), r0["head_s"]
+        )
+    ]
     other = [f - t for f, t in zip(r0["forward_s"], traced)]
     steps = len(r0["step_s"])
     return {
@@ -78,12 +84,15 @@ def batch_terms(res: dict, layers: int, top_k: int) -> dict[str, float]:
         "experts_per_layer": per_layer("experts_SL"),
         # the slowest rank waits least in the all-reduce: the cost on the critical path
         "all_reduce_per_layer": min(_median([sum(row) for row in r["all_reduce_SL"]]) for r in ranks) / layers,
-        "experts_max_rank_per_layer": _median([max(sum(r["experts_SL"][s]) for r in ranks)
-                                               for s in range(len(r0["step_s"]))]) / layers,
+        "experts_max_rank_per_layer": _median(
+            [max(sum(r["experts_SL"][s]) for r in ranks) for s in range(len(r0["step_s"]))]
+        )
+        / layers,
         "expert_eval": _median(per_eval),
         "tokens_per_expert": b * top_k * layers * steps / evals if evals else 1.0,
         "distinct_max_rank_per_layer": statistics.fmean(
-            max(r["evals_SL"][s][layer] for r in ranks) for s in range(steps) for layer in range(layers)),
+            max(r["evals_SL"][s][layer] for r in ranks) for s in range(steps) for layer in range(layers)
+        ),
         "head": _median(r0["head_s"]) + max(0.0, _median(other)),
         "sampling": _median(r0["sample_s"]),
         "broadcast": _median(r0["bcast_s"]),
@@ -104,12 +113,16 @@ def build_profile(engines: list[dict], allreduce: dict[int, list[dict]], network
     """The profile JSON dict from engine-phase results (several runs: the median of each term) and
     all-reduce rows per world size (several runs: the median per size)."""
     engine, model = engines[0], engines[0]["model"]
-    runs = [{int(b): batch_terms(res, model["layers"], model["top_k"]) for b, res in e["batches"].items()}
-            for e in engines]
-    terms = [{**{k: statistics.median(run[b][k] for run in runs) for k in runs[0][b]}, "batch": b}
-             for b in sorted(runs[0])]
-    times = {key: _table([(t["batch"], t[key]) for t in terms])
-             for key in ("attention_per_layer", "router_per_layer", "head", "sampling")}
+    runs = [
+        {int(b): batch_terms(res, model["layers"], model["top_k"]) for b, res in e["batches"].items()} for e in engines
+    ]
+    terms = [
+        {**{k: statistics.median(run[b][k] for run in runs) for k in runs[0][b]}, "batch": b} for b in sorted(runs[0])
+    ]
+    times = {
+        key: _table([(t["batch"], t[key]) for t in terms])
+        for key in ("attention_per_layer", "router_per_layer", "head", "sampling")
+    }
     times["expert_eval"] = _table([(t["tokens_per_expert"], t["expert_eval"]) for t in terms])
     bandwidth = statistics.median(statistics.fmean(e["bandwidth_gbs"]) for e in engines)
     first = min(terms, key=lambda t: t["tokens_per_expert"])
@@ -117,20 +130,34 @@ def build_profile(engines: list[dict], allreduce: dict[int, list[dict]], network
     merged = {w: merge_rows(rows) for w, rows in sorted(allreduce.items())}
     cold = exchange_cold_overhead(terms, merged.get(engine["world_size"], []), model["exchange_bytes_per_token"])
     profile: dict[str, Any] = {
-        "format": FORMAT, "version": VERSION, "model": Path(str(engine.get("model_dir", model["arch"]))).name,
-        "node": node, "dtype": model["dtype"], "network": network,
+        "format": FORMAT,
+        "version": VERSION,
+        "model": Path(str(engine.get("model_dir", model["arch"]))).name,
+        "node": node,
+        "dtype": model["dtype"],
+        "network": network,
         "context": round(statistics.fmean(r["ranks"][0]["context_mean"] for r in engine["batches"].values()), 1),
-        "times_s": times, "memory_efficiency": round(min(1.0, max(0.01, efficiency)), 4),
+        "times_s": times,
+        "memory_efficiency": round(min(1.0, max(0.01, efficiency)), 4),
         "memory_bandwidth_gbs": round(bandwidth, 3),
         "exchange_bytes_per_token": model["exchange_bytes_per_token"],
         **({"exchange_overhead_s": cold} if cold else {}),
         "allreduce": {str(w): [[r["size_bytes"], r["median_us"] * 1e-6] for r in rows] for w, rows in merged.items()},
-        "measured": {"ranks": engine["world_size"], "backend": engine["backend"], "threads": engine["threads"],
-                     "placement": engine.get("placement"), "exchange": model["exchange"], "runs": len(engines),
-                     "batches": {str(t["batch"]): {k: v for k, v in t.items() if k != "batch"} for t in terms}},
+        "measured": {
+            "ranks": engine["world_size"],
+            "backend": engine["backend"],
+            "threads": engine["threads"],
+            "placement": engine.get("placement"),
+            "exchange": model["exchange"],
+            "runs": len(engines),
+            "batches": {str(t["batch"]): {k: v for k, v in t.items() if k != "batch"} for t in terms},
+        },
     }
-    steps = {str(w): [[r["size_bytes"], r["latency_steps"]] for r in rows]
-             for w, rows in merged.items() if rows and all(r.get("latency_steps") for r in rows)}
+    steps = {
+        str(w): [[r["size_bytes"], r["latency_steps"]] for r in rows]
+        for w, rows in merged.items()
+        if rows and all(r.get("latency_steps") for r in rows)
+    }
     if steps:
         profile["allreduce_latency_steps"] = steps
     profile_from_dict(profile, where="calibrated profile")  # what we write, plan can read
@@ -154,8 +181,10 @@ def merge_rows(rows: list[dict]) -> list[dict]:
     by_size: dict[int, list[dict]] = {}
     for row in rows:
         by_size.setdefault(int(row["size_bytes"]), []).append(row)
-    return [{**group[0], "median_us": statistics.median(r["median_us"] for r in group)}
-            for _, group in sorted(by_size.items())]
+    return [
+        {**group[0], "median_us": statistics.median(r["median_us"] for r in group)}
+        for _, group in sorted(by_size.items())
+    ]
 
 
 CHECK_TOLERANCE = 0.15
@@ -178,15 +207,28 @@ def self_check(profile_dict: dict, model_dir: str, node: str, nodes: int) -> lis
     for b, m in profile_dict["measured"]["batches"].items():
         wl = Workload(batch=int(b), context=max(1, int(profile_dict["context"])), prompt=16)
         pred = predict(shape, presets.node(node), presets.network(profile_dict["network"]), nodes, wl, profile)
-        measured = {"attention": layers * m["attention_per_layer"], "router": moe_layers * m["router_per_layer"],
-                    "experts": moe_layers * m.get("experts_max_rank_per_layer", m["experts_per_layer"]),
-                    "exchange": moe_layers * m["all_reduce_per_layer"], "head": m["head"],
-                    "sampling": m["sampling"] + m["broadcast"], "step": m["step"]}
+        measured = {
+            "attention": layers * m["attention_per_layer"],
+            "router": moe_layers * m["router_per_layer"],
+            "experts": moe_layers * m.get("experts_max_rank_per_layer", m["experts_per_layer"]),
+            "exchange": moe_layers * m["all_reduce_per_layer"],
+            "head": m["head"],
+            "sampling": m["sampling"] + m["broadcast"],
+            "step": m["step"],
+        }
         predicted = {t: getattr(pred.step, t) for t in measured if t != "step"} | {"step": pred.step.total}
         predicted["attention"] += pred.step.dense_mlp
         warnings = [t for t in measured if _off(measured[t], predicted[t], m["step"])]
-        rows.append({"batch": int(b), "measured_tok_s": m["tok_s"], "predicted_tok_s": pred.tokens_per_s,
-                     "measured": measured, "predicted": predicted, "warnings": warnings})
+        rows.append(
+            {
+                "batch": int(b),
+                "measured_tok_s": m["tok_s"],
+                "predicted_tok_s": pred.tokens_per_s,
+                "measured": measured,
+                "predicted": predicted,
+                "warnings": warnings,
+            }
+        )
     return rows
 
 

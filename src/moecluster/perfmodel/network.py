@@ -68,9 +68,7 @@ def allreduce_time(
         name = min(times, key=times.__getitem__)
         return times[name], name
     if algorithm not in times:
-        raise MoeClusterError(
-            f"all-reduce algorithm {algorithm!r} not available here; choose from {', '.join(times)}"
-        )
+        raise MoeClusterError(f"all-reduce algorithm {algorithm!r} not available here; choose from {', '.join(times)}")
     return times[algorithm], algorithm
 
 

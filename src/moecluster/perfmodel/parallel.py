@@ -118,8 +118,16 @@ def _hop(node: NodeSpec, network: NetworkSpec, message: float) -> float:
     return allreduce_time(2, message, latency, network.bandwidth, "recursive_doubling")[0] + node.exchange_overhead_s
 
 
-def layout_step(shape: ModelShape, node: NodeSpec, network: NetworkSpec, lay: Layout, tokens: int,
-                kv_read: float, pairs: float, head_positions: int) -> Breakdown:
+def layout_step(
+    shape: ModelShape,
+    node: NodeSpec,
+    network: NetworkSpec,
+    lay: Layout,
+    tokens: int,
+    kv_read: float,
+    pairs: float,
+    head_positions: int,
+) -> Breakdown:
     """One forward over `tokens` tokens (a decode step of B, or a prefill of P) under layout `lay`."""
     t, group = lay.tp, lay.ep * lay.tp
     load = uniform_rank_load(shape.num_experts, shape.top_k, tokens, lay.ep)
@@ -130,8 +138,8 @@ def layout_step(shape: ModelShape, node: NodeSpec, network: NetworkSpec, lay: La
     hops = (lay.pp - 1) * _hop(node, network, msg)
     return Breakdown(
         attention=shape.num_layers * _attention(shape, node, t, tokens, kv_read, pairs),
-        router=shape.num_moe_layers * roofline(node, shape.router_params * shape.weight_bytes,
-                                               2 * shape.router_params * tokens),
+        router=shape.num_moe_layers
+        * roofline(node, shape.router_params * shape.weight_bytes, 2 * shape.router_params * tokens),
         dense_mlp=roofline(node, mlp * shape.weight_bytes, 2 * mlp * tokens) if mlp else 0.0,
         experts=shape.num_moe_layers * _experts(shape, node, load, shards=t),
         exchange=shape.num_moe_layers * moe_exchange + shape.num_dense_layers * dense_exchange + hops,
@@ -155,16 +163,29 @@ def layout_memory(shape: ModelShape, node: NodeSpec, lay: Layout, wl: Workload) 
     return Memory(
         replicated=params * shape.weight_bytes,
         experts=most * moe * shape.expert_bytes / t,
-        kv_cache=wl.batch * wl.context * shape.num_layers * shape.kv_elems_per_token * shape.act_bytes
-        * layers / shape.num_layers / kv_split,
+        kv_cache=wl.batch
+        * wl.context
+        * shape.num_layers
+        * shape.kv_elems_per_token
+        * shape.act_bytes
+        * layers
+        / shape.num_layers
+        / kv_split,
         overhead=node.runtime_overhead_bytes,
         limit=node.usable_memory_bytes,
     )
 
 
-def predict_layout(shape: ModelShape, node: NodeSpec, network: NetworkSpec, lay: Layout,
-                   workload: Workload | None = None, profile: Profile | None = None,
-                   price_usd: float | None = None, **ep_kwargs) -> Prediction:
+def predict_layout(
+    shape: ModelShape,
+    node: NodeSpec,
+    network: NetworkSpec,
+    lay: Layout,
+    workload: Workload | None = None,
+    profile: Profile | None = None,
+    price_usd: float | None = None,
+    **ep_kwargs,
+) -> Prediction:
     """Predict one layout; pure expert parallelism (and one node) is `predict` (profile, placements)."""
     wl = workload or Workload()
     if lay.pp == 1 and lay.tp == 1:
@@ -182,8 +203,19 @@ def predict_layout(shape: ModelShape, node: NodeSpec, network: NetworkSpec, lay:
         notes.append("pipeline: sequences are not overlapped across stages (one step passes every stage)")
     if profile is not None:
         notes.append("analytic: the measured profile applies to pure expert parallelism only")
-    return Prediction(model=shape.name, node=node.name, network=network.name, nodes=n, workload=wl,
-                      step=step, prefill=prefill, memory=mem,
-                      load=uniform_rank_load(shape.num_experts, shape.top_k, b, lay.ep),
-                      algorithm="ring/rd" if lay.tp > 1 or lay.ep > 1 else "p2p", price_usd=price, notes=notes,
-                      engine=node.engine or "preset", parallelism=lay.name)
+    return Prediction(
+        model=shape.name,
+        node=node.name,
+        network=network.name,
+        nodes=n,
+        workload=wl,
+        step=step,
+        prefill=prefill,
+        memory=mem,
+        load=uniform_rank_load(shape.num_experts, shape.top_k, b, lay.ep),
+        algorithm="ring/rd" if lay.tp > 1 or lay.ep > 1 else "p2p",
+        price_usd=price,
+        notes=notes,
+        engine=node.engine or "preset",
+        parallelism=lay.name,
+    )

@@ -15,9 +15,7 @@ def _pyplot() -> Any:
         matplotlib.use("Agg")  # files only, no display
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise MoeClusterError(
-            "plots need matplotlib: pip install 'moecluster[plot]', or pass --no-plots"
-        ) from e
+        raise MoeClusterError("plots need matplotlib: pip install 'moecluster[plot]', or pass --no-plots") from e
     return plt
 
 
@@ -51,9 +49,17 @@ def _overlay(ax: Any, measured: list[dict[str, Any]] | None, network: str | None
         ax.plot([r["nodes"] for r in rows], [r[key] for r in rows], "D", color="black", label="measured")
 
 
-def _line_plot(plt: Any, configs: list[dict[str, Any]], key: str, ylabel: str, title: str,
-               path: Path, reference: dict[str, Any] | None, show_nofit: bool = True,
-               measured: list[dict[str, Any]] | None = None) -> Path:
+def _line_plot(
+    plt: Any,
+    configs: list[dict[str, Any]],
+    key: str,
+    ylabel: str,
+    title: str,
+    path: Path,
+    reference: dict[str, Any] | None,
+    show_nofit: bool = True,
+    measured: list[dict[str, Any]] | None = None,
+) -> Path:
     """One line per network over node count; configurations that do not fit are drawn as x
     (or left out, for per-dollar plots: a configuration that cannot run has no value)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -69,8 +75,9 @@ def _line_plot(plt: Any, configs: list[dict[str, Any]], key: str, ylabel: str, t
         _overlay(ax, measured)
     ax.set_xlabel("nodes")
     ax.set_ylabel(ylabel)
-    ax.set_title(title + ("\n(x: does not fit in memory)" if show_nofit else "\n(only configurations that fit)"),
-                 fontsize=10)
+    ax.set_title(
+        title + ("\n(x: does not fit in memory)" if show_nofit else "\n(only configurations that fit)"), fontsize=10
+    )
     ax.set_xticks(sorted({c["nodes"] for c in configs}))
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
@@ -85,24 +92,34 @@ def _breakdown_plot(plt: Any, configs: list[dict[str, Any]], title: str, path: P
     """Stacked bars of ms per decode step by term, one bar per configuration; each segment of 5% or
     more is labelled with its share; configurations that do not fit are hatched and marked."""
     terms = ["attention", "router", "dense_mlp", "experts", "exchange", "head", "sampling"]
-    labels = [f"{c['network']}\nx{c['nodes']}" + ("" if c.get("parallelism", "ep") in ("ep", "single")
-                                                  else f"\n{c['parallelism']}") for c in configs]
+    labels = [
+        f"{c['network']}\nx{c['nodes']}"
+        + ("" if c.get("parallelism", "ep") in ("ep", "single") else f"\n{c['parallelism']}")
+        for c in configs
+    ]
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(configs) + 2), 5))
     bottoms = [0.0] * len(configs)
     for term in terms:
         values = [c["breakdown_ms"][term] for c in configs]
         if not any(values):
             continue
-        bars = ax.bar(range(len(configs)), values, bottom=bottoms, label=term,
-                      hatch=None, edgecolor="white", linewidth=0.3)
+        bars = ax.bar(
+            range(len(configs)), values, bottom=bottoms, label=term, hatch=None, edgecolor="white", linewidth=0.3
+        )
         for bar, c, v, b0 in zip(bars, configs, values, bottoms):
             if not c["fits"]:
                 bar.set_hatch("//")
                 bar.set_alpha(0.45)
             share = v / c["step_ms"] if c["step_ms"] else 0.0
             if share >= 0.05:
-                ax.text(bar.get_x() + bar.get_width() / 2, b0 + v / 2, f"{100 * share:.0f}%",
-                        ha="center", va="center", fontsize=6)
+                ax.text(
+                    bar.get_x() + bar.get_width() / 2,
+                    b0 + v / 2,
+                    f"{100 * share:.0f}%",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                )
         bottoms = [b + v for b, v in zip(bottoms, values)]
     for i, c in enumerate(configs):
         if not c["fits"]:
@@ -118,8 +135,9 @@ def _breakdown_plot(plt: Any, configs: list[dict[str, Any]], title: str, path: P
     return path
 
 
-def _parallelism_plot(plt: Any, configs: list[dict[str, Any]], network: str, title: str, path: Path,
-                      measured: list[dict[str, Any]] | None) -> Path:
+def _parallelism_plot(
+    plt: Any, configs: list[dict[str, Any]], network: str, title: str, path: Path, measured: list[dict[str, Any]] | None
+) -> Path:
     """tok/s against nodes on one network, one line per layout kind (best split of hybrids), the
     fastest that fits per node count starred."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -135,8 +153,16 @@ def _parallelism_plot(plt: Any, configs: list[dict[str, Any]], network: str, tit
         nofit = [pts[x] for x in xs if not pts[x]["fits"]]
         ax.plot([c["nodes"] for c in nofit], [c["decode_tok_s"] for c in nofit], "x", color="red", markersize=9)
     best = [c for c in rows if c.get("best")]
-    ax.plot([c["nodes"] for c in best], [c["decode_tok_s"] for c in best], "*", color="gold", markersize=16,
-            markeredgecolor="black", label="fastest that fits", zorder=5)
+    ax.plot(
+        [c["nodes"] for c in best],
+        [c["decode_tok_s"] for c in best],
+        "*",
+        color="gold",
+        markersize=16,
+        markeredgecolor="black",
+        label="fastest that fits",
+        zorder=5,
+    )
     _overlay(ax, measured, network)
     ax.set_xlabel("nodes")
     ax.set_ylabel("decode tokens/s")
@@ -151,8 +177,7 @@ def _parallelism_plot(plt: Any, configs: list[dict[str, Any]], network: str, tit
     return path
 
 
-def write_plots(report: dict[str, Any], out_dir: str | Path,
-                measured: list[dict[str, Any]] | None = None) -> list[str]:
+def write_plots(report: dict[str, Any], out_dir: str | Path, measured: list[dict[str, Any]] | None = None) -> list[str]:
     """Write tok/s, tok/s per $1000 and time-breakdown PNGs for a plan report; returns paths."""
     plt = _pyplot()
     out = Path(out_dir)
@@ -164,17 +189,38 @@ def write_plots(report: dict[str, Any], out_dir: str | Path,
     configs = best_per_point(every)
     ref = report.get("compare")
     wl = report["workload"]
-    what = (f"{report['model']['name']} on {report['node']['name']} ({report.get('engine', {}).get('name', '')}), "
-            f"batch {wl['batch']}, context {wl['context']}")
+    what = (
+        f"{report['model']['name']} on {report['node']['name']} ({report.get('engine', {}).get('name', '')}), "
+        f"batch {wl['batch']}, context {wl['context']}"
+    )
     paths = [
-        _line_plot(plt, configs, "decode_tok_s", "decode tokens/s", f"Decode throughput: {what}",
-                   out / "tok_s_vs_nodes.png", ref, measured=measured),
-        _line_plot(plt, configs, "tok_s_per_1000usd", "tokens/s per $1000",
-                   f"Cost efficiency: {what}", out / "tok_s_per_1000usd_vs_nodes.png", ref, show_nofit=False),
+        _line_plot(
+            plt,
+            configs,
+            "decode_tok_s",
+            "decode tokens/s",
+            f"Decode throughput: {what}",
+            out / "tok_s_vs_nodes.png",
+            ref,
+            measured=measured,
+        ),
+        _line_plot(
+            plt,
+            configs,
+            "tok_s_per_1000usd",
+            "tokens/s per $1000",
+            f"Cost efficiency: {what}",
+            out / "tok_s_per_1000usd_vs_nodes.png",
+            ref,
+            show_nofit=False,
+        ),
         _breakdown_plot(plt, every, f"Decode step breakdown: {what}", out / "step_breakdown.png"),
     ]
     if len(report.get("parallelism", [])) > 1:
         for net in report["networks"]:
-            paths.append(_parallelism_plot(plt, every, net, f"Parallelism on {net}: {what}",
-                                           out / f"parallelism_{net}.png", measured))
+            paths.append(
+                _parallelism_plot(
+                    plt, every, net, f"Parallelism on {net}: {what}", out / f"parallelism_{net}.png", measured
+                )
+            )
     return [str(p) for p in paths]

@@ -150,8 +150,12 @@ class Prediction:
     def to_dict(self) -> dict[str, Any]:
         gb = 1e9
         return {
-            "model": self.model, "node": self.node, "network": self.network, "nodes": self.nodes,
-            "engine": self.engine, "parallelism": self.parallelism,
+            "model": self.model,
+            "node": self.node,
+            "network": self.network,
+            "nodes": self.nodes,
+            "engine": self.engine,
+            "parallelism": self.parallelism,
             "workload": asdict(self.workload),
             "fits": self.memory.fits,
             "decode_tok_s": self.tokens_per_s,
@@ -167,9 +171,12 @@ class Prediction:
             "ttft_s": self.ttft_s,
             "prefill_tok_s": self.workload.prompt / self.prefill.total,
             "memory_gb": {
-                "replicated": self.memory.replicated / gb, "experts": self.memory.experts / gb,
-                "kv_cache": self.memory.kv_cache / gb, "overhead": self.memory.overhead / gb,
-                "total": self.memory.total / gb, "usable": self.memory.limit / gb,
+                "replicated": self.memory.replicated / gb,
+                "experts": self.memory.experts / gb,
+                "kv_cache": self.memory.kv_cache / gb,
+                "overhead": self.memory.overhead / gb,
+                "total": self.memory.total / gb,
+                "usable": self.memory.limit / gb,
             },
             "price_usd": self.price_usd,
             "tok_s_per_1000usd": self.tokens_per_s_per_1000usd,
@@ -196,8 +203,9 @@ def _mlp(node: NodeSpec, params: int, weight_bytes: float, tokens: int) -> float
 def _experts(shape: ModelShape, node: NodeSpec, load: RankLoad, shards: int = 1) -> float:
     """Slowest rank's routed experts in one layer (each expert split `shards` ways by tensor parallelism),
     plus the engine's software time per distinct expert."""
-    work = roofline(node, load.distinct * shape.expert_bytes / shards,
-                    2 * shape.expert_params * load.evaluations / shards)
+    work = roofline(
+        node, load.distinct * shape.expert_bytes / shards, 2 * shape.expert_params * load.evaluations / shards
+    )
     return work + load.distinct * node.per_expert_overhead_s
 
 
@@ -212,7 +220,11 @@ def _sampling(shape: ModelShape, node: NodeSpec, positions: int) -> float:
 
 
 def exchange_time(
-    shape: ModelShape, node: NodeSpec, network: NetworkSpec, num_nodes: int, tokens: int,
+    shape: ModelShape,
+    node: NodeSpec,
+    network: NetworkSpec,
+    num_nodes: int,
+    tokens: int,
     profile: Profile | None = None,
 ) -> tuple[float, str]:
     """(seconds, algorithm) for one MoE layer's all-reduce of T x D activations."""
@@ -228,7 +240,11 @@ def exchange_time(
 
 
 def message_time(
-    node: NodeSpec, network: NetworkSpec, num_nodes: int, message: float, profile: Profile | None = None,
+    node: NodeSpec,
+    network: NetworkSpec,
+    num_nodes: int,
+    message: float,
+    profile: Profile | None = None,
 ) -> tuple[float, str]:
     """(seconds, algorithm) for one all-reduce of `message` bytes: measured, else modelled."""
     if num_nodes <= 1:
@@ -258,7 +274,9 @@ def _per_layer_mean(value: float | Sequence[float], shape: ModelShape, what: str
 
 
 def rank_load(
-    shape: ModelShape, num_nodes: int, tokens: int,
+    shape: ModelShape,
+    num_nodes: int,
+    tokens: int,
     expert_load: float | Sequence[float] | None = None,
     expert_distinct: float | Sequence[float] | None = None,
 ) -> RankLoad:
@@ -281,8 +299,13 @@ def rank_load(
 
 
 def _decode_step(
-    shape: ModelShape, node: NodeSpec, network: NetworkSpec, num_nodes: int, workload: Workload,
-    load: RankLoad, profile: Profile | None,
+    shape: ModelShape,
+    node: NodeSpec,
+    network: NetworkSpec,
+    num_nodes: int,
+    workload: Workload,
+    load: RankLoad,
+    profile: Profile | None,
 ) -> tuple[Breakdown, str]:
     """One decode step over B sequences; measured profile terms replace analytic ones."""
     b, c = workload.batch, workload.context
@@ -319,7 +342,11 @@ def _decode_step(
 
 
 def _prefill(
-    shape: ModelShape, node: NodeSpec, network: NetworkSpec, num_nodes: int, workload: Workload,
+    shape: ModelShape,
+    node: NodeSpec,
+    network: NetworkSpec,
+    num_nodes: int,
+    workload: Workload,
     profile: Profile | None,
 ) -> Breakdown:
     """One forward over P prompt tokens (per sequence), head on the last position only."""
@@ -358,11 +385,14 @@ def _notes(shape: ModelShape, node: NodeSpec, network: NetworkSpec, n: int, mem:
     if n > shape.num_experts:
         notes.append(f"{n - shape.num_experts} node(s) hold no experts (more nodes than experts)")
     if n > 1 and network.requires_thunderbolt > node.thunderbolt_version:
-        notes.append(f"{network.name} needs Thunderbolt {network.requires_thunderbolt}; "
-                     f"{node.name} has {node.thunderbolt_version or 'none'}")
+        notes.append(
+            f"{network.name} needs Thunderbolt {network.requires_thunderbolt}; "
+            f"{node.name} has {node.thunderbolt_version or 'none'}"
+        )
     if n > 1 and network.topology == "mesh" and node.thunderbolt_ports and n - 1 > node.thunderbolt_ports:
-        notes.append(f"a full mesh of {n} needs {n - 1} Thunderbolt ports per node; "
-                     f"{node.name} has {node.thunderbolt_ports}")
+        notes.append(
+            f"a full mesh of {n} needs {n - 1} Thunderbolt ports per node; {node.name} has {node.thunderbolt_ports}"
+        )
     if network.max_nodes and n > network.max_nodes:
         notes.append(f"{network.name} connects at most {network.max_nodes} ranks")
     if n > 1 and node.os == "macos" and network.transport == "rdma" and not network.requires_thunderbolt:
@@ -404,7 +434,17 @@ def predict(
         sizes = ", ".join(str(n) for n in sorted(profile.allreduce)) or "none"
         notes.append(f"exchange modelled, not measured (profile has all-reduce data for N = {sizes})")
     return Prediction(
-        model=shape.name, node=node.name, network=network.name, nodes=num_nodes, workload=workload,
-        step=step, prefill=_prefill(shape, node, network, num_nodes, workload, profile),
-        memory=mem, load=load, algorithm=algo, price_usd=price, notes=notes, engine=node.engine or "preset",
+        model=shape.name,
+        node=node.name,
+        network=network.name,
+        nodes=num_nodes,
+        workload=workload,
+        step=step,
+        prefill=_prefill(shape, node, network, num_nodes, workload, profile),
+        memory=mem,
+        load=load,
+        algorithm=algo,
+        price_usd=price,
+        notes=notes,
+        engine=node.engine or "preset",
     )

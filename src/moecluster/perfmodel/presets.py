@@ -153,9 +153,15 @@ class EngineSpec:
         if eff is None:
             raise MoeClusterError(
                 f"engine {self.name!r} has no efficiency terms for node {node.name!r} ({node.os}); it has them "
-                f"for {', '.join(sorted(self.efficiency))} (add a calibration with --presets FILE)")
-        return replace(node, engine=self.name, exchange_overhead_s=self.exchange_overhead_s,
-                       per_expert_overhead_s=self.per_expert_overhead_s, **eff)
+                f"for {', '.join(sorted(self.efficiency))} (add a calibration with --presets FILE)"
+            )
+        return replace(
+            node,
+            engine=self.name,
+            exchange_overhead_s=self.exchange_overhead_s,
+            per_expert_overhead_s=self.per_expert_overhead_s,
+            **eff,
+        )
 
     def source_lines(self, node: NodeSpec) -> list[str]:
         """Where this engine's numbers for `node` come from, one line per term."""
@@ -188,8 +194,12 @@ class Presets:
             if engine and engine != spec.base:
                 raise MoeClusterError(f"--stack {stack} runs on engine {spec.base}; drop --engine {engine}")
             base = self.engine(spec.base).on(node)
-            return replace(base, engine=f"{spec.base}+{spec.name}", exchange_overhead_s=spec.exchange_overhead_s,
-                           per_expert_overhead_s=spec.per_expert_overhead_s)
+            return replace(
+                base,
+                engine=f"{spec.base}+{spec.name}",
+                exchange_overhead_s=spec.exchange_overhead_s,
+                per_expert_overhead_s=spec.per_expert_overhead_s,
+            )
         name = engine or node.default_engine
         return self.engine(name).on(node) if name else node
 
@@ -200,8 +210,7 @@ class Presets:
 def _lookup(table: dict[str, Any], name: str, kind: str) -> Any:
     if name not in table:
         raise MoeClusterError(
-            f"unknown {kind} preset {name!r}; choose one of: {', '.join(sorted(table))} "
-            "(or add it with --presets FILE)"
+            f"unknown {kind} preset {name!r}; choose one of: {', '.join(sorted(table))} (or add it with --presets FILE)"
         )
     return table[name]
 
@@ -230,8 +239,14 @@ def _numbers(entry: dict[str, Any], spec: dict[str, tuple[str, float | None, boo
 
 def _node(name: str, entry: dict[str, Any]) -> NodeSpec:
     attrs, sources = _numbers(entry, _NODE_FIELDS, f"node preset {name!r}")
-    return NodeSpec(name=name, description=entry.get("description", ""), sources=sources,
-                    os=str(entry.get("os", "linux")), default_engine=str(entry.get("default_engine", "")), **attrs)
+    return NodeSpec(
+        name=name,
+        description=entry.get("description", ""),
+        sources=sources,
+        os=str(entry.get("os", "linux")),
+        default_engine=str(entry.get("default_engine", "")),
+        **attrs,
+    )
 
 
 def _engine(name: str, entry: dict[str, Any], kind: str = "engine") -> EngineSpec:
@@ -245,8 +260,14 @@ def _engine(name: str, entry: dict[str, Any], kind: str = "engine") -> EngineSpe
         eff, src = _numbers(terms, _EFF_FIELDS, f"{where} efficiency.{key}")
         efficiency[key] = eff
         sources.update({f"{key}.{k}": v for k, v in src.items()})
-    return EngineSpec(name=name, description=entry.get("description", ""), efficiency=efficiency,
-                      base=str(entry.get("engine", "")), sources=sources, **attrs)
+    return EngineSpec(
+        name=name,
+        description=entry.get("description", ""),
+        efficiency=efficiency,
+        base=str(entry.get("engine", "")),
+        sources=sources,
+        **attrs,
+    )
 
 
 def _stack(name: str, entry: dict[str, Any], engines: dict[str, EngineSpec]) -> EngineSpec:
@@ -265,21 +286,33 @@ def _network(name: str, entry: dict[str, Any]) -> NetworkSpec:
     if attrs["bandwidth"] <= 0:
         raise MoeClusterError(f"{where}: bandwidth_gbit must be > 0")
     return NetworkSpec(
-        name=name, description=entry.get("description", ""), sources=sources,
-        transport=entry.get("transport", "tcp"), topology=entry.get("topology", "switched"),
-        algorithm=algorithm, **attrs,
+        name=name,
+        description=entry.get("description", ""),
+        sources=sources,
+        transport=entry.get("transport", "tcp"),
+        topology=entry.get("topology", "switched"),
+        algorithm=algorithm,
+        **attrs,
     )
 
 
 def _system(name: str, entry: dict[str, Any]) -> SystemSpec:
     spec: dict[str, tuple[str, float | None, bool]] = {
-            "price_usd": ("price_usd", 1.0, True), "nodes": ("nodes", None, True),
-            "typical_batch": ("typical_batch", None, False)}
+        "price_usd": ("price_usd", 1.0, True),
+        "nodes": ("nodes", None, True),
+        "typical_batch": ("typical_batch", None, False),
+    }
     attrs, sources = _numbers(entry, spec, f"system preset {name!r}")
     if "node" not in entry or "network" not in entry:
         raise MoeClusterError(f"system preset {name!r}: needs 'node' and 'network' preset names")
-    return SystemSpec(name=name, description=entry.get("description", ""), node=str(entry["node"]),
-                      network=str(entry["network"]), sources=sources, **attrs)
+    return SystemSpec(
+        name=name,
+        description=entry.get("description", ""),
+        node=str(entry["node"]),
+        network=str(entry["network"]),
+        sources=sources,
+        **attrs,
+    )
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -300,9 +333,7 @@ def load_presets(extra: str | Path | None = None) -> Presets:
             if section.startswith("_"):
                 continue
             if section not in SECTIONS or not isinstance(entries, dict):
-                raise MoeClusterError(
-                    f"presets file {extra}: unknown section {section!r}; use {', '.join(SECTIONS)}"
-                )
+                raise MoeClusterError(f"presets file {extra}: unknown section {section!r}; use {', '.join(SECTIONS)}")
             raw.setdefault(section, {}).update(entries)
     engines = {k: _engine(k, v) for k, v in raw.get("engines", {}).items() if not k.startswith("_")}
     return Presets(

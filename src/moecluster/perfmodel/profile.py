@@ -124,8 +124,9 @@ class Profile:
             out["exchange_overhead_s"] = self.exchange_overhead_s
         out["allreduce"] = {str(n): [list(p) for p in t] for n, t in sorted(self.allreduce.items())}
         if self.latency_steps:
-            out["allreduce_latency_steps"] = {str(n): [list(p) for p in t]
-                                              for n, t in sorted(self.latency_steps.items())}
+            out["allreduce_latency_steps"] = {
+                str(n): [list(p) for p in t] for n, t in sorted(self.latency_steps.items())
+            }
         return out
 
 
@@ -171,16 +172,25 @@ def profile_from_dict(data: Any, where: str = "profile") -> Profile:
     network = data.get("network")
     if allreduce and not isinstance(network, str):
         raise MoeClusterError(
-            f"{where}: 'network' (the --network name it was measured on) is required with 'allreduce'")
+            f"{where}: 'network' (the --network name it was measured on) is required with 'allreduce'"
+        )
     eff = data.get("memory_efficiency")
     if eff is not None and (not isinstance(eff, (int, float)) or not 0 < eff <= 1):
         raise MoeClusterError(f"{where}: memory_efficiency must be in (0, 1]")
     bandwidth = _positive(data, "memory_bandwidth_gbs", where)
     meta = {k: v for k, v in data.items() if k in META_KEYS}
-    return Profile(times=times, allreduce=allreduce, network=network, memory_efficiency=eff,
-                   meta=meta, path=where, memory_bandwidth=None if bandwidth is None else bandwidth * 1e9,
-                   exchange_bytes_per_token=_positive(data, "exchange_bytes_per_token", where),
-                   latency_steps=steps, exchange_overhead_s=_positive(data, "exchange_overhead_s", where) or 0.0)
+    return Profile(
+        times=times,
+        allreduce=allreduce,
+        network=network,
+        memory_efficiency=eff,
+        meta=meta,
+        path=where,
+        memory_bandwidth=None if bandwidth is None else bandwidth * 1e9,
+        exchange_bytes_per_token=_positive(data, "exchange_bytes_per_token", where),
+        latency_steps=steps,
+        exchange_overhead_s=_positive(data, "exchange_overhead_s", where) or 0.0,
+    )
 
 
 def _world_tables(data: dict[str, Any], key: str, form: str, where: str) -> dict[int, Table]:

@@ -128,9 +128,7 @@ def _max_evaluations(num_experts: int, top_k: int, tokens: int, groups: tuple[in
     if tokens == 1 or tokens * top_k <= _DP_LIMIT:
         return expected_max_count(tokens * num_experts, tokens * top_k, tuple(tokens * g for g in groups))
     c = tokens * top_k * (num_experts - top_k) / max(num_experts - 1, 1)
-    return _expected_max_normal(
-        [(tokens * top_k * g / num_experts, math.sqrt(c * g / num_experts)) for g in groups]
-    )
+    return _expected_max_normal([(tokens * top_k * g / num_experts, math.sqrt(c * g / num_experts)) for g in groups])
 
 
 def _binomial_cdf(n: int, p: float) -> tuple[float, ...]:

@@ -28,14 +28,22 @@ from moecluster.perfmodel.shapes import ModelShape
 PAPER_SCENARIO: dict[str, Any] = {
     "paper": "arXiv 2506.23635 (DBRX bf16 on M2 Ultra Mac Studios, 10GbE, Python + gRPC prototype)",
     "source": "issue 18 text: 6.1 tok/s with 23% communication at 2 nodes, 7.0 tok/s with 33% at 4 nodes; "
-              "no 3-node number given",
-    "model": "dbrx", "node": "m2-ultra-192", "network": "10gbe", "stack": "paper-python-grpc",
+    "no 3-node number given",
+    "model": "dbrx",
+    "node": "m2-ultra-192",
+    "network": "10gbe",
+    "stack": "paper-python-grpc",
     "points": {2: (6.1, 0.23), 4: (7.0, 0.33)},
 }
 
 
-def fit_stack(shape: ModelShape, node: NodeSpec, network: NetworkSpec,
-              points: dict[int, tuple[float, float]], workload: Workload | None = None) -> dict[str, Any]:
+def fit_stack(
+    shape: ModelShape,
+    node: NodeSpec,
+    network: NetworkSpec,
+    points: dict[int, tuple[float, float]],
+    workload: Workload | None = None,
+) -> dict[str, Any]:
     """{'exchange_overhead_s', 'per_expert_overhead_s', 'rows'}: the overheads that explain `points`
     ({nodes: (tok/s, comm share)}) on top of `node`'s engine; rows hold each step of the derivation."""
     base = replace(node, exchange_overhead_s=0.0, per_expert_overhead_s=0.0)
@@ -43,9 +51,18 @@ def fit_stack(shape: ModelShape, node: NodeSpec, network: NetworkSpec,
     rows = []
     for n, (toks, share) in sorted(points.items()):
         pred = predict(shape, base, network, n, workload)
-        rows.append({"nodes": n, "tok_s": toks, "share": share, "step_s": 1 / toks, "comm_s": share / toks,
-                     "model_step_s": pred.step.total, "model_exchange_s": pred.step.exchange,
-                     "distinct": pred.load.distinct})
+        rows.append(
+            {
+                "nodes": n,
+                "tok_s": toks,
+                "share": share,
+                "step_s": 1 / toks,
+                "comm_s": share / toks,
+                "model_step_s": pred.step.total,
+                "model_exchange_s": pred.step.exchange,
+                "distinct": pred.load.distinct,
+            }
+        )
     o = sum(r["comm_s"] / layers - r["model_exchange_s"] / layers for r in rows) / len(rows)
     for r in rows:
         r["per_expert_s"] = (r["step_s"] - r["model_step_s"] - (layers + 1) * o) / (layers * r["distinct"])

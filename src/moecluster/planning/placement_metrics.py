@@ -23,14 +23,15 @@ from moecluster.planning.routing_stats import RoutingStats, sample_from_frequenc
 class LayerMetrics:
     """One layer's work under a placement, over a routing trace."""
 
-    step_max_experts: float   # mean over steps of max over ranks of distinct experts / speed
-    step_max_pairs: float     # mean over steps of max over ranks of pairs / speed
+    step_max_experts: float  # mean over steps of max over ranks of distinct experts / speed
+    step_max_pairs: float  # mean over steps of max over ranks of pairs / speed
     work_N: tuple[float, ...]  # mean pairs per token computed by each rank (not speed-weighted)
-    imbalance: float          # max_r(work_r / speed_r) / (sum work / sum speed); 1.0 = ideal
+    imbalance: float  # max_r(work_r / speed_r) / (sum work / sum speed); 1.0 = ideal
 
 
-def trace_from_stats(stats: RoutingStats, num_tokens: int = 2048, seed: int = 0,
-                     top_k: int | None = None, recorded: bool = True) -> list[list[list[int]]]:
+def trace_from_stats(
+    stats: RoutingStats, num_tokens: int = 2048, seed: int = 0, top_k: int | None = None, recorded: bool = True
+) -> list[list[list[int]]]:
     """trace_LTK: the recorded samples of each layer if any (and recorded=True), else num_tokens
     routings sampled from the layer's activation frequencies."""
     top_k = top_k or stats.top_k
@@ -46,8 +47,7 @@ def trace_from_stats(stats: RoutingStats, num_tokens: int = 2048, seed: int = 0,
     return trace
 
 
-def layer_metrics(placement: Placement, layer: int, ids_TK: list[list[int]],
-                  batch: int = 1) -> LayerMetrics:
+def layer_metrics(placement: Placement, layer: int, ids_TK: list[list[int]], batch: int = 1) -> LayerMetrics:
     """Metrics of one layer, calling `assign` on consecutive batches of `batch` tokens."""
     n = placement.world_size
     inv_N = [1.0 / s for s in placement.speeds]
@@ -55,7 +55,7 @@ def layer_metrics(placement: Placement, layer: int, ids_TK: list[list[int]],
     sum_max_experts = sum_max_pairs = 0.0
     num_batches = max(len(ids_TK) // batch, 1)
     for b in range(num_batches):
-        chunk = ids_TK[b * batch:(b + 1) * batch]
+        chunk = ids_TK[b * batch : (b + 1) * batch]
         rank_TK = placement.assign(layer, chunk)
         pairs_N = [0] * n
         held: set[tuple[int, int]] = set()
@@ -75,18 +75,24 @@ def layer_metrics(placement: Placement, layer: int, ids_TK: list[list[int]],
     total = sum(work_N)
     ideal = total / sum(placement.speeds)
     worst = max(w * i for w, i in zip(work_N, inv_N))
-    return LayerMetrics(sum_max_experts / num_batches, sum_max_pairs / num_batches,
-                        tuple(work_N), worst / ideal if ideal > 0 else 1.0)
+    return LayerMetrics(
+        sum_max_experts / num_batches, sum_max_pairs / num_batches, tuple(work_N), worst / ideal if ideal > 0 else 1.0
+    )
 
 
-def placement_metrics(placement: Placement, trace_LTK: list[list[list[int]]],
-                      batch: int = 1) -> list[LayerMetrics]:
+def placement_metrics(placement: Placement, trace_LTK: list[list[list[int]]], batch: int = 1) -> list[LayerMetrics]:
     """Per-layer metrics over a trace (trace_LTK[layer] = the layer's ids_TK)."""
     return [layer_metrics(placement, layer, ids_TK, batch) for layer, ids_TK in enumerate(trace_LTK)]
 
 
-def expected_max_rank_load(placement: Placement, stats: RoutingStats, top_k: int | None = None,
-                           batch: int = 1, num_tokens: int = 2048, seed: int = 0) -> list[float]:
+def expected_max_rank_load(
+    placement: Placement,
+    stats: RoutingStats,
+    top_k: int | None = None,
+    batch: int = 1,
+    num_tokens: int = 2048,
+    seed: int = 0,
+) -> list[float]:
     """Per layer: expected max over ranks of distinct experts evaluated / speed, per step of
     `batch` tokens, with routings sampled from the stats' activation frequencies.
 
@@ -96,8 +102,7 @@ def expected_max_rank_load(placement: Placement, stats: RoutingStats, top_k: int
     return [m.step_max_experts for m in placement_metrics(placement, trace, batch)]
 
 
-def observed_max_rank_load(placement: Placement, stats: RoutingStats,
-                           batch: int = 1) -> list[float] | None:
+def observed_max_rank_load(placement: Placement, stats: RoutingStats, batch: int = 1) -> list[float] | None:
     """Like expected_max_rank_load but over the recorded samples; None if none were recorded."""
     if not all(stats.samples_L):
         return None
@@ -107,12 +112,10 @@ def observed_max_rank_load(placement: Placement, stats: RoutingStats,
 
 def bytes_per_rank(placement: Placement, fixed_bytes: float, bytes_per_expert: float) -> list[float]:
     """Weight bytes each rank loads: replicated weights + its expert copies over all layers."""
-    return [fixed_bytes + placement.num_expert_copies(r) * bytes_per_expert
-            for r in range(placement.world_size)]
+    return [fixed_bytes + placement.num_expert_copies(r) * bytes_per_expert for r in range(placement.world_size)]
 
 
-def fits_memory(bytes_N: list[float], memory_N: list[float] | None,
-                reserve_bytes: float = 0.0) -> list[bool]:
+def fits_memory(bytes_N: list[float], memory_N: list[float] | None, reserve_bytes: float = 0.0) -> list[bool]:
     """Whether each rank's bytes plus the reserve fit its memory (all True if memory unknown)."""
     if memory_N is None:
         return [True] * len(bytes_N)
@@ -135,13 +138,14 @@ class AssignReplay:
     """Replays Placement.assign (exactly, for batch <= 16) on fixed routings of one layer, in
     numpy, to score many candidate holder lists of that layer fast (the planner's objective)."""
 
-    def __init__(self, ids_SK: np.ndarray, batch: int, num_experts: int, speeds_N: np.ndarray,
-                 freq_E: np.ndarray | None = None):
+    def __init__(
+        self, ids_SK: np.ndarray, batch: int, num_experts: int, speeds_N: np.ndarray, freq_E: np.ndarray | None = None
+    ):
         """ids_SK: routings, grouped into steps of `batch` tokens. freq_E: activations per token
         over all recorded tokens (default: from ids_SK), for the expected work, so that the
         planner does not fit the noise of a small sample."""
         num_b = max(len(ids_SK) // batch, 1)
-        ids_BTK = np.asarray(ids_SK)[:num_b * batch].reshape(num_b, -1)
+        ids_BTK = np.asarray(ids_SK)[: num_b * batch].reshape(num_b, -1)
         counts_BE = np.zeros((num_b, num_experts))
         np.add.at(counts_BE, (np.repeat(np.arange(num_b), ids_BTK.shape[1]), ids_BTK.ravel()), 1)
         self.counts_BE, self.present_BE = counts_BE, (counts_BE > 0).astype(np.float64)
@@ -150,14 +154,12 @@ class AssignReplay:
         self.rows_E = [np.flatnonzero(counts_BE[:, e]) for e in range(num_experts)]
         self.inv_N = 1.0 / np.asarray(speeds_N, dtype=np.float64)
         self.batch, self.num_experts = batch, num_experts
-        self.freq_E = (counts_BE.mean(0) / batch if freq_E is None
-                       else np.asarray(freq_E, dtype=np.float64))
+        self.freq_E = counts_BE.mean(0) / batch if freq_E is None else np.asarray(freq_E, dtype=np.float64)
         self._tie_cache: dict[tuple[int, int], np.ndarray] = {}
         # ideals: every rank loaded in proportion to its speed (J adds the two relative excesses)
         speed_sum = float(np.sum(speeds_N))
         self.work_ideal = float(self.freq_E.sum()) / speed_sum
-        self.step_ideal = max(float(self.present_BE.sum(1).mean()) / speed_sum,
-                              1.0 / float(np.max(speeds_N)))
+        self.step_ideal = max(float(self.present_BE.sum(1).mean()) / speed_sum, 1.0 / float(np.max(speeds_N)))
 
     def objective(self, holders_E: list[tuple[int, ...]]) -> float:
         """J = mean step max of distinct experts / speed, over its ideal, + max expected pairs per
@@ -185,8 +187,9 @@ class AssignReplay:
             self._replicated(rep, holders_E, pairs_NB, experts_NB, work_N)
         return experts_NB, work_N
 
-    def _replicated_b1(self, rep: list[int], holders_E: list[tuple[int, ...]],
-                       pairs_NB: np.ndarray, work_N: np.ndarray) -> None:
+    def _replicated_b1(
+        self, rep: list[int], holders_E: list[tuple[int, ...]], pairs_NB: np.ndarray, work_N: np.ndarray
+    ) -> None:
         """Batch 1: each present expert has one pair, so assign takes them in id order."""
         for e in rep:
             rows = self.rows_E[e]
@@ -207,8 +210,14 @@ class AssignReplay:
             self._tie_cache[key] = (np.arange(nh)[:, None] - rot_B[None, :]) % nh
         return self._tie_cache[key]
 
-    def _replicated(self, rep: list[int], holders_E: list[tuple[int, ...]], pairs_NB: np.ndarray,
-                    experts_NB: np.ndarray, work_N: np.ndarray) -> None:
+    def _replicated(
+        self,
+        rep: list[int],
+        holders_E: list[tuple[int, ...]],
+        pairs_NB: np.ndarray,
+        experts_NB: np.ndarray,
+        work_N: np.ndarray,
+    ) -> None:
         """Any batch: replicated experts of each step in assign's order (most pairs, then id)."""
         num_b = pairs_NB.shape[1]
         rep_R = np.array(rep)
@@ -217,7 +226,7 @@ class AssignReplay:
         max_h = max(len(holders_E[e]) for e in rep)
         hold_RH = np.full((len(rep), max_h), -1)
         for i, e in enumerate(rep):
-            hold_RH[i, :len(holders_E[e])] = holders_E[e]
+            hold_RH[i, : len(holders_E[e])] = holders_E[e]
         nh_R = (hold_RH >= 0).sum(1)
         cols, inv_pad = np.arange(num_b), np.append(self.inv_N, 0.0)
         rep_pairs_RN = np.zeros((len(rep), len(self.inv_N)))
@@ -229,8 +238,7 @@ class AssignReplay:
                 break  # present experts sort first: later columns are absent everywhere
             hs_BH, nh_B = hold_RH[i_B], nh_R[i_B]
             valid = hs_BH >= 0
-            cost_BH = np.where(valid, (pairs_NB[hs_BH, cols[:, None]] + c_B[:, None])
-                               * inv_pad[hs_BH], np.inf)
+            cost_BH = np.where(valid, (pairs_NB[hs_BH, cols[:, None]] + c_B[:, None]) * inv_pad[hs_BH], np.inf)
             rot_B = (rep_R[i_B] + self.salt_B) % nh_B
             pos_BH = (np.arange(max_h)[None, :] - rot_B[:, None]) % nh_B[:, None]
             pick_B = np.where(cost_BH == cost_BH.min(1, keepdims=True), pos_BH, max_h).argmin(1)

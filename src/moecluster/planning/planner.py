@@ -40,9 +40,9 @@ class Cluster:
     world_size: int
     speeds: tuple[float, ...]
     memory_N: tuple[float, ...] | None = None
-    fixed_bytes: float = 0.0        # weights every rank holds (attention, embeddings, lm_head ...)
-    bytes_per_expert: float = 1.0   # one expert of one layer
-    reserve_bytes: float = 0.0      # kept free per rank (KV cache, activations, runtime)
+    fixed_bytes: float = 0.0  # weights every rank holds (attention, embeddings, lm_head ...)
+    bytes_per_expert: float = 1.0  # one expert of one layer
+    reserve_bytes: float = 0.0  # kept free per rank (KV cache, activations, runtime)
 
     def expert_slots(self) -> list[float]:
         """Per rank, how many expert blocks (layer, expert) fit; inf if memory is unlimited."""
@@ -55,7 +55,8 @@ class Cluster:
                 raise MoeClusterError(
                     f"rank {rank} has {mem / GB:.1f} GB but every rank needs "
                     f"{(self.fixed_bytes + self.reserve_bytes) / GB:.1f} GB for the replicated "
-                    f"weights and reserve: give it more memory (--memory-gb) or leave it out")
+                    f"weights and reserve: give it more memory (--memory-gb) or leave it out"
+                )
             slots.append(math.floor(free / self.bytes_per_expert + 1e-9))
         return slots
 
@@ -71,13 +72,23 @@ def check_fits(cluster: Cluster, num_layers: int, num_experts: int) -> list[floa
             f"GB ({need} blocks of {cluster.bytes_per_expert / GB:.3f} GB) but the ranks have "
             f"only {free:.1f} GB left after the replicated weights "
             f"({cluster.fixed_bytes / GB:.1f} GB each) and reserve; add nodes or memory, or use a "
-            f"smaller dtype")
+            f"smaller dtype"
+        )
     return slots
 
 
-def plan(strategy: str, num_layers: int, num_experts: int, top_k: int, cluster: Cluster,
-         stats: RoutingStats | None = None, replica_budget_bytes: float | None = None,
-         num_groups: int | None = None, batch: int = 1, seed: int = 0) -> Placement:
+def plan(
+    strategy: str,
+    num_layers: int,
+    num_experts: int,
+    top_k: int,
+    cluster: Cluster,
+    stats: RoutingStats | None = None,
+    replica_budget_bytes: float | None = None,
+    num_groups: int | None = None,
+    batch: int = 1,
+    seed: int = 0,
+) -> Placement:
     """A placement by the named strategy that fits every rank's memory (else MoeClusterError)."""
     slots = check_fits(cluster, num_layers, num_experts)
     n, e = cluster.world_size, num_experts
@@ -101,12 +112,19 @@ def plan(strategy: str, num_layers: int, num_experts: int, top_k: int, cluster: 
             raise MoeClusterError(
                 f"the {strategy} placement puts {held} expert blocks "
                 f"({held * cluster.bytes_per_expert / GB:.1f} GB) on rank {rank}, which has room "
-                f"for {slots[rank]}; use --strategy optimized, which respects each node's memory")
+                f"for {slots[rank]}; use --strategy optimized, which respects each node's memory"
+            )
     return placement
 
 
-def _plan_groups(num_layers: int, num_experts: int, cluster: Cluster, slots: list[float],
-                 budget_bytes: float | None, num_groups: int | None) -> Placement:
+def _plan_groups(
+    num_layers: int,
+    num_experts: int,
+    cluster: Cluster,
+    slots: list[float],
+    budget_bytes: float | None,
+    num_groups: int | None,
+) -> Placement:
     """The fewest groups (most replication) from the default up that fit memory and budget."""
     n = cluster.world_size
     first = num_groups or max(1, math.ceil(n / 2))
@@ -122,8 +140,9 @@ def _plan_groups(num_layers: int, num_experts: int, cluster: Cluster, slots: lis
 
 
 # ---- optimized -------------------------------------------------------------------------
-def _layer_samples(stats: RoutingStats | None, layer: int, num_experts: int, top_k: int,
-                   num_samples: int, seed: int) -> np.ndarray:
+def _layer_samples(
+    stats: RoutingStats | None, layer: int, num_experts: int, top_k: int, num_samples: int, seed: int
+) -> np.ndarray:
     if stats is not None and len(stats.samples_L[layer]) >= 64:
         return np.array(stats.samples_L[layer][:num_samples], dtype=np.int64)
     freq = stats.frequencies(layer) if stats is not None else [top_k / num_experts] * num_experts
@@ -145,8 +164,9 @@ def _primary_quotas(slots_N: list[float], num_layers: int, num_experts: int) -> 
     return quota_LN
 
 
-def _allocate_copies(freqs: list[np.ndarray], speeds_N: np.ndarray, budget: int,
-                     quota_LN: list[list[int]], max_piece: float = 0.5) -> list[list[int]]:
+def _allocate_copies(
+    freqs: list[np.ndarray], speeds_N: np.ndarray, budget: int, quota_LN: list[list[int]], max_piece: float = 0.5
+) -> list[list[int]]:
     """copies_LE: replicate the expert with the largest share per copy (over all layers) while
     that share exceeds max_piece of the fastest rank's ideal load and the budget lasts."""
     n = len(speeds_N)
@@ -171,8 +191,9 @@ def _allocate_copies(freqs: list[np.ndarray], speeds_N: np.ndarray, budget: int,
     return copies_LE
 
 
-def _pack(freq_E: np.ndarray, coact_EE: np.ndarray, copies_E: list[int], quota_N: list[int],
-          speeds_N: np.ndarray) -> list[tuple[int, ...]]:
+def _pack(
+    freq_E: np.ndarray, coact_EE: np.ndarray, copies_E: list[int], quota_N: list[int], speeds_N: np.ndarray
+) -> list[tuple[int, ...]]:
     """holders_E: copies, largest share first, onto the rank with the least speed-weighted load
     (co-activation with experts already there counts as load: they would collide in a step)."""
     n = len(speeds_N)
@@ -184,8 +205,7 @@ def _pack(freq_E: np.ndarray, coact_EE: np.ndarray, copies_E: list[int], quota_N
         for r in range(n):
             if left_N[r] <= 0 or r in holders[e]:
                 continue
-            clash = sum(coact_EE[e, g] / (len(hs) * copies_E[e])
-                        for g, hs in enumerate(holders) if r in hs)
+            clash = sum(coact_EE[e, g] / (len(hs) * copies_E[e]) for g, hs in enumerate(holders) if r in hs)
             cost = (load_N[r] - neg_piece + clash) / speeds_N[r]
             if cost < best_cost - 1e-12:
                 best, best_cost = r, cost
@@ -197,8 +217,9 @@ def _pack(freq_E: np.ndarray, coact_EE: np.ndarray, copies_E: list[int], quota_N
     return [tuple(sorted(hs)) for hs in holders]
 
 
-def _local_search(sim: AssignReplay, holders_E: list[tuple[int, ...]], quota_N: list[int],
-                  max_evals: int = 2000) -> list[tuple[int, ...]]:
+def _local_search(
+    sim: AssignReplay, holders_E: list[tuple[int, ...]], quota_N: list[int], max_evals: int = 2000
+) -> list[tuple[int, ...]]:
     """First-improvement moves (one copy to another rank) and swaps (two copies on two ranks)
     while J drops, within the per-rank quota."""
     n, num_e = len(quota_N), len(holders_E)
@@ -228,8 +249,7 @@ def _local_search(sim: AssignReplay, holders_E: list[tuple[int, ...]], quota_N: 
             for g in range(e + 1, num_e):
                 for h1 in holders[e]:
                     for h2 in holders[g]:
-                        if (h1 == h2 or h2 in holders[e] or h1 in holders[g]
-                                or evals >= max_evals):
+                        if h1 == h2 or h2 in holders[e] or h1 in holders[g] or evals >= max_evals:
                             continue
                         trial = list(holders)
                         trial[e], trial[g] = replace(holders[e], h1, h2), replace(holders[g], h2, h1)
@@ -240,12 +260,13 @@ def _local_search(sim: AssignReplay, holders_E: list[tuple[int, ...]], quota_N: 
     return holders
 
 
-def _best_replica(sim: AssignReplay, holders_E: list[tuple[int, ...]], free_N: list[float],
-                  freq_E: np.ndarray) -> tuple[float, int, int]:
+def _best_replica(
+    sim: AssignReplay, holders_E: list[tuple[int, ...]], free_N: list[float], freq_E: np.ndarray
+) -> tuple[float, int, int]:
     """(gain in J, expert, rank) of the best single added replica in this layer."""
     cur = sim.objective(holders_E)
     best = (0.0, -1, -1)
-    top = np.argsort(-freq_E, kind="stable")[:max(4, len(freq_E) // 2)]
+    top = np.argsort(-freq_E, kind="stable")[: max(4, len(freq_E) // 2)]
     for e in top:
         for r in range(len(free_N)):
             if free_N[r] < 1 or r in holders_E[e]:
@@ -258,17 +279,25 @@ def _best_replica(sim: AssignReplay, holders_E: list[tuple[int, ...]], free_N: l
     return best
 
 
-def plan_optimized(num_layers: int, num_experts: int, top_k: int, cluster: Cluster,
-                   slots_N: list[float], stats: RoutingStats | None, budget: int,
-                   batch: int = 1, seed: int = 0, num_samples: int = 1024) -> Placement:
+def plan_optimized(
+    num_layers: int,
+    num_experts: int,
+    top_k: int,
+    cluster: Cluster,
+    slots_N: list[float],
+    stats: RoutingStats | None,
+    budget: int,
+    batch: int = 1,
+    seed: int = 0,
+    num_samples: int = 1024,
+) -> Placement:
     """The optimized strategy (see the module docstring); budget = max extra expert copies."""
     speeds_N = np.array(cluster.speeds, dtype=np.float64)
     quota_LN = _primary_quotas(slots_N, num_layers, num_experts)
     sims, freqs, coacts = [], [], []
     for layer in range(num_layers):
         ids_SK = _layer_samples(stats, layer, num_experts, top_k, num_samples, seed)
-        freq_E = np.array(stats.frequencies(layer) if stats is not None
-                          else [top_k / num_experts] * num_experts)
+        freq_E = np.array(stats.frequencies(layer) if stats is not None else [top_k / num_experts] * num_experts)
         sims.append(AssignReplay(ids_SK, batch, num_experts, speeds_N, freq_E))
         freqs.append(freq_E)
         coacts.append(_coactivation(ids_SK, num_experts))
@@ -295,9 +324,14 @@ def _coactivation(ids_SK: np.ndarray, num_experts: int) -> np.ndarray:
     return coact_EE
 
 
-def _add_replicas(sims: list[AssignReplay], freqs: list[np.ndarray],
-                  holders_LE: list[list[tuple[int, ...]]], free_N: list[float], budget: int,
-                  min_rel_gain: float = 1e-3) -> None:
+def _add_replicas(
+    sims: list[AssignReplay],
+    freqs: list[np.ndarray],
+    holders_LE: list[list[tuple[int, ...]]],
+    free_N: list[float],
+    budget: int,
+    min_rel_gain: float = 1e-3,
+) -> None:
     """Greedy over all layers: add the replica with the largest drop in J until the budget or
     free memory runs out or no replica helps (gain below min_rel_gain of the layer's J)."""
     heap = []

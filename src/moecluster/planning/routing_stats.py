@@ -37,8 +37,14 @@ FORMAT = "moecluster-routing-stats/1"
 class RoutingStats:
     """Per-layer activation counts, co-activation counts, tokens seen and sampled routings."""
 
-    def __init__(self, num_layers: int, num_experts: int, top_k: int | None = None,
-                 max_samples: int = 2048, model: str | None = None) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        num_experts: int,
+        top_k: int | None = None,
+        max_samples: int = 2048,
+        model: str | None = None,
+    ) -> None:
         self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
         self.max_samples, self.model = max_samples, model
         self.tokens_L = [0] * num_layers
@@ -78,27 +84,38 @@ class RoutingStats:
 
     # ---- JSON ----------------------------------------------------------------------------
     def to_json(self) -> dict:
-        return {"format": FORMAT, "num_layers": self.num_layers, "num_experts": self.num_experts,
-                "top_k": self.top_k, "model": self.model,
-                "layers": [{"tokens": self.tokens_L[i], "counts": self.counts_LE[i],
-                            "coactivation": self.coact_LEE[i], "samples": self.samples_L[i]}
-                           for i in range(self.num_layers)]}
+        return {
+            "format": FORMAT,
+            "num_layers": self.num_layers,
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "model": self.model,
+            "layers": [
+                {
+                    "tokens": self.tokens_L[i],
+                    "counts": self.counts_LE[i],
+                    "coactivation": self.coact_LEE[i],
+                    "samples": self.samples_L[i],
+                }
+                for i in range(self.num_layers)
+            ],
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> RoutingStats:
         """Parse and validate the documented JSON form."""
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise MoeClusterError(f"not a routing stats file: expected \"format\": \"{FORMAT}\" "
-                                  f"(write one with `moecluster profile-routing`)")
+            raise MoeClusterError(
+                f'not a routing stats file: expected "format": "{FORMAT}" (write one with `moecluster profile-routing`)'
+            )
         try:
             num_layers, num_experts = int(data["num_layers"]), int(data["num_experts"])
             top_k = None if data.get("top_k") is None else int(data["top_k"])
             layers = data["layers"]
         except (KeyError, TypeError, ValueError) as e:
-            raise MoeClusterError(f"routing stats JSON needs num_layers, num_experts, top_k and "
-                                  f"layers ({e})") from None
+            raise MoeClusterError(f"routing stats JSON needs num_layers, num_experts, top_k and layers ({e})") from None
         if not isinstance(layers, list) or len(layers) != num_layers:
-            raise MoeClusterError(f"routing stats: \"layers\" must list {num_layers} layers")
+            raise MoeClusterError(f'routing stats: "layers" must list {num_layers} layers')
         stats = cls(num_layers, num_experts, top_k, model=data.get("model"))
         samples_max = 0
         for i, entry in enumerate(layers):
@@ -134,46 +151,52 @@ class RoutingStats:
             raise MoeClusterError(
                 f"routing stats are for {self.num_layers} layers x {self.num_experts} experts but "
                 f"the model has {num_layers} x {num_experts}; record them with "
-                f"`moecluster profile-routing` on this model")
+                f"`moecluster profile-routing` on this model"
+            )
 
 
 def _validate_layer(entry: dict, layer: int, num_experts: int) -> None:
     where = f"routing stats layer {layer}"
     if not isinstance(entry, dict) or "tokens" not in entry or "counts" not in entry:
-        raise MoeClusterError(f"{where}: needs \"tokens\" and \"counts\"")
+        raise MoeClusterError(f'{where}: needs "tokens" and "counts"')
     counts = entry["counts"]
-    if not isinstance(counts, list) or len(counts) != num_experts or any(
-            not isinstance(c, int) or c < 0 for c in counts):
-        raise MoeClusterError(f"{where}: \"counts\" must be {num_experts} non-negative integers")
+    if (
+        not isinstance(counts, list)
+        or len(counts) != num_experts
+        or any(not isinstance(c, int) or c < 0 for c in counts)
+    ):
+        raise MoeClusterError(f'{where}: "counts" must be {num_experts} non-negative integers')
     coact = entry.get("coactivation")
-    if coact is not None and (not isinstance(coact, list) or len(coact) != num_experts
-                              or any(not isinstance(r, list) or len(r) != num_experts for r in coact)):
-        raise MoeClusterError(f"{where}: \"coactivation\" must be {num_experts}x{num_experts}")
+    if coact is not None and (
+        not isinstance(coact, list)
+        or len(coact) != num_experts
+        or any(not isinstance(r, list) or len(r) != num_experts for r in coact)
+    ):
+        raise MoeClusterError(f'{where}: "coactivation" must be {num_experts}x{num_experts}')
     for row in entry.get("samples") or []:
-        if not isinstance(row, list) or any(
-                not isinstance(e, int) or not 0 <= e < num_experts for e in row):
+        if not isinstance(row, list) or any(not isinstance(e, int) or not 0 <= e < num_experts for e in row):
             raise MoeClusterError(f"{where}: samples must be lists of expert ids 0..{num_experts - 1}")
 
 
 # ---- synthetic traces and sampling (numpy) -----------------------------------------------
-def sample_routing(weights_E: np.ndarray, top_k: int, num_tokens: int,
-                   rng: np.random.Generator) -> np.ndarray:
+def sample_routing(weights_E: np.ndarray, top_k: int, num_tokens: int, rng: np.random.Generator) -> np.ndarray:
     """ids_SK: for each token, top_k distinct experts drawn without replacement with probability
     proportional to weights_E (Plackett-Luce, by the Gumbel top-k trick)."""
     import numpy as np
+
     logw_E = np.log(np.maximum(np.asarray(weights_E, dtype=np.float64), 1e-12))
     keys_SE = logw_E[None, :] + rng.gumbel(size=(num_tokens, len(logw_E)))
     return np.argsort(-keys_SE, axis=1, kind="stable")[:, :top_k]
 
 
-def sample_from_frequencies(freq_E: list[float], top_k: int, num_tokens: int,
-                            seed: int = 0) -> np.ndarray:
+def sample_from_frequencies(freq_E: list[float], top_k: int, num_tokens: int, seed: int = 0) -> np.ndarray:
     """ids_SK whose per-expert activation frequencies approximate freq_E (sum top_k).
 
     Plackett-Luce marginals are flatter than its weights; a few multiplicative corrections make
     the sampled frequencies match freq_E (co-activation beyond popularity is not modelled).
     """
     import numpy as np
+
     num_experts = len(freq_E)
     target_E = np.minimum(np.asarray(freq_E, dtype=np.float64), 1.0)
     target_E = target_E * (top_k / max(target_E.sum(), 1e-12))
@@ -187,26 +210,33 @@ def sample_from_frequencies(freq_E: list[float], top_k: int, num_tokens: int,
     return sample_routing(weights_E, top_k, num_tokens, np.random.default_rng(seed))
 
 
-def zipf_popularity(num_experts: int, alpha: float, rng: np.random.Generator,
-                    permute: bool = True) -> np.ndarray:
+def zipf_popularity(num_experts: int, alpha: float, rng: np.random.Generator, permute: bool = True) -> np.ndarray:
     """weights_E proportional to 1 / rank^alpha, ranks randomly permuted over the experts so that
     popular experts are not adjacent ids (else contiguous placement is trivially the worst)."""
     import numpy as np
+
     weights_E = 1.0 / np.arange(1, num_experts + 1, dtype=np.float64) ** alpha
     if permute:
         weights_E = weights_E[rng.permutation(num_experts)]
     return weights_E / weights_E.sum()
 
 
-def zipf_trace(num_layers: int, num_experts: int, top_k: int, num_tokens: int,
-               alpha: float = 1.2, seed: int = 0, popularity_seed: int | None = None
-               ) -> list[list[list[int]]]:
+def zipf_trace(
+    num_layers: int,
+    num_experts: int,
+    top_k: int,
+    num_tokens: int,
+    alpha: float = 1.2,
+    seed: int = 0,
+    popularity_seed: int | None = None,
+) -> list[list[list[int]]]:
     """trace_LTK: per layer, num_tokens routings drawn with Zipf(alpha) expert weights.
 
     popularity_seed fixes which experts are popular (per layer) independently of `seed`, so a
     held-out trace (another seed) has the same popular experts as the profiled one.
     """
     import numpy as np
+
     pop_rng = np.random.default_rng(seed if popularity_seed is None else popularity_seed)
     rng = np.random.default_rng([seed, 7])
     trace = []
@@ -216,8 +246,9 @@ def zipf_trace(num_layers: int, num_experts: int, top_k: int, num_tokens: int,
     return trace
 
 
-def stats_from_trace(trace_LTK: list[list[list[int]]], num_experts: int,
-                     max_samples: int = 2048, model: str | None = None) -> RoutingStats:
+def stats_from_trace(
+    trace_LTK: list[list[list[int]]], num_experts: int, max_samples: int = 2048, model: str | None = None
+) -> RoutingStats:
     """RoutingStats recorded from a trace (one record call per layer)."""
     top_k = len(trace_LTK[0][0]) if trace_LTK and trace_LTK[0] else None
     stats = RoutingStats(len(trace_LTK), num_experts, top_k, max_samples, model)

@@ -28,7 +28,17 @@ from moecluster.quant.formats import (
 from moecluster.quant.stack import QuantizedStack
 
 __all__ = [
-    "DEFAULT_GROUP_SIZE", "FORMATS", "FP4_VALUES", "QuantizedStack", "dequantize_fp8_block", "dequantize_int4",
-    "dequantize_int8", "dequantize_mxfp4", "format_from_quantization_config", "quantize_fp8_block", "quantize_int4",
-    "quantize_int8", "quantize_mxfp4",
+    "DEFAULT_GROUP_SIZE",
+    "FORMATS",
+    "FP4_VALUES",
+    "QuantizedStack",
+    "dequantize_fp8_block",
+    "dequantize_int4",
+    "dequantize_int8",
+    "dequantize_mxfp4",
+    "format_from_quantization_config",
+    "quantize_fp8_block",
+    "quantize_int4",
+    "quantize_int8",
+    "quantize_mxfp4",
 ]

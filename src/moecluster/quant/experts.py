@@ -28,8 +28,9 @@ QUANTIZE_ON_LOAD = ("int8", "int4")  # what --quantize makes from a bf16/fp32 ch
 DENSE_QUANTIZE = ("int8",)  # what --quantize-dense makes of dense linears
 
 # gemm(stack, local experts, pairs per expert, x_nI, x row of each pair, out_mO, out row of each pair) -> out
-QuantGemm = Callable[[QuantizedStack, list[int], list[int], torch.Tensor, list[int], torch.Tensor, list[int]],
-                     torch.Tensor]
+QuantGemm = Callable[
+    [QuantizedStack, list[int], list[int], torch.Tensor, list[int], torch.Tensor, list[int]], torch.Tensor
+]
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,10 @@ class QuantOptions:
 
     def check(self) -> QuantOptions:
         if self.fmt is not None and self.fmt not in QUANTIZE_ON_LOAD:
-            raise MoeClusterError(f"--quantize {self.fmt!r} is not supported; choose one of "
-                                  f"{', '.join(QUANTIZE_ON_LOAD)} (fp8 / mxfp4 are read as the checkpoint ships them)")
+            raise MoeClusterError(
+                f"--quantize {self.fmt!r} is not supported; choose one of "
+                f"{', '.join(QUANTIZE_ON_LOAD)} (fp8 / mxfp4 are read as the checkpoint ships them)"
+            )
         if self.group_size <= 0 or self.group_size % 64:
             raise MoeClusterError(f"--quant-group-size must be a positive multiple of 64, got {self.group_size}")
         if self.dense and self.fmt is None:
@@ -52,15 +55,22 @@ class QuantOptions:
         return self
 
 
-def torch_moe_gemm_q(stack: QuantizedStack, local: list[int], counts: list[int], x_nI: torch.Tensor,
-                     x_rows: list[int], out_mO: torch.Tensor, out_rows: list[int]) -> torch.Tensor:
+def torch_moe_gemm_q(
+    stack: QuantizedStack,
+    local: list[int],
+    counts: list[int],
+    x_nI: torch.Tensor,
+    x_rows: list[int],
+    out_mO: torch.Tensor,
+    out_rows: list[int],
+) -> torch.Tensor:
     """torch_moe_gemm's contract on a QuantizedStack: each selected expert dequantized exactly to fp32 and
     applied to its pairs' rows in fp32, cast to out's dtype. Plain torch (no kernel)."""
     start = 0
     for e, count in zip(local, counts, strict=True):
         if count:
-            xs = x_nI[x_rows[start:start + count]].float()
-            out_mO[out_rows[start:start + count]] = (xs @ stack.dequantize(e).T).to(out_mO.dtype)
+            xs = x_nI[x_rows[start : start + count]].float()
+            out_mO[out_rows[start : start + count]] = (xs @ stack.dequantize(e).T).to(out_mO.dtype)
         start += count
     return out_mO
 
@@ -69,11 +79,22 @@ class QuantizedRoutedExperts(RoutedExperts):
     """The routed experts this process holds, as QuantizedStacks: w13_eGD [e, 2F, D], w2_eDF [e, D, F]; with
     `bias`, b13_eG / b2_eD in compute_dtype, and `activation`, applied by RoutedExperts' own pair loop (gpt-oss)."""
 
-    def __init__(self, num_experts: int, dim: int, hidden: int, expert_ids: list[int], fmt: str,
-                 group_size: int | None = None, compute_dtype: torch.dtype = torch.bfloat16, *, bias: bool = False,
-                 activation: GluFn = silu_glu):
-        super().__init__(num_experts, dim, hidden, expert_ids, dtype=compute_dtype, device="meta", bias=bias,
-                         activation=activation)
+    def __init__(
+        self,
+        num_experts: int,
+        dim: int,
+        hidden: int,
+        expert_ids: list[int],
+        fmt: str,
+        group_size: int | None = None,
+        compute_dtype: torch.dtype = torch.bfloat16,
+        *,
+        bias: bool = False,
+        activation: GluFn = silu_glu,
+    ):
+        super().__init__(
+            num_experts, dim, hidden, expert_ids, dtype=compute_dtype, device="meta", bias=bias, activation=activation
+        )
         del self.w13_eGD, self.w2_eDF  # the meta placeholders: the weights live in the stacks below
         if bias:  # small, kept unquantized in the compute dtype as the float experts keep them
             self.b13_eG, self.b2_eD = self.make_biases(compute_dtype)
@@ -92,11 +113,26 @@ class QuantizedRoutedExperts(RoutedExperts):
         return self.w13_eGD.expert_nbytes() + self.w2_eDF.expert_nbytes() + self.bias_bytes()
 
     @classmethod
-    def like(cls, template: RoutedExperts, expert_ids: list[int], fmt: str, group_size: int | None = None,
-             compute_dtype: torch.dtype = torch.bfloat16) -> QuantizedRoutedExperts:
+    def like(
+        cls,
+        template: RoutedExperts,
+        expert_ids: list[int],
+        fmt: str,
+        group_size: int | None = None,
+        compute_dtype: torch.dtype = torch.bfloat16,
+    ) -> QuantizedRoutedExperts:
         """Empty quantized experts with `template`'s sizes, biases and activation, holding `expert_ids`."""
-        return cls(template.num_experts, template.dim, template.hidden, expert_ids, fmt, group_size, compute_dtype,
-                   bias=template.b13_eG is not None, activation=template.activation)
+        return cls(
+            template.num_experts,
+            template.dim,
+            template.hidden,
+            expert_ids,
+            fmt,
+            group_size,
+            compute_dtype,
+            bias=template.b13_eG is not None,
+            activation=template.activation,
+        )
 
     def subset(self, keep: list[int]) -> QuantizedRoutedExperts:
         """A QuantizedRoutedExperts holding only `keep` (global ids), copied out of this one (same gemm)."""
@@ -146,9 +182,15 @@ def quantize_dense_linears(model: nn.Module, fmt: str = "int8", group_size: int 
     embeddings or lm_head, which decide routing and logits) whose input dim the group size divides by a
     QuantizedLinear, one at a time. Returns the number replaced."""
     g = group_size or DEFAULT_GROUP_SIZE
-    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-               if isinstance(child, Linear) and name != "gate" and child is not
-               getattr(model, "lm_head", None) and child.in_features % g == 0]
+    targets = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, Linear)
+        and name != "gate"
+        and child is not getattr(model, "lm_head", None)
+        and child.in_features % g == 0
+    ]
     for parent, name, child in targets:
         setattr(parent, name, QuantizedLinear.from_linear(child, fmt, g))
     return len(targets)

@@ -23,14 +23,31 @@ FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2
 _QMAX = {"int8": 127, "int4": 7}  # symmetric: -qmax..qmax, so a group's scale is amax / qmax
 
 _SUPPORTED_METHODS = {"fp8": "fp8", "mxfp4": "mxfp4"}
-_KNOWN_UNSUPPORTED = ("gptq", "awq", "bitsandbytes", "compressed-tensors", "hqq", "aqlm", "quanto", "eetq",
-                      "torchao", "fbgemm_fp8", "bitnet", "vptq", "higgs", "spqr", "fp_quant")
+_KNOWN_UNSUPPORTED = (
+    "gptq",
+    "awq",
+    "bitsandbytes",
+    "compressed-tensors",
+    "hqq",
+    "aqlm",
+    "quanto",
+    "eetq",
+    "torchao",
+    "fbgemm_fp8",
+    "bitnet",
+    "vptq",
+    "higgs",
+    "spqr",
+    "fp_quant",
+)
 
 
 def _check_groups(w_OI: torch.Tensor, group_size: int) -> None:
     if group_size <= 0 or group_size % 64 or w_OI.shape[-1] % group_size:
-        raise MoeClusterError(f"int quantization needs a group size that is a positive multiple of 64 and divides "
-                              f"the input dim {w_OI.shape[-1]}; got {group_size} (try 64 or 128)")
+        raise MoeClusterError(
+            f"int quantization needs a group size that is a positive multiple of 64 and divides "
+            f"the input dim {w_OI.shape[-1]}; got {group_size} (try 64 or 128)"
+        )
 
 
 def _quantize_sym(w_OI: torch.Tensor, group_size: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,8 +65,7 @@ def quantize_int8(w_OI: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> t
     return _quantize_sym(w_OI, group_size, _QMAX["int8"])
 
 
-def dequantize_int8(q_OI: torch.Tensor, scales_OG: torch.Tensor,
-                    group_size: int = DEFAULT_GROUP_SIZE) -> torch.Tensor:
+def dequantize_int8(q_OI: torch.Tensor, scales_OG: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> torch.Tensor:
     """(int8 [..., O, I], fp32 [..., O, I/g]) -> fp32 [..., O, I]."""
     return (q_OI.float().unflatten(-1, (-1, group_size)) * scales_OG[..., None]).flatten(-2)
 
@@ -64,8 +80,9 @@ def quantize_int4(w_OI: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> t
     return u[..., 0::2] | (u[..., 1::2] << 4), scale
 
 
-def dequantize_int4(packed_OH: torch.Tensor, scales_OG: torch.Tensor,
-                    group_size: int = DEFAULT_GROUP_SIZE) -> torch.Tensor:
+def dequantize_int4(
+    packed_OH: torch.Tensor, scales_OG: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE
+) -> torch.Tensor:
     """(uint8 [..., O, I/2], fp32 [..., O, I/g]) -> fp32 [..., O, I]."""
     lo = (packed_OH & 0x0F).to(torch.int8) - 8
     hi = (packed_OH >> 4).to(torch.int8) - 8
@@ -80,8 +97,10 @@ def dequantize_fp8_block(weight_OI: torch.Tensor, scale_inv: torch.Tensor, block
     O, I = weight_OI.shape[-2:]
     want = (-(-O // block), -(-I // block))
     if tuple(scale_inv.shape[-2:]) != want:
-        raise MoeClusterError(f"fp8 weight [{O}, {I}] needs weight_scale_inv [..., {want[0]}, {want[1]}] "
-                              f"for {block}x{block} blocks, got {list(scale_inv.shape)}")
+        raise MoeClusterError(
+            f"fp8 weight [{O}, {I}] needs weight_scale_inv [..., {want[0]}, {want[1]}] "
+            f"for {block}x{block} blocks, got {list(scale_inv.shape)}"
+        )
     s = scale_inv.float().repeat_interleave(block, -2).repeat_interleave(block, -1)[..., :O, :I]
     return weight_OI.float() * s
 
@@ -104,11 +123,17 @@ def dequantize_mxfp4(blocks_OGB: torch.Tensor, scales_OG: torch.Tensor) -> torch
 
     Element 2j of a group is byte j's low nibble, 2j+1 its high nibble; the group's scale is 2^(s - 127).
     (transformers' convert_moe_packed_tensors returns the same values transposed to [..., I, O].)"""
-    if blocks_OGB.dtype != torch.uint8 or scales_OG.dtype != torch.uint8 or blocks_OGB.shape[-1] != 16 \
-            or blocks_OGB.shape[:-1] != scales_OG.shape:
-        raise MoeClusterError(f"mxfp4 needs uint8 blocks [..., O, I/32, 16] and uint8 scales [..., O, I/32]; got "
-                              f"{blocks_OGB.dtype} {list(blocks_OGB.shape)} and "
-                              f"{scales_OG.dtype} {list(scales_OG.shape)}")
+    if (
+        blocks_OGB.dtype != torch.uint8
+        or scales_OG.dtype != torch.uint8
+        or blocks_OGB.shape[-1] != 16
+        or blocks_OGB.shape[:-1] != scales_OG.shape
+    ):
+        raise MoeClusterError(
+            f"mxfp4 needs uint8 blocks [..., O, I/32, 16] and uint8 scales [..., O, I/32]; got "
+            f"{blocks_OGB.dtype} {list(blocks_OGB.shape)} and "
+            f"{scales_OG.dtype} {list(scales_OG.shape)}"
+        )
     lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
     vals = torch.stack((lut[(blocks_OGB & 0x0F).long()], lut[(blocks_OGB >> 4).long()]), dim=-1).flatten(-2)
     vals = torch.ldexp(vals, scales_OG.to(torch.int32)[..., None] - 127)
@@ -121,7 +146,7 @@ def quantize_mxfp4(w_OI: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if w_OI.shape[-1] % MXFP4_GROUP:
         raise MoeClusterError(f"mxfp4 needs the input dim to be a multiple of 32, got {w_OI.shape[-1]}")
     w = w_OI.float().unflatten(-1, (-1, MXFP4_GROUP))
-    amax = w.abs().amax(-1).clamp_min(2.0 ** -126)
+    amax = w.abs().amax(-1).clamp_min(2.0**-126)
     e = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
     scaled = w / torch.ldexp(torch.ones_like(e), e.to(torch.int32))[..., None]
     lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
@@ -140,17 +165,23 @@ def format_from_quantization_config(cfg: dict | None) -> str | None:
     supported = ", ".join(f"{m!r}" for m in _SUPPORTED_METHODS)
     if method not in _SUPPORTED_METHODS:
         known = " (a known method this project does not read)" if method in _KNOWN_UNSUPPORTED else ""
-        raise MoeClusterError(f"quantization method {method or '(missing)'!r}{known} is not supported; supported "
-                              f"checkpoint formats: {supported}, or an unquantized bf16 checkpoint quantized on "
-                              f"load to 'int8' / 'int4'")
+        raise MoeClusterError(
+            f"quantization method {method or '(missing)'!r}{known} is not supported; supported "
+            f"checkpoint formats: {supported}, or an unquantized bf16 checkpoint quantized on "
+            f"load to 'int8' / 'int4'"
+        )
     if method == "fp8":
         block = list(cfg.get("weight_block_size") or [])
         fmt = str(cfg.get("fmt", "e4m3")).lower()
         if block != [FP8_BLOCK, FP8_BLOCK] or fmt != "e4m3":
-            raise MoeClusterError(f"fp8 checkpoints are supported with fmt 'e4m3' and weight_block_size "
-                                  f"[128, 128] (DeepSeek-V3 / Qwen3-FP8); this one has fmt {fmt!r} and "
-                                  f"weight_block_size {block or None}")
+            raise MoeClusterError(
+                f"fp8 checkpoints are supported with fmt 'e4m3' and weight_block_size "
+                f"[128, 128] (DeepSeek-V3 / Qwen3-FP8); this one has fmt {fmt!r} and "
+                f"weight_block_size {block or None}"
+            )
         if str(cfg.get("activation_scheme", "dynamic")) != "dynamic":
-            raise MoeClusterError("fp8 checkpoints with static activation scales are not supported; "
-                                  "use one with activation_scheme 'dynamic'")
+            raise MoeClusterError(
+                "fp8 checkpoints with static activation scales are not supported; "
+                "use one with activation_scheme 'dynamic'"
+            )
     return _SUPPORTED_METHODS[method]

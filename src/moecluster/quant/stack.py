@@ -86,8 +86,9 @@ class QuantizedStack:
         """Copy one expert's packed data and scales (shapes and dtypes of `data[i]`, `scales[i]`) into slot i."""
         for name, src, dst in (("data", data, self.data[i]), ("scales", scales, self.scales[i])):
             if src.dtype != dst.dtype or src.shape != dst.shape:
-                raise MoeClusterError(f"{self.fmt} expert {name} must be {dst.dtype} {list(dst.shape)}, "
-                                      f"got {src.dtype} {list(src.shape)}")
+                raise MoeClusterError(
+                    f"{self.fmt} expert {name} must be {dst.dtype} {list(dst.shape)}, got {src.dtype} {list(src.shape)}"
+                )
             dst.copy_(src)
 
     def dequantize(self, i: int | None = None) -> torch.Tensor:

@@ -19,9 +19,17 @@ from moecluster.server import protocol as P
 from moecluster.server import tools as T
 from moecluster.server.tool_parsers import detect_format
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 408: "timeout_error", 413: "request_too_large", 415: "invalid_request_error",
-               429: "rate_limit_error", 503: "overloaded_error"}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    413: "request_too_large",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
 STOP_REASONS = {"length": "max_tokens", "stop": "end_turn"}
 
 
@@ -48,8 +56,9 @@ def _text(content: Any, where: str) -> str:
     """A string, or text blocks joined (the content of system, tool_result and simple messages)."""
     if isinstance(content, str):
         return content
-    if isinstance(content, list) and all(isinstance(b, dict) and b.get("type") == "text"
-                                         and isinstance(b.get("text"), str) for b in content):
+    if isinstance(content, list) and all(
+        isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str) for b in content
+    ):
         return "".join(b["text"] for b in content)
     raise P.ApiError(400, f"{where}: expected a string or text blocks")
 
@@ -60,7 +69,7 @@ def _messages(req: MessagesRequest) -> list[dict]:
     for i, m in enumerate(req.messages):
         role, content = m.get("role"), m.get("content")
         if role not in ("user", "assistant"):
-            raise P.ApiError(400, f"messages.{i}.role must be \"user\" or \"assistant\"")
+            raise P.ApiError(400, f'messages.{i}.role must be "user" or "assistant"')
         blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
         if not isinstance(blocks, list) or not all(isinstance(b, dict) for b in blocks):
             raise P.ApiError(400, f"messages.{i}.content must be a string or a list of content blocks")
@@ -70,11 +79,21 @@ def _messages(req: MessagesRequest) -> list[dict]:
             if kind == "text" and isinstance(b.get("text"), str):
                 texts.append(b["text"])
             elif kind == "tool_use" and role == "assistant" and isinstance(b.get("name"), str):
-                calls.append({"id": str(b.get("id", "")), "type": "function",
-                              "function": {"name": b["name"], "arguments": b.get("input") or {}}})
+                calls.append(
+                    {
+                        "id": str(b.get("id", "")),
+                        "type": "function",
+                        "function": {"name": b["name"], "arguments": b.get("input") or {}},
+                    }
+                )
             elif kind == "tool_result" and role == "user":
-                out.append({"role": "tool", "tool_call_id": str(b.get("tool_use_id", "")),
-                            "content": _text(b.get("content", ""), f"messages.{i}.content.{j}.content")})
+                out.append(
+                    {
+                        "role": "tool",
+                        "tool_call_id": str(b.get("tool_use_id", "")),
+                        "content": _text(b.get("content", ""), f"messages.{i}.content.{j}.content"),
+                    }
+                )
             else:
                 raise P.ApiError(400, f"messages.{i}.content.{j}: unsupported block type {kind!r} for role {role}")
         if texts or calls:
@@ -86,9 +105,17 @@ def _tools(req: MessagesRequest) -> tuple[list[dict] | None, str, str | None]:
     """Anthropic tools and tool_choice as OpenAI tools and a (mode, name) pair."""
     tools = None
     if req.tools:
-        tools = [{"type": "function", "function": {"name": t.get("name"), "parameters": t.get("input_schema", {}),
-                                                   **({"description": t["description"]} if "description" in t else {})}}
-                 for t in req.tools]
+        tools = [
+            {
+                "type": "function",
+                "function": {
+                    "name": t.get("name"),
+                    "parameters": t.get("input_schema", {}),
+                    **({"description": t["description"]} if "description" in t else {}),
+                },
+            }
+            for t in req.tools
+        ]
         T.check_tools(tools)
     choice = req.tool_choice or {"type": "auto"}
     mode = {"auto": "auto", "any": "required", "tool": "named", "none": "none"}.get(choice.get("type", ""))
@@ -104,8 +131,9 @@ def _tools(req: MessagesRequest) -> tuple[list[dict] | None, str, str | None]:
 
 def _error(exc: P.ApiError) -> JSONResponse:
     kind = ERROR_TYPES.get(exc.status, "api_error")
-    return JSONResponse({"type": "error", "error": {"type": kind, "message": exc.message}}, status_code=exc.status,
-                        headers=exc.headers)
+    return JSONResponse(
+        {"type": "error", "error": {"type": kind, "message": exc.message}}, status_code=exc.status, headers=exc.headers
+    )
 
 
 def _event(name: str, body: dict) -> str:
@@ -115,8 +143,10 @@ def _event(name: str, body: dict) -> str:
 def _blocks(parsed, fmt: str) -> list[dict]:
     blocks = [{"type": "text", "text": parsed.content.strip() if parsed.calls else parsed.content}]
     blocks = [b for b in blocks if b["text"] or not parsed.calls]
-    return blocks + [{"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}", "name": c.name,
-                      "input": json.loads(c.arguments)} for c in parsed.calls]
+    return blocks + [
+        {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}", "name": c.name, "input": json.loads(c.arguments)}
+        for c in parsed.calls
+    ]
 
 
 class _Stop:
@@ -163,11 +193,21 @@ def mount(app, srv) -> None:
         tool_plan = T.plan(tokenizer, tools, mode, name)
         ids = srv.template_ids(_messages(req), tools, tool_plan)
         # the OpenAI request fields the server's sampling reads; the Messages API has no penalties, n or logprobs
-        sampling = SimpleNamespace(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=None,
-                                   min_p=0.0, n=1, presence_penalty=0.0, frequency_penalty=0.0,
-                                   repetition_penalty=1.0, logprobs=None, logit_bias_ids=dict,
-                                   ignore_eos=False, stop_list=lambda: P.ChatRequest.stop_list(
-                                       SimpleNamespace(stop=req.stop_sequences)))  # type: ignore[arg-type]
+        sampling = SimpleNamespace(
+            temperature=req.temperature,
+            top_k=req.top_k,
+            top_p=req.top_p,
+            seed=None,
+            min_p=0.0,
+            n=1,
+            presence_penalty=0.0,
+            frequency_penalty=0.0,
+            repetition_penalty=1.0,
+            logprobs=None,
+            logit_bias_ids=dict,
+            ignore_eos=False,
+            stop_list=lambda: P.ChatRequest.stop_list(SimpleNamespace(stop=req.stop_sequences)),  # type: ignore[arg-type]
+        )
         params = srv.params(sampling, req.max_tokens, len(ids), None)
         if tool_plan is None or not tool_plan.parse_calls:
             tool_plan = T.ToolPlan(detect_format(tokenizer.chat_template or ""), parse_calls=False)
@@ -177,8 +217,11 @@ def mount(app, srv) -> None:
         rid = f"msg_{uuid.uuid4().hex[:24]}"
         head = {"id": rid, "type": "message", "role": "assistant", "model": srv.model_name}
         if req.stream:
-            return StreamingResponse(_stream(gen, out, stop, head, len(ids), _failed),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                _stream(gen, out, stop, head, len(ids), _failed),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         last = None
         try:
             async for event in gen.events(http):
@@ -193,9 +236,15 @@ def mount(app, srv) -> None:
             raise _failed(last)
         parsed = out.finish()
         reason, seq = stop.reason(last.finish_reason, bool(parsed.calls))
-        return JSONResponse({**head, "content": _blocks(parsed, tool_plan.fmt), "stop_reason": reason,
-                             "stop_sequence": seq, "usage": {"input_tokens": last.prompt_tokens,
-                                                             "output_tokens": last.completion_tokens}})
+        return JSONResponse(
+            {
+                **head,
+                "content": _blocks(parsed, tool_plan.fmt),
+                "stop_reason": reason,
+                "stop_sequence": seq,
+                "usage": {"input_tokens": last.prompt_tokens, "output_tokens": last.completion_tokens},
+            }
+        )
 
     @app.post("/v1/messages")
     async def messages(http: HttpRequest):
@@ -205,19 +254,24 @@ def mount(app, srv) -> None:
             return _error(e)
 
 
-async def _stream(gen, out: T.OutputText, stop: _Stop, head: dict, prompt_tokens: int,
-                  failed) -> AsyncIterator[str]:
+async def _stream(gen, out: T.OutputText, stop: _Stop, head: dict, prompt_tokens: int, failed) -> AsyncIterator[str]:
     """message_start, a text block and tool_use blocks (start/delta/stop), message_delta, message_stop."""
-    message = {**head, "content": [], "stop_reason": None, "stop_sequence": None,
-               "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}
+    message = {
+        **head,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {"input_tokens": prompt_tokens, "output_tokens": 0},
+    }
     index, text_open = 0, False
     try:
         yield _event("message_start", {"message": message})
         async for ev in gen.events():
             if ev.finish_reason == "error":
                 exc = failed(ev)
-                yield _event("error", {"error": {"type": ERROR_TYPES.get(exc.status, "api_error"),
-                                                 "message": exc.message}})
+                yield _event(
+                    "error", {"error": {"type": ERROR_TYPES.get(exc.status, "api_error"), "message": exc.message}}
+                )
                 return
             if ev.finish_reason == "cancelled":
                 return
@@ -226,16 +280,18 @@ async def _stream(gen, out: T.OutputText, stop: _Stop, head: dict, prompt_tokens
             pieces = [out.stream()]
             if ev.finish_reason is not None:
                 parsed = out.finish()
-                sent = out.text[:out.sent]
-                pieces.append(parsed.content[len(sent):] if parsed.content.startswith(sent) else "")
+                sent = out.text[: out.sent]
+                pieces.append(parsed.content[len(sent) :] if parsed.content.startswith(sent) else "")
             for piece in pieces:
                 if piece:
                     if not text_open:
-                        yield _event("content_block_start", {"index": index,
-                                                             "content_block": {"type": "text", "text": ""}})
+                        yield _event(
+                            "content_block_start", {"index": index, "content_block": {"type": "text", "text": ""}}
+                        )
                         text_open = True
-                    yield _event("content_block_delta", {"index": index, "delta": {"type": "text_delta",
-                                                                                   "text": piece}})
+                    yield _event(
+                        "content_block_delta", {"index": index, "delta": {"type": "text_delta", "text": piece}}
+                    )
             if ev.finish_reason is None:
                 continue
             if text_open:
@@ -244,13 +300,26 @@ async def _stream(gen, out: T.OutputText, stop: _Stop, head: dict, prompt_tokens
             blocks = [b for b in _blocks(parsed, out.plan.fmt) if b["type"] == "tool_use"]
             for block in blocks:
                 yield _event("content_block_start", {"index": index, "content_block": {**block, "input": {}}})
-                yield _event("content_block_delta", {"index": index, "delta": {
-                    "type": "input_json_delta", "partial_json": json.dumps(block["input"], ensure_ascii=False)}})
+                yield _event(
+                    "content_block_delta",
+                    {
+                        "index": index,
+                        "delta": {
+                            "type": "input_json_delta",
+                            "partial_json": json.dumps(block["input"], ensure_ascii=False),
+                        },
+                    },
+                )
                 yield _event("content_block_stop", {"index": index})
                 index += 1
             reason, seq = stop.reason(ev.finish_reason, bool(blocks))
-            yield _event("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": seq},
-                                           "usage": {"output_tokens": ev.completion_tokens}})
+            yield _event(
+                "message_delta",
+                {
+                    "delta": {"stop_reason": reason, "stop_sequence": seq},
+                    "usage": {"output_tokens": ev.completion_tokens},
+                },
+            )
             yield _event("message_stop", {})
     finally:
         gen.cancel()

@@ -66,7 +66,7 @@ def host_allowed(host_header: str, allowed: Iterable[str]) -> bool:
     ours. IP literals and localhost names are always fine; `allowed` adds names ("*" allows any)."""
     host = host_header.strip().lower()
     if host.startswith("["):  # [::1]:8000
-        host = host[1:host.find("]")] if "]" in host else host
+        host = host[1 : host.find("]")] if "]" in host else host
     elif host.count(":") == 1:
         host = host.split(":")[0]
     try:
@@ -88,11 +88,16 @@ class _CheckHost:
         if scope["type"] == "http":
             host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
             if not host_allowed(host, self.allowed):
-                body = json.dumps(P.error_body(
-                    f"Host {host[:100]!r} is not served here; start the server with --allowed-host NAME to "
-                    "accept it", code="host_not_allowed")).encode()
-                await send({"type": "http.response.start", "status": 421,
-                            "headers": [(b"content-type", b"application/json")]})
+                body = json.dumps(
+                    P.error_body(
+                        f"Host {host[:100]!r} is not served here; start the server with --allowed-host NAME to "
+                        "accept it",
+                        code="host_not_allowed",
+                    )
+                ).encode()
+                await send(
+                    {"type": "http.response.start", "status": 421, "headers": [(b"content-type", b"application/json")]}
+                )
                 await send({"type": "http.response.body", "body": body})
                 return
         await self.app(scope, receive, send)
@@ -121,8 +126,13 @@ class _Generation:
         try:
             self.scheduler.submit(self.request)
         except QueueFull as e:
-            raise P.ApiError(429, f"the server is busy: {e}", type="rate_limit_error", code="rate_limit_exceeded",
-                             headers={"Retry-After": "1"}) from None
+            raise P.ApiError(
+                429,
+                f"the server is busy: {e}",
+                type="rate_limit_error",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": "1"},
+            ) from None
         except Unavailable as e:
             raise _unavailable(str(e)) from None
         except MoeClusterError as e:
@@ -138,9 +148,13 @@ class _Generation:
         ttft = f"{self.first_at - self.started:.3f}s" if self.first_at else "-"
         span = self.last_at - self.first_at
         decode = f"{(self.tokens - n) / span:.1f}" if self.tokens > n and span > 0 else "-"
-        print(f"moecluster: request {rid} status={status} prompt_tokens={len(self.request.prompt_ids)} "
-              f"completion_tokens={self.tokens} ttft={ttft} decode_tok_s={decode} "
-              f"finish={','.join(self.reasons) or '-'}", file=sys.stderr, flush=True)
+        print(
+            f"moecluster: request {rid} status={status} prompt_tokens={len(self.request.prompt_ids)} "
+            f"completion_tokens={self.tokens} ttft={ttft} decode_tok_s={decode} "
+            f"finish={','.join(self.reasons) or '-'}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     async def events(self, http: HttpRequest | None = None) -> AsyncIterator[Event]:
         """Events until the last one; an error event if the scheduler fails or stalls meanwhile."""
@@ -169,8 +183,12 @@ class _Generation:
 
 
 def _unavailable(reason: str) -> P.ApiError:
-    return P.ApiError(503, f"the cluster cannot serve requests: {reason}", type="service_unavailable_error",
-                      code="cluster_unavailable")
+    return P.ApiError(
+        503,
+        f"the cluster cannot serve requests: {reason}",
+        type="service_unavailable_error",
+        code="cluster_unavailable",
+    )
 
 
 def _failed(event: Event) -> P.ApiError:
@@ -189,8 +207,9 @@ async def _read_body(http: HttpRequest) -> bytes:
     too_big = P.ApiError(413, f"the request body exceeds {MAX_BODY_BYTES >> 20} MiB")
     media_type = http.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "application/json":  # also: a web page cannot send this cross-origin without a preflight
-        raise P.ApiError(415, f"the request body must be JSON with 'Content-Type: application/json' (got "
-                              f"{media_type[:60]!r})")
+        raise P.ApiError(
+            415, f"the request body must be JSON with 'Content-Type: application/json' (got {media_type[:60]!r})"
+        )
     length = http.headers.get("content-length")
     if length is not None:
         if not length.isdigit() or len(length) > 18:
@@ -227,18 +246,26 @@ class Server:
             return
         given = http.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-            raise P.ApiError(401, "invalid or missing API key: send the header 'Authorization: Bearer KEY'",
-                             code="invalid_api_key")
+            raise P.ApiError(
+                401, "invalid or missing API key: send the header 'Authorization: Bearer KEY'", code="invalid_api_key"
+            )
 
     async def read(self, http: HttpRequest, model: type[P.RequestT]) -> P.RequestT:
         self.check_auth(http)
         req = P.parse(model, P.decode_json(await _read_body(http)))
         if req.ignored_fields():  # as vLLM: accepted, ignored, named once in the log
-            print(f"moecluster: {http.url.path}: ignoring request fields {req.ignored_fields()}", file=sys.stderr,
-                  flush=True)
+            print(
+                f"moecluster: {http.url.path}: ignoring request fields {req.ignored_fields()}",
+                file=sys.stderr,
+                flush=True,
+            )
         if req.model != self.model_name:
-            raise P.ApiError(404, f"the model {req.model!r} does not exist; this server serves "
-                                  f"{self.model_name!r} (see GET /v1/models)", param="model", code="model_not_found")
+            raise P.ApiError(
+                404,
+                f"the model {req.model!r} does not exist; this server serves {self.model_name!r} (see GET /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
         return req
 
     def prompt_ids(self, prompt) -> list[int]:
@@ -256,9 +283,19 @@ class Server:
         return list(prompt)
 
     def chat_ids(self, req: P.ChatRequest, tool_plan: T.ToolPlan | None = None) -> list[int]:
-        messages = [T.template_message({**(m.model_extra or {}), "role": m.role, "content": m.text(i)
-                                        if m.content is not None or not (m.model_extra or {}).get("tool_calls")
-                                        else None}, i) for i, m in enumerate(req.messages)]
+        messages = [
+            T.template_message(
+                {
+                    **(m.model_extra or {}),
+                    "role": m.role,
+                    "content": m.text(i)
+                    if m.content is not None or not (m.model_extra or {}).get("tool_calls")
+                    else None,
+                },
+                i,
+            )
+            for i, m in enumerate(req.messages)
+        ]
         return self.template_ids(messages, req.tools, tool_plan)
 
     def template_ids(self, messages: list[dict], tools: list | None, tool_plan: T.ToolPlan | None) -> list[int]:
@@ -275,25 +312,44 @@ class Server:
         if prompt_len == 0:
             raise P.ApiError(400, "the prompt is empty; give at least one token", param="prompt")
         if prompt_len >= ctx or (max_tokens is not None and prompt_len + max_tokens > ctx):
-            raise P.ApiError(400, f"this model's maximum context length is {ctx} tokens, but the prompt has "
-                                  f"{prompt_len} tokens and max_tokens is {max_tokens}; shorten the prompt or "
-                                  "lower max_tokens", param="max_tokens", code="context_length_exceeded")
+            raise P.ApiError(
+                400,
+                f"this model's maximum context length is {ctx} tokens, but the prompt has "
+                f"{prompt_len} tokens and max_tokens is {max_tokens}; shorten the prompt or "
+                "lower max_tokens",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
         if max_tokens is None:
             max_tokens = min(default or ctx, ctx - prompt_len)
         vocab = self.engine.loaded.shape.vocab_size
         bias = req.logit_bias_ids()
         if any(t >= vocab for t in bias):
-            raise P.ApiError(400, f"logit_bias token ids {[t for t in bias if t >= vocab][:3]} are outside the "
-                                  f"vocabulary of {vocab}", param="logit_bias")
+            raise P.ApiError(
+                400,
+                f"logit_bias token ids {[t for t in bias if t >= vocab][:3]} are outside the vocabulary of {vocab}",
+                param="logit_bias",
+            )
         if isinstance(req, P.ChatRequest):
             logprobs = (req.top_logprobs or 0) if req.logprobs else None
         else:
             logprobs = req.logprobs
-        params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k,
-                                top_p=req.top_p, min_p=req.min_p, seed=req.seed, stop=req.stop_list(),
-                                ignore_eos=req.ignore_eos, n=req.n, presence_penalty=req.presence_penalty,
-                                frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
-                                logit_bias=bias, logprobs=logprobs)
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+            top_k=req.top_k,
+            top_p=req.top_p,
+            min_p=req.min_p,
+            seed=req.seed,
+            stop=req.stop_list(),
+            ignore_eos=req.ignore_eos,
+            n=req.n,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty,
+            logit_bias=bias,
+            logprobs=logprobs,
+        )
         try:
             return params.validate()
         except MoeClusterError as e:
@@ -306,8 +362,9 @@ class Server:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             stream = self._stream(gen, rid, chat, include_usage)
-            return StreamingResponse(stream, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            )
         n = params.n
         parts: list[list[str]] = [[] for _ in range(n)]
         samples: list[list] = [[] for _ in range(n)]
@@ -334,14 +391,20 @@ class Server:
         finally:
             gen.cancel()
             gen.log(rid, status)
-        use = P.usage(finals[0].prompt_tokens if finals[0] else 0, sum(f.completion_tokens for f in finals if f),
-                      finals[0].cached_tokens if finals[0] else 0)
+        use = P.usage(
+            finals[0].prompt_tokens if finals[0] else 0,
+            sum(f.completion_tokens for f in finals if f),
+            finals[0].cached_tokens if finals[0] else 0,
+        )
         choices = []
         for i, last in enumerate(finals):
             assert last is not None
             text, lps = "".join(parts[i]), self._logprobs(samples[i], chat) if params.logprobs is not None else None
-            body = (P.chat_body(rid, self.model_name, text, last.finish_reason, use, index=i, logprobs=lps) if chat
-                    else P.completion_body(rid, self.model_name, text, last.finish_reason, use, index=i, logprobs=lps))
+            body = (
+                P.chat_body(rid, self.model_name, text, last.finish_reason, use, index=i, logprobs=lps)
+                if chat
+                else P.completion_body(rid, self.model_name, text, last.finish_reason, use, index=i, logprobs=lps)
+            )
             choices.extend(body["choices"])
         body["choices"] = choices
         return JSONResponse(body)
@@ -350,8 +413,11 @@ class Server:
         return self.engine.tokenizer.tok.decode([token], skip_special_tokens=False)
 
     def _logprobs(self, samples: list, chat: bool, offset: int = 0) -> dict:
-        return (P.chat_logprobs(samples, self.token_text) if chat else
-                P.completion_logprobs(samples, self.token_text, offset))
+        return (
+            P.chat_logprobs(samples, self.token_text)
+            if chat
+            else P.completion_logprobs(samples, self.token_text, offset)
+        )
 
     async def _stream(self, gen: _Generation, rid: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
         created, name, n = int(time.time()), self.model_name, gen.request.params.n
@@ -361,8 +427,9 @@ class Server:
         try:
             if chat:
                 for i in range(n):
-                    yield _sse(P.chat_chunk(rid, name, {"role": "assistant", "content": ""}, None, None, created,
-                                            index=i))
+                    yield _sse(
+                        P.chat_chunk(rid, name, {"role": "assistant", "content": ""}, None, None, created, index=i)
+                    )
             async for ev in gen.events():
                 if ev.finish_reason == "error":
                     status = _failed(ev).status
@@ -373,23 +440,41 @@ class Server:
                 if ev.finish_reason:
                     completion_tokens += ev.completion_tokens
                 last = gen.finished
-                use = P.usage(ev.prompt_tokens, completion_tokens, ev.cached_tokens) if last and not include_usage \
+                use = (
+                    P.usage(ev.prompt_tokens, completion_tokens, ev.cached_tokens)
+                    if last and not include_usage
                     else None
+                )
                 samples = [ev.sample] if want_lps and ev.sample is not None else []
                 if ev.text or ev.finish_reason or samples:
                     lps = self._logprobs(samples, chat, offsets[ev.index]) if samples else None
                     offsets[ev.index] += sum(len(self.token_text(s.token)) for s in samples)
                     if chat:
                         delta = {"content": ev.text} if ev.text else {}
-                        yield _sse(P.chat_chunk(rid, name, delta, ev.finish_reason, use, created, index=ev.index,
-                                                logprobs=lps))
+                        yield _sse(
+                            P.chat_chunk(rid, name, delta, ev.finish_reason, use, created, index=ev.index, logprobs=lps)
+                        )
                     else:
-                        yield _sse(P.completion_body(rid, name, ev.text, ev.finish_reason, use, created, chunk=True,
-                                                     index=ev.index, logprobs=lps))
+                        yield _sse(
+                            P.completion_body(
+                                rid,
+                                name,
+                                ev.text,
+                                ev.finish_reason,
+                                use,
+                                created,
+                                chunk=True,
+                                index=ev.index,
+                                logprobs=lps,
+                            )
+                        )
                 if last and include_usage:
                     use = P.usage(ev.prompt_tokens, completion_tokens, ev.cached_tokens)
-                    yield _sse(P.chat_chunk(rid, name, {}, None, use, created, with_choice=False) if chat else
-                               {**P.completion_body(rid, name, "", None, use, created), "choices": []})
+                    yield _sse(
+                        P.chat_chunk(rid, name, {}, None, use, created, with_choice=False)
+                        if chat
+                        else {**P.completion_body(rid, name, "", None, use, created), "choices": []}
+                    )
             status = 200
             yield "data: [DONE]\n\n"
         finally:
@@ -397,9 +482,16 @@ class Server:
             gen.log(rid, status)
 
 
-def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None,
-               metrics: Metrics | None = None, *, allowed_hosts: Iterable[str] = (),
-               cors_origins: Iterable[str] = (), open_status: bool = True) -> FastAPI:
+def create_app(
+    scheduler: Scheduler,
+    model_name: str,
+    api_key: str | None = None,
+    metrics: Metrics | None = None,
+    *,
+    allowed_hosts: Iterable[str] = (),
+    cors_origins: Iterable[str] = (),
+    open_status: bool = True,
+) -> FastAPI:
     """The FastAPI app: /v1/models, /v1/completions, /v1/chat/completions, /health, /metrics.
 
     allowed_hosts: Host names accepted besides IP literals and localhost; cors_origins: browser
@@ -412,8 +504,12 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     app.add_middleware(_CheckHost, allowed=tuple(allowed_hosts))  # outermost: before anything else
     _add_error_handlers(app)
     app.openapi = lambda: app.openapi_schema or P.openapi_schema(app, model_name)  # pyright: ignore[reportAttributeAccessIssue]
@@ -427,8 +523,12 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
     async def get_model(model: str, http: HttpRequest):
         srv.check_auth(http)
         if model != model_name:
-            raise P.ApiError(404, f"the model {model!r} does not exist; this server serves {model_name!r}",
-                             param="model", code="model_not_found")
+            raise P.ApiError(
+                404,
+                f"the model {model!r} does not exist; this server serves {model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
         return P.model_card(model_name, srv.created, srv.engine.max_seq_len)
 
     @app.post("/v1/completions", openapi_extra=P.request_body("CompletionRequest"))
@@ -458,8 +558,14 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
             srv.check_auth(http)
         ok, reason = scheduler.health()
         running, waiting = scheduler.load()
-        body = {"status": "ok" if ok else "unavailable", "reason": reason, "model": model_name,
-                "world_size": scheduler.engine.world_size, "running": running, "waiting": waiting}
+        body = {
+            "status": "ok" if ok else "unavailable",
+            "reason": reason,
+            "model": model_name,
+            "world_size": scheduler.engine.world_size,
+            "running": running,
+            "waiting": waiting,
+        }
         if not ok:
             body.update(_unavailable(reason).body())
         return JSONResponse(body, status_code=200 if ok else 503)
@@ -480,8 +586,12 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(P.ApiError)
     async def api_error(http: HttpRequest, exc: P.ApiError):
         if exc.status < 500 and http.method == "POST":  # the request's log line (generations log their own)
-            print(f"moecluster: request - {http.url.path} status={exc.status} param={exc.param} "
-                  f"error={exc.message[:160]!r}", file=sys.stderr, flush=True)
+            print(
+                f"moecluster: request - {http.url.path} status={exc.status} param={exc.param} "
+                f"error={exc.message[:160]!r}",
+                file=sys.stderr,
+                flush=True,
+            )
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)

@@ -23,8 +23,10 @@ def page() -> tuple[str, str]:
     html = resources.files("moecluster.server").joinpath("static/chat.html").read_text(encoding="utf-8")
     scripts = " ".join(_hash(s) for s in re.findall(r"<script>(.*?)</script>", html, re.S))
     styles = " ".join(_hash(s) for s in re.findall(r"<style>(.*?)</style>", html, re.S))
-    csp = (f"default-src 'none'; script-src {scripts}; style-src {styles}; connect-src 'self'; img-src 'self'; "
-           "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    csp = (
+        f"default-src 'none'; script-src {scripts}; style-src {styles}; connect-src 'self'; img-src 'self'; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
     return html, csp
 
 
@@ -32,5 +34,12 @@ def mount(app) -> None:
     @app.get("/", include_in_schema=False)
     async def chat():
         html, csp = page()
-        return HTMLResponse(html, headers={"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff",
-                                           "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"})
+        return HTMLResponse(
+            html,
+            headers={
+                "Content-Security-Policy": csp,
+                "X-Content-Type-Options": "nosniff",
+                "Referrer-Policy": "no-referrer",
+                "Cache-Control": "no-cache",
+            },
+        )

@@ -29,26 +29,48 @@ class Metrics(StepObserver):
 
     def __init__(self, model, placement=None, world_size: int = 1):
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("moecluster_requests", "HTTP requests by endpoint and status code",
-                                ["endpoint", "status"], registry=r)
+        self.requests = Counter(
+            "moecluster_requests", "HTTP requests by endpoint and status code", ["endpoint", "status"], registry=r
+        )
         self.prompt_tokens = Counter("moecluster_prompt_tokens", "Prompt tokens prefilled", registry=r)
         self.generation_tokens = Counter("moecluster_generation_tokens", "Tokens generated", registry=r)
-        self.finished = Counter("moecluster_sequences_finished", "Finished sequences by reason", ["reason"],
-                                registry=r)
-        self.ttft = Histogram("moecluster_time_to_first_token_seconds", "Submission to first token",
-                              buckets=TTFT_BUCKETS, registry=r)
-        self.tpot = Histogram("moecluster_time_per_output_token_seconds", "Gap between consecutive tokens "
-                              "of one sequence", buckets=LATENCY_BUCKETS, registry=r)
-        self.step_seconds = Histogram("moecluster_step_seconds", "Forward time of one step", ["kind"],
-                                      buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_rows = Histogram("moecluster_decode_batch_rows", "Rows in one decode step",
-                                    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=r)
-        self.weight_bytes = Counter("moecluster_decode_weight_bytes_read", "Weight bytes rank 0 read in "
-                                    "decode steps (dense + the experts the batch activated)", registry=r)
-        self.exchange = Histogram("moecluster_layer_exchange_seconds", "All-reduce time of one MoE layer in "
-                                  "one step, on rank 0", ["kind", "layer"], buckets=EXCHANGE_BUCKETS, registry=r)
-        self.imbalance = Gauge("moecluster_expert_load_imbalance", "max/mean of (token, expert) pairs per "
-                               "expert or per rank, mean over layers, recent steps", ["level"], registry=r)
+        self.finished = Counter("moecluster_sequences_finished", "Finished sequences by reason", ["reason"], registry=r)
+        self.ttft = Histogram(
+            "moecluster_time_to_first_token_seconds", "Submission to first token", buckets=TTFT_BUCKETS, registry=r
+        )
+        self.tpot = Histogram(
+            "moecluster_time_per_output_token_seconds",
+            "Gap between consecutive tokens of one sequence",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.step_seconds = Histogram(
+            "moecluster_step_seconds", "Forward time of one step", ["kind"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.batch_rows = Histogram(
+            "moecluster_decode_batch_rows",
+            "Rows in one decode step",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+            registry=r,
+        )
+        self.weight_bytes = Counter(
+            "moecluster_decode_weight_bytes_read",
+            "Weight bytes rank 0 read in decode steps (dense + the experts the batch activated)",
+            registry=r,
+        )
+        self.exchange = Histogram(
+            "moecluster_layer_exchange_seconds",
+            "All-reduce time of one MoE layer in one step, on rank 0",
+            ["kind", "layer"],
+            buckets=EXCHANGE_BUCKETS,
+            registry=r,
+        )
+        self.imbalance = Gauge(
+            "moecluster_expert_load_imbalance",
+            "max/mean of (token, expert) pairs per expert or per rank, mean over layers, recent steps",
+            ["level"],
+            registry=r,
+        )
         self.running = Gauge("moecluster_requests_running", "Sequences decoding", registry=r)
         self.waiting = Gauge("moecluster_requests_waiting", "Requests waiting for a slot", registry=r)
         self.healthy = Gauge("moecluster_healthy", "1 if every rank answers, else 0", registry=r)

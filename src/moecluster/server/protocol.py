@@ -21,18 +21,47 @@ MAX_JSON_DEPTH = 32  # nesting of the request body (OpenAI requests need about 5
 MAX_JSON_INT = 2**64  # larger integers are no valid value of any parameter
 # Unknown fields that change what a client gets back (vLLM and OpenAI extensions we do not implement): refused,
 # since ignoring them would silently give a wrong answer. Any other unknown field is ignored.
-REFUSED = frozenset({
-    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend", "structured_outputs",
-    "min_tokens", "allowed_token_ids", "bad_words", "prompt_logprobs", "use_beam_search", "length_penalty",
-    "truncate_prompt_tokens", "add_generation_prompt", "continue_final_message", "echo", "prediction", "audio",
-    "skip_special_tokens", "include_stop_str_in_output", "stop_token_ids", "min_p_tokens", "logits_processors"})
+REFUSED = frozenset(
+    {
+        "guided_json",
+        "guided_regex",
+        "guided_choice",
+        "guided_grammar",
+        "guided_decoding_backend",
+        "structured_outputs",
+        "min_tokens",
+        "allowed_token_ids",
+        "bad_words",
+        "prompt_logprobs",
+        "use_beam_search",
+        "length_penalty",
+        "truncate_prompt_tokens",
+        "add_generation_prompt",
+        "continue_final_message",
+        "echo",
+        "prediction",
+        "audio",
+        "skip_special_tokens",
+        "include_stop_str_in_output",
+        "stop_token_ids",
+        "min_p_tokens",
+        "logits_processors",
+    }
+)
 
 
 class ApiError(Exception):
     """An error answered as {"error": {"message", "type", "param", "code"}} with an HTTP status."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
@@ -41,8 +70,9 @@ class ApiError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
+def error_body(
+    message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -99,8 +129,13 @@ class _Sampling(_Lenient):
         out = [(name, f"{name} is not supported by this server") for name in refused]
         for key, bias in (self.logit_bias or {}).items():
             if not key.isdigit() or len(key) > 12 or not -100.0 <= bias <= 100.0:
-                out.append(("logit_bias", f"logit_bias maps token ids (strings of digits) to biases in [-100, 100]; "
-                                          f"got {key[:20]!r}: {bias!r}"))
+                out.append(
+                    (
+                        "logit_bias",
+                        f"logit_bias maps token ids (strings of digits) to biases in [-100, 100]; "
+                        f"got {key[:20]!r}: {bias!r}",
+                    )
+                )
                 break
         return out
 
@@ -112,8 +147,11 @@ class _Sampling(_Lenient):
         if any(not s for s in stops):
             raise ApiError(400, "stop strings must be non-empty", param="stop")
         if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stops):
-            raise ApiError(400, f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} characters "
-                                "each", param="stop")
+            raise ApiError(
+                400,
+                f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} characters each",
+                param="stop",
+            )
         return stops
 
 
@@ -158,8 +196,11 @@ class ChatMessage(BaseModel):
             try:
                 parts.append(TextPart.model_validate(part).text)
             except ValidationError:
-                raise ApiError(400, f"messages[{index}].content[{j}]: only text parts are supported "
-                                    f"(got type {part.get('type')!r})", param=f"messages[{index}].content") from None
+                raise ApiError(
+                    400,
+                    f"messages[{index}].content[{j}]: only text parts are supported (got type {part.get('type')!r})",
+                    param=f"messages[{index}].content",
+                ) from None
         return "".join(parts)
 
 
@@ -183,7 +224,7 @@ class ChatRequest(_Sampling):
             param = "functions" if self.functions else "function_call"
             out.append((param, "the deprecated functions/function_call are not supported; use tools/tool_choice"))
         if self.response_format and self.response_format.get("type") != "text":
-            out.append(("response_format", "only response_format {\"type\": \"text\"} is supported"))
+            out.append(("response_format", 'only response_format {"type": "text"} is supported'))
         if self.modalities and self.modalities != ["text"]:
             out.append(("modalities", "only text output is supported"))
         for i, m in enumerate(self.messages):
@@ -220,8 +261,11 @@ def decode_json(raw: bytes) -> Any:
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError:
-                raise ApiError(400, "a string in the JSON body contains an unpaired surrogate escape "
-                                    "(such as \\ud800); send valid Unicode") from None
+                raise ApiError(
+                    400,
+                    "a string in the JSON body contains an unpaired surrogate escape "
+                    "(such as \\ud800); send valid Unicode",
+                ) from None
         elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_JSON_INT:
             raise ApiError(400, f"an integer in the JSON body is out of range (|n| > 2**64): {str(value)[:20]}...")
     return body
@@ -241,8 +285,9 @@ def parse(model: type[RequestT], body: Any) -> RequestT:
             raise ApiError(400, f"unrecognized request argument supplied: {param}", param=param) from None
         if err["type"] == "missing":
             raise ApiError(400, f"missing required parameter: {param}", param=param) from None
-        raise ApiError(400, f"invalid value for {param}: {err['msg']} (got {err.get('input')!r:.80})",
-                       param=param) from None
+        raise ApiError(
+            400, f"invalid value for {param}: {err['msg']} (got {err.get('input')!r:.80})", param=param
+        ) from None
     for param, why in req.unsupported():
         raise ApiError(400, why, param=param, code="unsupported_parameter")
     return req
@@ -253,37 +298,87 @@ def new_id(prefix: str) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
-    out: dict = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}
+    out: dict = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
     if cached_tokens:  # prompt tokens whose keys came from the prefix cache
         out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
     return out
 
 
-def completion_body(rid: str, model: str, text: str, finish: str | None, use: dict | None,
-                    created: int | None = None, chunk: bool = False, index: int = 0, logprobs: dict | None = None
-                    ) -> dict:
+def completion_body(
+    rid: str,
+    model: str,
+    text: str,
+    finish: str | None,
+    use: dict | None,
+    created: int | None = None,
+    chunk: bool = False,
+    index: int = 0,
+    logprobs: dict | None = None,
+) -> dict:
     """A /v1/completions response, or one stream chunk of it."""
-    body = {"id": rid, "object": "text_completion", "created": created or int(time.time()), "model": model,
-            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+    body = {
+        "id": rid,
+        "object": "text_completion",
+        "created": created or int(time.time()),
+        "model": model,
+        "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
+    }
     if use is not None or not chunk:
         body["usage"] = use
     return body
 
 
-def chat_body(rid: str, model: str, text: str, finish: str | None, use: dict | None,
-              created: int | None = None, index: int = 0, logprobs: dict | None = None) -> dict:
-    return {"id": rid, "object": "chat.completion", "created": created or int(time.time()), "model": model,
-            "choices": [{"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                         "finish_reason": finish}],
-            "usage": use}
+def chat_body(
+    rid: str,
+    model: str,
+    text: str,
+    finish: str | None,
+    use: dict | None,
+    created: int | None = None,
+    index: int = 0,
+    logprobs: dict | None = None,
+) -> dict:
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created or int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": index,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }
+        ],
+        "usage": use,
+    }
 
 
-def chat_chunk(rid: str, model: str, delta: dict, finish: str | None, use: dict | None, created: int,
-               with_choice: bool = True, index: int = 0, logprobs: dict | None = None) -> dict:
-    body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]
-            if with_choice else []}
+def chat_chunk(
+    rid: str,
+    model: str,
+    delta: dict,
+    finish: str | None,
+    use: dict | None,
+    created: int,
+    with_choice: bool = True,
+    index: int = 0,
+    logprobs: dict | None = None,
+) -> dict:
+    body = {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]
+        if with_choice
+        else [],
+    }
     if use is not None:
         body["usage"] = use
     return body
@@ -291,12 +386,16 @@ def chat_chunk(rid: str, model: str, delta: dict, finish: str | None, use: dict 
 
 def chat_logprobs(samples: list[Sample], text_of) -> dict:
     """Chat's {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}; text_of(id) -> token text."""
+
     def entry(token: int, logprob: float) -> dict:
         text = text_of(token)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
-    return {"content": [{**entry(s.token, s.logprob or 0.0), "top_logprobs": [entry(t, lp) for t, lp in s.top]}
-                        for s in samples]}
+    return {
+        "content": [
+            {**entry(s.token, s.logprob or 0.0), "top_logprobs": [entry(t, lp) for t, lp in s.top]} for s in samples
+        ]
+    }
 
 
 def completion_logprobs(samples: list[Sample], text_of, offset: int = 0) -> dict:
@@ -306,19 +405,26 @@ def completion_logprobs(samples: list[Sample], text_of, offset: int = 0) -> dict
     for t in tokens:
         offsets.append(offset)
         offset += len(t)
-    return {"tokens": tokens, "token_logprobs": [s.logprob for s in samples],
-            "top_logprobs": [{text_of(t): lp for t, lp in s.top} for s in samples], "text_offset": offsets}
+    return {
+        "tokens": tokens,
+        "token_logprobs": [s.logprob for s in samples],
+        "top_logprobs": [{text_of(t): lp for t, lp in s.top} for s in samples],
+        "text_offset": offsets,
+    }
 
 
 def model_card(name: str, created: int, max_model_len: int) -> dict:
-    return {"id": name, "object": "model", "created": created, "owned_by": "moecluster",
-            "max_model_len": max_model_len}
+    return {"id": name, "object": "model", "created": created, "owned_by": "moecluster", "max_model_len": max_model_len}
 
 
 def request_body(model: str) -> dict:
     """The OpenAPI requestBody of a POST endpoint whose handler reads the raw body (see openapi_schema)."""
-    return {"requestBody": {"required": True, "content": {"application/json": {
-        "schema": {"$ref": f"#/components/schemas/{model}"}}}}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model}"}}},
+        }
+    }
 
 
 def openapi_schema(app, model_name: str) -> dict:

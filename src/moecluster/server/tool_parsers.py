@@ -78,7 +78,7 @@ def _hermes(text: str) -> Parsed:
         call = obj and _call(obj.get("name"), obj.get("arguments", obj.get("parameters", {})))
         if not call:
             return Parsed(text)
-        content.append(text[pos:m.start()])
+        content.append(text[pos : m.start()])
         calls.append(call)
         pos = m.end()
     content.append(text[pos:])

@@ -45,14 +45,21 @@ def check_tools(tools: list[Any] | None, param: str = "tools") -> list[dict] | N
     for i, tool in enumerate(tools):
         fn = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):
-            raise P.ApiError(400, f"{param}[{i}] must be {{\"type\": \"function\", \"function\": {{...}}}}",
-                             param=f"{param}[{i}]")
+            raise P.ApiError(
+                400, f'{param}[{i}] must be {{"type": "function", "function": {{...}}}}', param=f"{param}[{i}]"
+            )
         if not isinstance(fn.get("name"), str) or not fn["name"] or len(fn["name"]) > 64:
-            raise P.ApiError(400, f"{param}[{i}].function.name must be a string of 1 to 64 characters",
-                             param=f"{param}[{i}].function.name")
+            raise P.ApiError(
+                400,
+                f"{param}[{i}].function.name must be a string of 1 to 64 characters",
+                param=f"{param}[{i}].function.name",
+            )
         if not isinstance(fn.get("parameters", {}), dict):
-            raise P.ApiError(400, f"{param}[{i}].function.parameters must be a JSON Schema object",
-                             param=f"{param}[{i}].function.parameters")
+            raise P.ApiError(
+                400,
+                f"{param}[{i}].function.parameters must be a JSON Schema object",
+                param=f"{param}[{i}].function.parameters",
+            )
     return tools
 
 
@@ -67,8 +74,11 @@ def check_choice(choice: Any, tools: list[dict] | None) -> tuple[str, str | None
     fn = choice.get("function") if isinstance(choice, dict) else None
     name = fn.get("name") if isinstance(fn, dict) else None
     if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(name, str):
-        raise P.ApiError(400, "tool_choice must be \"auto\", \"none\", \"required\" or {\"type\": \"function\", "
-                              "\"function\": {\"name\": ...}}", param="tool_choice")
+        raise P.ApiError(
+            400,
+            'tool_choice must be "auto", "none", "required" or {"type": "function", "function": {"name": ...}}',
+            param="tool_choice",
+        )
     if name not in {t["function"]["name"] for t in tools or []}:
         raise P.ApiError(400, f"tool_choice names the function {name!r}, which is not in tools", param="tool_choice")
     return "named", name
@@ -80,10 +90,15 @@ def template_message(message: dict, index: int) -> dict:
     out = {k: v for k, v in message.items() if v is not None}
     calls = out.get("tool_calls")
     if calls is not None:
-        if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict)
-                                                  for c in calls):
-            raise P.ApiError(400, f"messages[{index}].tool_calls must be a list of {{\"id\", \"type\": \"function\", "
-                                  "\"function\": {\"name\", \"arguments\"}}", param=f"messages[{index}].tool_calls")
+        if not isinstance(calls, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls
+        ):
+            raise P.ApiError(
+                400,
+                f'messages[{index}].tool_calls must be a list of {{"id", "type": "function", '
+                '"function": {"name", "arguments"}}',
+                param=f"messages[{index}].tool_calls",
+            )
         fixed = []
         for call in calls:
             fn = dict(call["function"])
@@ -91,8 +106,11 @@ def template_message(message: dict, index: int) -> dict:
                 try:
                     fn["arguments"] = json.loads(fn["arguments"]) if fn["arguments"].strip() else {}
                 except ValueError:
-                    raise P.ApiError(400, f"messages[{index}].tool_calls: arguments must be a JSON object",
-                                     param=f"messages[{index}].tool_calls") from None
+                    raise P.ApiError(
+                        400,
+                        f"messages[{index}].tool_calls: arguments must be a JSON object",
+                        param=f"messages[{index}].tool_calls",
+                    ) from None
             fixed.append({**call, "function": fn})
         out["tool_calls"] = fixed
         if not out.get("content"):
@@ -138,17 +156,19 @@ class OutputText:
         if self.hold_all:
             return ""
         if self.marker is None:
-            out, self.sent = self.text[self.sent:], len(self.text)
+            out, self.sent = self.text[self.sent :], len(self.text)
             return out
         at = self.text.find(self.marker, self.sent)
         if at >= 0:
             self.hold_all = True
-            out, self.sent = self.text[self.sent:at], at
+            out, self.sent = self.text[self.sent : at], at
             return out
-        hold = next((k for k in range(min(len(self.marker) - 1, len(self.text)), 0, -1)
-                     if self.text.endswith(self.marker[:k])), 0)  # a marker may be starting
+        hold = next(
+            (k for k in range(min(len(self.marker) - 1, len(self.text)), 0, -1) if self.text.endswith(self.marker[:k])),
+            0,
+        )  # a marker may be starting
         end = max(len(self.text) - hold, self.sent)
-        out, self.sent = self.text[self.sent:end], end
+        out, self.sent = self.text[self.sent : end], end
         return out
 
     def finish(self) -> Parsed:
@@ -161,8 +181,10 @@ def new_call_id(fmt: str) -> str:
 
 
 def openai_calls(calls: list[ToolCall], fmt: str) -> list[dict]:
-    return [{"id": new_call_id(fmt), "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-            for c in calls]
+    return [
+        {"id": new_call_id(fmt), "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+        for c in calls
+    ]
 
 
 def _message(parsed: Parsed, fmt: str) -> tuple[dict, bool]:
@@ -186,8 +208,11 @@ async def respond(srv, http, req: P.ChatRequest, ids: list[int], params, tool_pl
     rid, out = P.new_id("chatcmpl"), OutputText(srv.engine.tokenizer, tool_plan)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_stream(srv, gen, rid, out, include_usage), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            _stream(srv, gen, rid, out, include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     last = None
     try:
         async for event in gen.events(http):
@@ -200,8 +225,13 @@ async def respond(srv, http, req: P.ChatRequest, ids: list[int], params, tool_pl
     if last.finish_reason == "error":
         raise _failed(last)
     message, called = _message(out.finish(), tool_plan.fmt)
-    body = P.chat_body(rid, srv.model_name, "", "tool_calls" if called else last.finish_reason,
-                       P.usage(last.prompt_tokens, last.completion_tokens))
+    body = P.chat_body(
+        rid,
+        srv.model_name,
+        "",
+        "tool_calls" if called else last.finish_reason,
+        P.usage(last.prompt_tokens, last.completion_tokens),
+    )
     body["choices"][0]["message"] = message
     return JSONResponse(body)
 
@@ -228,8 +258,8 @@ async def _stream(srv, gen, rid: str, out: OutputText, include_usage: bool) -> A
             if ev.finish_reason is None:
                 continue
             parsed = out.finish()
-            sent = out.text[:out.sent]
-            rest = parsed.content[len(sent):] if parsed.content.startswith(sent) else ""
+            sent = out.text[: out.sent]
+            rest = parsed.content[len(sent) :] if parsed.content.startswith(sent) else ""
             if parsed.calls:
                 rest = rest.rstrip() if sent else rest.strip()
             if rest:

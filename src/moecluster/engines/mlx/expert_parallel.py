@@ -34,8 +34,9 @@ class ExpertParallelSwitch(nn.Module):
     """This rank's share of one SwitchGLU + the one exchange: (x [..., D], indices [..., K]) -> y [..., K, D],
     the SwitchGLU contract, so the model's MoE block (routing and combine) runs unchanged."""
 
-    def __init__(self, switch: Any, experts: list[int], placement: Placement, index: int, group: Any,
-                 watchdog: Any = None):
+    def __init__(
+        self, switch: Any, experts: list[int], placement: Placement, index: int, group: Any, watchdog: Any = None
+    ):
         super().__init__()
         self.num_experts = switch.gate_proj.weight.shape[0]
         rows = mx.array(experts, dtype=mx.uint32)
@@ -73,8 +74,10 @@ class ExpertParallelSwitch(nn.Module):
         try:
             local = [self._local_of[ids_NK[p // K][p % K]] for p in pairs]
         except KeyError as e:
-            raise MoeClusterError(f"internal: expert {e.args[0]} was assigned to rank {self.rank}, which does "
-                                  f"not hold it (MoE layer {self._index})") from None
+            raise MoeClusterError(
+                f"internal: expert {e.args[0]} was assigned to rank {self.rank}, which does "
+                f"not hold it (MoE layer {self._index})"
+            ) from None
         x_P1D = x_ND[mx.array([p // K for p in pairs], dtype=mx.uint32)][:, None, :]
         rows = mx.array(local, dtype=mx.uint32)
         me: Any = self  # mlx's Module stubs type sub-modules as optional
@@ -94,14 +97,14 @@ def apply_expert_parallel(model: Any, group: Any, placement: Placement, watchdog
         raise MoeClusterError(
             f"placement is for {placement.num_experts} experts x {placement.num_layers} MoE layers on "
             f"{placement.world_size} ranks, but the model has {want[0]} x {want[1]} and the job has {want[2]} "
-            "ranks; make a placement for this model and rank count")
+            "ranks; make a placement for this model and rank count"
+        )
     for index, (layer, path, switch) in enumerate(found):
         *parents, attr = path.split(".")
         parent = model.layers[layer]
         for name in parents:
             parent = parent[int(name)] if isinstance(parent, list) else getattr(parent, name)
-        ep = ExpertParallelSwitch(switch, placement.experts_of(group.rank(), index), placement, index, group,
-                                  watchdog)
+        ep = ExpertParallelSwitch(switch, placement.experts_of(group.rank(), index), placement, index, group, watchdog)
         setattr(parent, attr, ep)
         mx.eval(ep.parameters())
     mx.eval(model.parameters())

@@ -48,16 +48,23 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     cfg = read_config(model_dir)
     eos = cfg.get("eos_token_id")
     eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    return Tokenizer.from_dir(Path(model_dir), SimpleNamespace(eos_token_ids=eos_ids,
-                                                               bos_token_id=cfg.get("bos_token_id")))
+    return Tokenizer.from_dir(
+        Path(model_dir), SimpleNamespace(eos_token_ids=eos_ids, bos_token_id=cfg.get("bos_token_id"))
+    )
 
 
 class MlxEngine:
     """An mlx-lm model with expert parallelism applied (always, also on one rank: same computation on any rank
     count), its group, placement and watchdog."""
 
-    def __init__(self, model_dir: str | Path, dtype: str | None = None, group: Any = None,
-                 placement_spec: str = "contiguous", watchdog: Watchdog | None = None):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        dtype: str | None = None,
+        group: Any = None,
+        placement_spec: str = "contiguous",
+        watchdog: Watchdog | None = None,
+    ):
         self.group = group if group is not None else mx.distributed.init()
         self.rank, self.world_size = self.group.rank(), self.group.size()
         self.watchdog = watchdog
@@ -69,7 +76,8 @@ class MlxEngine:
         del probe
         self.placement: Placement = make_placement(placement_spec, num_experts, len(moes), self.world_size)
         self.model, self.config = load_mlx_model(
-            model_dir, experts_of=lambda layer: self.placement.experts_of(self.rank, layer), dtype=dtype)
+            model_dir, experts_of=lambda layer: self.placement.experts_of(self.rank, layer), dtype=dtype
+        )
         apply_expert_parallel(self.model, self.group, self.placement, watchdog)
         self.tokenizer = load_tokenizer(model_dir)
 
@@ -125,7 +133,7 @@ class MlxEngine:
                     text += decoder.push(token)
                     cut = [text.index(s) for s in params.stop if s in text]
                     if cut:
-                        text, done, stats.finish_reason = text[:min(cut)], 1, "stop"
+                        text, done, stats.finish_reason = text[: min(cut)], 1, "stop"
             token, done = self._share([token, done], f"the token broadcast of step {i}")
             if i == 0:
                 t_first = time.perf_counter()

@@ -28,13 +28,13 @@ from moecluster.errors import MoeClusterError
 # mlx-lm model files whose MoE block calls its SwitchGLU as `y_NKD = switch(x_ND, inds_NK)` and then combines
 # `(y * scores[..., None]).sum(-2)` itself: the contract ExpertParallelSwitch keeps. True = checked by tests here.
 SUPPORTED: dict[str, bool] = {
-    "mixtral": True,      # block_sparse_moe.switch_mlp(x, inds)
-    "qwen3_moe": True,    # mlp.switch_mlp(x, inds); mlp_only_layers are dense
-    "qwen2_moe": True,    # mlp.switch_mlp(x, inds) + gated shared expert
-    "olmoe": True,        # mlp.switch_mlp(x_flat, inds) on flattened tokens
+    "mixtral": True,  # block_sparse_moe.switch_mlp(x, inds)
+    "qwen3_moe": True,  # mlp.switch_mlp(x, inds); mlp_only_layers are dense
+    "qwen2_moe": True,  # mlp.switch_mlp(x, inds) + gated shared expert
+    "olmoe": True,  # mlp.switch_mlp(x_flat, inds) on flattened tokens
     "deepseek_v3": False,  # mlp.switch_mlp(x, inds) + shared experts (same call; not run here)
-    "glm4_moe": False,    # mlp.switch_mlp(x, inds) + shared experts (same call; not run here)
-    "gpt_oss": False,     # mlp.experts(x, inds): SwitchGLU with biases and its own activation (not run here)
+    "glm4_moe": False,  # mlp.switch_mlp(x, inds) + shared experts (same call; not run here)
+    "gpt_oss": False,  # mlp.experts(x, inds): SwitchGLU with biases and its own activation (not run here)
 }
 # per-expert tensors of Hub checkpoints: "model.layers.{layer}.<...>.experts.{expert}.<...>"
 _EXPERT_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:.*\.)?experts\.(\d+)\.")
@@ -89,15 +89,18 @@ def _drop_remote_experts(model: Any, weights: dict[str, mx.array], experts_of: E
     return weights
 
 
-def load_mlx_model(model_dir: str | Path, experts_of: ExpertsOf | None = None,
-                   dtype: str | None = None) -> tuple[nn.Module, dict]:
+def load_mlx_model(
+    model_dir: str | Path, experts_of: ExpertsOf | None = None, dtype: str | None = None
+) -> tuple[nn.Module, dict]:
     """mlx-lm model + its config. experts_of given: parameters stay lazy (expert parallelism slices and
     evaluates them); otherwise everything is evaluated here. dtype: None (as stored), "fp32" or "bf16"."""
     config = read_config(model_dir)
     model_type = config.get("model_type")
     if model_type not in SUPPORTED:
-        raise MoeClusterError(f"model_type {model_type!r} is not supported by the MLX engine (supported: "
-                              f"{', '.join(SUPPORTED)}); use --engine torch")
+        raise MoeClusterError(
+            f"model_type {model_type!r} is not supported by the MLX engine (supported: "
+            f"{', '.join(SUPPORTED)}); use --engine torch"
+        )
 
     def classes(config: dict):
         model_class, args_class = _get_classes(config)
@@ -113,8 +116,9 @@ def load_mlx_model(model_dir: str | Path, experts_of: ExpertsOf | None = None,
         return OnlyLocalExperts, args_class
 
     try:
-        model, cfg = _mlx_lm_load_model(Path(model_dir), lazy=True, model_config=config_fixups(config),
-                                        get_model_classes=classes)
+        model, cfg = _mlx_lm_load_model(
+            Path(model_dir), lazy=True, model_config=config_fixups(config), get_model_classes=classes
+        )
     except (FileNotFoundError, ValueError) as e:
         raise MoeClusterError(f"mlx-lm cannot load {model_dir}: {e}") from None
     if dtype is not None:

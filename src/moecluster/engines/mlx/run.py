@@ -45,14 +45,27 @@ def run_generate_mlx(args: Any, params: Any) -> int:
     if engine.rank == 0:
         if not args.quiet:
             print(out, flush=True)
-        print(f"[mlx] prompt tokens: {stats.prompt_tokens}  generated: {stats.generated_tokens} "
-              f"({stats.finish_reason})  ttft {stats.ttft_s * 1e3:.1f} ms  decode {stats.decode_tok_s:.2f} tok/s  "
-              f"peak RSS {peak_rss_bytes() / 1e9:.2f} GB  expert copies per rank {copies}", file=sys.stderr)
+        print(
+            f"[mlx] prompt tokens: {stats.prompt_tokens}  generated: {stats.generated_tokens} "
+            f"({stats.finish_reason})  ttft {stats.ttft_s * 1e3:.1f} ms  decode {stats.decode_tok_s:.2f} tok/s  "
+            f"peak RSS {peak_rss_bytes() / 1e9:.2f} GB  expert copies per rank {copies}",
+            file=sys.stderr,
+        )
         if args.report:
-            Path(args.report).write_text(json.dumps({
-                "engine": "mlx", "text": out, "tokens": tokens, "stats": stats.__dict__,
-                "world_size": engine.world_size, "placement": engine.placement.to_json(),
-                "expert_copies": copies, "experts_layer0": engine.held()[0]}))
+            Path(args.report).write_text(
+                json.dumps(
+                    {
+                        "engine": "mlx",
+                        "text": out,
+                        "tokens": tokens,
+                        "stats": stats.__dict__,
+                        "world_size": engine.world_size,
+                        "placement": engine.placement.to_json(),
+                        "expert_copies": copies,
+                        "experts_layer0": engine.held()[0],
+                    }
+                )
+            )
     if watchdog is not None:
         watchdog.close()
     return 0

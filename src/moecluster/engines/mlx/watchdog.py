@@ -40,8 +40,18 @@ class Watchdog:
         self._buf = mmap.mmap(fd, _STATE.size)  # the helper maps the same file, then unlinks it
         os.close(fd)
         _STATE.pack_into(self._buf, 0, 0.0, b"")
-        cmd = [sys.executable, "-m", "moecluster.engines.mlx.watchdog", path, str(rank),
-               str(world_size), address[0], str(address[1]), str(timeout_s), str(os.getpid())]
+        cmd = [
+            sys.executable,
+            "-m",
+            "moecluster.engines.mlx.watchdog",
+            path,
+            str(rank),
+            str(world_size),
+            address[0],
+            str(address[1]),
+            str(timeout_s),
+            str(os.getpid()),
+        ]
         self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE)
 
     @contextmanager
@@ -66,8 +76,7 @@ class Watchdog:
 class _Helper:
     """The helper process: links, the wait timer, and stopping the rank."""
 
-    def __init__(self, path: str, rank: int, world_size: int, address: tuple[str, int], timeout_s: float,
-                 parent: int):
+    def __init__(self, path: str, rank: int, world_size: int, address: tuple[str, int], timeout_s: float, parent: int):
         with open(path, "r+b") as f:
             self.buf = mmap.mmap(f.fileno(), _STATE.size)
         os.unlink(path)  # both sides hold the map: nothing is left behind however they end
@@ -139,16 +148,21 @@ class _Helper:
 
     def check_times(self) -> None:
         now = time.monotonic()
-        if self.rank == 0 and len(self.links) + len(self.done) < self.world_size - 1 \
-                and now - self.started > self.timeout_s:
+        if (
+            self.rank == 0
+            and len(self.links) + len(self.done) < self.world_size - 1
+            and now - self.started > self.timeout_s
+        ):
             seen = set(self.links.values()) | self.done
             missing = [r for r in range(1, self.world_size) if r not in seen]
             self.fail(missing[0] if missing else -1, f"never connected within {self.timeout_s:.0f} s")
         since, what = _STATE.unpack_from(self.buf, 0)
         if since and now - since > self.timeout_s:
             others = ", ".join(str(r) for r in range(self.world_size) if r != self.rank)
-            self.stop_rank(f"waited {now - since:.1f} s in {what.decode()} while every watchdog link is up: one "
-                           f"of ranks {others} is stuck or the network is down")
+            self.stop_rank(
+                f"waited {now - since:.1f} s in {what.decode()} while every watchdog link is up: one "
+                f"of ranks {others} is stuck or the network is down"
+            )
 
     def fail(self, peer: int, how: str) -> None:
         if self.rank == 0:  # tell the others which rank it was
