@@ -152,9 +152,10 @@ def _assert_one_copy(r: dict) -> None:
     """Peak anon + file-backed (sampled every 20 ms through load and decode) <= 1.1 x held + the runtime base."""
     held, peak, base = r["held_bytes"], r["peak_resident_bytes"], r["base_rss_bytes"]
     assert peak <= 1.1 * held + base + RUNTIME_SLACK, {k: v for k, v in r.items() if k != "trace"}
-    # no mapping of the checkpoint stays resident: file-backed pages stay at the runtime's (shared libraries,
-    # ~80-120 MB here), where the memory-mapped loader held about as much file-backed memory as weights
-    assert r["peak_file_bytes"] < 150e6 + 0.05 * held, r["peak_file_bytes"]
+    # no mapping of the checkpoint stays resident: file-backed pages stay near the runtime's before loading
+    # (shared libraries: 80-190 MB here, MPI's included), where the memory-mapped loader added about as much
+    # file-backed memory as weights
+    assert r["peak_file_bytes"] - r["base_file_bytes"] < 60e6 + 0.05 * held, r
 
 
 @pytest.fixture(scope="module")

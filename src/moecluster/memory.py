@@ -20,6 +20,7 @@ class MemoryPeaks:
     file_bytes: int = 0  # peak RssFile
     total_bytes: int = 0  # peak of RssAnon + RssFile + RssShmem in one sample
     base_bytes: int = 0  # RssAnon + RssFile when sampling started (the runtime before loading)
+    base_file_bytes: int = 0  # RssFile then (shared libraries: MPI, torch, ...)
     samples: int = 0
 
     def to_dict(self) -> dict:
@@ -57,6 +58,7 @@ class MemorySampler:
         if self._thread is None:
             status = read_status()
             self.peaks.base_bytes = status.get("RssAnon", 0) + status.get("RssFile", 0)
+            self.peaks.base_file_bytes = status.get("RssFile", 0)
             self.sample()
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="moecluster-memory", daemon=True)

@@ -93,6 +93,7 @@ def rank_report(engine: Engine, stats) -> dict:
         "peak_file_bytes": peaks.file_bytes,
         "peak_resident_bytes": peaks.total_bytes,
         "base_rss_bytes": peaks.base_bytes,
+        "base_file_bytes": peaks.base_file_bytes,
         "bytes_per_token": stats.bytes_per_token if stats else 0.0,
         "trace": TRACER.summary("decode"),
     }
