@@ -24,7 +24,6 @@ S cached positions, T new tokens, B batch rows.
 
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import torch
@@ -42,7 +41,10 @@ from moecluster.models.layers import (
     SlidingKVCache,
     Step,
     apply_rope,
+    rope_tables,
     sink_attention,
+    yarn_inv_freq,
+    yarn_mscale,
 )
 from moecluster.models.moe import MoE, RoutedExperts, Router, clamped_swiglu, topk_softmax
 
@@ -50,40 +52,27 @@ from moecluster.models.moe import MoE, RoutedExperts, Router, clamped_swiglu, to
 def yarn_rope_tables(
     head_dim: int, max_seq_len: int, rope: dict, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos_SHd, sin_SHd with YaRN frequencies (transformers' _compute_yarn_parameters): per frequency, a linear
-    ramp between the original (extrapolated) and the `factor`-interpolated one over the dims between the
-    beta_fast and beta_slow rotation counts; cos/sin scaled by the attention factor (0.1 ln(factor) + 1).
-    TODO: unify with the yarn primitive being added to layers.py for DeepSeek."""
+    """cos_SHd, sin_SHd with YaRN frequencies and attention factor (transformers' _compute_yarn_parameters),
+    from the shared YaRN primitives in layers.py."""
     base, factor = float(rope["rope_theta"]), float(rope["factor"])
-    original = float(rope["original_max_position_embeddings"])
     attention_factor = rope.get("attention_factor")
     if attention_factor is None:
         mscale, mscale_all = rope.get("mscale"), rope.get("mscale_all_dim")
-
-        def get_mscale(scale: float, m: float = 1.0) -> float:
-            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
         attention_factor = (
-            get_mscale(factor, mscale) / get_mscale(factor, mscale_all) if mscale and mscale_all else get_mscale(factor)
+            yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all)
+            if mscale and mscale_all
+            else yarn_mscale(factor)
         )
-    beta_fast, beta_slow = float(rope.get("beta_fast") or 32), float(rope.get("beta_slow") or 1)
-
-    def correction_dim(rotations: float) -> float:  # the dim whose wavelength fits `rotations` times
-        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
-
-    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
-    if rope.get("truncate", True):
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, head_dim - 1)
-    if low == high:
-        high += 0.001  # avoid a zero-width ramp
-    pos_freqs = base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    ramp = torch.clamp((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
-    extrapolation = 1 - ramp
-    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
-    freqs = torch.arange(max_seq_len, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return (emb.cos() * attention_factor).to(dtype), (emb.sin() * attention_factor).to(dtype)
+    inv_freq = yarn_inv_freq(
+        head_dim,
+        base,
+        factor,
+        int(rope["original_max_position_embeddings"]),
+        float(rope.get("beta_fast") or 32),
+        float(rope.get("beta_slow") or 1),
+        truncate=bool(rope.get("truncate", True)),
+    )
+    return rope_tables(head_dim, max_seq_len, base, dtype, inv_freq=inv_freq, scale=float(attention_factor))
 
 
 class GptOssAttention(Attention):
