@@ -247,7 +247,6 @@ class ArchConfig:
     """Base of the per-architecture configs: parsing with HF names, checks, and the common view."""
 
     model_type: ClassVar[str] = ""
-    runnable: ClassVar[bool] = True  # False: plan/place know its shape, the engine cannot run it yet
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> ArchConfig:
@@ -423,6 +422,10 @@ class _HFDecoderConfig(ArchConfig):
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    num_experts: int | None = None
+    num_local_experts: int | None = None
+    # the Hub's key for the number of routed experts; transformers 5 may write the other one instead
+    experts_key: ClassVar[str] = "num_experts"
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -448,7 +451,11 @@ class _HFDecoderConfig(ArchConfig):
 
     @property
     def routed_experts(self) -> int:
-        raise NotImplementedError
+        other = "num_local_experts" if self.experts_key == "num_experts" else "num_experts"
+        n = getattr(self, self.experts_key) or getattr(self, other)
+        if not n:
+            raise MoeClusterError(f"config ({self.model_type}): {self.experts_key} is missing from config.json")
+        return int(n)
 
     @property
     def expert_hidden(self) -> int:
@@ -516,19 +523,11 @@ class MixtralConfig(_HFDecoderConfig):
     """Mixtral: experts `num_local_experts` (transformers 5 also accepts `num_experts`), every layer MoE."""
 
     model_type: ClassVar[str] = "mixtral"
+    experts_key: ClassVar[str] = "num_local_experts"
     intermediate_size: int = 14336
-    num_local_experts: int | None = None
-    num_experts: int | None = None
     sliding_window: int | None = None
     rms_norm_eps: float = 1e-5
     rope_theta: float | None = 1e6
-
-    @property
-    def routed_experts(self) -> int:
-        n = self.num_local_experts or self.num_experts
-        if not n:
-            raise MoeClusterError("config (mixtral): num_local_experts is missing from config.json")
-        return int(n)
 
     @property
     def expert_hidden(self) -> int:
@@ -546,18 +545,9 @@ class _QwenMoeConfig(_HFDecoderConfig):
 
     moe_intermediate_size: int = 0
     intermediate_size: int = 0  # dense layers' MLP
-    num_experts: int | None = None
-    num_local_experts: int | None = None  # what transformers 5 writes
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
     norm_topk_prob: bool = False
-
-    @property
-    def routed_experts(self) -> int:
-        n = self.num_experts or self.num_local_experts
-        if not n:
-            raise MoeClusterError(f"config ({self.model_type}): num_experts is missing from config.json")
-        return int(n)
 
     @property
     def expert_hidden(self) -> int:
@@ -608,19 +598,10 @@ class Qwen2MoeConfig(_QwenMoeConfig):
 class OlmoeConfig(_HFDecoderConfig):
     model_type: ClassVar[str] = "olmoe"
     intermediate_size: int = 0
-    num_experts: int | None = None
-    num_local_experts: int | None = None
     clip_qkv: float | None = None
     norm_topk_prob: bool = False
     attention_bias: bool = False
     rms_norm_eps: float = 1e-5
-
-    @property
-    def routed_experts(self) -> int:
-        n = self.num_experts or self.num_local_experts
-        if not n:
-            raise MoeClusterError("config (olmoe): num_experts is missing from config.json")
-        return int(n)
 
     @property
     def expert_hidden(self) -> int:
