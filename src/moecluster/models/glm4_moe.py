@@ -14,18 +14,16 @@ from __future__ import annotations
 import re
 from functools import partial
 
-import torch
 from torch import nn
 
 from moecluster.models.configs import Glm4MoeConfig
 from moecluster.models.hub import (
     DenseMap,
-    ReadRows,
     embed_norm_head,
     hf_attention,
     hf_gated_mlp,
-    per_expert_tensors,
-    read_per_expert,
+    mlp_expert_weights,
+    read_mlp_expert,
 )
 from moecluster.models.layers import Attention, DecoderModel, GatedMLP, PreNormBlock, RMSNorm
 from moecluster.models.moe import MoE, RoutedExperts, Router, sigmoid_group_topk
@@ -113,13 +111,6 @@ def ignored_on_disk(cfg: Glm4MoeConfig, name: str) -> bool:
     return m is not None and int(m.group(1)) >= cfg.num_hidden_layers
 
 
-def expert_weights(cfg: Glm4MoeConfig, layer: int) -> dict[str, tuple[int, ...]]:
-    """On-disk expert tensors of one MoE layer with their shapes."""
-    return per_expert_tensors(
-        f"model.layers.{layer}.mlp.experts", cfg.routed_experts, cfg.hidden_size, cfg.expert_hidden
-    )
-
-
-def read_expert(read_rows: ReadRows, cfg: Glm4MoeConfig, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One expert's (w13_GD, w2_DF)."""
-    return read_per_expert(read_rows, f"model.layers.{layer}.mlp.experts", expert, cfg.hidden_size, cfg.expert_hidden)
+# the common per-expert layout `model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj`
+expert_weights = mlp_expert_weights
+read_expert = read_mlp_expert

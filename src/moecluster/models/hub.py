@@ -9,6 +9,7 @@ Shape legend: D model dim, F hidden dim, G = 2F, H heads, Hk kv heads, Hd head d
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -108,3 +109,16 @@ def read_per_expert(
     p = f"{prefix}.{expert}"
     w13_GD = torch.cat([read_rows(f"{p}.{gate}.weight", 0, hidden), read_rows(f"{p}.{up}.weight", 0, hidden)])
     return w13_GD, read_rows(f"{p}.{down}.weight", 0, dim)
+
+
+def mlp_expert_weights(cfg: Any, layer: int) -> dict[str, tuple[int, ...]]:
+    """expert_weights for the common layout `model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj` (Qwen MoE,
+    OLMoE, GLM-4.5); `cfg` has hidden_size, routed_experts and expert_hidden."""
+    return per_expert_tensors(
+        f"model.layers.{layer}.mlp.experts", cfg.routed_experts, cfg.hidden_size, cfg.expert_hidden
+    )
+
+
+def read_mlp_expert(read_rows: ReadRows, cfg: Any, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """read_expert for that layout: one expert's (w13_GD, w2_DF)."""
+    return read_per_expert(read_rows, f"model.layers.{layer}.mlp.experts", expert, cfg.hidden_size, cfg.expert_hidden)

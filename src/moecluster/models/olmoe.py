@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from functools import partial
 
-import torch
-
 from moecluster.models.configs import OlmoeConfig
-from moecluster.models.hub import DenseMap, ReadRows, embed_norm_head, hf_attention, per_expert_tensors, read_per_expert
+from moecluster.models.hub import (
+    DenseMap,
+    embed_norm_head,
+    hf_attention,
+    mlp_expert_weights,
+    read_mlp_expert,
+)
 from moecluster.models.layers import Attention, DecoderModel, PreNormBlock, RMSNorm
 from moecluster.models.moe import MoE, RoutedExperts, Router, softmax_topk
 
@@ -73,13 +77,6 @@ def dense_weights(cfg: OlmoeConfig) -> DenseMap:
     return out
 
 
-def expert_weights(cfg: OlmoeConfig, layer: int) -> dict[str, tuple[int, ...]]:
-    """On-disk expert tensors of one layer with their shapes."""
-    return per_expert_tensors(
-        f"model.layers.{layer}.mlp.experts", cfg.routed_experts, cfg.hidden_size, cfg.expert_hidden
-    )
-
-
-def read_expert(read_rows: ReadRows, cfg: OlmoeConfig, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One expert's (w13_GD, w2_DF)."""
-    return read_per_expert(read_rows, f"model.layers.{layer}.mlp.experts", expert, cfg.hidden_size, cfg.expert_hidden)
+# the common per-expert layout `model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj`
+expert_weights = mlp_expert_weights
+read_expert = read_mlp_expert

@@ -11,18 +11,16 @@ from __future__ import annotations
 
 from functools import partial
 
-import torch
 from torch import nn
 
 from moecluster.models.configs import Qwen2MoeConfig
 from moecluster.models.hub import (
     DenseMap,
-    ReadRows,
     embed_norm_head,
     hf_attention,
     hf_gated_mlp,
-    per_expert_tensors,
-    read_per_expert,
+    mlp_expert_weights,
+    read_mlp_expert,
 )
 from moecluster.models.layers import Attention, DecoderModel, GatedMLP, Linear, PreNormBlock, RMSNorm
 from moecluster.models.moe import MoE, RoutedExperts, Router, softmax_topk
@@ -85,13 +83,6 @@ def dense_weights(cfg: Qwen2MoeConfig) -> DenseMap:
     return out
 
 
-def expert_weights(cfg: Qwen2MoeConfig, layer: int) -> dict[str, tuple[int, ...]]:
-    """On-disk expert tensors of one MoE layer with their shapes."""
-    return per_expert_tensors(
-        f"model.layers.{layer}.mlp.experts", cfg.routed_experts, cfg.hidden_size, cfg.expert_hidden
-    )
-
-
-def read_expert(read_rows: ReadRows, cfg: Qwen2MoeConfig, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One expert's (w13_GD, w2_DF)."""
-    return read_per_expert(read_rows, f"model.layers.{layer}.mlp.experts", expert, cfg.hidden_size, cfg.expert_hidden)
+# the common per-expert layout `model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj`
+expert_weights = mlp_expert_weights
+read_expert = read_mlp_expert
