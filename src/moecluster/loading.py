@@ -19,11 +19,12 @@ import torch
 
 from moecluster.checkpoint_io import CheckpointReader, LoadProgress
 from moecluster.errors import MoeClusterError
-from moecluster.models.configs import ArchConfig, ModelShape, parse_config
+from moecluster.models.configs import ArchConfig, parse_config
 from moecluster.models.hub import ReadRows
 from moecluster.models.layers import DecoderModel, check_dims
 from moecluster.models.moe import RoutedExperts
 from moecluster.models.registry import architecture
+from moecluster.models.shape import ModelShape
 from moecluster.quant import dequantize_fp8_block, format_from_quantization_config
 from moecluster.quant.experts import QuantizedRoutedExperts, QuantOptions, quantize_dense_linears
 from moecluster.quant.formats import FP8_BLOCK

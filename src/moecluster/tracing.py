@@ -186,10 +186,11 @@ def _wrap(module: nn.Module, layer: int, phase: str, counts_evals: bool = False)
 
 def apply_tracing(model: DecoderModel) -> DecoderModel:
     """Wrap attention, routers, experts and the head of a DecoderModel in timers (idempotent)."""
+    moes = {id(moe) for moe in model.moe_layers()}
     for i, block in enumerate(model.layers):
         block.attn = _wrap(block.attn, i, "attention")
         moe = block.mlp
-        if moe in model.moe_layers():
+        if id(moe) in moes:
             moe.router = _wrap(moe.router, i, "router")
             moe.experts = _wrap(moe.experts, i, "experts", counts_evals=True)
     model.lm_head = _wrap(model.lm_head, -1, "head")

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from moecluster.errors import MoeClusterError
-from moecluster.models.configs import CONFIGS, DTYPE_BYTES, ModelShape, shape_of
+from moecluster.models.configs import CONFIGS, shape_of
+from moecluster.models.shape import DTYPE_BYTES, ModelShape
 
 SUPPORTED_TYPES = tuple(CONFIGS)
 __all__ = ["DTYPE_BYTES", "SUPPORTED_TYPES", "ModelShape", "from_hf_config", "load_model"]

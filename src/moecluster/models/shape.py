@@ -1,0 +1,195 @@
+"""The shape of an MoE decoder in parameters and bytes (`ModelShape`), pure Python: what the engine, `place`,
+the planner and the performance model read from a config (models/configs.py builds it), and the bytes per
+weight of each format.
+
+Legend: T tokens, D model dim, F expert hidden dim, E experts, K top-k, L layers, V vocab, H heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from moecluster.errors import MoeClusterError
+
+# Bytes per weight for --dtype; q8/q4 are group-64 affine quantization (scale + bias in fp16).
+# The expert formats the engine holds (moecluster.quant), scales included: int8/int4 one fp32 scale per 128
+# inputs (--quant-group-size default), fp8 one fp32 per 128x128 block, mxfp4 one e8m0 byte per 32.
+EXPERT_FORMAT_BYTES: dict[str, float] = {
+    "int8": 1.0 + 4.0 / 128,
+    "int4": 0.5 + 4.0 / 128,
+    "fp8": 1.0 + 4.0 / (128 * 128),
+    "mxfp4": 0.5 + 1.0 / 32,
+}
+DTYPE_BYTES: dict[str, float] = {
+    "bf16": 2.0,
+    "fp16": 2.0,
+    "q8": 1.0 + 4.0 / 64,
+    "q4": 0.5 + 4.0 / 64,
+    **EXPERT_FORMAT_BYTES,
+}
+
+
+def checkpoint_format(cfg: dict[str, Any]) -> str | None:
+    """The expert format a checkpoint ships by its config.json `quantization_config` ("fp8", "mxfp4"), None
+    when unquantized; other methods get one error (the engine's check is moecluster.quant's)."""
+    qc = cfg.get("quantization_config") or {}
+    method = str(qc.get("quant_method", "")).lower() if isinstance(qc, dict) else ""
+    if not qc:
+        return None
+    if method not in ("fp8", "mxfp4"):
+        raise MoeClusterError(
+            f"quantization method {method or '(missing)'!r} is not supported; supported "
+            "checkpoint formats: 'fp8', 'mxfp4' (or pass --dtype to size the model)"
+        )
+    return method
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Shape of an MoE decoder. Param counts are per layer unless the name says otherwise.
+
+    Small terms (biases, q/k norms, router bias) are ignored; they are < 0.01% of the bytes."""
+
+    name: str
+    model_type: str
+    num_layers: int
+    num_moe_layers: int
+    d_model: int
+    num_heads: int
+    num_experts: int
+    top_k: int
+    expert_ffn: int  # F: hidden size of one routed expert (gated MLP: 3 matrices D x F)
+    vocab_size: int
+    attn_params: int  # per layer: q, k, v, o projections (or MLA's low-rank ones)
+    kv_elems_per_token: int  # per layer: cached elements per token (K and V, or MLA latent)
+    attn_score_dim: int  # per head: qk dim + v dim (scores and weighted sum per cached token)
+    shared_ffn: int = 0  # total hidden size of shared experts per MoE layer (0: none)
+    dense_ffn: int = 0  # hidden size of the MLP in non-MoE layers
+    tie_embeddings: bool = False
+    weight_bytes: float = 2.0  # bytes per weight (bf16)
+    expert_weight_bytes: float | None = None  # routed experts' bytes per weight when held apart (quantized)
+    act_bytes: int = 2  # bytes per activation element (exchange and KV cache)
+    source: str = ""
+    num_sliding_layers: int = 0  # layers with sliding-window attention: they cache only `sliding_window` tokens
+    sliding_window: int = 0
+
+    @property
+    def expert_params(self) -> int:
+        """Params of one routed expert in one layer (gate, up, down: 3 x D x F)."""
+        return 3 * self.d_model * self.expert_ffn
+
+    @property
+    def num_dense_layers(self) -> int:
+        return self.num_layers - self.num_moe_layers
+
+    @property
+    def router_params(self) -> int:
+        return self.d_model * self.num_experts
+
+    @property
+    def shared_params(self) -> int:
+        """Shared-expert params in one MoE layer (replicated on every rank)."""
+        return 3 * self.d_model * self.shared_ffn
+
+    @property
+    def dense_mlp_params(self) -> int:
+        return 3 * self.d_model * self.dense_ffn
+
+    @property
+    def embed_params(self) -> int:
+        return self.vocab_size * self.d_model
+
+    @property
+    def head_params(self) -> int:
+        return self.vocab_size * self.d_model
+
+    @property
+    def replicated_params(self) -> int:
+        """Params every rank holds: embeddings, attention, norms, router, shared/dense MLP, head."""
+        per_layer = self.attn_params + 2 * self.d_model
+        moe = self.router_params + self.shared_params
+        return (
+            self.num_layers * per_layer
+            + self.num_moe_layers * moe
+            + self.num_dense_layers * self.dense_mlp_params
+            + self.embed_params
+            + (0 if self.tie_embeddings else self.head_params)
+            + self.d_model
+        )
+
+    @property
+    def expert_params_total(self) -> int:
+        return self.num_moe_layers * self.num_experts * self.expert_params
+
+    @property
+    def total_params(self) -> int:
+        return self.replicated_params + self.expert_params_total
+
+    @property
+    def active_params(self) -> int:
+        """Params touched per token at batch 1 (embedding: one row)."""
+        routed = self.num_moe_layers * self.top_k * self.expert_params
+        return self.replicated_params - self.embed_params + self.d_model + routed
+
+    @property
+    def expert_bytes(self) -> float:
+        """Bytes of one expert in one layer (scales included)."""
+        return self.expert_params * (
+            self.weight_bytes if self.expert_weight_bytes is None else self.expert_weight_bytes
+        )
+
+    @property
+    def replicated_bytes(self) -> float:
+        return self.replicated_params * self.weight_bytes
+
+    @property
+    def total_bytes(self) -> float:
+        return self.replicated_bytes + self.num_moe_layers * self.num_experts * self.expert_bytes
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        """KV-cache bytes per token of context, all layers."""
+        return self.num_layers * self.kv_elems_per_token * self.act_bytes
+
+    def kv_bytes(self, context: int) -> float:
+        """KV-cache bytes of one sequence of `context` tokens, all layers (sliding layers: at most the window)."""
+        sliding = self.num_sliding_layers * min(context, self.sliding_window)
+        full = (self.num_layers - self.num_sliding_layers) * context
+        return (full + sliding) * self.kv_elems_per_token * self.act_bytes
+
+    def exchange_bytes(self, num_tokens: int) -> int:
+        """All-reduce message size for T tokens: T x D activations."""
+        return num_tokens * self.d_model * self.act_bytes
+
+    def with_dtype(self, dtype: str) -> ModelShape:
+        """Same shape with weights stored as `dtype`: bf16, fp16, q8, q4 all weights; the engine's expert
+        formats (int8, int4, fp8, mxfp4) the routed experts only, the rest staying bf16 as the engine holds it
+        (int8 dense weights with --quantize-dense are not modelled)."""
+        if dtype not in DTYPE_BYTES:
+            raise MoeClusterError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
+        if dtype in EXPERT_FORMAT_BYTES:
+            return replace(self, weight_bytes=2.0, expert_weight_bytes=DTYPE_BYTES[dtype])
+        return replace(self, weight_bytes=DTYPE_BYTES[dtype], expert_weight_bytes=None)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-friendly summary of sizes (bytes in GB = 1e9)."""
+        return {
+            "name": self.name,
+            "model_type": self.model_type,
+            "layers": self.num_layers,
+            "moe_layers": self.num_moe_layers,
+            "d_model": self.d_model,
+            "experts": self.num_experts,
+            "top_k": self.top_k,
+            "total_params_b": self.total_params / 1e9,
+            "active_params_b": self.active_params / 1e9,
+            "weight_bytes_per_param": self.weight_bytes,
+            "replicated_gb": self.replicated_bytes / 1e9,
+            "expert_gb_each": self.expert_bytes / 1e9,
+            "experts_total_gb": self.num_moe_layers * self.num_experts * self.expert_bytes / 1e9,
+            "expert_bytes_per_param": self.expert_bytes / self.expert_params if self.expert_params else 0.0,
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+            "exchange_bytes_per_token": self.exchange_bytes(1),
+            "source": self.source,
+        }
