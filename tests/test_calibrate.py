@@ -18,8 +18,7 @@ from moecluster.perfmodel.profile import load_profile, profile_from_dict
 CLI = [sys.executable, "-m", "moecluster.cli"]
 
 
-def run_cli(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *argv], capture_output=True, text=True, timeout=timeout)
+from cli_runner import run_cli  # noqa: E402  (in-process: no interpreter + torch start-up per call)
 
 
 @pytest.fixture(scope="module")

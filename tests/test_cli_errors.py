@@ -5,15 +5,10 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
-
-
-def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "moecluster.cli", *args], capture_output=True, text=True, timeout=timeout
-    )
+from cli_runner import run_cli
+from safetensors import safe_open
 
 
 def copy_model(src, dst):
@@ -49,20 +44,8 @@ def test_missing_shard(tiny_dbrx, tmp_path):
 def test_missing_shard_of_index(tiny_dbrx, tmp_path):
     d = copy_model(tiny_dbrx, tmp_path / "m")
     (d / "model.safetensors").rename(d / "model-00001-of-00002.safetensors")
-    names = json.loads(
-        subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                (
-                    "import json,sys;from safetensors import safe_open;"
-                    f"print(json.dumps(list(safe_open(r'{d}/model-00001-of-00002.safetensors','pt').keys())))"
-                ),
-            ],
-            capture_output=True,
-            text=True,
-        ).stdout
-    )
+    with safe_open(str(d / "model-00001-of-00002.safetensors"), "pt") as f:
+        names = list(f.keys())
     index = {n: "model-00001-of-00002.safetensors" for n in names[:-1]}
     index[names[-1]] = "model-00002-of-00002.safetensors"
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))

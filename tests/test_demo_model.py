@@ -113,41 +113,13 @@ def test_optimized_placement_beats_contiguous_on_real_routing(recorded_routing, 
 def test_eval_command_prints_perplexity(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(HELD_OUT.read_text()[:3000])
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "moecluster.cli",
-            "eval",
-            "--model",
-            str(DEMO_MODEL_DIR),
-            "--text",
-            str(text),
-            "--dtype",
-            "fp32",
-            "--window",
-            "128",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    from cli_runner import run_cli
+
+    out = run_cli("eval", "--model", str(DEMO_MODEL_DIR), "--text", str(text), "--dtype", "fp32", "--window", "128")
+    assert out.returncode == 0, out.stderr
     ppl = float(out.stdout.split("perplexity:")[1].split()[0])
     assert 1 < ppl < 1000
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "moecluster.cli",
-            "eval",
-            "--model",
-            str(DEMO_MODEL_DIR),
-            "--text",
-            str(tmp_path / "missing.txt"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    bad = run_cli("eval", "--model", str(DEMO_MODEL_DIR), "--text", str(tmp_path / "missing.txt"))
     assert bad.returncode == 2 and "not found" in bad.stderr
 
 

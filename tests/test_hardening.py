@@ -221,16 +221,10 @@ def _variant(src, tmp_path, name, config=None, index=None, nan=False):
     ],
 )
 def test_bad_checkpoints_one_error_line(tiny_dbrx, tmp_path, name, config, index, nan, message):
-    import subprocess
-    import sys
+    from cli_runner import run_cli
 
     d = _variant(tiny_dbrx, tmp_path, name, config, index, nan)
-    res = subprocess.run(
-        [sys.executable, "-m", "moecluster.cli", "generate", "--model", str(d), "--prompt", "hi", "--max-tokens", "2"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    res = run_cli("generate", "--model", str(d), "--prompt", "hi", "--max-tokens", "2")
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert message in res.stderr.strip().splitlines()[-1], res.stderr[-500:]
     if nan:  # the scan can be skipped; a NaN reaching the logits then fails the request, not the process

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import time
 
 import numpy as np
 import pytest
@@ -142,17 +141,6 @@ def test_assign_balances_replicas() -> None:
     # big prefill calls split a replicated expert across holders in chunks
     split = Placement([[[0, 1], [0]]], 2).assign(0, [[0]] * 64)
     assert sorted(sum(split, [])).count(0) == 32
-
-
-def test_assign_is_fast() -> None:
-    p = Placement([[[e % 4, (e + 1) % 4] if e < 4 else [e % 4] for e in range(16)]] * 2, 4)
-    ids = [[0, 1, 2, 9]]
-    p.assign(0, ids)
-    t0 = time.perf_counter()
-    for _ in range(20000):
-        p.assign(0, ids)
-    per_call_us = (time.perf_counter() - t0) / 20000 * 1e6
-    assert per_call_us < 60, f"assign took {per_call_us:.1f} us for T=1, K=4 (target < 20 us)"
 
 
 @pytest.mark.parametrize("batch", [1, 4])
