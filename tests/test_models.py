@@ -122,26 +122,21 @@ def test_qwen3_checkpoint_with_tokenizer_saved_by_transformers_chats(tiny_models
     assert loaded.tokenizer.apply_chat_template(messages) == hf_tok.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True
     )
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "moecluster.cli",
-            "generate",
-            "--model",
-            str(model),
-            "--prompt",
-            "Hello",
-            "--chat",
-            "--max-tokens",
-            "8",
-            "--ignore-eos",
-            "--dtype",
-            "fp32",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    from cli_runner import run_cli
+
+    res = run_cli(
+        "generate",
+        "--model",
+        str(model),
+        "--prompt",
+        "Hello",
+        "--chat",
+        "--max-tokens",
+        "8",
+        "--ignore-eos",
+        "--dtype",
+        "fp32",
     )
+
     assert res.returncode == 0, res.stderr
     assert "prompt tokens" in res.stderr

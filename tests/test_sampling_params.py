@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import math
 import re
-import subprocess
-import sys
 
 import httpx
 import openai
@@ -272,5 +270,7 @@ def test_request_log_lines_kv_cache_line_and_version(server, client):
     assert lines, log
     assert re.search(r"request chatcmpl-\w+ status=200 .* completion_tokens=3 .* finish=length\n", log), log
     assert re.search(r"request - /v1/completions status=400 param=n", log), log
-    out = subprocess.run([sys.executable, "-m", "moecluster.cli", "--version"], capture_output=True, text=True)
+    from cli_runner import run_cli
+
+    out = run_cli("--version")
     assert out.returncode == 0 and out.stdout.strip() == f"moecluster {moecluster.__version__}"
