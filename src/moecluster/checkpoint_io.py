@@ -128,6 +128,7 @@ class CheckpointReader:
         self.bytes_read = 0
         self._fds: dict[Path, int] = {}
         self._bounce_buf = torch.empty(0, dtype=torch.uint8)
+        self._scratch: dict[str, torch.Tensor] = {}
         self._prefetcher: threading.Thread | None = None
         self._stop = threading.Event()
         index = model_dir / "model.safetensors.index.json"
@@ -230,6 +231,14 @@ class CheckpointReader:
                 os.posix_fadvise(self._fds[path], 0, 0, os.POSIX_FADV_SEQUENTIAL)
         return self._fds[path]
 
+    def scratch(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A buffer kept until `close`: what a loader needs once per expert is allocated once per load, not
+        once per expert (freed heap chunks of that size would stay resident, as glibc keeps them)."""
+        t = self._scratch.get(name)
+        if t is None or tuple(t.shape) != shape or t.dtype != dtype:
+            t = self._scratch[name] = torch.empty(shape, dtype=dtype)
+        return t
+
     def byte_range(self, name: str, start: int | None = None, end: int | None = None) -> tuple[Path, int, int]:
         """(file, offset, bytes) of a tensor, or of rows start:end of it."""
         info = self.info[name]
@@ -269,6 +278,8 @@ class CheckpointReader:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        self._scratch.clear()
+        self._bounce_buf = torch.empty(0, dtype=torch.uint8)
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:

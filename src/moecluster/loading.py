@@ -8,14 +8,16 @@ only those rows.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from moecluster.checkpoint_io import CheckpointReader, LoadProgress
 from moecluster.errors import MoeClusterError
@@ -174,14 +176,14 @@ def load_model(
     threads = torch.get_num_threads()
     try:
         _check_names(reader, arch, cfg, fmt)
-        plan = _read_plan(reader, _expert_reader(arch, fmt), arch, cfg, held)
+        plan = _read_plan(reader, _expert_reader(arch, fmt), arch, cfg, held, fmt)
         if meter is not None:
             meter.total, reader.progress = sum(n for _, _, n in plan), meter
         reader.prefetch(plan)
         # copies of a few MB each: one thread is as fast on a quiet machine and much faster on a busy one
         # (measured 4.5 s vs 7-10 s for 0.8 GB with 2 threads on 2 shared cores)
         torch.set_num_threads(1)
-        with torch.device("meta"):
+        with torch.device("meta"), _no_embedding_init():
             model = model_class(cfg)
         _load_dense(model, reader, arch, cfg)
         if quant.dense:
@@ -206,20 +208,43 @@ def load_model(
     return LoadedModel(model, cfg, shape, tokenizer, raw, torch_dtype, model_dir, meter)
 
 
+@contextlib.contextmanager
+def _no_embedding_init() -> Iterator[None]:
+    """nn.Embedding's random init, which the checkpoint overwrites: on meta tensors it runs through torch._refs,
+    which imports torch._dynamo (70 MB of Python objects that would stay resident)."""
+    reset = nn.Embedding.reset_parameters
+    nn.Embedding.reset_parameters = lambda self: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Embedding.reset_parameters = reset  # type: ignore[method-assign]
+
+
 def _read_plan(
-    reader: CheckpointReader, read_expert: Callable, arch, cfg: ArchConfig, held: list[list[int]]
+    reader: CheckpointReader, read_expert: Callable, arch, cfg: ArchConfig, held: list[list[int]], fmt: str | None
 ) -> list[tuple[Path, int, int]]:
     """The byte ranges this load reads, in order (dense tensors, then each held expert's rows), found by running
-    the architecture's read_expert on meta tensors: for the page-cache prefetch and the progress total."""
+    the architecture's read_expert on meta tensors: for the page-cache prefetch and the progress total. The
+    experts are read into meta `out` views as the load does (a torch.cat on meta tensors would import ~800
+    modules, 70 MB, of torch's Python meta kernels)."""
     plan = [reader.byte_range(n) for names, _ in arch.dense_weights(cfg).values() for n in names]
 
     def record(name: str, start: int, end: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
         plan.append(reader.byte_range(name, start, end))
         return torch.empty((end - start, *reader.shapes[name][1:]), device="meta")
 
+    shape = cfg.shape()
+    dim, hidden = shape.d_model, shape.expert_ffn
+    meta = {"device": "meta", "dtype": torch.uint8}
+    out: tuple = (torch.empty(2 * hidden, dim, **meta), torch.empty(dim, hidden, **meta))
+    if fmt == "mxfp4":
+        out = tuple(
+            (torch.empty(rows, cols // 32, 16, **meta), torch.empty(rows, cols // 32, **meta))
+            for rows, cols in ((2 * hidden, dim), (dim, hidden))
+        )
     for experts, layer in zip(held, cfg.moe_layer_ids(), strict=True):
         for expert in experts:
-            read_expert(record, cfg, layer, expert)
+            read_expert(record, cfg, layer, expert, out=out)
     return plan
 
 
@@ -378,11 +403,14 @@ def _load_quantized_experts(
     fp8 = _fp8_readers(reader, template.hidden) if fmt == "fp8" else None
     mxfp4 = _mxfp4_rows(reader) if fmt == "mxfp4" else None
     w13, w2 = module.w13_eGD, module.w2_eDF
-    # int8/int4: one expert in the compute dtype, reused for every expert (no allocation per expert)
+    # int8/int4: one expert in the compute dtype, the same buffers for every expert and layer
     staging = (
         None
         if fp8 or mxfp4
-        else (torch.empty(w13.O, w13.I, dtype=reader.dtype), torch.empty(w2.O, w2.I, dtype=reader.dtype))
+        else (
+            reader.scratch("w13", (w13.O, w13.I), reader.dtype),
+            reader.scratch("w2", (w2.O, w2.I), reader.dtype),
+        )
     )
     for i, expert in enumerate(experts):
         if fp8 is not None:  # fp8 weights straight into the slots, then the (small) block scales
@@ -402,9 +430,9 @@ def _load_quantized_experts(
     return module
 
 
-def _quantize_by_rows(stack: QuantizedStack, i: int, w_OI: torch.Tensor, block_bytes: int = 4 << 20) -> None:
-    """Quantize one expert into slot i a few MB of fp32 at a time (quantizing a whole expert at once takes
-    several fp32 copies of it)."""
+def _quantize_by_rows(stack: QuantizedStack, i: int, w_OI: torch.Tensor, block_bytes: int = 1 << 20) -> None:
+    """Quantize one expert into slot i 1 MB of fp32 at a time (quantizing a whole expert at once takes several
+    fp32 copies of it)."""
     rows = max(1, block_bytes // (4 * w_OI.shape[1]))
     for first in range(0, w_OI.shape[0], rows):
         stack.quantize_rows(i, first, w_OI[first : first + rows])
