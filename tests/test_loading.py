@@ -149,8 +149,8 @@ def _generate_reports(model: Path, nodes: int, out: Path, *extra: str) -> list[d
 
 # what a rank allocates beside the model after its base sample (before loading): activations of a short
 # prompt, the communicator's buffers, the reader's 8 MB bounce buffer; int8/int4 also stage one expert in the
-# compute dtype while quantizing it (2 MB for these dims). Measured: 5-15 MB (see _assert_one_copy).
-RUNTIME_SLACK = 40e6
+# compute dtype while quantizing it (6 MB for these dims). Measured: 20-40 MB on 2 ranks (see _assert_one_copy).
+RUNTIME_SLACK = 50e6
 
 
 def _assert_one_copy(r: dict) -> None:
