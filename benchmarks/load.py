@@ -124,7 +124,7 @@ def load_ranks(model_dir: Path, ranks: int, concurrent: int, src: str) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--ranks", type=int, default=4, help="placement over this many ranks (1: the whole model)")
     ap.add_argument("--concurrent", type=int, default=None, help="ranks 0..K-1 load at once (default: all)")
