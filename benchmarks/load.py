@@ -1,12 +1,14 @@
-"""Load benchmark: cold-ish load of the decode benchmark checkpoint against sequential-read speed of its files.
+"""Load benchmark: GB/s per rank from a cold and a warm page cache against the disk's sequential read speed.
 
-Before each run the shards are dropped from the page cache (posix_fadvise DONTNEED; pages another process
-maps stay). Each round measures `dd` over the shards, then loads one rank's share (rank 0 of --ranks,
-contiguous placement; --ranks 1 loads everything) in a fresh process that samples RssAnon/RssFile every
-20 ms. --before SRC also loads with another source tree (e.g. an export of the commit before this loader) to
-compare peak memory and speed. Speeds are GB/s of bytes loaded; on a shared machine quote the ratios.
+Each round: the shards are dropped from the page cache (posix_fadvise DONTNEED, or --drop-caches: the whole
+cache through /proc/sys/vm/drop_caches, root only), `dd` reads them cold (the disk's sequential speed), they
+are dropped again, then ranks 0..K-1 of a --ranks placement (contiguous) load their share concurrently in
+fresh processes (cold), then once more with the page cache as they left it (warm). Every rank samples
+RssAnon/RssFile every 20 ms. A rank's speed is the bytes it read over its load time; ranks on one host read
+the replicated (dense) tensors from the page cache after the first. --before SRC also loads cold with another
+source tree (e.g. an export of an older commit). Medians over --rounds; the load average is quoted.
 
-    .venv/bin/python benchmarks/load.py [--rounds 2] [--ranks 2] [--before /tmp/loader/before/src]
+    .venv/bin/python benchmarks/load.py [--rounds 3] [--ranks 4] [--concurrent 2] [--before /tmp/before/src]
 """
 
 from __future__ import annotations
@@ -16,40 +18,44 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from decode import RESULTS, bench_model_dir  # noqa: E402  (reuses the cached ~4.9 GB checkpoint, builds once)
+from decode import RESULTS, bench_model_dir  # noqa: E402  (reuses the cached ~5.2 GB checkpoint, builds once)
 
 CHILD = r"""
 import json, sys, threading, time
-peaks = {"anon": 0, "file": 0, "total": 0}
+peaks = {"anon": 0, "file": 0}
 def sample():
     s = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines() if ":" in l)
     a, f = (int(s[k].split()[0]) * 1024 for k in ("RssAnon", "RssFile"))
-    for key, value in (("anon", a), ("file", f), ("total", a + f)):
-        peaks[key] = max(peaks[key], value)
+    peaks["anon"], peaks["file"] = max(peaks["anon"], a), max(peaks["file"], f)
 stop = threading.Event()
 def run():
     while not stop.wait(0.02):
         sample()
 import torch
 from moecluster.loading import load_model, read_config
-model_dir, ranks = sys.argv[1], int(sys.argv[2])
+from moecluster.parallel.placement import make_placement
+model_dir, ranks, rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 shape = read_config(model_dir)[1].shape()
-share = -(-shape.num_experts // ranks)
+placement = make_placement("contiguous", shape.num_experts, shape.num_moe_layers, ranks)
 sample(); base = dict(peaks)
 threading.Thread(target=run, daemon=True).start()
 t0 = time.perf_counter()
-loaded = load_model(model_dir, "bf16", expert_filter=lambda layer: list(range(share)))
+loaded = load_model(model_dir, "bf16", expert_filter=lambda layer: placement.experts_of(rank, layer), progress="")
 seconds = time.perf_counter() - t0
 stop.set(); sample()
-held = sum(t.numel() * t.element_size() for t in {id(t): t for t in [*loaded.model.parameters()]}.values())
-print(json.dumps({"seconds": seconds, "held_bytes": held, "peak_anon": peaks["anon"], "peak_file": peaks["file"],
-                  "peak_total": peaks["total"], "base_anon": base["anon"], "base_file": base["file"]}))
+tensors = [*loaded.model.parameters()]
+held = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in tensors}.values())
+read = loaded.load.bytes if loaded.load is not None else held
+print(json.dumps({"rank": rank, "seconds": seconds, "read_bytes": read, "held_bytes": held,
+                  "peak_anon": peaks["anon"], "peak_file": peaks["file"], "base_anon": base["anon"],
+                  "base_file": base["file"]}))
 """
 
 
@@ -57,7 +63,11 @@ def shards(model_dir: Path) -> list[Path]:
     return sorted(model_dir.glob("*.safetensors"))
 
 
-def drop_cache(files: list[Path]) -> None:
+def drop_cache(files: list[Path], everything: bool) -> None:
+    if everything:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        return
     for f in files:
         fd = os.open(f, os.O_RDONLY)
         try:
@@ -67,70 +77,116 @@ def drop_cache(files: list[Path]) -> None:
             os.close(fd)
 
 
-def dd_gbs(files: list[Path]) -> float:
+def cached_fraction(files: list[Path]) -> float:
+    """Share of the shards' bytes in the page cache (fincore), to show that a cold run starts cold."""
+    try:
+        out = subprocess.run(
+            ["fincore", "-b", "-n", "-o", "RES,SIZE", *map(str, files)], capture_output=True, text=True
+        )
+        res = [tuple(map(int, line.split())) for line in out.stdout.splitlines() if line.strip()]
+        return sum(r for r, _ in res) / max(sum(s for _, s in res), 1)
+    except (OSError, ValueError):
+        return float("nan")
+
+
+def dd_gbs(files: list[Path], everything: bool) -> float:
     """Sequential read speed of the shards, cold: dd with 16 MiB blocks to /dev/null."""
-    drop_cache(files)
+    drop_cache(files, everything)
     t0 = time.perf_counter()
     for f in files:
         subprocess.run(["dd", f"if={f}", "of=/dev/null", "bs=16M"], check=True, capture_output=True)
     return sum(f.stat().st_size for f in files) / (time.perf_counter() - t0) / 1e9
 
 
-def load_once(model_dir: Path, ranks: int, src: str) -> dict:
-    drop_cache(shards(model_dir))
-    env = dict(os.environ, PYTHONPATH=src)
-    res = subprocess.run(
-        [sys.executable, "-c", CHILD, str(model_dir), str(ranks)], env=env, capture_output=True, text=True, timeout=1800
-    )
-    if res.returncode != 0:
-        raise SystemExit(f"load failed with {src}:\n{res.stderr[-3000:]}")
-    out = json.loads(res.stdout.strip().splitlines()[-1])
-    out["gbs"] = out["held_bytes"] / out["seconds"] / 1e9
-    return out
+def load_ranks(model_dir: Path, ranks: int, concurrent: int, src: str) -> dict:
+    """Ranks 0..concurrent-1 load at once; per-rank results and the wall time of the slowest."""
+    env = dict(os.environ, PYTHONPATH=src, OMP_NUM_THREADS="1")
+    t0 = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(model_dir), str(ranks), str(r)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(concurrent)
+    ]
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=1800)
+        if p.returncode != 0:
+            raise SystemExit(f"load failed with {src}:\n{stderr[-3000:]}")
+        res = json.loads(stdout.strip().splitlines()[-1])
+        res["gbs"] = res["read_bytes"] / res["seconds"] / 1e9
+        out.append(res)
+    return {"wall": time.perf_counter() - t0, "ranks": out}
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--ranks", type=int, default=2, help="load rank 0's share of this many ranks (1: the whole model)")
-    ap.add_argument("--before", default=None, help="a src directory with the previous loader, loaded once per round")
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--ranks", type=int, default=4, help="placement over this many ranks (1: the whole model)")
+    ap.add_argument("--concurrent", type=int, default=None, help="ranks 0..K-1 load at once (default: all)")
+    ap.add_argument(
+        "--drop-caches", action="store_true", help="drop the whole page cache (root) instead of the shards'"
+    )
+    ap.add_argument("--before", default=None, help="a src directory with another loader, loaded cold once per round")
     args = ap.parse_args()
-    model_dir = bench_model_dir()
+    concurrent = args.concurrent or args.ranks
+    model_dir = bench_model_dir("dbrx")
+    files = shards(model_dir)
     src = str(Path(__file__).resolve().parent.parent / "src")
     rounds = []
     for i in range(args.rounds):
-        r = {"dd_gbs": dd_gbs(shards(model_dir)), "after": load_once(model_dir, args.ranks, src)}
+        r: dict = {"loadavg": os.getloadavg()[0], "dd_gbs": dd_gbs(files, args.drop_caches)}
+        drop_cache(files, args.drop_caches)
+        r["cached_before_cold"] = cached_fraction(files)
+        r["cold"] = load_ranks(model_dir, args.ranks, concurrent, src)
+        r["warm"] = load_ranks(model_dir, args.ranks, concurrent, src)
         if args.before:
-            r["before"] = load_once(model_dir, args.ranks, args.before)
+            drop_cache(files, args.drop_caches)
+            r["before"] = load_ranks(model_dir, args.ranks, concurrent, args.before)
         rounds.append(r)
         print(f"round {i}: " + json.dumps(r), flush=True)
-    report(args, model_dir, rounds)
+    report(args, concurrent, model_dir, rounds)
     return 0
 
 
-def _line(name: str, runs: list[dict], dd: list[float]) -> str:
-    g = 1e9
-    return f"{name:<7} " + "  ".join(
-        f"{x['seconds']:6.1f} s {x['gbs']:5.2f} GB/s ({x['gbs'] / d * 100:3.0f}% of dd) held {x['held_bytes'] / g:.2f} "
-        f"peak anon {x['peak_anon'] / g:.2f} file {x['peak_file'] / g:.2f} (base {x['base_anon'] / g:.2f}/"
-        f"{x['base_file'] / g:.2f})"
-        for x, d in zip(runs, dd, strict=True)
-    )
+def _lines(name: str, rounds: list[dict], key: str) -> list[str]:
+    g, out = 1e9, []
+    ranks = len(rounds[0][key]["ranks"])
+    for k in range(ranks):
+        runs = [r[key]["ranks"][k] for r in rounds]
+        pct = [x["gbs"] / r["dd_gbs"] * 100 for x, r in zip(runs, rounds, strict=True)]
+        x = runs[0]
+        out.append(
+            f"{name:<6} rank {k}: {statistics.median(x['gbs'] for x in runs):5.2f} GB/s median "
+            f"({statistics.median(pct):3.0f}% of dd; runs " + ", ".join(f"{p:.0f}%" for p in pct) + ") "
+            f"read {x['read_bytes'] / g:.2f} GB in {statistics.median(x['seconds'] for x in runs):5.1f} s, held "
+            f"{x['held_bytes'] / g:.2f}, peak anon {max(x['peak_anon'] for x in runs) / g:.2f} file "
+            f"{max(x['peak_file'] for x in runs) / g:.2f} (base {x['base_anon'] / g:.2f}/{x['base_file'] / g:.2f})"
+        )
+    return out
 
 
-def report(args, model_dir: Path, rounds: list[dict]) -> None:
+def report(args, concurrent: int, model_dir: Path, rounds: list[dict]) -> None:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
     ).stdout.strip()
     dd = [r["dd_gbs"] for r in rounds]
+    size = sum(f.stat().st_size for f in shards(model_dir))
     lines = [
-        f"checkpoint: {model_dir} ({sum(f.stat().st_size for f in shards(model_dir)) / 1e9:.2f} GB); "
-        f"loading rank 0's share of {args.ranks} rank(s), bf16, page cache dropped before each run",
-        "dd (cold, sequential): " + ", ".join(f"{x:.2f}" for x in dd) + " GB/s",
-        _line("after", [r["after"] for r in rounds], dd),
+        f"checkpoint: {model_dir} ({size / 1e9:.2f} GB); ranks 0..{concurrent - 1} of {args.ranks} (contiguous) "
+        f"loading concurrently, bf16; {'whole page cache' if args.drop_caches else 'shards'} dropped before cold runs",
+        "load average (1 min) per round: " + ", ".join(f"{r['loadavg']:.1f}" for r in rounds),
+        "in page cache before cold loads: " + ", ".join(f"{r['cached_before_cold'] * 100:.0f}%" for r in rounds),
+        f"dd (cold, sequential): {statistics.median(dd):.2f} GB/s median (" + ", ".join(f"{x:.2f}" for x in dd) + ")",
+        *_lines("cold", rounds, "cold"),
+        *_lines("warm", rounds, "warm"),
     ]
     if args.before:
-        lines.append(_line("before", [r["before"] for r in rounds], dd))
+        lines += _lines("before", rounds, "before")
     text = "\n".join(lines)
     print(text)
     header = (

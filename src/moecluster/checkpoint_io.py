@@ -127,6 +127,8 @@ class CheckpointReader:
         self.progress: LoadProgress | None = None
         self.bytes_read = 0
         self._fds: dict[Path, int] = {}
+        self._bounce_buf = torch.empty(0, dtype=torch.uint8)
+        self._scratch: dict[str, torch.Tensor] = {}
         self._prefetcher: threading.Thread | None = None
         self._stop = threading.Event()
         index = model_dir / "model.safetensors.index.json"
@@ -148,36 +150,60 @@ class CheckpointReader:
     def disk_dtype(self, name: str) -> torch.dtype:
         return self.info[name].dtype
 
-    def read(self, name: str, dtype=KEEP) -> torch.Tensor:
-        """The whole tensor; dtype: KEEP (the reader's dtype), None (as on disk) or a torch dtype."""
+    def read(self, name: str, dtype=KEEP, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The whole tensor; dtype: KEEP (the reader's dtype), None (as on disk) or a torch dtype. With `out`
+        (a tensor of the right shape, any dtype and strides: e.g. a slice or transposed view of final storage),
+        the bytes land there and `out` is returned: no temporary beyond a fixed bounce buffer."""
         info = self.info[name]
-        return self._read(info, info.start, info.shape, dtype)
+        return self._read(info, info.start, info.shape, dtype, out)
 
-    def read_rows(self, name: str, start: int, end: int, dtype=KEEP) -> torch.Tensor:
-        """Rows start:end of dim 0 (one contiguous byte range on disk)."""
+    def read_rows(
+        self, name: str, start: int, end: int, dtype=KEEP, *, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Rows start:end of dim 0 (one contiguous byte range on disk); `out` as in `read`."""
         info = self.info[name]
         if not info.shape or not 0 <= start <= end <= info.shape[0]:
             raise MoeClusterError(f"internal: rows {start}:{end} of {name} with shape {list(info.shape)}")
         row_bytes = math.prod(info.shape[1:]) * info.dtype.itemsize
-        return self._read(info, info.start + start * row_bytes, (end - start, *info.shape[1:]), dtype)
+        return self._read(info, info.start + start * row_bytes, (end - start, *info.shape[1:]), dtype, out)
 
-    def _read(self, info: TensorInfo, offset: int, shape: tuple[int, ...], dtype) -> torch.Tensor:
-        target = self.dtype if dtype is KEEP else info.dtype if dtype is None else dtype
-        out = torch.empty(shape, dtype=target)
+    def _read(
+        self, info: TensorInfo, offset: int, shape: tuple[int, ...], dtype, out: torch.Tensor | None
+    ) -> torch.Tensor:
+        if out is None:
+            out = torch.empty(shape, dtype=self.dtype if dtype is KEEP else info.dtype if dtype is None else dtype)
+        elif not shape or out.dim() == 0 or out.shape[0] != shape[0] or out.numel() != math.prod(shape):
+            raise MoeClusterError(f"internal: reading {list(shape)} into a tensor of {list(out.shape)}")
+        out = out.detach()
         fd = self._fd(info.path)
-        if target == info.dtype:
+        if out.dtype == info.dtype and out.is_contiguous():
             self._pread_into(fd, info.path, _bytes_of(out), offset)
-        else:  # convert through a bounce buffer: never a second full-size copy
+        elif out.is_contiguous():  # convert chunk by chunk through the bounce buffer
             flat = out.view(-1)
             step = max(1, BOUNCE // info.dtype.itemsize)
-            bounce = torch.empty(min(step, flat.numel()), dtype=info.dtype)
             for first in range(0, flat.numel(), step):
-                chunk = bounce[: min(step, flat.numel() - first)]
+                chunk = self._bounce(info.dtype, (min(step, flat.numel() - first),))
                 self._pread_into(fd, info.path, _bytes_of(chunk), offset + first * info.dtype.itemsize)
                 flat[first : first + chunk.numel()].copy_(chunk)
+        else:  # a strided view of the final storage: blocks of rows through the bounce buffer (rows of `out`
+            # may have another shape of the same size, e.g. gpt-oss's interleaved gate/up split in two)
+            row_bytes = math.prod(shape[1:]) * info.dtype.itemsize
+            step = max(1, BOUNCE // max(row_bytes, 1))
+            for first in range(0, shape[0], step):
+                dst = out[first : first + step]
+                chunk = self._bounce(info.dtype, (dst.shape[0], *shape[1:]))
+                self._pread_into(fd, info.path, _bytes_of(chunk), offset + first * row_bytes)
+                dst.copy_(chunk.view(dst.shape))
         if self.progress is not None:
             self.progress.tensor_done()
         return out
+
+    def _bounce(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """A view of the reader's one bounce buffer (grown on demand, reused: no allocation per read)."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if self._bounce_buf.numel() < nbytes:
+            self._bounce_buf = torch.empty(nbytes, dtype=torch.uint8)
+        return self._bounce_buf[:nbytes].view(dtype).view(shape)
 
     def _pread_into(self, fd: int, path: Path, buf: memoryview, offset: int) -> None:
         done = 0
@@ -204,6 +230,14 @@ class CheckpointReader:
             if hasattr(os, "posix_fadvise"):  # a larger readahead window: shards are read mostly in order
                 os.posix_fadvise(self._fds[path], 0, 0, os.POSIX_FADV_SEQUENTIAL)
         return self._fds[path]
+
+    def scratch(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A buffer kept until `close`: what a loader needs once per expert is allocated once per load, not
+        once per expert (freed heap chunks of that size would stay resident, as glibc keeps them)."""
+        t = self._scratch.get(name)
+        if t is None or tuple(t.shape) != shape or t.dtype != dtype:
+            t = self._scratch[name] = torch.empty(shape, dtype=dtype)
+        return t
 
     def byte_range(self, name: str, start: int | None = None, end: int | None = None) -> tuple[Path, int, int]:
         """(file, offset, bytes) of a tensor, or of rows start:end of it."""
@@ -244,6 +278,8 @@ class CheckpointReader:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        self._scratch.clear()
+        self._bounce_buf = torch.empty(0, dtype=torch.uint8)
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:

@@ -8,14 +8,16 @@ only those rows.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from moecluster.checkpoint_io import CheckpointReader, LoadProgress
 from moecluster.errors import MoeClusterError
@@ -28,6 +30,7 @@ from moecluster.models.shape import ModelShape
 from moecluster.quant import dequantize_fp8_block, format_from_quantization_config
 from moecluster.quant.experts import QuantizedRoutedExperts, QuantOptions, quantize_dense_linears
 from moecluster.quant.formats import FP8_BLOCK
+from moecluster.quant.stack import QuantizedStack
 from moecluster.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -173,14 +176,14 @@ def load_model(
     threads = torch.get_num_threads()
     try:
         _check_names(reader, arch, cfg, fmt)
-        plan = _read_plan(reader, _expert_reader(arch, fmt), arch, cfg, held)
+        plan = _read_plan(reader, _expert_reader(arch, fmt), arch, cfg, held, fmt)
         if meter is not None:
             meter.total, reader.progress = sum(n for _, _, n in plan), meter
         reader.prefetch(plan)
         # copies of a few MB each: one thread is as fast on a quiet machine and much faster on a busy one
         # (measured 4.5 s vs 7-10 s for 0.8 GB with 2 threads on 2 shared cores)
         torch.set_num_threads(1)
-        with torch.device("meta"):
+        with torch.device("meta"), _no_embedding_init():
             model = model_class(cfg)
         _load_dense(model, reader, arch, cfg)
         if quant.dense:
@@ -205,20 +208,43 @@ def load_model(
     return LoadedModel(model, cfg, shape, tokenizer, raw, torch_dtype, model_dir, meter)
 
 
+@contextlib.contextmanager
+def _no_embedding_init() -> Iterator[None]:
+    """nn.Embedding's random init, which the checkpoint overwrites: on meta tensors it runs through torch._refs,
+    which imports torch._dynamo (70 MB of Python objects that would stay resident)."""
+    reset = nn.Embedding.reset_parameters
+    nn.Embedding.reset_parameters = lambda self: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Embedding.reset_parameters = reset  # type: ignore[method-assign]
+
+
 def _read_plan(
-    reader: CheckpointReader, read_expert: Callable, arch, cfg: ArchConfig, held: list[list[int]]
+    reader: CheckpointReader, read_expert: Callable, arch, cfg: ArchConfig, held: list[list[int]], fmt: str | None
 ) -> list[tuple[Path, int, int]]:
     """The byte ranges this load reads, in order (dense tensors, then each held expert's rows), found by running
-    the architecture's read_expert on meta tensors: for the page-cache prefetch and the progress total."""
+    the architecture's read_expert on meta tensors: for the page-cache prefetch and the progress total. The
+    experts are read into meta `out` views as the load does (a torch.cat on meta tensors would import ~800
+    modules, 70 MB, of torch's Python meta kernels)."""
     plan = [reader.byte_range(n) for names, _ in arch.dense_weights(cfg).values() for n in names]
 
-    def record(name: str, start: int, end: int) -> torch.Tensor:
+    def record(name: str, start: int, end: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
         plan.append(reader.byte_range(name, start, end))
         return torch.empty((end - start, *reader.shapes[name][1:]), device="meta")
 
+    shape = cfg.shape()
+    dim, hidden = shape.d_model, shape.expert_ffn
+    meta = {"device": "meta", "dtype": torch.uint8}
+    out: tuple = (torch.empty(2 * hidden, dim, **meta), torch.empty(dim, hidden, **meta))
+    if fmt == "mxfp4":
+        out = tuple(
+            (torch.empty(rows, cols // 32, 16, **meta), torch.empty(rows, cols // 32, **meta))
+            for rows, cols in ((2 * hidden, dim), (dim, hidden))
+        )
     for experts, layer in zip(held, cfg.moe_layer_ids(), strict=True):
         for expert in experts:
-            read_expert(record, cfg, layer, expert)
+            read_expert(record, cfg, layer, expert, out=out)
     return plan
 
 
@@ -228,8 +254,10 @@ def _load_dense(model: DecoderModel, reader: CheckpointReader, arch, cfg: ArchCo
     buffer_dtype = {name: b.dtype for name, b in model.named_buffers()}
     for ours, (names, shape) in arch.dense_weights(cfg).items():
         # the reader returns fresh contiguous tensors in this process's own (anonymous) memory: no copy needed
-        parts = [_read_dense(reader, n, buffer_dtype.get(ours, reader.dtype)) for n in names]
-        t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        t = _read_stacked(reader, names, shape, buffer_dtype.get(ours, reader.dtype))
+        if t is None:
+            parts = [_read_dense(reader, n, buffer_dtype.get(ours, reader.dtype)) for n in names]
+            t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         check_dims(names[0] if len(names) == 1 else "+".join(names), tuple(t.shape), shape)
         state[ours] = t
     result = model.load_state_dict(state, strict=False, assign=True)
@@ -257,10 +285,29 @@ def _load_experts(
             f"placement names experts {bad} in MoE layer {index}, but the model has {template.num_experts}"
         )
     module = template.empty_like(experts, dtype)
+    w13_eGD, w2_eDF = module.w13_eGD.detach(), module.w2_eDF.detach()
     for i, expert in enumerate(experts):
-        # (w13_GD, w2_DF), or (w13_GD, w2_DF, b13_G, b2_D) for experts with biases (gpt-oss)
-        module.set_expert(i, *arch.read_expert(reader.read_rows, cfg, layer, expert))
+        # the weights land in slot i straight from the file; biases (gpt-oss) come back to copy
+        _, _, *biases = arch.read_expert(reader.read_rows, cfg, layer, expert, out=(w13_eGD[i], w2_eDF[i]))
+        module.set_biases(i, *(biases or (None, None)))
     return module
+
+
+def _read_stacked(
+    reader: CheckpointReader, names: list[str], shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor | None:
+    """Tensors concatenated along dim 0 (q/k/v into wqkv) read straight into one tensor, when their shapes add
+    up to `shape` and none is fp8 (None otherwise: the caller concatenates, and reports a mismatch)."""
+    shapes = [reader.shapes[n] for n in names]
+    if len(names) < 2 or any(f"{n}_scale_inv" in reader.shapes for n in names):
+        return None
+    if not all(s and s[1:] == shape[1:] for s in shapes) or sum(s[0] for s in shapes) != shape[0]:
+        return None
+    out, first = torch.empty(shape, dtype=dtype), 0
+    for name, s in zip(names, shapes, strict=True):
+        reader.read(name, out=out[first : first + s[0]])
+        first += s[0]
+    return out
 
 
 def _read_dense(reader: CheckpointReader, name: str, dtype: torch.dtype) -> torch.Tensor:
@@ -302,10 +349,10 @@ def _fp8_readers(reader: CheckpointReader, hidden: int) -> tuple[ReadRows, ReadR
             f"blocks stack; this model has {hidden}"
         )
 
-    def weights(name: str, start: int, end: int) -> torch.Tensor:
-        return reader.read_rows(name, start, end, None)  # as on disk (float8_e4m3fn)
+    def weights(name: str, start: int, end: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        return reader.read_rows(name, start, end, None, out=out)  # as on disk (float8_e4m3fn)
 
-    def scales(name: str, start: int, end: int) -> torch.Tensor:
+    def scales(name: str, start: int, end: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
         rows = reader.shapes[name][0]
         if start % FP8_BLOCK or (end % FP8_BLOCK and end != rows):
             raise MoeClusterError(f"fp8 tensor {name}: rows {start}:{end} do not fall on {FP8_BLOCK}-row blocks")
@@ -318,13 +365,15 @@ def _mxfp4_rows(reader: CheckpointReader) -> ReadRows:
     """read_rows for an mxfp4 checkpoint: blocks and scales as on disk (uint8; e8m0 scales viewed as uint8),
     everything else (the biases) in the compute dtype."""
 
-    def read(name: str, start: int, end: int) -> torch.Tensor:
+    def read(name: str, start: int, end: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
         disk = reader.disk_dtype(name)
         if disk == torch.uint8 or disk == getattr(torch, "float8_e8m0fnu", None):
+            if out is not None:  # the same bytes: read them into the uint8 slot as the on-disk dtype
+                return reader.read_rows(name, start, end, out=out.view(disk)).view(torch.uint8)
             return reader.read_rows(name, start, end, None).view(torch.uint8)
         if name.endswith(("_blocks", "_scales")):
             raise MoeClusterError(f"mxfp4 tensor {name} is {disk}; gpt-oss ships *_blocks and *_scales as uint8")
-        return reader.read_rows(name, start, end)
+        return reader.read_rows(name, start, end, out=out)
 
     return read
 
@@ -353,22 +402,40 @@ def _load_quantized_experts(
     )
     fp8 = _fp8_readers(reader, template.hidden) if fmt == "fp8" else None
     mxfp4 = _mxfp4_rows(reader) if fmt == "mxfp4" else None
+    w13, w2 = module.w13_eGD, module.w2_eDF
+    # int8/int4: one expert in the compute dtype, the same buffers for every expert and layer
+    staging = (
+        None
+        if fp8 or mxfp4
+        else (
+            reader.scratch("w13", (w13.O, w13.I), reader.dtype),
+            reader.scratch("w2", (w2.O, w2.I), reader.dtype),
+        )
+    )
     for i, expert in enumerate(experts):
-        if fp8 is not None:
-            w13_GD, w2_DF, *biases = arch.read_expert(fp8[0], cfg, layer, expert)
+        if fp8 is not None:  # fp8 weights straight into the slots, then the (small) block scales
+            _, _, *biases = arch.read_expert(fp8[0], cfg, layer, expert, out=(w13.data[i], w2.data[i]))
             s13, s2, *_ = arch.read_expert(fp8[1], cfg, layer, expert)
-            module.w13_eGD.set_expert(i, w13_GD.contiguous(), s13.contiguous())
-            module.w2_eDF.set_expert(i, w2_DF.contiguous(), s2.contiguous())
+            w13.scales[i].copy_(s13)
+            w2.scales[i].copy_(s2)
         elif mxfp4 is not None:
-            (b13, s13), (b2, s2), *biases = _expert_reader(arch, fmt)(mxfp4, cfg, layer, expert)
-            module.w13_eGD.set_expert(i, b13, s13)
-            module.w2_eDF.set_expert(i, b2, s2)
+            out = ((w13.data[i], w13.scales[i]), (w2.data[i], w2.scales[i]))
+            _, _, *biases = _expert_reader(arch, fmt)(mxfp4, cfg, layer, expert, out=out)
         else:
-            w13_GD, w2_DF, *biases = arch.read_expert(reader.read_rows, cfg, layer, expert)
-            module.w13_eGD.quantize_expert(i, w13_GD)
-            module.w2_eDF.quantize_expert(i, w2_DF)
+            assert staging is not None
+            _, _, *biases = arch.read_expert(reader.read_rows, cfg, layer, expert, out=staging)
+            for stack, w in ((w13, staging[0]), (w2, staging[1])):
+                _quantize_by_rows(stack, i, w)
         module.set_biases(i, *(biases or (None, None)))
     return module
+
+
+def _quantize_by_rows(stack: QuantizedStack, i: int, w_OI: torch.Tensor, block_bytes: int = 1 << 20) -> None:
+    """Quantize one expert into slot i 1 MB of fp32 at a time (quantizing a whole expert at once takes several
+    fp32 copies of it)."""
+    rows = max(1, block_bytes // (4 * w_OI.shape[1]))
+    for first in range(0, w_OI.shape[0], rows):
+        stack.quantize_rows(i, first, w_OI[first : first + rows])
 
 
 def rss_bytes() -> int:

@@ -14,6 +14,7 @@ from moecluster.loading import load_model, peak_rss_bytes, read_config
 from moecluster.memory import SAMPLER
 from moecluster.parallel.placement import Placement, make_placement
 from moecluster.quant.experts import QuantOptions
+from moecluster.quant.stack import QuantizedStack
 from moecluster.tracing import TRACER
 
 
@@ -64,8 +65,12 @@ def load_summary(engine: Engine) -> str | None:
 
 
 def held_bytes(model) -> int:
-    """Bytes this process holds for the model: parameters, buffers (KV cache included), RoPE tables."""
+    """Bytes this process holds for the model: parameters, buffers (KV cache included), RoPE tables, quantized
+    expert stacks."""
     tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()] if not t.is_meta}
+    # quantized experts keep their packed weights and scales in QuantizedStacks, which are not parameters
+    stacks = [v for m in model.modules() for v in vars(m).values() if isinstance(v, QuantizedStack)]
+    tensors |= {t.data_ptr(): t for s in stacks for t in (s.data, s.scales)}
     tensors |= {
         t.data_ptr(): t for t in (getattr(model, "rope_cos", None), getattr(model, "rope_sin", None)) if t is not None
     }  # tied weights count once

@@ -236,12 +236,15 @@ def check_cache(model, num_slots: int, max_seq_len: int | None) -> None:
             f"a context of {max_seq_len} positions (--max-seq-len) is above this model's limit "
             f"of {limit} (max_position_embeddings); ask for at most {limit}"
         )
+    seq = min(max_seq_len or limit, limit)
+    # the KV buffers only, as setup_cache makes them: the RoPE tables' ops on meta tensors would import
+    # torch's Python meta kernels (torch._dynamo: 70 MB that stay resident)
     with torch.device("meta"):
-        model.setup_cache(num_slots, max_seq_len)
+        for block in model.layers:
+            block.attn.make_cache(num_slots, seq, model.embed.weight.dtype)
     need = sum(b.numel() * b.element_size() for b in model.buffers() if b.is_meta)
     available = psutil.virtual_memory().available
     if need > available:
-        seq = model.cache_len
         raise MoeClusterError(
             f"a KV cache of {num_slots} sequence(s) x {seq} positions needs {need / 2**30:.1f} GiB, "
             f"but {available / 2**30:.1f} GiB of memory is available; pass --max-seq-len (and "

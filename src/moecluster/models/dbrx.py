@@ -13,7 +13,7 @@ from functools import partial
 import torch
 
 from moecluster.models.configs import DbrxConfig
-from moecluster.models.hub import DenseMap, ReadRows, embed_norm_head
+from moecluster.models.hub import DenseMap, ExpertOut, ReadRows, embed_norm_head
 from moecluster.models.layers import Attention, DecoderModel, PreNormBlock, layer_norm
 from moecluster.models.moe import MoE, RoutedExperts, Router, softmax_topk
 
@@ -68,9 +68,18 @@ def expert_weights(cfg: DbrxConfig, layer: int) -> dict[str, tuple[int, ...]]:
     return {f"{_blk(layer)}.ffn.experts.mlp.{w}": shape for w in ("w1", "v1", "w2")}
 
 
-def read_expert(read_rows: ReadRows, cfg: DbrxConfig, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One expert's (w13_GD, w2_DF), read from only its rows of the fused tensors."""
+def read_expert(
+    read_rows: ReadRows, cfg: DbrxConfig, layer: int, expert: int, out: ExpertOut = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One expert's (w13_GD, w2_DF), read from only its rows of the fused tensors (into `out` when given;
+    w2 is stored [F, D] on disk, so it lands in the transposed view of w2_DF)."""
     base = f"{_blk(layer)}.ffn.experts.mlp"
     lo, hi = expert * cfg.ffn_hidden_size, (expert + 1) * cfg.ffn_hidden_size
+    if out is not None:
+        w13_GD, w2_DF = out
+        read_rows(f"{base}.w1", lo, hi, out=w13_GD[: hi - lo])
+        read_rows(f"{base}.v1", lo, hi, out=w13_GD[hi - lo :])
+        read_rows(f"{base}.w2", lo, hi, out=w2_DF.t())
+        return w13_GD, w2_DF
     w13_GD = torch.cat([read_rows(f"{base}.w1", lo, hi), read_rows(f"{base}.v1", lo, hi)], dim=0)
     return w13_GD, read_rows(f"{base}.w2", lo, hi).t()

@@ -36,6 +36,7 @@ from moecluster.errors import MoeClusterError
 from moecluster.models.configs import DeepseekV3Config
 from moecluster.models.hub import (
     DenseMap,
+    ExpertOut,
     ReadRows,
     embed_norm_head,
     hf_gated_mlp,
@@ -323,9 +324,9 @@ def expert_weights(cfg: DeepseekV3Config, layer: int) -> dict[str, tuple[int, ..
 
 
 def read_expert(
-    read_rows: ReadRows, cfg: DeepseekV3Config, layer: int, expert: int
+    read_rows: ReadRows, cfg: DeepseekV3Config, layer: int, expert: int, out: ExpertOut = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One expert's (w13_GD, w2_DF)."""
+    """One expert's (w13_GD, w2_DF) (into `out` when given)."""
     return read_per_expert(
-        read_rows, f"model.layers.{layer}.mlp.experts", expert, cfg.hidden_size, cfg.moe_intermediate_size
+        read_rows, f"model.layers.{layer}.mlp.experts", expert, cfg.hidden_size, cfg.moe_intermediate_size, out=out
     )

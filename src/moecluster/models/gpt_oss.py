@@ -31,7 +31,7 @@ from torch import nn
 
 from moecluster.errors import MoeClusterError
 from moecluster.models.configs import GptOssConfig
-from moecluster.models.hub import DenseMap, ReadRows, embed_norm_head, hf_attention
+from moecluster.models.hub import DenseMap, ExpertOut, ReadRows, embed_norm_head, hf_attention
 from moecluster.models.layers import (
     Attention,
     DecoderModel,
@@ -203,6 +203,10 @@ def expert_weights(cfg: GptOssConfig, layer: int) -> dict[str, tuple[int, ...]]:
     return biases | {f"{p}.gate_up_proj": (E, D, 2 * F), f"{p}.down_proj": (E, F, D)}
 
 
+# ((blocks13, scales13), (blocks2, scales2)) views of one expert's slots in the mxfp4 stacks
+Mxfp4Out = tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None
+
+
 def gate_up_rows(hidden: int) -> torch.Tensor:
     """The interleaved gate/up index of each of our w13 rows: gate rows (even), then up rows (odd)."""
     return torch.cat((torch.arange(0, 2 * hidden, 2), torch.arange(1, 2 * hidden, 2)))
@@ -214,25 +218,45 @@ def _read_biases(read_rows: ReadRows, cfg: GptOssConfig, layer: int, e: int) -> 
     return b13_G, read_rows(f"{p}.down_proj_bias", e, e + 1)[0]
 
 
+def _deinterleaved(w13_G: torch.Tensor) -> torch.Tensor:
+    """A view [F, 2, ...] of our w13 rows (gate rows, then up rows) indexed as the checkpoint's interleaved rows
+    2g + k: reading the interleaved rows into it de-interleaves them in place."""
+    return w13_G.view(2, w13_G.shape[0] // 2, *w13_G.shape[1:]).transpose(0, 1)
+
+
 def read_expert(
-    read_rows: ReadRows, cfg: GptOssConfig, layer: int, expert: int
+    read_rows: ReadRows, cfg: GptOssConfig, layer: int, expert: int, out: ExpertOut = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One expert's (w13_GD, w2_DF, b13_G, b2_D) from a bf16/fp32 checkpoint."""
+    """One expert's (w13_GD, w2_DF, b13_G, b2_D) from a bf16/fp32 checkpoint (weights into `out` when given:
+    on disk gate_up is [E, D, 2F interleaved] and down [E, F, D], so they land in transposed views)."""
     if is_mxfp4(cfg):
         raise MoeClusterError("internal: an mxfp4 gpt-oss checkpoint is read by read_expert_mxfp4")
     p, e = f"model.layers.{layer}.mlp.experts", expert
+    if out is not None:
+        w13_GD, w2_DF = out
+        read_rows(f"{p}.gate_up_proj", e, e + 1, out=_deinterleaved(w13_GD).permute(2, 0, 1).unsqueeze(0))
+        read_rows(f"{p}.down_proj", e, e + 1, out=w2_DF.t().unsqueeze(0))
+        return w13_GD, w2_DF, *_read_biases(read_rows, cfg, layer, e)
     w13_GD = read_rows(f"{p}.gate_up_proj", e, e + 1)[0].T[gate_up_rows(cfg.expert_hidden)]
     w2_DF = read_rows(f"{p}.down_proj", e, e + 1)[0].T
     return w13_GD, w2_DF, *_read_biases(read_rows, cfg, layer, e)
 
 
 def read_expert_mxfp4(
-    read_rows: ReadRows, cfg: GptOssConfig, layer: int, expert: int
+    read_rows: ReadRows, cfg: GptOssConfig, layer: int, expert: int, out: Mxfp4Out = None
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]:
     """One expert of an mxfp4 checkpoint, as shipped (read_rows gives blocks and scales as uint8, the biases in
     the compute dtype): ((blocks13 [G, D/32, 16], scales13 [G, D/32]), (blocks2 [D, F/32, 16],
-    scales2 [D, F/32]), b13_G, b2_D); the 2F rows de-interleaved (gate rows, then up rows) by a row permutation."""
+    scales2 [D, F/32]), b13_G, b2_D); the 2F rows de-interleaved (gate rows, then up rows) by a row permutation.
+    With `out` (views of the stacks' slots, shaped as the result), blocks and scales are read into them."""
     p, e = f"model.layers.{layer}.mlp.experts", expert
+    if out is not None:
+        (b13, s13), (b2, s2) = out
+        for part, dst in (("blocks", b13), ("scales", s13)):
+            read_rows(f"{p}.gate_up_proj_{part}", e, e + 1, out=_deinterleaved(dst).unsqueeze(0))
+        for part, dst in (("blocks", b2), ("scales", s2)):
+            read_rows(f"{p}.down_proj_{part}", e, e + 1, out=dst.unsqueeze(0))
+        return (b13, s13), (b2, s2), *_read_biases(read_rows, cfg, layer, e)
     rows = gate_up_rows(cfg.expert_hidden)
     w13 = tuple(read_rows(f"{p}.gate_up_proj_{part}", e, e + 1)[0][rows].contiguous() for part in ("blocks", "scales"))
     w2 = tuple(read_rows(f"{p}.down_proj_{part}", e, e + 1)[0] for part in ("blocks", "scales"))

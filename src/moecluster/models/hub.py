@@ -8,13 +8,20 @@ Shape legend: D model dim, F hidden dim, G = 2F, H heads, Hk kv heads, Hd head d
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-# read_rows(on_disk_name, first_row, end_row) -> tensor in the target dtype
-ReadRows = Callable[[str, int, int], torch.Tensor]
+
+class ReadRows(Protocol):
+    """read_rows(on_disk_name, first_row, end_row) -> tensor in the target dtype; with `out` (a view of the
+    final storage, e.g. one expert's slice of w13_eGD) the rows are read into it and it is returned."""
+
+    def __call__(self, name: str, start: int, end: int, *, out: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+# (w13_GD, w2_DF) views of one expert's slot in the prestacked storage, for read_expert(..., out=...)
+ExpertOut = tuple[torch.Tensor, torch.Tensor] | None
 DenseMap = dict[str, tuple[list[str], tuple[int, ...]]]
 
 
@@ -103,10 +110,16 @@ def read_per_expert(
     dim: int,
     hidden: int,
     names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+    out: ExpertOut = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One expert's (w13_GD, w2_DF) from per-expert tensors."""
+    """One expert's (w13_GD, w2_DF) from per-expert tensors; with `out`, read straight into those views."""
     gate, up, down = names
     p = f"{prefix}.{expert}"
+    if out is not None:  # gate rows, then up rows: no concatenated temporary
+        w13_GD, w2_DF = out
+        read_rows(f"{p}.{gate}.weight", 0, hidden, out=w13_GD[:hidden])
+        read_rows(f"{p}.{up}.weight", 0, hidden, out=w13_GD[hidden:])
+        return w13_GD, read_rows(f"{p}.{down}.weight", 0, dim, out=w2_DF)
     w13_GD = torch.cat([read_rows(f"{p}.{gate}.weight", 0, hidden), read_rows(f"{p}.{up}.weight", 0, hidden)])
     return w13_GD, read_rows(f"{p}.{down}.weight", 0, dim)
 
@@ -119,6 +132,10 @@ def mlp_expert_weights(cfg: Any, layer: int) -> dict[str, tuple[int, ...]]:
     )
 
 
-def read_mlp_expert(read_rows: ReadRows, cfg: Any, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """read_expert for that layout: one expert's (w13_GD, w2_DF)."""
-    return read_per_expert(read_rows, f"model.layers.{layer}.mlp.experts", expert, cfg.hidden_size, cfg.expert_hidden)
+def read_mlp_expert(
+    read_rows: ReadRows, cfg: Any, layer: int, expert: int, out: ExpertOut = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """read_expert for that layout: one expert's (w13_GD, w2_DF) (into `out` when given)."""
+    return read_per_expert(
+        read_rows, f"model.layers.{layer}.mlp.experts", expert, cfg.hidden_size, cfg.expert_hidden, out=out
+    )

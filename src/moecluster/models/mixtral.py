@@ -12,7 +12,15 @@ from functools import partial
 import torch
 
 from moecluster.models.configs import MixtralConfig
-from moecluster.models.hub import DenseMap, ReadRows, embed_norm_head, hf_attention, per_expert_tensors, read_per_expert
+from moecluster.models.hub import (
+    DenseMap,
+    ExpertOut,
+    ReadRows,
+    embed_norm_head,
+    hf_attention,
+    per_expert_tensors,
+    read_per_expert,
+)
 from moecluster.models.layers import Attention, DecoderModel, PreNormBlock, RMSNorm
 from moecluster.models.moe import MoE, RoutedExperts, Router, softmax_topk
 
@@ -69,8 +77,10 @@ def expert_weights(cfg: MixtralConfig, layer: int) -> dict[str, tuple[int, ...]]
     )
 
 
-def read_expert(read_rows: ReadRows, cfg: MixtralConfig, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One expert's (w13_GD, w2_DF)."""
+def read_expert(
+    read_rows: ReadRows, cfg: MixtralConfig, layer: int, expert: int, out: ExpertOut = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One expert's (w13_GD, w2_DF) (into `out` when given)."""
     return read_per_expert(
         read_rows,
         f"model.layers.{layer}.block_sparse_moe.experts",
@@ -78,4 +88,5 @@ def read_expert(read_rows: ReadRows, cfg: MixtralConfig, layer: int, expert: int
         cfg.hidden_size,
         cfg.expert_hidden,
         EXPERT_NAMES,
+        out=out,
     )

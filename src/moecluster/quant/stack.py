@@ -82,6 +82,18 @@ class QuantizedStack:
             q, s = f.quantize_mxfp4(w_OI)
         self.set_expert(i, q, s)
 
+    def quantize_rows(self, i: int, first: int, w_rI: torch.Tensor) -> None:
+        """Quantize float rows [r, I] into rows first:first+r of slot i (int8/int4 scale each row's groups on
+        their own, so a loader goes block by block and never holds a whole expert in fp32)."""
+        r = w_rI.shape[0]
+        if self.fmt not in ("int8", "int4") or w_rI.dim() != 2 or w_rI.shape[1] != self.I or first + r > self.O:
+            raise MoeClusterError(
+                f"internal: quantize_rows {list(w_rI.shape)} at {first} into {self.fmt} [{self.O}, {self.I}]"
+            )
+        q, s = (f.quantize_int8 if self.fmt == "int8" else f.quantize_int4)(w_rI, self.group_size)
+        self.data[i, first : first + r].copy_(q)
+        self.scales[i, first : first + r].copy_(s)
+
     def set_expert(self, i: int, data: torch.Tensor, scales: torch.Tensor) -> None:
         """Copy one expert's packed data and scales (shapes and dtypes of `data[i]`, `scales[i]`) into slot i."""
         for name, src, dst in (("data", data, self.data[i]), ("scales", scales, self.scales[i])):
