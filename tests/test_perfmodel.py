@@ -676,3 +676,31 @@ def test_measured_rows_name_a_layout_or_a_kind_and_match_their_configuration(tmp
     csv.write_text("nodes,tok_s,parallelism\n3,5.5,ep+tp\n")  # 3 nodes have no ep x tp split
     with pytest.raises(MoeClusterError, match="not a layout of 3 nodes"):
         plan_cli.build_report(plan_args("--nodes", "3", "--validate", str(csv)))
+
+
+def test_tensor_and_pipeline_layouts_use_the_expert_parallel_profile():
+    from moecluster.perfmodel.parallel import Layout, predict_layout, profiled_step
+
+    shape, node, net = dbrx(), PRESETS.node("m2-ultra-192"), PRESETS.network("10gbe")
+    prof = profile_from_dict(
+        {
+            "format": "moecluster-profile",
+            "version": 1,
+            "network": "10gbe",
+            "times_s": {"attention_per_layer": 0.002, "expert_eval": 0.0005, "head": 0.003, "sampling": 0.0001},
+            "exchange_overhead_s": 5e-5,
+            "allreduce": {"2": [[16, 5e-5], [100000, 2e-4]]},
+        }
+    )
+    wl = Workload(batch=1)
+    ep = predict(shape, node, net, 2, wl, prof)
+    assert profiled_step(shape, node, net, Layout(ep=2), wl, prof).total == pytest.approx(ep.step.total)
+    tp = predict_layout(shape, node, net, Layout(tp=2), wl, prof)
+    assert tp.step.attention == pytest.approx(40 * 0.002 / 2)
+    distinct = routing.uniform_rank_load(16, 4, 1, 1).distinct  # every selected expert, half of each
+    assert tp.step.experts == pytest.approx(40 * distinct * 0.0005 / 2)
+    one_ar = 5e-5 + (2e-4 - 5e-5) * (12288 - 16) / (100000 - 16) + 5e-5  # table + in-engine overhead
+    assert tp.step.exchange == pytest.approx(40 * 2 * one_ar)
+    pp = predict_layout(shape, node, net, Layout(pp=2), wl, prof)
+    assert pp.step.attention == pytest.approx(40 * 0.002) and pp.step.exchange == pytest.approx(one_ar)
+    assert any("profile" in n for n in tp.notes)
