@@ -6,6 +6,13 @@ random-weight DBRX ~1 GB each); batch 1 and 4 (B sequences decoded together in l
 ranks run in two network namespaces joined by a TAP forwarder that adds the delay
 (`tools/netemu/netemu.py`), over MPI (hydra launching through `ip netns exec`; UCX over TCP).
 
+The trained demo model (`src/moecluster/demo_model`, real skewed routing) adds 1-rank cells and 2-rank
+cells at delay 0 with the contiguous placement and with `place --strategy optimized` derived from the
+routing that `profile-routing` records on the measured prompts; its predictions take the slowest rank's
+expert load from that routing distribution (benchmarks/perfmodel_validation_cases.py). The results
+file also explains why tensor- and pipeline-parallel splits cannot be measured with this engine and
+lists the model's predictions for them.
+
 Predictions: one `calibrate` per shape, on 2 ranks at delay 0 (engine trace + all-reduce table on
 the emulated link; one engine run per round, the profile takes each term's median over them),
 plus the link latency measured with a TCP ping-pong at each delay: the model gets
@@ -13,7 +20,7 @@ profile.with_added_latency((RTT_D - RTT_0) / 2). Targets: every cell within +-15
 median within +-8%. Writes benchmarks/results/perfmodel_validation.{json,md}. Needs root (skips
 with a message otherwise); namespaces and forwarders are always removed.
 
-    sudo .venv/bin/python benchmarks/perfmodel_validation.py [--steps 32] [--backend mpi|torch]
+    sudo .venv/bin/python benchmarks/perfmodel_validation.py [--quick] [--steps 32] [--backend mpi|torch]
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -30,6 +38,16 @@ from pathlib import Path
 
 # the network emulator is a repository tool, not part of the package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "netemu"))
+
+from perfmodel_validation_cases import (
+    DEMO,
+    PLACEMENTS,
+    format_demo,
+    measured_distinct,
+    prepare_demo,
+    routing_load,
+    tp_pp_section,
+)
 
 RESULTS = Path(__file__).parent / "results"
 NODE = "linux-2core"
@@ -60,6 +78,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--retries", type=int, default=4, help="retries of a job disturbed by other load")
     p.add_argument("--rtt-rounds", type=int, default=3000, help="TCP ping-pongs per delay and round")
     p.add_argument("--out", default=str(RESULTS / "perfmodel_validation"), help="results path without suffix")
+    p.add_argument("--no-demo", action="store_true", help="leave out the trained demo model's routing case")
+    p.add_argument(
+        "--from-json", metavar="FILE", help="no measuring: predict and write the results again from a results JSON"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a few minutes: val-1k and the demo model, delays 0,200, 16 steps, 2 rounds, fewer retries and pings",
+    )
+    if "--quick" in (sys.argv[1:] if argv is None else argv):  # defaults only: explicit options still win
+        p.set_defaults(shapes="val-1k", delays="0,200", steps=16, repeats=2, retries=1, rtt_rounds=500)
     return p.parse_args(argv)
 
 
@@ -77,7 +106,9 @@ def model_dir(preset: str) -> Path:
     return path
 
 
-def worker_ns(args: argparse.Namespace, model: Path, ar_iters: int) -> argparse.Namespace:
+def worker_ns(
+    args: argparse.Namespace, model: Path, ar_iters: int, placement: str = "contiguous"
+) -> argparse.Namespace:
     """The calibrate options a measuring rank runs with."""
     return argparse.Namespace(
         model=str(model),
@@ -86,19 +117,24 @@ def worker_ns(args: argparse.Namespace, model: Path, ar_iters: int) -> argparse.
         steps=args.steps,
         warmup=3,
         prompt_len=16,
-        placement="contiguous",
+        placement=placement,
         exchange="exact",
         ar_iters=ar_iters,
         timeout=60.0,
         dtype=None,
+        quantize=None,  # worker_argv passes calibrate's quantization options through
+        quant_group_size=128,
+        quantize_dense=False,
     )
 
 
-def run_engine(args, model: Path, tmp: str, link=None, trace: bool = False, tag: str = "") -> dict:
+def run_engine(
+    args, model: Path, tmp: str, link=None, trace: bool = False, tag: str = "", placement: str = "contiguous"
+) -> dict:
     """A measuring job, repeated while other processes load the machine (the least disturbed run)."""
     best = None
     for attempt in range(args.retries + 1):
-        res = _run_engine_once(args, model, tmp, link, trace, tag)
+        res = _run_engine_once(args, model, tmp, link, trace, tag, placement)
         if best is None or res["foreign_cpu"] < best["foreign_cpu"]:
             best = res
         if res["foreign_cpu"] <= args.max_other_load:
@@ -113,7 +149,7 @@ def run_engine(args, model: Path, tmp: str, link=None, trace: bool = False, tag:
     return best
 
 
-def _run_engine_once(args, model: Path, tmp: str, link, trace: bool, tag: str) -> dict:
+def _run_engine_once(args, model: Path, tmp: str, link, trace: bool, tag: str, placement: str) -> dict:
     """One measuring job: 1 rank on core 0 (link None) or 2 ranks across the link; rank 0's result."""
     from netemu import MPI_ENV, run_job
 
@@ -121,7 +157,7 @@ def _run_engine_once(args, model: Path, tmp: str, link, trace: bool, tag: str) -
     from moecluster.errors import MoeClusterError
     from moecluster.perfmodel.calibrate import message_sizes, parse_batches
 
-    opts = worker_ns(args, model, 400 if trace else 0)
+    opts = worker_ns(args, model, 400 if trace else 0, placement)
     result = str(Path(tmp) / f"{tag}.json")
     sizes = message_sizes(str(model), parse_batches(args.batch), "exact", None)
     if link is None:
@@ -161,15 +197,11 @@ def _children_cpu_s() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def predict_cell(model: Path, profile, ranks: int, batch: int, extra_s: float):
-    """The perfmodel's prediction for one cell from the delay-0 profile plus the added latency."""
-    from moecluster.perfmodel.predict import Workload, predict
-    from moecluster.perfmodel.presets import NetworkSpec, load_presets
-    from moecluster.perfmodel.shapes import load_model
+def emulated_network(extra_s: float):
+    """The emulated link as a network preset (latency: TCP RTT at delay 0 / 2 + the added delay)."""
+    from moecluster.perfmodel.presets import NetworkSpec
 
-    presets = load_presets()
-    shape = load_model(str(model), presets.models)
-    net = NetworkSpec(
+    return NetworkSpec(
         name=EMULATED,
         description="two namespaces + TAP forwarder",
         transport="tcp",
@@ -180,11 +212,24 @@ def predict_cell(model: Path, profile, ranks: int, batch: int, extra_s: float):
         price_per_node_usd=0.0,
         price_per_link_usd=0.0,
     )
+
+
+def predict_cell(model: Path, profile, ranks: int, batch: int, extra_s: float, load: dict | None = None):
+    """The perfmodel's prediction for one cell from the delay-0 profile plus the added latency; `load`:
+    the slowest rank's experts and pairs per layer (from recorded routing), else uniform routing."""
+    from moecluster.perfmodel.predict import Workload, predict
+    from moecluster.perfmodel.presets import load_presets
+    from moecluster.perfmodel.shapes import load_model
+
+    presets = load_presets()
+    shape = load_model(str(model), presets.models)
     wl = Workload(batch=batch, context=max(1, int(profile.meta.get("context", 32))), prompt=16)
-    return predict(shape, presets.node(NODE), net, ranks, wl, profile.with_added_latency(extra_s))
+    kw = {"expert_load_per_layer": load["pairs_L"], "expert_distinct_per_layer": load["distinct_L"]} if load else {}
+    net, node = emulated_network(extra_s), presets.node(NODE)
+    return predict(shape, node, net, ranks, wl, profile.with_added_latency(extra_s), **kw)
 
 
-def measure(args: argparse.Namespace, shapes: dict[str, Path], delays: list[float]) -> dict:
+def measure(args: argparse.Namespace, shapes: dict[str, Path], delays: list[float], demo: dict | None) -> dict:
     """Run every job; returns RTTs, forwarder reports, profiles and measured tok/s per cell."""
     from netemu import EmulatedLink, cleanup_leftovers, measure_rtt
 
@@ -195,6 +240,7 @@ def measure(args: argparse.Namespace, shapes: dict[str, Path], delays: list[floa
         print(f"removed leftover namespaces: {', '.join(left)}")
     out: dict = {"rtt_runs": {}, "forwarder": {}, "runs": {}}
     calibrations: dict[str, list[dict]] = {}
+    traced: dict[str, list[dict]] = {p: [] for p in PLACEMENTS}  # the demo's traced runs per placement
     with tempfile.TemporaryDirectory(prefix="perfmodel-validation-") as tmp:
         for rnd in range(args.repeats):  # rounds over every cell: slow drifts hit all cells alike
             print(f"round {rnd + 1} of {args.repeats}", flush=True)
@@ -211,32 +257,49 @@ def measure(args: argparse.Namespace, shapes: dict[str, Path], delays: list[floa
                         flush=True,
                     )
                     for name, model in shapes.items():
+                        if name == DEMO and delay != 0:
+                            continue  # the demo case is about expert load, not the link
                         if delay == 0:  # one calibration, its runs spread over the rounds
                             cal = run_engine(args, model, tmp, link, trace=True, tag=f"{name}-calibrate")
                             cal["model_dir"] = str(model)
                             calibrations.setdefault(name, []).append(cal)
-                        _record(out, name, 2, delay, run_engine(args, model, tmp, link, tag=f"{name}-2-{delay:g}"))
+                        places = dict.fromkeys(PLACEMENTS) if name == DEMO and demo else {"contiguous": None}
+                        for place in places:
+                            spec = demo["placement"] if place == "optimized" and demo else "contiguous"
+                            tag = f"{name}-2-{delay:g}-{place}"
+                            res = run_engine(args, model, tmp, link, tag=tag, placement=spec)
+                            _record(out, name, 2, delay, res, place)
+                            if name == DEMO:
+                                traced[place].append(
+                                    cal
+                                    if place == "contiguous"
+                                    else run_engine(args, model, tmp, link, True, f"{tag}-traced", spec)
+                                )
                 out["forwarder"].setdefault(f"{delay:g}", []).append(link.report)
     out["profiles"] = {
         name: build_profile(cals, {2: [r for c in cals for r in c["allreduce"]]}, EMULATED, NODE)
         for name, cals in calibrations.items()
     }
+    if demo and DEMO in calibrations:
+        m = calibrations[DEMO][0]["model"]
+        demo["measured_distinct"] = {p: measured_distinct(runs, m["layers"], m["top_k"]) for p, runs in traced.items()}
     out["rtt"] = {d: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for d, runs in out["rtt_runs"].items()}
     out["cells"] = [_cell(*key.split("|"), runs) for key, runs in out.pop("runs").items()]
     return out
 
 
-def _record(out: dict, shape: str, ranks: int, delay: float | None, res: dict) -> None:
+def _record(out: dict, shape: str, ranks: int, delay: float | None, res: dict, placement: str = "contiguous") -> None:
     for b, r in res["batches"].items():
-        key = f"{shape}|{ranks}|{'-' if delay is None else f'{delay:g}'}|{b}"
+        key = f"{shape}|{placement}|{ranks}|{'-' if delay is None else f'{delay:g}'}|{b}"
         out["runs"].setdefault(key, []).append(
             {"tok_s": r["tok_s_median"], "tok_s_mean": r["tok_s_mean"], "foreign_cpu": res["foreign_cpu"]}
         )
 
 
-def _cell(shape: str, ranks: str, delay: str, batch: str, runs: list[dict]) -> dict:
+def _cell(shape: str, placement: str, ranks: str, delay: str, batch: str, runs: list[dict]) -> dict:
     return {
         "shape": shape,
+        "placement": placement,
         "ranks": int(ranks),
         "delay_us": None if delay == "-" else float(delay),
         "batch": int(batch),
@@ -247,7 +310,7 @@ def _cell(shape: str, ranks: str, delay: str, batch: str, runs: list[dict]) -> d
 
 
 def add_predictions(data: dict, shapes: dict[str, Path]) -> None:
-    """Predicted tok/s, error and comm share for every cell."""
+    """Predicted tok/s, error and comm share for every cell (the demo's from its recorded routing)."""
     from moecluster.perfmodel.profile import profile_from_dict
 
     rtt0 = data["rtt"]["0"]["median_us"]
@@ -256,7 +319,11 @@ def add_predictions(data: dict, shapes: dict[str, Path]) -> None:
         extra = (
             0.0 if cell["delay_us"] is None else max(0.0, data["rtt"][f"{cell['delay_us']:g}"]["median_us"] - rtt0) / 2
         )
-        pred = predict_cell(shapes[cell["shape"]], profile, cell["ranks"], cell["batch"], extra * 1e-6)
+        load = None
+        if cell["shape"] == DEMO and data.get("demo"):
+            load = routing_load(shapes[DEMO], data["demo"], cell["placement"], cell["ranks"], cell["batch"])
+            cell["load"] = load
+        pred = predict_cell(shapes[cell["shape"]], profile, cell["ranks"], cell["batch"], extra * 1e-6, load)
         cell.update(
             added_latency_us=extra,
             predicted_tok_s=pred.tokens_per_s,
@@ -279,15 +346,16 @@ def summary(cells: list[dict]) -> dict:
 
 def format_table(data: dict) -> str:
     lines = [
-        "| shape | ranks | delay us | batch | measured tok/s (runs) | predicted tok/s | error % | model comm % "
-        "| other load % |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| shape | placement | ranks | delay us | batch | measured tok/s (runs) | predicted tok/s | error % "
+        "| model comm % | other load % |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in data["cells"]:
         delay = "-" if c["delay_us"] is None else f"{c['delay_us']:g}"
         runs = ", ".join(f"{t:.1f}" for t in c["runs_tok_s"])
         lines.append(
-            f"| {c['shape']} | {c['ranks']} | {delay} | {c['batch']} | {c['measured_tok_s']:.2f} ({runs}) | "
+            f"| {c['shape']} | {c['placement'] if c['ranks'] > 1 else '-'} | {c['ranks']} | {delay} | {c['batch']} | "
+            f"{c['measured_tok_s']:.2f} ({runs}) | "
             f"{c['predicted_tok_s']:.2f} | {c['error_pct']:+.1f} | {100 * c['predicted_comm_share']:.1f} | "
             f"{100 * c['foreign_cpu']:.0f} |"
         )
@@ -347,6 +415,16 @@ def forwarder_lateness(data: dict) -> str:
     return f"mean {statistics.fmean(means):.1f} us, worst {max(maxes):.0f} us" if means else "n/a"
 
 
+def parse_batch(spec: str) -> list[int]:
+    return [int(b) for b in spec.split(",")]
+
+
+def load_presets_node():
+    from moecluster.perfmodel.presets import load_presets
+
+    return load_presets().node(NODE)
+
+
 def machine() -> dict:
     import torch
 
@@ -378,6 +456,7 @@ def write_results(data: dict, path: str) -> None:
         "",
         f"Command: `{data['command']}` ({data['backend']} backend; {data['steps']} timed decode steps per cell "
         f"and round, {data['repeats']} rounds; ranks pinned one per core, one thread each"
+        f"{'; ' + data['rerendered'] if data.get('rerendered') else ''}"
         f"{'; THP_MEM_ALLOC_ENABLE=1' if data.get('thp') else ''}).",
         "",
         "Link: two network namespaces joined by a TAP forwarder adding the one-way delay (TCP ping-pong RTT, "
@@ -404,12 +483,41 @@ def write_results(data: dict, path: str) -> None:
         "Calibration (the profile's terms; median over the rounds' calibration runs):",
         "",
         format_calibration(data),
+        "",
+        format_demo(data),
+        "",
+        data.get("tp_pp", ""),
     ]
     Path(path + ".md").write_text("\n".join(md) + "\n")
 
 
+def rerender(path: str, out: str) -> int:
+    """Predict and write the results again from a results JSON (after a change to the model), without measuring."""
+    data = json.loads(Path(path).read_text())
+    shapes = {c["shape"]: model_dir(c["shape"]) for c in data["cells"] if c["shape"] != DEMO}
+    demo = data.get("demo")
+    with tempfile.TemporaryDirectory(prefix="perfmodel-validation-demo-") as tmp:
+        if demo:
+            from moecluster.builtin import DEMO_MODEL_DIR
+
+            shapes[DEMO] = DEMO_MODEL_DIR
+            demo["stats"], demo["placement"] = str(Path(tmp) / "routing.json"), str(Path(tmp) / "placement.json")
+            Path(demo["stats"]).write_text(json.dumps(demo["routing_stats"]))
+            Path(demo["placement"]).write_text(json.dumps(demo["placement_json"]))
+        add_predictions(data, shapes)
+        data["tp_pp"] = tp_pp_section(data, shapes, load_presets_node(), emulated_network(0.0))
+    data["summary"] = summary(data["cells"])
+    data["rerendered"] = f"predictions re-made on {time.strftime('%Y-%m-%d %H:%M:%S')} by --from-json"
+    write_results(data, out)
+    print(format_table(data) + "\n" + json.dumps(data["summary"]) + "\n" + format_demo(data))
+    print(f"wrote {out}.json and {out}.md")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_json:
+        return rerender(args.from_json, args.out)
     if os.geteuid() != 0:
         print(
             "perfmodel_validation: skipped: emulated links need root (network namespaces, TAP devices); "
@@ -421,6 +529,13 @@ def main(argv: list[str] | None = None) -> int:
         print("--delays must start with 0 (the calibration delay)", file=sys.stderr)
         return 2
     shapes = {name: model_dir(name) for name in args.shapes.split(",")}
+    demo = None
+    if not args.no_demo:
+        from moecluster.builtin import DEMO_MODEL_DIR
+
+        shapes[DEMO] = DEMO_MODEL_DIR
+        routing_dir = Path(tempfile.mkdtemp(prefix="perfmodel-validation-demo-"))
+        demo = prepare_demo(DEMO_MODEL_DIR, routing_dir, max(parse_batch(args.batch)), 16, 3 + args.steps + 1)
     data = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "backend": args.backend,
@@ -434,13 +549,21 @@ def main(argv: list[str] | None = None) -> int:
     from netemu import MPI_ENV
 
     data["mpi_env"] = dict(MPI_ENV) if args.backend == "mpi" else {}
-    data.update(measure(args, shapes, delays))
+    data["demo"] = demo
+    data.update(measure(args, shapes, delays, demo))
     data["load_after"] = os.getloadavg()
     add_predictions(data, shapes)
+    if demo:
+        demo["skew_L"] = routing_load(DEMO_MODEL_DIR, demo, "contiguous", 1, 1)["skew_L"]
+        demo["routing_stats"] = json.loads(Path(demo["stats"]).read_text())  # kept with the results
+        demo["placement_json"] = json.loads(Path(demo["placement"]).read_text())
+        shutil.rmtree(Path(demo["stats"]).parent, ignore_errors=True)
+    data["tp_pp"] = tp_pp_section(data, shapes, load_presets_node(), emulated_network(0.0))
     data["summary"] = summary(data["cells"])
     print(format_rtt(data))
     print(format_table(data))
     print(json.dumps(data["summary"]))
+    print(format_demo(data))
     write_results(data, args.out)
     print(f"wrote {args.out}.json and {args.out}.md")
     return 0

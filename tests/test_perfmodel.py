@@ -655,3 +655,52 @@ def test_plan_parallelism_compare_validate_and_plots(tmp_path, capsys):
     csv.write_text("nodes,speed\n2,3\n")
     with pytest.raises(MoeClusterError, match="tok_s"):
         plan_cli.build_report(plan_args("--validate", str(csv), "--no-plots"))
+
+
+def test_measured_rows_name_a_layout_or_a_kind_and_match_their_configuration(tmp_path, capsys):
+    from moecluster.perfmodel import plots
+
+    csv = tmp_path / "measured.csv"
+    csv.write_text("nodes,tok_s,parallelism\n4,5.5,ep+tp\n2,6.0,ep\n1,3.0,\n")
+    report = plan_cli.build_report(plan_args("--nodes", "1-4", "--parallelism", "ep,ep+tp", "--validate", str(csv)))
+    assert [r["parallelism"] for r in report["validation"]] == ["ep2xtp2", "ep", "single"]
+    print(plan_cli.format_table(report))
+    errs = sorted(abs(r["error"]) for r in report["validation"])
+    assert f"median |error| {100 * errs[1]:.1f}%" in capsys.readouterr().out  # the middle row, not the upper
+    rows = plan_cli.read_measured(str(csv))
+    by_name = {(c["nodes"], c["parallelism"]): c for c in report["configs"]}
+    assert plots._same_config(rows[0], by_name[(4, "ep2xtp2")]) and not plots._same_config(rows[0], by_name[(4, "ep")])
+    assert plots._same_config(rows[2], by_name[(1, "single")])
+    price = {(c["network"], c["nodes"], c["parallelism"]): c["price_usd"] for c in report["configs"]}
+    assert plots._match_price(rows[1], price) == by_name[(2, "ep")]["price_usd"]
+    csv.write_text("nodes,tok_s,parallelism\n3,5.5,ep+tp\n")  # 3 nodes have no ep x tp split
+    with pytest.raises(MoeClusterError, match="not a layout of 3 nodes"):
+        plan_cli.build_report(plan_args("--nodes", "3", "--validate", str(csv)))
+
+
+def test_tensor_and_pipeline_layouts_use_the_expert_parallel_profile():
+    from moecluster.perfmodel.parallel import Layout, predict_layout, profiled_step
+
+    shape, node, net = dbrx(), PRESETS.node("m2-ultra-192"), PRESETS.network("10gbe")
+    prof = profile_from_dict(
+        {
+            "format": "moecluster-profile",
+            "version": 1,
+            "network": "10gbe",
+            "times_s": {"attention_per_layer": 0.002, "expert_eval": 0.0005, "head": 0.003, "sampling": 0.0001},
+            "exchange_overhead_s": 5e-5,
+            "allreduce": {"2": [[16, 5e-5], [100000, 2e-4]]},
+        }
+    )
+    wl = Workload(batch=1)
+    ep = predict(shape, node, net, 2, wl, prof)
+    assert profiled_step(shape, node, net, Layout(ep=2), wl, prof).total == pytest.approx(ep.step.total)
+    tp = predict_layout(shape, node, net, Layout(tp=2), wl, prof)
+    assert tp.step.attention == pytest.approx(40 * 0.002 / 2)
+    distinct = routing.uniform_rank_load(16, 4, 1, 1).distinct  # every selected expert, half of each
+    assert tp.step.experts == pytest.approx(40 * distinct * 0.0005 / 2)
+    one_ar = 5e-5 + (2e-4 - 5e-5) * (12288 - 16) / (100000 - 16) + 5e-5  # table + in-engine overhead
+    assert tp.step.exchange == pytest.approx(40 * 2 * one_ar)
+    pp = predict_layout(shape, node, net, Layout(pp=2), wl, prof)
+    assert pp.step.attention == pytest.approx(40 * 0.002) and pp.step.exchange == pytest.approx(one_ar)
+    assert any("profile" in n for n in tp.notes)

@@ -163,4 +163,10 @@ def format_summary(profile: dict, check: list[dict]) -> str:
                 f"{100 * mt / c['measured']['step']:.0f}% "
                 "of the measured step)"
             )
+            if t == "experts" and c.get("distinct_measured") is not None:
+                lines.append(
+                    f"    the slowest rank evaluated {c['distinct_measured']:.2f} distinct experts per layer; uniform "
+                    f"routing assumes {c['distinct_predicted']:.2f} (real routing is skewed: pass the recorded "
+                    "routing's load to plan with --expert-load/--expert-distinct, see `moecluster place --stats`)"
+                )
     return "\n".join(lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import statistics
 from dataclasses import replace
 from typing import Any
 
@@ -272,7 +273,7 @@ def validate(
             raise MoeClusterError(
                 f"measured row network {r['network']!r} is not in --network ({', '.join(by_name)}); add it there"
             )
-        lay = next((x for x in layouts(list(KIND_OF), r["nodes"]) if x.name == r["parallelism"]), None)
+        lay = _row_layout(r["parallelism"], r["nodes"])
         if lay is None:
             names = sorted({x.name for x in layouts(list(KIND_OF), r["nodes"])})
             raise MoeClusterError(
@@ -284,12 +285,23 @@ def validate(
             {
                 **r,
                 "network": net.name,
+                "parallelism": lay.name,
                 "batch": pred.workload.batch,
                 "predicted_tok_s": pred.tokens_per_s,
                 "error": pred.tokens_per_s / r["tok_s"] - 1,
             }
         )
     return out
+
+
+def _row_layout(name: str, nodes: int) -> Any:
+    """A measured row's layout: a layout name (ep2xtp2) or a kind (ep+tp) with one split at this node count."""
+    every = layouts(list(KIND_OF), nodes)
+    lay = next((x for x in every if x.name == name), None)
+    if lay is None and name in KIND_OF:
+        splits = layouts([name], nodes)
+        lay = splits[0] if len(splits) == 1 else None
+    return lay
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -399,9 +411,9 @@ def _format_validation(rows: list[dict[str, Any]] | None) -> list[str]:
             f"            {r['network']:<11}{r['nodes']:>5} {r['parallelism']:<9}{r['batch']:>5} "
             f"{r['tok_s']:>9.2f} {r['predicted_tok_s']:>10.2f} {100 * r['error']:>+8.1f}  {r['label']}"
         )
-    errs = sorted(abs(r["error"]) for r in rows)
+    errs = [abs(r["error"]) for r in rows]
     lines.append(
-        f"            {len(rows)} rows: median |error| {100 * errs[len(errs) // 2]:.1f}%, max {100 * errs[-1]:.1f}%"
+        f"            {len(rows)} rows: median |error| {100 * statistics.median(errs):.1f}%, max {100 * max(errs):.1f}%"
     )
     return lines
 

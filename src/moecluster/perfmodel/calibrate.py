@@ -227,6 +227,9 @@ def self_check(profile_dict: dict, model_dir: str, node: str, nodes: int) -> lis
                 "measured": measured,
                 "predicted": predicted,
                 "warnings": warnings,
+                # the experts term's usual cause: the model's uniform routing vs the real, skewed one
+                "distinct_measured": m.get("distinct_max_rank_per_layer"),
+                "distinct_predicted": pred.load.distinct,
             }
         )
     return rows

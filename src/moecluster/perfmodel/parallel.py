@@ -21,7 +21,7 @@ FLOPs, with the engine's per-exchange and per-expert overheads); pure EP is `pre
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from moecluster.errors import MoeClusterError
 from moecluster.perfmodel.network import allreduce_time
@@ -148,6 +148,46 @@ def layout_step(
     )
 
 
+def profiled_step(
+    shape: ModelShape, node: NodeSpec, network: NetworkSpec, lay: Layout, wl: Workload, profile: Profile
+) -> Breakdown:
+    """A decode step of B tokens under `lay` from an expert-parallel calibration: its measured per-layer
+    terms split as the layout splits them (attention, dense MLPs and each expert's work by T; every stage
+    of a pipeline runs its layers in turn), the layout's messages through the profile's all-reduce table
+    (a point-to-point hop timed as a 2-rank all-reduce), analytic terms where the profile has none."""
+    b, t = wl.batch, lay.tp
+    base = layout_step(shape, node, network, lay, b, b * wl.context, b * wl.context, b)
+
+    def measured(key: str, x: float, fallback: float, scale: float) -> float:
+        value = profile.time(key, x)
+        return fallback if value is None else scale * value
+
+    def exchange(ranks: int, message: float) -> float:
+        seconds, algo = message_time(node, network, ranks, message, profile)
+        return seconds + (profile.exchange_overhead_s if algo == "measured" else 0.0)
+
+    load = uniform_rank_load(shape.num_experts, shape.top_k, b, lay.ep)
+    ratio = load.evaluations / load.distinct if load.distinct else 1.0
+    per_eval = profile.time("expert_eval", ratio)
+    experts = base.experts if per_eval is None else shape.num_moe_layers * load.distinct * per_eval / t
+    msg = shape.exchange_bytes(b)
+    ep_msg = profile.exchange_bytes_per_token * b if profile.exchange_bytes_per_token else msg
+    moe_ex = (exchange(lay.ep * t, ep_msg if lay.ep > 1 else msg) if lay.ep * t > 1 else 0.0) + (
+        exchange(t, msg) if t > 1 else 0.0
+    )
+    dense_ex = 2 * exchange(t, msg) if t > 1 else 0.0
+    return Breakdown(
+        attention=measured("attention_per_layer", b, base.attention, shape.num_layers / t),
+        router=measured("router_per_layer", b, base.router, shape.num_moe_layers),
+        dense_mlp=measured("dense_mlp_per_layer", b, base.dense_mlp, shape.num_layers / t),
+        experts=experts,
+        exchange=shape.num_moe_layers * moe_ex + shape.num_dense_layers * dense_ex + (lay.pp - 1) * exchange(2, msg),
+        head=measured("head", b, base.head, 1.0),
+        sampling=measured("sampling", b, _sampling(shape, node, b), 1.0)
+        + message_time(node, network, lay.nodes, 8 * (b + 1), profile)[0],
+    )
+
+
 def layout_memory(shape: ModelShape, node: NodeSpec, lay: Layout, wl: Workload) -> Memory:
     """Bytes on the fullest node: its stage's layers (sharded by TP), its experts, KV, embedding/head."""
     t, stages = lay.tp, lay.pp
@@ -193,7 +233,17 @@ def predict_layout(
         pred.parallelism = lay.name
         return pred
     b, c, p = wl.batch, wl.context, wl.prompt
-    step = layout_step(shape, node, network, lay, b, b * c, b * c, b)
+    if profile is not None:  # as predict does: the profile's memory terms replace the node's
+        node = replace(
+            node,
+            mem_efficiency=profile.memory_efficiency or node.mem_efficiency,
+            mem_bandwidth=profile.memory_bandwidth or node.mem_bandwidth,
+        )
+    step = (
+        layout_step(shape, node, network, lay, b, b * c, b * c, b)
+        if profile is None
+        else profiled_step(shape, node, network, lay, wl, profile)
+    )
     prefill = layout_step(shape, node, network, lay, p, p, p * (p + 1) / 2, 1)
     mem = layout_memory(shape, node, lay, wl)
     n = lay.nodes
@@ -202,7 +252,7 @@ def predict_layout(
     if lay.pp > 1 and b > 1:
         notes.append("pipeline: sequences are not overlapped across stages (one step passes every stage)")
     if profile is not None:
-        notes.append("analytic: the measured profile applies to pure expert parallelism only")
+        notes.append("decode from the expert-parallel profile's terms split by the layout; prefill analytic")
     return Prediction(
         model=shape.name,
         node=node.name,

@@ -42,11 +42,34 @@ def best_per_point(configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(out.values())
 
 
-def _overlay(ax: Any, measured: list[dict[str, Any]] | None, network: str | None = None, key: str = "tok_s") -> None:
-    """Measured points (from --measured CSV) as black diamonds."""
+def _overlay(
+    ax: Any,
+    measured: list[dict[str, Any]] | None,
+    network: str | None = None,
+    configs: list[dict[str, Any]] | None = None,
+) -> None:
+    """Measured points (from --measured CSV) as black diamonds: tok/s, or with `configs` tok/s per $1000
+    at the price of the matching configuration (same network, nodes and layout; rows without one are skipped)."""
     rows = [r for r in measured or [] if network is None or r["network"] in ("", network)]
+    if configs is not None:
+        price = {(c["network"], c["nodes"], c["parallelism"]): c["price_usd"] for c in configs}
+        priced = [(r, _match_price(r, price)) for r in rows]
+        rows = [{**r, "tok_s": r["tok_s"] / (p / 1000)} for r, p in priced if p]
     if rows:
-        ax.plot([r["nodes"] for r in rows], [r[key] for r in rows], "D", color="black", label="measured")
+        ax.plot([r["nodes"] for r in rows], [r["tok_s"] for r in rows], "D", color="black", label="measured")
+
+
+def _match_price(row: dict[str, Any], price: dict[tuple[str, int, str], float]) -> float | None:
+    for (net, nodes, lay), usd in price.items():
+        if nodes == row["nodes"] and row["network"] in ("", net) and _layout_matches(row["parallelism"], lay, nodes):
+            return usd
+    return None
+
+
+def _layout_matches(measured: str, layout: str, nodes: int) -> bool:
+    """A measured row's parallelism (a layout name like ep2xtp2 or a kind like ep+tp) names `layout`;
+    on one node every kind is the single layout."""
+    return nodes == 1 or measured in (layout, kind_of(layout))
 
 
 def _line_plot(
@@ -73,6 +96,8 @@ def _line_plot(
         ax.axhline(reference[key], color="gray", linestyle="--", label=f"{reference['name']} (reference)")
     if key == "decode_tok_s":
         _overlay(ax, measured)
+    elif key == "tok_s_per_1000usd":
+        _overlay(ax, measured, configs=configs)
     ax.set_xlabel("nodes")
     ax.set_ylabel(ylabel)
     ax.set_title(
@@ -88,16 +113,19 @@ def _line_plot(
     return path
 
 
-def _breakdown_plot(plt: Any, configs: list[dict[str, Any]], title: str, path: Path) -> Path:
+def _breakdown_plot(
+    plt: Any, configs: list[dict[str, Any]], title: str, path: Path, measured: list[dict[str, Any]] | None = None
+) -> Path:
     """Stacked bars of ms per decode step by term, one bar per configuration; each segment of 5% or
-    more is labelled with its share; configurations that do not fit are hatched and marked."""
+    more is labelled with its share; configurations that do not fit are hatched and marked; measured
+    rows of the same network, nodes, layout (and batch) as black diamonds at batch / tok/s."""
     terms = ["attention", "router", "dense_mlp", "experts", "exchange", "head", "sampling"]
     labels = [
         f"{c['network']}\nx{c['nodes']}"
         + ("" if c.get("parallelism", "ep") in ("ep", "single") else f"\n{c['parallelism']}")
         for c in configs
     ]
-    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(configs) + 2), 5))
+    fig, ax = plt.subplots(figsize=(max(7.5, 0.7 * len(configs) + 2), 5))
     bottoms = [0.0] * len(configs)
     for term in terms:
         values = [c["breakdown_ms"][term] for c in configs]
@@ -124,15 +152,29 @@ def _breakdown_plot(plt: Any, configs: list[dict[str, Any]], title: str, path: P
     for i, c in enumerate(configs):
         if not c["fits"]:
             ax.text(i, bottoms[i], "does not\nfit", ha="center", va="bottom", fontsize=6, color="red")
+    hits = [(i, r) for i, c in enumerate(configs) for r in measured or [] if _same_config(r, c)]
+    if hits:
+        ys = [1e3 * (r["batch"] or configs[i]["workload"]["batch"]) / r["tok_s"] for i, r in hits]
+        ax.plot([i for i, _ in hits], ys, "D", color="black", label="measured", zorder=5)
     ax.set_xticks(range(len(configs)))
     ax.set_xticklabels(labels, fontsize=7)
     ax.set_ylabel("ms per decode step")
     ax.set_title(title + "\n(hatched: does not fit in memory)", fontsize=10)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: bars and diamonds stay visible
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _same_config(row: dict[str, Any], c: dict[str, Any]) -> bool:
+    """A measured row belongs to configuration c (network empty = any; batch empty = the plan's)."""
+    return (
+        row["nodes"] == c["nodes"]
+        and row["network"] in ("", c["network"])
+        and _layout_matches(row["parallelism"], c["parallelism"], c["nodes"])
+        and (row["batch"] or c["workload"]["batch"]) == c["workload"]["batch"]
+    )
 
 
 def _parallelism_plot(
@@ -189,8 +231,8 @@ def write_plots(report: dict[str, Any], out_dir: str | Path, measured: list[dict
     configs = best_per_point(every)
     ref = report.get("compare")
     wl = report["workload"]
-    what = (
-        f"{report['model']['name']} on {report['node']['name']} ({report.get('engine', {}).get('name', '')}), "
+    what = (  # two lines: a figure only 6 inches wide clipped the one-line title
+        f"{report['model']['name']} on {report['node']['name']} ({report.get('engine', {}).get('name', '')})\n"
         f"batch {wl['batch']}, context {wl['context']}"
     )
     paths = [
@@ -213,8 +255,9 @@ def write_plots(report: dict[str, Any], out_dir: str | Path, measured: list[dict
             out / "tok_s_per_1000usd_vs_nodes.png",
             ref,
             show_nofit=False,
+            measured=measured,
         ),
-        _breakdown_plot(plt, every, f"Decode step breakdown: {what}", out / "step_breakdown.png"),
+        _breakdown_plot(plt, every, f"Decode step breakdown: {what}", out / "step_breakdown.png", measured),
     ]
     if len(report.get("parallelism", [])) > 1:
         for net in report["networks"]:
