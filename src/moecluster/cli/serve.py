@@ -163,6 +163,7 @@ def _serve_on_rank(args, comm) -> int:
         import uvicorn  # noqa: F401 - import before loading so that a missing extra fails fast
 
         from moecluster.server.app import create_app  # noqa: F401
+    _check_memory(args, comm)
     engine, placement = open_engine(
         args.model,
         args.dtype,
@@ -181,6 +182,24 @@ def _serve_on_rank(args, comm) -> int:
         return 0
     assert sock is not None  # bound above on rank 0
     return _serve_http(args, engine, placement, sock)
+
+
+def _check_memory(args, comm) -> None:
+    """Refuse before loading when this rank's weights + KV cache exceed the machine's MemAvailable."""
+    from moecluster.engine.capacity import check_fits, serving_memory
+
+    quant = quant_options(args)
+    need = serving_memory(
+        args.model,
+        args.dtype,
+        args.max_batch,
+        args.max_seq_len,
+        comm.world_size if comm is not None else 1,
+        comm.rank if comm is not None else 0,
+        args.placement,
+        quant.fmt if quant is not None else None,
+    )
+    check_fits(need, rank=comm.rank if comm is not None else 0)
 
 
 def _serve_http(args, engine, placement, sock: socket.socket) -> int:

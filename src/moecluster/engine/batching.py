@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moecluster.engine.generate import Engine, TextTracker
-from moecluster.engine.prefix_cache import BLOCK, PrefixIndex, PrefixStore
+from moecluster.engine.prefix_cache import BLOCK, PrefixIndex, PrefixStore, attention_caches
 from moecluster.engine.sampling import Sample, Sampler, SamplingParams
 from moecluster.errors import MoeClusterError
 from moecluster.tracing import TRACER, now
@@ -163,12 +163,7 @@ def _prefix_store(engine: Engine) -> PrefixStore:
 
 def _caches(model) -> list[torch.nn.Module]:
     """Every layer's KV cache module (whatever its kind: KVCache, SlidingKVCache, LatentCache...), once each."""
-    found: dict[int, torch.nn.Module] = {}
-    for module in model.modules():
-        cache = getattr(module, "cache", None)
-        if isinstance(cache, torch.nn.Module):
-            found.setdefault(id(cache), cache)
-    return list(found.values())
+    return attention_caches(model)
 
 
 def copy_slot(model, src: int, dsts: list[int]) -> None:

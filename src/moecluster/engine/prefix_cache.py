@@ -20,14 +20,20 @@ BLOCK = 64  # prefixes are matched and stored in multiples of this many tokens; 
 # chunks of BLOCK positions aligned to 0, so a prefix's keys have the same bits whether computed or restored
 
 
+def attention_caches(model) -> list[torch.nn.Module]:
+    """Every layer's cache module (KVCache, gpt-oss' sliding ring, MLA's LatentCache...), once each."""
+    found: dict[int, torch.nn.Module] = {}
+    for module in model.modules():  # attention may sit inside a transformation's wrapper
+        for attr in ("cache", "ring"):  # gpt-oss' sliding layers keep their ring in .ring
+            cache = getattr(module, attr, None)
+            if isinstance(cache, torch.nn.Module):
+                found.setdefault(id(cache), cache)
+    return list(found.values())
+
+
 def kv_caches(model) -> list[KVCache] | None:
     """Every layer's KVCache, or None if some layer has another kind of cache."""
-    found: dict[int, object] = {}
-    for module in model.modules():  # attention may sit inside a transformation's wrapper
-        cache = getattr(module, "cache", None)
-        if isinstance(cache, torch.nn.Module):
-            found.setdefault(id(cache), cache)
-    caches = list(found.values())
+    caches = attention_caches(model)
     return [c for c in caches if isinstance(c, KVCache)] if caches and all(type(c) is KVCache for c in caches) else None
 
 
