@@ -59,6 +59,12 @@ def register(sub) -> None:
         "(a multiple of 64; 0: whole prompts at once; default 256)",
     )
     p.add_argument(
+        "--no-batch-invariance",
+        action="store_true",
+        help="batched decode attention over all rows at once: faster at large batches, but a request's tokens "
+        "may then depend on the other requests in its batch",
+    )
+    p.add_argument(
         "--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 unless the checkpoint is fp32"
     )
     p.add_argument("--max-seq-len", type=int, default=None, help="context per sequence (default: the model's)")
@@ -174,6 +180,10 @@ def _serve_on_rank(args, comm) -> int:
 
         from moecluster.server.app import create_app  # noqa: F401
     _check_memory(args, comm)
+    if args.no_batch_invariance:
+        from moecluster.models import invariance
+
+        invariance.set_enabled(False)  # on every rank: each runs the same forwards
     engine, placement = open_engine(
         args.model,
         args.dtype,

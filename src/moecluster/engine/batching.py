@@ -128,9 +128,12 @@ def execute_step(engine: Engine, msg: dict) -> StepOutput:
             _prefix_store(engine).restore(adm["prefix"][0], adm["slot"], adm["prefix"][1])
         TRACER.begin_step("prefill", len(ids))
         logits_V: torch.Tensor | None = None
+        rings = None  # sliding-window rings as they were after exactly the stored prefix's positions
         # forwards of BLOCK positions aligned to 0 (start is 0, a prefix length or a chunk end: multiples of BLOCK):
         # the same forwards with or without a restored prefix or chunking, so neither changes a bit of the output
         for chunk in range(start, start + len(ids), BLOCK):
+            if "store" in adm and chunk == adm["store"][1]:
+                rings = _prefix_store(engine).snapshot_rings(adm["slot"])
             logits_V = engine.step(
                 torch.tensor([ids[chunk - start : chunk - start + BLOCK]]),
                 torch.tensor([chunk]),
@@ -140,7 +143,7 @@ def execute_step(engine: Engine, msg: dict) -> StepOutput:
         if "store" in adm:
             store = _prefix_store(engine)
             store.evict(adm.get("evict", []))
-            store.save(adm["store"][0], adm["slot"], adm["store"][1])
+            store.save(adm["store"][0], adm["slot"], adm["store"][1], rings)
         out.prefill_seconds.append(now() - t0)
         out.prefill_traces.append(_take_trace())
         if adm.get("copies"):
@@ -246,7 +249,7 @@ class Scheduler:
         engine.prefix_store = None  # pyright: ignore[reportAttributeAccessIssue] - entries of an earlier scheduler
         if prefix_cache_bytes > 0 and not self.prefix.enabled:
             print(
-                "moecluster: prefix caching is off: this model's attention caches are not plain KV caches",
+                "moecluster: prefix caching is off: this model has attention caches it cannot save",
                 file=sys.stderr,
                 flush=True,
             )
