@@ -143,3 +143,19 @@ def test_sliding_and_latent_caches(tmp_path, arch, dtype):
         assert index.ring == 8 and all(exact)
     else:
         assert index.ring is None and index.fixed_bytes == 0
+
+
+def test_n_choices_copy_sliding_rings(tmp_path):
+    """gpt-oss keeps its sliding layers' rings in `.ring`: the n choices of a prompt get copies of them too
+    (before, only `.cache` was copied and choice 1 decoded over another slot's stale ring)."""
+    engine = Engine(load_model(build_tiny("gpt_oss", tmp_path / "g"), "bf16"), num_slots=2)
+    prompt = engine.tokenizer.encode(SHARED)  # far longer than the window of 8
+    scheduler = Scheduler(engine, max_batch=2)
+    scheduler.start()
+    try:
+        _run(scheduler, engine.tokenizer.encode("Unrelated words fill slot one first"), SamplingParams(max_tokens=4))
+        one = _run(scheduler, prompt, SamplingParams(max_tokens=8, ignore_eos=True))
+        two = _run(scheduler, prompt, SamplingParams(max_tokens=8, ignore_eos=True, n=2))
+    finally:
+        scheduler.stop()
+    assert two == [one[0], one[0]]
