@@ -251,7 +251,10 @@ def run_cases(args, logs: Path) -> dict:
                 res["turn10_ttft_s"] = {"median": statistics.median(ttft), "runs": ttft}
             if name.startswith("chunk-") or name == "default":
                 prompt = prompt or long_prompt(server, args.long_tokens)
-                runs = [itl_while_long_prompt(server, prompt, args.stream_tokens) for _ in range(args.repeats)]
+                # each run's prompt starts differently: no prefix-cache hit on an earlier run's
+                runs = [
+                    itl_while_long_prompt(server, f"Run {k}. {prompt}", args.stream_tokens) for k in range(args.repeats)
+                ]
                 res["itl"] = {k: statistics.median(r[k] for r in runs) for k in runs[0]} | {"runs": runs}
             if name in ("default", "no-batch-invariance"):
                 res["decode_tok_s"] = {
