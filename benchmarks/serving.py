@@ -129,6 +129,7 @@ def main() -> int:
     ap.add_argument("--decode-tokens", type=int, default=64, help="server cases: tokens per decode stream")
     ap.add_argument("--chunks", default="0,128,512", help="server cases: --prefill-chunk values besides the default")
     ap.add_argument("--repeats", type=int, default=3, help="server cases: runs per measurement (median)")
+    ap.add_argument("--backend", choices=["mpi", "torch"], default="torch", help="server cases: the ranks' backend")
     args = ap.parse_args()
     if args.server_cases:
         return server_cases(args)

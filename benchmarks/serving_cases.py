@@ -243,7 +243,7 @@ def run_cases(args, logs: Path) -> dict:
     prompt = None
     for name, extra in configs:
         extra = extra if "--prefix-cache-gb" in extra else [*extra, "--prefix-cache-gb", "1"]
-        server = Server(model, logs / f"server-{name}.log", *extra)
+        server = Server(model, logs / f"server-{name}.log", "--backend", args.backend, *extra)
         res: dict = {"argv": " ".join(server.argv), "load_before": loadavg()}
         try:
             if name in ("default", "no-prefix-cache"):
