@@ -56,7 +56,7 @@ def register(sub) -> None:
         default=None,
         metavar="N",
         help="prefill long prompts N positions per step, decoding running streams between chunks "
-        "(a multiple of 64; 0: whole prompts at once; default 256)",
+        "(a multiple of 64; 0: whole prompts at once; default 128)",
     )
     p.add_argument(
         "--no-batch-invariance",
