@@ -9,6 +9,11 @@ achieved rate to the bandwidth bound those bytes imply (streaming bandwidth meas
 after that run). Levels run in rounds; each reports its medians.
 
     .venv/bin/python benchmarks/serving.py [--streams 1,2,4,8] [--tokens 64] [--rounds 3] [--threads 2]
+
+--server-cases runs instead the cases of benchmarks/serving_cases.py against real 2-rank servers (prefix cache,
+chunked prefill, batch invariance) and adds them to the same result files:
+
+    .venv/bin/python benchmarks/serving.py --server-cases [--chunks 0,128,512] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -116,12 +121,23 @@ def main() -> int:
     ap.add_argument("--bw-gib", type=float, default=1.0, help="buffer size of the bandwidth measurement")
     ap.add_argument("--results", default=str(RESULTS), help="directory for serving.json and serving.md")
     ap.add_argument("--rounds", type=int, default=3, help="rounds over all levels; a level reports medians")
+    ap.add_argument("--server-cases", action="store_true", help="run serving_cases.py's cases on 2-rank servers")
+    ap.add_argument("--chats", type=int, default=3, help="server cases: 10-turn chats")
+    ap.add_argument("--reply-tokens", type=int, default=24, help="server cases: tokens per chat reply")
+    ap.add_argument("--long-tokens", type=int, default=2000, help="server cases: the long prompt's tokens")
+    ap.add_argument("--stream-tokens", type=int, default=200, help="server cases: tokens of the 4 streams")
+    ap.add_argument("--decode-tokens", type=int, default=64, help="server cases: tokens per decode stream")
+    ap.add_argument("--chunks", default="0,128,512", help="server cases: --prefill-chunk values besides the default")
+    ap.add_argument("--repeats", type=int, default=3, help="server cases: runs per measurement (median)")
+    ap.add_argument("--backend", choices=["mpi", "torch"], default="torch", help="server cases: the ranks' backend")
     args = ap.parse_args()
+    if args.server_cases:
+        return server_cases(args)
     levels = [int(x) for x in args.streams.split(",")]
     if min(levels) < 1 or args.tokens <= max(levels):
         ap.error("every stream count must be >= 1 and --tokens larger than the largest")
     torch.set_num_threads(args.threads)
-    model_dir = bench_model_dir()
+    model_dir = bench_model_dir("dbrx")
     engine, _ = open_engine(model_dir, "bf16", None, num_slots=max(levels), max_seq_len=512)
     log = StepLog()
     scheduler = Scheduler(engine, max_batch=max(levels), max_queue=max(levels), observer=log)
@@ -153,6 +169,17 @@ def main() -> int:
         for count in levels
     ]
     report(args, engine, rows)
+    return 0
+
+
+def server_cases(args) -> int:
+    import serving_cases
+
+    logs = Path(args.results) / "serving_logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    res = serving_cases.run_cases(args, logs)
+    machine = {"cpu": cpu_name(), "cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}
+    print(serving_cases.write_results(args, res, Path(args.results), machine))
     return 0
 
 

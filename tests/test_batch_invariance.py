@@ -101,3 +101,17 @@ def test_decode_logits_bit_identical(engine):
             assert torch.equal(batch[0], alone[0]), f"B={B}: max diff {(batch[0] - alone[0]).abs().max():.3g}"
         else:
             torch.testing.assert_close(batch[0], alone[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt_oss", "deepseek_v3"])
+def test_sink_and_latent_attention_rows_bit_identical(tmp_path, arch):
+    """gpt-oss (sink attention over sliding rings and full caches) and DeepSeek (latent attention) run each row
+    of a batched decode as if alone (models/invariance.rowwise): every row's bf16 logits in a batch of 8 equal
+    its logits decoding alone, bit for bit."""
+    engine = Engine(load_model(build_tiny(arch, tmp_path / arch), "bf16"), num_slots=8)
+    prompts = [engine.tokenizer.encode(p) for p in PROMPTS]
+    for slot, ids in enumerate(prompts):
+        engine.step(torch.tensor([ids]), torch.tensor([0]), torch.tensor([slot]))
+    tok, pos = torch.tensor([[5]] * 8), torch.tensor([len(p) for p in prompts])
+    alone = torch.cat([engine.step(tok[b : b + 1], pos[b : b + 1], torch.tensor([b])) for b in range(8)])
+    assert torch.equal(engine.step(tok, pos, torch.arange(8)), alone)  # a decode step rewrites the same keys

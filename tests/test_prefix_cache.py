@@ -112,3 +112,50 @@ def test_two_rank_server_with_prefix_cache_equals_without(tiny_dbrx, tmp_path):
             srv.stop()
     assert outputs[0] == outputs[1]
     assert cached == [0, BLOCK]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("arch", "dtype"), [("gpt_oss", "bf16"), ("deepseek_v3", "fp32")])
+def test_sliding_and_latent_caches(tmp_path, arch, dtype):
+    """gpt-oss (sliding rings of 8 < BLOCK: an entry serves only its own length, the rings saved as they were
+    there, mid-prompt) and DeepSeek (latent cache): a chat's growing prompts hit the cache and the tokens equal
+    those without it; prefills chunked by 64 so that the rings are snapshotted in an earlier forward."""
+    engine = Engine(load_model(build_tiny(arch, tmp_path / arch), dtype), num_slots=2)
+    tok = engine.tokenizer
+    turn1 = tok.encode(SHARED + "one")
+    prompts = [turn1, turn1 + tok.encode(" and then two more"), turn1 + tok.encode(" and then two more words")]
+    prompts.append(tok.encode(SHARED + "two"))  # shares a prefix
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    got = []
+    for budget in (0, 1 << 30):
+        scheduler = Scheduler(engine, max_batch=2, prefix_cache_bytes=budget, prefill_chunk=64)
+        assert scheduler.prefix.enabled == (budget > 0)
+        scheduler.start()
+        try:
+            got.append([_run(scheduler, p, params) for p in prompts])
+        finally:
+            scheduler.stop()
+    assert got[0] == got[1]
+    assert scheduler.prefix.hits >= 2 and scheduler.prefix.hit_tokens >= 2 * BLOCK
+    index = scheduler.prefix
+    exact = [len(k) == len(index.lru[e]) for k, e in index.by_prefix.items()]
+    if arch == "gpt_oss":  # rings of 8 positions: an entry serves only its own length
+        assert index.ring == 8 and all(exact)
+    else:
+        assert index.ring is None and index.fixed_bytes == 0
+
+
+def test_n_choices_copy_sliding_rings(tmp_path):
+    """gpt-oss keeps its sliding layers' rings in `.ring`: the n choices of a prompt get copies of them too
+    (before, only `.cache` was copied and choice 1 decoded over another slot's stale ring)."""
+    engine = Engine(load_model(build_tiny("gpt_oss", tmp_path / "g"), "bf16"), num_slots=2)
+    prompt = engine.tokenizer.encode(SHARED)  # far longer than the window of 8
+    scheduler = Scheduler(engine, max_batch=2)
+    scheduler.start()
+    try:
+        _run(scheduler, engine.tokenizer.encode("Unrelated words fill slot one first"), SamplingParams(max_tokens=4))
+        one = _run(scheduler, prompt, SamplingParams(max_tokens=8, ignore_eos=True))
+        two = _run(scheduler, prompt, SamplingParams(max_tokens=8, ignore_eos=True, n=2))
+    finally:
+        scheduler.stop()
+    assert two == [one[0], one[0]]

@@ -48,7 +48,21 @@ def register(sub) -> None:
         "--prefix-cache-gb",
         type=float,
         default=0.0,
-        help="keep the KV of prompt prefixes (16-token blocks, LRU) in up to this much memory (default off)",
+        help="keep the KV of prompt prefixes (64-token blocks, LRU) in up to this much memory (default off)",
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=None,
+        metavar="N",
+        help="prefill long prompts N positions per step, decoding running streams between chunks "
+        "(a multiple of 64; 0: whole prompts at once; default 128)",
+    )
+    p.add_argument(
+        "--no-batch-invariance",
+        action="store_true",
+        help="batched decode attention over all rows at once: faster at large batches, but a request's tokens "
+        "may then depend on the other requests in its batch",
     )
     p.add_argument(
         "--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 unless the checkpoint is fp32"
@@ -104,6 +118,8 @@ def check_args(args) -> None:
         problems.append(f"--max-queue must be >= 0, got {args.max_queue}")
     if not 0 <= args.prefix_cache_gb <= 1024:
         problems.append(f"--prefix-cache-gb must be in [0, 1024], got {args.prefix_cache_gb}")
+    if args.prefill_chunk is not None and (args.prefill_chunk < 0 or args.prefill_chunk % 64):
+        problems.append(f"--prefill-chunk must be 0 or a multiple of 64, got {args.prefill_chunk}")
     if args.max_seq_len is not None and args.max_seq_len < 2:
         problems.append(f"--max-seq-len must be at least 2, got {args.max_seq_len}")
     if args.timeout <= 0:
@@ -163,6 +179,11 @@ def _serve_on_rank(args, comm) -> int:
         import uvicorn  # noqa: F401 - import before loading so that a missing extra fails fast
 
         from moecluster.server.app import create_app  # noqa: F401
+    _check_memory(args, comm)
+    if args.no_batch_invariance:
+        from moecluster.models import invariance
+
+        invariance.set_enabled(False)  # on every rank: each runs the same forwards
     engine, placement = open_engine(
         args.model,
         args.dtype,
@@ -183,10 +204,29 @@ def _serve_on_rank(args, comm) -> int:
     return _serve_http(args, engine, placement, sock)
 
 
+def _check_memory(args, comm) -> None:
+    """Refuse before loading when this rank's weights + KV cache exceed the machine's MemAvailable."""
+    from moecluster.engine.capacity import check_fits, serving_memory
+
+    quant = quant_options(args)
+    need = serving_memory(
+        args.model,
+        args.dtype,
+        args.max_batch,
+        args.max_seq_len,
+        comm.world_size if comm is not None else 1,
+        comm.rank if comm is not None else 0,
+        args.placement,
+        quant.fmt if quant is not None else None,
+    )
+    check_fits(need, rank=comm.rank if comm is not None else 0)
+
+
 def _serve_http(args, engine, placement, sock: socket.socket) -> int:
     import uvicorn
 
     from moecluster.engine.batching import Scheduler, kv_cache_bytes
+    from moecluster.engine.chunked_prefill import DEFAULT_PREFILL_CHUNK
     from moecluster.server.app import create_app
     from moecluster.server.metrics import Metrics
     from moecluster.tracing import TRACER
@@ -194,7 +234,12 @@ def _serve_http(args, engine, placement, sock: socket.socket) -> int:
     TRACER.reset(enabled=True)  # per-layer exchange times for /metrics (the scheduler keeps no history)
     metrics = Metrics(engine.model, placement, engine.world_size)
     scheduler = Scheduler(
-        engine, args.max_batch, args.max_queue, observer=metrics, prefix_cache_bytes=int(args.prefix_cache_gb * 2**30)
+        engine,
+        args.max_batch,
+        args.max_queue,
+        observer=metrics,
+        prefix_cache_bytes=int(args.prefix_cache_gb * 2**30),
+        prefill_chunk=DEFAULT_PREFILL_CHUNK if args.prefill_chunk is None else args.prefill_chunk,
     )
     name = args.model_name or Path(args.model).resolve().name
     from moecluster.server.connections import KEEP_ALIVE_S, ReapingH11Protocol

@@ -13,6 +13,9 @@ A decode step is one forward over all active rows, so each expert's weights are 
 for the whole batch. Requests join and leave between steps. A request for n choices is prefilled once
 and its cache slot copied to n - 1 more ("copies"). With prefix caching an admit may also carry "prefix":
 [entry, L] (restore positions [0, L) and prefill the rest), "store": [entry, L] and "evict": [entries].
+An admit's "prompt_ids" start at position "pos" (default 0); with chunked prefill (prefill_chunk > 0) a long
+prompt comes in several steps' admits, all but the last "partial" (no logits: its rows do not decode yet), so
+running streams decode between the chunks.
 Shape legend: B batch rows, T tokens, V vocab.
 """
 
@@ -29,8 +32,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moecluster.engine.chunked_prefill import PrefillState
 from moecluster.engine.generate import Engine, TextTracker
-from moecluster.engine.prefix_cache import BLOCK, PrefixIndex, PrefixStore
+from moecluster.engine.prefix_cache import BLOCK, PrefixIndex, PrefixStore, attention_caches
 from moecluster.engine.sampling import Sample, Sampler, SamplingParams
 from moecluster.errors import MoeClusterError
 from moecluster.tracing import TRACER, now
@@ -105,7 +109,7 @@ class _Sequence:
 
 @dataclass
 class StepOutput:
-    prefill_logits: list[torch.Tensor]  # one logits_V per admitted request
+    prefill_logits: list[torch.Tensor | None]  # one logits_V per admitted request (None: a partial chunk)
     decode_logits_BV: torch.Tensor | None
     prefill_seconds: list[float] = field(default_factory=list)
     prefill_traces: list[dict | None] = field(default_factory=list)
@@ -115,28 +119,31 @@ class StepOutput:
 
 
 def execute_step(engine: Engine, msg: dict) -> StepOutput:
-    """Run one step message on this rank: each admitted prompt's prefill, then one decode forward."""
+    """Run one step message on this rank: each admitted prompt's prefill (or chunk of it), then one decode forward."""
     out = StepOutput([], None)
     for adm in msg["admit"]:
-        ids, start = adm["prompt_ids"], 0
+        ids, start = adm["prompt_ids"], adm.get("pos", 0)
         t0 = now()
-        if "prefix" in adm or "store" in adm:
-            store = _prefix_store(engine)
-            if "prefix" in adm:
-                store.restore(adm["prefix"][0], adm["slot"], adm["prefix"][1])
-                start = adm["prefix"][1]
-        TRACER.begin_step("prefill", len(ids) - start)
-        # chunks of BLOCK positions aligned to 0 (chunked prefill): every chunk is the same forward with or without
-        # a restored prefix, so prefix caching changes no bit of the output
-        for chunk in range(start, len(ids), BLOCK):
+        if "prefix" in adm:
+            _prefix_store(engine).restore(adm["prefix"][0], adm["slot"], adm["prefix"][1])
+        TRACER.begin_step("prefill", len(ids))
+        logits_V: torch.Tensor | None = None
+        rings = None  # sliding-window rings as they were after exactly the stored prefix's positions
+        # forwards of BLOCK positions aligned to 0 (start is 0, a prefix length or a chunk end: multiples of BLOCK):
+        # the same forwards with or without a restored prefix or chunking, so neither changes a bit of the output
+        for chunk in range(start, start + len(ids), BLOCK):
+            if "store" in adm and chunk == adm["store"][1]:
+                rings = _prefix_store(engine).snapshot_rings(adm["slot"])
             logits_V = engine.step(
-                torch.tensor([ids[chunk : chunk + BLOCK]]), torch.tensor([chunk]), torch.tensor([adm["slot"]])
+                torch.tensor([ids[chunk - start : chunk - start + BLOCK]]),
+                torch.tensor([chunk]),
+                torch.tensor([adm["slot"]]),
             )[0]
-        out.prefill_logits.append(logits_V)  # pyright: ignore[reportPossiblyUnboundVariable] - len(ids) > start
+        out.prefill_logits.append(None if adm.get("partial") else logits_V)
         if "store" in adm:
             store = _prefix_store(engine)
             store.evict(adm.get("evict", []))
-            store.save(adm["store"][0], adm["slot"], adm["store"][1])
+            store.save(adm["store"][0], adm["slot"], adm["store"][1], rings)
         out.prefill_seconds.append(now() - t0)
         out.prefill_traces.append(_take_trace())
         if adm.get("copies"):
@@ -163,12 +170,7 @@ def _prefix_store(engine: Engine) -> PrefixStore:
 
 def _caches(model) -> list[torch.nn.Module]:
     """Every layer's KV cache module (whatever its kind: KVCache, SlidingKVCache, LatentCache...), once each."""
-    found: dict[int, torch.nn.Module] = {}
-    for module in model.modules():
-        cache = getattr(module, "cache", None)
-        if isinstance(cache, torch.nn.Module):
-            found.setdefault(id(cache), cache)
-    return list(found.values())
+    return attention_caches(model)
 
 
 def copy_slot(model, src: int, dsts: list[int]) -> None:
@@ -227,6 +229,7 @@ class Scheduler:
         observer: StepObserver | None = None,
         on_failure: Callable[[str], None] | None = None,
         prefix_cache_bytes: int = 0,
+        prefill_chunk: int = 0,
     ):
         if not 1 <= max_batch <= engine.model.num_slots:
             raise MoeClusterError(
@@ -234,6 +237,10 @@ class Scheduler:
             )
         if max_queue < 0:
             raise MoeClusterError(f"the queue length must be >= 0, got {max_queue}")
+        if prefill_chunk < 0 or prefill_chunk % BLOCK:
+            raise MoeClusterError(f"the prefill chunk must be 0 (off) or a multiple of {BLOCK}, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
+        self._prefill: PrefillState | None = None  # the prompt being prefilled chunk by chunk
         self.engine, self.comm = engine, engine.comm
         self.max_batch, self.max_queue = max_batch, max_queue
         self.observer = observer or StepObserver()
@@ -242,7 +249,7 @@ class Scheduler:
         engine.prefix_store = None  # pyright: ignore[reportAttributeAccessIssue] - entries of an earlier scheduler
         if prefix_cache_bytes > 0 and not self.prefix.enabled:
             print(
-                "moecluster: prefix caching is off: this model's attention caches are not plain KV caches",
+                "moecluster: prefix caching is off: this model has attention caches it cannot save",
                 file=sys.stderr,
                 flush=True,
             )
@@ -343,19 +350,26 @@ class Scheduler:
         for req in [r for r in self._waiting if r.cancelled]:
             self._waiting.remove(req)
             self._done_waiting(req, Event(finish_reason="cancelled"))
-        rows = sorted(self._active.values(), key=lambda s: s.slot)
-        admit = []
-        if self._waiting and len(self._free) >= self._waiting[0].params.n:
+        if self._prefill is not None and self._prefill.slots[0] not in self._active:
+            self._prefill = None  # cancelled or failed between its chunks
+        prefilling = set(self._prefill.slots) if self._prefill is not None else set()
+        rows = sorted((s for s in self._active.values() if s.slot not in prefilling), key=lambda s: s.slot)
+        if self._prefill is None and self._waiting and len(self._free) >= self._waiting[0].params.n:
             req = self._waiting.popleft()
             seqs = self._new_sequences(req, [self._free.pop() for _ in range(req.params.n)])
             with self._cond:
                 self._active.update((s.slot, s) for s in seqs)
             if seqs:
-                admit = [{"slot": seqs[0].slot, "prompt_ids": req.prompt_ids, **self._prefix_plan(req.prompt_ids)}]
+                hit = self.prefix.lookup(req.prompt_ids)
                 for s in seqs:
-                    s.cached_tokens = admit[0].get("prefix", [0, 0])[1]
-                if len(seqs) > 1:
-                    admit[0]["copies"] = [s.slot for s in seqs[1:]]
+                    s.cached_tokens = hit[1] if hit else 0
+                self._prefill = PrefillState([s.slot for s in seqs], req.prompt_ids, hit)
+        admit = []
+        if self._prefill is not None:
+            admit = [self._prefill.next_admit(self.prefill_chunk)]
+            if not admit[0].get("partial"):  # store with the last chunk: a prompt cancelled earlier stores nothing
+                admit[0] |= self._store_plan(self._prefill.ids, self._prefill.hit)
+                self._prefill = None
         if not admit and not rows:
             return None
         return {
@@ -366,12 +380,9 @@ class Scheduler:
             "pos": [s.pos for s in rows],
         }
 
-    def _prefix_plan(self, ids: list[int]) -> dict:
-        """The admit fields of prefix caching: what to restore, store and evict."""
+    def _store_plan(self, ids: list[int], hit: tuple[int, int] | None) -> dict:
+        """The admit fields of prefix caching that store this prompt's prefix: what to store and evict."""
         out: dict = {}
-        hit = self.prefix.lookup(ids)
-        if hit is not None:
-            out["prefix"] = list(hit)
         new = self.prefix.plan_store(ids, hit[1] if hit else 0)
         if new is not None:
             out["store"], out["evict"] = [new[0], new[1]], new[2]
@@ -402,6 +413,8 @@ class Scheduler:
         """Sample every row, emit its text, finish the sequences that stopped."""
         for adm, logits_V, sec, trace in zip(msg["admit"], out.prefill_logits, out.prefill_seconds, out.prefill_traces):
             self.observer.on_step("prefill", 1, sec, 0, trace)
+            if logits_V is None:  # a partial chunk: nothing to sample yet
+                continue
             for slot in [adm["slot"], *adm.get("copies", [])]:
                 if slot in self._active:  # a failed choice may have failed the others
                     self._advance_or_fail(self._active[slot], logits_V)

@@ -43,6 +43,7 @@ from moecluster.models.hub import (
     per_expert_tensors,
     read_per_expert,
 )
+from moecluster.models.invariance import rowwise
 from moecluster.models.layers import (
     CacheRows,
     DecoderModel,
@@ -128,6 +129,8 @@ class MLAttention(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor, step: Step, absorb: bool | None = None) -> torch.Tensor:
         """absorb: decode form (default when T == 1) or expanded form (default otherwise)."""
+        if (out := rowwise(partial(self.forward, absorb=absorb), x_BTD, step)) is not None:  # each row as if alone
+            return out
         B, T, _ = x_BTD.shape
         H, n, r, c = self.n_heads, self.nope, self.rope, self.kv_lora_rank
         q = self.q_proj(x_BTD) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))

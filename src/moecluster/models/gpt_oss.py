@@ -32,6 +32,7 @@ from torch import nn
 from moecluster.errors import MoeClusterError
 from moecluster.models.configs import GptOssConfig
 from moecluster.models.hub import DenseMap, ExpertOut, ReadRows, embed_norm_head, hf_attention
+from moecluster.models.invariance import rowwise
 from moecluster.models.layers import (
     Attention,
     DecoderModel,
@@ -97,6 +98,8 @@ class GptOssAttention(Attention):
             )
 
     def forward(self, x_BTD: torch.Tensor, step: Step) -> torch.Tensor:
+        if (out := rowwise(self.forward, x_BTD, step)) is not None:  # batched decode: each row as if alone
+            return out
         B, T, _ = x_BTD.shape
         H, Hk, Hd = self.n_heads, self.n_kv_heads, self.head_dim
         qk, v = self.wqkv(x_BTD).split([(H + Hk) * Hd, Hk * Hd], dim=-1)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moecluster.errors import MoeClusterError
+from moecluster.models import invariance
 
 if TYPE_CHECKING:
     from moecluster.models.moe import MoE
@@ -305,7 +306,7 @@ class Attention(nn.Module):
         v = v.reshape(B, T, Hk, Hd).transpose(1, 2)
         if self.cache is None:
             raise MoeClusterError("internal: call model.setup_cache() before forward")
-        if T == 1 and B > 1 and isinstance(self.cache, KVCache):  # batched decode: batch-invariant rows
+        if T == 1 and B > 1 and invariance.ENABLED and isinstance(self.cache, KVCache):  # batch-invariant rows
             self.cache.update(step.rows, k, v, span=0)
             out = decode_rows_attention(q, self.cache, step.rows, H != Hk)
         else:
