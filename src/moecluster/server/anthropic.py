@@ -16,6 +16,7 @@ from pydantic import Field
 from starlette.requests import Request as HttpRequest
 
 from moecluster.server import protocol as P
+from moecluster.server import structured as S
 from moecluster.server import tools as T
 from moecluster.server.tool_parsers import detect_format
 
@@ -209,6 +210,8 @@ def mount(app, srv) -> None:
             stop_list=lambda: P.ChatRequest.stop_list(SimpleNamespace(stop=req.stop_sequences)),  # type: ignore[arg-type]
         )
         params = srv.params(sampling, req.max_tokens, len(ids), None)
+        if tool_plan is not None and tool_plan.grammar is not None:  # tool_choice any / tool: a forced call
+            S.constrain(srv, params, tool_plan.grammar, "tools")
         if tool_plan is None or not tool_plan.parse_calls:
             tool_plan = T.ToolPlan(detect_format(tokenizer.chat_template or ""), parse_calls=False)
         gen = _Generation(srv.scheduler, ids, params)

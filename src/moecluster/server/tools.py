@@ -4,7 +4,8 @@ want them, and the model's output split into content and OpenAI `tool_calls`, wh
 Tools reach the model only through its own chat template (apply_chat_template(tools=...)), and calls are
 parsed in the format that template teaches (tool_parsers.detect_format). tool_choice "required" or a named
 function appends the opening of a call to the prompt (tool_parsers.call_prefix), so the model continues
-inside one; without constrained decoding the rest is still up to the model.
+inside one, and constrained decoding (server/structured.py) forces the rest to be one well-formed call whose
+arguments match the tool's parameters.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class ToolPlan:
     fmt: str
     prefix: str = ""
     parse_calls: bool = True
+    grammar: str | None = None  # tool_choice "required" / named: the rest of the call, enforced by decoding
 
 
 def check_tools(tools: list[Any] | None, param: str = "tools") -> list[dict] | None:
@@ -127,8 +129,12 @@ def plan(tokenizer: Tokenizer, tools: list[dict] | None, mode: str, name: str | 
     fmt = detect_format(template)
     if mode == "none":
         return ToolPlan(fmt, parse_calls=False)
-    prefix = call_prefix(fmt, template, name) if mode in ("required", "named") else ""
-    return ToolPlan(fmt, prefix)
+    if mode not in ("required", "named"):
+        return ToolPlan(fmt)
+    from moecluster.server.structured import tool_grammar
+
+    prefix = call_prefix(fmt, template, name)
+    return ToolPlan(fmt, prefix, grammar=tool_grammar(tools, fmt, template, name, prefix))
 
 
 class OutputText:
