@@ -22,6 +22,7 @@ import weakref
 from typing import Any
 
 import llguidance
+import numpy as np
 import torch
 
 from moecluster.engine.sampling import SamplingError
@@ -31,7 +32,6 @@ from moecluster.tokenizer import Tokenizer
 # JSON as models usually write it on one line: no free whitespace (a model could emit blanks forever),
 # json.dumps' separators. A schema may override these with llguidance's "x-guidance" key.
 JSON_STYLE: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-_BITS_32 = torch.arange(32, dtype=torch.int32)
 
 
 class GrammarError(MoeClusterError):
@@ -101,29 +101,27 @@ class Constraint:
 
 
 class TokenMask:
-    """One sequence's grammar state: `apply` masks the tokens the grammar forbids next, `accept` advances."""
+    """One sequence's grammar state: `apply` masks the tokens the grammar forbids next, `accept` advances.
+    (Computing the next mask on a helper thread during the forward was tried: on the small demo model the helper
+    waits for the GIL, whose switch interval (5 ms) is longer than the mask, so it is computed in line.)"""
 
     def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int):
         self.matcher, self.vocab_size = matcher, vocab_size
-        self.bits_W = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
+        self.words_W = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
+        self.done = False  # the grammar is complete and allows nothing more (not even EOS): the sequence must end
 
-    def allowed_V(self) -> torch.Tensor:
-        """bool_V: the tokens the grammar allows next."""
-        words = self.bits_W
-        self.matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
-        return ((words[:, None] >> _BITS_32) & 1).view(-1)[: self.vocab_size].bool()
+    def forbidden_V(self) -> torch.Tensor:
+        """bool_V: the tokens the grammar forbids next."""
+        self.matcher.unsafe_compute_mask_ptr(self.words_W.ctypes.data, self.words_W.nbytes)
+        if self.matcher.is_error() or not self.words_W.any():
+            raise SamplingError(f"structured output: the grammar allows no next token ({self.matcher.get_error()})")
+        bits = np.unpackbits((~self.words_W).view(np.uint8), bitorder="little")  # token i: bit i % 32 of word i // 32
+        return torch.from_numpy(bits[: self.vocab_size].view(np.bool_))
 
     def apply(self, logits_V: torch.Tensor) -> torch.Tensor:
-        allowed_V = self.allowed_V()
-        if self.matcher.is_error() or not bool(allowed_V.any()):
-            raise SamplingError(f"structured output: the grammar allows no next token ({self.matcher.get_error()})")
-        return logits_V.masked_fill(~allowed_V[: logits_V.numel()], float("-inf"))
+        return logits_V.masked_fill(self.forbidden_V()[: logits_V.numel()], float("-inf"))
 
     def accept(self, token: int) -> None:
         if not self.matcher.consume_token(token):
             raise SamplingError(f"structured output: token {token} broke the grammar ({self.matcher.get_error()})")
-
-    @property
-    def done(self) -> bool:
-        """The grammar is complete and allows nothing more (not even EOS): the sequence must end."""
-        return self.matcher.is_stopped()
+        self.done = self.matcher.is_stopped()
