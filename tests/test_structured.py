@@ -250,7 +250,11 @@ def test_forced_tool_calls(demo, choice, temperature):
         assert msg.tool_calls[0].function.name == "get_weather"  # type: ignore[index, union-attr]
     chunks = list(client.chat.completions.create(**kw, temperature=temperature, seed=2, stream=True))  # type: ignore[call-overload]
     deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
-    assert deltas[0].id and deltas[0].function.name == msg.tool_calls[0].function.name  # type: ignore[index, union-attr]
+    # incremental: the first delta has the id and name, then fragments of the arguments as they are generated
+    first = deltas[0]
+    assert first.id and first.function.name == msg.tool_calls[0].function.name and not first.function.arguments  # type: ignore[index, union-attr]
+    assert len(deltas) > 3 and all(d.index == 0 and d.id is None and d.function.name is None for d in deltas[1:])  # type: ignore[union-attr]
+    assert not any(c.choices[0].delta.content for c in chunks if c.choices)
     arguments = "".join(d.function.arguments or "" for d in deltas)  # type: ignore[union-attr]
     assert json.loads(arguments) == json.loads(msg.tool_calls[0].function.arguments)  # type: ignore[index, union-attr]
     assert chunks[-1].choices[0].finish_reason == "tool_calls"

@@ -18,7 +18,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from moecluster.server import protocol as P
-from moecluster.server.tool_parsers import START_MARKERS, Parsed, ToolCall, call_prefix, detect_format, parse
+from moecluster.server.tool_parsers import (
+    START_MARKERS,
+    Parsed,
+    ToolCall,
+    call_parts,
+    call_prefix,
+    detect_format,
+    parse,
+)
 
 if TYPE_CHECKING:
     from moecluster.engine.batching import Event
@@ -36,6 +44,8 @@ class ToolPlan:
     prefix: str = ""
     parse_calls: bool = True
     grammar: str | None = None  # tool_choice "required" / named: the rest of the call, enforced by decoding
+    heads: dict[str, str] | None = None  # with a grammar: each possible call's text before its arguments...
+    tail: str = ""  # ...and after them (what follows the prompt's prefix; see ArgumentStream)
 
 
 def check_tools(tools: list[Any] | None, param: str = "tools") -> list[dict] | None:
@@ -134,7 +144,41 @@ def plan(tokenizer: Tokenizer, tools: list[dict] | None, mode: str, name: str | 
     from moecluster.server.structured import tool_grammar
 
     prefix = call_prefix(fmt, template, name)
-    return ToolPlan(fmt, prefix, grammar=tool_grammar(tools, fmt, template, name, prefix))
+    parts = {n: call_parts(fmt, template, n) for n in ([name] if name else [t["function"]["name"] for t in tools])}
+    heads = {n: head[len(prefix) :] for n, (head, _) in parts.items()}
+    tail = next(iter(parts.values()))[1]
+    return ToolPlan(fmt, prefix, grammar=tool_grammar(tools, fmt, template, name, prefix), heads=heads, tail=tail)
+
+
+class ArgumentStream:
+    """A forced call (its text fixed by the grammar up to the arguments) streamed as OpenAI deltas while it is
+    generated: first {"index", "id", "type", "function": {"name", "arguments": ""}} once the name is known, then
+    fragments of the arguments' JSON as they come (text that may begin the call's closing is held back)."""
+
+    def __init__(self, tool_plan: ToolPlan):
+        self.heads, self.tail, self.fmt = tool_plan.heads or {}, tool_plan.tail, tool_plan.fmt
+        self.name: str | None = None
+        self.start = self.sent = 0  # where the arguments begin / how far they were sent, in the generated text
+
+    def feed(self, text: str, final: bool = False) -> list[dict]:
+        """Deltas for the generated text so far (after the prompt's prefix); final: the output is complete."""
+        out = []
+        if self.name is None:
+            self.name = next((n for n, head in self.heads.items() if text.startswith(head)), None)
+            if self.name is None:
+                return []
+            self.start = self.sent = len(self.heads[self.name])
+            fn = {"name": self.name, "arguments": ""}
+            out.append({"index": 0, "id": new_call_id(self.fmt), "type": "function", "function": fn})
+        end = len(text)
+        if final and self.tail and text.endswith(self.tail):
+            end -= len(self.tail)
+        elif not final:  # hold back what may be the beginning of the tail
+            end -= next((k for k in range(min(len(self.tail), end), 0, -1) if text.endswith(self.tail[:k])), 0)
+        if end > self.sent:
+            out.append({"index": 0, "function": {"arguments": text[self.sent : end]}})
+            self.sent = end
+        return out
 
 
 class OutputText:
@@ -250,6 +294,7 @@ async def _stream(srv, gen, rid: str, out: OutputText, include_usage: bool) -> A
     def chunk(delta: dict, finish: str | None = None, use: dict | None = None) -> str:
         return _sse(P.chat_chunk(rid, name, delta, finish, use, created))
 
+    args = ArgumentStream(out.plan) if out.plan.heads else None
     try:
         yield chunk({"role": "assistant", "content": ""})
         async for ev in gen.events():
@@ -261,6 +306,9 @@ async def _stream(srv, gen, rid: str, out: OutputText, include_usage: bool) -> A
             out.push(ev)
             if text := out.stream():
                 yield chunk({"content": text})
+            if args is not None:  # a forced call: its arguments stream as they are generated
+                for delta in args.feed(out.text[len(out.plan.prefix) :], final=ev.finish_reason is not None):
+                    yield chunk({"tool_calls": [delta]})
             if ev.finish_reason is None:
                 continue
             parsed = out.finish()
@@ -268,11 +316,11 @@ async def _stream(srv, gen, rid: str, out: OutputText, include_usage: bool) -> A
             rest = parsed.content[len(sent) :] if parsed.content.startswith(sent) else ""
             if parsed.calls:
                 rest = rest.rstrip() if sent else rest.strip()
-            if rest:
+            if rest and (args is None or args.name is None):  # (a streamed call is no content, even cut short)
                 yield chunk({"content": rest})
             if parsed.reasoning:
                 yield chunk({"reasoning_content": parsed.reasoning})
-            for i, call in enumerate(openai_calls(parsed.calls, out.plan.fmt)):
+            for i, call in enumerate(openai_calls(parsed.calls, out.plan.fmt) if args is None else []):
                 yield chunk({"tool_calls": [{"index": i, **call}]})
             use = P.usage(ev.prompt_tokens, ev.completion_tokens)
             yield chunk({}, "tool_calls" if parsed.calls else ev.finish_reason, None if include_usage else use)
