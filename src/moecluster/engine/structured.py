@@ -6,10 +6,11 @@ Sampling happens on rank 0 only (the other ranks receive the sampled token in th
 the mask is computed and applied there and every rank sees the same tokens. Each choice of a request (n > 1)
 gets its own matcher state (a copy of the request's compiled matcher).
 
-Why llguidance (benchmarks/results/structured.md): one wheel with no dependencies (xgrammar drags triton and
+Why llguidance (benchmarks/results/grammar_engines.md): one wheel with no dependencies (xgrammar drags triton and
 a torch of its own), lazy lexer/parser so a schema compiles in about a millisecond on the request path
 (outlines-core builds a whole-vocabulary automaton first), clear errors for schemas it cannot compile, and
-Lark grammars with embedded JSON schemas for tool calls. Its mask costs tens of microseconds per token here.
+Lark grammars with embedded JSON schemas for tool calls. Its mask costs tens to a few hundred microseconds per
+token here (benchmarks/results/structured.md).
 
 Shape legend: V vocab, W = ceil(V / 32) 32-bit mask words.
 """
