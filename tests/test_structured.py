@@ -228,6 +228,11 @@ def test_uncompilable_schemas_get_400(demo, response_format, param, words):
         json={"model": "demo", "messages": MESSAGES, "tools": bad_tool, "tool_choice": "required"},
     )
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools" and "frob" in r.json()["error"]["message"]
+    r = http.post(
+        "/v1/chat/completions",
+        json={"model": "demo", "messages": MESSAGES, "tools": TOOLS, "tool_choice": "required", "n": 2},
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"  # the choices' calls would interleave
 
 
 @pytest.mark.parametrize(

@@ -253,6 +253,8 @@ async def respond(srv, http, req: P.ChatRequest, ids: list[int], params, tool_pl
 
     from moecluster.server.app import _failed, _Generation
 
+    if params.n > 1:  # one OutputText per request: the choices' texts would interleave
+        raise P.ApiError(400, "n > 1 is not supported together with tools; send n = 1", param="n")
     gen = _Generation(srv.scheduler, ids, params)
     gen.submit()
     rid, out = P.new_id("chatcmpl"), OutputText(srv.engine.tokenizer, tool_plan)
