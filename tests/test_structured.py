@@ -286,6 +286,21 @@ def test_anthropic_tool_choice_any_and_tool(demo):
         jsonschema.validate(uses[0].input, schema)
         if choice["type"] == "tool":
             assert uses[0].name == "get_time"
+    # streamed: the tool_use block starts once the name is generated, then its input arrives in fragments
+    with client.messages.stream(
+        model="demo",
+        max_tokens=120,
+        messages=[{"role": "user", "content": "Weather?"}],
+        tools=tools,  # type: ignore[arg-type]
+        tool_choice={"type": "tool", "name": "get_weather"},
+    ) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    fragments = [e for e in events if e.type == "content_block_delta" and e.delta.type == "input_json_delta"]
+    assert len(fragments) > 3 and final.stop_reason == "tool_use"
+    (use,) = [b for b in final.content if b.type == "tool_use"]
+    assert use.name == "get_weather" and json.loads("".join(f.delta.partial_json for f in fragments)) == use.input  # type: ignore[union-attr]
+    jsonschema.validate(use.input, TOOLS[0]["function"]["parameters"])  # type: ignore[index]
 
 
 @pytest.fixture(scope="module")
