@@ -49,9 +49,12 @@ def _ll_tokenizer(tokenizer: Tokenizer, vocab_size: int) -> llguidance.LLTokeniz
         per_size = _LL_TOKENIZERS.setdefault(tokenizer, {})
         if vocab_size not in per_size:
             n_vocab = max(vocab_size, tokenizer.tok.get_vocab_size(with_added_tokens=True))
-            per_size[vocab_size] = llguidance.LLTokenizer(
-                tokenizer.tok.to_str(), n_vocab=n_vocab, eos_token=list(tokenizer.eos_ids)
-            )
+            try:
+                per_size[vocab_size] = llguidance.LLTokenizer(
+                    tokenizer.tok.to_str(), n_vocab=n_vocab, eos_token=list(tokenizer.eos_ids)
+                )
+            except Exception as e:  # noqa: BLE001 - the Rust side raises plain exceptions
+                raise GrammarError(f"structured output is not available for this model's tokenizer: {e}") from None
         return per_size[vocab_size]
 
 
