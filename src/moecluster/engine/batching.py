@@ -445,8 +445,9 @@ class Scheduler:
         self.observer.on_token(first, t - (seq.request.submitted_at if first else seq.last_token_at))
         seq.last_token_at, seq.next_token = t, token
         text, stopped = seq.tracker.push(token)
-        reason = "stop" if stopped else "length" if seq.generated >= seq.max_new else None
-        if reason == "length":
+        complete = not stopped and seq.sampler.finished  # structured output: the grammar allows nothing more
+        reason = "stop" if stopped or complete else "length" if seq.generated >= seq.max_new else None
+        if reason == "length" or complete:
             text += seq.tracker.flush()
         if reason is None:
             self._emit(

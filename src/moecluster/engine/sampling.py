@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from moecluster.errors import MoeClusterError
+
+if TYPE_CHECKING:
+    from moecluster.engine.structured import Constraint
 
 MAX_STOP_STRINGS = 16  # stop strings per request
 MAX_STOP_CHARS = 1024  # characters per stop string (matching is linear in the text, see TextTracker)
@@ -45,6 +49,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None
+    constraint: Constraint | None = None  # structured output: a grammar that masks the logits (engine/structured.py)
 
     def validate(self) -> SamplingParams:
         problems = []
@@ -105,6 +110,7 @@ class Sampler:
         self.generator.manual_seed(params.seed + index if params.seed is not None else torch.seed() % (2**63))
         self.counts_V: torch.Tensor | None = None  # fp64 occurrences of each token in the output (penalties)
         self.prompt_V: torch.Tensor | None = None  # bool: in the prompt
+        self.mask = params.constraint.mask() if params.constraint is not None else None  # this choice's grammar state
 
     def __call__(self, logits_V: torch.Tensor) -> int:
         return self.sample(logits_V).token
@@ -117,7 +123,12 @@ class Sampler:
                 f"the model produced {bad} NaN/Inf logits (broken weights or an overflow); "
                 "this request cannot be sampled"
             )
-        token = self._choose(self._process(logits_V.double()))  # fp64: a temperature of 1e-300 is not 0 here
+        processed_V = self._process(logits_V.double())  # fp64: a temperature of 1e-300 is not 0 here
+        if self.mask is not None:  # after bias and penalties, so neither can bring back a forbidden token
+            processed_V = self.mask.apply(processed_V)
+        token = self._choose(processed_V)
+        if self.mask is not None:
+            self.mask.accept(token)
         out = Sample(token)
         if self.params.logprobs is not None:
             lp_V = torch.log_softmax(logits_V.float(), dim=-1)
@@ -128,6 +139,11 @@ class Sampler:
         if self.counts_V is not None:
             self.counts_V[token] += 1
         return out
+
+    @property
+    def finished(self) -> bool:
+        """Structured output: the grammar is complete, so the sequence must end here."""
+        return self.mask is not None and self.mask.done
 
     def _process(self, logits_V: torch.Tensor) -> torch.Tensor:
         """logit_bias, then the penalties (vLLM's formulas), on fp64 logits."""

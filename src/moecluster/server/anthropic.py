@@ -16,6 +16,7 @@ from pydantic import Field
 from starlette.requests import Request as HttpRequest
 
 from moecluster.server import protocol as P
+from moecluster.server import structured as S
 from moecluster.server import tools as T
 from moecluster.server.tool_parsers import detect_format
 
@@ -209,6 +210,8 @@ def mount(app, srv) -> None:
             stop_list=lambda: P.ChatRequest.stop_list(SimpleNamespace(stop=req.stop_sequences)),  # type: ignore[arg-type]
         )
         params = srv.params(sampling, req.max_tokens, len(ids), None)
+        if tool_plan is not None and tool_plan.grammar is not None:  # tool_choice any / tool: a forced call
+            S.constrain(srv, params, tool_plan.grammar, "tools")
         if tool_plan is None or not tool_plan.parse_calls:
             tool_plan = T.ToolPlan(detect_format(tokenizer.chat_template or ""), parse_calls=False)
         gen = _Generation(srv.scheduler, ids, params)
@@ -264,6 +267,7 @@ async def _stream(gen, out: T.OutputText, stop: _Stop, head: dict, prompt_tokens
         "usage": {"input_tokens": prompt_tokens, "output_tokens": 0},
     }
     index, text_open = 0, False
+    args = T.ArgumentStream(out.plan) if out.plan.heads else None  # a forced call streams as it is generated
     try:
         yield _event("message_start", {"message": message})
         async for ev in gen.events():
@@ -277,11 +281,21 @@ async def _stream(gen, out: T.OutputText, stop: _Stop, head: dict, prompt_tokens
                 return
             out.push(ev)
             stop.push(ev.token)
+            if args is not None:
+                for delta in args.feed(out.text[len(out.plan.prefix) :], final=ev.finish_reason is not None):
+                    if "id" in delta:
+                        block = {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}", "input": {}}
+                        block["name"] = delta["function"]["name"]
+                        yield _event("content_block_start", {"index": index, "content_block": block})
+                    elif delta["function"]["arguments"]:
+                        partial = {"type": "input_json_delta", "partial_json": delta["function"]["arguments"]}
+                        yield _event("content_block_delta", {"index": index, "delta": partial})
             pieces = [out.stream()]
             if ev.finish_reason is not None:
                 parsed = out.finish()
                 sent = out.text[: out.sent]
-                pieces.append(parsed.content[len(sent) :] if parsed.content.startswith(sent) else "")
+                if args is None or args.name is None:  # (a streamed call is no text, even cut short)
+                    pieces.append(parsed.content[len(sent) :] if parsed.content.startswith(sent) else "")
             for piece in pieces:
                 if piece:
                     if not text_open:
@@ -294,11 +308,11 @@ async def _stream(gen, out: T.OutputText, stop: _Stop, head: dict, prompt_tokens
                     )
             if ev.finish_reason is None:
                 continue
-            if text_open:
+            if text_open or (args is not None and args.name is not None):
                 yield _event("content_block_stop", {"index": index})
                 index += 1
             blocks = [b for b in _blocks(parsed, out.plan.fmt) if b["type"] == "tool_use"]
-            for block in blocks:
+            for block in blocks if args is None or args.name is None else []:
                 yield _event("content_block_start", {"index": index, "content_block": {**block, "input": {}}})
                 yield _event(
                     "content_block_delta",

@@ -26,6 +26,7 @@ from moecluster.engine.sampling import SamplingParams
 from moecluster.errors import MoeClusterError
 from moecluster.server import anthropic, chat_page
 from moecluster.server import protocol as P
+from moecluster.server import structured as S
 from moecluster.server import tools as T
 from moecluster.server.metrics import CONTENT_TYPE, Metrics
 
@@ -536,6 +537,7 @@ def create_app(
         req = await srv.read(http, P.CompletionRequest)
         ids = srv.prompt_ids(req.prompt)
         params = srv.params(req, req.max_tokens, len(ids), COMPLETION_DEFAULT_MAX_TOKENS)
+        S.constrain(srv, params, S.response_format_grammar(req.response_format))
         return await srv.run(http, req, ids, params, chat=False)
 
     @app.post("/v1/chat/completions", openapi_extra=P.request_body("ChatRequest"))
@@ -545,6 +547,8 @@ def create_app(
         ids = srv.chat_ids(req, tool_plan)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = srv.params(req, max_tokens, len(ids), None)
+        forced = tool_plan.grammar if tool_plan is not None else None  # a forced tool call wins over response_format
+        S.constrain(srv, params, forced or S.response_format_grammar(req.response_format), "tools" if forced else None)
         if tool_plan is not None and tool_plan.parse_calls:
             return await T.respond(srv, http, req, ids, params, tool_plan)
         return await srv.run(http, req, ids, params, chat=True)

@@ -164,6 +164,7 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
+    response_format: dict[str, Any] | None = None  # extension (as in vLLM): json_object / json_schema
 
     def unsupported(self) -> list[tuple[str, str]]:
         out = super().unsupported()
@@ -223,8 +224,6 @@ class ChatRequest(_Sampling):
         if self.functions or self.function_call not in (None, "none", "auto"):  # tools/tool_choice: server/tools.py
             param = "functions" if self.functions else "function_call"
             out.append((param, "the deprecated functions/function_call are not supported; use tools/tool_choice"))
-        if self.response_format and self.response_format.get("type") != "text":
-            out.append(("response_format", 'only response_format {"type": "text"} is supported'))
         if self.modalities and self.modalities != ["text"]:
             out.append(("modalities", "only text output is supported"))
         for i, m in enumerate(self.messages):

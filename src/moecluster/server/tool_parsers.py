@@ -177,3 +177,22 @@ def call_prefix(fmt: str, template: str, name: str | None) -> str:
             return begin
         return begin + (f"function{DS_SEP}{name}\n```json\n" if "```json" in template else f"{name}{DS_SEP}")
     return "<|channel|>commentary to=functions." + (f"{name} <|constrain|>json<|message|>" if name else "")
+
+
+def call_parts(fmt: str, template: str, name: str) -> tuple[str, str]:
+    """A whole call of `name` is head + arguments (a JSON object) + tail; head starts with call_prefix(fmt,
+    template, None) and call_prefix(fmt, template, name). Special tokens appear as their text (as the parser
+    reads them). Used to force a well-formed call by constrained decoding."""
+    quoted = json.dumps(name)
+    if fmt == "hermes":
+        return f'<tool_call>\n{{"name": {quoted}, "arguments": ', "}\n</tool_call>"
+    if fmt == "mistral":
+        if "[ARGS]" in template:
+            return f"[TOOL_CALLS]{name}[ARGS]", ""
+        return f'[TOOL_CALLS][{{"name": {quoted}, "arguments": ', "}]"
+    if fmt == "deepseek_v3":
+        end = DS_CALL_END + DS_CALLS_END
+        if "```json" in template:
+            return f"{DS_CALLS_BEGIN}{DS_CALL_BEGIN}function{DS_SEP}{name}\n```json\n", "\n```" + end
+        return f"{DS_CALLS_BEGIN}{DS_CALL_BEGIN}{name}{DS_SEP}", end
+    return f"<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>", ""

@@ -4,7 +4,8 @@ want them, and the model's output split into content and OpenAI `tool_calls`, wh
 Tools reach the model only through its own chat template (apply_chat_template(tools=...)), and calls are
 parsed in the format that template teaches (tool_parsers.detect_format). tool_choice "required" or a named
 function appends the opening of a call to the prompt (tool_parsers.call_prefix), so the model continues
-inside one; without constrained decoding the rest is still up to the model.
+inside one, and constrained decoding (server/structured.py) forces the rest to be one well-formed call whose
+arguments match the tool's parameters.
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from moecluster.server import protocol as P
-from moecluster.server.tool_parsers import START_MARKERS, Parsed, ToolCall, call_prefix, detect_format, parse
+from moecluster.server.tool_parsers import (
+    START_MARKERS,
+    Parsed,
+    ToolCall,
+    call_parts,
+    call_prefix,
+    detect_format,
+    parse,
+)
 
 if TYPE_CHECKING:
     from moecluster.engine.batching import Event
@@ -34,6 +43,9 @@ class ToolPlan:
     fmt: str
     prefix: str = ""
     parse_calls: bool = True
+    grammar: str | None = None  # tool_choice "required" / named: the rest of the call, enforced by decoding
+    heads: dict[str, str] | None = None  # with a grammar: each possible call's text before its arguments...
+    tail: str = ""  # ...and after them (what follows the prompt's prefix; see ArgumentStream)
 
 
 def check_tools(tools: list[Any] | None, param: str = "tools") -> list[dict] | None:
@@ -127,8 +139,46 @@ def plan(tokenizer: Tokenizer, tools: list[dict] | None, mode: str, name: str | 
     fmt = detect_format(template)
     if mode == "none":
         return ToolPlan(fmt, parse_calls=False)
-    prefix = call_prefix(fmt, template, name) if mode in ("required", "named") else ""
-    return ToolPlan(fmt, prefix)
+    if mode not in ("required", "named"):
+        return ToolPlan(fmt)
+    from moecluster.server.structured import tool_grammar
+
+    prefix = call_prefix(fmt, template, name)
+    parts = {n: call_parts(fmt, template, n) for n in ([name] if name else [t["function"]["name"] for t in tools])}
+    heads = {n: head[len(prefix) :] for n, (head, _) in parts.items()}
+    tail = next(iter(parts.values()))[1]
+    return ToolPlan(fmt, prefix, grammar=tool_grammar(tools, fmt, template, name, prefix), heads=heads, tail=tail)
+
+
+class ArgumentStream:
+    """A forced call (its text fixed by the grammar up to the arguments) streamed as OpenAI deltas while it is
+    generated: first {"index", "id", "type", "function": {"name", "arguments": ""}} once the name is known, then
+    fragments of the arguments' JSON as they come (text that may begin the call's closing is held back)."""
+
+    def __init__(self, tool_plan: ToolPlan):
+        self.heads, self.tail, self.fmt = tool_plan.heads or {}, tool_plan.tail, tool_plan.fmt
+        self.name: str | None = None
+        self.start = self.sent = 0  # where the arguments begin / how far they were sent, in the generated text
+
+    def feed(self, text: str, final: bool = False) -> list[dict]:
+        """Deltas for the generated text so far (after the prompt's prefix); final: the output is complete."""
+        out = []
+        if self.name is None:
+            self.name = next((n for n, head in self.heads.items() if text.startswith(head)), None)
+            if self.name is None:
+                return []
+            self.start = self.sent = len(self.heads[self.name])
+            fn = {"name": self.name, "arguments": ""}
+            out.append({"index": 0, "id": new_call_id(self.fmt), "type": "function", "function": fn})
+        end = len(text)
+        if final and self.tail and text.endswith(self.tail):
+            end -= len(self.tail)
+        elif not final:  # hold back what may be the beginning of the tail
+            end -= next((k for k in range(min(len(self.tail), end), 0, -1) if text.endswith(self.tail[:k])), 0)
+        if end > self.sent:
+            out.append({"index": 0, "function": {"arguments": text[self.sent : end]}})
+            self.sent = end
+        return out
 
 
 class OutputText:
@@ -203,6 +253,8 @@ async def respond(srv, http, req: P.ChatRequest, ids: list[int], params, tool_pl
 
     from moecluster.server.app import _failed, _Generation
 
+    if params.n > 1:  # one OutputText per request: the choices' texts would interleave
+        raise P.ApiError(400, "n > 1 is not supported together with tools; send n = 1", param="n")
     gen = _Generation(srv.scheduler, ids, params)
     gen.submit()
     rid, out = P.new_id("chatcmpl"), OutputText(srv.engine.tokenizer, tool_plan)
@@ -244,6 +296,7 @@ async def _stream(srv, gen, rid: str, out: OutputText, include_usage: bool) -> A
     def chunk(delta: dict, finish: str | None = None, use: dict | None = None) -> str:
         return _sse(P.chat_chunk(rid, name, delta, finish, use, created))
 
+    args = ArgumentStream(out.plan) if out.plan.heads else None
     try:
         yield chunk({"role": "assistant", "content": ""})
         async for ev in gen.events():
@@ -255,6 +308,9 @@ async def _stream(srv, gen, rid: str, out: OutputText, include_usage: bool) -> A
             out.push(ev)
             if text := out.stream():
                 yield chunk({"content": text})
+            if args is not None:  # a forced call: its arguments stream as they are generated
+                for delta in args.feed(out.text[len(out.plan.prefix) :], final=ev.finish_reason is not None):
+                    yield chunk({"tool_calls": [delta]})
             if ev.finish_reason is None:
                 continue
             parsed = out.finish()
@@ -262,11 +318,11 @@ async def _stream(srv, gen, rid: str, out: OutputText, include_usage: bool) -> A
             rest = parsed.content[len(sent) :] if parsed.content.startswith(sent) else ""
             if parsed.calls:
                 rest = rest.rstrip() if sent else rest.strip()
-            if rest:
+            if rest and (args is None or args.name is None):  # (a streamed call is no content, even cut short)
                 yield chunk({"content": rest})
             if parsed.reasoning:
                 yield chunk({"reasoning_content": parsed.reasoning})
-            for i, call in enumerate(openai_calls(parsed.calls, out.plan.fmt)):
+            for i, call in enumerate(openai_calls(parsed.calls, out.plan.fmt) if args is None else []):
                 yield chunk({"tool_calls": [{"index": i, **call}]})
             use = P.usage(ev.prompt_tokens, ev.completion_tokens)
             yield chunk({}, "tool_calls" if parsed.calls else ev.finish_reason, None if include_usage else use)
