@@ -32,6 +32,7 @@ import torch
 from moecluster.engine.generate import Engine, TextTracker
 from moecluster.engine.prefix_cache import BLOCK, PrefixIndex, PrefixStore
 from moecluster.engine.sampling import Sample, Sampler, SamplingParams
+from moecluster.engine.step_guard import run_guarded
 from moecluster.errors import MoeClusterError
 from moecluster.tracing import TRACER, now
 
@@ -112,6 +113,7 @@ class StepOutput:
     decode_seconds: float = 0.0
     decode_trace: dict | None = None
     decode_bytes: int = 0  # weight bytes this rank read in the decode forward
+    errors: dict[int, str] = field(default_factory=dict)  # cache slot -> why its forward failed (step_guard)
 
 
 def execute_step(engine: Engine, msg: dict) -> StepOutput:
@@ -203,7 +205,7 @@ def worker_loop(engine: Engine, comm) -> None:
         if op == "ping":
             comm.barrier()
         elif op == "step":
-            execute_step(engine, msg)
+            run_guarded(execute_step, engine, msg)  # a failing request fails on rank 0 only, in step
         else:
             raise MoeClusterError(f"rank {comm.rank}: unknown message {op!r} from rank 0 (version mismatch?)")
 
@@ -320,7 +322,7 @@ class Scheduler:
                     self._heartbeat()
                     continue
                 self._broadcast(msg)
-                out = execute_step(self.engine, msg)
+                out = run_guarded(execute_step, self.engine, msg)
                 self._finish_step(msg, out)
             self._fail_all("the server is shutting down")
             self._broadcast({"op": "shutdown"})
@@ -400,6 +402,9 @@ class Scheduler:
 
     def _finish_step(self, msg: dict, out: StepOutput) -> None:
         """Sample every row, emit its text, finish the sequences that stopped."""
+        for slot, error in out.errors.items():  # their forward failed: these requests only
+            if slot in self._active:
+                self._release(self._active[slot], "error", Event(error=error, status=500))
         for adm, logits_V, sec, trace in zip(msg["admit"], out.prefill_logits, out.prefill_seconds, out.prefill_traces):
             self.observer.on_step("prefill", 1, sec, 0, trace)
             for slot in [adm["slot"], *adm.get("copies", [])]:
