@@ -4,6 +4,7 @@ In process, one rank: the real Scheduler over the tiny model, its step made to r
 from __future__ import annotations
 
 import queue
+import time
 
 import pytest
 import torch
@@ -100,3 +101,69 @@ def test_piecewise_rerun_matches_the_batched_step(engine):
     out = run_guarded(once, engine, msg)
     assert out.errors == {} and out.decode_logits_BV is not None and batched is not None
     assert torch.allclose(out.decode_logits_BV, batched, atol=1e-5)
+
+
+# ---- keep serving on the survivors: 3 ranks, every expert on 2 of them, one rank killed mid-stream ----
+
+
+def _replicated_placement(path, num_experts: int = 8, num_layers: int = 2):
+    """Expert e on ranks e % 3 and (e + 1) % 3: any one rank can go, every expert keeps a copy."""
+    import json
+
+    holders = [sorted({e % 3, (e + 1) % 3}) for e in range(num_experts)]
+    data = {"format": "moecluster-placement/1", "num_experts": num_experts, "num_layers": num_layers}
+    path.write_text(json.dumps({**data, "world_size": 3, "default": holders}))
+    return path
+
+
+def _stream(client, max_tokens: int, on_chunk=None) -> str:
+    text = []
+    stream = client.completions.create(
+        model="tiny", prompt="Hello", max_tokens=max_tokens, temperature=0, stream=True, extra_body={"ignore_eos": True}
+    )
+    for i, chunk in enumerate(stream):
+        text.append(chunk.choices[0].text if chunk.choices else "")
+        if on_chunk is not None:
+            on_chunk(i)
+    return "".join(text)
+
+
+@pytest.mark.multirank
+def test_kill9_one_of_three_replicated_ranks_mid_stream(tiny_dbrx, tmp_path):
+    import httpx
+    import psutil
+    from test_server import ServerProc
+
+    from moecluster.loading import load_model as _load
+
+    layers = len(_load(tiny_dbrx, "fp32").model.moe_layers())
+    placement = _replicated_placement(tmp_path / "placement.json", num_layers=layers)
+    srv = ServerProc(
+        tiny_dbrx, tmp_path / "server.log", "--timeout", "10", "--placement", str(placement), nodes=3, backend="torch"
+    )
+    try:
+        client = srv.client()
+        expected = _stream(client, 200)
+        everyone = psutil.Process(srv.proc.pid).children(recursive=True)
+        victim = srv.rank_process(1)
+        killed_at = {}
+
+        def kill_after_a_few(i: int) -> None:
+            if i == 5:
+                victim.kill()
+                killed_at["t"] = time.monotonic()
+
+        got = _stream(client, 200, kill_after_a_few)
+        took = time.monotonic() - killed_at["t"]
+        log = srv.log.read_text()
+        assert got == expected, log
+        assert took < 60, took
+        assert "re-formed without rank 1" in log, log
+        health = httpx.get(srv.url + "/health", timeout=10).json()
+        assert health["status"] == "degraded" and health["world_size"] == 2 and "rank 1 lost" in health["reason"]
+        assert _stream(client, 20) == expected[: len(_stream(client, 20))]  # and it serves on
+        assert srv.proc.poll() is None
+    finally:
+        srv.stop()
+    time.sleep(0.5)
+    assert not [p for p in everyone if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]

@@ -176,14 +176,20 @@ def _serve_on_rank(args, comm) -> int:
     )
     if (summary := load_summary(engine)) and (rank == 0 or engine.world_size > 1):
         print(summary, file=sys.stderr, flush=True)
+    survival = None
+    if args.backend == "torch":  # keep serving on the surviving ranks (MPI cannot shrink a communicator)
+        from moecluster.distributed.reform import supports_reform
+        from moecluster.engine.survive import Survival
+
+        survival = Survival(engine, placement) if supports_reform(comm) and placement is not None else None
     if rank != 0:
-        worker_loop(engine, comm)
+        worker_loop(engine, comm, survival.recover if survival is not None else None)
         return 0
     assert sock is not None  # bound above on rank 0
-    return _serve_http(args, engine, placement, sock)
+    return _serve_http(args, engine, placement, sock, survival)
 
 
-def _serve_http(args, engine, placement, sock: socket.socket) -> int:
+def _serve_http(args, engine, placement, sock: socket.socket, survival=None) -> int:
     import uvicorn
 
     from moecluster.engine.batching import Scheduler, kv_cache_bytes
@@ -196,6 +202,8 @@ def _serve_http(args, engine, placement, sock: socket.socket) -> int:
     scheduler = Scheduler(
         engine, args.max_batch, args.max_queue, observer=metrics, prefix_cache_bytes=int(args.prefix_cache_gb * 2**30)
     )
+    if survival is not None:
+        scheduler.recover, scheduler.degraded = survival.recover, survival.degraded
     name = args.model_name or Path(args.model).resolve().name
     from moecluster.server.connections import KEEP_ALIVE_S, ReapingH11Protocol
 
