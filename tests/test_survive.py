@@ -167,3 +167,35 @@ def test_kill9_one_of_three_replicated_ranks_mid_stream(tiny_dbrx, tmp_path):
         srv.stop()
     time.sleep(0.5)
     assert not [p for p in everyone if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.slow
+def test_restart_supervises_the_job(tiny_dbrx, tmp_path):
+    """serve --restart 2: the killed job is started again (same port) and answers; SIGTERM ends it all."""
+    import httpx
+    import psutil
+    from test_server import ServerProc
+
+    srv = ServerProc(tiny_dbrx, tmp_path / "server.log", "--restart", "2", nodes=1)
+    try:
+        first = psutil.Process(srv.proc.pid).children()
+        assert len(first) == 1 and "serve" in first[0].cmdline() and "--restart" not in first[0].cmdline()
+        first[0].kill()
+        t0, healthy = time.monotonic(), False
+        while time.monotonic() - t0 < 90 and not healthy:
+            time.sleep(0.5)
+            children = psutil.Process(srv.proc.pid).children()
+            try:
+                healthy = bool(children) and children[0].pid != first[0].pid
+                healthy = healthy and httpx.get(srv.url + "/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                healthy = False
+        assert healthy, srv.log.read_text()
+        assert "restart 1 of 2 in 1 s" in srv.log.read_text()
+        assert _stream(srv.client(), 4)
+        everyone = psutil.Process(srv.proc.pid).children(recursive=True)
+    finally:
+        srv.stop()
+    assert srv.proc.returncode == 0, srv.log.read_text()
+    time.sleep(0.5)
+    assert not [p for p in everyone if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]

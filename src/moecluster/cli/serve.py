@@ -57,6 +57,13 @@ def register(sub) -> None:
     add_quant_args(p)
     p.add_argument("--no-check-weights", action="store_true", help="skip the NaN/Inf scan of the weights while loading")
     add_cluster_args(p)
+    p.add_argument(
+        "--restart",
+        type=int,
+        default=0,
+        metavar="N",
+        help="supervise the whole job: when it fails, start it again (backoff 1, 2, 4 ... 30 s), at most N times",
+    )
     p.set_defaults(func=run_serve, timeout=20.0)  # a dead rank fails requests within 30 s
 
 
@@ -106,6 +113,8 @@ def check_args(args) -> None:
         problems.append(f"--prefix-cache-gb must be in [0, 1024], got {args.prefix_cache_gb}")
     if args.max_seq_len is not None and args.max_seq_len < 2:
         problems.append(f"--max-seq-len must be at least 2, got {args.max_seq_len}")
+    if args.restart < 0:
+        problems.append(f"--restart must be >= 0, got {args.restart}")
     if args.timeout <= 0:
         problems.append(f"--timeout must be positive, got {args.timeout}")
     if args.api_key is not None and not args.api_key.strip():
@@ -139,6 +148,12 @@ def bind(host: str, port: int) -> socket.socket:
 
 def run_serve(args) -> int:
     check_args(args)
+    from moecluster.cli.supervise import SUPERVISED_ENV, supervise, without_restart
+
+    if args.restart and not args.rank_worker and not os.environ.get(SUPERVISED_ENV):
+        bind(args.host, args.port).close()  # a busy port fails now, not at every restart
+        cmd = [sys.executable, "-m", "moecluster.cli", *without_restart(without_api_key(args.argv))]
+        return supervise(cmd, args.restart, {"MOECLUSTER_API_KEY": args.api_key} if args.api_key is not None else None)
     if args.nodes > 1 and not args.rank_worker:
         bind(args.host, args.port).close()  # fail now, not after every rank has loaded the model
         from moecluster.distributed.launch import launch_local
