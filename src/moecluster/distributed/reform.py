@@ -28,6 +28,7 @@ from moecluster.distributed.comm import Comm, CommError, _hard_exit
 
 REFORM_KEY = "moecluster/reform"
 POLL_S = 0.05
+GRACE_S = 2.0  # ranks the error named as missing may still check in this long after the others
 
 
 class ReformError(CommError):
@@ -40,24 +41,31 @@ def supports_reform(comm: Comm | None) -> bool:
 
 
 def lead(comm, members: list[int], can_lose: Callable[[list[int]], str | None]) -> tuple[Comm, list[int]]:
-    """Rank 0: decide the survivors, build the new comm; (new comm, survivors as current ranks)."""
+    """Rank 0: decide the survivors, build the new comm; (new comm, survivors as current ranks).
+
+    The ranks the CommError named are only a hint (a live rank that failed out of an earlier collective
+    never reached the one that was checked): every other rank gets up to --timeout to check in, the
+    named ones a short grace after the rest are in. A dead rank never checks in."""
     gen = comm.generation + 1
     store, keys = comm._store, f"moecluster/g{gen}/"
     store.set_timeout(datetime.timedelta(seconds=comm.timeout_s))
     store.set(REFORM_KEY, str(gen))
-    missing = sorted(set(comm.last_missing) - {0})
+    named = set(comm.last_missing)
+    others = list(range(1, comm.world_size))
+    t0 = time.monotonic()
+    deadline, grace_from = t0 + comm.timeout_s, None
+    while True:
+        checked = [r for r in others if store.check([f"{keys}in/{r}"])]
+        now = time.monotonic()
+        if len(checked) == len(others) or now > deadline:
+            break
+        if grace_from is None and all(r in checked for r in others if r not in named):
+            grace_from = now
+        if grace_from is not None and now > grace_from + min(GRACE_S, comm.timeout_s / 4):
+            break
+        time.sleep(POLL_S)
+    missing = [r for r in others if r not in checked]
     lost = can_lose(missing) if missing else None
-    if lost is None:
-        others = [r for r in range(1, comm.world_size) if r not in missing]
-        deadline = time.monotonic() + comm.timeout_s
-        checked: list[int] = []
-        while True:
-            checked = [r for r in others if store.check([f"{keys}in/{r}"])]
-            if len(checked) == len(others) or time.monotonic() > deadline:
-                break
-            time.sleep(POLL_S)
-        missing = [r for r in range(1, comm.world_size) if r not in checked]
-        lost = can_lose(missing) if missing else None
     if lost is not None:
         store.set(f"{keys}plan", json.dumps({"lost": lost}))
         raise ReformError(lost)

@@ -51,7 +51,8 @@ class Survival:
             return False
         comm, t0 = self.engine.comm, now()
         if comm.rank == 0:
-            print(f"moecluster: {exc}; re-forming the cluster on the surviving ranks", file=sys.stderr, flush=True)
+            names = "" if len(self.lost) == 0 else f" (launch ranks of the current ranks: {self.members})"
+            print(f"moecluster: {exc}{names}; re-forming the cluster on the survivors", file=sys.stderr, flush=True)
             new, survivors = reform.lead(comm, self.members, lambda gone: self._can_lose(gone, str(exc)))
         else:
             new, survivors = reform.follow(comm, self.members)
@@ -74,7 +75,11 @@ class Survival:
         lost = lost_experts(self.placement, gone)
         if not lost:
             return None
-        return f"{_ranks([self.members[r] for r in gone])} lost and {describe_lost(lost)} ({cause})"
+        numbering = ""
+        if self.members != list(range(len(self.members))):  # the comm's message numbers ranks among the survivors
+            pairs = ", ".join(f"{i} = launch rank {m}" for i, m in enumerate(self.members))
+            numbering = f"; ranks numbered among the survivors: {pairs}"
+        return f"{_ranks([self.members[r] for r in gone])} lost and {describe_lost(lost)} ({cause}{numbering})"
 
 
 def rebind(engine: Engine, comm, placement: Placement) -> None:
