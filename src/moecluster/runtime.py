@@ -61,7 +61,11 @@ def open_engine(
 
 def load_summary(engine: Engine) -> str | None:
     """'loaded X GB in Y s (Z GB/s)' (with a rank prefix on several ranks), if the engine loaded with progress."""
-    return engine.loaded.load.summary() if engine.loaded.load is not None else None
+    if engine.loaded.load is None:
+        return None
+    from moecluster.distributed.comm import CPU_NOTE
+
+    return engine.loaded.load.summary() + (f"; {CPU_NOTE[0]}" if engine.world_size > 1 and CPU_NOTE[0] else "")
 
 
 def held_bytes(model) -> int:

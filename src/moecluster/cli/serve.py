@@ -71,6 +71,13 @@ def register(sub) -> None:
     add_quant_args(p)
     p.add_argument("--no-check-weights", action="store_true", help="skip the NaN/Inf scan of the weights while loading")
     add_cluster_args(p)
+    p.add_argument(
+        "--restart",
+        type=int,
+        default=0,
+        metavar="N",
+        help="supervise the whole job: when it fails, start it again (backoff 1, 2, 4 ... 30 s), at most N times",
+    )
     p.set_defaults(func=run_serve, timeout=20.0)  # a dead rank fails requests within 30 s
 
 
@@ -122,6 +129,8 @@ def check_args(args) -> None:
         problems.append(f"--prefill-chunk must be 0 or a multiple of 64, got {args.prefill_chunk}")
     if args.max_seq_len is not None and args.max_seq_len < 2:
         problems.append(f"--max-seq-len must be at least 2, got {args.max_seq_len}")
+    if args.restart < 0:
+        problems.append(f"--restart must be >= 0, got {args.restart}")
     if args.timeout <= 0:
         problems.append(f"--timeout must be positive, got {args.timeout}")
     if args.api_key is not None and not args.api_key.strip():
@@ -155,6 +164,12 @@ def bind(host: str, port: int) -> socket.socket:
 
 def run_serve(args) -> int:
     check_args(args)
+    from moecluster.cli.supervise import SUPERVISED_ENV, supervise, without_restart
+
+    if args.restart and not args.rank_worker and not os.environ.get(SUPERVISED_ENV):
+        bind(args.host, args.port).close()  # a busy port fails now, not at every restart
+        cmd = [sys.executable, "-m", "moecluster.cli", *without_restart(without_api_key(args.argv))]
+        return supervise(cmd, args.restart, {"MOECLUSTER_API_KEY": args.api_key} if args.api_key is not None else None)
     if args.nodes > 1 and not args.rank_worker:
         bind(args.host, args.port).close()  # fail now, not after every rank has loaded the model
         from moecluster.distributed.launch import launch_local
@@ -197,11 +212,17 @@ def _serve_on_rank(args, comm) -> int:
     )
     if (summary := load_summary(engine)) and (rank == 0 or engine.world_size > 1):
         print(summary, file=sys.stderr, flush=True)
+    survival = None
+    if args.backend == "torch":  # keep serving on the surviving ranks (MPI cannot shrink a communicator)
+        from moecluster.distributed.reform import supports_reform
+        from moecluster.engine.survive import Survival
+
+        survival = Survival(engine, placement) if supports_reform(comm) and placement is not None else None
     if rank != 0:
-        worker_loop(engine, comm)
+        worker_loop(engine, comm, survival.recover if survival is not None else None)
         return 0
     assert sock is not None  # bound above on rank 0
-    return _serve_http(args, engine, placement, sock)
+    return _serve_http(args, engine, placement, sock, survival)
 
 
 def _check_memory(args, comm) -> None:
@@ -222,7 +243,7 @@ def _check_memory(args, comm) -> None:
     check_fits(need, rank=comm.rank if comm is not None else 0)
 
 
-def _serve_http(args, engine, placement, sock: socket.socket) -> int:
+def _serve_http(args, engine, placement, sock: socket.socket, survival=None) -> int:
     import uvicorn
 
     from moecluster.engine.batching import Scheduler, kv_cache_bytes
@@ -241,6 +262,8 @@ def _serve_http(args, engine, placement, sock: socket.socket) -> int:
         prefix_cache_bytes=int(args.prefix_cache_gb * 2**30),
         prefill_chunk=DEFAULT_PREFILL_CHUNK if args.prefill_chunk is None else args.prefill_chunk,
     )
+    if survival is not None:
+        scheduler.recover, scheduler.degraded = survival.recover, survival.degraded
     name = args.model_name or Path(args.model).resolve().name
     from moecluster.server.connections import KEEP_ALIVE_S, ReapingH11Protocol
 

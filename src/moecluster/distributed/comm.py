@@ -203,19 +203,39 @@ def _hard_exit(code: int, linger_s: float = 0.0) -> None:
     os._exit(code)
 
 
-def _apply_cpu_settings(local_rank: int, world_size: int) -> None:
-    """MOECLUSTER_PIN=1: pin to one core; one intra-op thread per rank unless MOECLUSTER_THREADS."""
-    if os.environ.get("MOECLUSTER_PIN") == "1" and hasattr(os, "sched_setaffinity"):  # absent on macOS
-        cores = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {cores[local_rank % len(cores)]})
+CPU_NOTE = [""]  # what _apply_cpu_settings chose, for the ranks' load summary line
+
+
+def _apply_cpu_settings(local_rank: int, local_size: int, world_size: int) -> None:
+    """Threads and pinning of one rank among local_size ranks on this host (of world_size in the job).
+
+    Ranks sharing a host split its cores: cores // local_size intra-op threads each, and with
+    MOECLUSTER_PIN=1 (the local launcher sets it when N <= cores) each is pinned to its own block of
+    cores. One rank per host is never pinned and uses every core. MOECLUSTER_THREADS overrides the
+    thread count. A one-rank job keeps torch's default."""
+    has_affinity = hasattr(os, "sched_getaffinity")  # absent on macOS
+    cores = sorted(os.sched_getaffinity(0)) if has_affinity else list(range(os.cpu_count() or 1))
+    share = max(1, len(cores) // max(1, local_size))
+    pinned = ""
+    if os.environ.get("MOECLUSTER_PIN") == "1" and local_size > 1 and has_affinity:
+        start = (local_rank * share) % len(cores)
+        block = cores[start : start + share]
+        os.sched_setaffinity(0, set(block))
+        pinned = f", pinned to core{'s' if len(block) > 1 else ''} {','.join(map(str, block))}"
     threads = os.environ.get("MOECLUSTER_THREADS")
     if threads:
+        if not threads.isdigit() or int(threads) < 1:
+            raise MoeClusterError(f"MOECLUSTER_THREADS must be a positive integer, got {threads!r}")
         torch.set_num_threads(int(threads))
     elif world_size > 1:
-        torch.set_num_threads(1)
+        torch.set_num_threads(share)
+    n = torch.get_num_threads()
+    CPU_NOTE[0] = (
+        f"{n} thread{'s' if n > 1 else ''}{pinned} ({local_size} rank{'s' if local_size > 1 else ''} on this host)"
+    )
 
 
-def _init_mpi(timeout_s: float) -> tuple[Comm, int]:
+def _init_mpi(timeout_s: float) -> tuple[Comm, int, int]:
     try:
         from mpi4py import MPI
     except ImportError as e:
@@ -225,15 +245,15 @@ def _init_mpi(timeout_s: float) -> tuple[Comm, int]:
         ) from e
     world = MPI.COMM_WORLD
     if world.Get_size() == 1:
-        return SingleComm(timeout_s), 0
-    node_comm = world.Split_type(MPI.COMM_TYPE_SHARED)  # ranks on this host -> local rank
-    local_rank = node_comm.Get_rank()
+        return SingleComm(timeout_s), 0, 1
+    node_comm = world.Split_type(MPI.COMM_TYPE_SHARED)  # ranks on this host -> local rank and count
+    local_rank, local_size = node_comm.Get_rank(), node_comm.Get_size()
     node_comm.Free()
     from moecluster.distributed.comm_mpi import MPIComm
 
     comm = MPIComm(world, timeout_s)
     comm.launcher_link = _link_to_launcher(comm.rank)
-    return comm, local_rank
+    return comm, local_rank, local_size
 
 
 def _link_to_launcher(rank: int) -> socket.socket | None:
@@ -267,12 +287,13 @@ def _env_int(name: str, default: int | None = None) -> int:
         raise MoeClusterError(f"environment variable {name}={value!r} is not an integer") from e
 
 
-def _init_torch(timeout_s: float, device: str) -> tuple[Comm, int]:
+def _init_torch(timeout_s: float, device: str) -> tuple[Comm, int, int]:
     world_size = _env_int("WORLD_SIZE", 1)
     if world_size == 1:
-        return SingleComm(timeout_s), 0
+        return SingleComm(timeout_s), 0, 1
     rank = _env_int("RANK")
     local_rank = _env_int("LOCAL_RANK", rank)
+    local_size = _env_int("LOCAL_WORLD_SIZE", 1)  # torchrun and moecluster's launcher set it
     addr = os.environ.get("MASTER_ADDR")
     if not addr:
         raise MoeClusterError(
@@ -293,7 +314,7 @@ def _init_torch(timeout_s: float, device: str) -> tuple[Comm, int]:
         local_rank=local_rank,
         agent_store=agent_store,
     )
-    return comm, local_rank
+    return comm, local_rank, local_size
 
 
 def use_interface(iface: str) -> None:
@@ -316,12 +337,12 @@ def init_comm(backend: str = "mpi", timeout_s: float = 30.0, *, device: str = "c
     if iface:
         use_interface(iface)
     if backend == "single":
-        comm, local_rank = SingleComm(timeout_s), 0
+        comm, local_rank, local_size = SingleComm(timeout_s), 0, 1
     elif backend == "mpi":
-        comm, local_rank = _init_mpi(timeout_s)
+        comm, local_rank, local_size = _init_mpi(timeout_s)
     elif backend == "torch":
-        comm, local_rank = _init_torch(timeout_s, device)
+        comm, local_rank, local_size = _init_torch(timeout_s, device)
     else:
         raise MoeClusterError(f"unknown communication backend {backend!r}: use 'mpi', 'torch' or 'single'")
-    _apply_cpu_settings(local_rank, comm.world_size)
+    _apply_cpu_settings(local_rank, local_size, comm.world_size)
     return comm

@@ -10,6 +10,7 @@ import atexit
 import datetime
 import socket
 import time
+from typing import Any
 
 import torch
 
@@ -23,6 +24,8 @@ from moecluster.distributed.comm import (
     _waiting_note,
     missing_message,
 )
+
+REFORM_POLL_S = 0.25  # with watch_reform: how often a long wait checks whether rank 0 is re-forming
 
 
 def _listen(addr: str, port: int) -> socket.socket | None:
@@ -66,6 +69,10 @@ class TorchComm(Comm):
         from torch.distributed import PrefixStore, TCPStore  # pyright: ignore[reportPrivateImportUsage]
 
         self._dist, self.rank, self.world_size = dist, rank, world_size
+        self._group: Any = None  # the default process group; a re-formed comm has its own (reform.regroup)
+        self._keys = "moecluster/"  # store key prefix of this generation of the job
+        self.generation, self.watch_reform = 0, False  # see reform.py
+        self.last_missing: list[int] = []  # the ranks the last CommError named as missing
         self.timeout_s, self.device = timeout_s, torch.device(device)
         self._probe_s = min(2.0, 0.25 * timeout_s)
         self._num_ops, self._hard_exit_armed = 0, False
@@ -99,12 +106,12 @@ class TorchComm(Comm):
             ) from e
 
     def _hb_key(self, rank: int) -> str:
-        return f"moecluster/hb/{rank}"
+        return f"{self._keys}hb/{rank}"
 
     def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
         self._check_device(x, "all_reduce_sum", REDUCE_DTYPES)
         if x.numel():
-            self._wait(self._dist.all_reduce(x, async_op=True), "all_reduce")
+            self._wait(self._dist.all_reduce(x, group=self._group, async_op=True), "all_reduce")
         return x
 
     def all_reduce_disjoint(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,24 +122,31 @@ class TorchComm(Comm):
         if x.numel():
             flat = x.view(-1)
             bits = flat.view(torch.int32) if x.nbytes % 4 == 0 else flat.view(torch.uint8)
-            self._wait(self._dist.all_reduce(bits, async_op=True), "all_reduce")
+            self._wait(self._dist.all_reduce(bits, group=self._group, async_op=True), "all_reduce")
         return x
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         self._check_device(x, "broadcast")
         if x.numel():
-            self._wait(self._dist.broadcast(x, src, async_op=True), "broadcast")
+            if self._group is None:
+                work = self._dist.broadcast(x, src, async_op=True)
+            else:  # a re-formed comm's group is not in torch's world map: ranks are the group's
+                work = self._dist.broadcast(x, group=self._group, group_src=src, async_op=True)
+            self._wait(work, "broadcast")
         return x
 
     def barrier(self) -> None:
         self._check_usable("barrier")
-        self._wait(self._dist.barrier(async_op=True), "barrier")
+        self._wait(self._dist.barrier(group=self._group, async_op=True), "barrier")
 
     def close(self) -> None:
         if self.failed or self.closed:
             return
-        self._wait(self._dist.barrier(async_op=True), "close")
+        self._wait(self._dist.barrier(group=self._group, async_op=True), "close")
         self.closed = True
+        if self._group is not None:  # the default group still lists the lost rank: no collective shutdown
+            atexit.register(_hard_exit, 0, 0.0)
+            return
         self._dist.destroy_process_group()
 
     def mark_failed(self, exit_code: int = EXIT_CODE_FAILED) -> None:
@@ -160,10 +174,27 @@ class TorchComm(Comm):
                 self._fail_named(op, e)
         try:
             self._store.set(self._hb_key(self.rank), str(self._num_ops))
-            remaining = t0 + self.timeout_s - time.perf_counter()
-            work.wait(datetime.timedelta(seconds=max(remaining, 1e-3)))
+            while True:
+                remaining = t0 + self.timeout_s - time.perf_counter()
+                if not self.watch_reform:
+                    work.wait(datetime.timedelta(seconds=max(remaining, 1e-3)))
+                    return
+                try:  # in short slices, to hear rank 0 start re-forming the cluster (reform.py)
+                    work.wait(datetime.timedelta(seconds=min(max(remaining, 1e-3), REFORM_POLL_S)))
+                    return
+                except RuntimeError as e:
+                    if remaining <= REFORM_POLL_S or "timed out" not in str(e).lower():
+                        raise
+                    self._check_reform(op)
         except RuntimeError as e:
             self._fail_named(op, None if "timed out" in str(e).lower() else e)
+
+    def _check_reform(self, op: str) -> None:
+        """Raise CommError if rank 0 has started re-forming the cluster without the ranks it lost."""
+        key = "moecluster/reform"
+        if self._store.check([key]) and int(self._store.get(key)) > self.generation:
+            self.last_missing = []
+            self._fail(f"left {op} (collective #{self._num_ops}): rank 0 is re-forming the cluster")
 
     def _fail_named(self, op: str, error: Exception | None) -> None:
         """Read the peers' heartbeats: ranks not at this collective are the missing ones."""
@@ -187,6 +218,7 @@ class TorchComm(Comm):
                 + (f" ({_short(error)})" if error else "")
                 + "; stopping"
             )
+        self.last_missing = missing
         notes = _waiting_note([r for r in seen if r not in missing])
         notes += [f"rank {r} last waited in collective #{seen[r]}" for r in missing if seen[r]]
         self._fail(missing_message(what, self.timeout_s, missing, notes, _short(error)))

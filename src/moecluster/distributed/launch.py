@@ -205,26 +205,33 @@ def _mlx_hostfile(directory: str, world_size: int) -> str:
     return path
 
 
-def _watch_torch(job: _Job, timeout_s: float) -> tuple[int, str]:
-    """Wait for N rank processes; return (exit code, one line naming the first failed rank)."""
+def _watch_torch(job: _Job, timeout_s: float, lead: bool = False) -> tuple[int, str]:
+    """Wait for N rank processes; return (exit code, one line naming the first failed rank).
+    lead: the job is rank 0's (`serve`): another rank's end is reported and the others go on (they may
+    re-form without it); rank 0's end, however it ends, gives the others timeout_s to end too."""
     first: tuple[int, int] | None = None
-    deadline = None
+    deadline, reported = None, set()
     while True:
         codes = [p.poll() for p in job.popens]
-        if first is None:
-            bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
-            if bad:
-                first, deadline = bad[0], time.monotonic() + timeout_s
+        bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+        if lead and codes[0] is None:
+            for r, c in bad:
+                if r not in reported:
+                    reported.add(r)
+                    print(f"moecluster: rank {r} {describe_exit(c)}; the others go on", file=sys.stderr, flush=True)
+        if first is None and bad and (not lead or bad[0][0] == 0):
+            first = bad[0]
+        if deadline is None and (codes[0] is not None if lead else first is not None):
+            deadline = time.monotonic() + timeout_s
         if all(c is not None for c in codes):
             break
         if deadline is not None and time.monotonic() > deadline:
-            assert first is not None  # the deadline is set with first
             left = [r for r, c in enumerate(codes) if c is None]
             job.stop()
             was = "was" if len(left) == 1 else "were"
-            return _code(first[1]), (
-                f"rank {first[0]} {describe_exit(first[1])}; {_plural(left)} "
-                f"{was} still running {timeout_s:.1f} s later and {was} killed"
+            what = f"rank {first[0]} {describe_exit(first[1])}" if first else "rank 0 ended"
+            return _code(first[1]) if first else 0, (
+                f"{what}; {_plural(left)} {was} still running {timeout_s:.1f} s later and {was} killed"
             )
         job.remember_descendants(SCAN_S)
         time.sleep(POLL_S)
@@ -371,7 +378,7 @@ def launch_local(
             job.popens = [
                 subprocess.Popen(cmd, env=_rank_env(base, r, world_size, port), **popen) for r in range(world_size)
             ]
-            code, line = _watch_torch(job, timeout_s)
+            code, line = _watch_torch(job, timeout_s, lead=keep_survivors)
     except _Terminated:
         code, line = 128 + signal.SIGTERM, "launcher received SIGTERM; stopped every rank"
     finally:

@@ -32,10 +32,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moecluster.distributed.comm import CommError
 from moecluster.engine.chunked_prefill import PrefillState
 from moecluster.engine.generate import Engine, TextTracker
 from moecluster.engine.prefix_cache import BLOCK, PrefixIndex, PrefixStore, attention_caches
 from moecluster.engine.sampling import Sample, Sampler, SamplingParams
+from moecluster.engine.step_guard import run_guarded
 from moecluster.errors import MoeClusterError
 from moecluster.tracing import TRACER, now
 
@@ -105,6 +107,7 @@ class _Sequence:
     next_token: int = -1
     generated: int = 0
     last_token_at: float = 0.0
+    history: list[int] = field(default_factory=list)  # tokens sampled so far (a re-formed cluster re-prefills them)
 
 
 @dataclass
@@ -116,6 +119,7 @@ class StepOutput:
     decode_seconds: float = 0.0
     decode_trace: dict | None = None
     decode_bytes: int = 0  # weight bytes this rank read in the decode forward
+    errors: dict[int, str] = field(default_factory=dict)  # cache slot -> why its forward failed (step_guard)
 
 
 def execute_step(engine: Engine, msg: dict) -> StepOutput:
@@ -195,19 +199,32 @@ def _take_trace() -> dict | None:
     return record
 
 
-def worker_loop(engine: Engine, comm) -> None:
-    """Ranks other than 0: receive rank 0's message, run the same forward, until shutdown."""
+def worker_loop(engine: Engine, comm, recover: Callable[[BaseException], bool] | None = None) -> None:
+    """Ranks other than 0: receive rank 0's message, run the same forward, until shutdown.
+    recover(exc): after a CommError, True if the cluster re-formed (engine.comm is the new comm)."""
     while True:
-        msg = json.loads(comm.broadcast_bytes(None, src=0).decode())
-        op = msg.get("op")
-        if op == "shutdown":
-            return
-        if op == "ping":
-            comm.barrier()
-        elif op == "step":
-            execute_step(engine, msg)
-        else:
-            raise MoeClusterError(f"rank {comm.rank}: unknown message {op!r} from rank 0 (version mismatch?)")
+        try:
+            msg = json.loads(comm.broadcast_bytes(None, src=0).decode())
+            if _worker_step(engine, comm, msg):
+                return
+        except CommError as e:
+            if recover is None or not recover(e):
+                raise
+            comm = engine.comm
+
+
+def _worker_step(engine: Engine, comm, msg: dict) -> bool:
+    """Run one message; True on shutdown."""
+    op = msg.get("op")
+    if op == "shutdown":
+        return True
+    if op == "ping":
+        comm.barrier()
+    elif op == "step":
+        run_guarded(execute_step, engine, msg)  # a failing request fails on rank 0 only, in step
+    else:
+        raise MoeClusterError(f"rank {comm.rank}: unknown message {op!r} from rank 0 (version mismatch?)")
+    return False
 
 
 def _describe(exc: Exception) -> str:
@@ -245,6 +262,9 @@ class Scheduler:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.observer = observer or StepObserver()
         self.on_failure = on_failure
+        self.recover: Callable[[BaseException], bool] | None = None  # see engine/survive.py
+        self.degraded: Callable[[], str | None] = lambda: None  # what /health reports while healthy
+        self._prefix_bytes = prefix_cache_bytes
         self.prefix = PrefixIndex(engine.model, prefix_cache_bytes)
         engine.prefix_store = None  # pyright: ignore[reportAttributeAccessIssue] - entries of an earlier scheduler
         if prefix_cache_bytes > 0 and not self.prefix.enabled:
@@ -303,7 +323,7 @@ class Scheduler:
         idle_for = now() - self.last_progress
         if idle_for > STALL_S:
             return False, f"no step finished for {idle_for:.0f} s: a rank or the scheduler is stalled"
-        return True, "ok"
+        return True, self.degraded() or "ok"
 
     def start(self) -> threading.Thread:
         self._thread = threading.Thread(target=self.run, name="moecluster-scheduler", daemon=True)
@@ -320,19 +340,52 @@ class Scheduler:
 
     # ---- the scheduler thread ----
     def run(self) -> None:
-        try:
-            while self._next_batch():
-                msg = self._plan()
-                if msg is None:
-                    self._heartbeat()
-                    continue
-                self._broadcast(msg)
-                out = execute_step(self.engine, msg)
-                self._finish_step(msg, out)
-            self._fail_all("the server is shutting down")
-            self._broadcast({"op": "shutdown"})
-        except BaseException as e:  # noqa: BLE001 - any failure must reach every waiting client
-            self._fail(e)
+        resume = False
+        while True:
+            try:
+                if resume:
+                    self._resume()
+                self._serve()
+                return
+            except BaseException as e:  # noqa: BLE001 - any failure must reach every waiting client
+                try:
+                    resume = self.recover is not None and self.recover(e)
+                except BaseException as why:  # noqa: BLE001 - it could not: that is the failure to report
+                    e, resume = why, False
+                if not resume:
+                    self._fail(e)
+                    return
+                self.comm = self.engine.comm
+
+    def _resume(self) -> None:
+        """After the cluster re-formed: prefill every running sequence again from its prompt and the tokens it
+        sampled (all but the last, which the next decode feeds); a sequence never prefilled samples its first."""
+        self.prefix = PrefixIndex(self.engine.model, self._prefix_bytes)  # entries may be half-written
+        seqs = sorted(self._active.values(), key=lambda s: s.slot)
+        if not seqs:
+            return
+        admit = [{"slot": s.slot, "prompt_ids": s.request.prompt_ids + s.history[:-1]} for s in seqs]
+        msg = {"op": "step", "admit": admit, "tokens": [], "slots": [], "pos": []}
+        self._broadcast(msg)
+        out = run_guarded(execute_step, self.engine, msg)
+        for seq, logits_V in zip(seqs, out.prefill_logits):
+            if seq.slot in out.errors:
+                self._release(seq, "error", Event(error=out.errors[seq.slot], status=500))
+            elif not seq.history:
+                self._advance_or_fail(seq, logits_V)
+        self.last_progress = self._last_collective = now()
+
+    def _serve(self) -> None:
+        while self._next_batch():
+            msg = self._plan()
+            if msg is None:
+                self._heartbeat()
+                continue
+            self._broadcast(msg)
+            out = run_guarded(execute_step, self.engine, msg)
+            self._finish_step(msg, out)
+        self._fail_all("the server is shutting down")
+        self._broadcast({"op": "shutdown"})
 
     def _next_batch(self) -> bool:
         """Move new requests in (waiting briefly when idle); False when stopping."""
@@ -411,6 +464,9 @@ class Scheduler:
 
     def _finish_step(self, msg: dict, out: StepOutput) -> None:
         """Sample every row, emit its text, finish the sequences that stopped."""
+        for slot, error in out.errors.items():  # their forward failed: these requests only
+            if slot in self._active:
+                self._release(self._active[slot], "error", Event(error=error, status=500))
         for adm, logits_V, sec, trace in zip(msg["admit"], out.prefill_logits, out.prefill_seconds, out.prefill_traces):
             self.observer.on_step("prefill", 1, sec, 0, trace)
             if logits_V is None:  # a partial chunk: nothing to sample yet
@@ -444,6 +500,7 @@ class Scheduler:
         first = seq.generated == 1
         self.observer.on_token(first, t - (seq.request.submitted_at if first else seq.last_token_at))
         seq.last_token_at, seq.next_token = t, token
+        seq.history.append(token)
         text, stopped = seq.tracker.push(token)
         complete = not stopped and seq.sampler.finished  # structured output: the grammar allows nothing more
         reason = "stop" if stopped or complete else "length" if seq.generated >= seq.max_new else None

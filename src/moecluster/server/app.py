@@ -563,7 +563,7 @@ def create_app(
         ok, reason = scheduler.health()
         running, waiting = scheduler.load()
         body = {
-            "status": "ok" if ok else "unavailable",
+            "status": ("degraded" if reason.startswith("degraded") else "ok") if ok else "unavailable",
             "reason": reason,
             "model": model_name,
             "world_size": scheduler.engine.world_size,
