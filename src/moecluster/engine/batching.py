@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moecluster.engine.generate import Engine, TextTracker
+from moecluster.engine.generate import TextTracker
+from moecluster.engine.interface import ServingEngine
 from moecluster.engine.prefix_cache import BLOCK, PrefixIndex, PrefixStore
 from moecluster.engine.sampling import Sample, Sampler, SamplingParams
 from moecluster.errors import MoeClusterError
@@ -114,7 +115,7 @@ class StepOutput:
     decode_bytes: int = 0  # weight bytes this rank read in the decode forward
 
 
-def execute_step(engine: Engine, msg: dict) -> StepOutput:
+def execute_step(engine: ServingEngine, msg: dict) -> StepOutput:
     """Run one step message on this rank: each admitted prompt's prefill, then one decode forward."""
     out = StepOutput([], None)
     for adm in msg["admit"]:
@@ -140,7 +141,7 @@ def execute_step(engine: Engine, msg: dict) -> StepOutput:
         out.prefill_seconds.append(now() - t0)
         out.prefill_traces.append(_take_trace())
         if adm.get("copies"):
-            copy_slot(engine.model, adm["slot"], adm["copies"])
+            engine.copy_slot(adm["slot"], adm["copies"])
     if msg["slots"]:
         t0 = now()
         TRACER.begin_step("decode", len(msg["slots"]))
@@ -153,7 +154,7 @@ def execute_step(engine: Engine, msg: dict) -> StepOutput:
     return out
 
 
-def _prefix_store(engine: Engine) -> PrefixStore:
+def _prefix_store(engine: ServingEngine) -> PrefixStore:
     store = getattr(engine, "prefix_store", None)
     if store is None:
         store = PrefixStore(engine.model)
@@ -193,7 +194,7 @@ def _take_trace() -> dict | None:
     return record
 
 
-def worker_loop(engine: Engine, comm) -> None:
+def worker_loop(engine: ServingEngine, comm) -> None:
     """Ranks other than 0: receive rank 0's message, run the same forward, until shutdown."""
     while True:
         msg = json.loads(comm.broadcast_bytes(None, src=0).decode())
@@ -221,16 +222,16 @@ class Scheduler:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: ServingEngine,
         max_batch: int = 8,
         max_queue: int = 64,
         observer: StepObserver | None = None,
         on_failure: Callable[[str], None] | None = None,
         prefix_cache_bytes: int = 0,
     ):
-        if not 1 <= max_batch <= engine.model.num_slots:
+        if not 1 <= max_batch <= engine.num_slots:
             raise MoeClusterError(
-                f"max batch {max_batch} must be between 1 and the engine's {engine.model.num_slots} cache slots"
+                f"max batch {max_batch} must be between 1 and the engine's {engine.num_slots} cache slots"
             )
         if max_queue < 0:
             raise MoeClusterError(f"the queue length must be >= 0, got {max_queue}")
@@ -297,6 +298,11 @@ class Scheduler:
         if idle_for > STALL_S:
             return False, f"no step finished for {idle_for:.0f} s: a rank or the scheduler is stalled"
         return True, "ok"
+
+    def fail(self, reason: str) -> None:
+        """From another thread, when a rank is known lost (the MLX watchdog): fail every request, refuse new ones."""
+        if self.failed_reason is None:
+            self._fail(MoeClusterError(reason))
 
     def start(self) -> threading.Thread:
         self._thread = threading.Thread(target=self.run, name="moecluster-scheduler", daemon=True)

@@ -11,21 +11,38 @@ from typing import Any
 from moecluster.errors import MoeClusterError
 
 
-def relaunch_mlx(args: Any) -> int:
-    """Start args.nodes local ranks of this same command (ring backend, a watchdog port for rank 0)."""
+def relaunch_mlx(
+    args: Any, argv: list[str] | None = None, env: dict | None = None, linger_s: float = 0.0, keep: bool = False
+) -> int:
+    """Start args.nodes local ranks of this same command (ring backend, a watchdog port for rank 0). linger_s, keep:
+    as serve's launch (rank 0 outlives a dead rank to answer 503, then every rank is stopped)."""
     from moecluster.distributed.launch import free_port, launch_local
 
-    cmd = [sys.executable, "-m", "moecluster.cli", *args.argv, "--rank-worker"]
-    env = {"MOECLUSTER_MLX_WATCHDOG": f"127.0.0.1:{free_port()}"}
-    return launch_local(cmd, args.nodes, "mlx", pin=False, timeout_s=args.timeout, env=env)
+    cmd = [sys.executable, "-m", "moecluster.cli", *(args.argv if argv is None else argv), "--rank-worker"]
+    env = {**(env or {}), "MOECLUSTER_MLX_WATCHDOG": f"127.0.0.1:{free_port()}"}
+    timeout_s = args.timeout + linger_s
+    return launch_local(cmd, args.nodes, "mlx", pin=False, timeout_s=timeout_s, env=env, keep_survivors=keep)
 
 
-def run_generate_mlx(args: Any, params: Any) -> int:
-    """The body of `generate --engine mlx` on this rank; rank 0 prints the text and stats."""
-    if args.nodes > 1 and not args.rank_worker:
-        return relaunch_mlx(args)
-    from moecluster.engines.mlx.comm import init_group, watchdog_address
-    from moecluster.engines.mlx.generate import MlxEngine, peak_rss_bytes
+def check_mlx_args(args: Any) -> None:
+    """Options of the torch engine that the MLX engine does not have: one clear error instead of ignoring them."""
+    bad = []
+    if getattr(args, "quantize", None) or getattr(args, "quantize_dense", False):
+        bad.append("--quantize/--quantize-dense (give an MLX quantized directory: mlx_lm.convert -q)")
+    if getattr(args, "exchange", "exact") != "exact":
+        bad.append("--exchange sum")
+    if getattr(args, "prefix_cache_gb", 0.0):
+        bad.append("--prefix-cache-gb")
+    if getattr(args, "threads", None) is not None:
+        bad.append("--threads")
+    if bad:
+        raise MoeClusterError(f"--engine mlx does not support {', '.join(bad)}; drop it or use --engine torch")
+
+
+def open_mlx_comm(args: Any, keep_rank0: bool = False) -> Any:
+    """This rank's MlxComm: the group (ring/jaccl from the launcher's environment, else one rank) and, on several
+    ranks, the watchdog (keep_rank0: rank 0 reports a failure instead of being stopped, for serve's 503)."""
+    from moecluster.engines.mlx.comm import MlxComm, init_group, watchdog_address
     from moecluster.engines.mlx.watchdog import Watchdog
 
     group = init_group()
@@ -34,9 +51,21 @@ def run_generate_mlx(args: Any, params: Any) -> int:
     watchdog = None
     address = watchdog_address()
     if group.size() > 1 and address is not None:
-        watchdog = Watchdog(group.rank(), group.size(), address, args.timeout)
+        keep = keep_rank0 and group.rank() == 0
+        watchdog = Watchdog(group.rank(), group.size(), address, args.timeout, keep_rank=keep)
+    return MlxComm(group, watchdog)
+
+
+def run_generate_mlx(args: Any, params: Any) -> int:
+    """The body of `generate --engine mlx` on this rank; rank 0 prints the text and stats."""
+    check_mlx_args(args)
+    if args.nodes > 1 and not args.rank_worker:
+        return relaunch_mlx(args)
+    from moecluster.engines.mlx.generate import MlxEngine, peak_rss_bytes
+
+    comm = open_mlx_comm(args)
     # on an error this rank just exits: its closed watchdog link tells the peers (no hung collective)
-    engine = MlxEngine(args.model, args.dtype, group, args.placement, watchdog)
+    engine = MlxEngine(args.model, args.dtype, comm, args.placement)
     text = args.prompt
     if args.chat:
         text = engine.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
@@ -66,6 +95,5 @@ def run_generate_mlx(args: Any, params: Any) -> int:
                     }
                 )
             )
-    if watchdog is not None:
-        watchdog.close()
+    comm.close()
     return 0
