@@ -21,30 +21,43 @@ from mlx.utils import tree_flatten
 
 from moecluster.engines.mlx.comm import MlxComm
 from moecluster.engines.mlx.loading import switch_layers
+from moecluster.engines.mlx.stacked import StackedRows
 from moecluster.errors import MoeClusterError
 from moecluster.parallel.placement import Placement
 from moecluster.tracing import TRACER, now
 
 
-def _keep_rows(proj: nn.Module, rows: mx.array, num_experts: int) -> None:
-    """Keep only `rows` of every per-expert array of a (Quantized)SwitchLinear (weight, scales, biases, bias)."""
+def _keep_rows(proj: nn.Module, experts: list[int], num_experts: int, prefix: str, disk: StackedRows | None) -> None:
+    """Keep only rows `experts` of every per-expert array of a (Quantized)SwitchLinear (weight, scales, biases,
+    bias): read from disk if the loader deferred it (prefix: its name up to the array), else sliced."""
+    rows = mx.array(experts, dtype=mx.uint32)
     for name, value in list(proj.items()):
         if isinstance(value, mx.array) and value.ndim >= 1 and value.shape[0] == num_experts:
-            proj[name] = value[rows]
+            read = disk.read(f"{prefix}.{name}", experts) if disk is not None else None
+            proj[name] = value[rows] if read is None else read.astype(value.dtype)  # value: dtype after --dtype
 
 
 class ExpertParallelSwitch(nn.Module):
     """This rank's share of one SwitchGLU + the one exchange: (x [..., D], indices [..., K]) -> y [..., K, D],
     the SwitchGLU contract, so the model's MoE block (routing and combine) runs unchanged."""
 
-    def __init__(self, switch: Any, experts: list[int], placement: Placement, index: int, layer_id: int, comm: MlxComm):
+    def __init__(
+        self,
+        switch: Any,
+        experts: list[int],
+        placement: Placement,
+        index: int,
+        layer: tuple[int, str],
+        comm: MlxComm,
+        disk: StackedRows | None = None,
+    ):
         super().__init__()
         self.num_experts = switch.gate_proj.weight.shape[0]
-        rows = mx.array(experts, dtype=mx.uint32)
         for name in ("gate_proj", "up_proj", "down_proj"):
             proj = getattr(switch, name)
-            _keep_rows(proj, rows, self.num_experts)
+            _keep_rows(proj, experts, self.num_experts, f"layers.{layer[0]}.{layer[1]}.{name}", disk)
             setattr(self, name, proj)
+        layer_id = layer[0]
         self.activation = switch.activation
         self.expert_ids = list(experts)
         self._local_of = {e: i for i, e in enumerate(experts)}
@@ -108,9 +121,12 @@ class ExpertParallelSwitch(nn.Module):
         return me.down_proj(h_P1F, rows)[:, 0, :]
 
 
-def apply_expert_parallel(model: Any, comm: MlxComm, placement: Placement) -> nn.Module:
+def apply_expert_parallel(
+    model: Any, comm: MlxComm, placement: Placement, disk: StackedRows | None = None
+) -> nn.Module:
     """Swap every SwitchGLU of `model` for this rank's ExpertParallelSwitch and evaluate the kept weights layer
-    by layer (a lazily loaded model reads only these experts). Returns the model."""
+    by layer (a lazily loaded model reads only these experts; disk: the loader's deferred stacked arrays).
+    Returns the model."""
     found = switch_layers(model)
     if not found:
         raise MoeClusterError("the model has no SwitchGLU MoE layers (or expert parallelism was already applied)")
@@ -127,7 +143,8 @@ def apply_expert_parallel(model: Any, comm: MlxComm, placement: Placement) -> nn
         parent = model.layers[layer]
         for name in parents:
             parent = parent[int(name)] if isinstance(parent, list) else getattr(parent, name)
-        ep = ExpertParallelSwitch(switch, placement.experts_of(comm.rank, index), placement, index, layer, comm)
+        experts = placement.experts_of(comm.rank, index)
+        ep = ExpertParallelSwitch(switch, experts, placement, index, (layer, path), comm, disk)
         setattr(parent, attr, ep)
         mx.eval(ep.parameters())
     mx.eval(model.parameters())

@@ -25,6 +25,7 @@ from moecluster.engines.mlx.comm import MlxComm
 from moecluster.engines.mlx.expert_parallel import apply_expert_parallel, expert_parallel_layers
 from moecluster.engines.mlx.loading import load_mlx_model, read_config, switch_layers
 from moecluster.engines.mlx.slots import SlotCaches
+from moecluster.engines.mlx.stacked import StackedRows
 from moecluster.errors import MoeClusterError
 from moecluster.parallel.placement import Placement, make_placement
 from moecluster.tokenizer import IncrementalDecoder, Tokenizer
@@ -100,10 +101,11 @@ class MlxEngine:
         num_experts = moes[0][2].gate_proj.weight.shape[0]  # type: ignore[union-attr]
         del probe
         self.placement: Placement = make_placement(placement_spec, num_experts, len(moes), self.world_size)
+        self.stacked = StackedRows(model_dir)  # stacked expert arrays: this rank's rows only, read with pread
         self.model, self.config = load_mlx_model(
-            model_dir, experts_of=lambda layer: self.placement.experts_of(self.rank, layer), dtype=dtype
+            model_dir, lambda layer: self.placement.experts_of(self.rank, layer), dtype, self.stacked
         )
-        apply_expert_parallel(self.model, self.mlx_comm, self.placement)
+        apply_expert_parallel(self.model, self.mlx_comm, self.placement, self.stacked)
         self.tokenizer = load_tokenizer(model_dir)
         self.max_seq_len = context_length(self.config, max_seq_len)
         self.slots = SlotCaches(self.model, num_slots)
