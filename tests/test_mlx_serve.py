@@ -173,3 +173,46 @@ def test_stalled_mlx_rank_gives_503_within_timeout(tiny_mixtral, tmp_path):
         assert health.status_code == 503 and "rank" in health.json()["reason"], health.text
     finally:
         srv.stop()
+
+
+def test_profile_routing_on_mlx_equals_torch(mlx_engine, tiny_mixtral):
+    """profile-routing's statistics through the MLX engine's routing recorder equal the torch engine's (fp32)."""
+    from moecluster.engine.profile_routing import profile
+
+    prompts = ["hello world", "the experts are"]
+    ours = profile(mlx_engine, prompts, 4).to_json()
+    theirs = profile(Engine(load_model(tiny_mixtral, "fp32")), prompts, 4).to_json()
+    assert ours["layers"] == theirs["layers"] and ours["layers"][0]["tokens"] == 16
+    from moecluster.engines.mlx.expert_parallel import expert_parallel_layers
+
+    assert [m.recorder for m in expert_parallel_layers(mlx_engine.model)] == [None] * 3  # profile detached itself
+
+
+def test_macos_paths_are_skipped(monkeypatch):
+    """What macOS lacks is not called there: no prctl (PR_SET_PDEATHSIG) preexec for ranks; mlx is the default
+    engine on Apple Silicon only."""
+    import platform
+    import sys
+
+    from moecluster.cli.cluster import default_engine
+    from moecluster.distributed.launch import _die_with_parent_fn
+
+    assert _die_with_parent_fn() is not None  # Linux
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert _die_with_parent_fn() is None
+    monkeypatch.setattr(platform, "machine", lambda: "arm64")
+    assert default_engine() == "mlx"
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    assert default_engine() == "torch"
+
+
+@pytest.mark.multirank
+def test_demo_on_mlx(tmp_path):
+    """`moecluster demo --engine mlx`: the built-in model's routing, an optimized placement, 2 mlx ranks = 1."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "moecluster.cli", "demo", "--engine", "mlx", "--nodes", "2", "--max-tokens", "6"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "outputs identical: yes (6 tokens)" in done.stderr

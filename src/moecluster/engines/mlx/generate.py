@@ -91,6 +91,8 @@ class MlxEngine:
         num_slots: int = 1,
         max_seq_len: int | None = None,
     ):
+        if dtype is None and not mx.metal.is_available():
+            dtype = "fp32"  # MLX's CPU gather_mm (the experts' product) takes only fp32
         self.mlx_comm = comm if comm is not None else MlxComm(mx.distributed.init())
         self.rank, self.world_size = self.mlx_comm.rank, self.mlx_comm.world_size
         self.comm: Any = self.mlx_comm if self.world_size > 1 else None  # the scheduler's: None on one process
@@ -199,7 +201,8 @@ class MlxEngine:
             if done:
                 break
             tokens.append(token)
-            logits = self.model(mx.array([[token]]), cache=cache)[0, -1]
+            if i + 1 < params.max_tokens:  # the last token needs no forward (as the torch engine)
+                logits = self.model(mx.array([[token]]), cache=cache)[0, -1]
         else:
             stats.finish_reason = "length"
         if self.rank == 0 and stats.finish_reason == "length":

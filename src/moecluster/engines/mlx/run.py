@@ -42,8 +42,11 @@ def check_mlx_args(args: Any) -> None:
 def open_mlx_comm(args: Any, keep_rank0: bool = False) -> Any:
     """This rank's MlxComm: the group (ring/jaccl from the launcher's environment, else one rank) and, on several
     ranks, the watchdog (keep_rank0: rank 0 reports a failure instead of being stopped, for serve's 503)."""
+    from moecluster.distributed.launch import watch_launcher
     from moecluster.engines.mlx.comm import MlxComm, init_group, watchdog_address
     from moecluster.engines.mlx.watchdog import Watchdog
+
+    watch_launcher()  # under moecluster's launcher: end with it, however it ends (macOS has no PDEATHSIG)
 
     group = init_group()
     if args.nodes > 1 and group.size() != args.nodes:
