@@ -191,7 +191,7 @@ def main() -> int:
             "threads": args.threads,
         },
         "command": "python " + " ".join(sys.argv),
-        "model_shape": args.model_shape,
+        "model_shape": model_dir.name if args.model else args.model_shape,
         "model": {
             "preset": None if args.model else "bench",
             **dims,
