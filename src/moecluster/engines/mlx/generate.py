@@ -29,6 +29,7 @@ from moecluster.engines.mlx.stacked import StackedRows
 from moecluster.errors import MoeClusterError
 from moecluster.parallel.placement import Placement, make_placement
 from moecluster.tokenizer import IncrementalDecoder, Tokenizer
+from moecluster.tracing import TRACER, now
 
 
 @dataclass
@@ -39,6 +40,7 @@ class MlxStats:
     decode_tok_s: float = 0.0
     finish_reason: str = ""
     logits_digest: str = ""  # sha256 over every step's fp32 logits (rank 0, when asked): checks bit-identity
+    bytes_per_token: float = 0.0  # weight bytes this rank read per decode step (dense + its experts evaluated)
 
 
 def peak_rss_bytes() -> int:
@@ -155,6 +157,10 @@ class MlxEngine:
     def expert_bytes_last_step(self) -> int:
         return self._expert_bytes_last
 
+    def _expert_bytes_evaluated(self) -> int:
+        """Expert bytes the last forward read on this rank (its distinct local experts per layer)."""
+        return sum(m.last_num_evaluated * m.expert_bytes() for m in expert_parallel_layers(self.model))
+
     def copy_slot(self, src: int, dsts: list[int]) -> None:
         self.slots.copy(src, dsts)
 
@@ -179,8 +185,9 @@ class MlxEngine:
         cache = make_prompt_cache(self.model)
         stats, tokens, text = MlxStats(prompt_tokens=len(prompt_ids)), [], ""
         t0 = time.perf_counter()
+        TRACER.begin_step("prefill", len(prompt_ids))
         logits = self.model(mx.array([prompt_ids]), cache=cache)[0, -1]
-        t_first = t0
+        t_first, bytes_read = t0, 0
         sha = hashlib.sha256() if digest and self.rank == 0 else None
         for i in range(params.max_tokens):
             if sha is not None:
@@ -195,13 +202,19 @@ class MlxEngine:
                     cut = [text.index(s) for s in params.stop if s in text]
                     if cut:
                         text, done, stats.finish_reason = text[: min(cut)], 1, "stop"
+            t_share = now()
             token, done = self._share([token, done], f"the token broadcast of step {i}")
+            TRACER.add(-1, "sample_bcast", now() - t_share)
+            TRACER.end_step()
+            if i > 0:
+                bytes_read += self.dense_bytes + self._expert_bytes_evaluated()
             if i == 0:
                 t_first = time.perf_counter()
             if done:
                 break
             tokens.append(token)
             if i + 1 < params.max_tokens:  # the last token needs no forward (as the torch engine)
+                TRACER.begin_step("decode", 1)
                 logits = self.model(mx.array([[token]]), cache=cache)[0, -1]
         else:
             stats.finish_reason = "length"
@@ -210,6 +223,7 @@ class MlxEngine:
         end = time.perf_counter()
         stats.logits_digest = sha.hexdigest() if sha is not None else ""
         stats.generated_tokens, stats.ttft_s = len(tokens), t_first - t0
+        stats.bytes_per_token = bytes_read / (len(tokens) - 1) if len(tokens) > 1 else 0.0
         stats.decode_tok_s = (len(tokens) - 1) / (end - t_first) if len(tokens) > 1 and end > t_first else 0.0
         return text, tokens, stats
 

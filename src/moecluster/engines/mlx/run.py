@@ -60,11 +60,13 @@ def open_mlx_comm(args: Any, keep_rank0: bool = False) -> Any:
 
 
 def run_generate_mlx(args: Any, params: Any) -> int:
-    """The body of `generate --engine mlx` on this rank; rank 0 prints the text and stats."""
+    """The body of `generate --engine mlx` on this rank; rank 0 prints the text and stats (and writes --report,
+    --trace in the torch engine's formats: per-rank reports, per-step per-layer phases)."""
     check_mlx_args(args)
     if args.nodes > 1 and not args.rank_worker:
         return relaunch_mlx(args)
     from moecluster.engines.mlx.generate import MlxEngine, peak_rss_bytes
+    from moecluster.tracing import TRACER
 
     comm = open_mlx_comm(args)
     # on an error this rank just exits: its closed watchdog link tells the peers (no hung collective)
@@ -72,31 +74,63 @@ def run_generate_mlx(args: Any, params: Any) -> int:
     text = args.prompt
     if args.chat:
         text = engine.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
+    TRACER.reset(enabled=bool(args.trace))  # per-layer phases need an evaluation per phase: only when asked
     out, tokens, stats = engine.generate(engine.tokenizer.encode(text), params, digest=bool(args.report))
-    copies = engine.share_counts(sum(len(h) for h in engine.held()))
+    held = engine.held()
+    mine = {
+        "rank": engine.rank,
+        "experts_layer0": held[0],
+        "expert_copies": sum(len(h) for h in held),
+        "bytes_per_token": stats.bytes_per_token,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "trace": TRACER.summary("decode"),
+    }
+    reports = _gather(comm, mine)
+    steps = _gather(comm, {"rank": engine.rank, "steps": TRACER.steps}) if args.trace else []
     if engine.rank == 0:
+        copies = [r["expert_copies"] for r in reports]
         if not args.quiet:
             print(out, flush=True)
         print(
             f"[mlx] prompt tokens: {stats.prompt_tokens}  generated: {stats.generated_tokens} "
             f"({stats.finish_reason})  ttft {stats.ttft_s * 1e3:.1f} ms  decode {stats.decode_tok_s:.2f} tok/s  "
-            f"peak RSS {peak_rss_bytes() / 1e9:.2f} GB  expert copies per rank {copies}",
+            f"peak RSS {max(r['peak_rss_bytes'] for r in reports) / 1e9:.2f} GB  expert copies per rank {copies}",
             file=sys.stderr,
         )
         if args.report:
-            Path(args.report).write_text(
-                json.dumps(
-                    {
-                        "engine": "mlx",
-                        "text": out,
-                        "tokens": tokens,
-                        "stats": stats.__dict__,
-                        "world_size": engine.world_size,
-                        "placement": engine.placement.to_json(),
-                        "expert_copies": copies,
-                        "experts_layer0": engine.held()[0],
-                    }
-                )
-            )
+            result = {
+                "engine": "mlx",
+                "text": out,
+                "tokens": tokens,
+                "stats": stats.__dict__,
+                "world_size": engine.world_size,
+                "placement": engine.placement.to_json(),
+                "expert_copies": copies,
+                "experts_layer0": held[0],
+                "ranks": reports,
+            }
+            Path(args.report).write_text(json.dumps(result))
+        if args.trace:
+            _write_trace(args.trace, steps, engine.world_size)
     comm.close()
     return 0
+
+
+def _gather(comm: Any, item: dict) -> list[dict]:
+    """Every rank's item on every rank (typed JSON, one broadcast per rank)."""
+    if comm.world_size == 1:
+        return [item]
+    mine = json.dumps(item).encode()
+    return [json.loads(comm.broadcast_bytes(mine if comm.rank == r else None, src=r)) for r in range(comm.world_size)]
+
+
+def _write_trace(path: str, ranks: list[dict], world_size: int) -> None:
+    """The torch engine's trace file: Chrome/Perfetto traceEvents plus each rank's per-step, per-layer phases."""
+    from moecluster.tracing import trace_events
+
+    events = trace_events(ranks)
+    for r in ranks:
+        for step in r["steps"]:
+            step.pop("events", None)
+    doc = {"traceEvents": events, "displayTimeUnit": "ms", "world_size": world_size, "ranks": ranks}
+    Path(path).write_text(json.dumps(doc))
