@@ -6,6 +6,7 @@ with transformers `generate` on the same weights. Prints a table, writes JSON an
 latest run) and appends the run to a JSONL history.
 
     .venv/bin/python benchmarks/decode.py [--model-shape dbrx|qwen3-moe] [--tokens 16] [--rounds 11] [--skip-hf]
+    .venv/bin/python benchmarks/decode.py --engine mlx [--model DIR]   # the MLX engine (decode_mlx.py); vs mlx-lm
 
 dbrx: 16 experts of 3 x [4096, 2048], top-4, 6 layers (1.47 GB/token). qwen3-moe: Qwen3-30B-A3B's
 layer (128 experts of 3 x [768, 2048], top-8, 32/4 heads, q/k norms), 10 layers (1.26 GB/token):
@@ -154,14 +155,26 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=11, help="bandwidth / decode / bandwidth rounds")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--engine", choices=["torch", "mlx"], default="torch", help="mlx: compared with mlx-lm's decoding")
+    ap.add_argument("--model", default=None, help="any checkpoint directory instead of the benchmark model")
+    ap.add_argument("--bandwidth-gib", type=float, default=1.0, help="buffer of the bandwidth measurement")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model_dir = bench_model_dir(args.model_shape)
-    ours = run_ours(model_dir, args.tokens, args.rounds)
+    model_dir = Path(args.model) if args.model else bench_model_dir(args.model_shape)
+    _, _, dims, description, stem = SHAPES[args.model_shape]
+    if args.model:
+        dims, description, stem = {}, f"{model_dir.name} (--model)", "decode_" + model_dir.name
+    if args.engine == "mlx":
+        from decode_mlx import run_mlx_lm, run_ours_mlx
+
+        ours = run_ours_mlx(model_dir, args.tokens, args.rounds, PROMPT, args.bandwidth_gib)
+        hf = None if args.skip_hf else {"engine": "mlx-lm", **run_mlx_lm(model_dir, 24, PROMPT)}
+        description, stem = f"{description}, MLX engine ({ours.pop('dtype')})", stem + "_mlx"
+    else:
+        ours = run_ours(model_dir, args.tokens, args.rounds)
+        hf = None if args.skip_hf else run_hf(model_dir, 24)
     tps = 1 / ours["median_s_per_token"]
     achieved = ours["bytes_per_token"] * tps / 1e9
-    hf = None if args.skip_hf else run_hf(model_dir, 24)
-    _, _, dims, description, stem = SHAPES[args.model_shape]
     result = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": git_commit(),
@@ -172,11 +185,19 @@ def main() -> int:
             "python": platform.python_version(),
             "torch": torch.__version__,
             "transformers": package_version("transformers"),
+            "engine": args.engine,
+            "mlx": package_version("mlx"),
+            "mlx_lm": package_version("mlx-lm"),
             "threads": args.threads,
         },
         "command": "python " + " ".join(sys.argv),
-        "model_shape": args.model_shape,
-        "model": {"preset": "bench", **dims, "dtype": "bf16", "description": description},
+        "model_shape": model_dir.name if args.model else args.model_shape,
+        "model": {
+            "preset": None if args.model else "bench",
+            **dims,
+            **({"dtype": "bf16"} if args.engine == "torch" else {}),
+            "description": description,
+        },
         "reference_gbs": ours["reference_gbs"],
         "ours": {**ours, "tok_s": tps, "achieved_gbs": achieved, "ratio_to_bandwidth": ours["median_ratio"]},
         "transformers": None if hf is None else {**hf, "tok_s": 1 / hf["s_per_token"]},
@@ -230,9 +251,11 @@ def report(r: dict, stem: str) -> None:
     if r["transformers"]:
         t = r["transformers"]
         lines.append(
-            f"transformers generate (same weights): {t['tok_s']:.2f} tok/s "
+            f"{t.get('engine', 'transformers')} generate (same weights): {t['tok_s']:.2f} tok/s "
             f"(moecluster is {o['tok_s'] / t['tok_s']:.1f}x)"
         )
+    if r["machine"]["engine"] == "mlx" and not r["machine"]["platform"].startswith("macOS"):
+        lines.append("MLX's Linux CPU build: a correctness run only; these numbers say nothing about a Mac")
     text = "\n".join(lines)
     print(text)
     RESULTS.mkdir(exist_ok=True)

@@ -28,23 +28,48 @@ from moecluster.engine.generate import Engine  # noqa: E402
 from moecluster.engine.sampling import SamplingParams  # noqa: E402
 from moecluster.engines.mlx.expert_parallel import expert_parallel_layers  # noqa: E402
 from moecluster.engines.mlx.generate import MlxEngine  # noqa: E402
-from moecluster.engines.mlx.loading import load_mlx_model  # noqa: E402
+from moecluster.engines.mlx.loading import load_mlx_model, switch_layers  # noqa: E402
 from moecluster.loading import load_model  # noqa: E402
 
 PROMPT = "hello world, the experts"
-ARCHES = ("mixtral", "qwen3_moe")
+ARCHES = ("mixtral", "qwen3_moe", "deepseek_v3")
+# the one-rank comparisons past Mixtral take ~10 s each here: slow
+ONE_RANK = ["mixtral", *(pytest.param(a, marks=pytest.mark.slow) for a in ("qwen3_moe", "deepseek_v3", "olmoe"))]
+QUANTIZED = ("mixtral", "qwen3_moe")
+# dims that 4-bit groups of 32 divide (mlx_lm.convert leaves other matrices unquantized)
+QUANT_DIMS = {"mixtral": dict(intermediate_size=64), "qwen3_moe": dict(moe_intermediate_size=64, intermediate_size=128)}
 
 
 @pytest.fixture(scope="module")
 def mlx_models(tmp_path_factory, tiny_mixtral) -> dict[str, Path]:
-    return {"mixtral": tiny_mixtral, "qwen3_moe": build_tiny("qwen3_moe", tmp_path_factory.mktemp("qwen3_moe"))}
+    out = {"mixtral": tiny_mixtral}
+    for arch in ("qwen3_moe", "deepseek_v3", "olmoe"):
+        out[arch] = build_tiny(arch, tmp_path_factory.mktemp(arch))
+    return out
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory) -> dict[str, Path]:
+    """4-bit (group 32) MLX checkpoints made by `mlx_lm.convert -q` from tiny HF checkpoints, as mlx-community's."""
+    from mlx_lm.convert import convert
+
+    from moecluster.engines.mlx.loading import config_fixups
+
+    out = {}
+    for arch in QUANTIZED:
+        hf = build_tiny(arch, tmp_path_factory.mktemp(arch), **QUANT_DIMS[arch])
+        cfg = json.loads((hf / "config.json").read_text())  # keys mlx-lm reads at top level, as the Hub's configs
+        (hf / "config.json").write_text(json.dumps({**cfg, **config_fixups(cfg)}))
+        out[arch] = tmp_path_factory.mktemp("q") / f"{arch}-4bit"
+        convert(str(hf), str(out[arch]), quantize=True, q_group_size=32, q_bits=4)
+    return out
 
 
 def greedy(max_tokens: int = 12) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True).validate()
 
 
-@pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.parametrize("arch", ONE_RANK)
 def test_one_rank_equals_mlx_lm_and_torch(mlx_models, arch):
     from mlx_lm.generate import generate_step
 
@@ -75,6 +100,47 @@ def test_rank_loads_only_its_experts(mlx_models):
     layers = expert_parallel_layers(engine.model)
     assert [m.expert_ids for m in layers] == [list(range(8))] * 3
     assert layers[0].gate_proj.weight.shape[0] == 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", QUANTIZED)
+def test_quantized_checkpoint_reads_only_this_ranks_rows(quantized, arch):
+    """A 4-bit mlx_lm.convert checkpoint: 1 rank equals mlx-lm's own decoding of it; rank 1 of 2 (round-robin) reads
+    from disk exactly its experts' rows of every stacked weight/scales/biases array, equal to those rows."""
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+
+    from moecluster.engines.mlx.comm import MlxComm
+    from moecluster.engines.mlx.expert_parallel import apply_expert_parallel
+    from moecluster.engines.mlx.stacked import StackedRows
+    from moecluster.parallel.placement import make_placement
+
+    engine = MlxEngine(quantized[arch])
+    ids = engine.tokenizer.encode(PROMPT)
+    _, ours, _ = engine.generate(ids, greedy())
+    plain, _ = load_mlx_model(quantized[arch])
+    assert ours == [int(t) for t, _ in generate_step(mx.array(ids), plain, max_tokens=12)]
+
+    class Rank1of2:
+        def rank(self) -> int:
+            return 1
+
+        def size(self) -> int:
+            return 2
+
+    placement = make_placement("round-robin", 8, engine.placement.num_layers, 2)
+    disk = StackedRows(quantized[arch])
+    model, _ = load_mlx_model(quantized[arch], lambda layer: placement.experts_of(1, layer), None, disk)
+    apply_expert_parallel(model, MlxComm(Rank1of2()), placement, disk)
+    stacked_bytes = sum(disk.infos[name].nbytes for name in disk.deferred.values())
+    assert len(disk.deferred) == 9 * engine.placement.num_layers  # 3 projections x weight, scales, biases
+    assert disk.bytes_read * 2 == stacked_bytes
+    ours_layer, full_layer = expert_parallel_layers(model)[0], switch_layers(plain)[0][2]
+    assert isinstance(ours_layer.gate_proj, QuantizedSwitchLinear)
+    assert ours_layer.expert_ids == [1, 3, 5, 7]
+    for name in ("weight", "scales", "biases"):
+        got, full = ours_layer.down_proj[name], full_layer.down_proj[name]  # type: ignore[index]
+        assert got.shape[0] == 4 and mx.array_equal(got, full[mx.array([1, 3, 5, 7])]).item()
 
 
 def run_cli(
@@ -122,6 +188,27 @@ def test_two_ranks_bit_identical_to_one(mlx_models, tmp_path, arch):
         copies = two["expert_copies"]
         num_moe = one["expert_copies"][0] // 8
         assert copies == ([8 * num_moe] * 2 if placement == "groups" else [4 * num_moe] * 2), placement
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("arch", QUANTIZED)
+def test_quantized_two_ranks_bit_identical_to_one(quantized, tmp_path, arch):
+    one = run_cli(quantized[arch], tmp_path, 1, "contiguous", "one")
+    for placement in ("contiguous", "groups"):
+        two = run_cli(quantized[arch], tmp_path, 2, placement, placement)
+        assert two["tokens"] == one["tokens"], placement
+        assert two["stats"]["logits_digest"] == one["stats"]["logits_digest"], placement
+
+
+@pytest.mark.multirank
+def test_three_ranks_bit_identical_to_one(mlx_models, tmp_path):
+    """3 ranks (8 experts: 3/3/2) with contiguous and round-robin placements, DeepSeek-V3 (shared experts,
+    group-limited routing)."""
+    one = run_cli(mlx_models["deepseek_v3"], tmp_path, 1, "contiguous", "one")
+    for placement in ("contiguous", "round-robin"):
+        three = run_cli(mlx_models["deepseek_v3"], tmp_path, 3, placement, placement, timeout=90)
+        assert three["stats"]["logits_digest"] == one["stats"]["logits_digest"], placement
+        assert len(three["expert_copies"]) == 3 and sum(three["expert_copies"]) == one["expert_copies"][0]
 
 
 def _rank_pids(launcher: subprocess.Popen) -> dict[int, int]:

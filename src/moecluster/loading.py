@@ -446,10 +446,12 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (Linux ru_maxrss is in KiB)."""
+    """Peak resident set size of this process (ru_maxrss: KiB on Linux, bytes on macOS)."""
     import resource
+    import sys
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
 
 
 def check_finite(model: torch.nn.Module, chunk: int = 1 << 20) -> None:

@@ -4,6 +4,7 @@ local rank workers, and joining the job as one of them."""
 from __future__ import annotations
 
 import argparse
+import platform
 import sys
 
 
@@ -32,6 +33,21 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
         "network); a one-machine job always uses loopback",
     )
     p.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)
+
+
+def default_engine() -> str:
+    """mlx on macOS arm64 (Apple Silicon), torch elsewhere."""
+    return "mlx" if sys.platform == "darwin" and platform.machine() == "arm64" else "torch"
+
+
+def add_engine_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--engine",
+        choices=["torch", "mlx"],
+        default=default_engine(),
+        help="torch (default on Linux) or mlx (Apple Silicon, default on macOS arm64; on Linux CPU for "
+        "correctness only); --nodes N with mlx runs N local ranks on MLX's ring backend",
+    )
 
 
 def add_quant_args(p: argparse.ArgumentParser) -> None:

@@ -11,6 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from moecluster.cli.cluster import add_engine_arg
 from moecluster.errors import MoeClusterError
 
 DEMO_PROMPT = "The function returns"
@@ -30,6 +31,7 @@ def register(sub) -> None:
     d.add_argument("--max-tokens", type=int, default=40)
     d.add_argument("--prompt", default=DEMO_PROMPT)
     d.add_argument("--model", default=None, help="checkpoint directory (default: the built-in demo model)")
+    add_engine_arg(d)
     d.set_defaults(func=run_demo)
 
 
@@ -48,20 +50,31 @@ def demo_model_dir(model: str | None) -> Path:
     return path
 
 
-def routing_report(model: Path, prompt: str, max_tokens: int, nodes: int) -> tuple[list[str], dict]:
+def _profile_engine(model: Path, engine: str):
+    if engine == "mlx":
+        from moecluster.engines.mlx.generate import MlxEngine
+
+        return MlxEngine(model)
+    from moecluster.engine.generate import Engine
+    from moecluster.loading import load_model
+
+    return Engine(load_model(model))
+
+
+def routing_report(
+    model: Path, prompt: str, max_tokens: int, nodes: int, engine: str = "torch"
+) -> tuple[list[str], dict]:
     """Record the routing of the demo's own tokens (1 process, greedy: the same tokens the runs below make),
     plan contiguous and optimized placements for `nodes` ranks from it, measure both on those tokens."""
     import torch
 
-    from moecluster.engine.generate import Engine
     from moecluster.engine.profile_routing import profile
-    from moecluster.loading import load_model
     from moecluster.planning.placement_metrics import observed_max_rank_load
     from moecluster.planning.planner import Cluster, plan
     from moecluster.planning.sizes import read_model_sizes
 
     torch.set_num_threads(1)  # a tiny model: more threads only add synchronization, and the runs below use 1
-    stats = profile(Engine(load_model(model)), [prompt], max_tokens)
+    stats = profile(_profile_engine(model, engine), [prompt], max_tokens)
     sizes = read_model_sizes(str(model))
     L, E, K = sizes.num_layers, sizes.num_experts, sizes.top_k
     lines = [
@@ -99,12 +112,13 @@ def run_demo(args) -> int:
         raise MoeClusterError(f"--nodes must be at least 2 (the demo compares N ranks with 1), got {args.nodes}")
     model = demo_model_dir(args.model)
     err = sys.stderr
+    backend = args.backend if args.engine == "torch" else "mlx ring"
     print(
         f"model: {model}\nprompt: {args.prompt!r} (greedy, {args.max_tokens} tokens; the continuation "
         f"streams to stdout)",
         file=err,
     )
-    lines, routing = routing_report(model, args.prompt, args.max_tokens, args.nodes)
+    lines, routing = routing_report(model, args.prompt, args.max_tokens, args.nodes, args.engine)
     print("\n".join(lines), file=err, flush=True)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,9 +126,9 @@ def run_demo(args) -> int:
         placement_file.write_text(json.dumps(routing["placement"]))
         for nodes in (args.nodes, 1):
             how = (
-                f"expert parallel, {args.backend}, optimized placement, 1 thread per rank"
+                f"expert parallel, {backend}, optimized placement, 1 thread per rank"
                 if nodes > 1
-                else "single process, 1 thread"
+                else "single process" + (", 1 thread" if args.engine == "torch" else "")
             )
             print(f"\n=== {nodes} rank{'s' if nodes > 1 else ''} ({how}) ===", file=err, flush=True)
             report = Path(tmp) / f"report{nodes}.json"
@@ -129,13 +143,13 @@ def run_demo(args) -> int:
                 "--ignore-eos",
                 "--nodes",
                 str(nodes),
-                "--backend",
-                args.backend,
                 "--report",
                 str(report),
-                "--threads",
-                "1",
-            ]  # N ranks on N cores vs 1 process on 1 core
+                "--engine",
+                args.engine,
+            ]
+            # torch: N ranks on N cores vs 1 process on 1 core; mlx: its ring backend, MLX's own threads
+            argv += ["--backend", args.backend, "--threads", "1"] if args.engine == "torch" else []
             if nodes > 1:
                 argv += ["--placement", str(placement_file)]
             code = main(argv)

@@ -5,11 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 
-from moecluster.cli.cluster import add_cluster_args, add_quant_args, quant_options, relaunch, run_on_rank
+from moecluster.cli.cluster import (
+    add_cluster_args,
+    add_engine_arg,
+    add_quant_args,
+    quant_options,
+    relaunch,
+    run_on_rank,
+)
 from moecluster.engine.sampling import SamplingParams
 from moecluster.errors import MoeClusterError
 from moecluster.tracing import TRACER, format_breakdown
@@ -36,22 +42,11 @@ def register(sub) -> None:
     p.add_argument(
         "--threads", type=int, default=None, help="intra-op threads (default: all cores on 1 rank, 1 per rank)"
     )
-    p.add_argument(
-        "--engine",
-        choices=["torch", "mlx"],
-        default=default_engine(),
-        help="torch (default on Linux) or mlx (Apple Silicon, default on macOS arm64; on Linux CPU for "
-        "correctness only); --nodes N with mlx runs N local ranks on MLX's ring backend",
-    )
+    add_engine_arg(p)
     add_quant_args(p)
     p.add_argument("--no-check-weights", action="store_true", help="skip the NaN/Inf scan of the weights while loading")
     add_cluster_args(p)
     p.set_defaults(func=run_generate)
-
-
-def default_engine() -> str:
-    """mlx on macOS arm64 (Apple Silicon), torch elsewhere."""
-    return "mlx" if sys.platform == "darwin" and platform.machine() == "arm64" else "torch"
 
 
 def sampling_from_args(args) -> SamplingParams:

@@ -6,10 +6,9 @@ import json
 import sys
 from pathlib import Path
 
-from moecluster.engine.generate import Engine
+from moecluster.cli.cluster import add_engine_arg
 from moecluster.engine.profile_routing import profile
 from moecluster.errors import MoeClusterError
-from moecluster.loading import load_model
 
 
 def register(sub) -> None:
@@ -21,6 +20,7 @@ def register(sub) -> None:
     p.add_argument("--out", default="stats.json")
     p.add_argument("--max-tokens", type=int, default=16, help="tokens generated per prompt (their routing counts too)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None)
+    add_engine_arg(p)
     p.set_defaults(func=run_profile)
 
 
@@ -41,7 +41,15 @@ def read_prompts(path: str) -> list[str]:
 
 def run_profile(args) -> int:
     prompts = read_prompts(args.prompts)
-    engine = Engine(load_model(args.model, args.dtype))
+    if args.engine == "mlx":
+        from moecluster.engines.mlx.generate import MlxEngine
+
+        engine = MlxEngine(args.model, args.dtype)
+    else:
+        from moecluster.engine.generate import Engine
+        from moecluster.loading import load_model
+
+        engine = Engine(load_model(args.model, args.dtype))
     stats = profile(engine, prompts, args.max_tokens)
     stats.save(args.out)
     tokens = stats.to_json()["layers"][0]["tokens"]

@@ -7,9 +7,10 @@ import os
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
-from moecluster.cli.cluster import add_cluster_args, add_quant_args, quant_options, run_on_rank
+from moecluster.cli.cluster import add_cluster_args, add_engine_arg, add_quant_args, quant_options, run_on_rank
 from moecluster.errors import MoeClusterError
 
 FAILED_LINGER_S = 30.0  # after a rank fails, keep answering 503 (and /health) this long, then exit
@@ -70,6 +71,7 @@ def register(sub) -> None:
     p.add_argument("--max-seq-len", type=int, default=None, help="context per sequence (default: the model's)")
     add_quant_args(p)
     p.add_argument("--no-check-weights", action="store_true", help="skip the NaN/Inf scan of the weights while loading")
+    add_engine_arg(p)
     add_cluster_args(p)
     p.add_argument(
         "--restart",
@@ -170,6 +172,8 @@ def run_serve(args) -> int:
         bind(args.host, args.port).close()  # a busy port fails now, not at every restart
         cmd = [sys.executable, "-m", "moecluster.cli", *without_restart(without_api_key(args.argv))]
         return supervise(cmd, args.restart, {"MOECLUSTER_API_KEY": args.api_key} if args.api_key is not None else None)
+    if args.engine == "mlx":
+        return _serve_mlx(args)
     if args.nodes > 1 and not args.rank_worker:
         bind(args.host, args.port).close()  # fail now, not after every rank has loaded the model
         from moecluster.distributed.launch import launch_local
@@ -243,17 +247,55 @@ def _check_memory(args, comm) -> None:
     check_fits(need, rank=comm.rank if comm is not None else 0)
 
 
-def _serve_http(args, engine, placement, sock: socket.socket, survival=None) -> int:
+def _serve_mlx(args) -> int:
+    """`serve --engine mlx`: the same scheduler and server over the MLX engine (engines/mlx)."""
+    from moecluster.engines.mlx.run import check_mlx_args, open_mlx_comm, relaunch_mlx
+
+    check_mlx_args(args)
+    if args.nodes > 1 and not args.rank_worker:
+        bind(args.host, args.port).close()
+        env = {"MOECLUSTER_API_KEY": args.api_key} if args.api_key is not None else None
+        return relaunch_mlx(args, without_api_key(args.argv), env, linger_s=FAILED_LINGER_S + 10, keep=True)
+    from moecluster.engine.batching import worker_loop
+    from moecluster.engines.mlx.generate import MlxEngine
+
+    comm = open_mlx_comm(args, keep_rank0=True)
+    try:
+        sock = bind(args.host, args.port) if comm.rank == 0 else None
+        engine = MlxEngine(args.model, args.dtype, comm, args.placement, args.max_batch, args.max_seq_len)
+        if sock is None:
+            worker_loop(engine, comm)
+            return 0
+        return _serve_http(args, engine, engine.placement, sock, failure=comm.failure)
+    finally:
+        comm.close()
+
+
+def _watch_failure(scheduler, failure) -> None:
+    """Poll failure() (the MLX watchdog's message) and fail the scheduler with it: a collective may block."""
+
+    def watch() -> None:
+        while scheduler.failed_reason is None:
+            reason = failure()
+            if reason:
+                scheduler.fail(reason)
+                return
+            time.sleep(0.1)
+
+    threading.Thread(target=watch, name="moecluster-failure-watch", daemon=True).start()
+
+
+def _serve_http(args, engine, placement, sock: socket.socket, survival=None, failure=None) -> int:
     import uvicorn
 
-    from moecluster.engine.batching import Scheduler, kv_cache_bytes
+    from moecluster.engine.batching import Scheduler
     from moecluster.engine.chunked_prefill import DEFAULT_PREFILL_CHUNK
     from moecluster.server.app import create_app
     from moecluster.server.metrics import Metrics
     from moecluster.tracing import TRACER
 
     TRACER.reset(enabled=True)  # per-layer exchange times for /metrics (the scheduler keeps no history)
-    metrics = Metrics(engine.model, placement, engine.world_size)
+    metrics = Metrics(engine, placement, engine.world_size)
     scheduler = Scheduler(
         engine,
         args.max_batch,
@@ -302,6 +344,8 @@ def _serve_http(args, engine, placement, sock: socket.socket, survival=None) -> 
 
     scheduler.on_failure = exit_later
     scheduler.start()
+    if failure is not None:
+        _watch_failure(scheduler, failure)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(
         f"moecluster: serving {name!r} on http://{host}:{args.port}/v1 ({engine.world_size} rank"
@@ -310,7 +354,7 @@ def _serve_http(args, engine, placement, sock: socket.socket, survival=None) -> 
         flush=True,
     )
     print(
-        f"moecluster: KV cache: {kv_cache_bytes(engine.model) / 2**30:.3f} GiB reserved per rank "
+        f"moecluster: KV cache: {engine.kv_cache_bytes() / 2**30:.3f} GiB reserved per rank "
         f"({args.max_batch} slots x {engine.max_seq_len} positions)",
         file=sys.stderr,
         flush=True,

@@ -75,10 +75,13 @@ def describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
-def _die_with_parent_fn() -> Callable[[], None]:
+def _die_with_parent_fn() -> Callable[[], None] | None:
     """A preexec_fn: the kernel SIGKILLs the child when its parent dies, even by SIGKILL
     (PR_SET_PDEATHSIG, kept across exec). prctl is looked up here, in the parent: between fork and
-    exec the child only calls it (no import, no lock). Deeper descendants run watch_launcher."""
+    exec the child only calls it (no import, no lock). Deeper descendants run watch_launcher.
+    None off Linux (macOS has no prctl): there the ranks' watch_launcher alone ends them."""
+    if not sys.platform.startswith("linux"):
+        return None
     import ctypes
 
     prctl = ctypes.CDLL(None, use_errno=True).prctl

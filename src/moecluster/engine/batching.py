@@ -34,7 +34,8 @@ import torch
 
 from moecluster.distributed.comm import CommError
 from moecluster.engine.chunked_prefill import PrefillState
-from moecluster.engine.generate import Engine, TextTracker
+from moecluster.engine.generate import TextTracker
+from moecluster.engine.interface import ServingEngine
 from moecluster.engine.prefix_cache import BLOCK, PrefixIndex, PrefixStore, attention_caches
 from moecluster.engine.sampling import Sample, Sampler, SamplingParams
 from moecluster.engine.step_guard import run_guarded
@@ -122,7 +123,7 @@ class StepOutput:
     errors: dict[int, str] = field(default_factory=dict)  # cache slot -> why its forward failed (step_guard)
 
 
-def execute_step(engine: Engine, msg: dict) -> StepOutput:
+def execute_step(engine: ServingEngine, msg: dict) -> StepOutput:
     """Run one step message on this rank: each admitted prompt's prefill (or chunk of it), then one decode forward."""
     out = StepOutput([], None)
     for adm in msg["admit"]:
@@ -151,7 +152,7 @@ def execute_step(engine: Engine, msg: dict) -> StepOutput:
         out.prefill_seconds.append(now() - t0)
         out.prefill_traces.append(_take_trace())
         if adm.get("copies"):
-            copy_slot(engine.model, adm["slot"], adm["copies"])
+            engine.copy_slot(adm["slot"], adm["copies"])
     if msg["slots"]:
         t0 = now()
         TRACER.begin_step("decode", len(msg["slots"]))
@@ -164,7 +165,7 @@ def execute_step(engine: Engine, msg: dict) -> StepOutput:
     return out
 
 
-def _prefix_store(engine: Engine) -> PrefixStore:
+def _prefix_store(engine: ServingEngine) -> PrefixStore:
     store = getattr(engine, "prefix_store", None)
     if store is None:
         store = PrefixStore(engine.model)
@@ -199,7 +200,7 @@ def _take_trace() -> dict | None:
     return record
 
 
-def worker_loop(engine: Engine, comm, recover: Callable[[BaseException], bool] | None = None) -> None:
+def worker_loop(engine: ServingEngine, comm, recover: Callable[[BaseException], bool] | None = None) -> None:
     """Ranks other than 0: receive rank 0's message, run the same forward, until shutdown.
     recover(exc): after a CommError, True if the cluster re-formed (engine.comm is the new comm)."""
     while True:
@@ -213,7 +214,7 @@ def worker_loop(engine: Engine, comm, recover: Callable[[BaseException], bool] |
             comm = engine.comm
 
 
-def _worker_step(engine: Engine, comm, msg: dict) -> bool:
+def _worker_step(engine: ServingEngine, comm, msg: dict) -> bool:
     """Run one message; True on shutdown."""
     op = msg.get("op")
     if op == "shutdown":
@@ -240,7 +241,7 @@ class Scheduler:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: ServingEngine,
         max_batch: int = 8,
         max_queue: int = 64,
         observer: StepObserver | None = None,
@@ -248,9 +249,9 @@ class Scheduler:
         prefix_cache_bytes: int = 0,
         prefill_chunk: int = 0,
     ):
-        if not 1 <= max_batch <= engine.model.num_slots:
+        if not 1 <= max_batch <= engine.num_slots:
             raise MoeClusterError(
-                f"max batch {max_batch} must be between 1 and the engine's {engine.model.num_slots} cache slots"
+                f"max batch {max_batch} must be between 1 and the engine's {engine.num_slots} cache slots"
             )
         if max_queue < 0:
             raise MoeClusterError(f"the queue length must be >= 0, got {max_queue}")
@@ -325,6 +326,11 @@ class Scheduler:
             return False, f"no step finished for {idle_for:.0f} s: a rank or the scheduler is stalled"
         return True, self.degraded() or "ok"
 
+    def fail(self, reason: str) -> None:
+        """From another thread, when a rank is known lost (the MLX watchdog): fail every request, refuse new ones."""
+        if self.failed_reason is None:
+            self._fail(MoeClusterError(reason))
+
     def start(self) -> threading.Thread:
         self._thread = threading.Thread(target=self.run, name="moecluster-scheduler", daemon=True)
         self._thread.start()
@@ -361,6 +367,7 @@ class Scheduler:
         """After the cluster re-formed: prefill every running sequence again from its prompt and the tokens it
         sampled (all but the last, which the next decode feeds); a sequence never prefilled samples its first."""
         self.prefix = PrefixIndex(self.engine.model, self._prefix_bytes)  # entries may be half-written
+        self._prefill = None  # a prompt under chunked prefill is prefilled whole below, with the others
         seqs = sorted(self._active.values(), key=lambda s: s.slot)
         if not seqs:
             return
@@ -371,7 +378,7 @@ class Scheduler:
         for seq, logits_V in zip(seqs, out.prefill_logits):
             if seq.slot in out.errors:
                 self._release(seq, "error", Event(error=out.errors[seq.slot], status=500))
-            elif not seq.history:
+            elif not seq.history and logits_V is not None:  # resumed prompts are prefilled whole (never partial)
                 self._advance_or_fail(seq, logits_V)
         self.last_progress = self._last_collective = now()
 

@@ -141,6 +141,33 @@ class Engine:
     def expert_bytes_last_step(self) -> int:
         return sum(moe.experts.last_num_evaluated * moe.experts.expert_bytes() for moe in self.model.moe_layers())
 
+    # ---- the rest of the ServingEngine interface (engine/interface.py) ----
+    @property
+    def num_slots(self) -> int:
+        return self.model.num_slots
+
+    @property
+    def vocab_size(self) -> int:
+        return self.loaded.shape.vocab_size
+
+    def copy_slot(self, src: int, dsts: list[int]) -> None:
+        from moecluster.engine.batching import copy_slot  # batching imports this module
+
+        copy_slot(self.model, src, dsts)
+
+    def kv_cache_bytes(self) -> int:
+        from moecluster.engine.batching import kv_cache_bytes
+
+        return kv_cache_bytes(self.model)
+
+    def routing_shape(self) -> tuple[int, int]:
+        moes = self.model.moe_layers()
+        return len(moes), (moes[0].experts.num_experts if moes else 0)
+
+    def set_routing_recorder(self, recorder: Any) -> None:
+        for moe in self.model.moe_layers():
+            moe.recorder = recorder
+
     def decide(self, token: int, done: bool) -> tuple[int, bool]:
         """Rank 0's decision, broadcast to every rank."""
         if self.world_size == 1:

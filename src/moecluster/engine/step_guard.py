@@ -28,9 +28,9 @@ from moecluster.errors import MoeClusterError
 
 if TYPE_CHECKING:
     from moecluster.engine.batching import StepOutput
-    from moecluster.engine.generate import Engine
+    from moecluster.engine.interface import ServingEngine
 
-Execute = Callable[["Engine", dict], "StepOutput"]
+Execute = Callable[["ServingEngine", dict], "StepOutput"]
 
 
 def describe(exc: BaseException) -> str:
@@ -41,7 +41,7 @@ def describe(exc: BaseException) -> str:
     return f"the forward pass failed: {exc!r}"
 
 
-def run_guarded(execute: Execute, engine: Engine, msg: dict) -> StepOutput:
+def run_guarded(execute: Execute, engine: ServingEngine, msg: dict) -> StepOutput:
     """execute(engine, msg), or its pieces one by one after a failure; errors: cache slot -> cause."""
     try:
         return execute(engine, msg)
@@ -54,7 +54,7 @@ def run_guarded(execute: Execute, engine: Engine, msg: dict) -> StepOutput:
     return _piecewise(execute, engine, msg)
 
 
-def _piecewise(execute: Execute, engine: Engine, msg: dict) -> StepOutput:
+def _piecewise(execute: Execute, engine: ServingEngine, msg: dict) -> StepOutput:
     from moecluster.engine.batching import StepOutput
 
     out = StepOutput([], None)
@@ -88,7 +88,7 @@ def _piecewise(execute: Execute, engine: Engine, msg: dict) -> StepOutput:
     return out
 
 
-def _try(execute: Execute, engine: Engine, msg: dict) -> StepOutput | str:
+def _try(execute: Execute, engine: ServingEngine, msg: dict) -> StepOutput | str:
     try:
         return execute(engine, msg)
     except (CommError, KeyboardInterrupt, SystemExit):

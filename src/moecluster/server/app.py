@@ -277,7 +277,7 @@ class Server:
             prompt = prompt[0]
         if isinstance(prompt, str):
             return self.engine.tokenizer.encode(prompt)
-        vocab = self.engine.loaded.shape.vocab_size
+        vocab = self.engine.vocab_size
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
             raise P.ApiError(400, f"prompt token ids {bad[:3]} are outside the vocabulary of {vocab}", param="prompt")
@@ -323,7 +323,7 @@ class Server:
             )
         if max_tokens is None:
             max_tokens = min(default or ctx, ctx - prompt_len)
-        vocab = self.engine.loaded.shape.vocab_size
+        vocab = self.engine.vocab_size
         bias = req.logit_bias_ids()
         if any(t >= vocab for t in bias):
             raise P.ApiError(
@@ -498,7 +498,7 @@ def create_app(
     allowed_hosts: Host names accepted besides IP literals and localhost; cors_origins: browser
     origins allowed to call the API (none: no CORS headers); open_status: /health and /metrics
     without the API key (the CLI sets it for loopback binds only)."""
-    metrics = metrics or Metrics(scheduler.engine.model)
+    metrics = metrics or Metrics(scheduler.engine)
     srv = Server(scheduler, model_name, api_key, metrics)
     app = FastAPI(title="moecluster", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.add_middleware(_CountRequests, metrics=metrics)

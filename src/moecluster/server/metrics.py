@@ -27,7 +27,8 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 class Metrics(StepObserver):
     """The server's metrics; also the scheduler's StepObserver."""
 
-    def __init__(self, model, placement=None, world_size: int = 1):
+    def __init__(self, engine, placement=None, world_size: int = 1):
+        """engine: a ServingEngine (engine/interface.py) of either engine; it feeds record() with the routing."""
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
             "moecluster_requests", "HTTP requests by endpoint and status code", ["endpoint", "status"], registry=r
@@ -77,11 +78,9 @@ class Metrics(StepObserver):
         Gauge("moecluster_world_size", "Ranks in the job", registry=r).set(world_size)
         self.placement = placement
         self._lock = threading.Lock()
-        moes = model.moe_layers()
-        num_experts = moes[0].experts.num_experts if moes else 0
-        self._counts_LE = torch.zeros(len(moes), num_experts, dtype=torch.float64)
-        for moe in moes:
-            moe.recorder = self  # the MoE layer calls record() with each step's routing
+        num_layers, num_experts = engine.routing_shape()
+        self._counts_LE = torch.zeros(num_layers, num_experts, dtype=torch.float64)
+        engine.set_routing_recorder(self)  # each MoE layer calls record() with each step's routing
 
     def record(self, layer_id: int, ids_NK: list[list[int]]) -> None:
         """Routing of one step in one layer (called by the MoE block on the scheduler thread)."""

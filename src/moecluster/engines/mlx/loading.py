@@ -6,7 +6,9 @@ evaluated) and mlx-lm's `sanitize()` stacks the per-expert tensors of Hub checkp
 `switch_mlp.*` [E, ...]. Before sanitize, the tensors of experts this rank does not hold are replaced by lazy
 zeros of the same shape, so the stack never reads them; expert parallelism then keeps only the local rows and
 evaluates layer by layer (transient: one layer's [E, ...] stack). Checkpoints that store experts already
-stacked (mlx-community conversions, gpt-oss's fused `gate_up_proj`) are read whole and the other rows freed.
+stacked as mlx-lm wants them (mlx-community conversions, quantized included) are read row-wise: only this rank's
+experts (stacked.py). Stacked tensors that sanitize transforms (gpt-oss's fused `gate_up_proj`) are read whole and
+the other rows freed.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from mlx_lm.models.switch_layers import SwitchGLU
 from mlx_lm.utils import _get_classes
 from mlx_lm.utils import load_model as _mlx_lm_load_model
 
+from moecluster.engines.mlx.stacked import StackedRows
 from moecluster.errors import MoeClusterError
 
 # mlx-lm model files whose MoE block calls its SwitchGLU as `y_NKD = switch(x_ND, inds_NK)` and then combines
@@ -30,11 +33,11 @@ from moecluster.errors import MoeClusterError
 SUPPORTED: dict[str, bool] = {
     "mixtral": True,  # block_sparse_moe.switch_mlp(x, inds)
     "qwen3_moe": True,  # mlp.switch_mlp(x, inds); mlp_only_layers are dense
-    "qwen2_moe": True,  # mlp.switch_mlp(x, inds) + gated shared expert
+    "qwen2_moe": False,  # mlp.switch_mlp(x, inds) + gated shared expert; mlx-lm ignores mlp_only_layers (not run)
     "olmoe": True,  # mlp.switch_mlp(x_flat, inds) on flattened tokens
-    "deepseek_v3": False,  # mlp.switch_mlp(x, inds) + shared experts (same call; not run here)
-    "glm4_moe": False,  # mlp.switch_mlp(x, inds) + shared experts (same call; not run here)
-    "gpt_oss": False,  # mlp.experts(x, inds): SwitchGLU with biases and its own activation (not run here)
+    "deepseek_v3": True,  # mlp.switch_mlp(x, inds) + shared experts, group-limited sigmoid routing
+    "glm4_moe": False,  # mlp.switch_mlp(x, inds) + shared experts; needs partial_rotary_factor at top level
+    "gpt_oss": False,  # mlp.experts(x, inds), biases; sanitize reads OpenAI's layout, not transformers' [E, D, 2F]
 }
 # per-expert tensors of Hub checkpoints: "model.layers.{layer}.<...>.experts.{expert}.<...>"
 _EXPERT_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:.*\.)?experts\.(\d+)\.")
@@ -90,10 +93,14 @@ def _drop_remote_experts(model: Any, weights: dict[str, mx.array], experts_of: E
 
 
 def load_mlx_model(
-    model_dir: str | Path, experts_of: ExpertsOf | None = None, dtype: str | None = None
+    model_dir: str | Path,
+    experts_of: ExpertsOf | None = None,
+    dtype: str | None = None,
+    stacked: StackedRows | None = None,
 ) -> tuple[nn.Module, dict]:
     """mlx-lm model + its config. experts_of given: parameters stay lazy (expert parallelism slices and
-    evaluates them); otherwise everything is evaluated here. dtype: None (as stored), "fp32" or "bf16"."""
+    evaluates them); otherwise everything is evaluated here. dtype: None (as stored), "fp32" or "bf16".
+    stacked: stacked expert arrays on disk become placeholders that expert parallelism reads rows of."""
     config = read_config(model_dir)
     model_type = config.get("model_type")
     if model_type not in SUPPORTED:
@@ -111,7 +118,13 @@ def load_mlx_model(
         class OnlyLocalExperts(model_class):  # sanitize sees zeros for remote experts
             def sanitize(self, weights):
                 weights = _drop_remote_experts(self, weights, keep)
-                return super().sanitize(weights) if hasattr(model_class, "sanitize") else weights
+                weights = super().sanitize(weights) if hasattr(model_class, "sanitize") else weights
+                if stacked is not None:
+                    found = switch_layers(self)
+                    if found:
+                        num_experts = found[0][2].gate_proj.weight.shape[0]  # type: ignore[union-attr]
+                        stacked.defer(weights, {layer: path for layer, path, _ in found}, num_experts)
+                return weights
 
         return OnlyLocalExperts, args_class
 

@@ -7,6 +7,9 @@ helper learns at once which rank stopped and tells the others; every helper then
 rank and stops its own rank (SIGTERM, then SIGKILL). A rank that waits in one collective longer than the
 timeout while every link is up (a stuck peer, a dead network) is stopped the same way. The rank tells its
 helper what it waits in through a small shared memory map (no system call per collective).
+
+With keep_rank (rank 0 of `serve`: it must stay up to answer 503 naming the rank) the helper does not stop its
+rank: it writes the message into the map, where `Watchdog.failure()` reads it, and ends.
 """
 
 from __future__ import annotations
@@ -27,19 +30,22 @@ from contextlib import contextmanager
 POLL_S = 0.1
 TERM_GRACE_S = 1.0
 _STATE = struct.Struct("d120p")  # since (monotonic seconds, 0 = not waiting), what (Pascal string)
+_FAILURE = struct.Struct("240p")  # after _STATE: the helper's failure message ("" while all is well)
 
 
 class Watchdog:
     """The rank's side: starts the helper; `waiting(what)` brackets every blocking collective; `close()` at a
     clean end (so peers do not take this rank's exit for a failure)."""
 
-    def __init__(self, rank: int, world_size: int, address: tuple[str, int], timeout_s: float):
+    def __init__(self, rank: int, world_size: int, address: tuple[str, int], timeout_s: float, keep_rank: bool = False):
+        self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
         shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # memory-backed where there is one
         fd, path = tempfile.mkstemp(prefix="moecluster-watchdog-", dir=shm)
-        os.ftruncate(fd, _STATE.size)
-        self._buf = mmap.mmap(fd, _STATE.size)  # the helper maps the same file, then unlinks it
+        os.ftruncate(fd, _STATE.size + _FAILURE.size)
+        self._buf = mmap.mmap(fd, _STATE.size + _FAILURE.size)  # the helper maps the same file, then unlinks it
         os.close(fd)
         _STATE.pack_into(self._buf, 0, 0.0, b"")
+        _FAILURE.pack_into(self._buf, _STATE.size, b"")
         cmd = [
             sys.executable,
             "-m",
@@ -51,6 +57,7 @@ class Watchdog:
             str(address[1]),
             str(timeout_s),
             str(os.getpid()),
+            "keep" if keep_rank else "stop",
         ]
         self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE)
 
@@ -62,7 +69,15 @@ class Watchdog:
         finally:
             _STATE.pack_into(self._buf, 0, 0.0, b"")
 
+    def failure(self) -> str:
+        """The helper's message once a peer failed or a wait timed out ("" while all is well)."""
+        if self._buf.closed:
+            return ""
+        return _FAILURE.unpack_from(self._buf, _STATE.size)[0].decode(errors="replace")
+
     def close(self) -> None:
+        if self._buf.closed:
+            return
         try:
             assert self._proc.stdin is not None
             self._proc.stdin.write(b"bye\n")
@@ -76,9 +91,19 @@ class Watchdog:
 class _Helper:
     """The helper process: links, the wait timer, and stopping the rank."""
 
-    def __init__(self, path: str, rank: int, world_size: int, address: tuple[str, int], timeout_s: float, parent: int):
+    def __init__(
+        self,
+        path: str,
+        rank: int,
+        world_size: int,
+        address: tuple[str, int],
+        timeout_s: float,
+        parent: int,
+        keep_rank: bool,
+    ):
+        self.keep_rank = keep_rank
         with open(path, "r+b") as f:
-            self.buf = mmap.mmap(f.fileno(), _STATE.size)
+            self.buf = mmap.mmap(f.fileno(), _STATE.size + _FAILURE.size)
         os.unlink(path)  # both sides hold the map: nothing is left behind however they end
         self.rank, self.world_size, self.timeout_s, self.parent = rank, world_size, timeout_s, parent
         self.links: dict[socket.socket, int] = {}  # link -> peer rank (-1 until it said hello)
@@ -175,6 +200,9 @@ class _Helper:
         self.stop_rank(f"rank {peer} {how}" + (f" while this rank was in {what.decode()}" if since else ""))
 
     def stop_rank(self, message: str) -> None:
+        _FAILURE.pack_into(self.buf, _STATE.size, message.encode()[:239])
+        if self.keep_rank:  # the rank reads the message (Watchdog.failure) and reports it itself
+            os._exit(3)
         print(f"moecluster: rank {self.rank}: {message}; stopping this rank", file=sys.stderr, flush=True)
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
@@ -186,9 +214,10 @@ class _Helper:
 
 
 def _main(argv: list[str]) -> None:
-    path, rank, world_size, host, port, timeout_s, parent = argv
+    path, rank, world_size, host, port, timeout_s, parent, mode = argv
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the rank; the helper follows via stdin EOF
-    _Helper(path, int(rank), int(world_size), (host, int(port)), float(timeout_s), int(parent)).run()
+    address = (host, int(port))
+    _Helper(path, int(rank), int(world_size), address, float(timeout_s), int(parent), mode == "keep").run()
 
 
 if __name__ == "__main__":
