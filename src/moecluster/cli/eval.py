@@ -51,7 +51,9 @@ def run_eval(args) -> int:
             raise MoeClusterError(f"--{name} must be at least 1, got {value}")
     quant = quant_options(args)
     loaded = load_model(args.model, args.dtype, quant=quant)
-    if quant is not None:  # score what generate / serve compute: the quantized kernels (x quantized per group)
+    dtype = "bf16" if str(loaded.dtype) == "torch.bfloat16" else "fp32"
+    experts = next((str(getattr(m.experts, "fmt", "")) for m in loaded.model.moe_layers()), "") or dtype
+    if experts != dtype:  # quantized: score what generate / serve compute, the quantized kernels
         from moecluster.kernels.apply import apply_kernels
 
         apply_kernels(loaded.model)
@@ -63,8 +65,6 @@ def run_eval(args) -> int:
     t0 = time.perf_counter()
     result = perplexity(loaded.model, ids, window, args.stride, args.batch)
     seconds = time.perf_counter() - t0
-    dtype = "bf16" if str(loaded.dtype) == "torch.bfloat16" else "fp32"
-    experts = quant.fmt if quant is not None and quant.fmt else dtype
     if args.json:
         print(
             json.dumps(
