@@ -3,6 +3,7 @@ the eval command, and placement on its real routing."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -138,3 +139,23 @@ def test_demo_command_end_to_end():
     engine = Engine(load_model(DEMO_MODEL_DIR))
     text, _, _ = engine.generate(engine.tokenizer.encode(DEMO_PROMPT), SamplingParams(max_tokens=24, ignore_eos=True))
     assert out.stdout.count(text.strip()) == 2  # both runs printed the 1-process greedy text
+
+
+@pytest.mark.slow
+def test_eval_quantize_close_to_bf16(tmp_path):
+    """eval --quantize: the experts really are int8 / int4 (reported, and the perplexity moves) and stay close."""
+    text = tmp_path / "t.txt"
+    text.write_text(HELD_OUT.read_text()[:3000])
+
+    def run(*extra: str) -> dict:
+        cmd = [sys.executable, "-m", "moecluster.cli", "eval", "--model", str(DEMO_MODEL_DIR), "--text", str(text)]
+        out = subprocess.run([*cmd, "--window", "128", "--json", *extra], capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    base = run()
+    assert base["experts"] == "bf16"
+    for fmt, tol in (("int8", 0.01), ("int4", 0.05)):
+        got = run("--quantize", fmt)
+        assert got["experts"] == fmt and got["tokens_scored"] == base["tokens_scored"]
+        assert got["perplexity"] != base["perplexity"]
+        assert abs(got["perplexity"] / base["perplexity"] - 1) < tol, (fmt, got["perplexity"], base["perplexity"])

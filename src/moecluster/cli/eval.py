@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from moecluster.cli.cluster import add_quant_args, quant_options
 from moecluster.errors import MoeClusterError
 
 MAX_DEFAULT_WINDOW = 2048  # long-context models: windows past this cost memory, not information, here
@@ -29,6 +30,7 @@ def register(sub) -> None:
     p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: window/2)")
     p.add_argument("--batch", type=int, default=8, help="windows per forward pass")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    add_quant_args(p)
     p.set_defaults(func=run_eval)
 
 
@@ -47,7 +49,14 @@ def run_eval(args) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise MoeClusterError(f"--{name} must be at least 1, got {value}")
-    loaded = load_model(args.model, args.dtype)
+    quant = quant_options(args)
+    loaded = load_model(args.model, args.dtype, quant=quant)
+    dtype = "bf16" if str(loaded.dtype) == "torch.bfloat16" else "fp32"
+    experts = next((str(getattr(m.experts, "fmt", "")) for m in loaded.model.moe_layers()), "") or dtype
+    if experts != dtype:  # quantized: score what generate / serve compute, the quantized kernels
+        from moecluster.kernels.apply import apply_kernels
+
+        apply_kernels(loaded.model)
     context = loaded.model.max_seq_len
     if args.window is not None and args.window > context:
         raise MoeClusterError(f"--window {args.window} is longer than the model's context ({context})")
@@ -56,7 +65,6 @@ def run_eval(args) -> int:
     t0 = time.perf_counter()
     result = perplexity(loaded.model, ids, window, args.stride, args.batch)
     seconds = time.perf_counter() - t0
-    dtype = "bf16" if str(loaded.dtype) == "torch.bfloat16" else "fp32"
     if args.json:
         print(
             json.dumps(
@@ -64,6 +72,8 @@ def run_eval(args) -> int:
                     "model": str(args.model),
                     "text": str(args.text),
                     "dtype": dtype,
+                    "experts": experts,
+                    "quantize_dense": bool(quant and quant.dense),
                     "perplexity": result.perplexity,
                     "nll_per_token": result.nll_per_token,
                     "tokens_scored": result.tokens_scored,
@@ -76,8 +86,9 @@ def run_eval(args) -> int:
     else:
         print(f"perplexity: {result.perplexity:.3f}")
         print(
-            f"{result.tokens_scored} tokens scored ({len(text)} chars), {dtype}, window {result.window}, "
-            f"stride {result.stride}, mean NLL {result.nll_per_token:.4f} nats/token, {seconds:.1f} s",
+            f"{result.tokens_scored} tokens scored ({len(text)} chars), {dtype}, experts {experts}, "
+            f"window {result.window}, stride {result.stride}, "
+            f"mean NLL {result.nll_per_token:.4f} nats/token, {seconds:.1f} s",
             file=sys.stderr,
         )
     return 0

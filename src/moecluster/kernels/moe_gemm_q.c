@@ -10,7 +10,10 @@
  * once per call, and the dot products run on VNNI (vpdpbusd: u8 x s8 -> s32). vpdpbusd wants one unsigned
  * operand: int8 weights are offset to u8 by xor 0x80 (w + 128), int4 nibbles are stored as q + 8, and the
  * offset times the activation sum, computed once per group, is subtracted exactly in int32. A group's int32
- * lanes become fp32 once, times s_w * s_x. Error against the unquantized activation: at most
+ * lanes become fp32 once, times s_w * s_x. int4 rows are read 64 bytes (128 inputs) at a time when the group
+ * size allows (g % 128 == 0; else 32 bytes): low nibbles against the chunk's even inputs, high nibbles against
+ * its odd ones, which the prepared activation row stores [evens | odds] per chunk. Error against the
+ * unquantized activation: at most
  * sum_i |w_i| * s_x / 2 per group (plus fp32 rounding).
  * fp8 / mxfp4: weights are converted exactly to bf16 in registers and multiplied by the bf16 activation
  * (vdpbf16ps, fp32 accumulation), then scaled per block (fp8) or per 32-group (mxfp4): exact up to fp32
@@ -24,8 +27,15 @@
 enum { FMT_INT8 = 0, FMT_INT4 = 1, FMT_FP8 = 2, FMT_MXFP4 = 3 };
 #define RB 4          /* weight rows per block */
 #define NXMAX 2       /* pairs per pass over a block: 2 x 4 int32 + 2 x 4 fp32 accumulators fit the registers */
-#define PF_BLOCKS 2   /* prefetch distance in blocks: int4 rows are short, one block ahead is too close */
+#ifndef PF_BYTES
+#define PF_BYTES 8192 /* prefetch distance, in whole blocks of at least this many bytes (measured: 8 KiB ahead */
+#endif                /* beat 4 and 16 for int8 and int4 rows of 0.4-6 KB) */
+#ifndef PF_HINT
+#define PF_HINT _MM_HINT_T0
+#endif
+#ifndef CHUNK
 #define CHUNK 16      /* blocks per dynamic-schedule grab */
+#endif
 
 static float e8m0_value[256];
 static uint16_t fp4_bf16[32], fp8_sub_bf16[32];
@@ -52,12 +62,15 @@ __attribute__((constructor)) static void init_tables(void) {
 
 static inline int64_t pad64(int64_t n) { return (n + 63) & ~(int64_t)63; }
 
-/* position of input i in a row whose 64-chunks are stored [even inputs | odd inputs], the order in which
- * low / high nibbles come out of 32 packed bytes */
-static inline int64_t nibble_pos(int64_t i) {
-    const int64_t c = i & ~(int64_t)63, k = i & 63;
-    return c + ((k & 1) ? 32 + (k >> 1) : (k >> 1));
+/* position of input i in a row whose `cw`-chunks (64 or 128 inputs) are stored [even inputs | odd inputs],
+ * the order in which low / high nibbles come out of cw / 2 packed bytes */
+static inline int64_t nibble_pos(int64_t i, int64_t cw) {
+    const int64_t c = i & ~(cw - 1), k = i & (cw - 1);
+    return c + ((k & 1) ? cw / 2 + (k >> 1) : (k >> 1));
 }
+
+/* int4 inputs per packed-row read: 128 (one 64-byte load) when a group holds whole 128-chunks */
+static inline int64_t int4_chunk(int64_t g) { return g % 128 == 0 ? 128 : 64; }
 
 typedef struct {
     int fmt;
@@ -107,6 +120,7 @@ static void prep_int(const Shape *s, const void *x, int x_f32, char *scr) {
     float *sx = (float *)(scr + pad64(s->cols));
     int32_t *off = (int32_t *)(scr + pad64(s->cols) + pad64(s->ng * 4));
     const int perm = s->fmt == FMT_INT4;
+    const int64_t cw = int4_chunk(s->g);
     const __m512i offset = _mm512_set1_epi8(perm ? 8 : (char)0x80);
     const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
     for (int64_t grp = 0; grp < s->ng; grp++) {
@@ -119,14 +133,13 @@ static void prep_int(const Shape *s, const void *x, int x_f32, char *scr) {
         sx[grp] = amax / 127.0f;
         for (int64_t c = c0; c < c0 + s->g; c += 64) {
             int8_t q[64];
-            for (int k = 0; k < 64; k += 16)
-            {
+            for (int k = 0; k < 64; k += 16) {
                 const __m512 v = _mm512_mul_ps(load16_ps(x, x_f32, c + k), inv);
                 _mm_storeu_si128((__m128i *)(q + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
             }
             if (perm)
                 for (int k = 0; k < 64; k++)
-                    xq[c + nibble_pos(k)] = q[k];
+                    xq[nibble_pos(c + k, cw)] = q[k];
             else
                 memcpy(xq + c, q, 64);
         }
@@ -144,13 +157,13 @@ static void prep_bf16(const Shape *s, const void *x, int x_f32, char *scr) {
     for (int64_t i = s->cols & ~(int64_t)63; i < pad64(s->cols); i++)
         xb[i] = 0;
     for (int64_t i = 0; i < s->cols; i++)
-        xb[perm ? nibble_pos(i) : i] = x_f32 ? to_bf16(((const float *)x)[i]) : ((const uint16_t *)x)[i];
+        xb[perm ? nibble_pos(i, 64) : i] = x_f32 ? to_bf16(((const float *)x)[i]) : ((const uint16_t *)x)[i];
 }
 
 #define PREFETCH_ROWS(next, row_bytes, off)                                  \
     if (next)                                                                \
         for (int i_ = 0; i_ < RB; i_++)                                      \
-            _mm_prefetch((next) + i_ * (row_bytes) + (off), _MM_HINT_T0);
+            _mm_prefetch((next) + i_ * (row_bytes) + (off), PF_HINT);
 
 /* The dot kernels: RB weight rows (w[i], their scales sc[i]) times NX prepared activations xs[j]. */
 static inline __attribute__((always_inline)) void dot_int(const Shape *s, const char *const *w,
@@ -160,7 +173,7 @@ static inline __attribute__((always_inline)) void dot_int(const Shape *s, const 
     for (int j = 0; j < NX; j++)
         for (int i = 0; i < RB; i++)
             acc[j][i] = _mm512_setzero_ps();
-    const int int4 = s->fmt == FMT_INT4;
+    const int int4 = s->fmt == FMT_INT4, wide = int4 && int4_chunk(s->g) == 128;
     const __m512i flip = _mm512_set1_epi8((char)0x80), low = _mm512_set1_epi8(0x0f);
     const int64_t sx_at = pad64(s->cols), off_at = sx_at + pad64(s->ng * 4);
     for (int64_t grp = 0; grp < s->ng; grp++) {
@@ -168,7 +181,23 @@ static inline __attribute__((always_inline)) void dot_int(const Shape *s, const 
         for (int j = 0; j < NX; j++)
             for (int i = 0; i < RB; i++)
                 ai[j][i] = _mm512_setzero_si512();
-        for (int64_t c = grp * s->g; c < (grp + 1) * s->g; c += 64) {
+        if (wide) {
+            for (int64_t c = grp * s->g; c < (grp + 1) * s->g; c += 128) {
+                PREFETCH_ROWS(next, s->row_bytes, c / 2);
+                __m512i lo[RB], hi[RB];
+                for (int i = 0; i < RB; i++) {
+                    const __m512i b = _mm512_loadu_si512(w[i] + c / 2);
+                    lo[i] = _mm512_and_si512(b, low);
+                    hi[i] = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+                }
+                for (int j = 0; j < NX; j++) {
+                    const __m512i xe = _mm512_loadu_si512(xs[j] + c), xo = _mm512_loadu_si512(xs[j] + c + 64);
+                    for (int i = 0; i < RB; i++)
+                        ai[j][i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ai[j][i], lo[i], xe), hi[i], xo);
+                }
+            }
+        }
+        for (int64_t c = grp * s->g; !wide && c < (grp + 1) * s->g; c += 64) {
             __m512i wv[RB];
             if (int4) {
                 if ((c & 127) == 0)
@@ -312,6 +341,7 @@ int moe_gemm_q(int fmt, const char *W, const char *S, int64_t rows, int64_t cols
     const Shape s = make_shape(fmt, rows, cols, g);
     const int64_t bpe = (rows + RB - 1) / RB, total = K * bpe;
     const int64_t xsize = x_f32 ? 4 : 2;
+    const int64_t pf_blocks = (PF_BYTES + RB * s.row_bytes - 1) / (RB * s.row_bytes);
     /* little work: one thread (a parallel region on a busy machine waits for a descheduled thread) */
     const int parallel = K * s.w_expert >= ((int64_t)1 << 20);
 #pragma omp parallel if(parallel)
@@ -335,7 +365,7 @@ int moe_gemm_q(int fmt, const char *W, const char *S, int64_t rows, int64_t cols
                 w[i] = wbase + r * s.row_bytes;
                 sc[i] = fmt == FMT_FP8 ? sbase + (r0 / 128) * s.s_row_bytes : sbase + r * s.s_row_bytes;
             }
-            const char *next = n == RB ? wbase + (r0 + RB * PF_BLOCKS) * s.row_bytes : NULL;
+            const char *next = n == RB ? wbase + (r0 + RB * pf_blocks) * s.row_bytes : NULL;
             for (int64_t p0 = pair_start[k]; p0 < pair_start[k + 1]; p0 += NXMAX) {
                 const int nx = (int)(pair_start[k + 1] - p0 < NXMAX ? pair_start[k + 1] - p0 : NXMAX);
                 const char *xs[NXMAX];
