@@ -177,7 +177,7 @@ def run_cli(
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.parametrize("arch", ARCHES[:2])  # DeepSeek-V3: test_three_ranks_bit_identical_to_one (suite time)
 def test_two_ranks_bit_identical_to_one(mlx_models, tmp_path, arch):
     one = run_cli(mlx_models[arch], tmp_path, 1, "contiguous", "one")
     assert one["stats"]["logits_digest"]
@@ -194,7 +194,7 @@ def test_two_ranks_bit_identical_to_one(mlx_models, tmp_path, arch):
 @pytest.mark.parametrize("arch", QUANTIZED)
 def test_quantized_two_ranks_bit_identical_to_one(quantized, tmp_path, arch):
     one = run_cli(quantized[arch], tmp_path, 1, "contiguous", "one")
-    for placement in ("contiguous", "groups"):
+    for placement in ("round-robin",):  # rows 1, 3, 5, 7 on rank 1: not one contiguous read
         two = run_cli(quantized[arch], tmp_path, 2, placement, placement)
         assert two["tokens"] == one["tokens"], placement
         assert two["stats"]["logits_digest"] == one["stats"]["logits_digest"], placement
