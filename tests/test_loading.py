@@ -94,6 +94,24 @@ def test_progress_line_on_a_terminal_only():
     assert pipe.getvalue() == ""
 
 
+def test_rank0_line_shows_every_ranks_completion(tmp_path, monkeypatch):
+    monkeypatch.setenv(checkpoint_io.PROGRESS_DIR_ENV, str(tmp_path))
+    tty = io.StringIO()
+    rank0 = LoadProgress(1000, "rank 0: ", live=True, stream=tty, hz=1e9, rank=0)
+    rank1 = LoadProgress(4000, "rank 1: ", live=False, hz=1e9, rank=1)
+    rank1.add_bytes(1000)  # 25%, shared through the launcher's directory
+    rank0.add_bytes(500)
+    assert tty.getvalue().endswith("| ranks 0 50%, 1 25%"), tty.getvalue()
+    rank1.bytes = 4000  # read without a chance to share (at most hz times a second): finish shares it
+    rank1.finish()
+    rank0.add_bytes(100)
+    assert tty.getvalue().endswith("| ranks 0 60%, 1 100%"), tty.getvalue()
+    monkeypatch.delenv(checkpoint_io.PROGRESS_DIR_ENV)
+    alone = io.StringIO()
+    LoadProgress(10, live=True, stream=alone, hz=1e9, rank=0).add_bytes(5)
+    assert "ranks" not in alone.getvalue()
+
+
 def test_generate_prints_one_load_line_when_not_a_terminal(tiny_dbrx):
     res = subprocess.run(
         [
