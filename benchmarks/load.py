@@ -52,8 +52,9 @@ seconds = time.perf_counter() - t0
 stop.set(); sample()
 tensors = [*loaded.model.parameters()]
 held = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in tensors}.values())
+dense = sum(p.numel() * p.element_size() for n, p in loaded.model.named_parameters() if ".experts." not in n)
 read = loaded.load.bytes if loaded.load is not None else held
-print(json.dumps({"rank": rank, "seconds": seconds, "read_bytes": read, "held_bytes": held,
+print(json.dumps({"rank": rank, "seconds": seconds, "read_bytes": read, "held_bytes": held, "dense_bytes": dense,
                   "peak_anon": peaks["anon"], "peak_file": peaks["file"], "base_anon": base["anon"],
                   "base_file": base["file"]}))
 """
@@ -170,6 +171,21 @@ def _lines(name: str, rounds: list[dict], key: str) -> list[str]:
     return out
 
 
+def _host_line(name: str, rounds: list[dict], key: str) -> str:
+    """What the disk delivered to all ranks together: distinct bytes (the replicated tensors once: the other
+    ranks read them from the page cache) over the slowest rank's load time."""
+    pct = []
+    for r in rounds:
+        ranks = r[key]["ranks"]
+        distinct = sum(x["read_bytes"] for x in ranks) - (len(ranks) - 1) * ranks[0].get("dense_bytes", 0)
+        pct.append(distinct / max(x["seconds"] for x in ranks) / 1e9 / r["dd_gbs"] * 100)
+    return (
+        f"{name:<6} all ranks: {statistics.median(pct):3.0f}% of dd median (runs "
+        + ", ".join(f"{p:.0f}%" for p in pct)
+        + ")"
+    )
+
+
 def report(args, concurrent: int, model_dir: Path, rounds: list[dict]) -> None:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
@@ -183,10 +199,11 @@ def report(args, concurrent: int, model_dir: Path, rounds: list[dict]) -> None:
         "in page cache before cold loads: " + ", ".join(f"{r['cached_before_cold'] * 100:.0f}%" for r in rounds),
         f"dd (cold, sequential): {statistics.median(dd):.2f} GB/s median (" + ", ".join(f"{x:.2f}" for x in dd) + ")",
         *_lines("cold", rounds, "cold"),
+        _host_line("cold", rounds, "cold"),
         *_lines("warm", rounds, "warm"),
     ]
     if args.before:
-        lines += _lines("before", rounds, "before")
+        lines += [*_lines("before", rounds, "before"), _host_line("before", rounds, "before")]
     text = "\n".join(lines)
     print(text)
     header = (

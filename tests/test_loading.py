@@ -94,6 +94,24 @@ def test_progress_line_on_a_terminal_only():
     assert pipe.getvalue() == ""
 
 
+def test_rank0_line_shows_every_ranks_completion(tmp_path, monkeypatch):
+    monkeypatch.setenv(checkpoint_io.PROGRESS_DIR_ENV, str(tmp_path))
+    tty = io.StringIO()
+    rank0 = LoadProgress(1000, "rank 0: ", live=True, stream=tty, hz=1e9, rank=0)
+    rank1 = LoadProgress(4000, "rank 1: ", live=False, hz=1e9, rank=1)
+    rank1.add_bytes(1000)  # 25%, shared through the launcher's directory
+    rank0.add_bytes(500)
+    assert tty.getvalue().endswith("| ranks 0 50%, 1 25%"), tty.getvalue()
+    rank1.bytes = 4000  # read without a chance to share (at most hz times a second): finish shares it
+    rank1.finish()
+    rank0.add_bytes(100)
+    assert tty.getvalue().endswith("| ranks 0 60%, 1 100%"), tty.getvalue()
+    monkeypatch.delenv(checkpoint_io.PROGRESS_DIR_ENV)
+    alone = io.StringIO()
+    LoadProgress(10, live=True, stream=alone, hz=1e9, rank=0).add_bytes(5)
+    assert "ranks" not in alone.getvalue()
+
+
 def test_generate_prints_one_load_line_when_not_a_terminal(tiny_dbrx):
     res = subprocess.run(
         [
@@ -147,21 +165,25 @@ def _generate_reports(model: Path, nodes: int, out: Path, *extra: str) -> list[d
     return json.loads(out.read_text())["ranks"]
 
 
-# what a rank allocates beside the model after its base sample (before loading): activations of a short
-# prompt, the communicator's buffers, the reader's 8 MB bounce buffer; int8/int4 also stage one expert in the
-# compute dtype while quantizing it (6 MB for these dims). Measured: 20-40 MB on 2 ranks (see _assert_one_copy).
-RUNTIME_SLACK = 50e6
+# anonymous memory a rank allocates beside what it holds after its base sample (before loading): activations of
+# a short prompt, the communicator's buffers, the reader's 8 MB bounce buffer; int8/int4 also stage one expert
+# in the compute dtype while quantizing it (6 MB for these dims). Measured 2-10 MB.
+ANON_SLACK = 30e6
+# file-backed growth: code pages of shared libraries (libtorch's kernels, MPI) that load and decode run first,
+# 20-45 MB measured; a memory-mapped checkpoint would add as much as the weights
+FILE_SLACK = 60e6
 
 
 def _assert_one_copy(r: dict) -> None:
     """Peak anon + file-backed (sampled every 20 ms through load and decode) <= 1.1 x held + the runtime base."""
     held, peak, base = r["held_bytes"], r["peak_resident_bytes"], r["base_rss_bytes"]
-    print(f"held {held / 1e6:.1f} MB, peak - base {(peak - base) / 1e6:.1f} MB ({(peak - base) / held:.3f} x held)")
-    assert peak <= 1.1 * held + base + RUNTIME_SLACK, {k: v for k, v in r.items() if k != "trace"}
+    anon = r["peak_anon_bytes"] - (base - r["base_file_bytes"])
+    file = r["peak_file_bytes"] - r["base_file_bytes"]
+    print(f"held {held / 1e6:.1f} MB, anon +{anon / 1e6:.1f} MB ({anon / held:.3f} x held), file +{file / 1e6:.1f} MB")
+    assert anon <= 1.1 * held + ANON_SLACK, {k: v for k, v in r.items() if k != "trace"}
     # no mapping of the checkpoint stays resident: file-backed pages stay near the runtime's before loading
-    # (shared libraries: 80-190 MB here, MPI's included), where the memory-mapped loader added about as much
-    # file-backed memory as weights
-    assert r["peak_file_bytes"] - r["base_file_bytes"] < 60e6 + 0.05 * held, r
+    assert file < FILE_SLACK + 0.05 * held, r
+    assert peak <= 1.1 * held + base + ANON_SLACK + FILE_SLACK, r
 
 
 @pytest.fixture(scope="module")

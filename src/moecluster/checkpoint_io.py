@@ -289,9 +289,15 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
     return t.reshape(-1).view(torch.uint8).numpy().data
 
 
+PROGRESS_DIR_ENV = "MOECLUSTER_PROGRESS_DIR"  # set by the local launcher: ranks share their load progress there
+
+
 class LoadProgress:
     """Tensors and bytes read, GB/s and ETA: a live line on a terminal (at most `hz` updates a second, erased
-    when loading ends); `summary()` is the one line every command prints when loading succeeded."""
+    when loading ends); `summary()` is the one line every command prints when loading succeeded.
+
+    With `rank` and the launcher's MOECLUSTER_PROGRESS_DIR, every rank writes its bytes read / to read there
+    (a few times a second) and rank 0's live line adds every rank's completion."""
 
     def __init__(
         self,
@@ -300,15 +306,18 @@ class LoadProgress:
         live: bool | None = None,
         stream: TextIO | None = None,
         hz: float = 4.0,
+        rank: int | None = None,
     ):
         self.stream = stream or sys.stderr
         self.live = self.stream.isatty() if live is None else live
         self.total, self.prefix, self.period = total_bytes, prefix, 1.0 / hz
         self.bytes = self.tensors = 0
-        self.t0 = self.last = time.perf_counter()
+        self.t0 = self.last = self.last_shared = time.perf_counter()
         self.seconds = 0.0
         self.t_first: float | None = None  # the rate (and ETA) count from the first byte, not from config parsing
         self._shown = False
+        share = os.environ.get(PROGRESS_DIR_ENV)
+        self.rank, self.share_dir = rank, Path(share) if share and rank is not None else None
 
     def add_bytes(self, n: int) -> None:
         if self.t_first is None:
@@ -322,6 +331,9 @@ class LoadProgress:
 
     def _maybe_show(self) -> None:
         now = time.perf_counter()
+        if self.share_dir is not None and now - self.last_shared >= self.period:
+            self.last_shared = now
+            self._share()
         if not self.live or now - self.last < self.period or self.t_first is None or now - self.t_first < self.period:
             return
         self.last = now
@@ -330,14 +342,40 @@ class LoadProgress:
         pct = 100.0 * self.bytes / self.total if self.total else 0.0
         self.stream.write(
             f"\r\x1b[K{self.prefix}loading: {self.tensors} tensors, {self.bytes / 1e9:.2f} of "
-            f"{self.total / 1e9:.2f} GB ({pct:.0f}%), {rate / 1e9:.2f} GB/s, ETA {eta:.0f} s"
+            f"{self.total / 1e9:.2f} GB ({pct:.0f}%), {rate / 1e9:.2f} GB/s, ETA {eta:.0f} s{self._ranks()}"
         )
         self.stream.flush()
         self._shown = True
 
+    def _share(self) -> None:
+        """Write this rank's progress for rank 0 to show (atomically: a reader never sees half a line)."""
+        assert self.share_dir is not None
+        tmp = self.share_dir / f".rank{self.rank}.tmp"
+        try:
+            tmp.write_text(f"{self.bytes} {self.total}\n")
+            os.replace(tmp, self.share_dir / f"rank{self.rank}")
+        except OSError:  # the launcher removed the directory: only the display is lost
+            self.share_dir = None
+
+    def _ranks(self) -> str:
+        """' | ranks 0 52%, 1 38%' on rank 0 when ranks share progress ('' otherwise)."""
+        if self.share_dir is None or self.rank != 0:
+            return ""
+        done: dict[int, float] = {}
+        for f in self.share_dir.glob("rank*"):
+            try:
+                n, total = (int(x) for x in f.read_text().split())
+                done[int(f.name[4:])] = 100.0 * n / total if total else 0.0
+            except (OSError, ValueError):
+                continue
+        done[0] = 100.0 * self.bytes / self.total if self.total else 0.0
+        return " | ranks " + ", ".join(f"{r} {pct:.0f}%" for r, pct in sorted(done.items()))
+
     def finish(self) -> None:
-        """Loading ended (either way): erase the live line."""
+        """Loading ended (either way): erase the live line; other ranks see this one at 100% (or where it failed)."""
         self.seconds = time.perf_counter() - self.t0
+        if self.share_dir is not None:
+            self._share()
         if self._shown:
             self.stream.write("\r\x1b[K")
             self.stream.flush()

@@ -28,14 +28,23 @@ def open_engine(
     exchange: str = "exact",
     quant: QuantOptions | None = None,
     check_weights: bool = True,
+    quiet: bool = False,
 ) -> tuple[Engine, Placement | None]:
     """Load the model (only this rank's experts; `quant`: quantize on load), apply expert parallelism when
     world_size > 1. Starts this process's memory sampler; a live progress line on rank 0's terminal while
-    loading (`load_summary` is the line to print once the command has checked its inputs)."""
+    loading, with every rank's completion (`load_summary` is the line to print once the command has checked its
+    inputs); `quiet`: no live line."""
     SAMPLER.start()
     if comm is None or comm.world_size == 1:
         return Engine(
-            load_model(model_dir, dtype, quant=quant, progress="", check_weights=check_weights),
+            load_model(
+                model_dir,
+                dtype,
+                quant=quant,
+                progress="",
+                check_weights=check_weights,
+                progress_live=False if quiet else None,
+            ),
             comm,
             num_slots,
             max_seq_len,
@@ -52,9 +61,9 @@ def open_engine(
         quant=quant,
         progress=f"rank {comm.rank}: ",
         check_weights=check_weights,
+        progress_rank=comm.rank,
+        progress_live=False if quiet or comm.rank != 0 else None,  # one live line on a shared terminal
     )
-    if loaded.load is not None and comm.rank != 0:
-        loaded.load.live = False  # one live line on a shared terminal; every rank prints its summary
     apply_expert_parallel(loaded.model, comm, placement, exchange)
     return Engine(loaded, comm, num_slots, max_seq_len), placement
 

@@ -89,11 +89,22 @@ def launch_job(args: argparse.Namespace, phase: str, world_size: int, tmp: str, 
 
 def run_jobs(args: argparse.Namespace, sizes: list[int]) -> tuple[list[dict], dict[int, list[dict]]]:
     """--repeats engine jobs on N ranks (with the N-rank all-reduce), then one all-reduce job per 2..N-1."""
+    total = args.repeats + max(args.nodes - 2, 0)
     with tempfile.TemporaryDirectory(prefix="moecluster-calibrate-") as tmp:
-        engines = [launch_job(args, "engine", args.nodes, tmp, ar_sizes=sizes) for _ in range(args.repeats)]
+        engines = []
+        for k in range(args.repeats):
+            _status(k + 1, total, f"engine (load, decode, all-reduce) on {args.nodes} rank(s)")
+            engines.append(launch_job(args, "engine", args.nodes, tmp, ar_sizes=sizes))
         tables = {args.nodes: [r for e in engines for r in e["allreduce"]]} if args.nodes > 1 else {}
         for w in range(2, args.nodes):
+            _status(args.repeats + w - 1, total, f"all-reduce on {w} ranks")
             tables[w] = launch_job(
                 args, "allreduce", w, tmp, ar_sizes=sizes, ar_dtype=engines[0]["model"]["exchange_dtype"]
             )["allreduce"]
     return engines, tables
+
+
+def _status(k: int, n: int, what: str) -> None:
+    """One line per measurement job on a terminal (a run takes minutes); nothing when stderr is not one."""
+    if sys.stderr.isatty():
+        print(f"calibrate: job {k}/{n}: {what} ...", file=sys.stderr, flush=True)

@@ -38,7 +38,7 @@ def register(sub) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt with the tokenizer's chat template")
     p.add_argument("--trace", default=None, help="write the per-step, per-layer, per-rank trace to this JSON file")
     p.add_argument("--report", default=None, help=argparse.SUPPRESS)  # JSON result, used by demo and tests
-    p.add_argument("--quiet", action="store_true", help="do not stream text (stats only)")
+    p.add_argument("--quiet", action="store_true", help="do not stream text nor show the loading line (stats only)")
     p.add_argument(
         "--threads", type=int, default=None, help="intra-op threads (default: all cores on 1 rank, 1 per rank)"
     )
@@ -95,6 +95,7 @@ def _generate_on_rank(args, params: SamplingParams, comm) -> int:
         exchange=args.exchange,
         quant=quant_options(args),
         check_weights=not args.no_check_weights,
+        quiet=args.quiet,
     )
     rank0 = engine.rank == 0
     text = args.prompt

@@ -46,6 +46,9 @@ class _Terminated(Exception):
     """The launcher itself received SIGTERM."""
 
 
+PROGRESS_DIR_ENV = "MOECLUSTER_PROGRESS_DIR"  # read by checkpoint_io.LoadProgress
+
+
 def free_port() -> int:
     """A TCP port that was free a moment ago on 127.0.0.1 (for MASTER_PORT)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -348,6 +351,10 @@ def launch_local(
         start_new_session=True,  # own group: killable whole
         preexec_fn=_die_with_parent_fn(),
     )
+    # ranks share their load progress here, for rank 0's progress line (checkpoint_io.LoadProgress)
+    progress_dir = tempfile.mkdtemp(prefix="moecluster-progress-") if world_size > 1 else ""
+    if progress_dir:
+        base[PROGRESS_DIR_ENV] = progress_dir
     previous = _install_sigterm()
     job, links, tmp = _Job([]), None, ""
     try:
@@ -389,8 +396,9 @@ def launch_local(
         _restore_sigterm(previous)
         if links is not None:
             links.close()
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+        for directory in (tmp, progress_dir):
+            if directory:
+                shutil.rmtree(directory, ignore_errors=True)
     if line:
         print(f"moecluster: {line}", file=sys.stderr, flush=True)
     return code
