@@ -25,6 +25,7 @@ import datetime
 import gc
 import json
 import os
+import signal
 import statistics
 import sys
 import time
@@ -200,23 +201,27 @@ def main() -> int:
     load_start = os.getloadavg()
     model_dir = bench_model_dir(args.model_shape)
     bw = Bandwidth()
-    rows = []
-    for fmt in args.formats:
-        rows.append(run_ours(model_dir, fmt, bw, args.tokens, args.rounds))
-        print(f"moecluster {fmt}: {rows[-1]['tok_s']:.2f} tok/s, {rows[-1]['ratio']:.0%} of streaming", flush=True)
+    rows: list[dict] = []
     skipped = ""
-    if args.llama:
-        ok, why = llama_cpp_available()
-        if not ok:
-            skipped = f"llama.cpp rows skipped: {why}"
-            print(skipped, flush=True)
-        for qtype in args.llama if ok else []:
-            from moecluster.loading import read_config
-            from moecluster.tokenizer import Tokenizer
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stopped run still reports what it measured
+    try:
+        if args.llama:  # first: the comparison is the point of the run
+            ok, why = llama_cpp_available()
+            if not ok:
+                skipped = f"llama.cpp rows skipped: {why}"
+                print(skipped, flush=True)
+            for qtype in args.llama if ok else []:
+                from moecluster.loading import read_config
+                from moecluster.tokenizer import Tokenizer
 
-            ids = Tokenizer.from_dir(model_dir, read_config(model_dir)[1]).encode(PROMPT)
-            rows.append(run_llama(model_dir, qtype, ids, bw, args, PREFILL_TOKENS))
-            print(f"llama.cpp {qtype}: {rows[-1]['tok_s']:.2f} tok/s, {rows[-1]['ratio']:.0%} of streaming", flush=True)
+                ids = Tokenizer.from_dir(model_dir, read_config(model_dir)[1]).encode(PROMPT)
+                rows.append(run_llama(model_dir, qtype, ids, bw, args, PREFILL_TOKENS))
+                print(f"llama.cpp {qtype}: {rows[-1]['tok_s']:.2f} tok/s, {rows[-1]['ratio']:.0%}", flush=True)
+        for fmt in args.formats:
+            rows.append(run_ours(model_dir, fmt, bw, args.tokens, args.rounds))
+            print(f"moecluster {fmt}: {rows[-1]['tok_s']:.2f} tok/s, {rows[-1]['ratio']:.0%}", flush=True)
+    except KeyboardInterrupt:
+        skipped += (" " if skipped else "") + "INTERRUPTED before every row was measured"
     report(args, rows, skipped, load_start)
     return 0
 
