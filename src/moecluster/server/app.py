@@ -35,7 +35,16 @@ MAX_BODY_BYTES = 8 << 20
 BODY_TIMEOUT_S = 30.0  # a request body must arrive within this (slow clients hold a connection)
 LOCAL_HOSTS = ("localhost", "localhost.localdomain", "ip6-localhost")  # plus every IP literal
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/messages", "/health", "/metrics", "/")
+ENDPOINTS = (
+    "/v1/models",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/messages",
+    "/v1/cluster",
+    "/health",
+    "/metrics",
+    "/",
+)
 
 
 class _CountRequests:
@@ -554,7 +563,9 @@ def create_app(
         return await srv.run(http, req, ids, params, chat=True)
 
     anthropic.mount(app, srv)  # POST /v1/messages
-    chat_page.mount(app)  # GET /: the web chat page
+    placement = getattr(metrics, "placement", None)
+    info = chat_page.cluster_info(scheduler.engine, placement, scheduler.engine.world_size)
+    chat_page.mount(app, srv, info)  # GET /: the web chat page; GET /v1/cluster: its side panel
 
     @app.get("/health")
     async def health(http: HttpRequest):

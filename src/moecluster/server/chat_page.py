@@ -10,6 +10,7 @@ import re
 from functools import lru_cache
 from importlib import resources
 
+from fastapi import Request
 from fastapi.responses import HTMLResponse
 
 
@@ -30,7 +31,35 @@ def page() -> tuple[str, str]:
     return html, csp
 
 
-def mount(app) -> None:
+def cluster_info(engine, placement, world_size: int) -> dict:
+    """What the page's side panel shows of the cluster: per rank, the experts it holds (layer 0 and the count over
+    all MoE layers) and the weight bytes that placement gives it (replicated weights + its experts)."""
+    moes = engine.model.moe_layers() if hasattr(getattr(engine, "model", None), "moe_layers") else []
+    expert_bytes = moes[0].experts.expert_bytes() if moes and hasattr(moes[0].experts, "expert_bytes") else 0
+    dense = int(getattr(engine, "dense_bytes", 0))
+    ranks = []
+    for rank in range(world_size):
+        if placement is not None:
+            layer0 = placement.experts_of(rank, 0)
+            held = sum(len(placement.experts_of(rank, layer)) for layer in range(placement.num_layers))
+        else:  # one process holds every expert
+            layer0 = list(moes[0].experts.expert_ids) if moes else []
+            held = sum(len(m.experts.expert_ids) for m in moes)
+        weights = dense + held * expert_bytes if expert_bytes else None
+        ranks.append({"rank": rank, "experts_layer0": layer0, "expert_copies": held, "weight_bytes": weights})
+    return {"world_size": world_size, "moe_layers": len(moes), "ranks": ranks}
+
+
+def mount(app, srv=None, info: dict | None = None) -> None:
+    if srv is not None and info is not None:
+
+        @app.get("/v1/cluster", include_in_schema=False)
+        async def cluster(http: Request):
+            """The cluster as the page's side panel shows it (same API key as the rest of /v1)."""
+            srv.check_auth(http)
+            ok, reason = srv.scheduler.health()
+            return {**info, "health": reason if ok else f"unavailable: {reason}"}
+
     @app.get("/", include_in_schema=False)
     async def chat():
         html, csp = page()
