@@ -160,6 +160,10 @@ class Engine:
 
         return kv_cache_bytes(self.model)
 
+    def expert_bytes(self) -> int:
+        moes = self.model.moe_layers()
+        return moes[0].experts.expert_bytes() if moes else 0
+
     def routing_shape(self) -> tuple[int, int]:
         moes = self.model.moe_layers()
         return len(moes), (moes[0].experts.num_experts if moes else 0)

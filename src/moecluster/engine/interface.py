@@ -70,6 +70,10 @@ class ServingEngine(Protocol):
         """Copy slot src's cache to slots dsts (the n choices of one prompt share its prefill)."""
         ...
 
+    def expert_bytes(self) -> int:
+        """Bytes of one routed expert as this engine holds it (weights, scales and biases; 0 without experts)."""
+        ...
+
     def kv_cache_bytes(self) -> int:
         """Bytes this rank holds (or reserved) for KV caches."""
         ...

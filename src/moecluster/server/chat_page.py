@@ -34,20 +34,18 @@ def page() -> tuple[str, str]:
 def cluster_info(engine, placement, world_size: int) -> dict:
     """What the page's side panel shows of the cluster: per rank, the experts it holds (layer 0 and the count over
     all MoE layers) and the weight bytes that placement gives it (replicated weights + its experts)."""
-    moes = engine.model.moe_layers() if hasattr(getattr(engine, "model", None), "moe_layers") else []
-    expert_bytes = moes[0].experts.expert_bytes() if moes and hasattr(moes[0].experts, "expert_bytes") else 0
-    dense = int(getattr(engine, "dense_bytes", 0))
+    num_layers, num_experts = engine.routing_shape()
+    expert_bytes = engine.expert_bytes()
     ranks = []
     for rank in range(world_size):
         if placement is not None:
             layer0 = placement.experts_of(rank, 0)
             held = sum(len(placement.experts_of(rank, layer)) for layer in range(placement.num_layers))
         else:  # one process holds every expert
-            layer0 = list(moes[0].experts.expert_ids) if moes else []
-            held = sum(len(m.experts.expert_ids) for m in moes)
-        weights = dense + held * expert_bytes if expert_bytes else None
+            layer0, held = list(range(num_experts)), num_layers * num_experts
+        weights = engine.dense_bytes + held * expert_bytes if expert_bytes else None
         ranks.append({"rank": rank, "experts_layer0": layer0, "expert_copies": held, "weight_bytes": weights})
-    return {"world_size": world_size, "moe_layers": len(moes), "ranks": ranks}
+    return {"world_size": world_size, "moe_layers": num_layers, "ranks": ranks}
 
 
 def mount(app, srv=None, info: dict | None = None) -> None:

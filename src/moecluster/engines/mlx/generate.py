@@ -167,6 +167,10 @@ class MlxEngine:
     def kv_cache_bytes(self) -> int:
         return self.slots.nbytes()
 
+    def expert_bytes(self) -> int:
+        layers = expert_parallel_layers(self.model)
+        return layers[0].expert_bytes() if layers else 0
+
     def routing_shape(self) -> tuple[int, int]:
         return self.placement.num_layers, self.placement.num_experts
 
