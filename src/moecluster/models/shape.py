@@ -30,19 +30,66 @@ DTYPE_BYTES: dict[str, float] = {
 }
 
 
+FP8_BLOCK = 128  # the block-scaled FP8 layout (DeepSeek-V3 / Qwen3-FP8): one scale per 128x128 block
+_SUPPORTED_METHODS = {"fp8": "fp8", "mxfp4": "mxfp4"}
+_KNOWN_UNSUPPORTED = (
+    "gptq",
+    "awq",
+    "bitsandbytes",
+    "compressed-tensors",
+    "hqq",
+    "aqlm",
+    "quanto",
+    "eetq",
+    "torchao",
+    "fbgemm_fp8",
+    "bitnet",
+    "vptq",
+    "higgs",
+    "spqr",
+    "fp_quant",
+)
+
+
+def format_from_quantization_config(cfg: object) -> str | None:
+    """A checkpoint's config.json `quantization_config` -> "fp8" | "mxfp4", None when absent (unquantized).
+
+    Raises MoeClusterError naming the method when it is one this project cannot read (the one check that the
+    engine, `plan` and `place` share)."""
+    if not cfg:
+        return None
+    if not isinstance(cfg, dict):
+        cfg = {}  # not a JSON object: no method to read
+    method = str(cfg.get("quant_method", "")).lower()
+    supported = ", ".join(f"{m!r}" for m in _SUPPORTED_METHODS)
+    if method not in _SUPPORTED_METHODS:
+        known = " (a known method this project does not read)" if method in _KNOWN_UNSUPPORTED else ""
+        raise MoeClusterError(
+            f"quantization method {method or '(missing)'!r} is not supported{known}; supported "
+            f"checkpoint formats: {supported}, or an unquantized bf16 checkpoint quantized on "
+            f"load to 'int8' / 'int4'"
+        )
+    if method == "fp8":
+        block = list(cfg.get("weight_block_size") or [])
+        fmt = str(cfg.get("fmt", "e4m3")).lower()
+        if block != [FP8_BLOCK, FP8_BLOCK] or fmt != "e4m3":
+            raise MoeClusterError(
+                f"fp8 checkpoints are supported with fmt 'e4m3' and weight_block_size "
+                f"[128, 128] (DeepSeek-V3 / Qwen3-FP8); this one has fmt {fmt!r} and "
+                f"weight_block_size {block or None}"
+            )
+        if str(cfg.get("activation_scheme", "dynamic")) != "dynamic":
+            raise MoeClusterError(
+                "fp8 checkpoints with static activation scales are not supported; "
+                "use one with activation_scheme 'dynamic'"
+            )
+    return _SUPPORTED_METHODS[method]
+
+
 def checkpoint_format(cfg: dict[str, Any]) -> str | None:
     """The expert format a checkpoint ships by its config.json `quantization_config` ("fp8", "mxfp4"), None
-    when unquantized; other methods get one error (the engine's check is moecluster.quant's)."""
-    qc = cfg.get("quantization_config") or {}
-    method = str(qc.get("quant_method", "")).lower() if isinstance(qc, dict) else ""
-    if not qc:
-        return None
-    if method not in ("fp8", "mxfp4"):
-        raise MoeClusterError(
-            f"quantization method {method or '(missing)'!r} is not supported; supported "
-            "checkpoint formats: 'fp8', 'mxfp4' (or pass --dtype to size the model)"
-        )
-    return method
+    when unquantized; other methods get one error."""
+    return format_from_quantization_config(cfg.get("quantization_config"))
 
 
 @dataclass(frozen=True)

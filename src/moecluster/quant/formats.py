@@ -10,36 +10,17 @@ from __future__ import annotations
 import torch
 
 from moecluster.errors import MoeClusterError
+from moecluster.models.shape import FP8_BLOCK, format_from_quantization_config  # noqa: F401 (re-exported)
 
 FORMATS = ("int8", "int4", "fp8", "mxfp4")
 # int8/int4 group size along I. Kernel speed at 64/128/256 was within noise (benchmarks/quant_kernels.py, a
 # shared machine); fp32 scales cost 6/3/1.5% (int8) and 12/6/3% (int4) extra bytes; Gaussian round-trip
 # error (relative RMS) int8 0.59/0.65/0.70%, int4 10.8/11.7/12.6%. 128 is the middle.
 DEFAULT_GROUP_SIZE = 128
-FP8_BLOCK = 128
 MXFP4_GROUP = 32
 # e2m1 code -> value, index = nibble (bit 3 is the sign), the table gpt-oss and transformers use.
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 _QMAX = {"int8": 127, "int4": 7}  # symmetric: -qmax..qmax, so a group's scale is amax / qmax
-
-_SUPPORTED_METHODS = {"fp8": "fp8", "mxfp4": "mxfp4"}
-_KNOWN_UNSUPPORTED = (
-    "gptq",
-    "awq",
-    "bitsandbytes",
-    "compressed-tensors",
-    "hqq",
-    "aqlm",
-    "quanto",
-    "eetq",
-    "torchao",
-    "fbgemm_fp8",
-    "bitnet",
-    "vptq",
-    "higgs",
-    "spqr",
-    "fp_quant",
-)
 
 
 def _check_groups(w_OI: torch.Tensor, group_size: int) -> None:
@@ -153,35 +134,3 @@ def quantize_mxfp4(w_OI: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     codes = (scaled[..., None] - lut).abs().argmin(-1).to(torch.uint8)  # first match: +0 over -0
     blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
     return blocks.contiguous(), (e.to(torch.int32) + 127).to(torch.uint8)
-
-
-def format_from_quantization_config(cfg: dict | None) -> str | None:
-    """A checkpoint's config.json `quantization_config` -> "fp8" | "mxfp4", None when absent (unquantized).
-
-    Raises MoeClusterError naming the method when it is one this project cannot read."""
-    if not cfg:
-        return None
-    method = str(cfg.get("quant_method", "")).lower()
-    supported = ", ".join(f"{m!r}" for m in _SUPPORTED_METHODS)
-    if method not in _SUPPORTED_METHODS:
-        known = " (a known method this project does not read)" if method in _KNOWN_UNSUPPORTED else ""
-        raise MoeClusterError(
-            f"quantization method {method or '(missing)'!r}{known} is not supported; supported "
-            f"checkpoint formats: {supported}, or an unquantized bf16 checkpoint quantized on "
-            f"load to 'int8' / 'int4'"
-        )
-    if method == "fp8":
-        block = list(cfg.get("weight_block_size") or [])
-        fmt = str(cfg.get("fmt", "e4m3")).lower()
-        if block != [FP8_BLOCK, FP8_BLOCK] or fmt != "e4m3":
-            raise MoeClusterError(
-                f"fp8 checkpoints are supported with fmt 'e4m3' and weight_block_size "
-                f"[128, 128] (DeepSeek-V3 / Qwen3-FP8); this one has fmt {fmt!r} and "
-                f"weight_block_size {block or None}"
-            )
-        if str(cfg.get("activation_scheme", "dynamic")) != "dynamic":
-            raise MoeClusterError(
-                "fp8 checkpoints with static activation scales are not supported; "
-                "use one with activation_scheme 'dynamic'"
-            )
-    return _SUPPORTED_METHODS[method]
