@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_io import keep_history  # a sibling module: benchmarks run as scripts
 
 from moecluster.calibration.commbench import DEFAULT_SIZES_BYTES, Variant, measure_interleaved
 
@@ -304,6 +305,7 @@ def main() -> int:
         "cold_rows": cold,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
+    keep_history(RESULTS / "allreduce.json", info)
     (RESULTS / "allreduce.json").write_text(json.dumps(info, indent=1) + "\n")
     (RESULTS / "allreduce.md").write_text(markdown(info, md_table))
     return 0

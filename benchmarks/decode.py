@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_io import keep_history  # a sibling module: benchmarks run as scripts
 
 from moecluster.builtin import (
     PRESETS,
@@ -259,13 +260,8 @@ def report(r: dict, stem: str) -> None:
     text = "\n".join(lines)
     print(text)
     RESULTS.mkdir(exist_ok=True)
-    # the latest run in <stem>.json / .md; every run (and the run those files held before history was kept)
-    # appended to <stem>_history.jsonl
-    latest, history = RESULTS / f"{stem}.json", RESULTS / f"{stem}_history.jsonl"
-    with history.open("a") as f:
-        if not history.stat().st_size and latest.is_file():
-            f.write(json.dumps(json.loads(latest.read_text())) + "\n")
-        f.write(json.dumps(r) + "\n")
+    latest = RESULTS / f"{stem}.json"
+    keep_history(latest, r)  # every run to <stem>_history.jsonl; the latest to <stem>.json / .md
     latest.write_text(json.dumps(r, indent=2))
     md = (
         f"# Decode benchmark ({r['model_shape']})\n\nDate: {r['date']}  \nCommit: {r['commit']}  \n"
@@ -273,7 +269,7 @@ def report(r: dict, stem: str) -> None:
         f"Bandwidth after each round: {json.dumps([x['bandwidth_after'] for x in r['ours']['rounds']])}\n"
     )
     (RESULTS / f"{stem}.md").write_text(md)
-    print(f"wrote {latest.name} and {stem}.md (latest run); appended the run to {history.name}")
+    print(f"wrote {latest.name} and {stem}.md (latest run); appended the run to {stem}_history.jsonl")
 
 
 if __name__ == "__main__":

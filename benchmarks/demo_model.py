@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from results_io import keep_history  # a sibling module: benchmarks run as scripts
+
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from decode import cpu_model, git_commit, package_version  # noqa: E402
@@ -118,6 +120,7 @@ def main() -> int:
         "runs": runs,
     }
     RESULTS.mkdir(exist_ok=True)
+    keep_history(RESULTS / "demo_model.json", result)
     (RESULTS / "demo_model.json").write_text(json.dumps(result, indent=1) + "\n")
     base = runs.get("bf16")
     rows = "\n".join(

@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from results_io import keep_history  # a sibling module: benchmarks run as scripts
+
 sys.path.insert(0, str(Path(__file__).parent))
 from decode import PROMPT, bench_model_dir  # noqa: E402
 
@@ -253,7 +255,8 @@ def main() -> int:
             lines.append("MLX's Linux CPU build: a correctness run only; these numbers say nothing about a Mac")
             text = "\n".join(lines)
             print(lines[-1])
-    (RESULTS / f"{name}.json").write_text(json.dumps({"machine": machine, "command": command, **s}, indent=2))
+    run = keep_history(RESULTS / f"{name}.json", {"machine": machine, "command": command, **s})
+    (RESULTS / f"{name}.json").write_text(json.dumps(run, indent=2))
     (RESULTS / f"{name}.md").write_text(
         f"# Expert-parallel benchmark\n\nMachine: {machine}\n\nCommand: `{command}`\n\n```\n{text}\n```\n\n"
         f"All-reduce latency against size: see allreduce.md (same run).\n"

@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_io import keep_history  # a sibling module: benchmarks run as scripts
+
 # the network emulator is a repository tool, not part of the package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "netemu"))
 
@@ -461,6 +463,7 @@ def machine() -> dict:
 
 def write_results(data: dict, path: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    keep_history(Path(path + ".json"), data)
     Path(path + ".json").write_text(json.dumps(data, indent=1))
     s, m = data["summary"], data["machine"]
     md = [

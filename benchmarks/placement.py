@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import os
 
+from results_io import keep_history  # a sibling module: benchmarks run as scripts
+
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # small matrices: one thread is fastest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -127,25 +129,25 @@ def main() -> int:
     command = "OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/placement.py"
     out = os.path.join(HERE, "results")
     os.makedirs(out, exist_ok=True)
+    run = keep_history(
+        os.path.join(out, "placement.json"),
+        {
+            "machine": machine(),
+            "command": command,
+            "num_experts": NUM_EXPERTS,
+            "top_k": TOP_K,
+            "num_layers": NUM_LAYERS,
+            "zipf_alpha": ALPHA,
+            "tokens": TOKENS,
+            "budget": BUDGET,
+            "target": TARGET,
+            "target_met": ok,
+            "assign_us_per_call": assign_us,
+            "rows": rows,
+        },
+    )
     with open(os.path.join(out, "placement.json"), "w") as f:
-        json.dump(
-            {
-                "machine": machine(),
-                "command": command,
-                "num_experts": NUM_EXPERTS,
-                "top_k": TOP_K,
-                "num_layers": NUM_LAYERS,
-                "zipf_alpha": ALPHA,
-                "tokens": TOKENS,
-                "budget": BUDGET,
-                "target": TARGET,
-                "target_met": ok,
-                "assign_us_per_call": assign_us,
-                "rows": rows,
-            },
-            f,
-            indent=1,
-        )
+        json.dump(run, f, indent=1)
     with open(os.path.join(out, "placement.md"), "w") as f:
         f.write(
             f"# Placement benchmark\n\nMachine: {machine()}\n\nCommand: `{command}`\n\n"

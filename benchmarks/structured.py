@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_io import keep_history  # a sibling module: benchmarks run as scripts
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -168,6 +169,7 @@ def main() -> int:
         "rows": rows_out,
     }
     RESULTS.mkdir(exist_ok=True)
+    keep_history(RESULTS / "structured.json", result)
     (RESULTS / "structured.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / "structured.md").write_text(report(result))
     print(report(result))

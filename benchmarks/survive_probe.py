@@ -30,6 +30,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+from results_io import keep_history  # a sibling module: benchmarks run as scripts
 
 PROMPTS = ["The function returns", "def add(a, b):", "Expert parallelism", "A list of"]
 
@@ -219,6 +220,7 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 server.kill()
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    keep_history(args.out, result)
     args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     return 0 if result.get("five_xx_during_survivable_kills") == 0 and result.get("greedy_mismatches") == 0 else 1
