@@ -140,7 +140,7 @@ class QuantizedRoutedExperts(RoutedExperts):
         for i, expert in enumerate(keep):
             j = self._local(expert)
             for src, dst in ((self.w13_eGD, out.w13_eGD), (self.w2_eDF, out.w2_eDF)):
-                dst.set_expert(i, src.data[j], src.scales[j])
+                dst.copy_expert(i, src, j)
             if self.b13_eG is not None and self.b2_eD is not None:
                 out.set_biases(i, self.b13_eG[j], self.b2_eD[j])
         out.gemm = self.gemm
