@@ -2,7 +2,7 @@
 would decoding alone (B = 1, no mask, over its own cached positions only), so its bits do not depend on the
 other rows. A masked attention over the batch's longest span rounds differently (other reduction lengths).
 
-Plain KV caches take layers.decode_rows_attention (projections batched, one SDPA per row). Attention kinds
+Plain KV caches take layers.decode_rows_attention (projections batched, one decode_attention per row). Attention kinds
 with other caches (gpt-oss' sink attention over a sliding ring, DeepSeek's latent attention) call `rowwise`
 at the top of their forward: the whole attention forward per row, with the Step a lone row gets.
 `ENABLED = False` (serve --no-batch-invariance) takes the batched masked path everywhere: faster at large

@@ -308,24 +308,38 @@ class Attention(nn.Module):
             raise MoeClusterError("internal: call model.setup_cache() before forward")
         if T == 1 and B > 1 and invariance.ENABLED and isinstance(self.cache, KVCache):  # batch-invariant rows
             self.cache.update(step.rows, k, v, span=0)
-            out = decode_rows_attention(q, self.cache, step.rows, H != Hk)
+            out = decode_rows_attention(q, self.cache, step.rows)
         else:
             k, v = self.cache.update(step.rows, k, v, span=step.span)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask_B1TS, enable_gqa=H != Hk)
+            if T == 1 and step.mask_B1TS is None:  # one row, one new token: every cached position
+                out = decode_attention(q, k, v)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask_B1TS, enable_gqa=H != Hk)
         return self.wo(out.transpose(1, 2).reshape(B, T, H * Hd))
 
 
-def decode_rows_attention(q_BH1Hd: torch.Tensor, cache: KVCache, rows: CacheRows, gqa: bool) -> torch.Tensor:
-    """Batched decode attention, one unmasked SDPA per row over exactly its own cached positions: the call a
-    row makes when it decodes alone (B = 1, no mask), so its bits do not depend on the rest of the batch
-    (a masked SDPA over the batch's longest span rounds differently). -> out_BH1Hd."""
+def decode_attention(q_1H1Hd: torch.Tensor, k_1HkSHd: torch.Tensor, v_1HkSHd: torch.Tensor) -> torch.Tensor:
+    """Attention of one new token over every cached position (no mask), in fp32 like SDPA's flash kernel: two
+    batched products and a softmax, the query heads of one kv head as one matrix (no repeated k, v). SDPA's
+    CPU kernel is slow for a single query: 0.1 / 0.8 / 1.9 ms against 0.04 / 0.08 / 0.2 ms here for 20 / 200 /
+    500 cached positions (32 heads of 128, 4 kv heads, bf16, 2 threads). -> out_1H1Hd in q's dtype."""
+    H, Hd = q_1H1Hd.shape[1], q_1H1Hd.shape[-1]
+    Hk = k_1HkSHd.shape[1]
+    q_HkGHd = q_1H1Hd.reshape(Hk, H // Hk, Hd).float()
+    scores_HkGS = torch.bmm(q_HkGHd, k_1HkSHd[0].float().transpose(1, 2)).mul_(Hd**-0.5)
+    probs_HkGS = torch.softmax(scores_HkGS, dim=-1)
+    out_HkGHd = torch.bmm(probs_HkGS, v_1HkSHd[0].float())
+    return out_HkGHd.view(1, H, 1, Hd).to(q_1H1Hd.dtype)
+
+
+def decode_rows_attention(q_BH1Hd: torch.Tensor, cache: KVCache, rows: CacheRows) -> torch.Tensor:
+    """Batched decode attention, one decode_attention per row over exactly its own cached positions: the call
+    a row makes when it decodes alone (B = 1, no mask), so its bits do not depend on the rest of the batch
+    (a masked attention over the batch's longest span rounds differently). -> out_BH1Hd."""
     return torch.cat(
         [
-            F.scaled_dot_product_attention(
-                q_BH1Hd[b : b + 1],
-                cache.k[slot : slot + 1, :, : pos + 1],
-                cache.v[slot : slot + 1, :, : pos + 1],
-                enable_gqa=gqa,
+            decode_attention(
+                q_BH1Hd[b : b + 1], cache.k[slot : slot + 1, :, : pos + 1], cache.v[slot : slot + 1, :, : pos + 1]
             )
             for b, (slot, pos) in enumerate(zip(rows.slots, rows.pos, strict=True))
         ]
