@@ -53,6 +53,7 @@ from moecluster.models.layers import (
     RMSNorm,
     Step,
     apply_rope,
+    decode_attention,
     rope_tables,
     yarn_inv_freq,
     yarn_mscale,
@@ -172,7 +173,10 @@ class MLAttention(nn.Module):
         q_B1QC = torch.cat((q_lat_BHTc, q_pe_BHTr), dim=-1).reshape(B, 1, H * T, c + self.rope)
         mask = None if mask_B1TS is None else mask_B1TS[:, :, None].expand(B, 1, H, T, -1).reshape(B, 1, H * T, -1)
         kv_B1SC = kv_BSC[:, None]
-        o_B1Qc = F.scaled_dot_product_attention(q_B1QC, kv_B1SC, kv_B1SC[..., :c], attn_mask=mask, scale=self.scale)
+        if B == 1 and T == 1 and mask is None:  # one new token: SDPA's CPU kernel is slow for it (layers.py)
+            o_B1Qc = decode_attention(q_B1QC.view(1, H, 1, -1), kv_B1SC, kv_B1SC[..., :c], self.scale).view(1, 1, H, c)
+        else:
+            o_B1Qc = F.scaled_dot_product_attention(q_B1QC, kv_B1SC, kv_B1SC[..., :c], attn_mask=mask, scale=self.scale)
         return torch.matmul(o_B1Qc.view(B, H, T, c), w_HeC[:, n:].transpose(1, 2))  # W_UV_h o_h
 
 
