@@ -136,7 +136,16 @@ def _engine_phase(args: Any, comm: Any, gather: Any) -> dict:
 
     batches = [int(b) for b in str(args.batch).split(",")]
     max_len = args.prompt_len + args.warmup + args.steps + 8
-    engine = MlxEngine(args.model, args.dtype, comm, args.placement, num_slots=max(batches), max_seq_len=max_len)
+    engine = MlxEngine(
+        args.model,
+        args.dtype,
+        comm,
+        args.placement,
+        num_slots=max(batches),
+        max_seq_len=max_len,
+        quantize=args.quantize,
+        quant_group_size=args.quant_group_size,
+    )
     model = model_summary(engine)
     out: dict = {"model": model, "placement": args.placement}
     out["bandwidth_gbs"] = [r["gbs"] for r in gather(comm, {"gbs": streaming_bandwidth_gbs(comm)})]
