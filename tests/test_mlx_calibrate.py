@@ -26,6 +26,7 @@ def _plan(model, profile, nodes: str) -> dict:
     return json.loads(res.stdout)
 
 
+@pytest.mark.slow
 def test_one_rank_profile_from_the_mlx_engine(tiny_mixtral, tmp_path):
     """One rank measured in this process (as a rank started by hand on a Mac would be), then assembled with
     --from-results; plan reads it and says which engine measured it."""
