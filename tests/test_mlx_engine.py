@@ -33,19 +33,34 @@ from moecluster.loading import load_model  # noqa: E402
 
 PROMPT = "hello world, the experts"
 ARCHES = ("mixtral", "qwen3_moe", "deepseek_v3")
+MORE_ARCHES = ("glm4_moe", "qwen2_moe", "gpt_oss")  # supported since: config fixups, gpt_oss.py's layout
 # the one-rank comparisons past Mixtral take ~10 s each here: slow
-ONE_RANK = ["mixtral", *(pytest.param(a, marks=pytest.mark.slow) for a in ("qwen3_moe", "deepseek_v3", "olmoe"))]
+ONE_RANK = [
+    "mixtral",
+    *(pytest.param(a, marks=pytest.mark.slow) for a in ("qwen3_moe", "deepseek_v3", "olmoe", *MORE_ARCHES)),
+]
+# mlx-lm's qwen2_moe makes every layer an MoE layer: a checkpoint with mlp_only_layers is refused (test_mlx_models)
+OVERRIDES: dict[str, dict] = {"qwen2_moe": dict(mlp_only_layers=[])}
 QUANTIZED = ("mixtral", "qwen3_moe")
 # dims that 4-bit groups of 32 divide (mlx_lm.convert leaves other matrices unquantized)
 QUANT_DIMS = {"mixtral": dict(intermediate_size=64), "qwen3_moe": dict(moe_intermediate_size=64, intermediate_size=128)}
 
 
+class _Built(dict):
+    """Tiny checkpoints by architecture, each built on first use (a test that needs Mixtral builds no other)."""
+
+    def __init__(self, factory, mixtral: Path):
+        super().__init__(mixtral=mixtral)
+        self.factory = factory
+
+    def __missing__(self, arch: str) -> Path:
+        self[arch] = build_tiny(arch, self.factory.mktemp(arch), **OVERRIDES.get(arch, {}))
+        return self[arch]
+
+
 @pytest.fixture(scope="module")
 def mlx_models(tmp_path_factory, tiny_mixtral) -> dict[str, Path]:
-    out = {"mixtral": tiny_mixtral}
-    for arch in ("qwen3_moe", "deepseek_v3", "olmoe"):
-        out[arch] = build_tiny(arch, tmp_path_factory.mktemp(arch))
-    return out
+    return _Built(tmp_path_factory, tiny_mixtral)
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +213,15 @@ def test_quantized_two_ranks_bit_identical_to_one(quantized, tmp_path, arch):
         two = run_cli(quantized[arch], tmp_path, 2, placement, placement)
         assert two["tokens"] == one["tokens"], placement
         assert two["stats"]["logits_digest"] == one["stats"]["logits_digest"], placement
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("arch", MORE_ARCHES)
+def test_more_architectures_two_ranks_bit_identical_to_one(mlx_models, tmp_path, arch):
+    one = run_cli(mlx_models[arch], tmp_path, 1, "contiguous", "one", max_tokens=6)
+    two = run_cli(mlx_models[arch], tmp_path, 2, "round-robin", "two", max_tokens=6)
+    assert two["tokens"] == one["tokens"] and two["stats"]["logits_digest"] == one["stats"]["logits_digest"]
+    assert two["expert_copies"] == [one["expert_copies"][0] // 2] * 2
 
 
 @pytest.mark.multirank

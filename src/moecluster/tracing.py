@@ -48,9 +48,11 @@ class Tracer:
             slot[phase] = slot.get(phase, 0.0) + seconds
             self._cur["events"].append((layer, phase, now() - seconds, seconds))
 
-    def count_evals(self, layer: int, num: int) -> None:
+    def count_evals(self, layer: int, num: int, add: bool = False) -> None:
+        """Experts `layer` evaluated this step (add: one of several forwards of the step, as the MLX engine's rows)."""
         if self._cur is not None:
-            self._cur["evals"][layer] = num
+            evals = self._cur["evals"]
+            evals[layer] = evals.get(layer, 0) + num if add else num
 
     def end_step(self) -> None:
         if self._cur is not None:

@@ -61,6 +61,8 @@ def worker_argv(
         ",".join(map(str, ar_sizes)),
         "--ar-dtype",
         ar_dtype,
+        "--engine",
+        getattr(args, "engine", "torch"),
         "--rank-worker",
     ]
     quant = (
@@ -78,8 +80,15 @@ def launch_job(args: argparse.Namespace, phase: str, world_size: int, tmp: str, 
     result = str(Path(tmp) / f"{phase}-{world_size}.json")
     backend = args.backend if world_size > 1 else "single"
     cmd = worker_argv(args, phase, result, backend=backend, **kw)
+    env = None
+    if getattr(args, "engine", "torch") == "mlx":  # MLX's ring on 127.0.0.1 + the watchdog's port (engines/mlx)
+        from moecluster.distributed.launch import free_port
+
+        backend = "mlx" if world_size > 1 else "single"  # the ranks ignore --backend: MLX_HOSTFILE says ring
+        env = {"MOECLUSTER_MLX_WATCHDOG": f"127.0.0.1:{free_port()}"}
     print(f"calibrate: {phase} on {world_size} rank(s) ...", file=sys.stderr, flush=True)
-    code = launch_local(cmd, world_size, backend, pin=world_size > 1, timeout_s=args.timeout)
+    pin = world_size > 1 and env is None
+    code = launch_local(cmd, world_size, backend, pin=pin, timeout_s=args.timeout, env=env)
     if code != 0 or not Path(result).is_file():
         raise MoeClusterError(
             f"calibration {phase} job on {world_size} ranks failed (exit {code}); see the messages above"

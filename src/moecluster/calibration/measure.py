@@ -60,8 +60,8 @@ def decode_probe(engine, batch: int, steps: int, warmup: int = 3, prompt_len: in
     Returns per-step seconds (whole step, sampling, broadcast) and, with trace, the tracer's
     per-layer phases and expert evaluations per step (lists over the timed steps).
     """
-    if batch < 1 or batch > engine.model.num_slots:
-        raise MoeClusterError(f"batch {batch} needs 1..{engine.model.num_slots} cache slots")
+    if batch < 1 or batch > engine.num_slots:  # engine: the torch Engine or the MlxEngine (ServingEngine)
+        raise MoeClusterError(f"batch {batch} needs 1..{engine.num_slots} cache slots")
     if prompt_len + warmup + steps + 1 > engine.max_seq_len:
         raise MoeClusterError(
             f"{prompt_len} prompt + {warmup + steps} decode positions exceed the "
@@ -73,7 +73,7 @@ def decode_probe(engine, batch: int, steps: int, warmup: int = 3, prompt_len: in
     with torch.inference_mode():
         logits = [
             engine.step(torch.tensor([ids]), torch.tensor([0]), slots_B[b : b + 1])[0]
-            for b, ids in enumerate(prompt_ids(engine.tokenizer, batch, prompt_len, engine.loaded.shape.vocab_size))
+            for b, ids in enumerate(prompt_ids(engine.tokenizer, batch, prompt_len, engine.vocab_size))
         ]
     tokens_B, _, _ = _sample_and_broadcast(engine, sampler, torch.stack(logits))
     pos_B = torch.full((batch,), prompt_len, dtype=torch.int64)
@@ -202,6 +202,10 @@ def run_worker(args) -> int:
 
     Phases: "engine" (bandwidth, decode probes, then all-reduce if several ranks) or "allreduce".
     """
+    if getattr(args, "engine", "torch") == "mlx":
+        from moecluster.calibration.measure_mlx import run_mlx_worker
+
+        return run_mlx_worker(args)
     from moecluster.distributed.comm import init_comm
     from moecluster.runtime import gather_reports
 
@@ -212,6 +216,7 @@ def run_worker(args) -> int:
             "backend": args.backend,
             "threads": torch.get_num_threads(),
             "phase": args.phase,
+            "engine": "torch",
         }
         if args.phase == "engine":
             result.update(_engine_phase(args, comm, gather_reports))

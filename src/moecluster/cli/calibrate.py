@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from moecluster.cli.cluster import add_quant_args
+from moecluster.cli.cluster import add_engine_arg, add_quant_args
 from moecluster.errors import MoeClusterError
 from moecluster.perfmodel.calibrate import (
     BASE_SIZES,
@@ -37,7 +37,13 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--model", required=True, help="HF checkpoint directory (moecluster can run it)")
     p.add_argument("--nodes", type=int, default=1, help="ranks to run, one per node (default 1)")
-    p.add_argument("--backend", choices=["mpi", "torch", "single"], default="mpi", help="collective backend")
+    add_engine_arg(p)
+    p.add_argument(
+        "--backend",
+        choices=["mpi", "torch", "single"],
+        default="mpi",
+        help="collective backend of the torch engine (--engine mlx: MLX's ring)",
+    )
     p.add_argument("--out", default="profile.json", help="profile file to write (default profile.json)")
     p.add_argument(
         "--network",
@@ -105,6 +111,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
     batches = parse_batches(args.batch)
     if args.repeats < 1:
         raise MoeClusterError(f"--repeats must be at least 1, got {args.repeats}")
+    if args.engine == "mlx" and not args.from_results:
+        from moecluster.engines.mlx.run import check_mlx_args
+
+        check_mlx_args(args)  # before any job: options the MLX engine lacks
     if args.from_results:
         engines, tables = read_results(args.from_results)
     else:
@@ -127,7 +137,9 @@ def format_summary(profile: dict, check: list[dict]) -> str:
     configuration from this profile, per term, with a warning for each term off by more than 15%."""
     m = profile["measured"]
     lines = [
-        f"calibrated on {m['ranks']} rank(s), {m['backend']}, {m['threads']} thread(s) per rank, network "
+        f"calibrated on {m['ranks']} rank(s), engine {profile.get('engine', 'torch')}, {m['backend']}, "
+        + (f"{m['threads']} thread(s) per rank, " if m.get("threads") else "")
+        + f"network "
         f"{profile['network']!r}"
         + (" (one machine: the ranks share its memory bandwidth and cores)" if profile["network"] == "local" else "")
         + f"; memory bandwidth {profile['memory_bandwidth_gbs']:.1f} GB/s per rank (all ranks reading at once)",

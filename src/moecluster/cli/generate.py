@@ -65,7 +65,8 @@ def run_generate(args) -> int:
     if args.nodes < 1:
         raise MoeClusterError(f"--nodes must be at least 1, got {args.nodes}")
     params = sampling_from_args(args)
-    quant_options(args)  # bad quantization options fail before ranks start
+    if args.engine != "mlx":  # bad quantization options fail before ranks start (mlx: check_mlx_args)
+        quant_options(args)
     if not Path(args.model).is_dir():
         raise MoeClusterError(f"model directory {args.model!r} does not exist; pass --model DIR with a HF checkpoint")
     if args.engine == "mlx":

@@ -198,6 +198,7 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
         "parallelism": kinds,
         "workload": {"batch": wl.batch, "context": wl.context, "prompt": wl.prompt},
         "profile": profile.path if profile else None,
+        "profile_engine": profile.meta.get("engine") if profile else None,
         "configs": [p.to_dict() for p in preds],
         "compare": None,
     }
@@ -316,7 +317,8 @@ def format_table(report: dict[str, Any]) -> str:
             f"{m['expert_gb_each']:.3f} GB per expert x {m['experts']} experts x {m['moe_layers']} layers",
             f"node {node['name']}: {node['usable_memory_gb']:.1f} GB usable, ${node['price_usd']:,.0f}; "
             f"batch {wl['batch']}, context {wl['context']}, prompt {wl['prompt']}"
-            + (f"; profile {report['profile']}" if report["profile"] else ""),
+            + (f"; profile {report['profile']}" if report["profile"] else "")
+            + (f" (measured on engine {report['profile_engine']})" if report.get("profile_engine") else ""),
             f"engine {eng['name']}: memory efficiency {eng['mem_efficiency']:.2f}, compute efficiency "
             f"{eng['compute_efficiency']:.2f}, {eng['exchange_overhead_us']:.0f} us per exchange, "
             f"{eng['per_expert_overhead_us']:.0f} us per expert evaluated",

@@ -262,7 +262,16 @@ def _serve_mlx(args) -> int:
     comm = open_mlx_comm(args, keep_rank0=True)
     try:
         sock = bind(args.host, args.port) if comm.rank == 0 else None
-        engine = MlxEngine(args.model, args.dtype, comm, args.placement, args.max_batch, args.max_seq_len)
+        engine = MlxEngine(
+            args.model,
+            args.dtype,
+            comm,
+            args.placement,
+            args.max_batch,
+            args.max_seq_len,
+            quantize=args.quantize,
+            quant_group_size=args.quant_group_size,
+        )
         if sock is None:
             worker_loop(engine, comm)
             return 0

@@ -133,6 +133,7 @@ def build_profile(engines: list[dict], allreduce: dict[int, list[dict]], network
         "format": FORMAT,
         "version": VERSION,
         "model": Path(str(engine.get("model_dir", model["arch"]))).name,
+        "engine": engine.get("engine", "torch"),  # the engine that was measured (torch, mlx)
         "node": node,
         "dtype": model["dtype"],
         "network": network,
@@ -147,6 +148,7 @@ def build_profile(engines: list[dict], allreduce: dict[int, list[dict]], network
             "ranks": engine["world_size"],
             "backend": engine["backend"],
             "threads": engine["threads"],
+            **({"device": engine["device"]} if "device" in engine else {}),
             "placement": engine.get("placement"),
             "exchange": model["exchange"],
             "runs": len(engines),

@@ -7,6 +7,7 @@ does not give falls back to the analytic model of the node and network presets::
       "format": "moecluster-profile",
       "version": 1,
       "model": "dbrx",                 # labels, for people (not used by plan)
+      "engine": "mlx",                 # the engine calibrate measured (torch or mlx; plan names it)
       "node": "m2-ultra-192",
       "dtype": "bf16",
       "context": 512,                  # KV length at which attention was timed
@@ -63,7 +64,7 @@ TIME_KEYS = (
     "sampling",
 )
 Table = tuple[tuple[float, float], ...]
-META_KEYS = ("model", "node", "dtype", "context", "notes", "measured")  # kept for people, not used
+META_KEYS = ("model", "engine", "node", "dtype", "context", "notes", "measured")  # kept for people, not used
 
 
 @dataclass(frozen=True)

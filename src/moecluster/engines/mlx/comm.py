@@ -105,6 +105,16 @@ class MlxComm:
         out = self.all_sum(mx.array(payload.astype(np.int32)), "a broadcast")  # int32: sums of bytes stay exact
         return np.array(out).astype(np.uint8).tobytes()
 
+    def broadcast(self, x: Any, src: int = 0) -> Any:
+        """Copy the integer tensor x (torch, CPU) from rank src to every rank, in place, as the torch Comm's
+        broadcast (calibrate's token broadcast): an all_sum the other ranks add zeros to. Returns x."""
+        if self.world_size == 1:
+            return x
+        view = x.numpy()  # shares x's memory: the copy below writes into x
+        mine = view.astype(np.int32) if self.rank == src else np.zeros(view.shape, np.int32)
+        view[...] = np.array(self.all_sum(mx.array(mine), "a broadcast"))
+        return x
+
     def barrier(self) -> None:
         self.all_sum(mx.array([1], dtype=mx.int32), "a barrier")
 

@@ -72,10 +72,13 @@ class ExpertParallelSwitch(nn.Module):
         K, D = indices.shape[-1], x.shape[-1]
         traced = TRACER.enabled
         t0 = now()
-        ids_NK: list[list[int]] = indices.reshape(-1, K).tolist()  # type: ignore[assignment]  # routing decided on every rank alike: lists for assign()
-        if traced:  # evaluating the routing ran attention, norms and the router of this and earlier layers
+        if traced:  # x: attention and norms of this layer (and all before); then the router alone
             mx.eval(x)
             TRACER.add(self.layer_id, "attention", now() - t0)
+            t0 = now()
+        ids_NK: list[list[int]] = indices.reshape(-1, K).tolist()  # type: ignore[assignment]  # routing decided on every rank alike: lists for assign()
+        if traced:
+            TRACER.add(self.layer_id, "router", now() - t0)
             t0 = now()
         if self.recorder is not None:
             self.recorder.record(self._index, ids_NK)
@@ -92,7 +95,7 @@ class ExpertParallelSwitch(nn.Module):
             mx.eval(y_flat)
             t1 = now()
             TRACER.add(self.layer_id, "experts", t1 - t0)
-            TRACER.count_evals(self.layer_id, self.last_num_evaluated)
+            TRACER.count_evals(self.layer_id, self.last_num_evaluated, add=True)  # a step's rows: one forward each
         # the one exchange, exact; collectives never time out: the comm evaluates it under the watchdog
         y_flat = self._comm.all_sum(y_flat, f"the all-reduce of MoE layer {self._index}")
         if traced and self.world_size > 1:

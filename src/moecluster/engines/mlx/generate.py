@@ -24,6 +24,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from moecluster.engines.mlx.comm import MlxComm
 from moecluster.engines.mlx.expert_parallel import apply_expert_parallel, expert_parallel_layers
 from moecluster.engines.mlx.loading import load_mlx_model, read_config, switch_layers
+from moecluster.engines.mlx.quantize import quantize_experts
 from moecluster.engines.mlx.slots import SlotCaches
 from moecluster.engines.mlx.stacked import StackedRows
 from moecluster.errors import MoeClusterError
@@ -92,6 +93,8 @@ class MlxEngine:
         placement_spec: str = "contiguous",
         num_slots: int = 1,
         max_seq_len: int | None = None,
+        quantize: str | None = None,
+        quant_group_size: int = 128,
     ):
         if dtype is None and not mx.metal.is_available():
             dtype = "fp32"  # MLX's CPU gather_mm (the experts' product) takes only fp32
@@ -110,6 +113,8 @@ class MlxEngine:
             model_dir, lambda layer: self.placement.experts_of(self.rank, layer), dtype, self.stacked
         )
         apply_expert_parallel(self.model, self.mlx_comm, self.placement, self.stacked)
+        if quantize is not None:  # MLX affine int8/int4 of this rank's experts only (quantize.py)
+            quantize_experts(expert_parallel_layers(self.model), quantize, quant_group_size)
         self.tokenizer = load_tokenizer(model_dir)
         self.max_seq_len = context_length(self.config, max_seq_len)
         self.slots = SlotCaches(self.model, num_slots)

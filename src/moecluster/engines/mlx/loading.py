@@ -25,6 +25,7 @@ from mlx_lm.models.switch_layers import SwitchGLU
 from mlx_lm.utils import _get_classes
 from mlx_lm.utils import load_model as _mlx_lm_load_model
 
+from moecluster.engines.mlx import gpt_oss
 from moecluster.engines.mlx.stacked import StackedRows
 from moecluster.errors import MoeClusterError
 
@@ -33,11 +34,11 @@ from moecluster.errors import MoeClusterError
 SUPPORTED: dict[str, bool] = {
     "mixtral": True,  # block_sparse_moe.switch_mlp(x, inds)
     "qwen3_moe": True,  # mlp.switch_mlp(x, inds); mlp_only_layers are dense
-    "qwen2_moe": False,  # mlp.switch_mlp(x, inds) + gated shared expert; mlx-lm ignores mlp_only_layers (not run)
+    "qwen2_moe": True,  # mlp.switch_mlp(x, inds) + gated shared expert; keys mlx-lm ignores: check_ignored_keys
     "olmoe": True,  # mlp.switch_mlp(x_flat, inds) on flattened tokens
     "deepseek_v3": True,  # mlp.switch_mlp(x, inds) + shared experts, group-limited sigmoid routing
-    "glm4_moe": False,  # mlp.switch_mlp(x, inds) + shared experts; needs partial_rotary_factor at top level
-    "gpt_oss": False,  # mlp.experts(x, inds), biases; sanitize reads OpenAI's layout, not transformers' [E, D, 2F]
+    "glm4_moe": True,  # mlp.switch_mlp(x, inds) + shared experts; partial_rotary_factor: config_fixups
+    "gpt_oss": True,  # mlp.experts(x, inds), biases; transformers' [E, D, 2F] layout and config: gpt_oss.py
 }
 # per-expert tensors of Hub checkpoints: "model.layers.{layer}.<...>.experts.{expert}.<...>"
 _EXPERT_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:.*\.)?experts\.(\d+)\.")
@@ -62,9 +63,40 @@ def config_fixups(config: dict) -> dict:
         fix["rope_theta"] = rope["rope_theta"]
     if rope.get("rope_type", "default") != "default" and not config.get("rope_scaling"):
         fix["rope_scaling"] = dict(rope)
+    elif "rope_scaling" not in config:
+        fix["rope_scaling"] = None  # glm4_moe's ModelArgs requires the key (None: plain RoPE, every model's default)
+    if "partial_rotary_factor" not in config and "partial_rotary_factor" in rope:  # glm4_moe reads it at top level
+        fix["partial_rotary_factor"] = rope["partial_rotary_factor"]
     if "num_experts" not in config and "num_local_experts" in config and config.get("model_type") != "mixtral":
         fix["num_experts"] = config["num_local_experts"]
     return fix
+
+
+# config keys mlx-lm's model file ignores, with the one value it implements (anything else would silently run a
+# different model): name -> (value mlx-lm assumes, what it means)
+_IGNORED: dict[str, dict[str, tuple[Any, str]]] = {
+    "qwen2_moe": {
+        "mlp_only_layers": ([], "every layer is an MoE layer"),
+        "decoder_sparse_step": (1, "every layer is an MoE layer"),
+        "norm_topk_prob": (False, "top-k router weights are not renormalized"),
+        "use_sliding_window": (False, "full attention in every layer"),
+        "qkv_bias": (True, "q/k/v projections have biases"),
+    },
+}
+
+
+def check_ignored_keys(config: dict) -> None:
+    """One error naming every config key whose value mlx-lm's model file would ignore (see _IGNORED)."""
+    bad = [
+        f"{key}={config[key]!r} (mlx-lm assumes {value!r}: {meaning})"
+        for key, (value, meaning) in _IGNORED.get(str(config.get("model_type")), {}).items()
+        if key in config and config[key] is not None and config[key] != value
+    ]
+    if bad:
+        raise MoeClusterError(
+            f"{config.get('model_type')}: mlx-lm's model file ignores {', '.join(bad)}; the MLX engine would "
+            "run a different model than this checkpoint: use --engine torch"
+        )
 
 
 def switch_layers(model: Any) -> list[tuple[int, str, nn.Module]]:
@@ -108,18 +140,18 @@ def load_mlx_model(
             f"model_type {model_type!r} is not supported by the MLX engine (supported: "
             f"{', '.join(SUPPORTED)}); use --engine torch"
         )
+    check_ignored_keys(config)
 
     def classes(config: dict):
         model_class, args_class = _get_classes(config)
-        if experts_of is None:
-            return model_class, args_class
-        keep: ExpertsOf = experts_of
 
-        class OnlyLocalExperts(model_class):  # sanitize sees zeros for remote experts
+        class OnlyLocalExperts(model_class):  # sanitize sees zeros for remote experts, our layouts converted
             def sanitize(self, weights):
-                weights = _drop_remote_experts(self, weights, keep)
+                if experts_of is not None:
+                    weights = _drop_remote_experts(self, weights, experts_of)
+                weights = gpt_oss.transformers_layout(config, weights, stacked if experts_of is not None else None)
                 weights = super().sanitize(weights) if hasattr(model_class, "sanitize") else weights
-                if stacked is not None:
+                if stacked is not None and experts_of is not None:
                     found = switch_layers(self)
                     if found:
                         num_experts = found[0][2].gate_proj.weight.shape[0]  # type: ignore[union-attr]
@@ -134,6 +166,7 @@ def load_mlx_model(
         )
     except (FileNotFoundError, ValueError) as e:
         raise MoeClusterError(f"mlx-lm cannot load {model_dir}: {e}") from None
+    gpt_oss.apply_config(model, config)
     if dtype is not None:
         if dtype not in ("fp32", "bf16"):
             raise MoeClusterError(f"--dtype {dtype!r}: use fp32 or bf16")

@@ -27,14 +27,21 @@ def relaunch_mlx(
 def check_mlx_args(args: Any) -> None:
     """Options of the torch engine that the MLX engine does not have: one clear error instead of ignoring them."""
     bad = []
-    if getattr(args, "quantize", None) or getattr(args, "quantize_dense", False):
-        bad.append("--quantize/--quantize-dense (give an MLX quantized directory: mlx_lm.convert -q)")
+    if getattr(args, "quantize_dense", False):
+        bad.append(
+            "--quantize-dense (--quantize int8|int4 quantizes the experts; for dense weights give an MLX "
+            "quantized directory: mlx_lm.convert -q)"
+        )
     if getattr(args, "exchange", "exact") != "exact":
         bad.append("--exchange sum")
     if getattr(args, "prefix_cache_gb", 0.0):
         bad.append("--prefix-cache-gb")
     if getattr(args, "threads", None) is not None:
         bad.append("--threads")
+    if getattr(args, "quantize", None) and args.quant_group_size not in (32, 64, 128):  # = quantize.GROUP_SIZES
+        raise MoeClusterError(
+            f"--quant-group-size {args.quant_group_size}: MLX's affine quantization takes 32, 64, 128"
+        )
     if bad:
         raise MoeClusterError(f"--engine mlx does not support {', '.join(bad)}; drop it or use --engine torch")
 
@@ -70,7 +77,9 @@ def run_generate_mlx(args: Any, params: Any) -> int:
 
     comm = open_mlx_comm(args)
     # on an error this rank just exits: its closed watchdog link tells the peers (no hung collective)
-    engine = MlxEngine(args.model, args.dtype, comm, args.placement)
+    engine = MlxEngine(
+        args.model, args.dtype, comm, args.placement, quantize=args.quantize, quant_group_size=args.quant_group_size
+    )
     text = args.prompt
     if args.chat:
         text = engine.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
@@ -43,7 +44,19 @@ class StackedRows:
         for path in sorted(Path(model_dir).glob("*.safetensors")):
             self.infos.update(parse_header(path))
         self.deferred: dict[str, str] = {}  # "layers.{layer}.<path>.{proj}.{array}" -> on-disk name
+        self.transforms: dict[str, Callable[[mx.array], mx.array] | None] = {}  # of the rows read (defer_as)
         self.bytes_read = 0
+        # rows read for several arrays (gpt-oss's gate_up_proj: gate and up), kept until the last of them took them
+        self._shared: dict[tuple[str, tuple[int, ...]], tuple[mx.array, int]] = {}
+
+    def defer_as(self, suffix: str, name: str, transform: Callable[[mx.array], mx.array] | None) -> bool:
+        """Rows of the array named `suffix` (as in `read`) are `transform` of the same rows of on-disk tensor
+        `name` (a layout conversion, e.g. gpt_oss.py's). False if `name` cannot be read row-wise."""
+        info = self.infos.get(name)
+        if info is None or info.dtype not in _MX_DTYPES or not info.shape:
+            return False
+        self.deferred[suffix], self.transforms[suffix] = name, transform
+        return True
 
     def defer(self, weights: dict[str, mx.array], switch_paths: dict[int, str], num_experts: int) -> None:
         """Replace every stacked expert array that is on disk as mlx-lm wants it (same name and shape) by a lazy
@@ -64,6 +77,16 @@ class StackedRows:
         name = self.deferred.get(suffix)
         if name is None:
             return None
+        key = (name, tuple(experts))
+        out, left = self._shared.pop(key, (None, 0))
+        if out is None:
+            out, left = self._read_rows(name, experts), sum(n == name for n in self.deferred.values())
+        if left > 1:
+            self._shared[key] = (out, left - 1)
+        transform = self.transforms.get(suffix)
+        return transform(out) if transform is not None else out
+
+    def _read_rows(self, name: str, experts: list[int]) -> mx.array:
         info = self.infos[name]
         row = info.nbytes // info.shape[0]
         buf = bytearray(len(experts) * row)
