@@ -82,7 +82,9 @@ class Watchdog:
             assert self._proc.stdin is not None
             self._proc.stdin.write(b"bye\n")
             self._proc.stdin.close()
-            self._proc.wait(timeout=5)
+            # generous: killed before it passed the bye on, the helper's closed link reads as a failure to
+            # the peers (seen once at load ~10 with a 5 s wait)
+            self._proc.wait(timeout=30)
         except (OSError, subprocess.TimeoutExpired):
             self._proc.kill()
         self._buf.close()
