@@ -63,7 +63,8 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
         "--quant-group-size",
         type=int,
         default=128,
-        help="inputs per int8/int4 scale, a multiple of 64 dividing the model's dims (default 128)",
+        help="inputs per int8/int4 scale, dividing the model's dims (default 128): a multiple of 64 on the torch "
+        "engine; 32, 64 or 128 on mlx",
     )
     p.add_argument(
         "--quantize-dense",
