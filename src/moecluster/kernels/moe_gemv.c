@@ -78,7 +78,8 @@ static inline __attribute__((always_inline)) void dot4_multi(const uint16_t *w, 
     for (; d + 32 <= cols; d += 32) {
         if (next) {
             for (int i = 0; i < ROWS_PER_BLOCK; i++)
-                _mm_prefetch(next + i * row_bytes + 2 * d, _MM_HINT_T0);
+                _mm_prefetch(next + i * row_bytes + 2 * d, _MM_HINT_NTA);  /* weights are read once: keep
+                   them from evicting what the rest of the step uses (token-interleaved A/B: -2.5% ms/token) */
         }
         __m512bh wv[ROWS_PER_BLOCK];
         for (int i = 0; i < ROWS_PER_BLOCK; i++)
