@@ -135,7 +135,7 @@ def test_one_of_three_replicated_ranks_lost_mid_stream(tiny_dbrx, tmp_path, how)
     re-forms on ranks 0 and 2, the stream completes with the same greedy text, /health says degraded."""
     import httpx
     import psutil
-    from test_server import ServerProc
+    from test_server import KEY, ServerProc
 
     from moecluster.loading import load_model as _load
 
@@ -147,6 +147,8 @@ def test_one_of_three_replicated_ranks_lost_mid_stream(tiny_dbrx, tmp_path, how)
     try:
         client = srv.client()
         expected = _stream(client, 200)
+        cluster = httpx.get(srv.url + "/v1/cluster", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
+        assert [r["rank"] for r in cluster["ranks"]] == [0, 1, 2] and srv.metric("moecluster_world_size") == 3
         everyone = psutil.Process(srv.proc.pid).children(recursive=True)
         victim = srv.rank_process(1)
         killed_at = {}
@@ -165,6 +167,10 @@ def test_one_of_three_replicated_ranks_lost_mid_stream(tiny_dbrx, tmp_path, how)
         assert "re-formed without rank 1" in log, log
         health = httpx.get(srv.url + "/health", timeout=10).json()
         assert health["status"] == "degraded" and health["world_size"] == 2 and "rank 1 lost" in health["reason"]
+        assert srv.metric("moecluster_world_size") == 2  # /metrics and /v1/cluster: the survivors' placement
+        cluster = httpx.get(srv.url + "/v1/cluster", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
+        held = [(r["rank"], r["experts_layer0"]) for r in cluster["ranks"]]
+        assert held == [(0, [0, 2, 3, 5, 6]), (2, [1, 2, 4, 5, 7])], held  # launch ranks 0 and 2
         assert _stream(client, 20) == expected[: len(_stream(client, 20))]  # and it serves on
         assert srv.proc.poll() is None
     finally:
