@@ -209,3 +209,38 @@ def test_restart_supervises_the_job(tiny_dbrx, tmp_path):
     assert srv.proc.returncode == 0, srv.log.read_text()
     time.sleep(0.5)
     assert not [p for p in everyone if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_metrics_and_cluster_panel_follow_the_survivors_placement():
+    """After a re-forming (Survival.on_reform -> Metrics.set_placement): the world size gauge, the per-rank
+    imbalance over the restricted placement, and /v1/cluster's ranks by launch number."""
+    from moecluster.parallel.placement import Placement
+    from moecluster.parallel.survivors import restrict
+    from moecluster.server import chat_page
+    from moecluster.server.metrics import Metrics
+
+    class OneLayerEngine:
+        dense_bytes = 100
+
+        def routing_shape(self):
+            return 1, 3
+
+        def expert_bytes(self):
+            return 10
+
+        def set_routing_recorder(self, recorder):
+            pass
+
+    placement = Placement([[[0, 1], [1, 2], [2, 0]]], 3)
+    metrics = Metrics(OneLayerEngine(), placement, 3)
+    metrics.record(0, [[0], [1], [2], [0]])
+    assert "moecluster_world_size 3.0" in metrics.render(0, 0, True).decode()
+    survivors = restrict(placement, [0, 2])  # rank 1 lost: expert 0 on (old) 0, expert 1 on 2, expert 2 on both
+    metrics.set_placement(survivors, [0, 2])
+    assert "moecluster_world_size 2.0" in metrics.render(0, 0, True).decode()
+    assert metrics.imbalance_now()["rank"] == pytest.approx(2.5 / 2)  # loads 2 + 0.5 and 1 + 0.5
+    info = chat_page.cluster_info(OneLayerEngine(), metrics.placement, 2, metrics.members)
+    assert [(r["rank"], r["experts_layer0"], r["weight_bytes"]) for r in info["ranks"]] == [
+        (0, [0, 2], 120),
+        (2, [1, 2], 120),
+    ]
