@@ -200,7 +200,8 @@ def test_torch_without_world_size_is_single(monkeypatch) -> None:
 
 
 @pytest.mark.multirank
-def test_rank_dead_before_mpi_init_ends_a_kept_job() -> None:
+@pytest.mark.parametrize("launcher", ["gforker", "hydra"])
+def test_rank_dead_before_mpi_init_ends_a_kept_job(launcher: str) -> None:
     """serve's MPI job keeps survivors (each rank's wrapper ends normally for the process manager): a
     rank that dies before MPI_Init never links itself, and rank 0 would wait in MPI_Init forever. Its
     wrapper reports it, so the launcher names it and stops the job timeout_s later."""
@@ -211,9 +212,11 @@ def test_rank_dead_before_mpi_init_ends_a_kept_job() -> None:
         "from moecluster.distributed.comm import init_comm\n"
         "init_comm('mpi', timeout_s=5)\n"
     )
+    no_gforker = "from moecluster.distributed import launch_mpi; launch_mpi.find_gforker = lambda m: None; "
     script = (
         "import sys; from moecluster.distributed.launch import launch_local; "
-        f"sys.exit(launch_local([sys.executable, '-c', {body!r}], 2, 'mpi', timeout_s=3, "
+        + (no_gforker if launcher == "hydra" else "")
+        + f"sys.exit(launch_local([sys.executable, '-c', {body!r}], 2, 'mpi', timeout_s=3, "
         f"keep_survivors=True, env={{'MOECLUSTER_TEST_TAG': {tag!r}}}))"
     )
     t0 = time.monotonic()

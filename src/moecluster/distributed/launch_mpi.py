@@ -75,6 +75,7 @@ class RankLinks:
         self._conns: dict[socket.socket, bytes] = {}
         self.stopped: list[int] = []  # ranks in the order their processes ended
         self.exits: dict[int, int] = {}  # rank -> Popen-style returncode, in the order reported
+        self.wrapped = False  # every rank's wrapper reports its end (gforker): `exits` is exact
 
     def wait(self, timeout_s: float) -> None:
         """Accept, read rank numbers, record closed links; returns after at most timeout_s."""
@@ -97,6 +98,12 @@ class RankLinks:
                 if len(words) > 1 and words[1].lstrip("-").isdigit():
                     self.exits.setdefault(int(words[0]), int(words[1]))
 
+    def first_stopped(self) -> int | None:
+        """The rank whose process ended first. A rank's own link closes while its interpreter shuts down,
+        which can take long on a busy machine: with wrappers, their reports of the process's end count."""
+        ended = list(self.exits) if self.wrapped else self.stopped
+        return ended[0] if ended else None
+
     def first_failure(self) -> tuple[int, int] | None:
         return next(((r, c) for r, c in self.exits.items() if c != 0), None)
 
@@ -117,6 +124,7 @@ def mpi_command(cmd: list[str], world_size: int, base: dict, links: RankLinks, k
         with os.fdopen(fd, "w") as f:
             json.dump(env, f)
         small = {k: v for k, v in env.items() if k in _GFORKER_ENV or k.startswith(_GFORKER_ENV_PREFIXES)}
+        links.wrapped = True
         return [gforker, "-n", str(world_size), *wrapped], dict(small, **{ENV_FILE_ENV: env_file})
     # hydra: -localhost: the proxies reach mpiexec over loopback (hydra still listens on every interface)
     if keep_survivors:  # see _wrap_rank
@@ -141,7 +149,7 @@ def watch_mpi(job: _Job, links: RankLinks, timeout_s: float, keep_survivors: boo
             if code != 0 and rank not in told:
                 told.add(rank)
                 print(f"moecluster: rank {rank} {describe_exit(code)}; the others go on", file=sys.stderr, flush=True)
-        if deadline is None and links.stopped:
+        if deadline is None and links.first_stopped() is not None:
             deadline = time.monotonic() + timeout_s
         if deadline is not None and time.monotonic() > deadline:
             job.stop()
@@ -156,14 +164,14 @@ def watch_mpi(job: _Job, links: RankLinks, timeout_s: float, keep_survivors: boo
         return _code(failed[1]), f"rank {failed[0]} stopped first ({describe_exit(failed[1])})"
     if code == 0:
         return 0, ""
-    who = f"; {_first(links)}" if links.stopped else " (see the ranks' errors above)"
+    who = f"; {_first(links)}" if links.first_stopped() is not None else " (see the ranks' errors above)"
     return _code(code), f"mpiexec {describe_exit(code)}{who}"
 
 
 def _first(links: RankLinks) -> str:
     """'rank 1 stopped first (exited with code 3)'."""
-    rank = links.stopped[0]
-    code = links.exits.get(rank)
+    rank = links.first_stopped()
+    code = links.exits.get(rank) if rank is not None else None
     return f"rank {rank} stopped first" + (f" ({describe_exit(code)})" if code else "")
 
 
