@@ -86,11 +86,48 @@ def test_rank_dies(backend: str, capfd) -> None:
     _, err = capfd.readouterr()
     assert code != 0
     assert seconds < 30
-    if backend == "mpi":  # mpiexec stops the job at once; the launcher names the rank
-        assert "rank 1 stopped first" in err, err
+    if backend == "mpi":  # the launcher stops the job at once, naming the rank and how it ended
+        assert "rank 1 stopped first (exited with code 3)" in err, err
     else:  # gloo reports the closed connection; the heartbeats name the rank
         assert "rank 0: rank 1 did not join all_reduce" in err, err
         assert "moecluster: rank 1 exited with code 3" in err, err
+    assert_nothing_left(tag)
+
+
+@pytest.mark.multirank
+def test_rank_dies_under_hydra_where_gforker_is_missing(monkeypatch, capfd) -> None:
+    """An MPICH without mpiexec.gforker: the local launch falls back to hydra's mpiexec, as before."""
+    from moecluster.distributed import launch_mpi
+
+    monkeypatch.setattr(launch_mpi, "find_gforker", lambda mpiexec: None)
+    code, seconds, tag = run("mpi", 2, "die", comm_timeout=5, launch_timeout=5)
+    _, err = capfd.readouterr()
+    assert code != 0 and seconds < 30
+    assert "rank 1 stopped first" in err, err
+    assert_nothing_left(tag)
+
+
+@pytest.mark.multirank
+def test_mpi_ranks_get_a_large_environment() -> None:
+    """gforker refuses more than ~190 environment variables: the ranks' environment travels in a private
+    file, restored by each rank's wrapper (PMI_* from gforker added), which is not left in the ranks' view."""
+    tag = uuid.uuid4().hex
+    env = {f"MOECLUSTER_TEST_VAR_{i}": str(i) for i in range(400)}
+    body = (
+        "import os, sys\n"
+        "assert os.environ['MOECLUSTER_TEST_VAR_399'] == '399' and 'MOECLUSTER_ENV_FILE' not in os.environ\n"
+        "from moecluster.distributed.comm import init_comm\n"
+        "with init_comm('mpi', timeout_s=20) as comm:\n"
+        "    print(f'rank {comm.rank} of {comm.world_size} env ok', flush=True)\n"
+    )
+    script = (
+        "import sys; from moecluster.distributed.launch import launch_local; "
+        f"sys.exit(launch_local([sys.executable, '-c', {body!r}], 2, 'mpi', timeout_s=30, "
+        f"env={{**{env!r}, 'MOECLUSTER_TEST_TAG': {tag!r}}}))"
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "rank 0 of 2 env ok" in res.stdout and "rank 1 of 2 env ok" in res.stdout, res.stdout
     assert_nothing_left(tag)
 
 
@@ -163,10 +200,11 @@ def test_torch_without_world_size_is_single(monkeypatch) -> None:
 
 
 @pytest.mark.multirank
-def test_rank_dead_before_mpi_init_ends_a_kept_job() -> None:
-    """serve's MPI job keeps survivors (mpiexec -disable-auto-cleanup): a rank that dies before
-    MPI_Init never links itself, and rank 0 would wait in MPI_Init forever. Its wrapper reports it,
-    so the launcher names it and stops the job timeout_s later."""
+@pytest.mark.parametrize("launcher", ["gforker", "hydra"])
+def test_rank_dead_before_mpi_init_ends_a_kept_job(launcher: str) -> None:
+    """serve's MPI job keeps survivors (each rank's wrapper ends normally for the process manager): a
+    rank that dies before MPI_Init never links itself, and rank 0 would wait in MPI_Init forever. Its
+    wrapper reports it, so the launcher names it and stops the job timeout_s later."""
     tag = uuid.uuid4().hex
     body = (
         "import os, sys, time\n"
@@ -174,9 +212,11 @@ def test_rank_dead_before_mpi_init_ends_a_kept_job() -> None:
         "from moecluster.distributed.comm import init_comm\n"
         "init_comm('mpi', timeout_s=5)\n"
     )
+    no_gforker = "from moecluster.distributed import launch_mpi; launch_mpi.find_gforker = lambda m: None; "
     script = (
         "import sys; from moecluster.distributed.launch import launch_local; "
-        f"sys.exit(launch_local([sys.executable, '-c', {body!r}], 2, 'mpi', timeout_s=3, "
+        + (no_gforker if launcher == "hydra" else "")
+        + f"sys.exit(launch_local([sys.executable, '-c', {body!r}], 2, 'mpi', timeout_s=3, "
         f"keep_survivors=True, env={{'MOECLUSTER_TEST_TAG': {tag!r}}}))"
     )
     t0 = time.monotonic()

@@ -322,44 +322,86 @@ def test_idle_and_slow_connections_are_closed(served):
         thread.join(10)
 
 
-def _listeners(pids: set[int]) -> list[tuple[str, set[str]]]:
-    """(local address, names of the processes holding it) of every TCP/UDP listener of these processes."""
-    import re
-    import subprocess
+def _proc_address(hex_addr: str) -> str:
+    """'0100007F:CA91' (/proc/net/tcp) -> '127.0.0.1:51857'; IPv6 as '[::1]:port'."""
+    import ipaddress
 
-    out = subprocess.run(["ss", "-lntupH"], capture_output=True, text=True, check=True).stdout
+    host, port = hex_addr.split(":")
+    raw = bytes.fromhex(host)
+    raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))  # each 32-bit word is host-endian
+    ip = ipaddress.ip_address(raw)
+    return f"{ip}:{int(port, 16)}" if ip.version == 4 else f"[{ip}]:{int(port, 16)}"
+
+
+def _listeners(pids: set[int]) -> list[tuple[str, int]]:
+    """(local address, pid) of every listening TCP socket and bound UDP socket held by these processes,
+    from /proc/PID/fd (socket inodes) and /proc/PID/net/{tcp,tcp6,udp,udp6}."""
+    import os
+
+    owner: dict[str, int] = {}
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    owner.setdefault(target[8:-1], pid)
+        except OSError:  # ended meanwhile
+            continue
     found = []
-    for line in out.splitlines():
-        holders = {(name, int(pid)) for name, pid in re.findall(r'\("([^"]+)",pid=(\d+),', line)}
-        if any(pid in pids for _, pid in holders):
-            found.append((line.split()[4], {name for name, _ in holders}))
+    for table in ("tcp", "tcp6", "udp", "udp6"):
+        with open(f"/proc/{min(pids)}/net/{table}") as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                local, state, inode = cols[1], cols[3], cols[9]
+                listening = state == "0A" if table.startswith("tcp") else not local.endswith(":0000")
+                if listening and inode in owner:
+                    found.append((_proc_address(local), owner[inode]))
     return found
 
 
+def _is_loopback(address: str) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(address.rsplit(":", 1)[0].strip("[]"))
+    return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
+
+
+def test_proc_net_addresses_parse():
+    assert _proc_address("0100007F:CA91") == "127.0.0.1:51857"
+    assert _proc_address("00000000:0016") == "0.0.0.0:22"
+    assert _proc_address("00000000000000000000000001000000:0050") == "[::1]:80"
+    assert _is_loopback("127.0.0.1:5") and _is_loopback("[::1]:80") and _is_loopback("[::ffff:127.0.0.1]:1")
+    assert not _is_loopback("0.0.0.0:22") and not _is_loopback("192.0.2.2:1") and not _is_loopback("[::]:8")
+
+
 @pytest.mark.multirank
-@pytest.mark.parametrize("backend", ["mpi", "torch"])
-def test_loopback_only_and_no_orphans_after_kill9(tiny_dbrx, tmp_path, backend):
-    """One machine: every inter-rank listener is on loopback (except hydra's control port, which MPICH
-    binds to INADDR_ANY unconditionally); kill -9 of the launcher ends every rank and frees the port."""
-    import shutil
+@pytest.mark.parametrize("backend", ["mpi", "torch", "mlx"])
+def test_loopback_only_and_no_orphans_after_kill9(request, tmp_path, backend):
+    """A one-machine 2-rank job: every socket that any process of the job (launcher, MPICH's process
+    manager, ranks) listens on is bound to loopback, none to 0.0.0.0/:: or eth0; kill -9 of the launcher
+    ends every rank and frees the port."""
     import signal
     import socket
 
     import psutil
     from test_server import ServerProc
 
-    if shutil.which("ss") is None:
-        pytest.skip("needs ss (iproute2)")
-    srv = ServerProc(tiny_dbrx, tmp_path / "server.log", "--timeout", "4", backend=backend)
+    if backend == "mlx":
+        pytest.importorskip("mlx.core")
+        pytest.importorskip("mlx_lm")
+        model = request.getfixturevalue("tiny_mixtral")
+        srv = ServerProc(model, tmp_path / "server.log", "--engine", "mlx", "--timeout", "4")
+    else:
+        model = request.getfixturevalue("tiny_dbrx")
+        srv = ServerProc(model, tmp_path / "server.log", "--timeout", "4", backend=backend)
     try:
+        resp = srv.post("/v1/completions", {"model": "tiny", "prompt": "Hello", "max_tokens": 4})
+        assert resp.status_code == 200, resp.text  # the ranks have talked to each other
         tree = psutil.Process(srv.proc.pid).children(recursive=True)
+        assert sum("--rank-worker" in " ".join(p.cmdline()) for p in tree) >= 2
         listeners = _listeners({p.pid for p in tree} | {srv.proc.pid})
-        assert listeners
-        exposed = [
-            (addr, names)
-            for addr, names in listeners
-            if not addr.startswith(("127.", "[::1]")) and "mpiexec" not in names
-        ]
+        assert any(addr.endswith(f":{srv.port}") for addr, _ in listeners), listeners  # the HTTP port is seen
+        exposed = [(addr, psutil.Process(pid).cmdline()[:4]) for addr, pid in listeners if not _is_loopback(addr)]
         assert not exposed, listeners
         srv.proc.send_signal(signal.SIGKILL)
         srv.proc.wait(10)

@@ -90,7 +90,7 @@ def test_readme_multihost_commands_in_two_namespaces(tiny_dbrx, tmp_path):
     link = _link()  # puts tools/netemu on sys.path
     from netemu import MPI_ENV, TAP, run_job
 
-    from moecluster.distributed.launch import find_mpiexec
+    from moecluster.distributed.launch_mpi import find_mpiexec
 
     python = sys.executable
     env = {"PYTHONPATH": os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1", **MPI_ENV}

@@ -429,7 +429,7 @@ def test_stalled_rank_gives_503_and_health(server):
 def test_killed_rank_gives_503_and_health(tiny_dbrx, tmp_path, backend):
     """Rank 1 is SIGKILLed mid-stream: the stream ends with a 503 error naming rank 1 (--timeout 4),
     /health says so and rank 0 keeps answering; stopping the server leaves no process behind.
-    (MPI: mpiexec runs with -disable-auto-cleanup and a wrapper per rank, see launch._wrap_rank.)"""
+    (MPI: each rank runs under a wrapper that ends normally for the process manager, see launch_mpi._wrap_rank.)"""
     srv = ServerProc(tiny_dbrx, tmp_path / "server.log", "--timeout", "4", backend=backend)
     try:
         lines = _open_stream(srv).iter_lines()

@@ -135,7 +135,7 @@ def test_one_of_three_replicated_ranks_lost_mid_stream(tiny_dbrx, tmp_path, how)
     re-forms on ranks 0 and 2, the stream completes with the same greedy text, /health says degraded."""
     import httpx
     import psutil
-    from test_server import ServerProc
+    from test_server import KEY, ServerProc
 
     from moecluster.loading import load_model as _load
 
@@ -147,6 +147,8 @@ def test_one_of_three_replicated_ranks_lost_mid_stream(tiny_dbrx, tmp_path, how)
     try:
         client = srv.client()
         expected = _stream(client, 200)
+        cluster = httpx.get(srv.url + "/v1/cluster", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
+        assert [r["rank"] for r in cluster["ranks"]] == [0, 1, 2] and srv.metric("moecluster_world_size") == 3
         everyone = psutil.Process(srv.proc.pid).children(recursive=True)
         victim = srv.rank_process(1)
         killed_at = {}
@@ -165,6 +167,10 @@ def test_one_of_three_replicated_ranks_lost_mid_stream(tiny_dbrx, tmp_path, how)
         assert "re-formed without rank 1" in log, log
         health = httpx.get(srv.url + "/health", timeout=10).json()
         assert health["status"] == "degraded" and health["world_size"] == 2 and "rank 1 lost" in health["reason"]
+        assert srv.metric("moecluster_world_size") == 2  # /metrics and /v1/cluster: the survivors' placement
+        cluster = httpx.get(srv.url + "/v1/cluster", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
+        held = [(r["rank"], r["experts_layer0"]) for r in cluster["ranks"]]
+        assert held == [(0, [0, 2, 3, 5, 6]), (2, [1, 2, 4, 5, 7])], held  # launch ranks 0 and 2
         assert _stream(client, 20) == expected[: len(_stream(client, 20))]  # and it serves on
         assert srv.proc.poll() is None
     finally:
@@ -203,3 +209,38 @@ def test_restart_supervises_the_job(tiny_dbrx, tmp_path):
     assert srv.proc.returncode == 0, srv.log.read_text()
     time.sleep(0.5)
     assert not [p for p in everyone if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_metrics_and_cluster_panel_follow_the_survivors_placement():
+    """After a re-forming (Survival.on_reform -> Metrics.set_placement): the world size gauge, the per-rank
+    imbalance over the restricted placement, and /v1/cluster's ranks by launch number."""
+    from moecluster.parallel.placement import Placement
+    from moecluster.parallel.survivors import restrict
+    from moecluster.server import chat_page
+    from moecluster.server.metrics import Metrics
+
+    class OneLayerEngine:
+        dense_bytes = 100
+
+        def routing_shape(self):
+            return 1, 3
+
+        def expert_bytes(self):
+            return 10
+
+        def set_routing_recorder(self, recorder):
+            pass
+
+    placement = Placement([[[0, 1], [1, 2], [2, 0]]], 3)
+    metrics = Metrics(OneLayerEngine(), placement, 3)
+    metrics.record(0, [[0], [1], [2], [0]])
+    assert "moecluster_world_size 3.0" in metrics.render(0, 0, True).decode()
+    survivors = restrict(placement, [0, 2])  # rank 1 lost: expert 0 on (old) 0, expert 1 on 2, expert 2 on both
+    metrics.set_placement(survivors, [0, 2])
+    assert "moecluster_world_size 2.0" in metrics.render(0, 0, True).decode()
+    assert metrics.imbalance_now()["rank"] == pytest.approx(2.5 / 2)  # loads 2 + 0.5 and 1 + 0.5
+    info = chat_page.cluster_info(OneLayerEngine(), metrics.placement, 2, metrics.members)
+    assert [(r["rank"], r["experts_layer0"], r["weight_bytes"]) for r in info["ranks"]] == [
+        (0, [0, 2], 120),
+        (2, [1, 2], 120),
+    ]

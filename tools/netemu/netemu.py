@@ -195,7 +195,7 @@ class EmulatedLink:
         Hydra reaches host 1 through an "ssh" launcher that is `ip netns exec` (a script written
         to workdir); the ranks talk over the link because UCX is limited to TCP (MPI_ENV).
         """
-        from moecluster.distributed.launch import find_mpiexec
+        from moecluster.distributed.launch_mpi import find_mpiexec
 
         script = Path(workdir) / "netns-launcher.sh"
         cases = "\n".join(f"  {self.addr(i)}) ns={self.names[i]} ;;" for i in range(2))

@@ -315,6 +315,7 @@ def _serve_http(args, engine, placement, sock: socket.socket, survival=None, fai
     )
     if survival is not None:
         scheduler.recover, scheduler.degraded = survival.recover, survival.degraded
+        survival.on_reform = metrics.set_placement  # /metrics and /v1/cluster show the survivors' placement
     name = args.model_name or Path(args.model).resolve().name
     from moecluster.server.connections import KEEP_ALIVE_S, ReapingH11Protocol
 

@@ -258,7 +258,7 @@ def _init_mpi(timeout_s: float) -> tuple[Comm, int, int]:
 
 def _link_to_launcher(rank: int) -> socket.socket | None:
     """Under moecluster's launcher: connect and send our rank; the kernel closes the link when
-    this process ends, which tells the launcher which rank stopped first (launch.RankLinks)."""
+    this process ends, which tells the launcher which rank stopped first (launch_mpi.RankLinks)."""
     path = os.environ.get("MOECLUSTER_LAUNCH_SOCKET")
     if not path:
         return None

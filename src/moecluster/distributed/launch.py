@@ -1,18 +1,18 @@
-"""Start N local ranks (MPI via mpiexec, or torch.distributed env), watch them, leave nothing behind.
+"""Start N local ranks (MPI via MPICH's gforker, or torch.distributed env), watch them, leave nothing behind.
 
 Multi-host jobs use the standard launchers instead (see README): `mpiexec -hosts a,b -n 2 CMD` or
 `torchrun --nnodes 2 --nproc-per-node 1 --node-rank R --master-addr A --master-port P -m ...`;
 the ranks join them through `comm.init_comm`.
 
 If a rank exits non-zero or is killed, the others get `timeout_s` to stop on their own (their
-collectives time out and name the missing rank), then their whole process groups are killed.
+collectives time out and name the missing rank), then their whole process groups are killed (MPI
+without keep_survivors: at once, see launch_mpi).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import select
 import shutil
 import signal
 import socket
@@ -54,17 +54,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def find_mpiexec() -> str:
-    """The mpiexec next to this Python (pip's mpich wheel installs it there), else on PATH."""
-    here = Path(sys.executable).parent / "mpiexec"
-    if here.exists():
-        return str(here)
-    for d in os.environ.get("PATH", "").split(os.pathsep):
-        if d and os.access(Path(d) / "mpiexec", os.X_OK):
-            return str(Path(d) / "mpiexec")
-    raise MoeClusterError("backend 'mpi' needs mpiexec: pip install 'moecluster[mpi]' (mpich), or use --backend torch")
 
 
 def describe_exit(code: int) -> str:
@@ -161,22 +150,25 @@ class _Job:
             except psutil.NoSuchProcess:
                 pass
 
-    def stop(self) -> None:
-        """SIGTERM every group and known descendant, wait a little, then SIGKILL what is left."""
+    def stop(self, launchers: bool = True) -> None:
+        """SIGTERM every group and known descendant, wait a little, then SIGKILL what is left.
+        launchers=False: only the descendants of the top-level processes (mpiexec may then relay
+        the ranks' last output and end by itself)."""
         self.remember_descendants()
-        alive = [p for p in self.popens if p.poll() is None]
-        for p in self.popens:
+        alive = [p for p in self.popens if p.poll() is None] if launchers else []
+        tops = self.popens if launchers else []
+        for p in tops:
             _kill_group(p.pid, signal.SIGTERM)
         _kill_procs(list(self.seen.values()), signal.SIGTERM)
         deadline = time.monotonic() + (TERM_GRACE_S if alive or self.seen else 0)
         while time.monotonic() < deadline and (
-            any(p.poll() is None for p in self.popens) or any(_running(q) for q in self.seen.values())
+            any(p.poll() is None for p in tops) or any(_running(q) for q in self.seen.values())
         ):
             time.sleep(POLL_S)
-        for p in self.popens:
+        for p in tops:
             _kill_group(p.pid, signal.SIGKILL)
         _kill_procs(list(self.seen.values()), signal.SIGKILL)
-        for p in self.popens:
+        for p in tops:
             try:
                 p.wait(timeout=5)
             except subprocess.TimeoutExpired:
@@ -255,66 +247,6 @@ def _plural(ranks: list[int]) -> str:
     return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
 
 
-class RankLinks:
-    """A UNIX socket each MPI rank connects to from init_comm (MOECLUSTER_LAUNCH_SOCKET), sending
-    its rank once. The kernel closes a connection when its process ends, however it ends, so the
-    first rank to stop is known exactly, even when mpiexec kills the others a millisecond later.
-    """
-
-    def __init__(self, directory: str) -> None:
-        self.path = os.path.join(directory, "ranks.sock")
-        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._server.bind(self.path)
-        self._server.listen(1024)
-        self._conns: dict[socket.socket, bytes] = {}
-        self.stopped: list[int] = []  # ranks in the order their processes ended
-
-    def wait(self, timeout_s: float) -> None:
-        """Accept, read rank numbers, record closed links; returns after at most timeout_s."""
-        readable, _, _ = select.select([self._server, *self._conns], [], [], timeout_s)
-        for s in readable:
-            if s is self._server:
-                self._conns[s.accept()[0]] = b""
-                continue
-            try:
-                data = s.recv(64)
-            except OSError:
-                data = b""
-            if data:
-                self._conns[s] += data
-                continue
-            text = self._conns.pop(s).decode(errors="replace").strip()
-            s.close()
-            if text.isdigit():
-                self.stopped.append(int(text))
-
-    def close(self) -> None:
-        for s in [*self._conns, self._server]:
-            s.close()
-
-
-def _watch_mpi(job: _Job, links: RankLinks, timeout_s: float) -> tuple[int, str]:
-    """Wait for mpiexec; name the first rank that stopped if the job failed."""
-    proc, deadline = job.popens[0], None
-    while proc.poll() is None:
-        job.remember_descendants(SCAN_S)
-        if deadline is None and links.stopped:
-            deadline = time.monotonic() + timeout_s
-        if deadline is not None and time.monotonic() > deadline:
-            job.stop()
-            return 1, (
-                f"rank {links.stopped[0]} stopped first; mpiexec did not end the job "
-                f"within {timeout_s:.1f} s, so every rank was killed"
-            )
-        links.wait(POLL_S)
-    code = proc.returncode
-    if code == 0:
-        return 0, ""
-    links.wait(0)  # links closed just before mpiexec ended
-    who = f"; rank {links.stopped[0]} stopped first" if links.stopped else " (see the ranks' errors above)"
-    return _code(code), f"mpiexec {describe_exit(code)}{who}"
-
-
 def launch_local(
     cmd: list[str],
     world_size: int,
@@ -327,13 +259,16 @@ def launch_local(
 ) -> int:
     """Run `cmd` as world_size local ranks of one job; 0 if every rank succeeded.
 
-    backend "mpi": `mpiexec -n N cmd`; "torch": N processes with RANK/WORLD_SIZE/LOCAL_RANK/
+    backend "mpi": `mpiexec.gforker -n N cmd` (each rank under launch_mpi._wrap_rank); "torch": N
+    processes with RANK/WORLD_SIZE/LOCAL_RANK/
     MASTER_ADDR/MASTER_PORT; "mlx": the same plus MLX_RANK and MLX_HOSTFILE (MLX's ring backend on
     127.0.0.1); "single": cmd once. MOECLUSTER_PIN=1 when pin and N <= cores.
     stdout/stderr are inherited; on failure one line on stderr names the rank and how it ended.
 
     keep_survivors (mpi; torch ranks always stay): when a rank dies, leave the others running
-    (`moecluster serve`: rank 0 answers 503 until it gives up), as described at _wrap_rank.
+    (`moecluster serve`: rank 0 answers 503 until it gives up); without it an MPI rank's failure
+    stops every rank at once. MPI runs under MPICH's gforker (nothing listens beyond loopback; see
+    launch_mpi), or hydra's mpiexec where gforker is missing.
     Either way every rank is killed timeout_s after the first one stopped, and on SIGTERM/Ctrl-C.
     """
     if world_size < 1:
@@ -359,27 +294,13 @@ def launch_local(
     job, links, tmp = _Job([]), None, ""
     try:
         if backend == "mpi":
+            from moecluster.distributed import launch_mpi
+
             tmp = tempfile.mkdtemp(prefix="moecluster-")
-            links = RankLinks(tmp)
-            # -localhost: the proxies reach mpiexec over loopback (hydra still listens on every
-            # interface: HYDU_sock_listen binds INADDR_ANY, see README)
-            full = [find_mpiexec(), "-localhost", "127.0.0.1", "-n", str(world_size), *cmd]
-            if keep_survivors:  # see _wrap_rank
-                full = [
-                    full[0],
-                    "-localhost",
-                    "127.0.0.1",
-                    "-disable-auto-cleanup",
-                    "-n",
-                    str(world_size),
-                    sys.executable,
-                    "-m",
-                    "moecluster.distributed.launch",
-                    WRAP_RANK,
-                    *cmd,
-                ]
-            job.popens = [subprocess.Popen(full, env=dict(base, MOECLUSTER_LAUNCH_SOCKET=links.path), **popen)]
-            code, line = _watch_mpi(job, links, timeout_s)
+            links = launch_mpi.RankLinks(tmp)
+            full, mpi_env = launch_mpi.mpi_command(cmd, world_size, base, links, keep_survivors)
+            job.popens = [subprocess.Popen(full, env=mpi_env, **popen)]
+            code, line = launch_mpi.watch_mpi(job, links, timeout_s, keep_survivors)
         else:
             port = free_port()
             if backend == "mlx":  # MLX's ring backend: a hostfile of one listening address per rank
@@ -404,52 +325,6 @@ def launch_local(
     return code
 
 
-WRAP_RANK = "--wrap-rank"
-
-
-def _wrap_rank(cmd: list[str]) -> int:
-    """Run one MPI rank as a child and exit with its status as a plain exit code (128 + N for
-    signal N), so that a killed rank does not take the whole job down.
-
-    With `mpiexec -disable-auto-cleanup`, hydra's proxy still SIGKILLs every rank as soon as it
-    reaps one that a signal ended (hydra/proxy/pmip.c: WIFSIGNALED -> PMIP_bcast_signal(SIGKILL)),
-    at the next event it sees (any output of any rank). Its child is this wrapper instead, which
-    exits normally. Only the rank's PMI socket (PMI_FD) is passed on, and the wrapper closes its
-    copy, so hydra notices the rank's end when it happens (and sends SIGUSR1 to the survivors'
-    process groups: MPICH's handler only asks hydra which ranks died; the wrapper ignores it).
-    """
-    signal.signal(signal.SIGUSR1, lambda signum, frame: None)  # not SIG_IGN: that is inherited
-    watch_launcher()
-    pmi_fd = os.environ.get("PMI_FD", "")
-    keep = (int(pmi_fd),) if pmi_fd.isdigit() else ()
-    child = subprocess.Popen(cmd, pass_fds=keep, preexec_fn=_die_with_parent_fn())  # the rank dies with its wrapper
-    for fd in keep:
-        os.close(fd)
-    while True:
-        try:
-            code = child.wait()
-            break
-        except KeyboardInterrupt:  # Ctrl-C reaches the rank too: wait for it to end
-            continue
-    if code != 0:  # also a rank that ended before MPI_Init, which never linked itself: the others
-        _report_stopped(os.environ.get("PMI_RANK", ""))  # would wait there forever otherwise
-    return code if code >= 0 else 128 - code
-
-
-def _report_stopped(rank: str) -> None:
-    """Tell the launcher (RankLinks) that `rank` stopped, as the rank's own link would have."""
-    path = os.environ.get("MOECLUSTER_LAUNCH_SOCKET")
-    if not path or not rank.isdigit():
-        return
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(2.0)
-            s.connect(path)
-            s.sendall(rank.encode())
-    except OSError:
-        pass  # the launcher is gone: nobody to tell
-
-
 def _install_sigterm():
     def handler(signum, frame):
         raise _Terminated()
@@ -463,7 +338,3 @@ def _install_sigterm():
 def _restore_sigterm(previous) -> None:
     if previous is not None:
         signal.signal(signal.SIGTERM, previous)
-
-
-if __name__ == "__main__" and sys.argv[1:2] == [WRAP_RANK]:
-    sys.exit(_wrap_rank(sys.argv[2:]))

@@ -12,6 +12,7 @@ them, and the job fails as it did before (rank 0 answers 503, then exits for a s
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 from moecluster.distributed import reform
 from moecluster.distributed.comm import CommError
@@ -34,6 +35,8 @@ class Survival:
         self.lost: list[int] = []  # launch ranks lost so far
         self.recoveries: list[float] = []  # seconds each re-forming took
         engine.comm.watch_reform = True  # waiting workers hear rank 0 start re-forming
+        # rank 0: called with (placement, members) after each re-forming (serve: Metrics.set_placement)
+        self.on_reform: Callable[[Placement, list[int]], None] | None = None
 
     def degraded(self) -> str | None:
         """None while every rank serves; else which were lost and what serves on."""
@@ -63,6 +66,8 @@ class Survival:
         rebind(self.engine, new, self.placement)
         self.recoveries.append(now() - t0)
         if new.rank == 0:
+            if self.on_reform is not None:
+                self.on_reform(self.placement, self.members)
             print(
                 f"moecluster: re-formed without {_ranks(gone)} in {self.recoveries[-1]:.1f} s; "
                 f"serving on {_ranks(self.members)}",

@@ -563,8 +563,13 @@ def create_app(
         return await srv.run(http, req, ids, params, chat=True)
 
     anthropic.mount(app, srv)  # POST /v1/messages
-    placement = getattr(metrics, "placement", None)
-    info = chat_page.cluster_info(scheduler.engine, placement, scheduler.engine.world_size)
+
+    def info() -> dict:  # the placement and world size as they are now (they change when the cluster re-forms)
+        placement, members = metrics.placement, metrics.members
+        world_size = placement.world_size if placement is not None else scheduler.engine.world_size
+        members = members if members is not None and len(members) == world_size else None
+        return chat_page.cluster_info(scheduler.engine, placement, world_size, members)
+
     chat_page.mount(app, srv, info)  # GET /: the web chat page; GET /v1/cluster: its side panel
 
     @app.get("/health")

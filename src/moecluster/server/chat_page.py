@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+from collections.abc import Callable
 from functools import lru_cache
 from importlib import resources
 
@@ -31,9 +32,10 @@ def page() -> tuple[str, str]:
     return html, csp
 
 
-def cluster_info(engine, placement, world_size: int) -> dict:
+def cluster_info(engine, placement, world_size: int, members: list[int] | None = None) -> dict:
     """What the page's side panel shows of the cluster: per rank, the experts it holds (layer 0 and the count over
-    all MoE layers) and the weight bytes that placement gives it (replicated weights + its experts)."""
+    all MoE layers) and the weight bytes that placement gives it (replicated weights + its experts). members: the
+    launch rank of each current rank once the cluster re-formed on survivors (ranks are shown by launch number)."""
     num_layers, num_experts = engine.routing_shape()
     expert_bytes = engine.expert_bytes()
     ranks = []
@@ -44,11 +46,13 @@ def cluster_info(engine, placement, world_size: int) -> dict:
         else:  # one process holds every expert
             layer0, held = list(range(num_experts)), num_layers * num_experts
         weights = engine.dense_bytes + held * expert_bytes if expert_bytes else None
-        ranks.append({"rank": rank, "experts_layer0": layer0, "expert_copies": held, "weight_bytes": weights})
+        name = members[rank] if members is not None else rank
+        ranks.append({"rank": name, "experts_layer0": layer0, "expert_copies": held, "weight_bytes": weights})
     return {"world_size": world_size, "moe_layers": num_layers, "ranks": ranks}
 
 
-def mount(app, srv=None, info: dict | None = None) -> None:
+def mount(app, srv=None, info: Callable[[], dict] | None = None) -> None:
+    """info(): the cluster now (cluster_info), asked at each GET /v1/cluster: it changes when the cluster re-forms."""
     if srv is not None and info is not None:
 
         @app.get("/v1/cluster", include_in_schema=False)
@@ -56,7 +60,7 @@ def mount(app, srv=None, info: dict | None = None) -> None:
             """The cluster as the page's side panel shows it (same API key as the rest of /v1)."""
             srv.check_auth(http)
             ok, reason = srv.scheduler.health()
-            return {**info, "health": reason if ok else f"unavailable: {reason}"}
+            return {**info(), "health": reason if ok else f"unavailable: {reason}"}
 
     @app.get("/", include_in_schema=False)
     async def chat():

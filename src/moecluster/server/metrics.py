@@ -75,8 +75,10 @@ class Metrics(StepObserver):
         self.running = Gauge("moecluster_requests_running", "Sequences decoding", registry=r)
         self.waiting = Gauge("moecluster_requests_waiting", "Requests waiting for a slot", registry=r)
         self.healthy = Gauge("moecluster_healthy", "1 if every rank answers, else 0", registry=r)
-        Gauge("moecluster_world_size", "Ranks in the job", registry=r).set(world_size)
+        self.world_size = Gauge("moecluster_world_size", "Ranks in the job", registry=r)
+        self.world_size.set(world_size)
         self.placement = placement
+        self.members: list[int] | None = None  # launch rank of each current rank, after a re-forming
         self._lock = threading.Lock()
         num_layers, num_experts = engine.routing_shape()
         self._counts_LE = torch.zeros(num_layers, num_experts, dtype=torch.float64)
@@ -106,6 +108,12 @@ class Metrics(StepObserver):
         self.prompt_tokens.inc(prompt_tokens)
         self.finished.labels(finish_reason).inc()
 
+    def set_placement(self, placement, members: list[int]) -> None:
+        """After the cluster re-formed on the survivors (engine/survive.py): their placement, renumbered
+        0..k-1, and the launch rank of each (for /v1/cluster)."""
+        self.placement, self.members = placement, list(members)
+        self.world_size.set(len(members))
+
     # ---- HTTP side ----
     def observe_request(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint, str(status)).inc()
@@ -115,12 +123,13 @@ class Metrics(StepObserver):
         with self._lock:
             counts_LE = self._counts_LE.clone()
         out = {"expert": _mean_ratio(counts_LE)}
-        if self.placement is not None and self.placement.world_size > 1:
+        placement = self.placement  # set_placement may swap it (scheduler thread)
+        if placement is not None and placement.world_size > 1:
             L, E = counts_LE.shape
-            load_LR = torch.zeros(L, self.placement.world_size, dtype=torch.float64)
+            load_LR = torch.zeros(L, placement.world_size, dtype=torch.float64)
             for layer in range(L):
                 for expert in range(E):
-                    holders = self.placement.holders(layer, expert)
+                    holders = placement.holders(layer, expert)
                     for rank in holders:  # replicas share an expert's pairs (assign balances them)
                         load_LR[layer, rank] += counts_LE[layer, expert] / len(holders)
             out["rank"] = _mean_ratio(load_LR)
