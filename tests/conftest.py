@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import ARCHES, build_tiny  # noqa: E402
@@ -41,6 +40,13 @@ def tiny_model(request, tiny_models) -> Path:
     return tiny_models[request.param]
 
 
+# The machine's two cores, split between pytest-xdist workers (scripts/test.sh runs the fast subset on two):
+# two workers with two intra-op threads each oversubscribe the cores, and OpenMP spin-waits burn the excess.
+THREADS = max(1, 2 // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    import torch  # here, not at the top: the xdist controller loads this file but runs no test
+
+    torch.set_num_threads(THREADS)

@@ -4,7 +4,6 @@ blocks from a scripted model in process (tests/test_tools.py's app)."""
 
 from __future__ import annotations
 
-import anthropic
 import pytest
 from test_server import KEY, ServerProc
 from test_tools import QWEN3_LIKE, _use, app_client  # noqa: F401  (app_client is a fixture)
@@ -18,6 +17,8 @@ def server(tiny_dbrx, tmp_path_factory):
 
 
 def test_messages_text_stop_and_stream(server):
+    import anthropic  # here, not at the top: ~2 s of import that every xdist worker would pay to collect
+
     client = anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0, timeout=60)
     r = client.messages.create(
         model="tiny",
@@ -71,6 +72,8 @@ HISTORY = [
 
 
 def test_tool_use_blocks(app_client):  # noqa: F811
+    import anthropic
+
     http, tok = app_client
     client = anthropic.Anthropic(base_url="http://testserver", api_key="x", http_client=http, max_retries=0)
     _use(tok, QWEN3_LIKE, 'Ok<tool_call>{"name":"f","arguments":{"a":1}}</tool_call>')

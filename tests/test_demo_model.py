@@ -141,15 +141,16 @@ def test_demo_command_end_to_end():
     assert out.stdout.count(text.strip()) == 2  # both runs printed the 1-process greedy text
 
 
-@pytest.mark.slow
 def test_eval_quantize_close_to_bf16(tmp_path):
     """eval --quantize: the experts really are int8 / int4 (reported, and the perplexity moves) and stay close."""
+    from cli_runner import run_cli  # in process: three interpreter + torch start-ups were most of this test's time
+
     text = tmp_path / "t.txt"
     text.write_text(HELD_OUT.read_text()[:3000])
 
     def run(*extra: str) -> dict:
-        cmd = [sys.executable, "-m", "moecluster.cli", "eval", "--model", str(DEMO_MODEL_DIR), "--text", str(text)]
-        out = subprocess.run([*cmd, "--window", "128", "--json", *extra], capture_output=True, text=True, check=True)
+        out = run_cli("eval", "--model", str(DEMO_MODEL_DIR), "--text", str(text), "--window", "128", "--json", *extra)
+        assert out.returncode == 0, out.stderr
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     base = run()

@@ -144,6 +144,7 @@ def test_body_limit_while_reading(served):
     assert r.status_code == 413
 
 
+@pytest.mark.slow  # ~10 s of CPU, nearly all in schemathesis generating the cases
 def test_fuzz_openapi_no_5xx(served):
     """schemathesis over the published /openapi.json, positive and negative cases, bounded count."""
     schemathesis = pytest.importorskip("schemathesis")

@@ -113,24 +113,9 @@ def test_rank0_line_shows_every_ranks_completion(tmp_path, monkeypatch):
 
 
 def test_generate_prints_one_load_line_when_not_a_terminal(tiny_dbrx):
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "moecluster.cli",
-            "generate",
-            "--model",
-            str(tiny_dbrx),
-            "--prompt",
-            "Hello",
-            "--max-tokens",
-            "2",
-            "--quiet",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    from cli_runner import run_cli  # in process (stderr is a StringIO: not a terminal), no interpreter start-up
+
+    res = run_cli("generate", "--model", str(tiny_dbrx), "--prompt", "Hello", "--max-tokens", "2", "--quiet")
     assert res.returncode == 0, res.stderr
     assert "\r" not in res.stderr and "loading:" not in res.stderr
     assert len([line for line in res.stderr.splitlines() if line.startswith("loaded ")]) == 1, res.stderr

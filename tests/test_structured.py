@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 
-import anthropic
 import jsonschema
 import openai
 import pytest
@@ -266,6 +265,8 @@ def test_forced_tool_calls(demo, choice, temperature):
 
 
 def test_anthropic_tool_choice_any_and_tool(demo):
+    import anthropic  # here, not at the top: ~2 s of import that every xdist worker would pay to collect
+
     http = demo[1]
     client = anthropic.Anthropic(base_url="http://testserver", api_key="x", http_client=http, max_retries=0)
     tools = [

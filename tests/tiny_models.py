@@ -5,10 +5,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
-from moecluster.builtin import write_tokenizer
-
 VOCAB = 384
 ARCHES = ("dbrx", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe", "deepseek_v3", "deepseek_v2", "gpt_oss")
 COMMON = dict(
@@ -163,6 +159,7 @@ HF_COMMON = {
 
 def hf_model(arch: str, seed: int = 0, **overrides):
     """A transformers model of the given architecture, fp32, random weights (scaled so routing is not flat)."""
+    import torch  # here, not at the top, as transformers: conftest imports this file in the xdist controller too
     import transformers as tf
 
     torch.manual_seed(seed)
@@ -217,6 +214,8 @@ def hf_model(arch: str, seed: int = 0, **overrides):
 
 
 def build_tiny(arch: str, out: Path, seed: int = 0, **overrides) -> Path:
+    from moecluster.builtin import write_tokenizer  # imports torch
+
     model = hf_model(arch, seed, **overrides)
     out.mkdir(parents=True, exist_ok=True)
     eos = write_tokenizer(out, VOCAB)
