@@ -126,6 +126,11 @@ class _Helper:
                 s.sendall(f"hello {self.rank}\n".encode())
                 return s
             except OSError as e:
+                # the rank may have finished (a short job) before this link was ever made: then it said bye
+                # (or ended), and rank 0's watchdog may be gone already; nothing to report
+                if select.select([sys.stdin], [], [], 0)[0]:
+                    sys.stdin.buffer.readline()
+                    os._exit(0)
                 if time.monotonic() - self.started > self.timeout_s:
                     self.stop_rank(f"cannot reach rank 0's watchdog at {address[0]}:{address[1]} ({e})")
                 time.sleep(POLL_S)
