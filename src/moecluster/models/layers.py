@@ -330,8 +330,11 @@ def decode_attention(
     Hk, Hv = k_1HkSHd.shape[1], v_1HkSHv.shape[-1]
     q_HkGHd = q_1H1Hd.reshape(Hk, H // Hk, Hd).float()
     scores_HkGS = torch.bmm(q_HkGHd, k_1HkSHd[0].float().transpose(1, 2)).mul_(Hd**-0.5 if scale is None else scale)
-    probs_HkGS = torch.softmax(scores_HkGS, dim=-1)
-    out_HkGHv = torch.bmm(probs_HkGS, v_1HkSHv[0].float())
+    # rounded as SDPA's flash kernel rounds (so bf16 greedy text matches transformers'): unnormalized exp(s - max)
+    # in fp32, cast to the model dtype for the product with v (fp32 accumulation), divided by the fp32 sum last
+    exp_HkGS = (scores_HkGS - scores_HkGS.amax(dim=-1, keepdim=True)).exp_()
+    total_HkG1 = exp_HkGS.sum(dim=-1, keepdim=True)
+    out_HkGHv = torch.bmm(exp_HkGS.to(q_1H1Hd.dtype).float(), v_1HkSHv[0].float()).div_(total_HkG1)
     return out_HkGHv.view(1, H, 1, Hv).to(q_1H1Hd.dtype)
 
 
