@@ -133,6 +133,25 @@ def test_mpi_ranks_get_a_large_environment() -> None:
 
 @pytest.mark.multirank
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_ranks_output_reaches_the_launchers_stdout_whole(backend: str) -> None:
+    """Non-ASCII text from every rank arrives unchanged (gforker's relay cut a rank's output at its first
+    non-ASCII byte and the rank died of a broken pipe: the ranks write to the launcher's own stdout)."""
+    text = "h\u00e9llo \u2014 \u4e16\u754c"
+    rank = 'os.environ.get("PMI_RANK", os.environ.get("RANK"))'
+    body = f"import os\nprint(f'r{{{rank}}} {text}' * 50, flush=True)\n"
+    script = (
+        "import sys; from moecluster.distributed.launch import launch_local; "
+        f"sys.exit(launch_local([sys.executable, '-c', {body!r}], 2, {backend!r}, timeout_s=30))"
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert res.returncode == 0, res.stderr.decode(errors="replace")
+    out = res.stdout.decode()  # raises on a cut character
+    for rank in (0, 1):
+        assert f"r{rank} {text}" * 50 in out, out[-300:]
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_rank_stalls(backend: str, capfd) -> None:
     code, seconds, tag = run(backend, 2, "stall", comm_timeout=3, launch_timeout=3)
     _, err = capfd.readouterr()

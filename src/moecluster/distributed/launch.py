@@ -299,7 +299,16 @@ def launch_local(
             tmp = tempfile.mkdtemp(prefix="moecluster-")
             links = launch_mpi.RankLinks(tmp)
             full, mpi_env = launch_mpi.mpi_command(cmd, world_size, base, links, keep_survivors)
-            job.popens = [subprocess.Popen(full, env=mpi_env, **popen)]
+            # the ranks write to our stdout/stderr directly: gforker's relay cuts a rank's output at its first
+            # non-ASCII byte (and the rank then fails on a broken pipe)
+            stdio = (os.dup(1), os.dup(2))
+            try:
+                job.popens = [
+                    subprocess.Popen(full, env=dict(mpi_env, **launch_mpi.stdio_env(*stdio)), pass_fds=stdio, **popen)
+                ]
+            finally:
+                for fd in stdio:
+                    os.close(fd)
             code, line = launch_mpi.watch_mpi(job, links, timeout_s, keep_survivors)
         else:
             port = free_port()

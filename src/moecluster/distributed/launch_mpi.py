@@ -132,6 +132,27 @@ def mpi_command(cmd: list[str], world_size: int, base: dict, links: RankLinks, k
     return [mpiexec, "-localhost", "127.0.0.1", "-n", str(world_size), *cmd], env
 
 
+STDIO_ENV = "MOECLUSTER_RANK_STDIO"  # "out,err": the launcher's stdout/stderr, inherited through mpiexec
+
+
+def stdio_env(out_fd: int, err_fd: int) -> dict[str, str]:
+    return {STDIO_ENV: f"{out_fd},{err_fd}"}
+
+
+def _launcher_stdio() -> tuple[int | None, int | None]:
+    """The launcher's stdout and stderr fds passed down to this wrapper (None, None if not given)."""
+    spec = os.environ.pop(STDIO_ENV, "")
+    fds = [int(x) for x in spec.split(",") if x.isdigit()]
+    if len(fds) != 2:
+        return None, None
+    try:
+        for fd in fds:
+            os.fstat(fd)
+    except OSError:  # not inherited (a process manager that closes extra fds): keep its relay
+        return None, None
+    return fds[0], fds[1]
+
+
 def watch_mpi(job: _Job, links: RankLinks, timeout_s: float, keep_survivors: bool) -> tuple[int, str]:
     """Wait for mpiexec; name the first rank that stopped if the job failed. Without keep_survivors a
     rank's failure stops every rank at once (as hydra does); with it the others go on, until timeout_s
@@ -199,6 +220,7 @@ def _wrap_rank(cmd: list[str]) -> int:
     died; the wrapper ignores it).
     """
     signal.signal(signal.SIGUSR1, lambda signum, frame: None)  # not SIG_IGN: that is inherited
+    out, err = _launcher_stdio()
     env_file = os.environ.get(ENV_FILE_ENV)
     env = _rank_env(env_file) if env_file else None
     if env is not None:
@@ -206,7 +228,12 @@ def _wrap_rank(cmd: list[str]) -> int:
     watch_launcher()
     pmi_fd = os.environ.get("PMI_FD", "")
     keep = (int(pmi_fd),) if pmi_fd.isdigit() else ()
-    child = subprocess.Popen(cmd, env=env, pass_fds=keep, preexec_fn=_die_with_parent_fn())  # dies with its wrapper
+    child = subprocess.Popen(  # dies with its wrapper
+        cmd, env=env, pass_fds=keep, stdout=out, stderr=err, preexec_fn=_die_with_parent_fn()
+    )
+    for fd in (out, err):
+        if fd is not None:
+            os.close(fd)
     if env_file:  # end normally for gforker (a signalled wrapper is printed as a failure): the rank gets the signal
         signal.signal(signal.SIGTERM, lambda signum, frame: child.terminate())
         signal.signal(signal.SIGQUIT, lambda signum, frame: child.kill())  # gforker's KillWorld: SIGINT, 1 s, SIGQUIT
