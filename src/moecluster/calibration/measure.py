@@ -54,6 +54,21 @@ def _sample_and_broadcast(engine, sampler: Sampler, logits_BV: torch.Tensor) -> 
     return tokens_B, t1 - t0, now() - t1
 
 
+def probe_batches(engine, batches: list[int], args, gather) -> dict:
+    """decode_probe at each batch size (args: steps, warmup, prompt_len, no_trace); gather(report) -> every
+    rank's report. {batch: {ranks, tok_s_median, tok_s_mean}} from rank 0's step times."""
+    out = {}
+    for b in batches:
+        ranks = gather(decode_probe(engine, b, args.steps, args.warmup, args.prompt_len, trace=not args.no_trace))
+        step = ranks[0]["step_s"]
+        out[str(b)] = {
+            "ranks": ranks,
+            "tok_s_median": b / statistics.median(step),
+            "tok_s_mean": b * len(step) / sum(step),
+        }
+    return out
+
+
 def decode_probe(engine, batch: int, steps: int, warmup: int = 3, prompt_len: int = 16, trace: bool = True) -> dict:
     """Decode `steps` (+ `warmup` untimed) steps of B rows in lockstep; this rank's measurements.
 
@@ -260,16 +275,7 @@ def _engine_phase(args, comm, gather_reports) -> dict:
     out: dict = {"model": _model_summary(engine, args.exchange), "placement": args.placement}
     bandwidth = streaming_bandwidth_gbs(comm if comm.world_size > 1 else None)
     out["bandwidth_gbs"] = [r["gbs"] for r in gather_reports(comm, {"gbs": bandwidth})]
-    out["batches"] = {}
-    for b in batches:
-        mine = decode_probe(engine, b, args.steps, args.warmup, args.prompt_len, trace=not args.no_trace)
-        ranks = gather_reports(comm, mine)
-        step = ranks[0]["step_s"]
-        out["batches"][str(b)] = {
-            "ranks": ranks,
-            "tok_s_median": b / statistics.median(step),
-            "tok_s_mean": b * len(step) / sum(step),
-        }
+    out["batches"] = probe_batches(engine, batches, args, lambda mine: gather_reports(comm, mine))
     if comm.world_size > 1 and args.ar_iters > 0:
         out["allreduce"] = _allreduce_rows(comm, _sizes(args.ar_sizes), args.ar_iters, out["model"]["exchange_dtype"])
     return out

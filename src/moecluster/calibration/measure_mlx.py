@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import torch
 from mlx.utils import tree_flatten
 
 from moecluster.calibration.commbench import measure_allreduce
-from moecluster.calibration.measure import _sizes, decode_probe
+from moecluster.calibration.measure import _sizes, probe_batches
 from moecluster.errors import MoeClusterError
 
 _DTYPES = {"float32": (mx.float32, torch.float32), "bfloat16": (mx.bfloat16, torch.bfloat16)}
@@ -149,16 +148,7 @@ def _engine_phase(args: Any, comm: Any, gather: Any) -> dict:
     model = model_summary(engine)
     out: dict = {"model": model, "placement": args.placement}
     out["bandwidth_gbs"] = [r["gbs"] for r in gather(comm, {"gbs": streaming_bandwidth_gbs(comm)})]
-    out["batches"] = {}
-    for b in batches:
-        mine = decode_probe(engine, b, args.steps, args.warmup, args.prompt_len, trace=not args.no_trace)
-        ranks = gather(comm, mine)
-        step = ranks[0]["step_s"]
-        out["batches"][str(b)] = {
-            "ranks": ranks,
-            "tok_s_median": b / statistics.median(step),
-            "tok_s_mean": b * len(step) / sum(step),
-        }
+    out["batches"] = probe_batches(engine, batches, args, lambda mine: gather(comm, mine))
     if comm.world_size > 1 and args.ar_iters > 0:  # the exchanges this engine sends, whatever dtype it runs in
         sizes = set(_sizes(args.ar_sizes)) | {b * model["exchange_bytes_per_token"] for b in batches}
         out["allreduce"] = allreduce_rows(comm, sorted(sizes), args.ar_iters, model["exchange_dtype"])
