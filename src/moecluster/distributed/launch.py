@@ -299,13 +299,14 @@ def launch_local(
             tmp = tempfile.mkdtemp(prefix="moecluster-")
             links = launch_mpi.RankLinks(tmp)
             full, mpi_env = launch_mpi.mpi_command(cmd, world_size, base, links, keep_survivors)
-            # the ranks write to our stdout/stderr directly: gforker's relay cuts a rank's output at its first
-            # non-ASCII byte (and the rank then fails on a broken pipe)
-            stdio = (os.dup(1), os.dup(2))
+            # gforker's ranks write to our stdout/stderr directly: its relay cuts a rank's output at its first
+            # non-ASCII byte (and the rank then fails on a broken pipe). hydra relays whole output and its proxy
+            # does not keep our fds (their numbers could name another file in the wrapper).
+            stdio = (os.dup(1), os.dup(2)) if links.wrapped else ()
             try:
-                job.popens = [
-                    subprocess.Popen(full, env=dict(mpi_env, **launch_mpi.stdio_env(*stdio)), pass_fds=stdio, **popen)
-                ]
+                if stdio:
+                    mpi_env = dict(mpi_env, **launch_mpi.stdio_env(*stdio))
+                job.popens = [subprocess.Popen(full, env=mpi_env, pass_fds=stdio, **popen)]
             finally:
                 for fd in stdio:
                     os.close(fd)
