@@ -102,9 +102,10 @@ def test_kernels_can_be_switched_off():
 
 
 @needs_kernel
-@pytest.mark.parametrize("E,R,C", [(8, 96, 48), (8, 7, 64), (16, 64, 2048)])
+@pytest.mark.parametrize("E,R,C", [(8, 96, 48), (8, 7, 64), (16, 64, 2048), (4, 9, 1000), (4, 9, 4100)])
 def test_moe_gemm_pairs_equal_moe_gemv_alone(E, R, C):
-    """Batched pairs (several inputs per expert, any order) give each pair the bits moe_gemv gives it alone."""
+    """Batched pairs (several inputs per expert, any order) give each pair the bits moe_gemv gives it alone
+    (one pair per expert takes the row-after-row path for rows up to 4096 columns, with a partial last 32)."""
     gen = torch.Generator().manual_seed(E + R + C)
     w = torch.randn(E, R, C, generator=gen).bfloat16()
     X = torch.randn(5, C, generator=gen).bfloat16()

@@ -106,11 +106,40 @@ static inline __attribute__((always_inline)) void dot4_multi(const uint16_t *w, 
             out[j][i] = _mm512_reduce_add_ps(acc[j][i]);
 }
 
+/* One pair, rows of at most SEQ_MAX_COLS: the 4 rows one after the other, so the thread reads one sequential
+ * stream (4 interleaved short row streams train the hardware prefetcher worse), prefetching 2 KiB ahead. The
+ * same accumulation order as dot4_multi, so the same bits. Same-process A/B on Qwen3-MoE- and DBRX-bench-shaped
+ * models (rows of 1.5-8 KB): -13% and -12% ms/token; on rows of 12-21 KB (DBRX's real shape) 1-2% slower than
+ * dot4_multi, which keeps them. */
+#define SEQ_MAX_COLS 4096
+#define SEQ_PREFETCH_BYTES 2048
+static inline void dot4_seq(const uint16_t *w, int64_t cols, const uint16_t *x, float out[ROWS_PER_BLOCK]) {
+    for (int i = 0; i < ROWS_PER_BLOCK; i++) {
+        const uint16_t *wi = w + i * cols;
+        __m512 a = _mm512_setzero_ps();
+        int64_t d = 0;
+        for (; d + 32 <= cols; d += 32) {
+            _mm_prefetch((const char *)(wi + d) + SEQ_PREFETCH_BYTES, _MM_HINT_NTA);
+            a = _mm512_dpbf16_ps(a, load_bh(wi + d), load_bh(x + d));
+        }
+        if (d < cols) {
+            __mmask32 m = (__mmask32)((1ull << (cols - d)) - 1);
+            a = _mm512_dpbf16_ps(a, load_bh_tail(wi + d, m), load_bh_tail(x + d, m));
+        }
+        out[i] = _mm512_reduce_add_ps(a);
+    }
+}
+
 static void block_dot_multi(const uint16_t *w, int64_t cols, const uint16_t *const *xs, int nx, int n,
                             const char *next, float out[][ROWS_PER_BLOCK]) {
     if (n == ROWS_PER_BLOCK) {
         switch (nx) {
-        case 1: dot4_multi(w, cols, xs, 1, next, out); return;
+        case 1:
+            if (cols <= SEQ_MAX_COLS)
+                dot4_seq(w, cols, xs[0], out[0]);
+            else
+                dot4_multi(w, cols, xs, 1, next, out);
+            return;
         case 2: dot4_multi(w, cols, xs, 2, next, out); return;
         case 3: dot4_multi(w, cols, xs, 3, next, out); return;
         default: dot4_multi(w, cols, xs, 4, next, out); return;
