@@ -143,3 +143,21 @@ def test_batched_decode_rows_equal_one_token_steps():
     for n in range(6):
         alone, _ = experts.pairs(x[n : n + 1], ids[n : n + 1], mine[n : n + 1])
         assert torch.equal(y[n], alone[0]), n
+
+
+@needs_kernel
+def test_linear_equals_moe_gemm_of_one_expert():
+    """kernels.linear (the dense decode products) gives moe_gemm's bits for one expert whose pairs are the rows."""
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(37, 300, generator=gen).bfloat16()
+    x = torch.randn(5, 300, generator=gen).bfloat16()
+    got = kernels.linear(w, x, torch.empty(5, 37, dtype=torch.bfloat16))
+    want = kernels.moe_gemm(
+        w[None], [0], [5], x, list(range(5)), torch.empty(5, 37, dtype=torch.bfloat16), list(range(5))
+    )
+    assert torch.equal(got, want)
+    assert torch.allclose(got.float(), (x.float() @ w.float().T).bfloat16().float(), rtol=2**-7, atol=1e-6)
+    with pytest.raises(ValueError):
+        kernels.linear(w, x[:, :299], torch.empty(5, 37, dtype=torch.bfloat16))  # inputs do not match
+    with pytest.raises(ValueError):
+        kernels.linear(w.t().contiguous().t(), x, torch.empty(5, 37, dtype=torch.bfloat16))  # not contiguous

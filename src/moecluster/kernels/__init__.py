@@ -143,9 +143,10 @@ def moe_gemm(
         or sum(counts) != P
         or len(out_rows) != P
         or min(counts) < 0
-        or not all(0 <= e < E for e in experts)
-        or not all(0 <= r < x_nC.shape[0] for r in x_rows)
-        or not all(0 <= r < out_mR.shape[0] for r in out_rows)
+        or min(experts) < 0
+        or max(experts) >= E
+        or (P and (min(x_rows) < 0 or max(x_rows) >= x_nC.shape[0]))
+        or (P and (min(out_rows) < 0 or max(out_rows) >= out_mR.shape[0]))
     ):
         raise ValueError(
             "moe_gemm: needs bf16 CPU tensors w [E, R, C] contiguous, x [n, C] and out [m, R] with "
@@ -171,6 +172,34 @@ def moe_gemm(
         (arr * P)(*out_rows),
     )
     return out_mR
+
+
+def linear(w_OI: torch.Tensor, x_nI: torch.Tensor, out_nO: torch.Tensor) -> torch.Tensor:
+    """out_nO = x_nI @ w_OI.T for few rows (decode), weights read once: moe_gemm with one expert whose pairs are
+    the rows, with the least Python per call (a decode step makes a few of these per layer). All bf16, contiguous."""
+    fn = _get()
+    if fn is None:
+        raise RuntimeError(f"moe_gemm is not available: {unavailable_reason}")
+    (O, I), n = w_OI.shape, x_nI.shape[0]
+    if (
+        w_OI.dtype != torch.bfloat16
+        or x_nI.dtype != torch.bfloat16
+        or out_nO.dtype != torch.bfloat16
+        or not (w_OI.is_cpu and x_nI.is_cpu and out_nO.is_cpu)
+        or x_nI.shape != (n, I)
+        or out_nO.shape != (n, O)
+        or not (w_OI.is_contiguous() and x_nI.is_contiguous() and out_nO.is_contiguous())
+    ):
+        raise ValueError("linear: needs bf16 CPU tensors w [O, I], x [n, I] and out [n, O], all contiguous")
+    if n:
+        fn.moe_gemm_bf16(
+            w_OI.data_ptr(), 0, _ZERO, 1, _STARTS(0, n), O, I, x_nI.data_ptr(), I, None, out_nO.data_ptr(), O, None
+        )
+    return out_nO
+
+
+_ZERO = (ctypes.c_int64 * 1)(0)  # linear's one expert
+_STARTS = ctypes.c_int64 * 2
 
 
 # ---- quantized experts: moe_gemm_q (moe_gemm_q.c), a separate shared object with its own CPU requirements ----

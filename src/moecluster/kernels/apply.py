@@ -33,9 +33,7 @@ def fast_linear(x: torch.Tensor, w_OI: torch.Tensor, bias: torch.Tensor | None =
         and kernels.moe_gemv_available()
     ):  # weights read once for all rows
         x_nI = x.reshape(rows, -1).contiguous()
-        out = kernels.moe_gemm(
-            w_OI[None], [0], [rows], x_nI, list(range(rows)), x_nI.new_empty(rows, w_OI.shape[0]), list(range(rows))
-        ).view(*x.shape[:-1], -1)
+        out = kernels.linear(w_OI, x_nI, x_nI.new_empty(rows, w_OI.shape[0])).view(*x.shape[:-1], -1)
     elif rows == 1:
         out = torch.mv(w_OI, x.reshape(-1)).view(*x.shape[:-1], w_OI.shape[0])
     elif rows <= SMALL_ROWS:

@@ -61,7 +61,8 @@ static void block_dot(const uint16_t *w, int64_t cols, const uint16_t *x, int n,
  *
  *   Y[y_rows[p]][r] = bf16( sum_d W[experts[k]][r][d] * X[x_rows[p]][d] )
  *
- * W: [E, rows, cols] bf16, expert_stride elements apart; X and Y rows x_stride / y_stride apart.
+ * W: [E, rows, cols] bf16, expert_stride elements apart; X and Y rows x_stride / y_stride apart; x_rows or
+ * y_rows NULL: pair p uses row p (a dense linear layer: one expert, its rows the pairs).
  * A block of 4 weight rows (in L1 after the first group) is applied to the pairs 4 at a time.
  */
 /* 4 weight rows (n == 4) times NX inputs, NX a compile-time constant so that the 4 x NX accumulators
@@ -179,10 +180,10 @@ int moe_gemm_bf16(const uint16_t *W, int64_t expert_stride, const int64_t *exper
             const uint16_t *xs[4];
             float out[4][ROWS_PER_BLOCK];
             for (int j = 0; j < nx; j++)
-                xs[j] = X + x_rows[p0 + j] * x_stride;
+                xs[j] = X + (x_rows ? x_rows[p0 + j] : p0 + j) * x_stride;
             block_dot_multi(w, cols, xs, nx, n, next, out);
             for (int j = 0; j < nx; j++) {
-                uint16_t *yr = Y + y_rows[p0 + j] * y_stride + r0;
+                uint16_t *yr = Y + (y_rows ? y_rows[p0 + j] : p0 + j) * y_stride + r0;
                 for (int i = 0; i < n; i++)
                     yr[i] = to_bf16(out[j][i]);
             }
