@@ -79,6 +79,10 @@ def _build():
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.moe_gemm_bf16.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, ptr, i64, ptr, ptr, i64, ptr]
     lib.moe_gemm_bf16.restype = ctypes.c_int
+    f32 = ctypes.c_float
+    lib.attn_decode_bf16.argtypes = [i64, i64, i64, i64, i64, ptr, i64, f32, ptr, ptr, f32, ptr, ptr, i64]
+    lib.attn_decode_bf16.argtypes += [ptr, ptr, i64, ptr, ptr, f32, ptr, i64, ptr]
+    lib.attn_decode_bf16.restype = ctypes.c_int
     return lib
 
 
@@ -196,6 +200,73 @@ def linear(w_OI: torch.Tensor, x_nI: torch.Tensor, out_nO: torch.Tensor) -> torc
             w_OI.data_ptr(), 0, _ZERO, 1, _STARTS(0, n), O, I, x_nI.data_ptr(), I, None, out_nO.data_ptr(), O, None
         )
     return out_nO
+
+
+def attn_decode(
+    qkv_BX: torch.Tensor,
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    cos_BR: torch.Tensor,
+    sin_BR: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: list[int],
+    pos: list[int],
+    *,
+    clip: float | None = None,
+    q_norm: torch.Tensor | None = None,
+    k_norm: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Decode attention of one new token per row after the fused qkv projection (moe_gemv.c, attn_decode_bf16):
+    clip, per-head q/k RMSNorm, RoPE on the first R dims, the new k/v written to the caches [slots, Hk, S, Hd]
+    at each row's (slot, pos), attention over positions 0..pos of the row's slot. -> out_BX [B, H * Hd] bf16."""
+    fn = _get()
+    if fn is None:
+        raise RuntimeError(f"attn_decode is not available: {unavailable_reason}")
+    B = qkv_BX.shape[0]
+    H, Hk, Hd = n_heads, n_kv_heads, head_dim
+    R, S = cos_BR.shape[-1], k_cache.shape[2]
+    bf = torch.bfloat16
+    norms = [t for t in (q_norm, k_norm) if t is not None]
+    if (
+        any(t.dtype != bf or not t.is_cpu or not t.is_contiguous() for t in (qkv_BX, cos_BR, sin_BR, *norms))
+        or any(t.dtype != bf or not t.is_cpu or not t.is_contiguous() for t in (k_cache, v_cache))
+        or qkv_BX.shape != (B, (H + 2 * Hk) * Hd)
+        or cos_BR.shape != (B, R)
+        or sin_BR.shape != (B, R)
+        or k_cache.shape != v_cache.shape
+        or tuple(k_cache.shape[1:]) != (Hk, S, Hd)
+        or any(t.shape != (Hd,) for t in norms)
+        or len(norms) == 1
+        or len(slots) != B
+        or len(pos) != B
+        or (B and (min(slots) < 0 or max(slots) >= k_cache.shape[0] or min(pos) < 0 or max(pos) >= S))
+        or Hd > 1024
+        or R > Hd
+        or R % 2
+        or H % Hk
+    ):
+        raise ValueError("attn_decode: tensor shapes, dtypes (bf16, CPU, contiguous) or rows do not fit")
+    out = qkv_BX.new_empty(B, H * Hd)
+    if not B:
+        return out
+    scratch = torch.empty(B * Hk * (S + Hd), dtype=torch.float32)
+    arr = ctypes.c_int64
+    rc = fn.attn_decode_bf16(
+        B, H, Hk, Hd, R,
+        qkv_BX.data_ptr(), qkv_BX.stride(0), float(clip or 0.0),
+        q_norm.data_ptr() if q_norm is not None else None,
+        k_norm.data_ptr() if k_norm is not None else None,
+        float(eps),
+        cos_BR.data_ptr(), sin_BR.data_ptr(), R,
+        k_cache.data_ptr(), v_cache.data_ptr(), S, (arr * B)(*slots), (arr * B)(*pos),
+        float(Hd**-0.5), out.data_ptr(), H * Hd, scratch.data_ptr(),
+    )  # fmt: skip
+    if rc != 0:
+        raise ValueError("attn_decode: unsupported head sizes")
+    return out
 
 
 _ZERO = (ctypes.c_int64 * 1)(0)  # linear's one expert

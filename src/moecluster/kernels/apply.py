@@ -3,7 +3,8 @@
 Model files use plain torch (`Linear.gemm = F.linear`, `RoutedExperts.gemm = torch_moe_gemm`); after
 loading, `apply_kernels(model)` swaps in functions with the same signatures that take the fastest path
 for the number of rows: the compiled bf16 kernel for few rows (decode), column-form torch products
-without a kernel, and torch's F.linear for prefill.
+without a kernel, and torch's F.linear for prefill. `Attention.decode_kernel` is set to the compiled decode
+attention (clip, per-head q/k norms, RoPE, cache write and attention of one new token per row in one call).
 
 Shape legend: O output features, I input features, n rows, e local experts.
 """
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moecluster import kernels
-from moecluster.models.layers import Linear
+from moecluster.models.layers import Attention, KVCache, Linear, Step
 from moecluster.models.moe import RoutedExperts, torch_moe_gemm
 from moecluster.quant.experts import QuantizedLinear, QuantizedRoutedExperts
 
@@ -66,12 +67,50 @@ def fast_moe_gemm(
     return torch_moe_gemm(w_eOI, local, counts, x_nI, x_rows, out_mO, out_rows)
 
 
+def fast_attn_decode(attn: Attention, qkv_BX: torch.Tensor, step: Step) -> torch.Tensor | None:
+    """Attention.decode_kernel: the compiled decode attention (moe_gemv.c) for bf16 models with a full-length
+    cache, no q/k norm or a per-head one; None (the torch path runs) otherwise."""
+    cache = attn.cache
+    if (
+        type(cache) is not KVCache
+        or qkv_BX.dtype != torch.bfloat16
+        or attn.qk_norm not in (None, "head")
+        or (attn.clip_qkv is not None and attn.qk_norm is not None)
+        or not kernels.moe_gemv_available()
+    ):
+        return None
+    q_norm = attn.q_norm.weight if attn.qk_norm == "head" else None
+    k_norm = attn.k_norm.weight if attn.qk_norm == "head" else None
+    if q_norm is not None and (q_norm.dtype != torch.bfloat16 or attn.q_norm.eps != attn.k_norm.eps):
+        return None
+    B = qkv_BX.shape[0]
+    return kernels.attn_decode(
+        qkv_BX.contiguous(),
+        attn.n_heads,
+        attn.n_kv_heads,
+        attn.head_dim,
+        step.cos_BTHd.reshape(B, -1),
+        step.sin_BTHd.reshape(B, -1),
+        cache.k,
+        cache.v,
+        step.rows.slots,
+        step.rows.pos,
+        clip=attn.clip_qkv,
+        q_norm=q_norm,
+        k_norm=k_norm,
+        eps=attn.q_norm.eps if q_norm is not None else 1e-6,
+    )
+
+
 def apply_kernels(model: nn.Module) -> nn.Module:
     """Use the fast products in every Linear and every RoutedExperts of `model` (including those inside
-    expert parallelism's modules). Results are unchanged up to floating-point rounding."""
+    expert parallelism's modules) and the compiled decode attention in every Attention. Results are unchanged
+    up to floating-point rounding."""
     for module in model.modules():
         if isinstance(module, Linear):
             module.gemm = fast_linear
+        elif isinstance(module, Attention) and type(module).forward is Attention.forward:  # not a subclass' own
+            module.decode_kernel = fast_attn_decode
         elif isinstance(module, (QuantizedRoutedExperts, QuantizedLinear)):  # before RoutedExperts: a subclass
             module.gemm = kernels.moe_gemm_q  # the compiled kernel where it runs, else its torch path
         elif isinstance(module, RoutedExperts):

@@ -17,6 +17,7 @@
  * OpenMP runtime torch already loaded, so it shares torch's threads.
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -187,6 +188,137 @@ int moe_gemm_bf16(const uint16_t *W, int64_t expert_stride, const int64_t *exper
                 for (int i = 0; i < n; i++)
                     yr[i] = to_bf16(out[j][i]);
             }
+        }
+    }
+    return 0;
+}
+
+/* ---- decode attention: one new token per row, after the fused qkv projection ----
+ *
+ * For row b (its own cache slot and position pos, attending to positions 0..pos, T = 1), from qkv[b] = q | k | v
+ * (H, Hk, Hk heads of Hd), in the order and roundings of the torch path (Attention.forward, decode_attention):
+ *   clip > 0 (and no q/k norm): q, k, v clamped to +-clip;
+ *   qn/kn (per-head RMSNorm weights, Hd; or NULL): x = bf16(w * bf16(x32 * 1/sqrt(mean(x32^2) + eps)));
+ *   RoPE on the first R dims of every q and k head (rotate-half): bf16(bf16(x * cos) + bf16(rot(x) * sin));
+ *   k, v written to the cache at [slot, hk, pos];
+ *   per query head (kv head h / (H / Hk)): s = fl(q . k) * scale in fp32, e = exp(s - max), out = sum_s
+ *   bf16(e_s) * v_s / sum_s e_s (the unnormalised weights cast to bf16 as SDPA's flash kernel does), to bf16.
+ * Products accumulate in fp32 in a fixed order; every row is computed alone: the same bits in any batch.
+ * One call replaces ~40 small torch ops of the decode path (each a return to Python, whose working set the
+ * weight streams keep evicting). */
+static inline float f32_of(uint16_t h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t bf16_round(float f) { return to_bf16(f); }
+
+static void head_norm(uint16_t *x, int64_t Hd, const uint16_t *w, float eps) {
+    float ss = 0.0f;
+    for (int64_t i = 0; i < Hd; i++) {
+        const float v = f32_of(x[i]);
+        ss += v * v;
+    }
+    const float r = 1.0f / sqrtf(ss / (float)Hd + eps);
+    for (int64_t i = 0; i < Hd; i++)
+        x[i] = bf16_round(f32_of(w[i]) * f32_of(bf16_round(f32_of(x[i]) * r)));
+}
+
+static void rope(uint16_t *x, int64_t R, const uint16_t *cos, const uint16_t *sin) {
+    const int64_t half = R / 2;
+    uint16_t tmp[1024];
+    memcpy(tmp, x, (size_t)R * 2);
+    for (int64_t i = 0; i < R; i++) {
+        const float rot = i < half ? -f32_of(tmp[i + half]) : f32_of(tmp[i - half]);
+        const float a = f32_of(bf16_round(f32_of(tmp[i]) * f32_of(cos[i])));
+        const float b = f32_of(bf16_round(rot * f32_of(sin[i])));
+        x[i] = bf16_round(a + b);
+    }
+}
+
+static inline float dot_bf16_f32(const uint16_t *a, const uint16_t *b, int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 x = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(a + i))), 16));
+        const __m512 y = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(b + i))), 16));
+        acc = _mm512_add_ps(acc, _mm512_mul_ps(x, y));
+    }
+    float s = _mm512_reduce_add_ps(acc);
+    for (; i < n; i++)
+        s += f32_of(a[i]) * f32_of(b[i]);
+    return s;
+}
+
+int attn_decode_bf16(int64_t B, int64_t H, int64_t Hk, int64_t Hd, int64_t R,
+                     const uint16_t *qkv, int64_t qkv_stride, float clip,
+                     const uint16_t *qn, const uint16_t *kn, float eps,
+                     const uint16_t *cos, const uint16_t *sin, int64_t cs_stride,
+                     uint16_t *kc, uint16_t *vc, int64_t S, const int64_t *slots, const int64_t *pos,
+                     float scale, uint16_t *out, int64_t out_stride, float *scratch) {
+    if (Hd > 1024 || R > Hd || (R & 1) || H % Hk)
+        return -1;
+    const int64_t G = H / Hk, qw = H * Hd, kw = Hk * Hd;
+    /* 1. q, k, v of every row: clip, norms, RoPE; k and v into the cache (q kept in `out`, rewritten below) */
+    for (int64_t b = 0; b < B; b++) {
+        uint16_t *q = out + b * out_stride;
+        memcpy(q, qkv + b * qkv_stride, (size_t)qw * 2);
+        uint16_t *k = kc + ((slots[b] * Hk) * S + pos[b]) * Hd, *v = vc + ((slots[b] * Hk) * S + pos[b]) * Hd;
+        for (int64_t h = 0; h < Hk; h++) {
+            memcpy(k + h * S * Hd, qkv + b * qkv_stride + qw + h * Hd, (size_t)Hd * 2);
+            memcpy(v + h * S * Hd, qkv + b * qkv_stride + qw + kw + h * Hd, (size_t)Hd * 2);
+        }
+        if (clip > 0.0f) {
+            for (int64_t i = 0; i < qw; i++)
+                q[i] = bf16_round(fminf(fmaxf(f32_of(q[i]), -clip), clip));
+            for (int64_t h = 0; h < Hk; h++)
+                for (int64_t i = 0; i < Hd; i++) {
+                    k[h * S * Hd + i] = bf16_round(fminf(fmaxf(f32_of(k[h * S * Hd + i]), -clip), clip));
+                    v[h * S * Hd + i] = bf16_round(fminf(fmaxf(f32_of(v[h * S * Hd + i]), -clip), clip));
+                }
+        }
+        for (int64_t h = 0; h < H; h++) {
+            if (qn)
+                head_norm(q + h * Hd, Hd, qn, eps);
+            rope(q + h * Hd, R, cos + b * cs_stride, sin + b * cs_stride);
+        }
+        for (int64_t h = 0; h < Hk; h++) {
+            if (kn)
+                head_norm(k + h * S * Hd, Hd, kn, eps);
+            rope(k + h * S * Hd, R, cos + b * cs_stride, sin + b * cs_stride);
+        }
+    }
+    /* 2. attention, one (row, kv head) per task: its G query heads over positions 0..pos */
+    const int64_t work = B * Hk * (pos[0] + 1) * Hd * 2;
+#pragma omp parallel for schedule(static) if(work >= ((int64_t)1 << 18))
+    for (int64_t t = 0; t < B * Hk; t++) {
+        const int64_t b = t / Hk, hk = t % Hk, n = pos[b] + 1;
+        const uint16_t *K = kc + (slots[b] * Hk + hk) * S * Hd, *V = vc + (slots[b] * Hk + hk) * S * Hd;
+        float *sc = scratch + t * (S + Hd);
+        float *acc = sc + S;
+        for (int64_t g = 0; g < G; g++) {
+            uint16_t *q = out + b * out_stride + (hk * G + g) * Hd;
+            float m = -INFINITY, total = 0.0f;
+            for (int64_t s = 0; s < n; s++) {
+                sc[s] = dot_bf16_f32(q, K + s * Hd, Hd) * scale;
+                m = fmaxf(m, sc[s]);
+            }
+            for (int64_t i = 0; i < Hd; i++)
+                acc[i] = 0.0f;
+            for (int64_t s = 0; s < n; s++) {
+                const float e = expf(sc[s] - m);
+                total += e;
+                const float p = f32_of(bf16_round(e));
+                const uint16_t *vs = V + s * Hd;
+                for (int64_t i = 0; i < Hd; i++)
+                    acc[i] += p * f32_of(vs[i]);
+            }
+            for (int64_t i = 0; i < Hd; i++)  /* q is consumed: the output overwrites it */
+                q[i] = bf16_round(acc[i] / total);
         }
     }
     return 0;

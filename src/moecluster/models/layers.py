@@ -280,6 +280,9 @@ class Attention(nn.Module):
         elif qk_norm is not None:
             raise ValueError(f"qk_norm {qk_norm!r}")
         self.cache: KVCache | None = None
+        # a transformation may set a compiled decode path (one new token per row, after wqkv):
+        # (self, qkv_BX, step) -> attention output [B, H * Hd], or None where it does not apply
+        self.decode_kernel: Callable[..., torch.Tensor | None] | None = None
 
     def make_cache(self, num_slots: int, max_seq_len: int, dtype: torch.dtype) -> None:
         self.cache = KVCache(num_slots, self.n_kv_heads, max_seq_len, self.head_dim, dtype)
@@ -288,6 +291,10 @@ class Attention(nn.Module):
         B, T, _ = x_BTD.shape
         H, Hk, Hd = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.wqkv(x_BTD)
+        if T == 1 and self.decode_kernel is not None:
+            out = self.decode_kernel(self, qkv.view(B, -1), step)
+            if out is not None:
+                return self.wo(out.view(B, 1, H * Hd))
         if self.clip_qkv is not None and self.qk_norm is None:
             qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
         qk, v = qkv.split([(H + Hk) * Hd, Hk * Hd], dim=-1)
