@@ -5,14 +5,15 @@ the same run.
 Per format: batch-1 decode tok/s, bytes read per token (dense weights + the selected experts, scales included),
 GB/s and its ratio to the streaming reference (fp32 sum of 512 MiB) measured just before and after each round;
 batched decode at 8 streams (tok/s over all streams, GB/s on the bytes a step reads); prefill tok/s of a 256-token
-prompt. int8 / int4 are `--quantize` on load; fp8 / mxfp4 are the same bf16 experts converted in memory by the
+prompt. int8 / int4 are `--quantize` on load (+dense: with `--quantize-dense`, the dense weights int8 as
+llama.cpp quantizes its dense weights too); fp8 / mxfp4 are the same bf16 experts converted in memory by the
 formats' own converters (quant.formats: 128x128 block-scaled e4m3, e8m0-scaled e2m1 per 32), the dense weights bf16.
 llama.cpp: the checkpoint converted by its convert_hf_to_gguf.py (bf16 GGUF, cached), quantized by
 llama_model_quantize; bytes per token from the GGUF's tensors (dense + top_k / num_experts of the expert tensors).
 Without llama-cpp-python (`pip install .[bench]`, it builds llama.cpp) those rows are skipped with a message.
 
     PYTHONPATH=src .venv/bin/python benchmarks/quant.py [--model-shape dbrx|qwen3-moe] [--rounds 5] [--tokens 16]
-        [--formats bf16 int8 int4 fp8 mxfp4] [--llama q8_0 q4_0] [--llama-cpp-src DIR] [--no-save]
+        [--formats bf16 int8 int4 int8+dense int4+dense fp8 mxfp4] [--llama q8_0 q4_0] [--llama-cpp-src DIR] [--no-save]
 
 --llama-cpp-src: a llama.cpp source tree (for convert_hf_to_gguf.py and gguf-py; default $LLAMA_CPP_SRC, else
 the llama-cpp-python sdist of the installed version, fetched once with `pip download`). Results are appended to
@@ -45,7 +46,7 @@ from moecluster.quant.experts import QuantizedRoutedExperts, QuantOptions  # noq
 
 RESULTS = HERE / "results"
 PROMPT = "Decoding one token reads the weights of the selected experts once"
-FORMATS = ("bf16", "int8", "int4", "fp8", "mxfp4")
+FORMATS = ("bf16", "int8", "int4", "int8+dense", "int4+dense", "fp8", "mxfp4")
 STREAMS = 8
 PREFILL_TOKENS = 256
 
@@ -79,8 +80,9 @@ def convert_experts(loaded: LoadedModel, fmt: str) -> None:
 
 
 def load(model_dir: Path, fmt: str) -> LoadedModel:
-    if fmt in ("int8", "int4"):
-        return load_model(model_dir, "bf16", quant=QuantOptions(fmt))
+    experts, _, dense = fmt.partition("+")
+    if experts in ("int8", "int4"):  # "+dense": --quantize-dense (attention, head: int8)
+        return load_model(model_dir, "bf16", quant=QuantOptions(experts, dense=dense == "dense"))
     loaded = load_model(model_dir, "bf16")
     if fmt != "bf16":
         convert_experts(loaded, fmt)
@@ -164,7 +166,7 @@ def run_ours(model_dir: Path, fmt: str, bw: Bandwidth, tokens: int, rounds: int)
 def table(rows: list[dict]) -> list[str]:
     bf16 = next((r for r in rows if r["format"] == "bf16" and r["engine"] == "moecluster"), None)
     llama = {r["format"]: r for r in rows if r["engine"] == "llama.cpp"}
-    peer = {"int8": "q8_0", "int4": "q4_0"}
+    peer = {"int8": "q8_0", "int4": "q4_0", "int8+dense": "q8_0", "int4+dense": "q4_0"}
     out = [
         "| engine | format | MB/token | batch-1 tok/s | GB/s | ratio to streaming | streaming GB/s "
         "| vs llama.cpp peer | 8 streams tok/s | 8 streams GB/s | prefill tok/s (256) | prefill vs bf16 |",
