@@ -16,7 +16,7 @@ pytest.importorskip("mlx_lm")
 
 import numpy as np  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
-from tiny_models import build_tiny  # noqa: E402
+from tiny_models import HF_COMMON, build_tiny  # noqa: E402
 
 from moecluster.engine.sampling import SamplingParams  # noqa: E402
 from moecluster.engines.mlx.comm import MlxComm  # noqa: E402
@@ -29,16 +29,7 @@ from moecluster.parallel.placement import make_placement  # noqa: E402
 
 # what mlx-lm's gpt_oss file hard-codes (SwiGLU limit 7, YaRN correction range rounded): its own decoding applies
 MLX_LM_GPT_OSS: dict[str, Any] = dict(
-    swiglu_limit=7.0,
-    rope_parameters={
-        "rope_type": "yarn",
-        "rope_theta": 10000.0,
-        "factor": 2.0,
-        "beta_fast": 32.0,
-        "beta_slow": 1.0,
-        "original_max_position_embeddings": 128,
-        "truncate": True,
-    },
+    swiglu_limit=7.0, rope_parameters={**HF_COMMON["gpt_oss"][2]["rope_parameters"], "truncate": True}
 )
 
 

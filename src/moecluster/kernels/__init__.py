@@ -178,6 +178,10 @@ def moe_gemm(
     return out_mR
 
 
+_ZERO = (ctypes.c_int64 * 1)(0)  # linear's one expert
+_STARTS = ctypes.c_int64 * 2
+
+
 def linear(w_OI: torch.Tensor, x_nI: torch.Tensor, out_nO: torch.Tensor) -> torch.Tensor:
     """out_nO = x_nI @ w_OI.T for few rows (decode), weights read once: moe_gemm with one expert whose pairs are
     the rows, with the least Python per call (a decode step makes a few of these per layer). All bf16, contiguous."""
@@ -267,10 +271,6 @@ def attn_decode(
     if rc != 0:
         raise ValueError("attn_decode: unsupported head sizes")
     return out
-
-
-_ZERO = (ctypes.c_int64 * 1)(0)  # linear's one expert
-_STARTS = ctypes.c_int64 * 2
 
 
 # ---- quantized experts: moe_gemm_q (moe_gemm_q.c), a separate shared object with its own CPU requirements ----

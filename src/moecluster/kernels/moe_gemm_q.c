@@ -422,7 +422,7 @@ int moe_gemm_q(int fmt, const char *W, const char *S, int64_t rows, int64_t cols
     {
         /* this thread's bf16 copy of a block (fp8 / mxfp4 blocks with many pairs) */
         const int64_t ld = fmt == FMT_MXFP4 ? pad64(cols) / 64 * MX_CHUNK : pad64(cols) + 64;  /* uint16 per row */
-        uint16_t *wb = fmt >= FMT_FP8 ? (uint16_t *)aligned_alloc(64, (size_t)(RB * ld * 2)) : NULL;
+        uint16_t *wb = NULL;  /* allocated at this thread's first such block: decode never needs it */
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < n_x; r++) {
             const char *x = (const char *)X + r * x_stride * xsize;
@@ -443,7 +443,9 @@ int moe_gemm_q(int fmt, const char *W, const char *S, int64_t rows, int64_t cols
                 sc[i] = fmt == FMT_FP8 ? sbase + (r0 / 128) * s.s_row_bytes : sbase + r * s.s_row_bytes;
             }
             const char *next = n == RB ? wbase + (r0 / RB + pf_blocks) * blk : NULL;
-            const int convert = wb && pair_start[k + 1] - pair_start[k] > NXMAX;
+            const int convert = fmt >= FMT_FP8 && pair_start[k + 1] - pair_start[k] > NXMAX;
+            if (convert && !wb)
+                wb = (uint16_t *)aligned_alloc(64, (size_t)(RB * ld * 2));
             if (convert)
                 convert_block(&s, w, sc, next, wb, ld);
             for (int64_t p0 = pair_start[k]; p0 < pair_start[k + 1]; p0 += NXMAX) {

@@ -213,8 +213,6 @@ static inline float f32_of(uint16_t h) {
     return f;
 }
 
-static inline uint16_t bf16_round(float f) { return to_bf16(f); }
-
 static void head_norm(uint16_t *x, int64_t Hd, const uint16_t *w, float eps) {
     float ss = 0.0f;
     for (int64_t i = 0; i < Hd; i++) {
@@ -223,7 +221,7 @@ static void head_norm(uint16_t *x, int64_t Hd, const uint16_t *w, float eps) {
     }
     const float r = 1.0f / sqrtf(ss / (float)Hd + eps);
     for (int64_t i = 0; i < Hd; i++)
-        x[i] = bf16_round(f32_of(w[i]) * f32_of(bf16_round(f32_of(x[i]) * r)));
+        x[i] = to_bf16(f32_of(w[i]) * f32_of(to_bf16(f32_of(x[i]) * r)));
 }
 
 static void rope(uint16_t *x, int64_t R, const uint16_t *cos, const uint16_t *sin) {
@@ -232,9 +230,9 @@ static void rope(uint16_t *x, int64_t R, const uint16_t *cos, const uint16_t *si
     memcpy(tmp, x, (size_t)R * 2);
     for (int64_t i = 0; i < R; i++) {
         const float rot = i < half ? -f32_of(tmp[i + half]) : f32_of(tmp[i - half]);
-        const float a = f32_of(bf16_round(f32_of(tmp[i]) * f32_of(cos[i])));
-        const float b = f32_of(bf16_round(rot * f32_of(sin[i])));
-        x[i] = bf16_round(a + b);
+        const float a = f32_of(to_bf16(f32_of(tmp[i]) * f32_of(cos[i])));
+        const float b = f32_of(to_bf16(rot * f32_of(sin[i])));
+        x[i] = to_bf16(a + b);
     }
 }
 
@@ -274,11 +272,11 @@ int attn_decode_bf16(int64_t B, int64_t H, int64_t Hk, int64_t Hd, int64_t R,
         }
         if (clip > 0.0f) {
             for (int64_t i = 0; i < qw; i++)
-                q[i] = bf16_round(fminf(fmaxf(f32_of(q[i]), -clip), clip));
+                q[i] = to_bf16(fminf(fmaxf(f32_of(q[i]), -clip), clip));
             for (int64_t h = 0; h < Hk; h++)
                 for (int64_t i = 0; i < Hd; i++) {
-                    k[h * S * Hd + i] = bf16_round(fminf(fmaxf(f32_of(k[h * S * Hd + i]), -clip), clip));
-                    v[h * S * Hd + i] = bf16_round(fminf(fmaxf(f32_of(v[h * S * Hd + i]), -clip), clip));
+                    k[h * S * Hd + i] = to_bf16(fminf(fmaxf(f32_of(k[h * S * Hd + i]), -clip), clip));
+                    v[h * S * Hd + i] = to_bf16(fminf(fmaxf(f32_of(v[h * S * Hd + i]), -clip), clip));
                 }
         }
         for (int64_t h = 0; h < H; h++) {
@@ -312,13 +310,13 @@ int attn_decode_bf16(int64_t B, int64_t H, int64_t Hk, int64_t Hd, int64_t R,
             for (int64_t s = 0; s < n; s++) {
                 const float e = expf(sc[s] - m);
                 total += e;
-                const float p = f32_of(bf16_round(e));
+                const float p = f32_of(to_bf16(e));
                 const uint16_t *vs = V + s * Hd;
                 for (int64_t i = 0; i < Hd; i++)
                     acc[i] += p * f32_of(vs[i]);
             }
             for (int64_t i = 0; i < Hd; i++)  /* q is consumed: the output overwrites it */
-                q[i] = bf16_round(acc[i] / total);
+                q[i] = to_bf16(acc[i] / total);
         }
     }
     return 0;
