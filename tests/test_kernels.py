@@ -205,3 +205,85 @@ def test_decode_attention_kernel_matches_torch_path(tmp_path, arch):
             cache = a.cache
             assert torch.equal(cache.k[:3, :, : int(pos.max())], cache.k[3:, :, : int(pos.max())])
             assert torch.equal(cache.v[:3, :, : int(pos.max())], cache.v[3:, :, : int(pos.max())])
+
+
+def _ulps_bf16(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Distance in bf16 units in the last place (same-sign values)."""
+    return (a.view(torch.int16).int() - b.view(torch.int16).int()).abs()
+
+
+@needs_kernel
+@pytest.mark.parametrize("D", [2048, 100, 7])
+def test_glue_ops_match_torch(D):
+    """glue.c's RMSNorm (with and without the residual add), combine, SwiGLU, router softmax and renormalization
+    against the torch code they replace, on shapes with vector tails: the add and the combine bit for bit, the
+    rest within one bf16 ulp (a sum's order, exp's last bit) on at most 1% of elements."""
+    from moecluster.kernels import glue
+    from moecluster.models.layers import RMSNorm
+    from moecluster.models.moe import combine, silu_glu, softmax_topk
+
+    gen = torch.Generator().manual_seed(D)
+    x, add = (torch.randn(6, D, generator=gen) * 3).bfloat16(), torch.randn(6, D, generator=gen).bfloat16()
+    norm = RMSNorm(D, 1e-6).bfloat16()
+    norm.weight.data = torch.randn(D, generator=gen).bfloat16()
+    for a in (None, add):
+        h_want = x if a is None else x + a
+        got, h = glue.rms_norm(x, norm.weight, 1e-6, a)
+        assert torch.equal(h, h_want)
+        ulps = _ulps_bf16(got, norm(h_want))
+        assert ulps.max() <= 1 and (ulps > 0).float().mean() <= 0.01
+    y, w = torch.randn(3, 8, D, generator=gen).bfloat16(), torch.rand(3, 8, generator=gen)
+    assert torch.equal(glue.combine(y, w), combine(y, w, torch.bfloat16))
+    h_PG = (torch.randn(9, 2 * D, generator=gen) * 4).bfloat16()
+    gate, up = h_PG.chunk(2, dim=-1)
+    ulps = _ulps_bf16(glue.silu_mul(gate, up), silu_glu(gate, up))
+    assert ulps.max() <= 1 and (ulps > 0).float().mean() <= 0.01
+    logits = (torch.randn(64, D, generator=gen) * 2).bfloat16()
+    p = glue.softmax(logits)
+    assert torch.allclose(p, torch.softmax(logits.float(), dim=-1), rtol=1e-6, atol=1e-9)
+    k = min(4, D)
+    ids_want, w_want = softmax_topk(logits, k, renorm_p=1.0)
+    w_got, ids_got = torch.topk(p, k)
+    assert torch.equal(ids_got, ids_want)
+    assert torch.allclose(glue.renorm_(w_got), w_want, rtol=1e-6)
+    with pytest.raises(ValueError):
+        glue.rms_norm(x.float(), norm.weight, 1e-6)
+    with pytest.raises(ValueError):
+        glue.silu_mul(gate, up.contiguous())  # strides differ
+
+
+@needs_kernel
+@pytest.mark.parametrize("arch", ["qwen3_moe", "olmoe", "mixtral"])
+def test_moe_decode_kernel_equals_pair_path(tmp_path, arch):
+    """RoutedExperts.decode_kernel (one token's experts, SwiGLU and combine in one call) gives the bits of the
+    per-pair path with the kernels, step after step of greedy decoding."""
+    from moecluster.engine.generate import Engine
+    from moecluster.loading import load_model
+    from moecluster.models.moe import RoutedExperts
+    from tests.tiny_models import build_tiny
+
+    engine = Engine(load_model(build_tiny(arch, tmp_path / arch), "bf16"), num_slots=2)
+    experts = [m for m in engine.model.modules() if isinstance(m, RoutedExperts)]
+    assert experts and all(m.decode_kernel is not None for m in experts)
+    fused = experts[0].decode_kernel
+    calls = []
+
+    def counted(*args):
+        out = fused(*args)
+        calls.append(out is not None)
+        return out
+
+    with torch.inference_mode():
+        for slot in (0, 1):
+            engine.step(torch.tensor([[5, 17, 33, 2]]), torch.tensor([0]), torch.tensor([slot]))
+        tok, pos = torch.tensor([[11]]), torch.tensor([4])
+        for _ in range(10):
+            for m in experts:
+                m.decode_kernel = counted
+            got = engine.step(tok, pos, torch.tensor([0]))
+            for m in experts:
+                m.decode_kernel = None
+            want = engine.step(tok, pos, torch.tensor([1]))
+            assert torch.equal(got, want)
+            tok, pos = want.argmax(-1, keepdim=True), pos + 1
+    assert calls and all(calls)

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-_SOURCE = Path(__file__).with_name("moe_gemv.c")
-_REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
+_SOURCES = [Path(__file__).with_name("moe_gemv.c"), Path(__file__).with_name("glue.c")]
+_REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 _lock = threading.Lock()
 _fn: Any = None  # the loaded library once built; False once it proved unavailable
 unavailable_reason = ""
@@ -43,8 +43,8 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _compile(source: Path, flags: tuple[str, ...], cc_flags: list[str]) -> tuple[Path | None, str]:
-    """Build `source` into a shared object cached by source hash (or find it built); (path, "") or (None, why).
+def _compile(sources: list[Path], flags: tuple[str, ...], cc_flags: list[str]) -> tuple[Path | None, str]:
+    """Build `sources` into one shared object cached by their hash (or find it built); (path, "") or (None, why).
 
     -fopenmp links libgomp.so.1; torch has already loaded its own copy under that soname, so the kernels
     run on torch's OpenMP threads (torch.set_num_threads applies)."""
@@ -56,23 +56,26 @@ def _compile(source: Path, flags: tuple[str, ...], cc_flags: list[str]) -> tuple
     cc = shutil.which(os.environ.get("CC", "gcc"))
     if cc is None:
         return None, "no C compiler (gcc) on PATH"
-    key = hashlib.sha256(source.read_bytes() + cc.encode() + torch.__version__.encode()).hexdigest()[:16]
-    so = _cache_dir() / f"{source.stem}-{key}.so"
+    text = b"".join(source.read_bytes() for source in sources)
+    key = hashlib.sha256(text + " ".join(cc_flags).encode() + cc.encode() + torch.__version__.encode()).hexdigest()[:16]
+    so = _cache_dir() / f"{sources[0].stem}-{key}.so"
     if not so.is_file():
         so.parent.mkdir(parents=True, exist_ok=True)
         tmp = so.with_name(f"{so.name}.{os.getpid()}.tmp")
-        cmd = [cc, "-O3", "-std=c11", *cc_flags, "-fopenmp", "-shared", "-fPIC", str(source), "-o", str(tmp), "-lm"]
+        cmd = [cc, "-O3", "-std=c11", *cc_flags, "-fopenmp", "-shared", "-fPIC", *map(str, sources), "-o", str(tmp)]
+        cmd.append("-lm")
         done = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if done.returncode != 0:
             tmp.unlink(missing_ok=True)
-            return None, f"compiling {source.name} failed: {done.stderr.strip()[:300]}"
+            return None, f"compiling {', '.join(s.name for s in sources)} failed: {done.stderr.strip()[:300]}"
         os.replace(tmp, so)
     return so, ""
 
 
 def _build():
     global unavailable_reason
-    so, unavailable_reason = _compile(_SOURCE, _REQUIRED_FLAGS, ["-mavx512f", "-mavx512bw", "-mavx512bf16"])
+    cc_flags = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
+    so, unavailable_reason = _compile(_SOURCES, _REQUIRED_FLAGS, cc_flags)
     if so is None:
         return None
     lib = ctypes.CDLL(str(so))
@@ -83,6 +86,9 @@ def _build():
     lib.attn_decode_bf16.argtypes = [i64, i64, i64, i64, i64, ptr, i64, f32, ptr, ptr, f32, ptr, ptr, i64]
     lib.attn_decode_bf16.argtypes += [ptr, ptr, i64, ptr, ptr, f32, ptr, i64, ptr]
     lib.attn_decode_bf16.restype = ctypes.c_int
+    from moecluster.kernels import glue  # glue.c is built into this library; glue.py imports this module
+
+    glue.declare(lib)
     return lib
 
 
@@ -287,7 +293,7 @@ def _build_q():
     global q_unavailable_reason
     # -ffp-contract=off: no fused multiply-adds beyond the written ones, so every path rounds alike
     so, q_unavailable_reason = _compile(
-        _Q_SOURCE,
+        [_Q_SOURCE],
         _Q_REQUIRED_FLAGS,
         ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vnni", "-ffp-contract=off"],
     )

@@ -11,13 +11,16 @@ Shape legend: O output features, I input features, n rows, e local experts.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moecluster import kernels
-from moecluster.models.layers import Attention, KVCache, Linear, Step
-from moecluster.models.moe import RoutedExperts, torch_moe_gemm
+from moecluster.kernels import glue
+from moecluster.models.layers import Attention, DecoderModel, KVCache, Linear, PreNormBlock, RMSNorm, Step
+from moecluster.models.moe import RoutedExperts, Router, combine, silu_glu, softmax_topk, torch_moe_gemm
 from moecluster.quant.experts import QuantizedLinear, QuantizedRoutedExperts
 
 SMALL_ROWS = 16  # up to this many rows, w @ x.T streams weights faster than F.linear on CPU (bf16)
@@ -102,11 +105,79 @@ def fast_attn_decode(attn: Attention, qkv_BX: torch.Tensor, step: Step) -> torch
     )
 
 
+def fast_rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor | None:
+    """RMSNorm.kernel: glue.c's row-by-row RMSNorm for bf16 (any number of rows, so a row's bits never depend
+    on the batch); None (torch) otherwise."""
+    if x.dtype != torch.bfloat16 or norm.weight.dtype != torch.bfloat16 or not x.is_contiguous():
+        return None
+    return glue.rms_norm(x, norm.weight, norm.eps)[0]
+
+
+def fast_combine(y_NKD: torch.Tensor, weights_NK: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """moe.combine's contract in one compiled call for bf16 (the same bits: k summed in order in fp32)."""
+    if dtype == torch.bfloat16 and y_NKD.dtype == dtype and y_NKD.is_contiguous() and weights_NK.is_contiguous():
+        return glue.combine(y_NKD, weights_NK.float())
+    return combine(y_NKD, weights_NK, dtype)
+
+
+def fast_silu_glu(gate_PF: torch.Tensor, up_PF: torch.Tensor) -> torch.Tensor:
+    """silu_glu in one compiled call for bf16 halves of one [P, 2F] tensor."""
+    if gate_PF.dtype == torch.bfloat16 and gate_PF.stride(-1) == 1 and gate_PF.stride() == up_PF.stride():
+        return glue.silu_mul(gate_PF, up_PF)
+    return silu_glu(gate_PF, up_PF)
+
+
+def fast_softmax_topk(
+    logits_NE: torch.Tensor, k: int, *, renorm_p: float | None = None, fp32: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax_topk with the softmax and the renormalization compiled for bf16 logits; the top-k stays torch's
+    (its order among equal probabilities, which bf16 logits often have, is the reference models')."""
+    if not fp32 or renorm_p not in (None, 1.0) or logits_NE.dtype != torch.bfloat16 or logits_NE.dim() != 2:
+        return softmax_topk(logits_NE, k, renorm_p=renorm_p, fp32=fp32)
+    weights_NK, ids_NK = torch.topk(glue.softmax(logits_NE.contiguous()), k, dim=-1)
+    return ids_NK, glue.renorm_(weights_NK) if renorm_p is not None else weights_NK
+
+
+def fast_moe_decode(
+    experts: RoutedExperts, x_1D: torch.Tensor, ids_1K: torch.Tensor, weights_1K: torch.Tensor
+) -> torch.Tensor | None:
+    """RoutedExperts.decode_kernel: one token's experts, SwiGLU and combine in one compiled call (glue.moe_decode),
+    for bf16 experts without biases whose products, activation and combine are the kernels' (the same bits as
+    that per-pair path); None otherwise."""
+    K = ids_1K.shape[1]
+    if (
+        experts.gemm is not fast_moe_gemm
+        or experts.activation is not fast_silu_glu
+        or experts.combine is not fast_combine
+        or experts.b13_eG is not None
+        or experts.w13_eGD.dtype != torch.bfloat16
+        or x_1D.dtype != torch.bfloat16
+        or ids_1K.dtype != torch.int64
+        or weights_1K.dtype != torch.float32
+        or not (x_1D.is_contiguous() and ids_1K.is_contiguous() and weights_1K.is_contiguous())
+    ):
+        return None
+    table = experts.__dict__.get("_local_of_E")
+    if table is None:  # the local row of each global expert (the held experts never change)
+        table = torch.full((experts.num_experts,), -1, dtype=torch.int64)
+        table[experts.expert_ids] = torch.arange(len(experts.expert_ids))
+        experts.__dict__["_local_of_E"] = table
+    scratch = experts.__dict__.get("_decode_scratch")
+    need = K * (3 * experts.hidden + experts.dim)
+    if scratch is None or scratch.numel() < need:
+        scratch = experts.__dict__["_decode_scratch"] = torch.empty(need, dtype=torch.bfloat16)
+    return glue.moe_decode(experts.w13_eGD, experts.w2_eDF, table, ids_1K, weights_1K, x_1D, scratch)
+
+
 def apply_kernels(model: nn.Module) -> nn.Module:
     """Use the fast products in every Linear and every RoutedExperts of `model` (including those inside
-    expert parallelism's modules) and the compiled decode attention in every Attention. Results are unchanged
-    up to floating-point rounding."""
+    expert parallelism's modules), the compiled decode attention in every Attention and the compiled glue
+    (RMSNorm of the blocks, router softmax, SwiGLU, combine) where it applies. Results are unchanged up to
+    floating-point rounding."""
+    use_glue = glue.available()
     for module in model.modules():
+        if use_glue:
+            _apply_glue(module)
         if isinstance(module, Linear):
             module.gemm = fast_linear
         elif isinstance(module, Attention) and type(module).forward is Attention.forward:  # not a subclass' own
@@ -116,3 +187,21 @@ def apply_kernels(model: nn.Module) -> nn.Module:
         elif isinstance(module, RoutedExperts):
             module.gemm = fast_moe_gemm
     return model
+
+
+def _apply_glue(module: nn.Module) -> None:
+    """glue.c's calls in place of the torch ops between the weight streams (see glue.py)."""
+    if isinstance(module, PreNormBlock):
+        for norm in (module.attn_norm, module.mlp_norm):
+            if type(norm) is RMSNorm:
+                norm.kernel = fast_rms_norm
+    elif isinstance(module, DecoderModel) and type(module.norm) is RMSNorm:
+        module.norm.kernel = fast_rms_norm
+    elif isinstance(module, Router) and isinstance(module.score, partial) and module.score.func is softmax_topk:
+        module.score = partial(fast_softmax_topk, *module.score.args, **module.score.keywords)
+    elif isinstance(module, RoutedExperts):
+        module.combine = fast_combine
+        if module.activation is silu_glu:
+            module.activation = fast_silu_glu
+        if type(module) is RoutedExperts:  # where its products are the kernels (checked per call)
+            module.decode_kernel = fast_moe_decode

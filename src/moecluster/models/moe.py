@@ -200,6 +200,10 @@ class RoutedExperts(nn.Module):
         self.activation = activation
         self._local_of = {expert: i for i, expert in enumerate(self.expert_ids)}
         self.gemm: MoEGemm = torch_moe_gemm
+        self.combine: Callable[[torch.Tensor, torch.Tensor, torch.dtype], torch.Tensor] = combine  # swappable
+        # a transformation may set a compiled path for one token: (self, x_1D, ids_1K, weights_1K) -> out_1D,
+        # or None where it does not apply
+        self.decode_kernel: Callable[..., torch.Tensor | None] | None = None
         self.last_num_evaluated = 0
 
     def make_biases(self, dtype: torch.dtype, device: str | torch.device = "cpu") -> tuple[nn.Parameter, nn.Parameter]:
@@ -234,7 +238,7 @@ class RoutedExperts(nn.Module):
             bias=self.b13_eG is not None,
             activation=self.activation,
         )
-        out.gemm = self.gemm
+        out.gemm, out.combine = self.gemm, self.combine
         return out
 
     def set_expert(
@@ -269,8 +273,13 @@ class RoutedExperts(nn.Module):
         return out
 
     def forward(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+        if self.decode_kernel is not None and x_ND.shape[0] == 1:
+            out_1D = self.decode_kernel(self, x_ND, ids_NK, weights_NK)
+            if out_1D is not None:
+                self.last_num_evaluated = ids_NK.shape[1]  # one token: its K experts are distinct
+                return out_1D
         y_NKD, self.last_num_evaluated = self.pairs(x_ND, ids_NK)
-        return combine(y_NKD, weights_NK, x_ND.dtype)
+        return self.combine(y_NKD, weights_NK, x_ND.dtype)
 
     def pairs(
         self,

@@ -16,7 +16,7 @@ from torch import nn
 
 from moecluster.errors import MoeClusterError
 from moecluster.models.layers import DecoderModel
-from moecluster.models.moe import RoutedExperts, combine
+from moecluster.models.moe import RoutedExperts
 from moecluster.parallel.placement import Placement
 from moecluster.tracing import TRACER, SelfTimed, now
 
@@ -59,7 +59,7 @@ class ExpertParallelExperts(nn.Module, SelfTimed):
             t1 = now()
             y_NKD = self.comm.all_reduce_disjoint(y_NKD)  # the one exchange: one non-zero holder per pair, exact
             t2 = now()
-            out_ND = combine(y_NKD, weights_NK, x_ND.dtype)
+            out_ND = self.local.combine(y_NKD, weights_NK, x_ND.dtype)
         else:
             y_NKD, self.last_num_evaluated = self.local.pairs(x_ND, ids_NK, mine_NK)
             partial_ND = (y_NKD.float() * weights_NK[..., None]).sum(dim=1)

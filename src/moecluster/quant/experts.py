@@ -143,7 +143,7 @@ class QuantizedRoutedExperts(RoutedExperts):
                 dst.copy_expert(i, src, j)
             if self.b13_eG is not None and self.b2_eD is not None:
                 out.set_biases(i, self.b13_eG[j], self.b2_eD[j])
-        out.gemm = self.gemm
+        out.gemm, out.combine = self.gemm, self.combine
         return out
 
     def extra_repr(self) -> str:
