@@ -5,9 +5,10 @@ the same run.
 Per format: batch-1 decode tok/s, bytes read per token (dense weights + the selected experts, scales included),
 GB/s and its ratio to the streaming reference (fp32 sum of 512 MiB) measured just before and after each round;
 batched decode at 8 streams (tok/s over all streams, GB/s on the bytes a step reads); prefill tok/s of a 256-token
-prompt. int8 / int4 are `--quantize` on load (+dense: with `--quantize-dense`, the dense weights int8 as
-llama.cpp quantizes its dense weights too); fp8 / mxfp4 are the same bf16 experts converted in memory by the
-formats' own converters (quant.formats: 128x128 block-scaled e4m3, e8m0-scaled e2m1 per 32), the dense weights bf16.
+prompt. int8 / int4 are `--quantize` on load (+dense: with `--quantize-dense int8|int4`, the attention in the
+experts' format and the lm_head int8, as llama.cpp's q8_0 / q4_0 quantize theirs, q4_0's output at q6_K);
+fp8 / mxfp4 are the same bf16 experts converted in memory by the formats' own converters (quant.formats:
+128x128 block-scaled e4m3, e8m0-scaled e2m1 per 32), the dense weights bf16.
 llama.cpp: the checkpoint converted by its convert_hf_to_gguf.py (bf16 GGUF, cached), quantized by
 llama_model_quantize; bytes per token from the GGUF's tensors (dense + top_k / num_experts of the expert tensors).
 Without llama-cpp-python (`pip install .[bench]`, it builds llama.cpp) those rows are skipped with a message.
@@ -81,8 +82,8 @@ def convert_experts(loaded: LoadedModel, fmt: str) -> None:
 
 def load(model_dir: Path, fmt: str) -> LoadedModel:
     experts, _, dense = fmt.partition("+")
-    if experts in ("int8", "int4"):  # "+dense": --quantize-dense (attention, head: int8)
-        return load_model(model_dir, "bf16", quant=QuantOptions(experts, dense=dense == "dense"))
+    if experts in ("int8", "int4"):  # "+dense": --quantize-dense in the experts' format (the head: int8)
+        return load_model(model_dir, "bf16", quant=QuantOptions(experts, dense=experts if dense == "dense" else None))
     loaded = load_model(model_dir, "bf16")
     if fmt != "bf16":
         convert_experts(loaded, fmt)

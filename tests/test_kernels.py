@@ -253,18 +253,32 @@ def test_glue_ops_match_torch(D):
 
 
 @needs_kernel
-@pytest.mark.parametrize("arch", ["qwen3_moe", "olmoe", "mixtral"])
-def test_moe_decode_kernel_equals_pair_path(tmp_path, arch):
-    """RoutedExperts.decode_kernel (one token's experts, SwiGLU and combine in one call) gives the bits of the
-    per-pair path with the kernels, step after step of greedy decoding."""
+@pytest.mark.parametrize(
+    "arch, fmt",
+    [("qwen3_moe", None), ("olmoe", None), ("mixtral", None), ("qwen3_moe", "int8"), ("mixtral", "int4")]
+    + [("qwen3_moe", "fp8")],
+)
+def test_moe_decode_kernel_equals_pair_path(tmp_path, arch, fmt):
+    """RoutedExperts.decode_kernel (one token's experts, SwiGLU and combine in one call; quantized stacks too)
+    gives the bits of the per-pair path with the kernels, step after step of greedy decoding."""
     from moecluster.engine.generate import Engine
     from moecluster.loading import load_model
     from moecluster.models.moe import RoutedExperts
+    from moecluster.quant.experts import QuantizedRoutedExperts, QuantOptions
+    from tests.test_quant_models import WIDE, build_fp8
     from tests.tiny_models import build_tiny
 
-    engine = Engine(load_model(build_tiny(arch, tmp_path / arch), "bf16"), num_slots=2)
+    if fmt is None:
+        loaded = load_model(build_tiny(arch, tmp_path / arch), "bf16")
+    elif fmt == "fp8":
+        loaded = load_model(build_fp8(arch, tmp_path)[0], "bf16")
+    else:
+        loaded = load_model(build_tiny(arch, tmp_path / arch, **WIDE[arch]), "bf16", quant=QuantOptions(fmt, 64))
+    engine = Engine(loaded, num_slots=2)
     experts = [m for m in engine.model.modules() if isinstance(m, RoutedExperts)]
     assert experts and all(m.decode_kernel is not None for m in experts)
+    if fmt is not None:
+        assert all(isinstance(m, QuantizedRoutedExperts) and m.fmt == fmt for m in experts)
     fused = experts[0].decode_kernel
     calls = []
 

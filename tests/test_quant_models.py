@@ -120,7 +120,7 @@ def kl_and_top1(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
 
 
 # (format, dense, max KL, min top-1); measured on this model (kernel path): see the README's table
-BOUNDS = [("int8", False, 0.01, 0.9), ("int4", False, 0.5, 0.4), ("int8", True, 0.1, 0.85)]
+BOUNDS = [("int8", None, 0.01, 0.9), ("int4", None, 0.5, 0.4), ("int8", "int8", 0.1, 0.85), ("int4", "int4", 1.5, 0.15)]
 
 
 @pytest.mark.parametrize("fmt, dense, max_kl, min_top1", BOUNDS)
@@ -129,13 +129,16 @@ def test_quantize_on_load_close_to_unquantized(wide_qwen, fmt, dense, max_kl, mi
     loaded = load_model(wide_qwen, "fp32", quant=QuantOptions(fmt, 64, dense))
     experts = loaded.model.moe_layers()[0].experts
     assert isinstance(experts, QuantizedRoutedExperts) and experts.fmt == fmt
-    assert any(isinstance(m, QuantizedLinear) for m in loaded.model.modules()) == dense
+    dense_fmts = {m.stack.fmt for m in loaded.model.modules() if isinstance(m, QuantizedLinear)}
+    assert dense_fmts == ({dense, "int8"} if dense else set())
+    assert isinstance(loaded.model.lm_head, QuantizedLinear) == bool(dense)  # the head int8 with any dense format
     plain = _logits(loaded.model)
     fast = _logits(apply_kernels(loaded.model))
     for path, got in (("torch", plain), ("kernel", fast)):
         kl, top1 = kl_and_top1(ref, got)
         with capsys.disabled():
-            print(f"\n{fmt}{' +dense' if dense else ''} ({path}): KL {kl:.5f}  top-1 {top1:.3f}", file=sys.stderr)
+            label = f"{fmt} +dense {dense}" if dense else fmt
+            print(f"\n{label} ({path}): KL {kl:.5f}  top-1 {top1:.3f}", file=sys.stderr)
         assert kl <= max_kl and top1 >= min_top1, (path, kl, top1)
 
 

@@ -192,7 +192,7 @@ def load_model(
             model = model_class(cfg)
         _load_dense(model, reader, arch, cfg)
         if quant.dense:
-            quantize_dense_linears(model, "int8", quant.group_size)
+            quantize_dense_linears(model, quant.dense, quant.group_size)
         for index, (layer, moe) in enumerate(zip(cfg.moe_layer_ids(), model.moe_layers(), strict=True)):
             experts = held[index]
             if fmt is None:

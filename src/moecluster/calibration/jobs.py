@@ -68,7 +68,7 @@ def worker_argv(
     quant = (
         ["--quant-group-size", str(args.quant_group_size)]
         + (["--quantize", args.quantize] if args.quantize else [])
-        + (["--quantize-dense"] if args.quantize_dense else [])
+        + (["--quantize-dense", args.quantize_dense] if args.quantize_dense else [])
     )
     return argv + (["--dtype", args.dtype] if args.dtype else []) + quant + ([] if trace else ["--no-trace"])
 

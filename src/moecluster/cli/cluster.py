@@ -68,8 +68,12 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--quantize-dense",
-        action="store_true",
-        help="with --quantize: also hold attention and dense / shared MLP weights as int8",
+        nargs="?",
+        const="int8",
+        default=None,
+        metavar="int8|int4",
+        help="with --quantize: also hold attention and dense / shared MLP weights as int8 (the default) or int4, "
+        "and the lm_head as int8",
     )
 
 

@@ -86,6 +86,8 @@ def _build():
     lib.attn_decode_bf16.argtypes = [i64, i64, i64, i64, i64, ptr, i64, f32, ptr, ptr, f32, ptr, ptr, i64]
     lib.attn_decode_bf16.argtypes += [ptr, ptr, i64, ptr, ptr, f32, ptr, i64, ptr]
     lib.attn_decode_bf16.restype = ctypes.c_int
+    lib.moe_decode_bf16.argtypes = [ptr, ptr, i64, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr]
+    lib.moe_decode_bf16.restype = ctypes.c_int
     from moecluster.kernels import glue  # glue.c is built into this library; glue.py imports this module
 
     glue.declare(lib)
@@ -293,7 +295,7 @@ def _build_q():
     global q_unavailable_reason
     # -ffp-contract=off: no fused multiply-adds beyond the written ones, so every path rounds alike
     so, q_unavailable_reason = _compile(
-        [_Q_SOURCE],
+        [_Q_SOURCE, _SOURCES[1]],  # with glue.c (moe_decode_q uses it)
         _Q_REQUIRED_FLAGS,
         ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vnni", "-ffp-contract=off"],
     )
@@ -325,6 +327,11 @@ def _build_q():
     lib.moe_gemm_q.restype = cint
     lib.moe_gemm_q_scratch_row_bytes.argtypes = [cint, i64, i64]
     lib.moe_gemm_q_scratch_row_bytes.restype = i64
+    lib.moe_decode_q.argtypes = [cint, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr]
+    lib.moe_decode_q.restype = cint
+    from moecluster.kernels import glue  # glue.c is built into this library too
+
+    glue.declare(lib)
     return lib
 
 
@@ -339,6 +346,10 @@ def _get_q():
                     q_unavailable_reason = f"kernel unavailable: {e}"
                     _q_lib = False
     return _q_lib or None
+
+
+_q_row_bytes: dict[tuple[int, int, int], int] = {}  # (format id, inputs, group size) -> scratch bytes per x row
+_q_scratch = threading.local()
 
 
 def moe_gemm_q_available() -> bool:
@@ -402,8 +413,11 @@ def moe_gemm_q(
         return out_nO
     fmt = _Q_FORMAT_IDS[stack.fmt]
     n_x = x_nI.shape[0]
-    row = lib.moe_gemm_q_scratch_row_bytes(fmt, stack.I, stack.group_size)
-    scratch = torch.empty(n_x * row + 64, dtype=torch.uint8)
+    key = (fmt, stack.I, stack.group_size)
+    row = _q_row_bytes.get(key) or _q_row_bytes.setdefault(key, lib.moe_gemm_q_scratch_row_bytes(*key))
+    scratch = getattr(_q_scratch, "buf", None)  # this thread's, reused: allocating it was ~10% of a decode call
+    if scratch is None or scratch.numel() < n_x * row + 64:
+        scratch = _q_scratch.buf = torch.empty(n_x * row + 64, dtype=torch.uint8)
     base = scratch.data_ptr() + (-scratch.data_ptr()) % 64  # 64-byte aligned rows
     starts = [0]
     for c in counts:

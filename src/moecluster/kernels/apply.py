@@ -141,32 +141,37 @@ def fast_softmax_topk(
 def fast_moe_decode(
     experts: RoutedExperts, x_1D: torch.Tensor, ids_1K: torch.Tensor, weights_1K: torch.Tensor
 ) -> torch.Tensor | None:
-    """RoutedExperts.decode_kernel: one token's experts, SwiGLU and combine in one compiled call (glue.moe_decode),
-    for bf16 experts without biases whose products, activation and combine are the kernels' (the same bits as
-    that per-pair path); None otherwise."""
-    K = ids_1K.shape[1]
+    """RoutedExperts.decode_kernel: one token's experts, SwiGLU and combine in one compiled call (glue.moe_decode,
+    glue.moe_decode_q for quantized stacks), for experts without biases whose products, activation and combine
+    are the kernels' (the same bits as that per-pair path); None otherwise."""
+    quantized = isinstance(experts, QuantizedRoutedExperts)
     if (
-        experts.gemm is not fast_moe_gemm
+        experts.gemm is not (kernels.moe_gemm_q if quantized else fast_moe_gemm)
         or experts.activation is not fast_silu_glu
         or experts.combine is not fast_combine
         or experts.b13_eG is not None
-        or experts.w13_eGD.dtype != torch.bfloat16
         or x_1D.dtype != torch.bfloat16
         or ids_1K.dtype != torch.int64
         or weights_1K.dtype != torch.float32
         or not (x_1D.is_contiguous() and ids_1K.is_contiguous() and weights_1K.is_contiguous())
     ):
         return None
-    table = experts.__dict__.get("_local_of_E")
-    if table is None:  # the local row of each global expert (the held experts never change)
-        table = torch.full((experts.num_experts,), -1, dtype=torch.int64)
+    state = experts.__dict__.setdefault("_decode_state", {})  # reused scratch, the expert -> local row table
+    table = state.get("local_of_E")
+    if table is None:  # the held experts never change
+        table = state["local_of_E"] = torch.full((experts.num_experts,), -1, dtype=torch.int64)
         table[experts.expert_ids] = torch.arange(len(experts.expert_ids))
-        experts.__dict__["_local_of_E"] = table
-    scratch = experts.__dict__.get("_decode_scratch")
-    need = K * (3 * experts.hidden + experts.dim)
-    if scratch is None or scratch.numel() < need:
-        scratch = experts.__dict__["_decode_scratch"] = torch.empty(need, dtype=torch.bfloat16)
-    return glue.moe_decode(experts.w13_eGD, experts.w2_eDF, table, ids_1K, weights_1K, x_1D, scratch)
+    if quantized:
+        w13, w2 = experts.w13_eGD, experts.w2_eDF
+        if not (kernels._kernel_takes(w13) and kernels._kernel_takes(w2)) or w13.group_size != w2.group_size:
+            return None
+        return glue.moe_decode_q(w13, w2, table, ids_1K, weights_1K, x_1D, state)
+    if experts.w13_eGD.dtype != torch.bfloat16:
+        return None
+    need = ids_1K.shape[1] * (3 * experts.hidden + experts.dim)
+    if state.get("scratch") is None or state["scratch"].numel() < need:
+        state["scratch"] = torch.empty(need, dtype=torch.bfloat16)
+    return glue.moe_decode(experts.w13_eGD, experts.w2_eDF, table, ids_1K, weights_1K, x_1D, state["scratch"])
 
 
 def apply_kernels(model: nn.Module) -> nn.Module:
@@ -203,5 +208,4 @@ def _apply_glue(module: nn.Module) -> None:
         module.combine = fast_combine
         if module.activation is silu_glu:
             module.activation = fast_silu_glu
-        if type(module) is RoutedExperts:  # where its products are the kernels (checked per call)
-            module.decode_kernel = fast_moe_decode
+        module.decode_kernel = fast_moe_decode  # where its products are the kernels (checked per call)

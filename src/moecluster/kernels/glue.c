@@ -142,34 +142,3 @@ void renorm_f32(int64_t N, int64_t K, float *w) {
             w[n * K + k] /= total;
     }
 }
-
-int moe_gemm_bf16(const uint16_t *W, int64_t expert_stride, const int64_t *experts, int64_t K,
-                  const int64_t *pair_start, int64_t rows, int64_t cols,
-                  const uint16_t *X, int64_t x_stride, const int64_t *x_rows,
-                  uint16_t *Y, int64_t y_stride, const int64_t *y_rows);  /* moe_gemv.c */
-
-/* RoutedExperts.forward for one token in one call: its K selected experts (global ids, local_of_E maps them
- * to rows of the stacks, -1 where not held) through w13, SwiGLU, w2 and the combine: the calls of the
- * per-pair path (moe_gemm_bf16 twice, silu_mul_bf16, combine_bf16) with its arguments, so the same bits.
- * scratch: K * (2F + F + D) bf16. Returns -1 (nothing written) when an expert is not held or K > 64. */
-int moe_decode_bf16(const uint16_t *w13, const uint16_t *w2, int64_t D, int64_t F, const int64_t *local_of,
-                    int64_t E, const int64_t *ids, const float *weights, int64_t K, const uint16_t *x,
-                    uint16_t *scratch, uint16_t *out) {
-    int64_t local[64], start[65], zeros[64];
-    if (K < 1 || K > 64)
-        return -1;
-    for (int64_t k = 0; k < K; k++) {
-        if (ids[k] < 0 || ids[k] >= E || local_of[ids[k]] < 0)
-            return -1;
-        local[k] = local_of[ids[k]];
-        start[k] = k;
-        zeros[k] = 0;
-    }
-    start[K] = K;
-    uint16_t *h13 = scratch, *h = scratch + K * 2 * F, *y = h + K * F;
-    moe_gemm_bf16(w13, 2 * F * D, local, K, start, 2 * F, D, x, D, zeros, h13, 2 * F, NULL);
-    silu_mul_bf16(K, F, h13, h13 + F, 2 * F, h);
-    moe_gemm_bf16(w2, D * F, local, K, start, D, F, h, F, NULL, y, D, NULL);
-    combine_bf16(1, K, D, y, weights, out);
-    return 0;
-}

@@ -19,7 +19,7 @@ _BF = torch.bfloat16
 
 
 def declare(lib: Any) -> None:
-    """Argument types of glue.c's functions (built into kernels' library, with moe_gemv.c)."""
+    """Argument types of glue.c's functions (built into both kernel libraries)."""
     i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
     lib.rms_norm_bf16.argtypes = [i64, i64, ptr, ptr, ptr, ptr, f32, ptr]
     lib.rms_norm_bf16.restype = None
@@ -31,8 +31,6 @@ def declare(lib: Any) -> None:
     lib.softmax_bf16.restype = None
     lib.renorm_f32.argtypes = [i64, i64, ptr]
     lib.renorm_f32.restype = None
-    lib.moe_decode_bf16.argtypes = [ptr, ptr, i64, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr]
-    lib.moe_decode_bf16.restype = ctypes.c_int
 
 
 def _get() -> Any:
@@ -144,6 +142,50 @@ def moe_decode(
         K,
         x_1D.data_ptr(),
         scratch.data_ptr(),
+        out.data_ptr(),
+    )
+    return out if rc == 0 else None
+
+
+def moe_decode_q(
+    w13, w2, local_of_E: torch.Tensor, ids_1K: torch.Tensor, weights_1K: torch.Tensor, x_1D: torch.Tensor, buf: dict
+) -> torch.Tensor | None:
+    """moe_decode for QuantizedStacks w13 [E, 2F, D] and w2 [E, D, F] of one format and group size (moe_gemm_q.c
+    moe_decode_q): the bits of the per-pair path with kernels.moe_gemm_q. `buf`: the caller's dict for reused
+    scratch tensors. None when an expert is not held here or the quantized kernel is unavailable."""
+    lib = kernels._get_q()
+    if lib is None:
+        return None
+    fmt, g, K = kernels._Q_FORMAT_IDS[w13.fmt], w13.group_size, ids_1K.shape[1]
+    D, F = w13.I, w2.I
+    rows = []
+    for key in ((fmt, D, g), (fmt, F, g)):
+        rows.append(
+            kernels._q_row_bytes.get(key)
+            or kernels._q_row_bytes.setdefault(key, lib.moe_gemm_q_scratch_row_bytes(*key))
+        )
+    need_h, need_s = K * (3 * F + D), max(rows[0], K * rows[1]) + 64
+    if buf.get("h") is None or buf["h"].numel() < need_h or buf["s"].numel() < need_s:
+        buf["h"], buf["s"] = torch.empty(need_h, dtype=_BF), torch.empty(need_s, dtype=torch.uint8)
+    s_ptr = buf["s"].data_ptr()
+    out = x_1D.new_empty(1, D)
+    rc = lib.moe_decode_q(
+        fmt,
+        w13.data.data_ptr(),
+        w13.scales.data_ptr(),
+        w2.data.data_ptr(),
+        w2.scales.data_ptr(),
+        D,
+        F,
+        g,
+        local_of_E.data_ptr(),
+        local_of_E.shape[0],
+        ids_1K.data_ptr(),
+        weights_1K.data_ptr(),
+        K,
+        x_1D.data_ptr(),
+        buf["h"].data_ptr(),
+        s_ptr + (-s_ptr) % 64,
         out.data_ptr(),
     )
     return out if rc == 0 else None

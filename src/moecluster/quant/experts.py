@@ -25,7 +25,7 @@ from moecluster.quant.formats import DEFAULT_GROUP_SIZE, FORMATS
 from moecluster.quant.stack import QuantizedStack
 
 QUANTIZE_ON_LOAD = ("int8", "int4")  # what --quantize makes from a bf16/fp32 checkpoint
-DENSE_QUANTIZE = ("int8",)  # what --quantize-dense makes of dense linears
+DENSE_QUANTIZE = ("int8", "int4")  # what --quantize-dense makes of dense linears (the lm_head: int8)
 
 # gemm(stack, local experts, pairs per expert, x_nI, x row of each pair, out_mO, out row of each pair) -> out
 QuantGemm = Callable[
@@ -36,11 +36,12 @@ QuantGemm = Callable[
 @dataclass(frozen=True)
 class QuantOptions:
     """How to hold weights: `fmt` for the routed experts (None: the checkpoint's dtype or format),
-    `group_size` for int8/int4, `dense`: also quantize dense linears (attention, dense / shared MLPs) to int8."""
+    `group_size` for int8/int4, `dense`: also quantize the dense linears (attention, dense / shared MLPs) to
+    this format and the lm_head to int8 (None: they stay in the compute dtype)."""
 
     fmt: str | None = None
     group_size: int = DEFAULT_GROUP_SIZE
-    dense: bool = False
+    dense: str | None = None
 
     def check(self) -> QuantOptions:
         if self.fmt is not None and self.fmt not in QUANTIZE_ON_LOAD:
@@ -50,8 +51,12 @@ class QuantOptions:
             )
         if self.group_size <= 0 or self.group_size % 64:
             raise MoeClusterError(f"--quant-group-size must be a positive multiple of 64, got {self.group_size}")
+        if self.dense is not None and self.dense not in DENSE_QUANTIZE:
+            raise MoeClusterError(
+                f"--quantize-dense {self.dense!r} is not supported; choose one of {', '.join(DENSE_QUANTIZE)}"
+            )
         if self.dense and self.fmt is None:
-            raise MoeClusterError("--quantize-dense needs --quantize int8 or int4 (dense linears become int8)")
+            raise MoeClusterError("--quantize-dense needs --quantize int8 or int4 for the experts")
         return self
 
 
@@ -178,19 +183,22 @@ class QuantizedLinear(nn.Module):
 
 
 def quantize_dense_linears(model: nn.Module, fmt: str = "int8", group_size: int | None = None) -> int:
-    """Replace every Linear of the blocks (attention, dense and shared MLPs; not the router gates,
-    embeddings or lm_head, which decide routing and logits) whose input dim the group size divides by a
-    QuantizedLinear, one at a time. Returns the number replaced."""
+    """Replace every Linear of the blocks (attention, dense and shared MLPs) whose input dim the group size
+    divides by a QuantizedLinear in `fmt`, and the lm_head (unless tied to the embeddings) by an int8 one, as
+    llama.cpp keeps its output tensor at 6-8 bits whatever the rest: it decides the logits. The router gates
+    (they decide routing) and the embeddings (one row read per token) stay. One at a time; returns the number
+    replaced."""
     g = group_size or DEFAULT_GROUP_SIZE
+    head = getattr(model, "lm_head", None)
     targets = [
-        (parent, name, child)
+        (parent, name, child, "int8" if child is head else fmt)
         for parent in model.modules()
         for name, child in parent.named_children()
         if isinstance(child, Linear)
         and name != "gate"
-        and child is not getattr(model, "lm_head", None)
+        and not (child is head and getattr(model, "tie_embeddings", False))
         and child.in_features % g == 0
     ]
-    for parent, name, child in targets:
-        setattr(parent, name, QuantizedLinear.from_linear(child, fmt, g))
+    for parent, name, child, child_fmt in targets:
+        setattr(parent, name, QuantizedLinear.from_linear(child, child_fmt, g))
     return len(targets)
