@@ -1,8 +1,8 @@
 """Quality yardstick of the built-in demo model: held-out perplexity via `moecluster eval`, in bf16 and fp32, and
-with quantized experts: int8 / int4 on load (`--quantize`, also int8 with `--quantize-dense`) and fp8 (a copy of
+with quantized experts: int8 / int4 on load (`--quantize`, also with `--quantize-dense int8|int4`) and fp8 (a copy of
 the checkpoint written in the DeepSeek-V3 / Qwen3-FP8 block-scaled layout, read as shipped).
 
-    python benchmarks/demo_model.py [--model DIR] [--text FILE] [--only bf16 fp32 int8 int4 int8-dense fp8]
+    python benchmarks/demo_model.py [--model DIR] [--text FILE] [--only bf16 fp32 int8 int4 int8-dense int4-dense fp8]
 
 Writes benchmarks/results/demo_model.json and .md (date, commit, CPU, versions, command).
 """
@@ -35,7 +35,8 @@ RUNS = {
     "fp32": ("fp32", []),
     "int8": ("bf16", ["--quantize", "int8"]),
     "int4": ("bf16", ["--quantize", "int4"]),
-    "int8-dense": ("bf16", ["--quantize", "int8", "--quantize-dense"]),
+    "int8-dense": ("bf16", ["--quantize", "int8", "--quantize-dense", "int8"]),
+    "int4-dense": ("bf16", ["--quantize", "int4", "--quantize-dense", "int4"]),
     "fp8": ("bf16", []),
 }
 FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
@@ -137,9 +138,10 @@ def main() -> int:
         f"Text: `{result['text']}`, the held-out split of the Python 3.11 documentation sources (Debian "
         f"python3-doc, PSF License): every 40th source file, never seen by the tokenizer or in training.\n\n"
         f"Token-level perplexity over sliding windows (window = the model's context, stride = window/2; "
-        f"each token scored once). Rows int8 / int4 / fp8: the routed experts in that format (int8-dense: also "
-        f"attention as int8; fp8: every projection but the router), computed by the quantized kernels (int8/int4 "
-        f"quantize the activations per group to int8); vs bf16 = relative perplexity change.\n\n"
+        f"each token scored once). Rows int8 / int4 / fp8: the routed experts in that format (int8-dense / "
+        f"int4-dense: also attention in that format and the lm_head int8; fp8: every projection but the router), "
+        f"computed by the quantized kernels (int8/int4 quantize the activations per group to int8); vs bf16 = "
+        f"relative perplexity change.\n\n"
         f"| run | perplexity | vs bf16 | NLL nats/token | tokens | window / stride | s |\n"
         f"|---|---|---|---|---|---|---|\n{rows}\n"
     )
