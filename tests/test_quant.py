@@ -205,6 +205,18 @@ def test_kernel_bits_do_not_depend_on_threads_or_companions(fmt):
 
 
 @needs_kernel
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+def test_linear_q_equals_moe_gemm_q_of_one_expert(fmt, x_dtype):
+    """kernels.linear_q (QuantizedLinear's compiled product: rows as pairs, no row lists) gives moe_gemm_q's bits."""
+    stack = random_stack(fmt, 1, 36, 256, None, seed=5)
+    for n in (1, 3, 20):
+        x = torch.randn(n, 256, generator=torch.Generator().manual_seed(n)).to(x_dtype)
+        want = run(kernels.moe_gemm_q, stack, [0], [n], x, list(range(n)), x_dtype)
+        assert torch.equal(kernels.linear_q(stack, x), want)
+
+
+@needs_kernel
 def test_kernel_writes_only_named_rows():
     stack = random_stack("int4", 2, 16, 128, None)
     x = torch.randn(1, 128).bfloat16()

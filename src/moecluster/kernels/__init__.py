@@ -468,3 +468,40 @@ def moe_gemm_q_torch(
             out_nO[out_rows[start : start + c]] = (xs @ stack.dequantize(e).T).to(out_nO.dtype)
         start += c
     return out_nO
+
+
+def linear_q(stack, x_nI: torch.Tensor) -> torch.Tensor:
+    """x_nI @ W.T for a one-weight QuantizedStack (QuantizedLinear.linear): moe_gemm_q's kernel with one expert
+    whose pairs are the rows, with the least Python per call (a decode step makes a few per layer); the bits of
+    moe_gemm_q(stack, [0], [n], x_nI, rows, out, rows). x_nI: contiguous bf16 or fp32 [n, I] -> out [n, O]."""
+    lib = _get_q()
+    n = x_nI.shape[0]
+    if (
+        lib is None
+        or not _kernel_takes(stack)
+        or x_nI.dtype not in (torch.bfloat16, torch.float32)
+        or not x_nI.is_cpu
+        or not x_nI.is_contiguous()
+        or x_nI.shape != (n, stack.I)
+        or stack.num_experts != 1
+    ):
+        rows = list(range(n))
+        return moe_gemm_q(stack, [0], [n], x_nI, rows, x_nI.new_empty(n, stack.O), rows)
+    out_nO = x_nI.new_empty(n, stack.O)
+    if not n:
+        return out_nO
+    fmt = _Q_FORMAT_IDS[stack.fmt]
+    key = (fmt, stack.I, stack.group_size)
+    row = _q_row_bytes.get(key) or _q_row_bytes.setdefault(key, lib.moe_gemm_q_scratch_row_bytes(*key))
+    scratch = getattr(_q_scratch, "buf", None)
+    if scratch is None or scratch.numel() < n * row + 64:
+        scratch = _q_scratch.buf = torch.empty(n * row + 64, dtype=torch.uint8)
+    f32 = int(x_nI.dtype == torch.float32)
+    rc = lib.moe_gemm_q(
+        fmt, stack.data.data_ptr(), stack.scales.data_ptr(), stack.O, stack.I, stack.group_size, _ZERO, 1,
+        _STARTS(0, n), x_nI.data_ptr(), f32, stack.I, n, None, out_nO.data_ptr(), f32, stack.O, None,
+        scratch.data_ptr() + (-scratch.data_ptr()) % 64,
+    )  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"moe_gemm_q failed with code {rc}")
+    return out_nO

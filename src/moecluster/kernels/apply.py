@@ -189,6 +189,8 @@ def apply_kernels(model: nn.Module) -> nn.Module:
             module.decode_kernel = fast_attn_decode
         elif isinstance(module, (QuantizedRoutedExperts, QuantizedLinear)):  # before RoutedExperts: a subclass
             module.gemm = kernels.moe_gemm_q  # the compiled kernel where it runs, else its torch path
+            if isinstance(module, QuantizedLinear):
+                module.linear = kernels.linear_q
         elif isinstance(module, RoutedExperts):
             module.gemm = fast_moe_gemm
     return model

@@ -400,7 +400,8 @@ static void convert_block(const Shape *s, const char *const *w, const char *cons
 
 /* Pair p of expert k (p in pair_start[k] .. pair_start[k+1]-1):
  *   Y[y_rows[p]][r] = sum_d W[experts[k]][r][d] * X[x_rows[p]][d]
- * X: n_x rows of bf16 (x_f32 = 0) or fp32, x_stride elements apart; Y likewise (y_f32). scratch holds
+ * X: n_x rows of bf16 (x_f32 = 0) or fp32, x_stride elements apart; Y likewise (y_f32). x_rows / y_rows
+ * NULL: row p for pair p. scratch holds
  * n_x * moe_gemm_q_scratch_row_bytes(...) bytes, 64-byte aligned. Returns 0, or -1 for a bad format. */
 int moe_gemm_q(int fmt, const char *W, const char *S, int64_t rows, int64_t cols, int64_t g,
                const int64_t *experts, int64_t K, const int64_t *pair_start,
@@ -453,10 +454,10 @@ int moe_gemm_q(int fmt, const char *W, const char *S, int64_t rows, int64_t cols
                 const char *xs[NXMAX];
                 float out[NXMAX][RB];
                 for (int j = 0; j < nx; j++)
-                    xs[j] = scratch + x_rows[p0 + j] * s.scr_row;
+                    xs[j] = scratch + (x_rows ? x_rows[p0 + j] : p0 + j) * s.scr_row;
                 block_pairs(&s, w, sc, xs, nx, p0 == pair_start[k] ? next : NULL, convert ? wb : NULL, ld, out);
                 for (int j = 0; j < nx; j++) {
-                    char *y = (char *)Y + y_rows[p0 + j] * y_stride * (y_f32 ? 4 : 2);
+                    char *y = (char *)Y + (y_rows ? y_rows[p0 + j] : p0 + j) * y_stride * (y_f32 ? 4 : 2);
                     for (int i = 0; i < n; i++) {
                         if (y_f32)
                             ((float *)y)[r0 + i] = out[j][i];

@@ -168,6 +168,8 @@ class QuantizedLinear(nn.Module):
         self.qscales = nn.Parameter(stack.scales, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.gemm: QuantGemm = torch_moe_gemm_q
+        # a transformation may set a compiled product (stack, x_nI) -> out_nO with gemm's bits
+        self.linear: Callable[[QuantizedStack, torch.Tensor], torch.Tensor] | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: str, group_size: int | None = None) -> QuantizedLinear:
@@ -176,8 +178,11 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_nI = x.reshape(-1, self.stack.I).contiguous()
         n = x_nI.shape[0]
-        rows = list(range(n))
-        out_nO = self.gemm(self.stack, [0], [n], x_nI, rows, x_nI.new_empty(n, self.stack.O), rows)
+        if self.linear is not None:
+            out_nO = self.linear(self.stack, x_nI)
+        else:
+            rows = list(range(n))
+            out_nO = self.gemm(self.stack, [0], [n], x_nI, rows, x_nI.new_empty(n, self.stack.O), rows)
         out = out_nO.view(*x.shape[:-1], self.stack.O)
         return out if self.bias is None else out + self.bias
 
