@@ -12,9 +12,14 @@ fp8 / mxfp4 are the same bf16 experts converted in memory by the formats' own co
 llama.cpp: the checkpoint converted by its convert_hf_to_gguf.py (bf16 GGUF, cached), quantized by
 llama_model_quantize; bytes per token from the GGUF's tensors (dense + top_k / num_experts of the expert tensors).
 Without llama-cpp-python (`pip install .[bench]`, it builds llama.cpp) those rows are skipped with a message.
+The table's rows run one after another, each in its own bandwidth window (this machine's swings by 30-60% within
+minutes), so "vs llama.cpp peer" there compares windows as much as engines; --head-to-head (default: int8+dense
+vs q8_0 and int4+dense vs q4_0, the same weights at nearly the same bytes) loads both engines and alternates
+them round by round, which compares them in the same windows.
 
     PYTHONPATH=src .venv/bin/python benchmarks/quant.py [--model-shape dbrx|qwen3-moe] [--rounds 5] [--tokens 16]
         [--formats bf16 int8 int4 int8+dense int4+dense fp8 mxfp4] [--llama q8_0 q4_0] [--llama-cpp-src DIR] [--no-save]
+        [--head-to-head int8+dense int4+dense]
 
 --llama-cpp-src: a llama.cpp source tree (for convert_hf_to_gguf.py and gguf-py; default $LLAMA_CPP_SRC, else
 the llama-cpp-python sdist of the installed version, fetched once with `pip download`). Results are appended to
@@ -38,18 +43,21 @@ import torch
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from decode import bench_model_dir, cpu_model, git_commit, package_version  # noqa: E402
-from quant_llama import LLAMA_TYPES, llama_cpp_available, run_llama  # noqa: E402
+from quant_llama import LLAMA_TYPES, gaps, llama_cpp_available, open_llama, run_llama  # noqa: E402
 
 from moecluster.engine.generate import Engine  # noqa: E402
 from moecluster.engine.sampling import SamplingParams  # noqa: E402
-from moecluster.loading import LoadedModel, load_model  # noqa: E402
+from moecluster.loading import LoadedModel, load_model, read_config  # noqa: E402
 from moecluster.quant.experts import QuantizedRoutedExperts, QuantOptions  # noqa: E402
+from moecluster.tokenizer import Tokenizer  # noqa: E402
 
 RESULTS = HERE / "results"
 PROMPT = "Decoding one token reads the weights of the selected experts once"
 FORMATS = ("bf16", "int8", "int4", "int8+dense", "int4+dense", "fp8", "mxfp4")
 STREAMS = 8
 PREFILL_TOKENS = 256
+SETTLE_S = 1.0
+PEER = {"int8": "q8_0", "int4": "q4_0", "int8+dense": "q8_0", "int4+dense": "q4_0"}  # llama.cpp's same-bits type
 
 
 class Bandwidth:
@@ -164,10 +172,60 @@ def run_ours(model_dir: Path, fmt: str, bw: Bandwidth, tokens: int, rounds: int)
     }
 
 
+def head_to_head(model_dir: Path, fmt: str, qtype: str, prompt: list[int], args) -> dict:
+    """Both engines loaded; `args.rounds` rounds of one decode each, the order alternating round by round, so
+    each round's two runs are seconds apart in the same bandwidth window: per round tok/s ours / llama.cpp."""
+    engine = Engine(load(model_dir, fmt), num_slots=1, max_seq_len=512)
+    llm, llama_bytes, _ = open_llama(model_dir, qtype, args)
+    decode_times(engine, prompt, 4)  # warm-up
+    gaps(llm, prompt, 4)
+    ours_bytes = engine.dense_bytes + engine.expert_bytes_last_step()
+    rounds = []
+    for r in range(args.rounds):
+        order = ("ours", "llama") if r % 2 == 0 else ("llama", "ours")
+        s = {}
+        for who in order:
+            time.sleep(SETTLE_S)  # the other engine's threads stop spinning (both spin-wait between work)
+            times = decode_times(engine, prompt, args.tokens) if who == "ours" else gaps(llm, prompt, args.tokens)
+            s[who] = statistics.median(times)
+        rounds.append({"ours_tok_s": 1 / s["ours"], "llama_tok_s": 1 / s["llama"], "speedup": s["llama"] / s["ours"]})
+    del engine, llm
+    gc.collect()
+    return {
+        "format": fmt,
+        "peer": qtype,
+        "ours_bytes_per_token": ours_bytes,
+        "llama_bytes_per_token": llama_bytes,
+        "ours_tok_s": statistics.median(r["ours_tok_s"] for r in rounds),
+        "llama_tok_s": statistics.median(r["llama_tok_s"] for r in rounds),
+        "speedup": statistics.median(r["speedup"] for r in rounds),
+        "rounds": rounds,
+    }
+
+
+def head_to_head_table(pairs: list[dict]) -> list[str]:
+    out = [
+        "",
+        "Head to head: both engines loaded, one decode each per round, order alternating (same bandwidth window):",
+        "",
+        "| moecluster | llama.cpp | MB/token (ours / llama.cpp) | tok/s ours | tok/s llama.cpp "
+        "| speedup, median of rounds | per round |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for p in pairs:
+        per_round = ", ".join(f"{r['speedup']:.2f}" for r in p["rounds"])
+        out.append(
+            f"| {p['format']} | {p['peer']} | {p['ours_bytes_per_token'] / 1e6:.0f} / "
+            f"{p['llama_bytes_per_token'] / 1e6:.0f} | {p['ours_tok_s']:.2f} | {p['llama_tok_s']:.2f} | "
+            f"{p['speedup']:.2f}x | {per_round} |"
+        )
+    return out
+
+
 def table(rows: list[dict]) -> list[str]:
     bf16 = next((r for r in rows if r["format"] == "bf16" and r["engine"] == "moecluster"), None)
     llama = {r["format"]: r for r in rows if r["engine"] == "llama.cpp"}
-    peer = {"int8": "q8_0", "int4": "q4_0", "int8+dense": "q8_0", "int4+dense": "q4_0"}
+    peer = PEER
     out = [
         "| engine | format | MB/token | batch-1 tok/s | GB/s | ratio to streaming | streaming GB/s "
         "| vs llama.cpp peer | 8 streams tok/s | 8 streams GB/s | prefill tok/s (256) | prefill vs bf16 |",
@@ -199,12 +257,20 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument(
+        "--head-to-head",
+        nargs="*",
+        choices=list(PEER),
+        default=["int8+dense", "int4+dense"],
+        help="formats also compared with their llama.cpp peer in alternating rounds (none: skip)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
     model_dir = bench_model_dir(args.model_shape)
     bw = Bandwidth()
     rows: list[dict] = []
+    pairs: list[dict] = []
     skipped = ""
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stopped run still reports what it measured
     try:
@@ -214,22 +280,24 @@ def main() -> int:
                 skipped = f"llama.cpp rows skipped: {why}"
                 print(skipped, flush=True)
             for qtype in args.llama if ok else []:
-                from moecluster.loading import read_config
-                from moecluster.tokenizer import Tokenizer
-
                 ids = Tokenizer.from_dir(model_dir, read_config(model_dir)[1]).encode(PROMPT)
                 rows.append(run_llama(model_dir, qtype, ids, bw, args, PREFILL_TOKENS))
                 print(f"llama.cpp {qtype}: {rows[-1]['tok_s']:.2f} tok/s, {rows[-1]['ratio']:.0%}", flush=True)
         for fmt in args.formats:
             rows.append(run_ours(model_dir, fmt, bw, args.tokens, args.rounds))
             print(f"moecluster {fmt}: {rows[-1]['tok_s']:.2f} tok/s, {rows[-1]['ratio']:.0%}", flush=True)
+        for fmt in args.head_to_head if args.llama and not skipped else []:
+            if PEER[fmt] in args.llama:
+                ids = Tokenizer.from_dir(model_dir, read_config(model_dir)[1]).encode(PROMPT)
+                pairs.append(head_to_head(model_dir, fmt, PEER[fmt], ids, args))
+                print(f"head to head {fmt} vs {PEER[fmt]}: {pairs[-1]['speedup']:.2f}x", flush=True)
     except KeyboardInterrupt:
         skipped += (" " if skipped else "") + "INTERRUPTED before every row was measured"
-    report(args, rows, skipped, load_start)
+    report(args, rows, skipped, load_start, pairs)
     return 0
 
 
-def report(args, rows: list[dict], skipped: str, load_start: tuple) -> None:
+def report(args, rows: list[dict], skipped: str, load_start: tuple, pairs: list[dict]) -> None:
     run = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": git_commit(),
@@ -247,6 +315,7 @@ def report(args, rows: list[dict], skipped: str, load_start: tuple) -> None:
         "tokens": args.tokens,
         "skipped": skipped,
         "results": rows,
+        "head_to_head": pairs,
     }
     la = run["load_average"]
     lines = [
@@ -258,6 +327,7 @@ def report(args, rows: list[dict], skipped: str, load_start: tuple) -> None:
         + (f"  \n{skipped}" if skipped else "")
         + "\n",
         *table(rows),
+        *(head_to_head_table(pairs) if pairs else []),
     ]
     text = "\n".join(lines)
     print(text)

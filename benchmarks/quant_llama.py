@@ -102,8 +102,8 @@ def gguf_bytes_per_token(path: Path, src: str | None, top_k: int, num_experts: i
     return total
 
 
-def run_llama(model_dir: Path, qtype: str, prompt: list[int], bw, args, prefill_tokens: int) -> dict:
-    """Batch-1 rounds (bandwidth, decode, bandwidth) and prefill of `prefill_tokens`, as quant.run_ours."""
+def open_llama(model_dir: Path, qtype: str, args):
+    """(llama_cpp.Llama on the cached GGUF of `qtype`, its weight bytes per decode token, load seconds)."""
     import llama_cpp
 
     from moecluster.loading import read_config
@@ -115,21 +115,32 @@ def run_llama(model_dir: Path, qtype: str, prompt: list[int], bw, args, prefill_
     llm = llama_cpp.Llama(
         str(path), n_ctx=512, n_batch=512, n_threads=args.threads, n_threads_batch=args.threads, verbose=False
     )
-    load_s = time.perf_counter() - t0
+    return llm, nbytes, time.perf_counter() - t0
 
-    def gaps(llm, tokens: int) -> list[float]:
-        stamps = []
-        for _ in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
-            stamps.append(time.perf_counter())
-            if len(stamps) == tokens:
-                break
-        return [b - a for a, b in zip(stamps, stamps[1:])]
 
-    gaps(llm, 4)  # warm-up
+def gaps(llm, prompt: list[int], tokens: int) -> list[float]:
+    """Seconds between consecutive tokens of a greedy stream of `tokens` tokens."""
+    stamps = []
+    for _ in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+        stamps.append(time.perf_counter())
+        if len(stamps) == tokens:
+            break
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def run_llama(model_dir: Path, qtype: str, prompt: list[int], bw, args, prefill_tokens: int) -> dict:
+    """Batch-1 rounds (bandwidth, decode, bandwidth) and prefill of `prefill_tokens`, as quant.run_ours."""
+    from moecluster.loading import read_config
+
+    shape = read_config(model_dir)[1].shape()
+    llm, nbytes, load_s = open_llama(model_dir, qtype, args)
+    path = gguf_file(model_dir, qtype, args.llama_cpp_src)
+
+    gaps(llm, prompt, 4)  # warm-up
     runs, after = [], bw()
     for _ in range(args.rounds):
         before = after
-        s = statistics.median(gaps(llm, args.tokens))
+        s = statistics.median(gaps(llm, prompt, args.tokens))
         after = bw()
         ref = (before + after) / 2
         runs.append({"s_per_token": s, "reference_gbs": ref, "ratio": nbytes / s / 1e9 / ref})
