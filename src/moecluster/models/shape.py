@@ -212,7 +212,7 @@ class ModelShape:
     def with_dtype(self, dtype: str) -> ModelShape:
         """Same shape with weights stored as `dtype`: bf16, fp16, q8, q4 all weights; the engine's expert
         formats (int8, int4, fp8, mxfp4) the routed experts only, the rest staying bf16 as the engine holds it
-        (int8 dense weights with --quantize-dense are not modelled)."""
+        (dense weights quantized by --quantize-dense are not modelled)."""
         if dtype not in DTYPE_BYTES:
             raise MoeClusterError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
         if dtype in EXPERT_FORMAT_BYTES:
