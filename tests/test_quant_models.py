@@ -264,3 +264,8 @@ def test_cli_generate_quantize_and_errors(wide_qwen, tmp_path, capsys):
     err = capsys.readouterr().err.splitlines()
     assert "'awq'" in err[0] and "not supported" in err[0] and "'fp8'" in err[0], err
     assert "--quantize-dense needs --quantize" in err[1], err
+    with pytest.raises(SystemExit):  # argparse names the choices
+        main(["generate", "--model", str(wide_qwen), "--prompt", "hi", "--quantize", "int4", "--quantize-dense", "q2"])
+    assert "invalid choice: 'q2'" in capsys.readouterr().err
+    argv = ["generate", "--model", str(wide_qwen), "--prompt", "hi", "--max-tokens", "3", "--quiet"]
+    assert main([*argv, "--quantize", "int4", "--quant-group-size", "64", "--quantize-dense", "int4"]) == 0

@@ -71,7 +71,7 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
         nargs="?",
         const="int8",
         default=None,
-        metavar="int8|int4",
+        choices=("int8", "int4"),
         help="with --quantize: also hold attention and dense / shared MLP weights as int8 (the default) or int4, "
         "and the lm_head as int8",
     )
