@@ -142,3 +142,21 @@ void renorm_f32(int64_t N, int64_t K, float *w) {
             w[n * K + k] /= total;
     }
 }
+
+/* One token's K selected experts as the per-pair path lays them out (moe_decode_bf16 / moe_decode_q): pair k is
+ * expert ids[k] at local row local_of[ids[k]], one pair per expert (start[k] = k), reading x row 0 (zeros) and
+ * writing row k (rows). Returns -1 when K is outside 1..64 or an expert is not held here (local_of -1). */
+int decode_pairs(int64_t K, const int64_t *ids, const int64_t *local_of, int64_t E, int64_t *local, int64_t *start,
+                 int64_t *zeros, int64_t *rows) {
+    if (K < 1 || K > 64)
+        return -1;
+    for (int64_t k = 0; k < K; k++) {
+        if (ids[k] < 0 || ids[k] >= E || local_of[ids[k]] < 0)
+            return -1;
+        local[k] = local_of[ids[k]];
+        start[k] = rows[k] = k;
+        zeros[k] = 0;
+    }
+    start[K] = K;
+    return 0;
+}

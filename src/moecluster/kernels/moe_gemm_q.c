@@ -477,6 +477,8 @@ int moe_gemm_q(int fmt, const char *W, const char *S, int64_t rows, int64_t cols
 /* glue.c, built into the same library */
 void silu_mul_bf16(int64_t P, int64_t F, const uint16_t *gate, const uint16_t *up, int64_t stride, uint16_t *out);
 void combine_bf16(int64_t N, int64_t K, int64_t D, const uint16_t *y, const float *w, uint16_t *out);
+int decode_pairs(int64_t K, const int64_t *ids, const int64_t *local_of, int64_t E, int64_t *local, int64_t *start,
+                 int64_t *zeros, int64_t *rows);
 
 /* QuantizedRoutedExperts.forward for one bf16 token: w13 (stack of [2F, D]) and w2 ([D, F]) in format fmt,
  * the calls and arguments of the per-pair path (moe_gemm_q twice, silu_mul_bf16, combine_bf16): the same
@@ -486,16 +488,8 @@ int moe_decode_q(int fmt, const char *W13, const char *S13, const char *W2, cons
                  int64_t g, const int64_t *local_of, int64_t E, const int64_t *ids, const float *weights, int64_t K,
                  const uint16_t *x, uint16_t *h, char *scratch, uint16_t *out) {
     int64_t local[64], start[65], zeros[64], rows[64];
-    if (K < 1 || K > 64)
+    if (decode_pairs(K, ids, local_of, E, local, start, zeros, rows))
         return -1;
-    for (int64_t k = 0; k < K; k++) {
-        if (ids[k] < 0 || ids[k] >= E || local_of[ids[k]] < 0)
-            return -1;
-        local[k] = local_of[ids[k]];
-        start[k] = rows[k] = k;
-        zeros[k] = 0;
-    }
-    start[K] = K;
     uint16_t *h13 = h, *hf = h + K * 2 * F, *y = hf + K * F;
     int rc = moe_gemm_q(fmt, W13, S13, 2 * F, D, g, local, K, start, x, 0, D, 1, zeros, h13, 0, 2 * F, rows, scratch);
     if (rc)

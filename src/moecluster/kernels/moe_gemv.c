@@ -198,6 +198,8 @@ int moe_gemm_bf16(const uint16_t *W, int64_t expert_stride, const int64_t *exper
 /* glue.c, built into the same library */
 void silu_mul_bf16(int64_t P, int64_t F, const uint16_t *gate, const uint16_t *up, int64_t stride, uint16_t *out);
 void combine_bf16(int64_t N, int64_t K, int64_t D, const uint16_t *y, const float *w, uint16_t *out);
+int decode_pairs(int64_t K, const int64_t *ids, const int64_t *local_of, int64_t E, int64_t *local, int64_t *start,
+                 int64_t *zeros, int64_t *rows);
 
 /* RoutedExperts.forward for one token in one call: its K selected experts (global ids, local_of_E maps them
  * to rows of the stacks, -1 where not held) through w13, SwiGLU, w2 and the combine: the calls of the
@@ -206,17 +208,9 @@ void combine_bf16(int64_t N, int64_t K, int64_t D, const uint16_t *y, const floa
 int moe_decode_bf16(const uint16_t *w13, const uint16_t *w2, int64_t D, int64_t F, const int64_t *local_of,
                     int64_t E, const int64_t *ids, const float *weights, int64_t K, const uint16_t *x,
                     uint16_t *scratch, uint16_t *out) {
-    int64_t local[64], start[65], zeros[64];
-    if (K < 1 || K > 64)
+    int64_t local[64], start[65], zeros[64], rows[64];
+    if (decode_pairs(K, ids, local_of, E, local, start, zeros, rows))
         return -1;
-    for (int64_t k = 0; k < K; k++) {
-        if (ids[k] < 0 || ids[k] >= E || local_of[ids[k]] < 0)
-            return -1;
-        local[k] = local_of[ids[k]];
-        start[k] = k;
-        zeros[k] = 0;
-    }
-    start[K] = K;
     uint16_t *h13 = scratch, *h = scratch + K * 2 * F, *y = h + K * F;
     moe_gemm_bf16(w13, 2 * F * D, local, K, start, 2 * F, D, x, D, zeros, h13, 2 * F, NULL);
     silu_mul_bf16(K, F, h13, h13 + F, 2 * F, h);
