@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tiny_models import VOCAB, build_tiny
 
+from moecluster.engine.generate import Engine
 from moecluster.errors import MoeClusterError
 from moecluster.kernels.apply import apply_kernels
 from moecluster.loading import load_model, read_config
@@ -224,6 +225,32 @@ def test_plan_and_place_count_the_formats_real_bytes(fp8_model, wide_qwen):
     gptq = raw | {"quantization_config": {"quant_method": "gptq"}}
     with pytest.raises(MoeClusterError, match="'gptq' is not supported"):
         shape_of(gptq)
+    # --quantize-dense: the bytes a decode token reads outside the experts, as the engine holds them
+    for dense in ("int8", "int4"):
+        shape = int4.with_dense(dense)
+        engine = Engine(load_model(wide_qwen, "bf16", quant=QuantOptions("int4", dense=dense)))
+        want = shape.replicated_bytes - (shape.embed_params - shape.d_model) * shape.weight_bytes  # one embedding row
+        assert abs(engine.dense_bytes - want) <= 0.01 * want, (dense, engine.dense_bytes, want)  # q/k norms aside
+        assert shape.replicated_bytes < int4.replicated_bytes
+
+
+def test_plan_models_quantize_dense(wide_qwen, capsys):
+    from moecluster.cli import main
+
+    argv = ["plan", "--model", str(wide_qwen), "--node", "linux-2core", "--nodes", "1", "--no-plots", "--json"]
+    speeds = []
+    for extra in ([], ["--quantize-dense", "int4"]):
+        assert main([*argv, "--dtype", "int4", *extra]) == 0
+        report = json.loads(capsys.readouterr().out)
+        model = report["model"]
+        speeds.append(max(c["decode_tok_s"] for c in report["configs"]))
+    assert (model["dense_bytes_per_param"], model["head_bytes_per_param"]) == (0.5 + 4 / 128, 1 + 4 / 128)
+    assert speeds[1] > speeds[0]  # fewer bytes per token
+    assert main([*argv, "--quantize-dense"]) == 2  # needs --dtype int8|int4, as the engine needs --quantize
+    assert "--quantize-dense needs --dtype int8 or int4" in capsys.readouterr().err
+    mac = ["plan", "--model", str(wide_qwen), "--node", "m2-ultra-192", "--no-plots", "--dtype", "int4"]
+    assert main([*mac, "--quantize-dense"]) == 2  # the MLX engine has no --quantize-dense
+    assert "use --dtype q4 or q8" in capsys.readouterr().err
 
 
 def test_cli_generate_quantize_and_errors(wide_qwen, tmp_path, capsys):

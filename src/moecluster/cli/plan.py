@@ -147,8 +147,17 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
     presets = load_presets(args.presets)
     shape = load_model(args.model, presets.models)  # a quantized checkpoint's config sets its expert bytes
     shape = shape.with_dtype(args.dtype) if args.dtype else shape
+    if args.quantize_dense:
+        if args.dtype not in ("int8", "int4"):
+            raise MoeClusterError("--quantize-dense needs --dtype int8 or int4 (the engine's --quantize)")
+        shape = shape.with_dense(args.quantize_dense)
     base = presets.node(args.node)
     node = presets.resolve(base, args.engine, args.stack)
+    if args.quantize_dense and (node.engine or "").startswith("mlx"):
+        raise MoeClusterError(
+            f"--quantize-dense is the torch engine's; {node.engine} on {base.name} quantizes dense weights through "
+            "an MLX-quantized directory: use --dtype q4 or q8 (all weights), or --engine torch-cpu"
+        )
     profile = load_profile(args.profile) if args.profile else None
     networks = args.network or (profile.network if profile and profile.network else "10gbe")
     net_specs = [presets.network(n.strip()) for n in networks.split(",") if n.strip()]
@@ -312,7 +321,13 @@ def format_table(report: dict[str, Any]) -> str:
     lines = (
         [
             f"model {m['name']}: {m['total_params_b']:.1f}B params ({m['active_params_b']:.1f}B active), "
-            f"{m['weight_bytes_per_param']:g} bytes/param (experts {m['expert_bytes_per_param']:.4g}); "
+            f"{m['weight_bytes_per_param']:g} bytes/param (experts {m['expert_bytes_per_param']:.4g}"
+            + (
+                f", attention / dense MLPs {m['dense_bytes_per_param']:.4g}, head {m['head_bytes_per_param']:.4g}"
+                if (m["dense_bytes_per_param"], m["head_bytes_per_param"]) != (m["weight_bytes_per_param"],) * 2
+                else ""
+            )
+            + "); "
             f"replicated {m['replicated_gb']:.1f} GB/node, "
             f"{m['expert_gb_each']:.3f} GB per expert x {m['experts']} experts x {m['moe_layers']} layers",
             f"node {node['name']}: {node['usable_memory_gb']:.1f} GB usable, ${node['price_usd']:,.0f}; "
@@ -468,6 +483,15 @@ def register(subparsers: Any) -> None:
         help="weight format: bf16, fp16, q8, q4 (all weights) or the engine's expert formats int8, "
         "int4, fp8, mxfp4 (routed experts, scales included; the rest bf16). Default: the "
         "checkpoint's quantization_config format for experts, else bf16",
+    )
+    p.add_argument(
+        "--quantize-dense",
+        nargs="?",
+        const="int8",
+        default=None,
+        choices=("int8", "int4"),
+        help="with --dtype int8|int4: attention and dense / shared MLPs in this format (bare: int8) and the lm_head "
+        "int8, as the engine's --quantize-dense holds them",
     )
     p.add_argument(
         "--expert-load",

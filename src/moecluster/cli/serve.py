@@ -243,6 +243,7 @@ def _check_memory(args, comm) -> None:
         comm.rank if comm is not None else 0,
         args.placement,
         quant.fmt if quant is not None else None,
+        quant.dense if quant is not None else None,
     )
     check_fits(need, rank=comm.rank if comm is not None else 0)
 

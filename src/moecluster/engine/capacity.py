@@ -51,6 +51,7 @@ def serving_memory(
     rank: int = 0,
     placement_spec: str = "contiguous",
     quant_fmt: str | None = None,
+    quant_dense: str | None = None,
 ) -> ServingMemory:
     """One rank's weights and KV cache, from config.json alone (nothing is loaded)."""
     raw, cfg = read_config(model_dir)
@@ -58,6 +59,7 @@ def serving_memory(
     shape = cfg.shape()
     act = 4 if dtype == "fp32" else 2
     shape = shape.with_dtype(quant_fmt) if quant_fmt in EXPERT_FORMAT_BYTES else shape
+    shape = shape.with_dense(quant_dense) if quant_dense else shape
     if dtype == "fp32" and shape.expert_weight_bytes is None:
         shape = replace(shape, weight_bytes=4.0)
     context = min(max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
@@ -67,7 +69,7 @@ def serving_memory(
 
         placement = make_placement(placement_spec, shape.num_experts, shape.num_moe_layers, world_size)
         num_experts = sum(len(placement.experts_of(rank, layer)) for layer in range(shape.num_moe_layers))
-    weights = shape.replicated_params * shape.weight_bytes + num_experts * shape.expert_bytes
+    weights = shape.replicated_bytes + num_experts * shape.expert_bytes
     kv = num_slots * shape.kv_bytes(context) * act / shape.act_bytes
     return ServingMemory(int(weights), int(kv), num_slots, context)
 

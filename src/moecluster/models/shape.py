@@ -116,6 +116,8 @@ class ModelShape:
     tie_embeddings: bool = False
     weight_bytes: float = 2.0  # bytes per weight (bf16)
     expert_weight_bytes: float | None = None  # routed experts' bytes per weight when held apart (quantized)
+    dense_weight_bytes: float | None = None  # attention and shared / dense MLPs' when quantized (--quantize-dense)
+    head_weight_bytes: float | None = None  # the lm_head's when quantized (--quantize-dense: int8)
     act_bytes: int = 2  # bytes per activation element (exchange and KV cache)
     source: str = ""
     num_sliding_layers: int = 0  # layers with sliding-window attention: they cache only `sliding_window` tokens
@@ -187,8 +189,24 @@ class ModelShape:
         )
 
     @property
+    def dense_bytes_per_weight(self) -> float:
+        """Bytes per weight of attention and shared / dense MLPs (scales included)."""
+        return self.weight_bytes if self.dense_weight_bytes is None else self.dense_weight_bytes
+
+    @property
+    def head_bytes_per_weight(self) -> float:
+        return self.weight_bytes if self.head_weight_bytes is None else self.head_weight_bytes
+
+    @property
     def replicated_bytes(self) -> float:
-        return self.replicated_params * self.weight_bytes
+        dense = (
+            self.num_layers * self.attn_params
+            + self.num_moe_layers * self.shared_params
+            + self.num_dense_layers * self.dense_mlp_params
+        )
+        head = 0 if self.tie_embeddings else self.head_params
+        rest = self.replicated_params - dense - head  # embeddings, norms, routers
+        return rest * self.weight_bytes + dense * self.dense_bytes_per_weight + head * self.head_bytes_per_weight
 
     @property
     def total_bytes(self) -> float:
@@ -209,15 +227,26 @@ class ModelShape:
         """All-reduce message size for T tokens: T x D activations."""
         return num_tokens * self.d_model * self.act_bytes
 
+    def with_dense(self, fmt: str) -> ModelShape:
+        """Same shape with the engine's --quantize-dense `fmt` (int8 / int4): attention and shared / dense MLPs
+        in that format, the lm_head int8 (unless tied to the embeddings), embeddings, norms and routers as they
+        were."""
+        if fmt not in ("int8", "int4"):
+            raise MoeClusterError(f"--quantize-dense {fmt!r}: choose int8 or int4")
+        head = None if self.tie_embeddings else EXPERT_FORMAT_BYTES["int8"]
+        return replace(self, dense_weight_bytes=EXPERT_FORMAT_BYTES[fmt], head_weight_bytes=head)
+
     def with_dtype(self, dtype: str) -> ModelShape:
         """Same shape with weights stored as `dtype`: bf16, fp16, q8, q4 all weights; the engine's expert
         formats (int8, int4, fp8, mxfp4) the routed experts only, the rest staying bf16 as the engine holds it
-        (dense weights quantized by --quantize-dense are not modelled)."""
+        (`with_dense` then models --quantize-dense)."""
         if dtype not in DTYPE_BYTES:
             raise MoeClusterError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
         if dtype in EXPERT_FORMAT_BYTES:
             return replace(self, weight_bytes=2.0, expert_weight_bytes=DTYPE_BYTES[dtype])
-        return replace(self, weight_bytes=DTYPE_BYTES[dtype], expert_weight_bytes=None)
+        every = DTYPE_BYTES[dtype]  # all weights in one format: nothing held apart
+        apart = {"expert_weight_bytes": None, "dense_weight_bytes": None, "head_weight_bytes": None}
+        return replace(self, weight_bytes=every, **apart)
 
     def summary(self) -> dict[str, Any]:
         """JSON-friendly summary of sizes (bytes in GB = 1e9)."""
@@ -232,6 +261,8 @@ class ModelShape:
             "total_params_b": self.total_params / 1e9,
             "active_params_b": self.active_params / 1e9,
             "weight_bytes_per_param": self.weight_bytes,
+            "dense_bytes_per_param": self.dense_bytes_per_weight,
+            "head_bytes_per_param": self.head_bytes_per_weight,
             "replicated_gb": self.replicated_bytes / 1e9,
             "expert_gb_each": self.expert_bytes / 1e9,
             "experts_total_gb": self.num_moe_layers * self.num_experts * self.expert_bytes / 1e9,

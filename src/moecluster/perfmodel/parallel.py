@@ -103,7 +103,7 @@ def _mla(shape: ModelShape) -> bool:
 def _attention(shape: ModelShape, node: NodeSpec, tp: int, tokens: int, kv_read: float, pairs: float) -> float:
     kv_split = 1 if _mla(shape) else tp
     kv_bytes = kv_read * shape.kv_elems_per_token * shape.act_bytes / kv_split
-    num_bytes = shape.attn_params * shape.weight_bytes / tp + kv_bytes
+    num_bytes = shape.attn_params * shape.dense_bytes_per_weight / tp + kv_bytes
     flops = (2 * shape.attn_params * tokens + 2 * shape.num_heads * shape.attn_score_dim * pairs) / tp
     return roofline(node, num_bytes, flops)
 
@@ -140,7 +140,7 @@ def layout_step(
         attention=shape.num_layers * _attention(shape, node, t, tokens, kv_read, pairs),
         router=shape.num_moe_layers
         * roofline(node, shape.router_params * shape.weight_bytes, 2 * shape.router_params * tokens),
-        dense_mlp=roofline(node, mlp * shape.weight_bytes, 2 * mlp * tokens) if mlp else 0.0,
+        dense_mlp=roofline(node, mlp * shape.dense_bytes_per_weight, 2 * mlp * tokens) if mlp else 0.0,
         experts=shape.num_moe_layers * _experts(shape, node, load, shards=t),
         exchange=shape.num_moe_layers * moe_exchange + shape.num_dense_layers * dense_exchange + hops,
         head=_head(shape, node, head_positions),
@@ -193,15 +193,15 @@ def layout_memory(shape: ModelShape, node: NodeSpec, lay: Layout, wl: Workload) 
     t, stages = lay.tp, lay.pp
     layers, moe = math.ceil(shape.num_layers / stages), math.ceil(shape.num_moe_layers / stages)
     dense = min(shape.num_dense_layers, layers)
-    per_layer = shape.attn_params / t + 2 * shape.d_model
-    params = layers * per_layer + moe * (shape.router_params + shape.shared_params / t)
-    params += dense * shape.dense_mlp_params / t
-    ends = shape.embed_params + (0 if shape.tie_embeddings else shape.head_params)
-    params += ends if stages == 1 else max(shape.embed_params, shape.head_params)
+    quantizable = layers * shape.attn_params / t + moe * shape.shared_params / t + dense * shape.dense_mlp_params / t
+    params = layers * 2 * shape.d_model + moe * shape.router_params
+    head = 0 if shape.tie_embeddings else shape.head_params * shape.head_bytes_per_weight
+    embed = shape.embed_params * shape.weight_bytes
+    ends = embed + head if stages == 1 else max(embed, head)
     most = max(contiguous_groups(shape.num_experts, lay.ep))
     kv_split = 1 if _mla(shape) else t
     return Memory(
-        replicated=params * shape.weight_bytes,
+        replicated=params * shape.weight_bytes + quantizable * shape.dense_bytes_per_weight + ends,
         experts=most * moe * shape.expert_bytes / t,
         kv_cache=wl.batch
         * wl.context

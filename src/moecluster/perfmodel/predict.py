@@ -191,7 +191,7 @@ def roofline(node: NodeSpec, num_bytes: float, flops: float) -> float:
 
 def _attention(shape: ModelShape, node: NodeSpec, tokens: int, kv_read: float, score_pairs: float) -> float:
     """One layer's attention: weights + KV read; projection FLOPs + score FLOPs."""
-    num_bytes = shape.attn_params * shape.weight_bytes + kv_read * shape.kv_elems_per_token * shape.act_bytes
+    num_bytes = shape.attn_params * shape.dense_bytes_per_weight + kv_read * shape.kv_elems_per_token * shape.act_bytes
     flops = 2 * shape.attn_params * tokens + 2 * shape.num_heads * shape.attn_score_dim * score_pairs
     return roofline(node, num_bytes, flops)
 
@@ -211,7 +211,7 @@ def _experts(shape: ModelShape, node: NodeSpec, load: RankLoad, shards: int = 1)
 
 def _head(shape: ModelShape, node: NodeSpec, positions: int) -> float:
     """Final norm + lm_head on `positions` rows + embedding rows for them."""
-    num_bytes = (shape.head_params + 2 * positions * shape.d_model) * shape.weight_bytes
+    num_bytes = shape.head_params * shape.head_bytes_per_weight + 2 * positions * shape.d_model * shape.weight_bytes
     return roofline(node, num_bytes, 2 * shape.head_params * positions)
 
 
@@ -319,8 +319,8 @@ def _decode_step(
     experts = _experts(shape, node, load) if per_eval is None else load.distinct * per_eval
     dense = measured("dense_mlp_per_layer", b)
     if dense is None:
-        moe_shared = shape.num_moe_layers * _mlp(node, shape.shared_params, shape.weight_bytes, b)
-        dense_layers = shape.num_dense_layers * _mlp(node, shape.dense_mlp_params, shape.weight_bytes, b)
+        moe_shared = shape.num_moe_layers * _mlp(node, shape.shared_params, shape.dense_bytes_per_weight, b)
+        dense_layers = shape.num_dense_layers * _mlp(node, shape.dense_mlp_params, shape.dense_bytes_per_weight, b)
         dense_total = moe_shared + dense_layers
     else:
         dense_total = shape.num_layers * dense
@@ -353,8 +353,8 @@ def _prefill(
     t = workload.prompt
     load = uniform_rank_load(shape.num_experts, shape.top_k, t, num_nodes)
     exch, _ = exchange_time(shape, node, network, num_nodes, t, profile)
-    dense = shape.num_moe_layers * _mlp(node, shape.shared_params, shape.weight_bytes, t)
-    dense += shape.num_dense_layers * _mlp(node, shape.dense_mlp_params, shape.weight_bytes, t)
+    dense = shape.num_moe_layers * _mlp(node, shape.shared_params, shape.dense_bytes_per_weight, t)
+    dense += shape.num_dense_layers * _mlp(node, shape.dense_mlp_params, shape.dense_bytes_per_weight, t)
     return Breakdown(
         attention=shape.num_layers * _attention(shape, node, t, t, t * (t + 1) / 2),
         router=shape.num_moe_layers * _mlp(node, shape.router_params, shape.weight_bytes, t),
