@@ -66,14 +66,18 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
         help="inputs per int8/int4 scale, dividing the model's dims (default 128): a multiple of 64 on the torch "
         "engine; 32, 64 or 128 on mlx",
     )
+    add_quantize_dense_arg(p, "with --quantize: also hold")
+
+
+def add_quantize_dense_arg(p: argparse.ArgumentParser, lead: str) -> None:
+    """--quantize-dense [int8|int4] (bare: int8), for the commands that load models and for plan."""
     p.add_argument(
         "--quantize-dense",
         nargs="?",
         const="int8",
         default=None,
         choices=("int8", "int4"),
-        help="with --quantize: also hold attention and dense / shared MLP weights as int8 (the default) or int4, "
-        "and the lm_head as int8",
+        help=f"{lead} attention and dense / shared MLP weights as int8 (bare) or int4, and the lm_head as int8",
     )
 
 

@@ -9,6 +9,7 @@ import statistics
 from dataclasses import replace
 from typing import Any
 
+from moecluster.cli.cluster import add_quantize_dense_arg
 from moecluster.errors import MoeClusterError
 from moecluster.perfmodel.parallel import layouts, parse_parallelism, predict_layout
 from moecluster.perfmodel.predict import Prediction, Workload
@@ -484,15 +485,7 @@ def register(subparsers: Any) -> None:
         "int4, fp8, mxfp4 (routed experts, scales included; the rest bf16). Default: the "
         "checkpoint's quantization_config format for experts, else bf16",
     )
-    p.add_argument(
-        "--quantize-dense",
-        nargs="?",
-        const="int8",
-        default=None,
-        choices=("int8", "int4"),
-        help="with --dtype int8|int4: attention and dense / shared MLPs in this format (bare: int8) and the lm_head "
-        "int8, as the engine's --quantize-dense holds them",
-    )
+    add_quantize_dense_arg(p, "with --dtype int8|int4: size, as the engine's --quantize-dense holds them,")
     p.add_argument(
         "--expert-load",
         type=float,
