@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-_SOURCES = [Path(__file__).with_name("moe_gemv.c"), Path(__file__).with_name("glue.c")]
+_GLUE_SOURCE = Path(__file__).with_name("glue.c")  # built into both libraries
+_SOURCES = [Path(__file__).with_name("moe_gemv.c"), _GLUE_SOURCE]
 _REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 _lock = threading.Lock()
 _fn: Any = None  # the loaded library once built; False once it proved unavailable
@@ -62,8 +63,8 @@ def _compile(sources: list[Path], flags: tuple[str, ...], cc_flags: list[str]) -
     if not so.is_file():
         so.parent.mkdir(parents=True, exist_ok=True)
         tmp = so.with_name(f"{so.name}.{os.getpid()}.tmp")
-        cmd = [cc, "-O3", "-std=c11", *cc_flags, "-fopenmp", "-shared", "-fPIC", *map(str, sources), "-o", str(tmp)]
-        cmd.append("-lm")
+        cmd = [cc, "-O3", "-std=c11", *cc_flags, "-fopenmp", "-shared", "-fPIC", *map(str, sources)]
+        cmd += ["-o", str(tmp), "-lm"]
         done = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if done.returncode != 0:
             tmp.unlink(missing_ok=True)
@@ -295,7 +296,7 @@ def _build_q():
     global q_unavailable_reason
     # -ffp-contract=off: no fused multiply-adds beyond the written ones, so every path rounds alike
     so, q_unavailable_reason = _compile(
-        [_Q_SOURCE, _SOURCES[1]],  # with glue.c (moe_decode_q uses it)
+        [_Q_SOURCE, _GLUE_SOURCE],  # moe_decode_q uses glue.c
         _Q_REQUIRED_FLAGS,
         ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vnni", "-ffp-contract=off"],
     )
@@ -349,7 +350,25 @@ def _get_q():
 
 
 _q_row_bytes: dict[tuple[int, int, int], int] = {}  # (format id, inputs, group size) -> scratch bytes per x row
-_q_scratch = threading.local()
+_scratch = threading.local()
+
+
+def q_row_bytes(lib, fmt: int, inputs: int, group_size: int) -> int:
+    """Scratch bytes moe_gemm_q needs per activation row (its prepared copy of x), cached."""
+    key = (fmt, inputs, group_size)
+    row = _q_row_bytes.get(key)
+    if row is None:
+        row = _q_row_bytes[key] = lib.moe_gemm_q_scratch_row_bytes(*key)
+    return row
+
+
+def scratch_ptr(nbytes: int) -> int:
+    """A 64-byte aligned address of `nbytes` of this thread's scratch, reused from call to call (allocating it
+    was ~10% of a quantized decode call); valid until this thread's next call."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < nbytes + 64:
+        buf = _scratch.buf = torch.empty(nbytes + 64, dtype=torch.uint8)
+    return buf.data_ptr() + (-buf.data_ptr()) % 64
 
 
 def moe_gemm_q_available() -> bool:
@@ -413,12 +432,7 @@ def moe_gemm_q(
         return out_nO
     fmt = _Q_FORMAT_IDS[stack.fmt]
     n_x = x_nI.shape[0]
-    key = (fmt, stack.I, stack.group_size)
-    row = _q_row_bytes.get(key) or _q_row_bytes.setdefault(key, lib.moe_gemm_q_scratch_row_bytes(*key))
-    scratch = getattr(_q_scratch, "buf", None)  # this thread's, reused: allocating it was ~10% of a decode call
-    if scratch is None or scratch.numel() < n_x * row + 64:
-        scratch = _q_scratch.buf = torch.empty(n_x * row + 64, dtype=torch.uint8)
-    base = scratch.data_ptr() + (-scratch.data_ptr()) % 64  # 64-byte aligned rows
+    base = scratch_ptr(n_x * q_row_bytes(lib, fmt, stack.I, stack.group_size))
     starts = [0]
     for c in counts:
         starts.append(starts[-1] + c)
@@ -491,16 +505,12 @@ def linear_q(stack, x_nI: torch.Tensor) -> torch.Tensor:
     if not n:
         return out_nO
     fmt = _Q_FORMAT_IDS[stack.fmt]
-    key = (fmt, stack.I, stack.group_size)
-    row = _q_row_bytes.get(key) or _q_row_bytes.setdefault(key, lib.moe_gemm_q_scratch_row_bytes(*key))
-    scratch = getattr(_q_scratch, "buf", None)
-    if scratch is None or scratch.numel() < n * row + 64:
-        scratch = _q_scratch.buf = torch.empty(n * row + 64, dtype=torch.uint8)
+    base = scratch_ptr(n * q_row_bytes(lib, fmt, stack.I, stack.group_size))
     f32 = int(x_nI.dtype == torch.float32)
     rc = lib.moe_gemm_q(
         fmt, stack.data.data_ptr(), stack.scales.data_ptr(), stack.O, stack.I, stack.group_size, _ZERO, 1,
         _STARTS(0, n), x_nI.data_ptr(), f32, stack.I, n, None, out_nO.data_ptr(), f32, stack.O, None,
-        scratch.data_ptr() + (-scratch.data_ptr()) % 64,
+        base,
     )  # fmt: skip
     if rc != 0:
         raise RuntimeError(f"moe_gemm_q failed with code {rc}")

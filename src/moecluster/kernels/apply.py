@@ -110,7 +110,7 @@ def fast_rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor | None:
     on the batch); None (torch) otherwise."""
     if x.dtype != torch.bfloat16 or norm.weight.dtype != torch.bfloat16 or not x.is_contiguous():
         return None
-    return glue.rms_norm(x, norm.weight, norm.eps)[0]
+    return glue.rms_norm(x, norm.weight, norm.eps)
 
 
 def fast_combine(y_NKD: torch.Tensor, weights_NK: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -156,22 +156,14 @@ def fast_moe_decode(
         or not (x_1D.is_contiguous() and ids_1K.is_contiguous() and weights_1K.is_contiguous())
     ):
         return None
-    state = experts.__dict__.setdefault("_decode_state", {})  # reused scratch, the expert -> local row table
-    table = state.get("local_of_E")
-    if table is None:  # the held experts never change
-        table = state["local_of_E"] = torch.full((experts.num_experts,), -1, dtype=torch.int64)
-        table[experts.expert_ids] = torch.arange(len(experts.expert_ids))
     if quantized:
         w13, w2 = experts.w13_eGD, experts.w2_eDF
         if not (kernels._kernel_takes(w13) and kernels._kernel_takes(w2)) or w13.group_size != w2.group_size:
             return None
-        return glue.moe_decode_q(w13, w2, table, ids_1K, weights_1K, x_1D, state)
+        return glue.moe_decode_q(w13, w2, experts.local_of_E, ids_1K, weights_1K, x_1D)
     if experts.w13_eGD.dtype != torch.bfloat16:
         return None
-    need = ids_1K.shape[1] * (3 * experts.hidden + experts.dim)
-    if state.get("scratch") is None or state["scratch"].numel() < need:
-        state["scratch"] = torch.empty(need, dtype=torch.bfloat16)
-    return glue.moe_decode(experts.w13_eGD, experts.w2_eDF, table, ids_1K, weights_1K, x_1D, state["scratch"])
+    return glue.moe_decode(experts.w13_eGD, experts.w2_eDF, experts.local_of_E, ids_1K, weights_1K, x_1D)
 
 
 def apply_kernels(model: nn.Module) -> nn.Module:

@@ -58,19 +58,10 @@ static inline __m512 exp_ps(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-/* HF's RMSNorm per row: with `add`, h = bf16(x + add) is written to h_out and normed instead of x;
- * out = bf16(w * bf16(h32 / sqrt(mean(h32^2) + eps))). */
-void rms_norm_bf16(int64_t N, int64_t D, const uint16_t *x, const uint16_t *add, uint16_t *h_out,
-                   const uint16_t *w, float eps, uint16_t *out) {
+/* HF's RMSNorm per row: out = bf16(w * bf16(x32 / sqrt(mean(x32^2) + eps))) */
+void rms_norm_bf16(int64_t N, int64_t D, const uint16_t *x, const uint16_t *w, float eps, uint16_t *out) {
     for (int64_t n = 0; n < N; n++) {
         const uint16_t *xr = x + n * D;
-        if (add) {
-            for (int64_t d = 0; d < D; d += 16) {
-                const __mmask16 m = tail(D - d);
-                store_bf16(h_out + n * D + d, _mm512_add_ps(load_f32(xr + d, m), load_f32(add + n * D + d, m)), m);
-            }
-            xr = h_out + n * D;
-        }
         __m512 ss = _mm512_setzero_ps();
         for (int64_t d = 0; d < D; d += 16) {
             const __m512 v = load_f32(xr + d, tail(D - d));

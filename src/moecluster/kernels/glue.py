@@ -1,5 +1,5 @@
-"""The decoder's small steps between weight streams as compiled calls (glue.c): RMSNorm (optionally after the
-residual add), the router's softmax (and renormalization), SwiGLU and the experts' combine, bf16 only.
+"""The decoder's small steps between weight streams as compiled calls (glue.c): RMSNorm, the router's softmax
+(and renormalization), SwiGLU and the experts' combine, bf16 only; one token's routed experts in one call.
 
 Each replaces 3-10 small torch ops; glue.c says why that pays. Built into one library with moe_gemv.c
 (kernels/__init__.py); call only if `available()`.
@@ -21,7 +21,7 @@ _BF = torch.bfloat16
 def declare(lib: Any) -> None:
     """Argument types of glue.c's functions (built into both kernel libraries)."""
     i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
-    lib.rms_norm_bf16.argtypes = [i64, i64, ptr, ptr, ptr, ptr, f32, ptr]
+    lib.rms_norm_bf16.argtypes = [i64, i64, ptr, ptr, f32, ptr]
     lib.rms_norm_bf16.restype = None
     lib.combine_bf16.argtypes = [i64, i64, i64, ptr, ptr, ptr]
     lib.combine_bf16.restype = None
@@ -45,28 +45,14 @@ def _ok(*ts: torch.Tensor) -> bool:
     return all(t.dtype == _BF and t.is_cpu and t.is_contiguous() for t in ts)
 
 
-def rms_norm(
-    x_ND: torch.Tensor, w_D: torch.Tensor, eps: float, add_ND: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(bf16(w * bf16(h / rms(h))), h) with h = x, or bf16(x + add) when `add` is given; rows of size D."""
+def rms_norm(x_ND: torch.Tensor, w_D: torch.Tensor, eps: float) -> torch.Tensor:
+    """bf16(w * bf16(x / rms(x))) per row of size D (HF's RMSNorm)."""
     D = w_D.shape[0]
-    if not _ok(x_ND, w_D, *(() if add_ND is None else (add_ND,))) or x_ND.shape[-1] != D or w_D.dim() != 1:
-        raise ValueError("rms_norm: needs contiguous bf16 CPU tensors x [..., D], w [D] (and add shaped like x)")
-    if add_ND is not None and add_ND.shape != x_ND.shape:
-        raise ValueError(f"rms_norm: add has shape {list(add_ND.shape)}, x {list(x_ND.shape)}")
+    if not _ok(x_ND, w_D) or x_ND.shape[-1] != D or w_D.dim() != 1:
+        raise ValueError("rms_norm: needs contiguous bf16 CPU tensors x [..., D] and w [D]")
     out = torch.empty_like(x_ND)
-    h = x_ND if add_ND is None else torch.empty_like(x_ND)
-    _get().rms_norm_bf16(
-        x_ND.numel() // D,
-        D,
-        x_ND.data_ptr(),
-        None if add_ND is None else add_ND.data_ptr(),
-        h.data_ptr(),
-        w_D.data_ptr(),
-        eps,
-        out.data_ptr(),
-    )
-    return out, h
+    _get().rms_norm_bf16(x_ND.numel() // D, D, x_ND.data_ptr(), w_D.data_ptr(), eps, out.data_ptr())
+    return out
 
 
 def combine(y_NKD: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
@@ -122,12 +108,11 @@ def moe_decode(
     ids_1K: torch.Tensor,
     weights_1K: torch.Tensor,
     x_1D: torch.Tensor,
-    scratch: torch.Tensor,
 ) -> torch.Tensor | None:
-    """One token's routed experts in one call (glue.c moe_decode_bf16): out_1D = sum_k weights[k] *
+    """One token's routed experts in one call (moe_gemv.c moe_decode_bf16): out_1D = sum_k weights[k] *
     w2[e_k] @ silu_glu(w13[e_k] @ x), bit-identical to the per-pair path with the kernels. local_of_E: int64
     local row of each global expert (-1 where not held). None when an expert is not held here. Callers check
-    dtypes (bf16 stacks and x, int64 ids, fp32 weights) and contiguity; scratch holds K * (3F + D) bf16."""
+    dtypes (bf16 stacks and x, int64 ids, fp32 weights) and contiguity."""
     (_, G, D), K = w13_eGD.shape, ids_1K.shape[1]
     out = x_1D.new_empty(1, D)
     rc = _get().moe_decode_bf16(
@@ -141,33 +126,26 @@ def moe_decode(
         weights_1K.data_ptr(),
         K,
         x_1D.data_ptr(),
-        scratch.data_ptr(),
+        kernels.scratch_ptr(2 * K * (3 * G // 2 + D)),  # h13, h, y: bf16
         out.data_ptr(),
     )
     return out if rc == 0 else None
 
 
 def moe_decode_q(
-    w13, w2, local_of_E: torch.Tensor, ids_1K: torch.Tensor, weights_1K: torch.Tensor, x_1D: torch.Tensor, buf: dict
+    w13, w2, local_of_E: torch.Tensor, ids_1K: torch.Tensor, weights_1K: torch.Tensor, x_1D: torch.Tensor
 ) -> torch.Tensor | None:
     """moe_decode for QuantizedStacks w13 [E, 2F, D] and w2 [E, D, F] of one format and group size (moe_gemm_q.c
-    moe_decode_q): the bits of the per-pair path with kernels.moe_gemm_q. `buf`: the caller's dict for reused
-    scratch tensors. None when an expert is not held here or the quantized kernel is unavailable."""
+    moe_decode_q): the bits of the per-pair path with kernels.moe_gemm_q. None when an expert is not held here
+    or the quantized kernel is unavailable."""
     lib = kernels._get_q()
     if lib is None:
         return None
     fmt, g, K = kernels._Q_FORMAT_IDS[w13.fmt], w13.group_size, ids_1K.shape[1]
     D, F = w13.I, w2.I
-    rows = []
-    for key in ((fmt, D, g), (fmt, F, g)):
-        rows.append(
-            kernels._q_row_bytes.get(key)
-            or kernels._q_row_bytes.setdefault(key, lib.moe_gemm_q_scratch_row_bytes(*key))
-        )
-    need_h, need_s = K * (3 * F + D), max(rows[0], K * rows[1]) + 64
-    if buf.get("h") is None or buf["h"].numel() < need_h or buf["s"].numel() < need_s:
-        buf["h"], buf["s"] = torch.empty(need_h, dtype=_BF), torch.empty(need_s, dtype=torch.uint8)
-    s_ptr = buf["s"].data_ptr()
+    h_bytes = -(-2 * K * (3 * F + D) // 64) * 64  # h13, h, y: bf16, then moe_gemm_q's scratch 64-byte aligned
+    q_bytes = max(kernels.q_row_bytes(lib, fmt, D, g), K * kernels.q_row_bytes(lib, fmt, F, g))
+    base = kernels.scratch_ptr(h_bytes + q_bytes)
     out = x_1D.new_empty(1, D)
     rc = lib.moe_decode_q(
         fmt,
@@ -184,8 +162,8 @@ def moe_decode_q(
         weights_1K.data_ptr(),
         K,
         x_1D.data_ptr(),
-        buf["h"].data_ptr(),
-        s_ptr + (-s_ptr) % 64,
+        base,
+        base + h_bytes,
         out.data_ptr(),
     )
     return out if rc == 0 else None

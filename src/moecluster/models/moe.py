@@ -199,6 +199,8 @@ class RoutedExperts(nn.Module):
         self.b13_eG, self.b2_eD = self.make_biases(dtype, device) if bias else (None, None)
         self.activation = activation
         self._local_of = {expert: i for i, expert in enumerate(self.expert_ids)}
+        self.local_of_E = torch.full((num_experts,), -1, dtype=torch.int64, device="cpu")  # the same, for kernels
+        self.local_of_E[self.expert_ids] = torch.arange(e, device="cpu")
         self.gemm: MoEGemm = torch_moe_gemm
         self.combine: Callable[[torch.Tensor, torch.Tensor, torch.dtype], torch.Tensor] = combine  # swappable
         # a transformation may set a compiled path for one token: (self, x_1D, ids_1K, weights_1K) -> out_1D,
