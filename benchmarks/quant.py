@@ -42,7 +42,7 @@ import torch
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from decode import bench_model_dir, cpu_model, git_commit, package_version  # noqa: E402
+from decode import bench_model_dir, cpu_model, decode_times, git_commit, package_version  # noqa: E402
 from quant_llama import LLAMA_TYPES, gaps, llama_cpp_available, open_llama, run_llama  # noqa: E402
 
 from moecluster.engine.generate import Engine  # noqa: E402
@@ -96,11 +96,6 @@ def load(model_dir: Path, fmt: str) -> LoadedModel:
     if fmt != "bf16":
         convert_experts(loaded, fmt)
     return loaded
-
-
-def decode_times(engine: Engine, prompt: list[int], tokens: int) -> list[float]:
-    stamps = [time.perf_counter() for _ in engine.stream(prompt, SamplingParams(max_tokens=tokens, ignore_eos=True))]
-    return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
 def batched(engine: Engine, prompts: list[list[int]], tokens: int) -> dict:
@@ -176,7 +171,7 @@ def head_to_head(model_dir: Path, fmt: str, qtype: str, prompt: list[int], args)
     """Both engines loaded; `args.rounds` rounds of one decode each, the order alternating round by round, so
     each round's two runs are seconds apart in the same bandwidth window: per round tok/s ours / llama.cpp."""
     engine = Engine(load(model_dir, fmt), num_slots=1, max_seq_len=512)
-    llm, llama_bytes, _ = open_llama(model_dir, qtype, args)
+    llm, _, llama_bytes, _ = open_llama(model_dir, qtype, args)
     decode_times(engine, prompt, 4)  # warm-up
     gaps(llm, prompt, 4)
     ours_bytes = engine.dense_bytes + engine.expert_bytes_last_step()
@@ -225,14 +220,13 @@ def head_to_head_table(pairs: list[dict]) -> list[str]:
 def table(rows: list[dict]) -> list[str]:
     bf16 = next((r for r in rows if r["format"] == "bf16" and r["engine"] == "moecluster"), None)
     llama = {r["format"]: r for r in rows if r["engine"] == "llama.cpp"}
-    peer = PEER
     out = [
         "| engine | format | MB/token | batch-1 tok/s | GB/s | ratio to streaming | streaming GB/s "
         "| vs llama.cpp peer | 8 streams tok/s | 8 streams GB/s | prefill tok/s (256) | prefill vs bf16 |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        p = llama.get(peer.get(r["format"], ""))
+        p = llama.get(PEER.get(r["format"], ""))
         b8 = r.get("batch8")
         out.append(
             f"| {r['engine']} | {r['format']} | {r['bytes_per_token'] / 1e6:.0f} | {r['tok_s']:.2f} | {r['gbs']:.1f} | "
@@ -272,6 +266,7 @@ def main() -> int:
     rows: list[dict] = []
     pairs: list[dict] = []
     skipped = ""
+    ids = Tokenizer.from_dir(model_dir, read_config(model_dir)[1]).encode(PROMPT)  # llama.cpp's prompt, as ours
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stopped run still reports what it measured
     try:
         if args.llama:  # first: the comparison is the point of the run
@@ -280,7 +275,6 @@ def main() -> int:
                 skipped = f"llama.cpp rows skipped: {why}"
                 print(skipped, flush=True)
             for qtype in args.llama if ok else []:
-                ids = Tokenizer.from_dir(model_dir, read_config(model_dir)[1]).encode(PROMPT)
                 rows.append(run_llama(model_dir, qtype, ids, bw, args, PREFILL_TOKENS))
                 print(f"llama.cpp {qtype}: {rows[-1]['tok_s']:.2f} tok/s, {rows[-1]['ratio']:.0%}", flush=True)
         for fmt in args.formats:
@@ -288,7 +282,6 @@ def main() -> int:
             print(f"moecluster {fmt}: {rows[-1]['tok_s']:.2f} tok/s, {rows[-1]['ratio']:.0%}", flush=True)
         for fmt in args.head_to_head if args.llama and not skipped else []:
             if PEER[fmt] in args.llama:
-                ids = Tokenizer.from_dir(model_dir, read_config(model_dir)[1]).encode(PROMPT)
                 pairs.append(head_to_head(model_dir, fmt, PEER[fmt], ids, args))
                 print(f"head to head {fmt} vs {PEER[fmt]}: {pairs[-1]['speedup']:.2f}x", flush=True)
     except KeyboardInterrupt:

@@ -103,7 +103,8 @@ def gguf_bytes_per_token(path: Path, src: str | None, top_k: int, num_experts: i
 
 
 def open_llama(model_dir: Path, qtype: str, args):
-    """(llama_cpp.Llama on the cached GGUF of `qtype`, its weight bytes per decode token, load seconds)."""
+    """(llama_cpp.Llama on the cached GGUF of `qtype`, that GGUF's path, its weight bytes per decode token, load
+    seconds)."""
     import llama_cpp
 
     from moecluster.loading import read_config
@@ -115,7 +116,7 @@ def open_llama(model_dir: Path, qtype: str, args):
     llm = llama_cpp.Llama(
         str(path), n_ctx=512, n_batch=512, n_threads=args.threads, n_threads_batch=args.threads, verbose=False
     )
-    return llm, nbytes, time.perf_counter() - t0
+    return llm, path, nbytes, time.perf_counter() - t0
 
 
 def gaps(llm, prompt: list[int], tokens: int) -> list[float]:
@@ -133,8 +134,7 @@ def run_llama(model_dir: Path, qtype: str, prompt: list[int], bw, args, prefill_
     from moecluster.loading import read_config
 
     shape = read_config(model_dir)[1].shape()
-    llm, nbytes, load_s = open_llama(model_dir, qtype, args)
-    path = gguf_file(model_dir, qtype, args.llama_cpp_src)
+    llm, path, nbytes, load_s = open_llama(model_dir, qtype, args)
 
     gaps(llm, prompt, 4)  # warm-up
     runs, after = [], bw()
