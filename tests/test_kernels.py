@@ -261,8 +261,7 @@ def test_moe_decode_kernel_equals_pair_path(tmp_path, arch, fmt):
     from moecluster.loading import load_model
     from moecluster.models.moe import RoutedExperts
     from moecluster.quant.experts import QuantizedRoutedExperts, QuantOptions
-    from tests.test_quant_models import WIDE, build_fp8
-    from tests.tiny_models import build_tiny
+    from tests.tiny_models import WIDE, build_fp8, build_tiny
 
     if fmt is None:
         loaded = load_model(build_tiny(arch, tmp_path / arch), "bf16")

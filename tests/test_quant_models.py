@@ -21,49 +21,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import VOCAB, build_tiny
+from tiny_models import VOCAB, WIDE, build_fp8, build_tiny
 
 from moecluster.engine.generate import Engine
 from moecluster.errors import MoeClusterError
 from moecluster.kernels.apply import apply_kernels
 from moecluster.loading import load_model, read_config
-from moecluster.quant import dequantize_fp8_block, quantize_fp8_block
 from moecluster.quant.experts import QuantizedLinear, QuantizedRoutedExperts, QuantOptions
 
-WIDE = {
-    "qwen3_moe": dict(hidden_size=128, moe_intermediate_size=128, intermediate_size=256, head_dim=32),
-    "mixtral": dict(hidden_size=128, intermediate_size=128),
-}
-FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
 IDS = torch.randint(0, VOCAB, (1, 64), generator=torch.Generator().manual_seed(7))
-
-
-def _fp8_target(name: str, t: torch.Tensor) -> bool:
-    """What Qwen3-FP8 / DeepSeek-V3 ship in fp8: the 2-D projections, not embeddings, lm_head, norms, gates."""
-    skip = ("embed_tokens", "lm_head", "norm", "mlp.gate.weight", "block_sparse_moe.gate.weight")
-    return t.dim() == 2 and name.endswith(".weight") and not any(s in name for s in skip)
-
-
-def build_fp8(arch: str, out: Path) -> tuple[Path, Path]:
-    """A tiny checkpoint in the official fp8 layout (`X.weight` float8_e4m3fn + `X.weight_scale_inv` fp32
-    128x128 blocks, quantization_config in config.json) and beside it the same weights exactly dequantized
-    to fp32 in transformers' own layout (the reference); returns both directories."""
-    ref_dir = build_tiny(arch, out / "dequantized", **WIDE[arch])
-    fp8_dir = out / "fp8"
-    shutil.copytree(ref_dir, fp8_dir)
-    disk, dequant = {}, {}
-    for name, t in load_file(str(ref_dir / "model.safetensors")).items():
-        if _fp8_target(name, t):
-            q, s = quantize_fp8_block(t)
-            disk[name], disk[f"{name}_scale_inv"] = q.contiguous(), s.contiguous()
-            dequant[name] = dequantize_fp8_block(q, s)
-        else:
-            disk[name] = dequant[name] = t
-    save_file(disk, str(fp8_dir / "model.safetensors"), metadata={"format": "pt"})
-    save_file(dequant, str(ref_dir / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((fp8_dir / "config.json").read_text())
-    (fp8_dir / "config.json").write_text(json.dumps(cfg | {"quantization_config": FP8_CONFIG}))
-    return fp8_dir, ref_dir
 
 
 @pytest.fixture(scope="module", params=["qwen3_moe", "mixtral"])

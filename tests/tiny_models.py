@@ -224,5 +224,48 @@ def build_tiny(arch: str, out: Path, seed: int = 0, **overrides) -> Path:
     return out
 
 
+# wider tiny models whose dims the 128-input quantization groups and fp8 blocks divide
+WIDE = {
+    "qwen3_moe": dict(hidden_size=128, moe_intermediate_size=128, intermediate_size=256, head_dim=32),
+    "mixtral": dict(hidden_size=128, intermediate_size=128),
+}
+FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+
+
+def _fp8_target(name: str, t) -> bool:
+    """What Qwen3-FP8 / DeepSeek-V3 ship in fp8: the 2-D projections, not embeddings, lm_head, norms, gates."""
+    skip = ("embed_tokens", "lm_head", "norm", "mlp.gate.weight", "block_sparse_moe.gate.weight")
+    return t.dim() == 2 and name.endswith(".weight") and not any(s in name for s in skip)
+
+
+def build_fp8(arch: str, out: Path) -> tuple[Path, Path]:
+    """A tiny checkpoint in the official fp8 layout (`X.weight` float8_e4m3fn + `X.weight_scale_inv` fp32
+    128x128 blocks, quantization_config in config.json) and beside it the same weights exactly dequantized
+    to fp32 in transformers' own layout (the reference); returns both directories."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from moecluster.quant import dequantize_fp8_block, quantize_fp8_block
+
+    ref_dir = build_tiny(arch, out / "dequantized", **WIDE[arch])
+    fp8_dir = out / "fp8"
+    shutil.copytree(ref_dir, fp8_dir)
+    disk, dequant = {}, {}
+    for name, t in load_file(str(ref_dir / "model.safetensors")).items():
+        if _fp8_target(name, t):
+            q, s = quantize_fp8_block(t)
+            disk[name], disk[f"{name}_scale_inv"] = q.contiguous(), s.contiguous()
+            dequant[name] = dequantize_fp8_block(q, s)
+        else:
+            disk[name] = dequant[name] = t
+    save_file(disk, str(fp8_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_file(dequant, str(ref_dir / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((fp8_dir / "config.json").read_text())
+    (fp8_dir / "config.json").write_text(json.dumps(cfg | {"quantization_config": FP8_CONFIG}))
+    return fp8_dir, ref_dir
+
+
 if __name__ == "__main__":
     build_tiny(sys.argv[1], Path(sys.argv[2]))
